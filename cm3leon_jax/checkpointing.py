@@ -1,0 +1,103 @@
+"""Orbax checkpoints of the train state and the data iterator, plus preemption handling.
+
+A checkpoint holds `state` (step, params, optimizer state; restored straight into the sharded
+layout) and `data` (each process's iterator position as JSON, through grain's orbax handler), so a
+resumed run continues with exactly the batches the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class _StateSnapshot:
+    """The iterator's state frozen at save time, whenever orbax's handler gets to write it."""
+
+    def __init__(self, state: bytes):
+        self._state = state
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+class CheckpointManager:
+    def __init__(self, workdir: str, *, save_every_steps: int, keep: int, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(int(save_every_steps), 1), max_to_keep=int(keep),
+            enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self._last_saved_step = self._manager.latest_step()
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+        """Async for the arrays; the data position is captured now, before training moves on.
+        Saving a step twice (an interval save, then the final or preemption save) is a no-op."""
+        if step == self._last_saved_step:
+            return False
+        if not (force or self._manager.should_save(step)):
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=grain.checkpoint.CheckpointSave(_StateSnapshot(data_iterator.get_state())))
+        saved = self._manager.save(step, args=args, force=force)
+        if saved:
+            self._last_saved_step = step
+        return saved
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        """Restores into `abstract_state`'s shardings (ShapeDtypeStructs carrying NamedShardings)."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
+        restored = self._manager.restore(step, args=args)
+        return restored["state"]
+
+    def restore_params(self, step: int, abstract_params):
+        """Parameters only (for fine-tuning from a pretrained run: the optimizer starts fresh)."""
+        abstract_state = {"params": abstract_params}
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+            partial_restore=True))
+        return self._manager.restore(step, args=args)["state"]["params"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+class PreemptionWatcher:
+    """Tells the training loop, at the same step on every process, that it should save and stop.
+
+    Single process: a SIGTERM handler sets a flag. Several processes: JAX's distributed runtime
+    already catches SIGTERM, and `reached_preemption_sync_point` makes all processes agree on the
+    step, so no process exits while the others wait in a collective.
+    """
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._multiprocess = jax.process_count() > 1
+        if not self._multiprocess and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the next step, then exiting")
+        self._event.set()
+
+    def should_stop(self, step: int) -> bool:
+        if self._multiprocess:
+            from jax.experimental import multihost_utils
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # preemption service not running (e.g. distributed runtime without it)
+                return False
+        return self._event.is_set()

@@ -1,0 +1,64 @@
+"""Model FLOPs per token and each device's peak, for MFU.
+
+Model FLOPs per trained token (forward + backward = 3x forward; remat recompute is not counted):
+    6 * (L * (4 * d * H * Dh + M * d * F) + d * V)   the matmuls (M = 2, or 3 for SwiGLU)
+  + 6 * L * T * H * Dh                                causal attention scores and values
+where the attention term is the full T x T score matrix (12 * L * T * H * Dh) halved for
+causality, as MaxText counts it. MFU = model FLOPs per step / step time / summed device peak.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip (vendor figures). Matched as substrings of `device.device_kind`.
+PEAK_FLOPS_BY_DEVICE_KIND = {
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+    "TPU v3": 123e12,
+    "H200": 989e12, "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+}
+
+
+def flops_per_token(model_config, seq_len: int) -> float:
+    c = model_config
+    head_dim = c.head_dim or c.d_model // c.num_heads
+    attn_width = c.num_heads * head_dim
+    mlp_matrices = 3 if c.mlp == "swiglu" else 2
+    matmul_params = c.num_layers * (4 * c.d_model * attn_width + mlp_matrices * c.d_model * c.d_ff) + c.d_model * c.vocab_size
+    return 6.0 * matmul_params + 6.0 * c.num_layers * seq_len * attn_width
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+    """The host's float32 matmul throughput, the honest peak for a CPU (no vendor figure applies)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2.0 * size ** 3 / float(np.median(times))
+
+
+def peak_flops(devices=None) -> tuple[float, str]:
+    """Summed peak FLOP/s of the devices and where the figure came from."""
+    devices = list(jax.devices() if devices is None else devices)
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        # Fake CPU devices share the host's cores: the host's measured peak is the whole budget.
+        return measured_cpu_matmul_flops() * jax.process_count(), "measured float32 matmul on the host CPU"
+    for name, peak in PEAK_FLOPS_BY_DEVICE_KIND.items():
+        if name.lower() in kind.lower():
+            return peak * len(devices), f"table: {name} bf16 peak x {len(devices)}"
+    return float("nan"), f"unknown device kind {kind!r}: MFU not reported"

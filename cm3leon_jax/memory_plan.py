@@ -1,0 +1,69 @@
+"""Per-device memory of a config on a mesh, before launching: nothing is allocated.
+
+    python -m cm3leon_jax.memory_plan --config experiments/cm3leon_7b.py --num_devices 64 \
+        [--config.mesh.fsdp=64 --config.mesh.data=1] [--device_memory_gib 95]
+
+Parameters and optimizer state are counted exactly from their shardings; activations and other
+temporaries come from XLA's memory analysis of the train step compiled on abstract shapes for
+`num_devices` host devices (the CPU compiler's fusion differs from TPU/GPU, so treat the
+activation figure as an estimate).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+flags.DEFINE_integer("num_devices", None, "devices in the target slice (simulated on the host CPU)")
+flags.DEFINE_float("device_memory_gib", None, "memory of one device, to print whether the plan fits")
+
+GIB = 1024 ** 3
+
+
+def _per_device_bytes(abstract_tree) -> int:
+    import jax
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(abstract_tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * leaf.dtype.itemsize
+    return total
+
+
+def plan(config) -> dict[str, float]:
+    import jax
+    from cm3leon_jax import sharding, trainer as trainer_lib
+    mesh = sharding.make_mesh(config.mesh)
+    trainer_lib.validate_config(config, mesh, process_count=1)
+    trainer = trainer_lib.Trainer(config, mesh)
+    compiled = trainer.lower_train_step().compile()
+    analysis = compiled.memory_analysis()
+    params = _per_device_bytes(trainer.abstract_state.params)
+    opt_state = _per_device_bytes(trainer.abstract_state.opt_state)
+    temp = int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else 0
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
+    return {"num_devices": len(mesh.devices.flat), "mesh": dict(mesh.shape), "num_params": int(n_params),
+            "params_gib": params / GIB, "optimizer_state_gib": opt_state / GIB,
+            "activations_and_temporaries_gib": temp / GIB, "total_gib": (params + opt_state + temp) / GIB}
+
+
+def main(argv):
+    del argv
+    import jax
+    if flags.FLAGS.num_devices:
+        jax.config.update("jax_num_cpu_devices", flags.FLAGS.num_devices)
+        jax.config.update("jax_platforms", "cpu")
+    result = plan(flags.FLAGS.config)
+    for key in ("params_gib", "optimizer_state_gib", "activations_and_temporaries_gib", "total_gib"):
+        print(f"{key:>34}: {result[key]:10.3f} GiB per device")
+    print(f"{'parameters':>34}: {result['num_params']:,} on mesh {result['mesh']}")
+    if flags.FLAGS.device_memory_gib:
+        result["fits"] = result["total_gib"] <= flags.FLAGS.device_memory_gib
+        print(f"{'fits in':>34}: {flags.FLAGS.device_memory_gib} GiB -> {'yes' if result['fits'] else 'NO'}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

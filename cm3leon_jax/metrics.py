@@ -1,0 +1,58 @@
+"""One logger, three sinks: stdout for people, TensorBoard for curves, metrics.jsonl for scripts."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+from absl import logging
+
+
+def _format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+class MetricsLogger:
+    """Writes only on process 0 so a multi-host run produces one record per step."""
+
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = None
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float], total_steps: int | None = None) -> None:
+        if not self.enabled:
+            return
+        metrics = {k: float(v) for k, v in metrics.items()}
+        record = {"step": int(step), **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in metrics.items():
+            if math.isfinite(value):
+                self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+        parts = [f"step {step}" + (f"/{total_steps}" if total_steps else "")]
+        for key in ("loss", "z_loss", "grad_norm", "learning_rate"):
+            if key in metrics:
+                parts.append(f"{key} {metrics[key]:.4g}")
+        if "tokens_per_second" in metrics:
+            parts.append(f"tokens/s {metrics['tokens_per_second']:,.0f}")
+        if "mfu" in metrics and math.isfinite(metrics["mfu"]):
+            parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+        if "eta_seconds" in metrics:
+            parts.append(f"ETA {_format_duration(metrics['eta_seconds'])}")
+        logging.info(" | ".join(parts))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()

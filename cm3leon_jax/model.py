@@ -1,0 +1,267 @@
+"""The CM3Leon decoder-only transformer (Flax Linen), with the options used at scale.
+
+Defaults follow the paper: no biases, no dropout, LayerNorm without parameters, learned absolute
+positions (std 0.0002), truncated-normal init (std 0.006, cut at 3 std), output projections
+initialised at zero. Options: rotary positions, QK-norm, Swin-style norm placement, RMSNorm,
+SwiGLU, bf16 compute over fp32 parameters. Layers are scanned (one compiled layer, parameters
+stacked on a leading `layers` axis) and rematerialised by a named policy.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from cm3leon_jax import attention as attn_lib
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    d_ff: int
+    max_length: int
+    head_dim: int = 0                  # 0: d_model // num_heads
+    positions: str = "learned"         # learned | rotary
+    rotary_base: float = 10000.0
+    norm: str = "layernorm"            # layernorm (no params) | rmsnorm (learned scale, Chameleon)
+    norm_placement: str = "pre"        # pre: x + f(norm(x)) | swin: x + norm(f(x)) (Chameleon)
+    qk_norm: bool = False
+    mlp: str = "relu"                  # relu (OPT) | gelu | swiglu (Chameleon)
+    tie_embeddings: bool = False
+    init_std: float = 0.006
+    position_init_std: float = 0.0002
+    dtype: str = "float32"             # compute dtype; params are always param_dtype
+    param_dtype: str = "float32"
+    remat_policy: str = "none"         # see REMAT_POLICIES
+    scan_layers: bool = True
+    attention_block_size: int = 0      # >0: blockwise causal attention skipping the upper triangle
+
+    @classmethod
+    def from_config(cls, model_config) -> "TransformerConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = dict(model_config)
+        unknown = set(values) - fields
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}; known: {sorted(fields)}")
+        return cls(**values)
+
+    def __post_init__(self):
+        choices = {"positions": ("learned", "rotary"), "norm": ("layernorm", "rmsnorm"),
+                   "norm_placement": ("pre", "swin"), "mlp": ("relu", "gelu", "swiglu"),
+                   "remat_policy": tuple(REMAT_POLICIES)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+        if not self.head_dim and self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.positions == "rotary" and self.resolved_head_dim % 2:
+            raise ValueError("rotary positions need an even head_dim")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+# Named rematerialisation policies: what the backward pass may keep instead of recomputing.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no remat: keep everything (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query", "key", "value"),
+    "save_out_proj": jax.checkpoint_policies.save_only_these_names("attention_out", "mlp_out"),
+}
+
+
+def _init(std: float):
+    return nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
+
+
+def _constrain(x, logical_axes):
+    return nn.with_logical_constraint(x, logical_axes)
+
+
+class Projection(nn.Module):
+    """A bias-free einsum projection whose kernel carries logical axis names for sharding."""
+    shape: tuple[int, ...]
+    logical_axes: tuple[str, ...]
+    equation: str
+    init_std: float
+    zero_init: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.zero_init else _init(self.init_std)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.logical_axes),
+                            self.shape, self.param_dtype)
+        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Norm(nn.Module):
+    """LayerNorm without parameters (CM3Leon) or RMSNorm with a learned scale (Chameleon)."""
+    kind: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.kind == "layernorm":
+            return attn_lib.layer_norm(x).astype(self.dtype)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        return (attn_lib.rms_norm(x) * scale.astype(x.dtype)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.config
+        h, d = cfg.num_heads, cfg.resolved_head_dim
+        kw = dict(init_std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
+
+        def project(name):
+            y = Projection((cfg.d_model, h, d), ("embed", "heads", "kv"), "bld,dhk->blhk", name=name, **kw)(x)
+            return checkpoint_name(_constrain(y, ("batch", "activation_length", "activation_heads", "activation_kv")), name)
+
+        q, k, v = project("query"), project("key"), project("value")
+        if cfg.qk_norm:  # before rotary, as Chameleon
+            q, k = attn_lib.layer_norm(q), attn_lib.layer_norm(k)
+        if cfg.positions == "rotary":
+            q = attn_lib.rotary_embedding(q, positions, cfg.rotary_base)
+            k = attn_lib.rotary_embedding(k, positions, cfg.rotary_base)
+        if cfg.attention_block_size:
+            out = attn_lib.blockwise_causal_attention(q, k, v, segment_ids, segment_ids, positions, positions,
+                                                      cfg.attention_block_size)
+        else:
+            mask = attn_lib.attention_mask(segment_ids, segment_ids, positions, positions)
+            out = attn_lib.dot_product_attention(q, k, v, mask)
+        out = Projection((h, d, cfg.d_model), ("heads", "kv", "embed"), "blhk,hkd->bld", zero_init=True,
+                         name="out", **kw)(out)
+        return checkpoint_name(out, "attention_out")
+
+
+class MLP(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kw = dict(init_std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
+        up = Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "bld,df->blf", name="up", **kw)(x)
+        if cfg.mlp == "swiglu":
+            gate = Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "bld,df->blf", name="gate", **kw)(x)
+            hidden = jax.nn.silu(gate) * up
+        else:
+            hidden = jax.nn.relu(up) if cfg.mlp == "relu" else jax.nn.gelu(up)
+        hidden = _constrain(hidden, ("batch", "activation_length", "activation_mlp"))
+        out = Projection((cfg.d_ff, cfg.d_model), ("mlp", "embed"), "blf,fd->bld", zero_init=True,
+                         name="down", **kw)(hidden)
+        return checkpoint_name(out, "mlp_out")
+
+
+class DecoderLayer(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.config
+        norm = lambda name: Norm(cfg.norm, cfg.compute_dtype, jnp.dtype(cfg.param_dtype), name=name)
+        x = _constrain(x, ("batch", "activation_length", "activation_embed"))
+        if cfg.norm_placement == "pre":
+            x = x + Attention(cfg, name="attention")(norm("attention_norm")(x), positions, segment_ids)
+            x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+        else:  # swin: normalise each sublayer's output before the residual add
+            x = x + norm("attention_norm")(Attention(cfg, name="attention")(x, positions, segment_ids))
+            x = x + norm("mlp_norm")(MLP(cfg, name="mlp")(x))
+        return x
+
+
+class _ScannedLayer(nn.Module):
+    """Adapts DecoderLayer to nn.scan's (carry, x) -> (carry, y) signature."""
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        return DecoderLayer(self.config, name="layer")(x, positions, segment_ids), None
+
+
+class Transformer(nn.Module):
+    """tokens [b, l] -> float32 logits [b, l, vocab]."""
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.token_embedding = self.param(
+            "token_embedding", nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model), pdt)
+        if cfg.positions == "learned":
+            self.position_embedding = self.param(
+                "position_embedding", nn.with_logical_partitioning(_init(cfg.position_init_std), ("position", "embed")),
+                (cfg.max_length, cfg.d_model), pdt)
+        if not cfg.tie_embeddings:
+            self.output_head = Projection((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "bld,dv->blv",
+                                          init_std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=pdt)
+        layer = _ScannedLayer
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if cfg.remat_policy != "none":
+            layer = nn.remat(layer, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        else:
+            self.layer_list = [layer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = Norm(cfg.norm, cfg.compute_dtype, pdt)
+
+    def embed(self, tokens, positions):
+        cfg = self.config
+        x = jnp.take(self.token_embedding, tokens, axis=0).astype(cfg.compute_dtype)
+        if cfg.positions == "learned":
+            x = x + jnp.take(self.position_embedding, positions, axis=0).astype(cfg.compute_dtype)
+        return _constrain(x, ("batch", "activation_length", "activation_embed"))
+
+    def logits(self, x):
+        cfg = self.config
+        x = self.final_norm(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("bld,vd->blv", x, self.token_embedding.astype(cfg.compute_dtype))
+        else:
+            logits = self.output_head(x)
+        logits = _constrain(logits, ("batch", "activation_length", "activation_vocab"))
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        cfg = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
+        x = self.embed(tokens, positions)
+        if cfg.scan_layers:
+            x, _ = self.layers(x, positions, segment_ids)
+        else:
+            for layer in self.layer_list:
+                x, _ = layer(x, positions, segment_ids)
+        return self.logits(x)
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

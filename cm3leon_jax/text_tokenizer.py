@@ -1,0 +1,273 @@
+"""SentencePiece BPE for the text side of the CM3Leon vocabulary: training, loading, a CLI.
+
+Settings are chosen so that `decode(encode(text)) == text` for every UTF-8 string: identity
+normalisation, no dummy prefix, whitespace kept as is, and byte fallback so characters never
+seen in training become byte pieces instead of <unk>. SentencePiece maps its whitespace
+meta-symbol U+2581 back to a space on decode; `TextTokenizer.encode` writes a literal U+2581 as
+its three UTF-8 byte pieces so it round-trips too. Special tokens (<break>, <eos>, ...) are
+user-defined symbols: always one piece, never split or merged. Training is single-threaded
+with no sampling, so the same corpus gives the same model bytes.
+
+CLI:
+  python -m cm3leon_jax.text_tokenizer --out DIR [--vocab_size N] [--corpus FILE]
+trains on FILE (one document per line; empty and non-UTF-8 lines are skipped and counted) or,
+by default, on captions of the built-in shapes world's train split, and writes DIR/spm.model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from typing import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+# The vocabulary's own specials; cm3leon_jax.vocab maps these pieces to its reserved ids.
+DEFAULT_SPECIAL_TOKENS = ("<pad>", "<eos>", "<break>", "<eoss>", "<mask>")
+
+_META = "\u2581"  # SentencePiece's whitespace symbol.
+
+
+def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int,
+                        special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+                        character_coverage: float = 1.0) -> str:
+    """Trains a lossless, deterministic BPE model; returns the path of `{model_prefix}.model`.
+
+    `vocab_size` is an upper bound (SentencePiece's soft limit): a tiny corpus yields fewer
+    pieces instead of an error, which keeps small experiments and tests working.
+    """
+    special_tokens = list(special_tokens)
+    if len(set(special_tokens)) != len(special_tokens):
+        raise ValueError(f"duplicate special tokens: {special_tokens}")
+    for tok in special_tokens:
+        if not tok or any(ch.isspace() for ch in tok) or _META in tok:
+            raise ValueError(f"special token {tok!r} must be non-empty without whitespace")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+
+    used = [0]
+
+    def sentences() -> Iterator[str]:
+        for t in texts:
+            if t:  # SentencePiece has no use for empty sentences.
+                used[0] += 1
+                yield t
+
+    prefix_dir = os.path.dirname(os.path.abspath(model_prefix))
+    os.makedirs(prefix_dir, exist_ok=True)
+    try:
+        data = _train(sentences(), vocab_size, special_tokens, character_coverage)
+    except RuntimeError as e:
+        if not used[0]:
+            raise ValueError("no non-empty texts to train the tokenizer on") from e
+        raise
+    path = f"{model_prefix}.model"
+    with open(path, "wb") as f:
+        f.write(data)
+    sp = spm.SentencePieceProcessor(model_proto=data)
+    with open(f"{model_prefix}.vocab", "w", encoding="utf-8") as f:  # for humans only
+        for i in range(sp.get_piece_size()):  # JSON-quoted: pieces may hold tabs or newlines
+            f.write(f"{json.dumps(sp.id_to_piece(i), ensure_ascii=False)}\t{sp.get_score(i):g}\n")
+    return path
+
+
+def _train(sentences, vocab_size, special_tokens, character_coverage) -> bytes:
+    # Written to memory, not to model_prefix: the prefix would be stored inside the model and
+    # make identical trainings in different directories differ byte for byte.
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences,
+        model_writer=writer,
+        vocab_size=int(vocab_size),
+        hard_vocab_limit=False,
+        model_type="bpe",
+        user_defined_symbols=special_tokens,
+        byte_fallback=True,
+        character_coverage=character_coverage,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        input_sentence_size=0,
+        max_sentence_length=1 << 20,
+        minloglevel=2,
+    )
+    return writer.getvalue()
+
+
+class TextTokenizer:
+    """A loaded SentencePiece model with the lossless encode described in the module doc."""
+
+    def __init__(self, model: str | os.PathLike | bytes):
+        if isinstance(model, (bytes, bytearray)):
+            data = bytes(model)
+        else:
+            with open(model, "rb") as f:
+                data = f.read()
+        self._bytes = data
+        self._sp = spm.SentencePieceProcessor(model_proto=data)
+        self._meta_bytes = None
+        pieces = [f"<0x{b:02X}>" for b in _META.encode("utf-8")]
+        ids = [self._sp.piece_to_id(p) for p in pieces]
+        if all(self._sp.id_to_piece(i) == p for i, p in zip(ids, pieces)):
+            self._meta_bytes = ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def model_bytes(self) -> bytes:
+        """Serialized model, to save beside a checkpoint."""
+        return self._bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self._bytes).hexdigest()
+
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    def piece_to_id(self, piece: str) -> int:
+        """Id of an exact piece; KeyError rather than SentencePiece's silent <unk>."""
+        i = self._sp.piece_to_id(piece)
+        if self._sp.id_to_piece(i) != piece:
+            raise KeyError(f"piece {piece!r} is not in the vocabulary")
+        return i
+
+    def id_to_piece(self, i: int) -> str:
+        if not 0 <= int(i) < self.vocab_size:
+            raise IndexError(f"id {i} out of range [0, {self.vocab_size})")
+        return self._sp.id_to_piece(int(i))
+
+    def is_byte(self, i: int) -> bool:
+        return bool(self._sp.is_byte(int(i)))
+
+    def is_unknown(self, i: int) -> bool:
+        return bool(self._sp.is_unknown(int(i)))
+
+    def is_control(self, i: int) -> bool:
+        return bool(self._sp.is_control(int(i)))
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text is not valid Unicode (lone surrogate?): {e}") from None
+        if _META not in text:
+            return list(self._sp.encode(text))
+        if self._meta_bytes is None:
+            raise ValueError("text contains U+2581 and this model has no byte pieces to spell it")
+        ids: list[int] = []
+        for k, chunk in enumerate(text.split(_META)):
+            if k:
+                ids.extend(self._meta_bytes)
+            if chunk:
+                ids.extend(self._sp.encode(chunk))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        n = self.vocab_size
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"text ids out of range [0, {n}): {bad[:8]}")
+        return self._sp.decode(ids)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "wb") as f:
+            f.write(self._bytes)
+
+
+# ----------------------------------------------------------------------------- corpus + CLI
+
+
+@dataclasses.dataclass
+class CorpusStats:
+    """Counts of what a corpus file held; skipped lines are reported, never fatal."""
+
+    documents: int = 0
+    empty: int = 0
+    invalid_utf8: int = 0
+
+
+def read_corpus(path: str | os.PathLike, stats: CorpusStats) -> Iterator[str]:
+    """Yields one document per line; blank and undecodable lines only bump the counters."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                stats.invalid_utf8 += 1
+                continue
+            if not line.strip():
+                stats.empty += 1
+                continue
+            stats.documents += 1
+            yield line
+
+
+def shapes_captions(n: int, seed: int = 0) -> Iterator[str]:
+    """Captions of the built-in dataset's train split: the default tokenizer corpus."""
+    from data_pipeline import shapes_world
+
+    config = shapes_world.ShapesWorldConfig(seed=seed)
+    for i in range(n):
+        yield shapes_world.scene_and_caption("train", i, config)[1]
+
+
+def _main(argv):
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    os.makedirs(FLAGS.out, exist_ok=True)
+    prefix = os.path.join(FLAGS.out, "spm")
+    stats = CorpusStats()
+    if FLAGS.corpus:
+        texts = read_corpus(FLAGS.corpus, stats)
+        source = FLAGS.corpus
+    else:
+        def counted():
+            for t in shapes_captions(FLAGS.num_captions, FLAGS.seed):
+                stats.documents += 1
+                yield t
+        texts = counted()
+        source = f"shapes world train captions (seed {FLAGS.seed})"
+    path = train_sentencepiece(texts, prefix, FLAGS.vocab_size)
+    tok = TextTokenizer(path)
+    print(f"corpus: {source}")
+    print(f"documents used: {stats.documents}; skipped empty lines: {stats.empty}; "
+          f"skipped invalid UTF-8 lines: {stats.invalid_utf8}")
+    print(f"model: {path} ({len(tok.model_bytes)} bytes, sha256 {tok.sha256[:16]}...)")
+    print(f"vocab size: {tok.vocab_size} (requested {FLAGS.vocab_size})")
+    sample = "a small red circle at the top left <break>"
+    ids = tok.encode(sample)
+    print(f"example: {sample!r} -> {len(ids)} pieces {[tok.id_to_piece(i) for i in ids]}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("out", None, "Directory to write spm.model (and spm.vocab) into.")
+    flags.DEFINE_integer("vocab_size", 1024, "Upper bound on the number of pieces.")
+    flags.DEFINE_string("corpus", None, "Text file, one document per line. Default: shapes captions.")
+    flags.DEFINE_integer("num_captions", 20000, "Shapes-world captions to train on without --corpus.")
+    flags.DEFINE_integer("seed", 0, "Shapes-world seed for the default corpus.")
+    flags.mark_flag_as_required("out")
+    app.run(_main)

@@ -1,0 +1,45 @@
+"""Trains a CM3Leon language model.
+
+    python -m cm3leon_jax.train --config experiments/tiny_cpu.py --workdir /tmp/run \
+        [--config.total_steps=100] [--coordinator_address=host:port --num_processes=N --process_id=i]
+
+Rerunning the same command resumes from the latest checkpoint in the workdir.
+"""
+from __future__ import annotations
+
+import logging as std_logging
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cm3leon_jax import distributed, trainer
+
+config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/*.py)", lock_config=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl and TensorBoard events")
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Orbax and grain log every save step at INFO; keep their warnings, drop the chatter."""
+
+    def filter(self, record):
+        noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "/tensorstore/"))
+        return record.levelno >= std_logging.WARNING or not noisy
+
+
+def quiet_library_logs() -> None:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def main(argv):
+    del argv
+    quiet_library_logs()
+    distributed.initialize_from_flags()
+    if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
+        raise app.UsageError("--config and --workdir are required")
+    os.makedirs(flags.FLAGS.workdir, exist_ok=True)
+    trainer.train(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

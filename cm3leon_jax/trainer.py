@@ -1,0 +1,173 @@
+"""The training machinery: sharded state creation, the jitted step, and the resumable loop.
+
+`train.py` is the command line around `train()`; `memory_plan.py` reuses `Trainer` to compile the
+step on abstract shapes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from flax import linen as nn
+
+import data_pipeline
+from cm3leon_jax import checkpointing, flops, losses, metrics, model as model_lib, optimizer, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def validate_config(config, mesh, process_count: int) -> None:
+    """Every check that would otherwise fail deep inside XLA, with the field to fix."""
+    m, d = config.model, config.data
+    batch, dp = int(d.global_batch_size), sharding.data_parallel_size(mesh)
+    if batch % dp:
+        raise ValueError(f"data.global_batch_size={batch} is not divisible by the data-parallel size "
+                         f"mesh.data*mesh.fsdp={dp}")
+    if batch % process_count:
+        raise ValueError(f"data.global_batch_size={batch} is not divisible by the {process_count} processes")
+    if m.positions == "learned" and d.seq_len > m.max_length:
+        raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_length={m.max_length} (learned positions)")
+    rules = dict(sharding.LOGICAL_AXIS_RULES)
+    for name, size, logical in (("model.num_heads", m.num_heads, "heads"), ("model.d_ff", m.d_ff, "mlp"),
+                                ("model.vocab_size", m.vocab_size, "vocab"), ("model.d_model", m.d_model, "embed")):
+        sharding.check_divisible(name, int(size), mesh, rules[logical])
+    if int(config.total_steps) <= 0:
+        raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+
+
+class Trainer:
+    """Everything derived from a config and a mesh: the model, optimizer, sharded state and step."""
+
+    def __init__(self, config, mesh):
+        self.config, self.mesh = config, mesh
+        self.model_config = model_lib.TransformerConfig.from_config(config.model)
+        self.model = model_lib.Transformer(self.model_config)
+        self.tx, self.schedule = optimizer.make_optimizer(config.optimizer, int(config.total_steps))
+        seq_len = int(config.data.seq_len)
+        self.tokens_per_step = int(config.data.global_batch_size) * seq_len
+        self.flops_per_step = flops.flops_per_token(self.model_config, seq_len) * self.tokens_per_step
+
+        with sharding.activate(mesh):
+            boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+            self.state_shardings = sharding.tree_shardings(mesh, boxed)
+        self.abstract_state = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            nn.meta.unbox(boxed), self.state_shardings)
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        self._init = jax.jit(lambda rng: nn.meta.unbox(self._init_boxed(rng)), out_shardings=self.state_shardings)
+        self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                             out_shardings=(self.state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+    def _init_boxed(self, rng) -> TrainState:
+        length = int(self.config.data.seq_len)
+        tokens = jnp.zeros((1, length), jnp.int32)
+        params = self.model.init(rng, tokens)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    def init_state(self, seed: int) -> TrainState:
+        """Created already sharded: each device computes only its own shard of every parameter."""
+        with sharding.activate(self.mesh):
+            return self._init(jax.random.key(seed))
+
+    def loss_fn(self, params, batch):
+        logits = self.model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+        return losses.weighted_cross_entropy(logits, batch["targets"], batch["weights"],
+                                             float(self.config.z_loss_weight))
+
+    def _train_step(self, state: TrainState, batch):
+        (_, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        aux = dict(aux, grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(state.step))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), aux
+
+    def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        with sharding.activate(self.mesh):
+            return self._step(state, batch)
+
+    def lower_train_step(self):
+        """The step lowered on abstract shapes only (used by memory_plan: nothing is allocated)."""
+        rows, length = int(self.config.data.global_batch_size), int(self.config.data.seq_len)
+        batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.float32 if k == "weights" else jnp.int32,
+                                         sharding=self.batch_sharding) for k in data_pipeline.BATCH_KEYS}
+        with sharding.activate(self.mesh):
+            return self._step.lower(self.abstract_state, batch)
+
+
+def _truncate_metrics(workdir: str, last_step: int) -> None:
+    """On resume, drop records past the checkpoint so metrics.jsonl reads as one clean run."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+
+
+def train(config, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) to config.total_steps; returns the last logged metrics."""
+    mesh = sharding.make_mesh(config.mesh)
+    validate_config(config, mesh, jax.process_count())
+    trainer = Trainer(config, mesh)
+    logging.info("mesh %s; %s parameters", dict(mesh.shape),
+                 f"{sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params)):,}")
+    data_iter = data_pipeline.make_train_iterator(config, jax.process_index(), jax.process_count())
+    ckpt = checkpointing.CheckpointManager(workdir, save_every_steps=int(config.checkpoint_every_steps),
+                                           keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
+    latest = ckpt.latest_step()
+    if latest is not None:
+        logging.info("resuming from step %d in %s", latest, ckpt.directory)
+        state = ckpt.restore(latest, trainer.abstract_state, data_iter)
+        _truncate_metrics(workdir, latest)
+    else:
+        state = trainer.init_state(int(config.seed))
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+    logger = metrics.MetricsLogger(workdir)
+    peak, peak_source = flops.peak_flops()
+    logging.info("MFU peak: %.3g FLOP/s (%s)", peak, peak_source)
+    preemption = checkpointing.PreemptionWatcher()
+    total_steps, log_every = int(config.total_steps), int(config.log_every_steps)
+    step = int(jax.device_get(state.step))
+    last = {}
+    timer_start, timer_step = None, step
+    while step < total_steps:
+        batch = sharding.global_batch_from_local(next(data_iter), mesh)
+        state, step_metrics = trainer.train_step(state, batch)
+        step += 1
+        if step % log_every == 0 or step == total_steps:
+            last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            if timer_start is not None:  # speed from the second step on: the first one compiles
+                step_time = (time.perf_counter() - timer_start) / (step - timer_step)
+                last.update(step_time=step_time, tokens_per_second=trainer.tokens_per_step / step_time,
+                            mfu=trainer.flops_per_step / step_time / peak,
+                            eta_seconds=(total_steps - step) * step_time)
+            logger.write(step, last, total_steps)
+        if timer_start is None or step % log_every == 0:
+            jax.block_until_ready(step_metrics)
+            timer_start, timer_step = time.perf_counter(), step
+        ckpt.save(step, state, data_iter)
+        if preemption.should_stop(step):
+            ckpt.save(step, state, data_iter, force=True)
+            logging.warning("stopped for preemption at step %d after saving", step)
+            break
+    ckpt.save(step, state, data_iter, force=True)
+    ckpt.close()
+    logger.close()
+    if data_iter.skipped:
+        logging.warning("documents skipped by the packer: %s", dict(data_iter.skipped))
+    return last

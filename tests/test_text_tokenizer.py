@@ -1,0 +1,106 @@
+"""SentencePiece BPE: lossless round trips, whole special tokens, the CLI and bad corpora."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cm3leon_jax import text_tokenizer as tt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TEXTS = [
+    "a small red circle at the top left",
+    "",
+    " leading space",
+    "trailing spaces  ",
+    "multiple   inner    spaces",
+    "tabs\tand\nnewlines\r\n",
+    "héllo wörld, naïve café",
+    "日本語のテキスト 漢字",
+    "emoji 🙂🚀 and zero-width\u200bjoiner",
+    "literal \u2581 meta symbol \u2581\u2581",
+    "\u2581leading meta",
+    "nul \x00 and control \x07 chars",
+    "zyzzyva quixotic QWERTY 1234567890",
+    "<break> <eos><mask> <eoss><pad>",
+    "almost special: <break <mask:3> <eos >",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_spm_model):
+    return tt.TextTokenizer(tiny_spm_model)
+
+
+def test_round_trips_arbitrary_text(tok):
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == text, repr(text)
+
+
+def test_unseen_characters_fall_back_to_bytes(tok):
+    ids = tok.encode("漢")
+    assert len(ids) == 3 and all(tok.is_byte(i) for i in ids)
+    assert not any(tok.is_unknown(i) for t in TEXTS for i in tok.encode(t))
+
+
+def test_special_tokens_are_single_unsplit_ids(tok):
+    for special in tt.DEFAULT_SPECIAL_TOKENS:
+        sid = tok.piece_to_id(special)
+        assert tok.encode(special) == [sid]
+        ids = tok.encode(f"red{special}circle {special} x")
+        assert ids.count(sid) == 2
+    with pytest.raises(KeyError):
+        tok.piece_to_id("<not-a-piece>")
+
+
+def test_training_is_deterministic_and_bytes_reload(tmp_path, tok):
+    texts = list(tt.shapes_captions(300, seed=3))
+    a = tt.train_sentencepiece(texts, str(tmp_path / "a"), 330)
+    b = tt.train_sentencepiece(iter(texts), str(tmp_path / "b"), 330)
+    assert open(a, "rb").read() == open(b, "rb").read()
+    again = tt.TextTokenizer(tok.model_bytes)
+    assert again.sha256 == tok.sha256 and again.encode(TEXTS[0]) == tok.encode(TEXTS[0])
+    with pytest.raises(ValueError):
+        tt.train_sentencepiece(["", ""], str(tmp_path / "c"), 330)
+
+
+def test_corpus_reader_skips_and_counts_bad_lines(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"hello world\n\n   \n\xff\xfe bad\nvalid line two\r\n\xc3\x28\nlast")
+    stats = tt.CorpusStats()
+    docs = list(tt.read_corpus(path, stats))
+    assert docs == ["hello world", "valid line two", "last"]
+    assert (stats.documents, stats.empty, stats.invalid_utf8) == (3, 2, 2)
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "cm3leon_jax.text_tokenizer", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_trains_on_a_corpus_file_with_bad_lines(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    good = [f"document number {i} about shapes and colours" for i in range(50)]
+    corpus.write_bytes("\n".join(good).encode() + b"\n\n\xff\xfe\n\n\x80abc\n")
+    out = tmp_path / "out"
+    r = _cli("--out", str(out), "--vocab_size", "320", "--corpus", str(corpus))
+    assert r.returncode == 0, r.stderr
+    assert "documents used: 50; skipped empty lines: 2; skipped invalid UTF-8 lines: 2" in r.stdout
+    tok = tt.TextTokenizer(out / "spm.model")
+    assert tok.decode(tok.encode(good[7])) == good[7]
+
+
+def test_cli_defaults_to_shapes_captions(tmp_path):
+    r = _cli("--out", str(tmp_path), "--vocab_size", "350", "--num_captions", "300")
+    assert r.returncode == 0, r.stderr
+    assert "shapes world" in r.stdout and "documents used: 300" in r.stdout
+    tok = tt.TextTokenizer(tmp_path / "spm.model")
+    assert 300 < tok.vocab_size <= 350
+    # BPE learned caption words: a common caption is far shorter than its characters.
+    caption = "a small red circle at the top left"
+    assert len(tok.encode(caption)) < len(caption) // 2
