@@ -1,0 +1,93 @@
+"""Train-step speed: tokens/s, model TFLOP/s and MFU for the tiny and a small config.
+
+    python bench/train_step.py [--configs tiny,small] [--steps 5] [--variants default,dense]
+
+MFU on CPU is against the host's float32 matmul peak measured in the same run (side by side, as
+timings swing with machine load); on accelerators against the device table in flops.py. The last
+line printed is one JSON object with every figure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_list("configs", ["tiny", "small"], "which configs to time")
+flags.DEFINE_list("variants", ["default"], "model variants: default, dense (no blockwise attention), remat")
+flags.DEFINE_integer("steps", 5, "timed steps per config (after 2 warm-up steps)")
+
+import jax  # noqa: E402
+
+import data_pipeline  # noqa: E402
+from cm3leon_jax import flops, sharding, trainer  # noqa: E402
+from cm3leon_jax.config_defaults import base_config  # noqa: E402
+from experiments import tiny_cpu  # noqa: E402
+
+
+def small_config():
+    """The issue's yardstick: d=512, 8 layers, seq 1024."""
+    config = base_config()
+    config.model.update(vocab_size=8192, num_layers=8, d_model=512, num_heads=8, d_ff=2048, max_length=1024,
+                        attention_block_size=256)
+    config.data.update(seq_len=1024, global_batch_size=4, min_doc_length=256, max_doc_length=1024)
+    return config
+
+
+CONFIGS = {"tiny": tiny_cpu.get_config, "small": small_config}
+VARIANTS = {
+    "default": {},
+    "dense": {"attention_block_size": 0},
+    "remat": {"remat_policy": "full"},
+}
+
+
+def time_config(config, steps: int) -> dict[str, float]:
+    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    mesh = sharding.make_mesh(config.mesh)
+    t = trainer.Trainer(config, mesh)
+    state = t.init_state(0)
+    batch = sharding.global_batch_from_local(next(data_pipeline.make_train_iterator(config, 0, 1)), mesh)
+    for _ in range(2):
+        state, m = t.train_step(state, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, m = t.train_step(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - start)
+    step_time = statistics.median(times)
+    return {"step_time_s": step_time, "tokens_per_second": t.tokens_per_step / step_time,
+            "model_tflops_per_second": t.flops_per_step / step_time / 1e12}
+
+
+def main(argv):
+    del argv
+    peak, source = flops.peak_flops()
+    results = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+               "peak_flops": peak, "peak_source": source}
+    for name in flags.FLAGS.configs:
+        for variant in flags.FLAGS.variants:
+            config = CONFIGS[name]()
+            config.model.update(VARIANTS[variant])
+            r = time_config(config, flags.FLAGS.steps)
+            r["mfu"] = r["model_tflops_per_second"] * 1e12 / peak
+            key = name if variant == "default" else f"{name}_{variant}"
+            results[key] = r
+            print(f"{key:>14}: {r['tokens_per_second']:10,.0f} tokens/s  {r['model_tflops_per_second'] * 1e3:8.1f} "
+                  f"GFLOP/s  MFU {100 * r['mfu']:5.1f}%  (step {r['step_time_s'] * 1e3:.0f} ms)", flush=True)
+    # the peak again after the runs: a drift between the two shows the machine was not quiet
+    flops.measured_cpu_matmul_flops.cache_clear()
+    if jax.devices()[0].platform == "cpu":
+        results["peak_flops_after"] = flops.measured_cpu_matmul_flops()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    app.run(main)
