@@ -5,7 +5,7 @@ setup(
     name="cm3leon_jax",
     version="0.1.0",
     description="Retrieval-augmented token-based multimodal models (CM3Leon, RA-CM3, Chameleon) in JAX.",
-    packages=find_packages(include=["cm3leon_jax", "cm3leon_jax.*", "data_pipeline", "data_pipeline.*"]),
+    packages=find_packages(include=["cm3leon_jax", "cm3leon_jax.*", "data_pipeline", "data_pipeline.*", "experiments"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.5",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -131,7 +132,7 @@ class Attention(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, kv_cache=None, cache_meta=None):
         cfg = self.config
         h, d = cfg.num_heads, cfg.resolved_head_dim
         kw = dict(init_std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
@@ -146,7 +147,17 @@ class Attention(nn.Module):
         if cfg.positions == "rotary":
             q = attn_lib.rotary_embedding(q, positions, cfg.rotary_base)
             k = attn_lib.rotary_embedding(k, positions, cfg.rotary_base)
-        if cfg.attention_block_size:
+        new_cache = None
+        if kv_cache is not None:
+            # Decoding: write this call's keys/values at the cache index, attend over every slot.
+            # Empty and padded slots have segment 0, so they are never attended.
+            index, cache_positions, cache_segments = cache_meta
+            k_cache = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, index, 0, 0))
+            new_cache = (k_cache, v_cache)
+            mask = attn_lib.attention_mask(segment_ids, cache_segments, positions, cache_positions)
+            out = attn_lib.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        elif cfg.attention_block_size:
             out = attn_lib.blockwise_causal_attention(q, k, v, segment_ids, segment_ids, positions, positions,
                                                       cfg.attention_block_size)
         else:
@@ -154,7 +165,7 @@ class Attention(nn.Module):
             out = attn_lib.dot_product_attention(q, k, v, mask)
         out = Projection((h, d, cfg.d_model), ("heads", "kv", "embed"), "blhk,hkd->bld", zero_init=True,
                          name="out", **kw)(out)
-        return checkpoint_name(out, "attention_out")
+        return checkpoint_name(out, "attention_out"), new_cache
 
 
 class MLP(nn.Module):
@@ -180,26 +191,29 @@ class DecoderLayer(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, kv_cache=None, cache_meta=None):
         cfg = self.config
         norm = lambda name: Norm(cfg.norm, cfg.compute_dtype, jnp.dtype(cfg.param_dtype), name=name)
+        attention = Attention(cfg, name="attention")
         x = _constrain(x, ("batch", "activation_length", "activation_embed"))
         if cfg.norm_placement == "pre":
-            x = x + Attention(cfg, name="attention")(norm("attention_norm")(x), positions, segment_ids)
+            attn_out, kv_cache = attention(norm("attention_norm")(x), positions, segment_ids, kv_cache, cache_meta)
+            x = x + attn_out
             x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
         else:  # swin: normalise each sublayer's output before the residual add
-            x = x + norm("attention_norm")(Attention(cfg, name="attention")(x, positions, segment_ids))
+            attn_out, kv_cache = attention(x, positions, segment_ids, kv_cache, cache_meta)
+            x = x + norm("attention_norm")(attn_out)
             x = x + norm("mlp_norm")(MLP(cfg, name="mlp")(x))
-        return x
+        return x, kv_cache
 
 
 class _ScannedLayer(nn.Module):
-    """Adapts DecoderLayer to nn.scan's (carry, x) -> (carry, y) signature."""
+    """Adapts DecoderLayer to nn.scan: the residual stream is the carry, each layer's cache a slice."""
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
-        return DecoderLayer(self.config, name="layer")(x, positions, segment_ids), None
+    def __call__(self, x, positions, segment_ids, kv_cache, cache_meta):
+        return DecoderLayer(self.config, name="layer")(x, positions, segment_ids, kv_cache, cache_meta)
 
 
 class Transformer(nn.Module):
@@ -225,7 +239,7 @@ class Transformer(nn.Module):
             layer = nn.remat(layer, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                                  in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
                                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
         else:
             self.layer_list = [layer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
@@ -248,19 +262,61 @@ class Transformer(nn.Module):
         logits = _constrain(logits, ("batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
 
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
+        """Training: `cache` None, returns logits. Decoding: `cache` is a `DecodeCache`; the
+        tokens are written at `cache.index` and the call returns (logits, updated cache)."""
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
+        kv, meta = None, None
+        if cache is not None:
+            cache = cache.write_meta(positions, segment_ids)
+            kv, meta = (cache.keys, cache.values), (cache.index, cache.positions, cache.segment_ids)
         x = self.embed(tokens, positions)
         if cfg.scan_layers:
-            x, _ = self.layers(x, positions, segment_ids)
+            x, kv = self.layers(x, positions, segment_ids, kv, meta)
         else:
-            for layer in self.layer_list:
-                x, _ = layer(x, positions, segment_ids)
-        return self.logits(x)
+            new_kv = []
+            for i, layer in enumerate(self.layer_list):
+                x, layer_kv = layer(x, positions, segment_ids, None if kv is None else (kv[0][i], kv[1][i]), meta)
+                new_kv.append(layer_kv)
+            if kv is not None:
+                kv = tuple(jnp.stack([c[j] for c in new_kv]) for j in range(2))
+        logits = self.logits(x)
+        if cache is None:
+            return logits
+        return logits, cache.replace(keys=kv[0], values=kv[1], index=cache.index + tokens.shape[1])
+
+
+@flax.struct.dataclass
+class DecodeCache:
+    """Preallocated keys/values for every layer and slot, with each slot's position and segment.
+
+    Slots are filled left to right at `index`; a slot with segment 0 (empty, or a prompt's left
+    padding) is never attended, and positions are per row, so rows of different prompt lengths
+    decode together without padding artefacts.
+    """
+    keys: jax.Array         # [layers, batch, slots, heads, head_dim]
+    values: jax.Array
+    positions: jax.Array    # [batch, slots] int32
+    segment_ids: jax.Array  # [batch, slots] int32, 0 = never attend
+    index: jax.Array        # int32 scalar: next slot to write
+
+    @classmethod
+    def allocate(cls, config: TransformerConfig, batch: int, slots: int, dtype=None) -> "DecodeCache":
+        dtype = dtype or config.compute_dtype
+        shape = (config.num_layers, batch, slots, config.num_heads, config.resolved_head_dim)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+                   positions=jnp.zeros((batch, slots), jnp.int32), segment_ids=jnp.zeros((batch, slots), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+    def write_meta(self, positions, segment_ids) -> "DecodeCache":
+        start = (0, self.index)
+        return self.replace(
+            positions=jax.lax.dynamic_update_slice(self.positions, positions.astype(jnp.int32), start),
+            segment_ids=jax.lax.dynamic_update_slice(self.segment_ids, segment_ids.astype(jnp.int32), start))
 
 
 def count_params(params) -> int:
