@@ -1,0 +1,137 @@
+"""Compiled generation: one prefill, then a `lax.scan` (fixed length) or `lax.while_loop` (until
+`<eos>`) over a preallocated KV cache. No host round trip per token; one compilation per shape.
+
+Guidance streams (conditional, [image-only,] unconditional) are rows of one batch, so CFG costs
+one forward per token, not two. Prompts are left-padded: padded slots have segment 0 and are never
+attended, and positions count only real tokens, so rows of different lengths decode together
+exactly as they would alone.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from cm3leon_jax import sampling
+from cm3leon_jax.model import DecodeCache, Transformer, TransformerConfig
+
+
+def left_pad(prompts: Sequence[Sequence[int]], rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts -> (tokens [rows, length], mask [rows, length]), right-aligned; extra rows are empty."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    length = max(len(p) for p in prompts)
+    rows = len(prompts) if rows is None else rows
+    tokens = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, length - len(p):] = p
+        mask[i, length - len(p):] = 1
+    return tokens, mask
+
+
+def stream_rows(streams: Sequence[Sequence[Sequence[int]]], multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """One block of rows per guidance stream (conditional first, unconditional last), each block
+    padded with empty rows to a multiple of `multiple` (the data-parallel size) so the batch
+    splits evenly over the mesh. All streams share one length, so one cache holds them all."""
+    batch = len(streams[0])
+    if any(len(s) != batch for s in streams):
+        raise ValueError("every guidance stream needs one prompt per sample")
+    padded = -(-batch // multiple) * multiple
+    flat = [p for s in streams for p in s]
+    tokens, mask = left_pad(flat)
+    out_t = np.zeros((len(streams) * padded, tokens.shape[1]), np.int32)
+    out_m = np.zeros_like(out_t)
+    for i in range(len(streams)):
+        out_t[i * padded:i * padded + batch] = tokens[i * batch:(i + 1) * batch]
+        out_m[i * padded:i * padded + batch] = mask[i * batch:(i + 1) * batch]
+    return out_t, out_m
+
+
+def _constrain_cache(cache: DecodeCache) -> DecodeCache:
+    kv_axes = ("layers", "cache_batch", "cache_length", "cache_heads", "cache_kv")
+    return cache.replace(keys=nn.with_logical_constraint(cache.keys, kv_axes),
+                         values=nn.with_logical_constraint(cache.values, kv_axes))
+
+
+def _prefill(model, params, tokens, mask, slots):
+    """Runs the prompt once; returns the last real token's logits, the cache and next positions."""
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    cache = _constrain_cache(DecodeCache.allocate(model.config, tokens.shape[0], slots))
+    logits, cache = model.apply({"params": params}, tokens, positions, mask, cache=cache)
+    return logits[:, -1], cache, positions[:, -1] + 1
+
+
+def _step(model, params, cache, token, position):
+    """One token per row through the cached model -> next logits."""
+    logits, cache = model.apply({"params": params}, token[:, None], position[:, None],
+                                jnp.ones_like(token)[:, None], cache=cache)
+    return logits[:, 0], _constrain_cache(cache)
+
+
+def _choose(rng, logits, streams, config: sampling.SamplingConfig, allowed: tuple[int, int] | None):
+    """[streams * batch, vocab] logits -> one token per prompt, shared by all its streams."""
+    per_stream = logits.reshape(streams, -1, logits.shape[-1])
+    guided = sampling.guided_logits(per_stream, config)
+    if allowed is not None:
+        guided = sampling.restrict_to_range(guided, *allowed)
+    token = sampling.draw(rng, sampling.filter_logits(guided, config), config.temperature)
+    return jnp.tile(token, streams)
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "streams", "num_tokens", "config", "allowed"))
+def generate_fixed(params, tokens, mask, rng, *, model_config: TransformerConfig, streams: int, num_tokens: int,
+                   config: sampling.SamplingConfig, allowed: tuple[int, int] | None = None):
+    """Exactly `num_tokens` new tokens per prompt (an image: its token count). tokens/mask hold
+    `streams` blocks of rows (conditional first). Returns (tokens [rows / streams, num_tokens],
+    the conditional stream's log-probabilities of the drawn tokens, same shape)."""
+    model = Transformer(model_config)
+    logits, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + num_tokens)
+
+    rows = tokens.shape[0] // streams
+
+    def body(carry, rng_t):
+        logits, cache, position = carry
+        token = _choose(rng_t, logits, streams, config, allowed)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits[:rows]), token[:rows, None], axis=-1)[:, 0]
+        logits, cache = _step(model, params, cache, token, position)
+        return (logits, cache, position + 1), (token[:rows], logprob)
+
+    _, (out, logprobs) = jax.lax.scan(body, (logits, cache, position), jax.random.split(rng, num_tokens))
+    return out.T, logprobs.T
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "streams", "max_tokens", "config", "allowed"))
+def generate_until(params, tokens, mask, rng, stop_id, *, model_config: TransformerConfig, streams: int,
+                   max_tokens: int, config: sampling.SamplingConfig, allowed: tuple[int, int] | None = None):
+    """Up to `max_tokens` per prompt, stopping each row at `stop_id` (kept) and the whole batch when
+    every row has stopped. Returns (tokens [rows / streams, max_tokens] with pad 0 after the stop,
+    lengths [rows / streams])."""
+    model = Transformer(model_config)
+    logits, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + max_tokens)
+    rows = tokens.shape[0] // streams
+    out = jnp.zeros((rows, max_tokens), jnp.int32)
+    done = jnp.zeros((rows,), bool)
+    lengths = jnp.zeros((rows,), jnp.int32)
+
+    def cond(carry):
+        t, _, _, _, _, done, _ = carry
+        return (t < max_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        t, logits, cache, position, out, done, lengths = carry
+        token = _choose(jax.random.fold_in(rng, t), logits, streams, config, allowed)
+        own = jnp.where(done, 0, token[:rows])
+        out = jax.lax.dynamic_update_slice(out, own[:, None], (0, t))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | (own == stop_id)
+        logits, cache = _step(model, params, cache, token, position)
+        return t + 1, logits, cache, position + 1, out, done, lengths
+
+    carry = (jnp.zeros((), jnp.int32), logits, cache, position, out, done, lengths)
+    _, _, _, _, out, _, lengths = jax.lax.while_loop(cond, body, carry)
+    return out, lengths

@@ -1,0 +1,103 @@
+"""Sampling math as pure functions on logits: guidance, filters, contrastive decoding, draws.
+
+Order used by the decoder (as LlamaGen/Chameleon): guidance on raw logits -> allowed-id
+restriction -> temperature -> TopK -> TopP -> draw. Filtered-out tokens get -inf.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Hashable, so a compiled decoder is cached per setting."""
+    temperature: float = 1.0   # 0: greedy
+    top_k: int = 0             # 0: off
+    top_p: float = 1.0         # 1: off
+    cfg_scale: float = 1.0     # 1: conditional stream only (no guidance)
+    image_cfg_scale: float = 1.0  # three-stream (editing) guidance; used when streams == 3
+    cd_k: int = 0              # >0: contrastive decoding TopK (expert=cond, amateur=uncond)
+    cd_alpha: float = 0.1
+
+
+def classifier_free_guidance(cond: jax.Array, uncond: jax.Array, scale: float) -> jax.Array:
+    """`uncond + scale * (cond - uncond)`: scale 1 is the conditional stream, 0 the unconditional."""
+    return uncond + scale * (cond - uncond)
+
+
+def three_stream_guidance(full: jax.Array, image_only: jax.Array, uncond: jax.Array,
+                          image_scale: float, text_scale: float) -> jax.Array:
+    """InstructPix2Pix-style editing guidance: `u + s_img (img - u) + s_txt (full - img)`."""
+    return uncond + image_scale * (image_only - uncond) + text_scale * (full - image_only)
+
+
+def restrict_to_range(logits: jax.Array, low: int, high: int) -> jax.Array:
+    """Only ids in [low, high) may be drawn (image codes inside an image, text ids in a caption)."""
+    ids = jnp.arange(logits.shape[-1])
+    return jnp.where((ids >= low) & (ids < high), logits, NEG_INF)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keeps the k largest logits (and any tied with the k-th)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits >= kth, logits, NEG_INF)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Keeps the smallest most-probable set whose probability reaches p (the top token always)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    kept = mass_before < p
+    # the smallest kept logit is the threshold: everything at or above it stays
+    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, NEG_INF)
+
+
+def contrastive_topk_scores(expert: jax.Array, amateur: jax.Array, k: int, alpha: float) -> jax.Array:
+    """CD-K (CM3Leon): `log p_exp - log p_ama` on V = {t: p_exp(t) >= alpha * kth_largest(p_exp)}.
+
+    Using the k-th largest expert probability instead of the maximum keeps a useful candidate set
+    (with the maximum it collapsed to greedy in the paper).
+    """
+    log_exp = jax.nn.log_softmax(expert, axis=-1)
+    log_ama = jax.nn.log_softmax(amateur, axis=-1)
+    k = min(max(k, 1), expert.shape[-1])
+    kth = jax.lax.top_k(log_exp, k)[0][..., -1:]
+    plausible = log_exp >= jnp.log(alpha) + kth
+    return jnp.where(plausible, log_exp - log_ama, NEG_INF)
+
+
+def guided_logits(stream_logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """[streams, batch, vocab] -> [batch, vocab]: stream 0 conditional, the last unconditional."""
+    streams = stream_logits.shape[0]
+    if streams == 1:
+        return stream_logits[0]
+    if config.cd_k > 0:
+        return contrastive_topk_scores(stream_logits[0], stream_logits[-1], config.cd_k, config.cd_alpha)
+    if streams == 2:
+        return classifier_free_guidance(stream_logits[0], stream_logits[1], config.cfg_scale)
+    return three_stream_guidance(stream_logits[0], stream_logits[1], stream_logits[2],
+                                 config.image_cfg_scale, config.cfg_scale)
+
+
+def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    if config.temperature > 0:
+        logits = logits / config.temperature
+    return top_p_filter(top_k_filter(logits, config.top_k), config.top_p)
+
+
+def draw(rng: jax.Array, logits: jax.Array, temperature: float) -> jax.Array:
+    """Greedy when temperature is 0, else a categorical draw from the (filtered) logits."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)

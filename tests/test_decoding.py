@@ -1,0 +1,112 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from cm3leon_jax import decoding, sampling, sharding
+from cm3leon_jax.model import DecodeCache, Transformer, TransformerConfig
+from tests.helpers import tiny_config
+
+CFG = dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_length=48)
+GREEDY = sampling.SamplingConfig(temperature=0.0)
+
+
+def _model(**opts):
+    cfg = TransformerConfig(**CFG, **opts)
+    model = Transformer(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    return cfg, model, params
+
+
+@pytest.mark.parametrize("opts", [{}, {"positions": "rotary", "qk_norm": True, "norm_placement": "swin"}])
+def test_cached_decoding_matches_full_forward_step_by_step(opts):
+    cfg, model, params = _model(**opts)
+    prompt = np.array([[5, 9, 3, 17, 2]], np.int32)
+    out, logprobs = decoding.generate_fixed(params, prompt, np.ones_like(prompt), jax.random.key(0), model_config=cfg,
+                                            streams=1, num_tokens=10, config=GREEDY)
+    full = np.concatenate([prompt, np.asarray(out)], axis=1)
+    logits = model.apply({"params": params}, full)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    for t in range(10):
+        step_logits = log_probs[0, prompt.shape[1] - 1 + t]
+        assert int(jnp.argmax(step_logits)) == int(out[0, t])  # greedy = argmax of the full pass
+        np.testing.assert_allclose(logprobs[0, t], step_logits[out[0, t]], atol=1e-5)
+    # logits of the cache path equal the full pass at every step
+    cache = DecodeCache.allocate(cfg, 1, full.shape[1])
+    step_logits, cache = model.apply({"params": params}, full[:, :5], cache=cache)
+    cached = [step_logits[:, -1]]
+    for t in range(5, full.shape[1] - 1):
+        lg, cache = model.apply({"params": params}, full[:, t:t + 1], jnp.array([[t]]), jnp.ones((1, 1), jnp.int32), cache=cache)
+        cached.append(lg[:, 0])
+    np.testing.assert_allclose(np.stack(cached, 1), logits[:, 4:-1], atol=2e-5)
+
+
+def test_batched_prompts_of_different_lengths_match_single_prompts():
+    cfg, model, params = _model()
+    prompts = [[5, 9, 3], [7, 1, 4, 4, 8, 2, 6], [11]]
+    tokens, mask = decoding.left_pad(prompts)
+    batched, _ = decoding.generate_fixed(params, tokens, mask, jax.random.key(0), model_config=cfg, streams=1,
+                                         num_tokens=6, config=GREEDY)
+    for i, p in enumerate(prompts):
+        t, m = decoding.left_pad([p])
+        alone, _ = decoding.generate_fixed(params, t, m, jax.random.key(0), model_config=cfg, streams=1,
+                                           num_tokens=6, config=GREEDY)
+        np.testing.assert_array_equal(batched[i], alone[0])
+
+
+def test_cfg_scale_one_equals_conditional_stream_and_guidance_changes_samples():
+    cfg, model, params = _model()
+    cond, uncond = [[5, 9, 3, 17]], [[4, 3, 17]]
+    tokens, mask = decoding.stream_rows([cond, uncond])
+    alone_t, alone_m = decoding.left_pad(cond)
+    kw = dict(model_config=cfg, num_tokens=8)
+    guided_1, _ = decoding.generate_fixed(params, tokens, mask, jax.random.key(3), streams=2,
+                                          config=sampling.SamplingConfig(temperature=0.0, cfg_scale=1.0), **kw)
+    plain, _ = decoding.generate_fixed(params, alone_t, alone_m, jax.random.key(3), streams=1, config=GREEDY, **kw)
+    np.testing.assert_array_equal(guided_1, plain)
+    guided_5, _ = decoding.generate_fixed(params, tokens, mask, jax.random.key(3), streams=2,
+                                          config=sampling.SamplingConfig(temperature=0.0, cfg_scale=5.0), **kw)
+    assert not np.array_equal(guided_5, plain)
+
+
+def test_restricted_range_seeded_sampling_and_stop_token():
+    cfg, model, params = _model()
+    tokens, mask = decoding.left_pad([[5, 9, 3], [1, 2]])
+    conf = sampling.SamplingConfig(temperature=1.0, top_k=10)
+    kw = dict(model_config=cfg, streams=1, num_tokens=12, config=conf, allowed=(40, 64))
+    a, _ = decoding.generate_fixed(params, tokens, mask, jax.random.key(7), **kw)
+    b, _ = decoding.generate_fixed(params, tokens, mask, jax.random.key(7), **kw)
+    c, _ = decoding.generate_fixed(params, tokens, mask, jax.random.key(8), **kw)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert np.all((np.asarray(a) >= 40) & (np.asarray(a) < 64))
+    # while_loop decoding stops each row at its stop id and pads after it
+    out, lengths = decoding.generate_until(params, tokens, mask, jax.random.key(0), 1, model_config=cfg, streams=1,
+                                           max_tokens=16, config=sampling.SamplingConfig(temperature=1.0))
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    for row, n in zip(out, lengths):
+        assert np.all(row[n:] == 0)
+        if n < 16:
+            assert row[n - 1] == 1 and 1 not in row[:n - 1]
+
+
+def test_decoding_is_sharded_on_the_training_mesh():
+    from cm3leon_jax import trainer
+    config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    mesh = sharding.make_mesh(config.mesh)
+    t = trainer.Trainer(config, mesh)
+    state = t.init_state(0)
+    prompts = [[1, 9, 10], [1, 12]]
+    tokens, mask = decoding.stream_rows([prompts, [[4], [4]]], multiple=sharding.data_parallel_size(mesh))
+    assert tokens.shape[0] == 8  # 2 prompts padded to 4 rows per stream
+    with sharding.activate(mesh):
+        out, _ = decoding.generate_fixed(state.params, tokens, mask, jax.random.key(0), model_config=t.model_config,
+                                         streams=2, num_tokens=5, config=sampling.SamplingConfig(cfg_scale=3.0))
+    params = jax.device_get(state.params)
+    single, _ = decoding.generate_fixed(params, tokens, mask, jax.random.key(0), model_config=t.model_config,
+                                        streams=2, num_tokens=5, config=sampling.SamplingConfig(cfg_scale=3.0))
+    np.testing.assert_array_equal(out, single)

@@ -1,0 +1,64 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cm3leon_jax import sampling
+
+LOGITS = jnp.log(jnp.array([0.05, 0.4, 0.1, 0.25, 0.2]))
+
+
+def _kept(x):
+    return set(np.flatnonzero(np.isfinite(np.asarray(x))).tolist())
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_sets():
+    assert _kept(sampling.top_k_filter(LOGITS, 2)) == {1, 3}
+    assert _kept(sampling.top_k_filter(LOGITS, 0)) == {0, 1, 2, 3, 4}
+    assert _kept(sampling.top_p_filter(LOGITS, 0.35)) == {1}         # the top token alone reaches 0.35
+    assert _kept(sampling.top_p_filter(LOGITS, 0.6)) == {1, 3}       # 0.4 + 0.25 >= 0.6
+    assert _kept(sampling.top_p_filter(LOGITS, 0.8)) == {1, 3, 4}    # + 0.2
+    assert _kept(sampling.top_p_filter(LOGITS, 0.9)) == {1, 2, 3, 4}
+
+
+def test_filters_on_random_logits_match_a_numpy_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((16, 50)).astype(np.float32)
+    for k in (1, 5, 17):
+        kept = np.isfinite(np.asarray(sampling.top_k_filter(jnp.asarray(logits), k)))
+        np.testing.assert_array_equal(kept, logits >= np.sort(logits, axis=1)[:, -k][:, None])
+    for p in (0.1, 0.5, 0.9):
+        kept = np.isfinite(np.asarray(sampling.top_p_filter(jnp.asarray(logits), p)))
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        for row in range(16):
+            order = np.argsort(-probs[row])
+            before = np.cumsum(probs[row][order]) - probs[row][order]
+            np.testing.assert_array_equal(np.sort(order[before < p]), np.flatnonzero(kept[row]))
+
+
+def test_contrastive_topk_plausibility_set_and_scores():
+    expert = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+    amateur = jnp.log(jnp.array([0.7, 0.1, 0.1, 0.1]))
+    scores = sampling.contrastive_topk_scores(expert, amateur, k=2, alpha=0.5)  # threshold 0.5 * 0.3
+    assert _kept(scores) == {0, 1, 2}
+    np.testing.assert_allclose(np.asarray(scores)[[0, 1, 2]], np.log([0.5 / 0.7, 0.3 / 0.1, 0.15 / 0.1]), rtol=1e-5)
+    # the expert-preferred-but-generic token 0 loses to token 1, which the condition made likely
+    assert int(jnp.argmax(scores)) == 1
+
+
+def test_guidance_formulas():
+    cond, uncond, img = jnp.array([2.0, 0.0]), jnp.array([1.0, 1.0]), jnp.array([1.5, 0.5])
+    np.testing.assert_allclose(sampling.classifier_free_guidance(cond, uncond, 1.0), cond)
+    np.testing.assert_allclose(sampling.classifier_free_guidance(cond, uncond, 3.0), [4.0, -2.0])
+    np.testing.assert_allclose(sampling.three_stream_guidance(cond, img, uncond, 1.5, 7.5),
+                               uncond + 1.5 * (img - uncond) + 7.5 * (cond - img))
+    stacked = jnp.stack([cond, uncond])
+    np.testing.assert_allclose(sampling.guided_logits(stacked, sampling.SamplingConfig(cfg_scale=1.0)), cond)
+    restricted = sampling.restrict_to_range(jnp.zeros(6), 2, 4)
+    assert _kept(restricted) == {2, 3}
+
+
+def test_greedy_and_seeded_draws():
+    assert int(sampling.draw(jax.random.key(0), LOGITS, 0.0)) == 1
+    draws = jax.vmap(lambda k: sampling.draw(k, LOGITS, 1.0))(jax.random.split(jax.random.key(0), 4000))
+    freq = np.bincount(np.asarray(draws), minlength=5) / 4000
+    np.testing.assert_allclose(freq, [0.05, 0.4, 0.1, 0.25, 0.2], atol=0.03)
