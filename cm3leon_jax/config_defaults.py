@@ -40,7 +40,61 @@ def base_config() -> ml_collections.ConfigDict:
     # packing streams make the global batch identical for any process count (-1: one per row).
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", seq_len=128, global_batch_size=8, num_streams=-1,
-        # synthetic source only
+        # source="synthetic": built-in Markov-chain token documents
         num_documents=100_000, min_doc_length=8, max_doc_length=64, source_seed=1234,
+        # source="cm3": documents from `python -m data_pipeline.prepare` + their neighbour sidecar
+        data_dir="", num_neighbours=3, condition_dropout_rate=0.1, cm3_masking=True, cm3_lambda=1.0,
+    ))
+    return c
+
+
+def vq_base_config() -> ml_collections.ConfigDict:
+    """Every field of a VQ-GAN tokenizer run (`python -m cm3leon_jax.train_vq`) with its default."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 10_000
+    c.max_train_seconds = 0.0  # > 0: also stop (after a checkpoint) once this much wall-clock time has passed
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.sample_every_steps = 1000  # PNG grid of held-out originals beside reconstructions, DIR/samples/
+    c.num_sample_images = 8
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    # cm3leon_jax.vqgan.VQGANConfig: every field.
+    c.vq = ml_collections.ConfigDict(dict(
+        image_size=64, in_channels=3, channels=64, channel_multipliers=(1, 2, 2, 4), num_res_blocks=2,
+        attention_at_lowest=True, codebook_size=8192, code_dim=8, embed_dim=256, commitment_beta=0.25,
+        l2_normalize_codes=True, num_groups=32, dtype="float32",
+    ))
+
+    # cm3leon_jax.vq_losses.VQLossConfig: every field.
+    c.loss = ml_collections.ConfigDict(dict(
+        l1_weight=1.0, l2_weight=1.0, perceptual_weight=1.0, perceptual_weights_path="", codebook_weight=1.0,
+        disc_weight=0.5, disc_start=20_000, adaptive_weight=True, adaptive_weight_max=1e4, disc_channels=64,
+        disc_layers=3, disc_norm="group",
+    ))
+
+    # Two AdamWs (generator = the VQGAN, discriminator); betas (0.5, 0.9) as taming/LlamaGen.
+    # Linear warmup, then constant ("constant") or cosine to end_lr_ratio * lr ("cosine").
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-4, disc_lr=1e-4, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0, disc_weight_decay=0.0,
+        warmup_steps=0, schedule="constant", end_lr_ratio=0.1, grad_clip=0.0,
+    ))
+
+    # Codebook bookkeeping: usage EMA of each code's share of the tokens; every reseed_every_steps
+    # the codes whose EMA share is below dead_threshold / codebook_size move onto the batch's worst-
+    # quantized encoder outputs (0 turns re-seeding off). codebook_usage logs the share of codes
+    # used at least once in the last usage_window_steps steps.
+    c.codebook = ml_collections.ConfigDict(dict(
+        usage_decay=0.99, reseed_every_steps=100, dead_threshold=0.03, reseed_noise=1e-3, usage_window_steps=100,
+    ))
+
+    # Images: the built-in shapes world, or a folder of PNG/JPEG (resized/center-cropped to vq.image_size).
+    c.data = ml_collections.ConfigDict(dict(
+        global_batch_size=16, image_dir="", val_image_dir="", num_threads=2,
+        shapes_seed=0, min_objects=1, max_objects=3,
     ))
     return c

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import math
 import os
 
@@ -16,11 +17,20 @@ def _format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-class MetricsLogger:
-    """Writes only on process 0 so a multi-host run produces one record per step."""
+DEFAULT_STDOUT_KEYS = ("loss", "z_loss", "grad_norm", "learning_rate")
 
-    def __init__(self, workdir: str, enabled: bool | None = None):
+
+class MetricsLogger:
+    """Writes only on process 0 so a multi-host run produces one record per step.
+
+    `stdout_keys` are the metrics shown on the stdout line (all go to TensorBoard and the JSONL);
+    `rate` is the (metric, label) of the throughput shown there.
+    """
+
+    def __init__(self, workdir: str, enabled: bool | None = None, *, stdout_keys=DEFAULT_STDOUT_KEYS,
+                 rate: tuple[str, str] = ("tokens_per_second", "tokens/s")):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._stdout_keys, self._rate = tuple(stdout_keys), rate
         self._jsonl = None
         self._tb = None
         if self.enabled:
@@ -41,11 +51,12 @@ class MetricsLogger:
                 self._tb.add_scalar(key, value, step)
         self._tb.flush()
         parts = [f"step {step}" + (f"/{total_steps}" if total_steps else "")]
-        for key in ("loss", "z_loss", "grad_norm", "learning_rate"):
+        for key in self._stdout_keys:
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:.4g}")
-        if "tokens_per_second" in metrics:
-            parts.append(f"tokens/s {metrics['tokens_per_second']:,.0f}")
+        rate_key, rate_label = self._rate
+        if rate_key in metrics:
+            parts.append(f"{rate_label} {metrics[rate_key]:,.0f}")
         if "mfu" in metrics and math.isfinite(metrics["mfu"]):
             parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
         if "eta_seconds" in metrics:
@@ -56,3 +67,15 @@ class MetricsLogger:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Orbax and grain log every save step at INFO; keep their warnings, drop the chatter."""
+
+    def filter(self, record):
+        noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "/tensorstore/"))
+        return record.levelno >= std_logging.WARNING or not noisy
+
+
+def quiet_library_logs() -> None:
+    logging.get_absl_handler().addFilter(_QuietLibraries())

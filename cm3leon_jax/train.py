@@ -7,33 +7,20 @@ Rerunning the same command resumes from the latest checkpoint in the workdir.
 """
 from __future__ import annotations
 
-import logging as std_logging
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from cm3leon_jax import distributed, trainer
+from cm3leon_jax import distributed, metrics, trainer
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl and TensorBoard events")
 
 
-class _QuietLibraries(std_logging.Filter):
-    """Orbax and grain log every save step at INFO; keep their warnings, drop the chatter."""
-
-    def filter(self, record):
-        noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "/tensorstore/"))
-        return record.levelno >= std_logging.WARNING or not noisy
-
-
-def quiet_library_logs() -> None:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-
-
 def main(argv):
     del argv
-    quiet_library_logs()
+    metrics.quiet_library_logs()
     distributed.initialize_from_flags()
     if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")

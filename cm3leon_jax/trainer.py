@@ -117,6 +117,21 @@ def _truncate_metrics(workdir: str, last_step: int) -> None:
         f.writelines(kept)
 
 
+def _save_vocabulary(config, workdir: str) -> None:
+    """The data's vocabulary travels with the checkpoints, so a model is never paired with
+    another vocabulary (a resumed run on re-tokenized data fails here, not silently)."""
+    if config.data.source != "cm3":
+        return
+    from cm3leon_jax import vocab as vocab_lib
+    from data_pipeline import prepare
+    data_vocab = vocab_lib.Vocabulary.load(os.path.join(config.data.data_dir, prepare.VOCAB_DIR))
+    target = os.path.join(workdir, prepare.VOCAB_DIR)
+    if os.path.exists(target):
+        vocab_lib.Vocabulary.load(target).check_compatible(data_vocab)
+    else:
+        data_vocab.save(target)
+
+
 def train(config, workdir: str) -> dict[str, float]:
     """Trains (or resumes) to config.total_steps; returns the last logged metrics."""
     mesh = sharding.make_mesh(config.mesh)
@@ -134,8 +149,10 @@ def train(config, workdir: str) -> dict[str, float]:
         _truncate_metrics(workdir, latest)
     else:
         state = trainer.init_state(int(config.seed))
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        _save_vocabulary(config, workdir)
 
     logger = metrics.MetricsLogger(workdir)
     peak, peak_source = flops.peak_flops()

@@ -52,7 +52,7 @@ SPM_MODEL = "spm.model"
 FORMAT = "cm3leon_jax.vocab/1"
 
 # Canonical spellings only ("<mask:03>" stays plain text), so decode(encode(text)) is exact.
-_SPECIAL_RE = re.compile(r"<pad>|<eos>|<eoss>|<break>|<mask>|<mask:(0|[1-9][0-9]*)>")
+SPECIAL_PATTERN = re.compile(r"<pad>|<eos>|<eoss>|<break>|<mask>|<mask:(0|[1-9][0-9]*)>")
 
 
 def sentinel_token(i: int) -> str:
@@ -211,7 +211,7 @@ class Vocabulary:
             raise ValueError(f"text must be str, got {type(text).__name__}")
         out: list[int] = []
         pos = 0
-        for m in _SPECIAL_RE.finditer(text):
+        for m in SPECIAL_PATTERN.finditer(text):
             if m.group(1) is not None and int(m.group(1)) >= self._num_sentinels:
                 continue  # not one of our sentinels: plain text.
             out.extend(self._encode_plain(text[pos:m.start()]))

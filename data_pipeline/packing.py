@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import numpy as np
@@ -44,7 +44,9 @@ class PackedBatchIterator:
 
     def __init__(self, documents: grain.MapDataset, *, seq_len: int, global_batch_size: int,
                  num_streams: int, seed: int, process_index: int = 0, process_count: int = 1,
-                 shuffle: bool = True):
+                 shuffle: bool = True, transform: Callable[[Any, np.random.Generator], dict] | None = None):
+        """`transform(document, rng)` (neighbour join, condition dropout, CM3 masking) runs per
+        document per epoch with a generator Grain seeds from (seed, stream, position)."""
         if num_streams <= 0:
             num_streams = global_batch_size
         if global_batch_size % num_streams:
@@ -55,6 +57,7 @@ class PackedBatchIterator:
         self.rows_per_stream = global_batch_size // num_streams
         self.stream_ids = list(stream_ranges(num_streams, process_index, process_count))
         self.skipped = collections.Counter()
+        self._transform = transform
         self._iterators = [iter(self._stream(documents, s, num_streams, seed, shuffle)) for s in self.stream_ids]
 
     def _fits(self, example) -> bool:
@@ -70,7 +73,10 @@ class PackedBatchIterator:
         ds = documents[stream::num_streams]
         if shuffle:
             ds = ds.shuffle(seed=seed * 1_000_003 + stream)  # reshuffled every epoch by grain
-        ds = ds.repeat(None).map(document_to_example).to_iter_dataset().filter(self._fits)
+        ds = ds.repeat(None)
+        if self._transform is not None:
+            ds = ds.random_map(self._transform, seed=(seed * 1_000_003 + stream + 7919) % 2 ** 32)
+        ds = ds.map(document_to_example).to_iter_dataset().filter(self._fits)
         lengths = {key: self.seq_len for key in ("inputs", "targets", "weights")}
         ds = grain_exp.FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=self.rows_per_stream,
                                                shuffle_bins=False)

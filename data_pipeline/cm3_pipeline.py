@@ -1,0 +1,54 @@
+"""The retrieval-augmented CM3 training source: prepared documents + their neighbour sidecar.
+
+ArrayRecord documents (random access) -> per-process streams and seeded shuffle (packing.py) ->
+per document, with Grain's per-element generator: sample k stored neighbours, fetch them by
+random access, condition dropout, `<eos> neighbours query <eos>`, CM3 masking -> packing.
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import numpy as np
+
+from cm3leon_jax import vocab as vocab_lib
+from data_pipeline import cm3, neighbours, prepare
+
+
+class RetrievalAugmentedTransform:
+    """document, rng -> {"tokens", "weights"}; a plain class so Grain workers can pickle it."""
+
+    def __init__(self, source, neighbour_ids: np.ndarray | None, config: cm3.CM3Config):
+        self.source, self.neighbour_ids, self.config = source, neighbour_ids, config
+
+    def __call__(self, document, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        doc_id = int(document["id"])
+        chosen = []
+        if self.config.retrieval and self.neighbour_ids is not None:
+            chosen = cm3.sample_neighbours(self.neighbour_ids[doc_id], self.config.num_neighbours, rng, exclude=doc_id)
+        fetched = [np.asarray(self.source[int(j)]["tokens"], np.int32) for j in chosen]
+        return cm3.example_for_training(np.asarray(document["tokens"], np.int32), fetched, rng, self.config,
+                                        presampled=True)
+
+
+def cm3_config(data_config, vocab: vocab_lib.Vocabulary) -> cm3.CM3Config:
+    return cm3.CM3Config.from_vocab(
+        vocab, retrieval=int(data_config.num_neighbours) > 0, num_neighbours=max(int(data_config.num_neighbours), 1),
+        condition_dropout_rate=float(data_config.condition_dropout_rate), cm3=bool(data_config.cm3_masking),
+        cm3_lambda=float(data_config.cm3_lambda), max_length=int(data_config.seq_len) + 1)
+
+
+def training_source(config, split: str = "train"):
+    """(documents MapDataset, per-document transform, vocabulary) for the trainer."""
+    data = config.data
+    if not data.data_dir:
+        raise ValueError("data.source='cm3' needs data.data_dir: a directory made by `python -m data_pipeline.prepare`")
+    vocab = vocab_lib.Vocabulary.load(os.path.join(data.data_dir, prepare.VOCAB_DIR))
+    if vocab.size > int(config.model.vocab_size):
+        raise ValueError(f"the data's vocabulary has {vocab.size} ids but model.vocab_size={config.model.vocab_size}; "
+                         f"set --config.model.vocab_size={vocab.padded_size()}")
+    source = prepare.load_documents(data.data_dir, split)
+    ids = None
+    if int(data.num_neighbours) > 0:
+        ids, _, _ = neighbours.load_neighbours(data.data_dir, len(source) if split == "train" else None)
+    return grain.MapDataset.source(source), RetrievalAugmentedTransform(source, ids, cm3_config(data, vocab)), vocab

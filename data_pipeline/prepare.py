@@ -1,0 +1,312 @@
+"""Ingestion: raw image-text pairs -> tokenized multimodal documents in ArrayRecord (a TFDS dataset).
+
+    python -m data_pipeline.prepare --config experiments/data_shapes.py --out DIR \
+        [--config.vq_workdir=VQ_DIR --config.spm_model=spm.model]
+
+Sources: the built-in shapes world (default), a folder of images with `.txt` sidecars (first line),
+a JSONL manifest `{"image": path, "text": caption}`, or any TFDS dataset with image and text
+features. Images are VQ-encoded in batches; each document is `caption <break> image <break>` in
+the unified vocabulary. Bad records are skipped and counted by reason in `ingest_report.json`
+beside the data; the run fails only if a split keeps nothing. Record i of a split is document i
+(TFDS shuffling is off), which is what the neighbour sidecars index.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import os
+import time
+import zlib
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
+from ml_collections import config_flags
+from PIL import Image
+
+from cm3leon_jax import metrics, vocab as vocab_lib
+
+BUILDER_NAME = "cm3_documents"
+REPORT_FILE = "ingest_report.json"
+VOCAB_DIR = "vocab"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+
+
+class SkipRecord(Exception):
+    """A record that cannot become a document; `reason` is its bucket in the report."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass
+class RawRecord:
+    key: str                 # where it came from (path, index), for the report
+    image: Any               # encoded bytes, a path, a PIL image or a uint8 array
+    caption: Any             # str or bytes
+    meta: dict | None = None  # ground truth kept with the document (shapes attributes)
+
+
+# ---------------------------------------------------------------- sources
+
+def _split_of(key: str, validation_fraction: float) -> str:
+    """A stable split by content key, so adding files never moves old ones between splits."""
+    return "validation" if (zlib.crc32(key.encode()) % 10_000) < validation_fraction * 10_000 else "train"
+
+
+def shapes_records(cfg, split: str) -> Iterator[RawRecord]:
+    from data_pipeline import shapes_world
+    world = shapes_world.ShapesWorld(shapes_world.ShapesWorldConfig(image_size=int(cfg.image_size), seed=int(cfg.seed)),
+                                     split)
+    for i in range(int(cfg.num_documents[split])):
+        ex = world[i]
+        meta = {"objects": ex["objects"], "background": ex["background"]}
+        yield RawRecord(f"shapes:{split}:{i}", ex["image"], ex["caption"], meta)
+
+
+def folder_records(cfg, split: str) -> Iterator[RawRecord]:
+    root = cfg.folder
+    for name in sorted(os.listdir(root)):
+        if not name.lower().endswith(IMAGE_EXTENSIONS) or _split_of(name, cfg.validation_fraction) != split:
+            continue
+        sidecar = os.path.join(root, os.path.splitext(name)[0] + ".txt")
+        caption = b""
+        if os.path.exists(sidecar):
+            with open(sidecar, "rb") as f:
+                caption = f.read().split(b"\n", 1)[0]
+        yield RawRecord(os.path.join(root, name), os.path.join(root, name), caption)
+
+
+def jsonl_records(cfg, split: str) -> Iterator[RawRecord]:
+    base = os.path.dirname(os.path.abspath(cfg.jsonl))
+    with open(cfg.jsonl, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            key = f"{cfg.jsonl}:{line_no}"
+            if _split_of(key, cfg.validation_fraction) != split or not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                image, caption = row["image"], row["text"]
+            except (ValueError, KeyError, TypeError) as e:
+                yield RawRecord(key, None, None, {"error": f"bad manifest line: {e}"})
+                continue
+            path = image if os.path.isabs(image) else os.path.join(base, image)
+            yield RawRecord(key, path, caption if isinstance(caption, str) else b"")
+
+
+def tfds_records(cfg, split: str) -> Iterator[RawRecord]:
+    tfds_split = {"train": cfg.tfds_train_split, "validation": cfg.tfds_validation_split}[split]
+    source = tfds.data_source(cfg.tfds_name, split=tfds_split, data_dir=cfg.tfds_data_dir or None)
+    for i in range(min(len(source), int(cfg.num_documents[split]) or len(source))):
+        row = source[i]
+        yield RawRecord(f"{cfg.tfds_name}:{tfds_split}:{i}", row[cfg.tfds_image_key], row[cfg.tfds_text_key])
+
+
+SOURCES: dict[str, Callable[[Any, str], Iterator[RawRecord]]] = {
+    "shapes": shapes_records, "folder": folder_records, "jsonl": jsonl_records, "tfds": tfds_records}
+
+
+# ---------------------------------------------------------------- validation
+
+def load_image(raw: Any, image_size: int, min_size: int) -> np.ndarray:
+    """Any image form -> uint8 [S, S, 3], centre-cropped then resized; SkipRecord when unusable."""
+    try:
+        if isinstance(raw, np.ndarray):
+            image = Image.fromarray(raw.astype(np.uint8))
+        elif isinstance(raw, Image.Image):
+            image = raw
+        elif isinstance(raw, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(raw))
+        elif isinstance(raw, str):
+            if not os.path.exists(raw):
+                raise SkipRecord("missing_image", raw)
+            image = Image.open(raw)
+        else:
+            raise SkipRecord("unreadable_image", f"unsupported image value {type(raw).__name__}")
+        image.load()  # forces a full decode: truncated files fail here, not later
+        image = image.convert("RGB")
+    except SkipRecord:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise SkipRecord("unreadable_image", str(e)[:200]) from None
+    if min(image.size) < min_size:
+        raise SkipRecord("image_too_small", f"{image.size} < {min_size}")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != image_size:
+        image = image.resize((image_size, image_size), Image.BICUBIC)
+    return np.asarray(image, np.uint8)
+
+
+def decode_caption(raw: Any) -> str:
+    if isinstance(raw, (bytes, bytearray, np.bytes_)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise SkipRecord("caption_not_utf8") from None
+    if not isinstance(raw, str) or not raw.strip():
+        raise SkipRecord("empty_caption")
+    caption = " ".join(raw.split())
+    if vocab_lib.SPECIAL_PATTERN.search(caption):
+        # text spelling <break>/<mask:i>/<eoss> would become control tokens and corrupt CM3 masking
+        raise SkipRecord("caption_has_special_tokens", caption[:80])
+    return caption
+
+
+# ---------------------------------------------------------------- documents
+
+class Cm3Documents(tfds.core.GeneratorBasedBuilder):
+    """Tokenized documents. Built by `prepare`; read with `tfds.builder_from_directory`."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, split_examples: dict[str, Callable[[], Iterator]] | None = None, **kwargs):
+        self._split_examples = split_examples or {}
+        super().__init__(**kwargs)
+
+    def _info(self):
+        features = tfds.features.FeaturesDict({
+            "id": tfds.features.Scalar(np.int64),
+            "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "text_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "image_codes": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "caption": tfds.features.Text(),
+            "meta": tfds.features.Text(),  # JSON: source key, ground-truth attributes when known
+        })
+        return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        return {name: make() for name, make in self._split_examples.items()}
+
+    def _generate_examples(self):  # the splits' generators come from prepare()
+        raise NotImplementedError
+
+
+class _Ingest:
+    """Validates, VQ-encodes in batches and tokenizes one split, counting every skip."""
+
+    def __init__(self, cfg, vocab: vocab_lib.Vocabulary, encode_images: Callable[[np.ndarray], np.ndarray], split: str):
+        self.cfg, self.vocab, self.encode_images, self.split = cfg, vocab, encode_images, split
+        self.kept = 0
+        self.skipped = collections.Counter()
+        self.skipped_examples: list[tuple[str, str, str]] = []
+
+    def _skip(self, key: str, reason: str, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        if len(self.skipped_examples) < 50:
+            self.skipped_examples.append((key, reason, detail))
+
+    def _documents(self, batch: list[tuple[RawRecord, str, np.ndarray]]):
+        codes = np.asarray(self.encode_images(np.stack([image for _, _, image in batch])))
+        for (record, caption, _), image_codes in zip(batch, codes.reshape(len(batch), -1)):
+            text_ids = self.vocab.encode_text(caption)
+            tokens = self.vocab.encode_document([caption, image_codes.astype(np.int32)])
+            if len(tokens) > int(self.cfg.max_document_length):
+                self._skip(record.key, "document_too_long", f"{len(tokens)} tokens")
+                continue
+            meta = dict(record.meta or {}, source=record.key)
+            yield {"id": self.kept, "tokens": tokens.astype(np.int32), "text_ids": text_ids.astype(np.int32),
+                   "image_codes": self.vocab.image_codes_to_ids(image_codes).astype(np.int32),
+                   "caption": caption, "meta": json.dumps(meta)}
+            self.kept += 1
+
+    def examples(self) -> Iterator[tuple[int, dict]]:
+        start, seen, batch = time.time(), 0, []
+        for record in SOURCES[self.cfg.source](self.cfg, self.split):
+            seen += 1
+            try:
+                if record.meta and "error" in record.meta:
+                    raise SkipRecord("bad_manifest_line", record.meta["error"])
+                caption = decode_caption(record.caption)
+                image = load_image(record.image, int(self.cfg.image_size), int(self.cfg.min_image_size))
+                batch.append((record, caption, image))
+            except SkipRecord as e:
+                self._skip(record.key, e.reason, e.detail)
+            if len(batch) == int(self.cfg.encode_batch_size):
+                for doc in self._documents(batch):
+                    yield doc["id"], doc
+                batch = []
+            if seen % int(self.cfg.log_every) == 0:
+                logging.info("%s: %d records read, %d kept, %d skipped (%.0f records/s)", self.split, seen,
+                             self.kept, sum(self.skipped.values()), seen / max(time.time() - start, 1e-9))
+        if batch:
+            for doc in self._documents(batch):
+                yield doc["id"], doc
+        if self.kept == 0:
+            raise RuntimeError(f"no usable record in the {self.split} split of source {self.cfg.source!r}: "
+                               f"{seen} read, skipped by reason {dict(self.skipped)}")
+
+    def report(self) -> dict:
+        return {"kept": self.kept, "skipped": dict(self.skipped), "skipped_examples": self.skipped_examples}
+
+
+def documents_dir(data_dir: str) -> str:
+    return os.path.join(data_dir, BUILDER_NAME, str(Cm3Documents.VERSION))
+
+
+def load_documents(data_dir: str, split: str):
+    """Random-access documents of a prepared split (no TensorFlow needed)."""
+    return tfds.builder_from_directory(documents_dir(data_dir)).as_data_source(split)
+
+
+def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """Writes the documents, the vocabulary and the report; returns the report."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"unknown source {cfg.source!r}; choose one of {sorted(SOURCES)}")
+    os.makedirs(out_dir, exist_ok=True)
+    ingests = {split: _Ingest(cfg, vocab, encode_images, split) for split in ("train", "validation")}
+    builder = Cm3Documents(split_examples={s: i.examples for s, i in ingests.items()}, data_dir=out_dir,
+                           file_format="array_record")
+    builder.download_and_prepare()
+    vocab.save(os.path.join(out_dir, VOCAB_DIR))
+    report = {"source": cfg.source, "splits": {s: i.report() for s, i in ingests.items()}}
+    with open(os.path.join(out_dir, REPORT_FILE), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    for split, r in report["splits"].items():
+        logging.info("%s: kept %d documents, skipped %s", split, r["kept"], r["skipped"] or "none")
+    return report
+
+
+# ---------------------------------------------------------------- command line
+
+def _define_flags() -> None:
+    """Only when run as a program, so importing `prepare` never clashes with another CLI's flags."""
+    config_flags.DEFINE_config_file("config", None, "ingestion config (experiments/data_*.py)", lock_config=True)
+    flags.DEFINE_string("out", None, "output data directory")
+    flags.DEFINE_bool("overwrite", False, "rebuild even if the directory already holds prepared documents")
+
+
+def load_vocab_and_encoder(cfg) -> tuple[vocab_lib.Vocabulary, Callable[[np.ndarray], np.ndarray]]:
+    """The unified vocabulary (SentencePiece + the VQ tokenizer's codebook) and a batch encoder."""
+    from cm3leon_jax import text_tokenizer, train_vq
+    if not cfg.spm_model or not cfg.vq_workdir:
+        raise ValueError("--config.spm_model (a SentencePiece model) and --config.vq_workdir (a train_vq workdir) "
+                         "are required")
+    vq = train_vq.VQTokenizer(cfg.vq_workdir)
+    vocab = vocab_lib.Vocabulary(text_tokenizer.TextTokenizer(cfg.spm_model), num_image_codes=vq.codebook_size,
+                                 image_tokens_per_image=vq.tokens_per_image, num_sentinels=int(cfg.num_sentinels),
+                                 image_grid=vq.grid)
+    return vocab, vq.encode
+
+
+def main(argv):
+    del argv
+    metrics.quiet_library_logs()
+    out = flags.FLAGS.out
+    if out is None:
+        raise app.UsageError("--out is required")
+    if os.path.exists(os.path.join(out, REPORT_FILE)) and not flags.FLAGS.overwrite:
+        logging.info("%s already holds prepared documents; pass --overwrite to rebuild", out)
+        return
+    cfg = flags.FLAGS.config
+    vocab, encode = load_vocab_and_encoder(cfg)
+    prepare(cfg, out, vocab, encode)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
