@@ -101,3 +101,21 @@ class PreemptionWatcher:
             except RuntimeError:  # preemption service not running (e.g. distributed runtime without it)
                 return False
         return self._event.is_set()
+
+
+def restore_params(workdir: str, abstract_params, step: int | None = None):
+    """Parameters only, straight into `abstract_params`' shardings: the optimizer state is never
+    read (generation, evaluation, export and fine-tuning from a pretrained run)."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    manager = ocp.CheckpointManager(directory, item_names=("state",),
+                                    options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    target = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                           partial_restore=True))
+    params = manager.restore(step, args=args)["state"]["params"]
+    manager.close()
+    return params, step

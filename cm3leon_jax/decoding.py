@@ -73,19 +73,19 @@ def _step(model, params, cache, token, position):
     return logits[:, 0], _constrain_cache(cache)
 
 
-def _choose(rng, logits, streams, config: sampling.SamplingConfig, allowed: tuple[int, int] | None):
+def _choose(rng, logits, streams, config: sampling.SamplingConfig, allowed: tuple[tuple[int, int], ...] | None):
     """[streams * batch, vocab] logits -> one token per prompt, shared by all its streams."""
     per_stream = logits.reshape(streams, -1, logits.shape[-1])
     guided = sampling.guided_logits(per_stream, config)
     if allowed is not None:
-        guided = sampling.restrict_to_range(guided, *allowed)
+        guided = sampling.restrict_to_ranges(guided, allowed)
     token = sampling.draw(rng, sampling.filter_logits(guided, config), config.temperature)
     return jnp.tile(token, streams)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "streams", "num_tokens", "config", "allowed"))
 def generate_fixed(params, tokens, mask, rng, *, model_config: TransformerConfig, streams: int, num_tokens: int,
-                   config: sampling.SamplingConfig, allowed: tuple[int, int] | None = None):
+                   config: sampling.SamplingConfig, allowed: tuple[tuple[int, int], ...] | None = None):
     """Exactly `num_tokens` new tokens per prompt (an image: its token count). tokens/mask hold
     `streams` blocks of rows (conditional first). Returns (tokens [rows / streams, num_tokens],
     the conditional stream's log-probabilities of the drawn tokens, same shape)."""
@@ -107,7 +107,7 @@ def generate_fixed(params, tokens, mask, rng, *, model_config: TransformerConfig
 
 @functools.partial(jax.jit, static_argnames=("model_config", "streams", "max_tokens", "config", "allowed"))
 def generate_until(params, tokens, mask, rng, stop_id, *, model_config: TransformerConfig, streams: int,
-                   max_tokens: int, config: sampling.SamplingConfig, allowed: tuple[int, int] | None = None):
+                   max_tokens: int, config: sampling.SamplingConfig, allowed: tuple[tuple[int, int], ...] | None = None):
     """Up to `max_tokens` per prompt, stopping each row at `stop_id` (kept) and the whole batch when
     every row has stopped. Returns (tokens [rows / streams, max_tokens] with pad 0 after the stop,
     lengths [rows / streams])."""

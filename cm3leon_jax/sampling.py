@@ -36,10 +36,14 @@ def three_stream_guidance(full: jax.Array, image_only: jax.Array, uncond: jax.Ar
     return uncond + image_scale * (image_only - uncond) + text_scale * (full - image_only)
 
 
-def restrict_to_range(logits: jax.Array, low: int, high: int) -> jax.Array:
-    """Only ids in [low, high) may be drawn (image codes inside an image, text ids in a caption)."""
+def restrict_to_ranges(logits: jax.Array, ranges: tuple[tuple[int, int], ...]) -> jax.Array:
+    """Only ids in the [low, high) ranges may be drawn (image codes inside an image; text ids and
+    `<eoss>` in a caption)."""
     ids = jnp.arange(logits.shape[-1])
-    return jnp.where((ids >= low) & (ids < high), logits, NEG_INF)
+    allowed = jnp.zeros(logits.shape[-1], bool)
+    for low, high in ranges:
+        allowed = allowed | ((ids >= low) & (ids < high))
+    return jnp.where(allowed, logits, NEG_INF)
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:

@@ -210,7 +210,7 @@ class _Ingest:
                 continue
             meta = dict(record.meta or {}, source=record.key)
             yield {"id": self.kept, "tokens": tokens.astype(np.int32), "text_ids": text_ids.astype(np.int32),
-                   "image_codes": self.vocab.image_codes_to_ids(image_codes).astype(np.int32),
+                   "image_codes": image_codes.astype(np.int32),  # raw VQ codes [h*w], not vocabulary ids
                    "caption": caption, "meta": json.dumps(meta)}
             self.kept += 1
 
@@ -263,7 +263,8 @@ def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Calla
                            file_format="array_record")
     builder.download_and_prepare()
     vocab.save(os.path.join(out_dir, VOCAB_DIR))
-    report = {"source": cfg.source, "splits": {s: i.report() for s, i in ingests.items()}}
+    report = {"source": cfg.source, "vq_workdir": os.path.abspath(cfg.vq_workdir) if cfg.vq_workdir else "",
+              "splits": {s: i.report() for s, i in ingests.items()}}
     with open(os.path.join(out_dir, REPORT_FILE), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     for split, r in report["splits"].items():
@@ -286,10 +287,10 @@ def load_vocab_and_encoder(cfg) -> tuple[vocab_lib.Vocabulary, Callable[[np.ndar
     if not cfg.spm_model or not cfg.vq_workdir:
         raise ValueError("--config.spm_model (a SentencePiece model) and --config.vq_workdir (a train_vq workdir) "
                          "are required")
-    vq = train_vq.VQTokenizer(cfg.vq_workdir)
+    vq = train_vq.VQTokenizer.from_workdir(cfg.vq_workdir)
     vocab = vocab_lib.Vocabulary(text_tokenizer.TextTokenizer(cfg.spm_model), num_image_codes=vq.codebook_size,
                                  image_tokens_per_image=vq.tokens_per_image, num_sentinels=int(cfg.num_sentinels),
-                                 image_grid=vq.grid)
+                                 image_grid=(vq.latent_size, vq.latent_size))
     return vocab, vq.encode
 
 

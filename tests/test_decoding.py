@@ -77,7 +77,7 @@ def test_restricted_range_seeded_sampling_and_stop_token():
     cfg, model, params = _model()
     tokens, mask = decoding.left_pad([[5, 9, 3], [1, 2]])
     conf = sampling.SamplingConfig(temperature=1.0, top_k=10)
-    kw = dict(model_config=cfg, streams=1, num_tokens=12, config=conf, allowed=(40, 64))
+    kw = dict(model_config=cfg, streams=1, num_tokens=12, config=conf, allowed=((40, 64),))
     a, _ = decoding.generate_fixed(params, tokens, mask, jax.random.key(7), **kw)
     b, _ = decoding.generate_fixed(params, tokens, mask, jax.random.key(7), **kw)
     c, _ = decoding.generate_fixed(params, tokens, mask, jax.random.key(8), **kw)

@@ -53,8 +53,8 @@ def test_guidance_formulas():
                                uncond + 1.5 * (img - uncond) + 7.5 * (cond - img))
     stacked = jnp.stack([cond, uncond])
     np.testing.assert_allclose(sampling.guided_logits(stacked, sampling.SamplingConfig(cfg_scale=1.0)), cond)
-    restricted = sampling.restrict_to_range(jnp.zeros(6), 2, 4)
-    assert _kept(restricted) == {2, 3}
+    restricted = sampling.restrict_to_ranges(jnp.zeros(8), ((2, 4), (6, 7)))
+    assert _kept(restricted) == {2, 3, 6}
 
 
 def test_greedy_and_seeded_draws():
