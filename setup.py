@@ -28,5 +28,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],
+        "bench": ["scikit-image>=0.22"],  # bench/vq.py: PSNR on its bundled photographs
+        # cm3leon_jax.hf_interop (tests/test_interop.py): Hugging Face OPT/Chameleon export and import.
+        # The core never imports them; torch is pinned to the CPU wheel the CI uses.
+        "interop": ["torch==2.13.0", "transformers>=4.44"],
     },
 )

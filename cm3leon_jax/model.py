@@ -2,7 +2,8 @@
 
 Defaults follow the paper: no biases, no dropout, LayerNorm without parameters, learned absolute
 positions (std 0.0002), truncated-normal init (std 0.006, cut at 3 std), output projections
-initialised at zero. Options: rotary positions, QK-norm, Swin-style norm placement, RMSNorm,
+initialised at zero. Options: rotary positions, QK-norm (optionally with Chameleon's learned
+per-head scale and bias), Swin-style norm placement, RMSNorm,
 SwiGLU, bf16 compute over fp32 parameters. Layers are scanned (one compiled layer, parameters
 stacked on a leading `layers` axis) and rematerialised by a named policy.
 """
@@ -36,6 +37,7 @@ class TransformerConfig:
     norm: str = "layernorm"            # layernorm (no params) | rmsnorm (learned scale, Chameleon)
     norm_placement: str = "pre"        # pre: x + f(norm(x)) | swin: x + norm(f(x)) (Chameleon)
     qk_norm: bool = False
+    qk_norm_params: bool = False       # qk_norm with a learned per-head scale and bias [heads, head_dim] (Chameleon)
     mlp: str = "relu"                  # relu (OPT) | gelu | swiglu (Chameleon)
     tie_embeddings: bool = False
     init_std: float = 0.006
@@ -64,6 +66,8 @@ class TransformerConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
         if not self.head_dim and self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.qk_norm_params and not self.qk_norm:
+            raise ValueError("model.qk_norm_params=True needs model.qk_norm=True")
         if self.positions == "rotary" and self.resolved_head_dim % 2:
             raise ValueError("rotary positions need an even head_dim")
 
@@ -128,6 +132,21 @@ class Norm(nn.Module):
         return (attn_lib.rms_norm(x) * scale.astype(x.dtype)).astype(self.dtype)
 
 
+class HeadNorm(nn.Module):
+    """The learned part of Chameleon's QK-norm: a per-head scale (init 1) and bias (init 0) applied
+    after the parameter-free LayerNorm over head_dim. x: [batch, length, heads, head_dim]."""
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = x.shape[-2:]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("heads", "kv")),
+                           shape, self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
+                          shape, self.param_dtype)
+        return x * scale.astype(x.dtype) + bias.astype(x.dtype)
+
+
 class Attention(nn.Module):
     config: TransformerConfig
 
@@ -144,6 +163,10 @@ class Attention(nn.Module):
         q, k, v = project("query"), project("key"), project("value")
         if cfg.qk_norm:  # before rotary, as Chameleon
             q, k = attn_lib.layer_norm(q), attn_lib.layer_norm(k)
+            if cfg.qk_norm_params:
+                pdt = jnp.dtype(cfg.param_dtype)
+                q = HeadNorm(pdt, name="query_norm")(q)
+                k = HeadNorm(pdt, name="key_norm")(k)
         if cfg.positions == "rotary":
             q = attn_lib.rotary_embedding(q, positions, cfg.rotary_base)
             k = attn_lib.rotary_embedding(k, positions, cfg.rotary_base)

@@ -237,11 +237,22 @@ class _Ingest:
             for doc in self._documents(batch):
                 yield doc["id"], doc
         if self.kept == 0:
+            hint = " (set validation_fraction=0 / num_documents.validation=0 for no validation split)" \
+                if self.split == "validation" else ""
             raise RuntimeError(f"no usable record in the {self.split} split of source {self.cfg.source!r}: "
-                               f"{seen} read, skipped by reason {dict(self.skipped)}")
+                               f"{seen} read, skipped by reason {dict(self.skipped)}{hint}")
 
     def report(self) -> dict:
         return {"kept": self.kept, "skipped": dict(self.skipped), "skipped_examples": self.skipped_examples}
+
+
+def splits_of(cfg) -> tuple[str, ...]:
+    """train, plus validation unless the config asks for none."""
+    if cfg.source in ("folder", "jsonl"):
+        wants_validation = float(cfg.validation_fraction) > 0
+    else:
+        wants_validation = int(cfg.num_documents.get("validation", 0)) > 0
+    return ("train", "validation") if wants_validation else ("train",)
 
 
 def documents_dir(data_dir: str) -> str:
@@ -258,7 +269,7 @@ def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Calla
     if cfg.source not in SOURCES:
         raise ValueError(f"unknown source {cfg.source!r}; choose one of {sorted(SOURCES)}")
     os.makedirs(out_dir, exist_ok=True)
-    ingests = {split: _Ingest(cfg, vocab, encode_images, split) for split in ("train", "validation")}
+    ingests = {split: _Ingest(cfg, vocab, encode_images, split) for split in splits_of(cfg)}
     builder = Cm3Documents(split_examples={s: i.examples for s, i in ingests.items()}, data_dir=out_dir,
                            file_format="array_record")
     builder.download_and_prepare()

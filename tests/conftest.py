@@ -8,3 +8,10 @@ def tiny_spm_model(tmp_path_factory):
     from cm3leon_jax import text_tokenizer
     prefix = tmp_path_factory.mktemp("spm") / "spm"
     return text_tokenizer.train_sentencepiece(text_tokenizer.shapes_captions(2000), str(prefix), vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny_spm_model):
+    """Every stage once, at minuscule size (see tests/pipeline_fixture.py)."""
+    from tests import pipeline_fixture
+    return pipeline_fixture.build(tmp_path_factory.mktemp("pipeline"), tiny_spm_model)

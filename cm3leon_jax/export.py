@@ -1,0 +1,322 @@
+"""Export a training workdir's parameters for evaluation, serving and other frameworks.
+
+    python -m cm3leon_jax.export --workdir DIR [--step N] --format params --out OUT
+    python -m cm3leon_jax.export --workdir DIR [--step N] --format hf-opt --out OUT [--dtype bfloat16]
+    python -m cm3leon_jax.export --workdir DIR [--step N] --format hf-chameleon --out OUT
+
+Formats:
+  params        a self-describing bundle, parameters only (no optimizer state):
+                  OUT/checkpoints/STEP/   orbax (item `state` = {"params": ...}), the layout
+                                          `checkpointing.restore_params(OUT, ...)` reads, so
+                                          OUT works wherever a workdir's params are loaded
+                  OUT/model.safetensors   the same params, names '/'-joined
+                                          ("layers/layer/attention/query/kernel", stacked)
+                  OUT/config.json         the training config
+                  OUT/vocab/              the vocabulary (vocab.json + spm.model), when the workdir has one
+                  OUT/bundle.json         manifest: format, step, every file's size and sha256,
+                                          every tensor's shape and dtype
+                `load_bundle(OUT)` verifies it all and returns (config, params).
+  hf-opt        a transformers OPTForCausalLM folder (config.json + model.safetensors)
+  hf-chameleon  a transformers ChameleonForConditionalGeneration folder (the language model;
+                the VQ image tokenizer is not part of the export and transformers initialises
+                `model.vqmodel` at random with a warning)
+See hf_interop.py for what each HF format can hold; a config it cannot hold exactly is refused
+before anything is read. Parameters move one tensor (one layer) at a time. Run it as one process.
+
+Nothing here imports torch or transformers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from cm3leon_jax import checkpointing, hf_interop, model as model_lib, sharding
+
+BUNDLE_FORMAT = "cm3leon_jax.bundle/1"
+BUNDLE_JSON = "bundle.json"
+SAFETENSORS = "model.safetensors"
+VOCAB_DIR = "vocab"
+FORMATS = ("params",) + hf_interop.FORMATS
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def default_mesh(config) -> jax.sharding.Mesh:
+    """All local devices on `fsdp` when d_model splits evenly over them (each device holds a
+    slice of every parameter), else replicated."""
+    n = len(jax.devices())
+    fsdp = n if int(config.model.d_model) % n == 0 else 1
+    return sharding.make_mesh(ml_collections.ConfigDict(dict(data=n // fsdp, fsdp=fsdp, tensor=1)))
+
+
+def abstract_params(config, mesh=None):
+    """(model config, ShapeDtypeStructs with NamedShardings) of `config`'s params on `mesh`."""
+    from cm3leon_jax import trainer as trainer_lib
+    trainer = trainer_lib.Trainer(config, mesh or default_mesh(config))
+    return trainer.model_config, trainer.abstract_state.params
+
+
+def make_sharded(abstract: jax.ShapeDtypeStruct, read: Callable[[tuple], np.ndarray]) -> jax.Array:
+    """A jax.Array with `abstract`'s shape, dtype and sharding, each local device's shard read by
+    `read(index)` (a tuple of slices): only the slices this host's devices need are ever read."""
+    dtype = np.dtype(abstract.dtype)
+
+    def callback(index):
+        index = tuple(index) + (slice(None),) * (len(abstract.shape) - len(index))
+        out = np.asarray(read(index)).astype(dtype, copy=False)
+        want = tuple(len(range(*s.indices(n))) for s, n in zip(index, abstract.shape))
+        if out.shape != want:
+            raise ValueError(f"read a shard of shape {out.shape}, expected {want}")
+        return out
+
+    return jax.make_array_from_callback(abstract.shape, abstract.sharding, callback)
+
+
+def save_params_checkpoint(workdir: str, step: int, params) -> str:
+    """Writes params as WORKDIR/checkpoints/STEP with item `state` = {"params": params}: what
+    `checkpointing.restore_params(WORKDIR, abstract)` restores. Returns the step directory."""
+    import orbax.checkpoint as ocp
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False, save_interval_steps=1)
+    manager = ocp.CheckpointManager(directory, item_names=("state",), options=options)
+    if manager.latest_step() is not None:
+        manager.close()
+        raise FileExistsError(f"{directory} already holds checkpoints; use a new directory")
+    manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return os.path.join(directory, str(int(step)))
+
+
+def load_workdir_params(workdir: str, step: int | None = None, mesh=None):
+    """(config, model config, params, step) of a workdir's checkpoint, optimizer state unread."""
+    config = read_config(workdir)
+    model_cfg, abstract = abstract_params(config, mesh)
+    params, step = checkpointing.restore_params(workdir, abstract, step)
+    return config, model_cfg, params, int(step)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _prepare_out(out: str) -> None:
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"--out {out} exists and is not empty")
+    os.makedirs(out, exist_ok=True)
+
+
+def _dtype_name(dtype) -> str:
+    return str(np.dtype(dtype)) if np.dtype(dtype).name != "bfloat16" else "bfloat16"
+
+
+def _chunks(x, layered: bool):
+    """Host chunks of a (possibly sharded) array: one layer at a time for stacked params."""
+    if layered:
+        for i in range(x.shape[0]):
+            yield np.asarray(jax.device_get(x[i:i + 1]))
+    else:
+        yield np.asarray(jax.device_get(x))
+
+
+# ----------------------------------------------------------------------------- params bundle
+
+
+def export_params(workdir: str, out: str, step: int | None = None) -> dict:
+    """Writes the params bundle (module docstring); returns the manifest."""
+    _prepare_out(out)
+    config, model_cfg, params, step = load_workdir_params(workdir, step)
+    save_params_checkpoint(out, step, params)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    entries = [(name, tuple(x.shape), _dtype_name(x.dtype),
+                (lambda x=x, layered=name.startswith("layers/"): _chunks(x, layered)))
+               for name, x in sorted(flat.items())]
+    sha = hf_interop.write_safetensors(os.path.join(out, SAFETENSORS), entries,
+                                       metadata={"format": "cm3leon_jax", "step": step})
+    shutil.copyfile(os.path.join(workdir, "config.json"), os.path.join(out, "config.json"))
+    files = {SAFETENSORS: {"bytes": os.path.getsize(os.path.join(out, SAFETENSORS)), "sha256": sha}}
+    if os.path.isdir(os.path.join(workdir, VOCAB_DIR)):
+        shutil.copytree(os.path.join(workdir, VOCAB_DIR), os.path.join(out, VOCAB_DIR))
+    for root, _, names in os.walk(out):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, out)
+            if rel == SAFETENSORS or rel.startswith("checkpoints" + os.sep):
+                continue
+            files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    manifest = {
+        "format": BUNDLE_FORMAT, "step": step, "source_workdir": os.path.abspath(workdir),
+        "orbax": f"checkpoints/{step}", "safetensors": SAFETENSORS,
+        "num_params": int(sum(int(np.prod(s)) for _, s, _, _ in entries)),
+        "tensors": {name: {"shape": list(shape), "dtype": dtype} for name, shape, dtype, _ in entries},
+        "files": dict(sorted(files.items())),
+    }
+    with open(os.path.join(out, BUNDLE_JSON), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    return manifest
+
+
+def load_bundle(directory: str, *, abstract=None, verify_checksums: bool = True):
+    """(config, params) of a params bundle, after checking the manifest, every file's size and
+    sha256 and every tensor's name, shape and dtype against the config's model.
+
+    `abstract`: optional ShapeDtypeStructs with shardings (e.g. `Trainer.abstract_state.params`);
+    params are then jax.Arrays read shard by shard, else numpy arrays. Any mismatch is a
+    ValueError naming the file or tensor."""
+    path = os.path.join(directory, BUNDLE_JSON)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: not a params bundle (python -m cm3leon_jax.export --format params)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupted manifest ({e})") from None
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    for rel, info in manifest["files"].items():
+        file = os.path.join(directory, rel)
+        if not os.path.exists(file):
+            raise ValueError(f"{file}: listed in {BUNDLE_JSON} but missing")
+        if os.path.getsize(file) != info["bytes"]:
+            raise ValueError(f"{file}: {os.path.getsize(file)} bytes, the manifest says {info['bytes']} "
+                             "(truncated or replaced)")
+        if verify_checksums and _sha256(file) != info["sha256"]:
+            raise ValueError(f"{file}: sha256 does not match {BUNDLE_JSON} (the file is corrupted or was modified)")
+    config = read_config(directory)
+    model_cfg = model_lib.TransformerConfig.from_config(config.model)
+    st = hf_interop.SafetensorsFile(os.path.join(directory, manifest["safetensors"]))
+    expected = _expected_tensors(model_cfg)
+    problems = []
+    for name in sorted(set(expected) | set(st.keys())):
+        if name not in st:
+            problems.append(f"tensor {name} is missing")
+        elif name not in expected:
+            problems.append(f"unexpected tensor {name} (not in the config's model)")
+        else:
+            shape, dtype = expected[name]
+            if st.shape(name) != shape:
+                problems.append(f"tensor {name} has shape {st.shape(name)}, the config's model needs {shape}")
+            elif st.dtype(name) != dtype:
+                problems.append(f"tensor {name} has dtype {st.dtype(name)}, the config's model needs {dtype}")
+            elif manifest["tensors"].get(name, {}).get("shape") != list(shape):
+                problems.append(f"tensor {name}: shape differs from {BUNDLE_JSON}")
+    if problems:
+        raise ValueError(f"{st.path} does not match {os.path.join(directory, 'config.json')}: " + "; ".join(problems))
+    if abstract is None:
+        flat = {name: np.array(st.get(name)) for name in expected}
+    else:
+        flat_abstract = traverse_util.flatten_dict(abstract, sep="/")
+        flat = {name: make_sharded(a, lambda idx, name=name: st.get(name)[idx]) for name, a in flat_abstract.items()}
+    return config, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _expected_tensors(model_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    import jax.numpy as jnp
+    from flax import linen as nn
+    model = model_lib.Transformer(model_cfg)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+    return {name: (tuple(x.shape), np.dtype(x.dtype)) for name, x in traverse_util.flatten_dict(shapes, sep="/").items()}
+
+
+# ----------------------------------------------------------------------------- HF formats
+
+
+def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32") -> dict:
+    """Writes OUT/config.json + OUT/model.safetensors for transformers; returns the HF config."""
+    config = read_config(workdir)
+    model_cfg = model_lib.TransformerConfig.from_config(config.model)
+    hf_interop.check_exportable(model_cfg, fmt)  # refuse before reading anything
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype!r}: one of float32, bfloat16, float16")
+    _prepare_out(out)
+    _, model_cfg, params, step = load_workdir_params(workdir, step)
+    vocabulary_map = None
+    if fmt == hf_interop.CHAMELEON and os.path.isdir(os.path.join(workdir, VOCAB_DIR)):
+        from cm3leon_jax import vocab as vocab_lib
+        vocabulary_map = hf_interop.our_vocabulary_map(vocab_lib.Vocabulary.load(os.path.join(workdir, VOCAB_DIR)),
+                                                       model_cfg.vocab_size)
+    hf_cfg = hf_interop.hf_config(model_cfg, fmt, vocabulary_map=vocabulary_map, dtype=dtype)
+    entries = []
+    for spec in hf_interop.tensor_specs(model_cfg, fmt):
+        for layer in (range(model_cfg.num_layers) if spec.layered else [None]):
+            if spec.ours is None:
+                produce = lambda spec=spec: [hf_interop.constant(spec.kind, spec.hf_shape, np.float32)]
+            else:
+                def produce(spec=spec, layer=layer):
+                    x = np.asarray(jax.device_get(hf_interop.layer_param(params, model_cfg, spec.ours, layer)))
+                    return [hf_interop.to_hf(spec.kind, x, model_cfg)]
+            entries.append((spec.name(layer), spec.hf_shape, dtype, produce))
+    sha = hf_interop.write_safetensors(os.path.join(out, "model.safetensors"), entries, metadata={"format": "pt"})
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_cfg, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(out, "cm3leon_export.json"), "w", encoding="utf-8") as f:
+        json.dump({"source_workdir": os.path.abspath(workdir), "step": step, "format": fmt, "dtype": dtype,
+                   "model.safetensors_sha256": sha, "training_config": config.to_dict()}, f, indent=2, default=str)
+        f.write("\n")
+    if os.path.isdir(os.path.join(workdir, VOCAB_DIR)):  # our SentencePiece vocabulary, for reference
+        shutil.copytree(os.path.join(workdir, VOCAB_DIR), os.path.join(out, "cm3leon_vocab"))
+    return hf_cfg
+
+
+def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32") -> Any:
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: one of {FORMATS}")
+    if fmt == "params":
+        if dtype != "float32":
+            raise ValueError("--dtype applies to the hf-* formats; params bundles keep the training dtype")
+        return export_params(workdir, out, step)
+    return export_hf(workdir, out, fmt, step, dtype)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _define_flags():
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "training workdir (config.json + checkpoints/)", required=True)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+    flags.DEFINE_enum("format", "params", list(FORMATS), "what to write")
+    flags.DEFINE_string("out", None, "output directory (new or empty)", required=True)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "tensor dtype of hf-* exports")
+    return flags.FLAGS
+
+
+def main(argv):
+    del argv
+    FLAGS = _FLAGS
+    try:
+        export(FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step, FLAGS.dtype)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        raise SystemExit(f"export failed: {e}") from None
+    with open(os.path.join(FLAGS.out, BUNDLE_JSON if FLAGS.format == "params" else "cm3leon_export.json")) as f:
+        step = json.load(f)["step"]
+    print(json.dumps({"out": FLAGS.out, "format": FLAGS.format, "step": step}))
+
+
+if __name__ == "__main__":
+    from absl import app
+    _FLAGS = _define_flags()
+    app.run(main)

@@ -1,0 +1,224 @@
+"""Import a transformers OPT or Chameleon/Anole checkpoint as a workdir of ours.
+
+    python -m cm3leon_jax.import_hf --hf_dir DIR --workdir OUT [--vocab FILE] [--remap_vocab]
+        [--num_sentinels N] [--seq_len N] [--mesh_data 1 --mesh_fsdp -1 --mesh_tensor 1]
+
+The format comes from DIR/config.json's model_type (opt | chameleon). Writes
+  OUT/config.json            a full training config (base_config + the HF architecture; Chameleon:
+                             z-loss 1e-5, lr 1e-4 as its paper)
+  OUT/checkpoints/0/         orbax, item `state` = {"params": ...}: what
+                             `checkpointing.restore_params(OUT, abstract)` reads (fine-tuning,
+                             evaluation); it holds no optimizer state or data position, so start
+                             training runs in a fresh workdir with these params as initialisation
+  OUT/hf_vocab_map.json      (when a vocabulary is found) HF ids <-> our id layout: specials,
+                             sentinels, text, image codes (hf_interop.vocab_mapping)
+  OUT/hf_tokenizer/          the HF tokenizer files, copied for reference
+
+Streaming: each parameter is created with `jax.make_array_from_callback` on its NamedSharding
+from the Trainer's abstract state, and each device's shard is read from the memory-mapped
+safetensors (tensor by tensor, layer by layer, only the slice that device holds), so no host ever
+holds the whole model. On several hosts, run the same command on every host (as training).
+
+Exactness: transformers tensors our model does not have (OPT's biases and LayerNorm affines) must
+hold exactly the constants our model implies (0 and 1); otherwise the import refuses, naming the
+tensor. OPT's position rows 0-1 (its offset) are dropped. Chameleon's `model.vqmodel.*` (the image
+tokenizer) is not imported.
+
+Vocabulary: Chameleon/Anole keep image codes inside their BPE vocabulary (`IMGIMG...Z` tokens).
+`--vocab` (a vocab.json, tokenizer.json, config.json or {token: id} file; default: the config's
+`vocabulary_map`, else DIR/tokenizer.json or DIR/vocab.json) gives the mapping to our layout.
+By default the model keeps HF ids (the mapping file says which are which); `--remap_vocab`
+permutes the embedding and head rows so the model's ids ARE our layout (text and image codes
+contiguous, as vocab.py expects). The text itself stays HF BPE: our SentencePiece `vocab/` is not
+produced, so `generate` (which needs it) does not run on an imported workdir yet.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from cm3leon_jax import export as export_lib, hf_interop, model as model_lib, sharding
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "tokenizer.model", "generation_config.json")
+VOCAB_MAP_JSON = "hf_vocab_map.json"
+
+
+def _detect_prefix(ckpt: hf_interop.HFCheckpoint, fmt: str) -> str:
+    candidates = ("model.decoder.", "decoder.") if fmt == hf_interop.OPT else ("model.", "")
+    for prefix in candidates:
+        if prefix + "embed_tokens.weight" in ckpt:
+            return prefix
+    raise ValueError(f"{ckpt.directory}: no {' or '.join(p + 'embed_tokens.weight' for p in candidates)} "
+                     f"tensor; is this a {fmt} checkpoint?")
+
+
+def _vocab_source(hf_dir: str, hf_cfg: dict, vocab_file: str | None) -> str | dict | None:
+    if vocab_file:
+        return vocab_file
+    if isinstance(hf_cfg.get("vocabulary_map"), dict) and hf_cfg["vocabulary_map"]:
+        return hf_cfg["vocabulary_map"]
+    for name in ("tokenizer.json", "vocab.json"):
+        if os.path.exists(os.path.join(hf_dir, name)):
+            return os.path.join(hf_dir, name)
+    return None
+
+
+def check_tensors(ckpt: hf_interop.HFCheckpoint, specs, cfg: model_lib.TransformerConfig, hf_cfg: dict) -> list[str]:
+    """Every expected tensor exists with its shape; constant tensors hold their constant exactly.
+    Returns the checkpoint's tensors that are not used (logged by the caller)."""
+    optional = set()
+    if not hf_cfg.get("enable_bias", True):
+        optional.add("bias")
+    if not hf_cfg.get("layer_norm_elementwise_affine", True):
+        optional.add("layer_norm")
+    used, problems = set(), []
+    for spec in specs:
+        for layer in (range(cfg.num_layers) if spec.layered else [None]):
+            name = spec.name(layer)
+            if name not in ckpt:
+                if spec.ours is None and any(o in name for o in optional):
+                    continue
+                problems.append(f"missing tensor {name}")
+                continue
+            used.add(name)
+            if tuple(ckpt.shape(name)) != spec.hf_shape:
+                problems.append(f"tensor {name} in {ckpt.file_of(name)} has shape {tuple(ckpt.shape(name))}, "
+                                f"expected {spec.hf_shape} for the config")
+                continue
+            if spec.ours is None:
+                value = np.asarray(ckpt.get(name), np.float32)
+                want = 1.0 if spec.kind == "ones" else 0.0
+                if not np.all(value == want):
+                    problems.append(f"tensor {name} is not all {want:g} (max |x - {want:g}| = "
+                                    f"{float(np.abs(value - want).max()):.3g}); our model has no such parameter "
+                                    "(no biases; LayerNorm without weight/bias), so it cannot hold this checkpoint exactly")
+    if problems:
+        raise ValueError(f"{ckpt.directory}: " + "; ".join(problems[:20]) +
+                         (f"; ... {len(problems) - 20} more" if len(problems) > 20 else ""))
+    return [k for k in ckpt.keys() if k not in used]
+
+
+def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap_vocab: bool = False,
+              num_sentinels: int | None = None, seq_len: int | None = None, mesh_config=None) -> dict:
+    """Writes the workdir (module docstring); returns a summary dict."""
+    if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(os.path.join(workdir, "checkpoints")):
+        raise FileExistsError(f"{workdir} already holds a workdir (config.json or checkpoints/); import into a new directory")
+    with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
+        hf_cfg = json.load(f)
+    config = hf_interop.training_config_from_hf(hf_cfg, seq_len)
+    fmt, _ = hf_interop.model_fields_from_hf(hf_cfg)
+    cfg = model_lib.TransformerConfig.from_config(config.model)
+    ckpt = hf_interop.HFCheckpoint(hf_dir)
+    specs = hf_interop.tensor_specs(cfg, fmt, prefix=_detect_prefix(ckpt, fmt))
+    unused = check_tensors(ckpt, specs, cfg, hf_cfg)
+    ignored = [k for k in unused if ".vqmodel." in f".{k}"]
+    if len(unused) > len(ignored):
+        logging.warning("tensors not imported: %s", [k for k in unused if k not in ignored][:20])
+    if ignored:
+        logging.info("not imported: %d image-tokenizer tensors (vqmodel.*)", len(ignored))
+
+    mapping = None
+    source = _vocab_source(hf_dir, hf_cfg, vocab_file)
+    if source is not None:
+        hf_vocab = source if isinstance(source, dict) else hf_interop.read_hf_vocab(source)
+        mapping = hf_interop.vocab_mapping(hf_vocab, cfg.vocab_size, num_sentinels)
+    if remap_vocab and mapping is None:
+        raise ValueError(f"--remap_vocab needs a vocabulary: pass --vocab, or put tokenizer.json/vocab.json in {hf_dir}")
+    perm = np.asarray(mapping["ours_to_hf"]) if remap_vocab else None
+
+    if mesh_config is None:
+        mesh = export_lib.default_mesh(config)
+    else:
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(mesh_config)))
+    _, abstract = export_lib.abstract_params(config, mesh)
+    by_path = {spec.ours: spec for spec in specs if spec.ours is not None}
+    flat = {}
+    for key, a in traverse_util.flatten_dict(abstract).items():
+        layered = key[:2] == ("layers", "layer")
+        spec = by_path.get(key[2:] if layered else key)
+        if spec is None:
+            raise ValueError(f"no {fmt} tensor maps to our parameter {'/'.join(key)}")
+        flat[key] = export_lib.make_sharded(a, _reader(ckpt, spec, cfg, layered, perm))
+    params = traverse_util.unflatten_dict(flat)
+    export_lib.save_params_checkpoint(workdir, 0, params)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        if mapping is not None:
+            with open(os.path.join(workdir, VOCAB_MAP_JSON), "w", encoding="utf-8") as f:
+                json.dump(dict(mapping, weights_remapped=bool(remap_vocab)), f)
+        tok_dir = os.path.join(workdir, "hf_tokenizer")
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(hf_dir, name)):
+                os.makedirs(tok_dir, exist_ok=True)
+                shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tok_dir, name))
+    return {"format": fmt, "workdir": workdir, "num_params": int(sum(x.size for x in flat.values())),
+            "vocab_mapping": mapping["layout"] if mapping else None, "weights_remapped": bool(remap_vocab),
+            "not_imported": len(unused)}
+
+
+def _reader(ckpt, spec, cfg, layered: bool, perm):
+    """read(index) -> this shard of our parameter, from the memory-mapped HF tensor(s)."""
+
+    def one(layer, idx):
+        t = ckpt.get(spec.name(layer))
+        if perm is not None and spec.ours == ("token_embedding",):      # ours [V, d]: rows perm
+            rows = perm[idx[0]]
+            return np.asarray(t[np.sort(rows)][np.argsort(np.argsort(rows))][:, idx[1]])
+        if perm is not None and spec.ours == ("output_head", "kernel"):  # ours [d, V] = HF[V, d].T
+            cols = perm[idx[1]]
+            return np.asarray(t[np.sort(cols)][np.argsort(np.argsort(cols))][:, idx[0]].T)
+        return np.asarray(hf_interop.from_hf(spec.kind, t, cfg)[idx])
+
+    def read(index):
+        if not layered:
+            return one(None, index)
+        layers = range(cfg.num_layers)[index[0]]
+        return np.stack([one(layer, index[1:]) for layer in layers])
+
+    return read
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _define_flags():
+    from absl import flags
+    flags.DEFINE_string("hf_dir", None, "transformers folder (config.json + safetensors)", required=True)
+    flags.DEFINE_string("workdir", None, "new workdir to write", required=True)
+    flags.DEFINE_string("vocab", None, "vocab.json / tokenizer.json / {token: id} mapping of the HF vocabulary")
+    flags.DEFINE_bool("remap_vocab", False, "permute embedding/head rows into our id layout")
+    flags.DEFINE_integer("num_sentinels", None, "sentinels in our layout (default: as many as the HF vocab spells)")
+    flags.DEFINE_integer("seq_len", None, "data.seq_len of the written config (default min(max_positions, 4096))")
+    flags.DEFINE_integer("mesh_data", None, "mesh to stream into (default: fsdp over all devices)")
+    flags.DEFINE_integer("mesh_fsdp", None, "")
+    flags.DEFINE_integer("mesh_tensor", None, "")
+    return flags.FLAGS
+
+
+def main(argv):
+    del argv
+    FLAGS = _FLAGS
+    mesh = None
+    if any(v is not None for v in (FLAGS.mesh_data, FLAGS.mesh_fsdp, FLAGS.mesh_tensor)):
+        mesh = dict(data=FLAGS.mesh_data or 1, fsdp=FLAGS.mesh_fsdp or 1, tensor=FLAGS.mesh_tensor or 1)
+    try:
+        summary = import_hf(FLAGS.hf_dir, FLAGS.workdir, vocab_file=FLAGS.vocab, remap_vocab=FLAGS.remap_vocab,
+                            num_sentinels=FLAGS.num_sentinels, seq_len=FLAGS.seq_len, mesh_config=mesh)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        raise SystemExit(f"import failed: {e}") from None
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    from absl import app
+    _FLAGS = _define_flags()
+    app.run(main)

@@ -1,0 +1,500 @@
+"""Trains the VQ-GAN image tokenizer on the LM trainer's machinery, and loads it back.
+
+    python -m cm3leon_jax.train_vq --config experiments/vq_tiny.py --workdir /tmp/vq \
+        [--config.X=Y] [--coordinator_address=host:port --num_processes=N --process_id=i]
+
+Rerunning the same command resumes from the latest checkpoint in the workdir. Same mesh
+(`sharding`), checkpoints (`checkpointing`: items `state` and `data`, SIGTERM), logs (`metrics`)
+and multi-process start-up (`distributed`) as `cm3leon_jax.train`. Data parallel over
+mesh data x fsdp; with mesh.fsdp > 1 every parameter (and Adam moment) whose last dimension the
+fsdp size divides is split over `fsdp` through the logical axis `embed`.
+
+The public API for later stages: `load_tokenizer(workdir) -> (params, VQGANConfig)` and
+`VQTokenizer.from_workdir(workdir)` with `encode(uint8 images) -> int codes` and
+`decode(codes) -> uint8 images`. The VQ config is saved as `DIR/vq_config.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import linen as nn
+from PIL import Image
+
+from cm3leon_jax import checkpointing, distributed, metrics, sharding, trainer as lm_trainer, vq_losses, vqgan
+from cm3leon_jax import train as _lm_cli  # noqa: F401  (defines --config / --workdir, shared by both CLIs)
+from data_pipeline import images as image_data
+
+VQ_CONFIG_FILE = "vq_config.json"
+STDOUT_KEYS = ("loss", "recon_loss", "psnr", "val_psnr", "codebook_usage", "perplexity", "commitment_loss",
+               "disc_loss", "adaptive_weight")
+_NEVER = -(2**30)  # last_used of a code never seen
+
+
+@flax.struct.dataclass
+class VQTrainState:
+    step: jax.Array
+    params: Any  # the VQGAN (encoder, quantizer, decoder)
+    opt_state: Any
+    disc_params: Any  # PatchGAN (always present, so the GAN can be switched on in a resumed run)
+    disc_opt_state: Any
+    usage: jax.Array  # [K] EMA of each code's share of the tokens (dead-code detection)
+    last_used: jax.Array  # [K] int32, last step a code was used (codebook_usage over a window)
+    reseeded_total: jax.Array  # codes re-seeded so far
+
+
+def validate_config(config, mesh, process_count: int) -> None:
+    """Every check that would otherwise fail deep inside XLA, with the field to fix."""
+    batch, dp = int(config.data.global_batch_size), sharding.data_parallel_size(mesh)
+    if batch % dp:
+        raise ValueError(f"data.global_batch_size={batch} is not divisible by the data-parallel size "
+                         f"mesh.data*mesh.fsdp={dp}")
+    if batch % process_count:
+        raise ValueError(f"data.global_batch_size={batch} is not divisible by the {process_count} processes")
+    if mesh.shape["tensor"] != 1:
+        raise ValueError(f"the VQ tokenizer is trained data/fsdp parallel; set mesh.tensor=1 "
+                         f"(got {mesh.shape['tensor']})")
+    if int(config.total_steps) <= 0:
+        raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+    if config.optimizer.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
+    vqgan.VQGANConfig.from_config(config.vq)  # unknown keys, image size vs downsampling
+    vq_losses.VQLossConfig.from_config(config.loss)
+
+
+def _schedule(lr: float, ocfg, total_steps: int):
+    warmup = int(ocfg.warmup_steps)
+    if ocfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
+                                                  end_value=lr * float(ocfg.end_lr_ratio))
+    if warmup <= 0:
+        return optax.constant_schedule(lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+
+
+def _adamw(schedule, ocfg, weight_decay: float):
+    parts = [optax.clip_by_global_norm(float(ocfg.grad_clip))] if float(ocfg.grad_clip) > 0 else []
+    parts.append(optax.adamw(schedule, b1=float(ocfg.b1), b2=float(ocfg.b2), eps=float(ocfg.eps),
+                             weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+def _box(tree, fsdp: int):
+    """Logical axis names for a conv/dense tree: the last dim is `embed` (-> mesh fsdp) when fsdp
+    divides it, otherwise the leaf is replicated."""
+    def box(x):
+        names = [None] * x.ndim
+        if fsdp > 1 and x.ndim >= 2 and x.shape[-1] % fsdp == 0:
+            names[-1] = "embed"
+        return nn.LogicallyPartitioned(x, tuple(names))
+    return jax.tree_util.tree_map(box, tree)
+
+
+def _reset_code_rows(opt_state, dead):
+    """Zeroes the Adam moments of re-seeded codes, so they start without the old code's momentum."""
+    def reset(path, x):
+        keys = [getattr(p, "key", None) for p in path]
+        if "codebook" in keys and getattr(x, "ndim", 0) == 2 and x.shape[0] == dead.shape[0]:
+            return jnp.where(dead[:, None], jnp.zeros_like(x), x)
+        return x
+    return jax.tree_util.tree_map_with_path(reset, opt_state)
+
+
+class VQTrainer:
+    """Everything derived from a config and a mesh: the models, optimizers, sharded state and step."""
+
+    def __init__(self, config, mesh):
+        self.config, self.mesh = config, mesh
+        self.vq_config = vqgan.VQGANConfig.from_config(config.vq)
+        self.loss_config = vq_losses.VQLossConfig.from_config(config.loss)
+        self.use_disc = self.loss_config.disc_weight > 0
+        self.perceptual_weights = None
+        if self.loss_config.perceptual_weights_path and self.loss_config.perceptual_weight > 0:
+            self.perceptual_weights = vq_losses.load_perceptual_weights(self.loss_config.perceptual_weights_path)
+        ocfg, total = config.optimizer, int(config.total_steps)
+        self.schedule = _schedule(float(ocfg.lr), ocfg, total)
+        self.disc_schedule = _schedule(float(ocfg.disc_lr), ocfg, total)
+        self.tx = _adamw(self.schedule, ocfg, float(ocfg.weight_decay))
+        self.disc_tx = _adamw(self.disc_schedule, ocfg, float(ocfg.disc_weight_decay))
+        self.images_per_step = int(config.data.global_batch_size)
+
+        with sharding.activate(mesh):
+            boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+            self.state_shardings = sharding.tree_shardings(mesh, boxed)
+        self.abstract_state = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), self.state_shardings)
+        self.batch_sharding = sharding.batch_sharding(mesh)  # [batch, H, W, C]: rows over data x fsdp
+        self.replicated = sharding.replicated(mesh)
+        self._init = jax.jit(lambda rng: nn.meta.unbox(self._init_boxed(rng)), out_shardings=self.state_shardings)
+        self._step = jax.jit(self._train_step,
+                             in_shardings=(self.state_shardings, {"image": self.batch_sharding}, self.replicated),
+                             out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+        self._reconstruct = jax.jit(self._reconstruct_fn, in_shardings=(self.state_shardings.params, self.replicated),
+                                    out_shardings=self.replicated)
+
+    # ------------------------------------------------------------------ state
+    def _init_boxed(self, rng) -> VQTrainState:
+        g_rng, d_rng = jax.random.split(rng)
+        size, k = self.vq_config.image_size, self.vq_config.codebook_size
+        fsdp = self.mesh.shape["fsdp"]
+        params = _box(vqgan.init_params(g_rng, self.vq_config), fsdp)
+        disc = _box(vq_losses.init_discriminator(d_rng, self.loss_config, (size, size, self.vq_config.in_channels)),
+                    fsdp)
+        return VQTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                            disc_params=disc, disc_opt_state=self.disc_tx.init(disc),
+                            usage=jnp.zeros((k,), jnp.float32), last_used=jnp.full((k,), _NEVER, jnp.int32),
+                            reseeded_total=jnp.zeros((), jnp.int32))
+
+    def init_state(self, seed: int) -> VQTrainState:
+        """Created already sharded: each device computes only its own shard."""
+        with sharding.activate(self.mesh):
+            return self._init(jax.random.key(seed))
+
+    # ------------------------------------------------------------------ step
+    def _reseed(self, params, opt_state, usage, encodings, step):
+        """Dead codes (EMA share < dead_threshold / K) move onto this batch's encoder outputs, drawn
+        with probability proportional to their squared quantization error (k-means++ seeding): new
+        codes go where the codebook is missing codes, never onto outputs already coded exactly
+        (e.g. the many identical background patches), so both usage and PSNR gain."""
+        ccfg, k = self.config.codebook, self.vq_config.codebook_size
+        threshold = float(ccfg.dead_threshold) / k
+        flat = encodings.reshape(-1, encodings.shape[-1])
+        codebook = params["quantizer"]["codebook"]
+        lookup = vqgan.l2_normalize(codebook) if self.vq_config.l2_normalize_codes else codebook
+        dist = (jnp.sum(flat * flat, -1, keepdims=True) - 2.0 * flat @ lookup.T
+                + jnp.sum(lookup * lookup, -1)[None, :])
+        error = jnp.maximum(jnp.min(dist, axis=-1), 0.0) + 1e-12
+        rng = jax.random.fold_in(jax.random.key(int(self.config.seed)), step)
+        pick_rng, rng = jax.random.split(rng)
+        picked = jax.random.choice(pick_rng, flat.shape[0], (k,), replace=True, p=error / jnp.sum(error))
+        # The EMA starts at zero: bias-correct it (as Adam) so early re-seeds see true shares.
+        corrected = usage / (1.0 - float(ccfg.usage_decay) ** (step + 1).astype(jnp.float32))
+        params, dead = vqgan.reseed_params(params, corrected, flat[picked], rng, threshold=threshold,
+                                           noise_std=float(ccfg.reseed_noise))
+        # A re-seeded code gets one re-seed interval to be picked before it counts as dead again.
+        grace = threshold / float(ccfg.usage_decay) ** int(ccfg.reseed_every_steps) * 1.01
+        usage = jnp.where(dead, grace, usage)
+        return params, _reset_code_rows(opt_state, dead), usage, jnp.sum(dead).astype(jnp.int32)
+
+    def _train_step(self, state: VQTrainState, batch, perceptual_weights):
+        step, images = state.step, batch["image"]
+        mcfg, lcfg, ccfg = self.vq_config, self.loss_config, self.config.codebook
+        (_, aux), grads = jax.value_and_grad(vq_losses.vq_loss_fn, has_aux=True)(
+            state.params, state.disc_params if self.use_disc else None, images, None, step, mcfg, lcfg,
+            perceptual_weights)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        m = dict(aux["metrics"])
+        m["batch_codebook_usage"] = m.pop("codebook_usage")
+        m["recon_loss"] = (lcfg.l1_weight * m["recon_l1"] + lcfg.l2_weight * m["recon_l2"]
+                           + lcfg.perceptual_weight * m["perceptual"])
+        m.update(grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(step))
+
+        disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+        if self.use_disc:
+            def disc_update(operand):
+                d_params, d_opt = operand
+                (_, dm), d_grads = jax.value_and_grad(vq_losses.disc_loss_fn, has_aux=True)(
+                    d_params, images, aux["recon"], step, lcfg, mcfg.compute_dtype)
+                d_updates, d_opt = self.disc_tx.update(d_grads, d_opt, d_params)
+                dm = dict(dm, disc_grad_norm=optax.tree.norm(d_grads))
+                return (optax.apply_updates(d_params, d_updates), d_opt), dm
+
+            def disc_idle(operand):
+                zero = jnp.zeros((), jnp.float32)
+                return operand, {"disc_loss": zero, "logits_real": zero, "logits_fake": zero,
+                                 "disc_factor": zero, "disc_grad_norm": zero}
+
+            (disc_params, disc_opt_state), dm = jax.lax.cond(
+                step >= lcfg.disc_start, disc_update, disc_idle, (disc_params, disc_opt_state))
+            m.update(dm)
+
+        counts = aux["counts"]
+        usage = vqgan.update_usage(state.usage, counts / jnp.maximum(jnp.sum(counts), 1.0), float(ccfg.usage_decay))
+        last_used = jnp.where(counts > 0, step, state.last_used)
+        reseeded = jnp.zeros((), jnp.int32)
+        every = int(ccfg.reseed_every_steps)
+        if every > 0:
+            params, opt_state, usage, reseeded = jax.lax.cond(
+                (step + 1) % every == 0,
+                lambda p, o, u: self._reseed(p, o, u, aux["encodings"], step),
+                lambda p, o, u: (p, o, u, jnp.zeros((), jnp.int32)),
+                params, opt_state, usage)
+        m.update(codebook_usage=jnp.mean((last_used > step - int(ccfg.usage_window_steps)).astype(jnp.float32)),
+                 perplexity_window=vqgan.perplexity_from_counts(usage),
+                 reseeded_total=state.reseeded_total + reseeded)
+        new_state = VQTrainState(step=step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
+                                 disc_opt_state=disc_opt_state, usage=usage, last_used=last_used,
+                                 reseeded_total=state.reseeded_total + reseeded)
+        return new_state, m
+
+    def train_step(self, state: VQTrainState, batch) -> tuple[VQTrainState, dict]:
+        with sharding.activate(self.mesh):
+            return self._step(state, batch, self.perceptual_weights)
+
+    def _reconstruct_fn(self, params, images):
+        recon, q = vqgan.VQGAN(self.vq_config).apply({"params": params}, images)
+        recon = jnp.clip(recon, -1.0, 1.0)
+        return vqgan.to_uint8(recon), vq_losses.psnr(recon, vqgan.normalize_images(images))
+
+    def reconstruct(self, params, images_uint8: np.ndarray) -> tuple[np.ndarray, float]:
+        """uint8 images (the same on every process) -> (uint8 reconstructions, mean PSNR)."""
+        images = jax.make_array_from_process_local_data(self.replicated, np.asarray(images_uint8), images_uint8.shape)
+        with sharding.activate(self.mesh):
+            recon, psnr = self._reconstruct(params, images)
+        return np.asarray(recon.addressable_data(0)), float(np.asarray(psnr.addressable_data(0)))
+
+
+# ---------------------------------------------------------------------- files beside the checkpoints
+
+
+def sample_grid(originals: np.ndarray, reconstructions: np.ndarray, per_row: int = 8, pad: int = 2) -> np.ndarray:
+    """Rows of originals, each with its reconstructions right below, on a white background."""
+    n, h, w, c = originals.shape
+    per_row = max(1, min(per_row, n))
+    rows = -(-n // per_row)
+    grid = np.full((rows * 2 * (h + pad) + pad, per_row * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, per_row)
+        x = pad + col * (w + pad)
+        for j, image in enumerate((originals[i], reconstructions[i])):
+            y = pad + (2 * r + j) * (h + pad)
+            grid[y:y + h, x:x + w] = image
+    return grid
+
+
+def write_sample_grid(workdir: str, step: int, originals: np.ndarray, reconstructions: np.ndarray) -> str:
+    directory = os.path.join(workdir, "samples")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"step_{step:06d}.png")
+    Image.fromarray(sample_grid(originals, reconstructions)).save(path)
+    return path
+
+
+def save_vq_config(workdir: str, vq_config: vqgan.VQGANConfig) -> None:
+    with open(os.path.join(workdir, VQ_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(vq_config), f, indent=2)
+
+
+def load_vq_config(workdir: str) -> vqgan.VQGANConfig:
+    path = os.path.join(workdir, VQ_CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} a train_vq workdir?")
+    with open(path, encoding="utf-8") as f:
+        return vqgan.VQGANConfig.from_config(json.load(f))
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+def _time_is_up(start: float, budget_seconds: float) -> bool:
+    if budget_seconds <= 0:
+        return False
+    up = time.perf_counter() - start >= budget_seconds
+    if jax.process_count() > 1:  # every process stops at the same step: process 0's clock decides
+        from jax.experimental import multihost_utils
+        up = bool(multihost_utils.broadcast_one_to_all(np.asarray(up)))
+    return up
+
+
+def train(config, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) to config.total_steps (or config.max_train_seconds); returns the last
+    logged metrics."""
+    start = time.perf_counter()
+    mesh = sharding.make_mesh(config.mesh)
+    validate_config(config, mesh, jax.process_count())
+    t = VQTrainer(config, mesh)
+    logging.info("mesh %s; %s VQGAN parameters, %d tokens per image", dict(mesh.shape),
+                 f"{sum(x.size for x in jax.tree_util.tree_leaves(t.abstract_state.params)):,}",
+                 t.vq_config.tokens_per_image)
+    data_iter = image_data.make_train_iterator(config, jax.process_index(), jax.process_count())
+    ckpt = checkpointing.CheckpointManager(workdir, save_every_steps=int(config.checkpoint_every_steps),
+                                           keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
+    latest = ckpt.latest_step()
+    if latest is not None:
+        logging.info("resuming from step %d in %s", latest, ckpt.directory)
+        state = ckpt.restore(latest, t.abstract_state, data_iter)
+        lm_trainer._truncate_metrics(workdir, latest)
+    else:
+        state = t.init_state(int(config.seed))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        save_vq_config(workdir, t.vq_config)
+
+    logger = metrics.MetricsLogger(workdir, stdout_keys=STDOUT_KEYS, rate=("images_per_second", "images/s"))
+    val_images = image_data.validation_images(config, int(config.num_sample_images))
+    preemption = checkpointing.PreemptionWatcher()
+    total_steps, log_every = int(config.total_steps), int(config.log_every_steps)
+    sample_every, budget = int(config.sample_every_steps), float(config.max_train_seconds)
+
+    def write_samples(step_):
+        recon, psnr = t.reconstruct(state.params, val_images)
+        if jax.process_index() == 0:
+            write_sample_grid(workdir, step_, val_images, recon)
+        logger.write(step_, {"val_psnr": psnr}, total_steps)
+
+    step = first_step = int(jax.device_get(state.step))
+    last, sampled_at = {}, None
+    timer_start, timer_step = None, step
+    while step < total_steps:
+        batch = sharding.global_batch_from_local(next(data_iter), mesh)
+        state, step_metrics = t.train_step(state, batch)
+        step += 1
+        if step % log_every == 0 or step == total_steps:
+            last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            if timer_start is not None:  # speed from the second step on: the first one compiles
+                step_time = (time.perf_counter() - timer_start) / (step - timer_step)
+                eta = (total_steps - step) * step_time
+                if budget > 0:
+                    eta = min(eta, max(budget - (time.perf_counter() - start), 0.0))
+                last.update(step_time=step_time, images_per_second=t.images_per_step / step_time, eta_seconds=eta)
+            logger.write(step, last, total_steps)
+        if timer_start is None or step % log_every == 0:
+            jax.block_until_ready(step_metrics)
+            timer_start, timer_step = time.perf_counter(), step
+        if sample_every > 0 and step % sample_every == 0:
+            write_samples(step)
+            sampled_at = step
+            timer_start, timer_step = time.perf_counter(), step
+        ckpt.save(step, state, data_iter)
+        if preemption.should_stop(step):
+            ckpt.save(step, state, data_iter, force=True)
+            logging.warning("stopped for preemption at step %d after saving", step)
+            break
+        if _time_is_up(start, budget):
+            logging.info("max_train_seconds=%g reached at step %d", budget, step)
+            break
+    if step > first_step and sampled_at != step:
+        write_samples(step)
+    ckpt.save(step, state, data_iter, force=True)
+    ckpt.close()
+    logger.close()
+    if data_iter.skipped:
+        logging.warning("images skipped: %s", dict(data_iter.skipped))
+    return last
+
+
+# ---------------------------------------------------------------------- public API: the tokenizer
+
+
+def load_tokenizer(workdir: str, step: int | None = None) -> tuple[Any, vqgan.VQGANConfig]:
+    """(params, VQGANConfig) of a train_vq workdir's latest (or given) checkpoint: parameters only,
+    restored by orbax onto the first local device; the optimizers and discriminator are not read."""
+    config = load_vq_config(workdir)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.eval_shape(functools.partial(vqgan.init_params, config=config), jax.random.key(0))
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+    manager = checkpointing.CheckpointManager(workdir, save_every_steps=1, keep=1 << 30, async_save=False)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+        params = manager.restore_params(step, abstract)
+    finally:
+        manager.close()
+    return params, config
+
+
+class VQTokenizer:
+    """Images <-> discrete codes with a trained VQ-GAN (host numpy in, host numpy out).
+
+    Batches are cut into chunks of `batch_size` (the last one padded), so any number of images
+    runs through one compiled program.
+    """
+
+    def __init__(self, params, config, batch_size: int = 64):
+        self.params, self.config = params, vqgan.VQGANConfig.from_config(config)
+        self.batch_size = int(batch_size)
+
+    @classmethod
+    def from_workdir(cls, workdir: str, step: int | None = None, batch_size: int = 64) -> "VQTokenizer":
+        params, config = load_tokenizer(workdir, step)
+        return cls(params, config, batch_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def latent_size(self) -> int:
+        return self.config.latent_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.config.tokens_per_image
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def _chunks(self, array: np.ndarray, fn) -> np.ndarray:
+        outs = []
+        for i in range(0, len(array), self.batch_size):
+            chunk = array[i:i + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
+            outs.append(np.asarray(fn(chunk))[:n])
+        return np.concatenate(outs)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images [B, S, S, 3] (or one [S, S, 3]) -> int32 codes [B, S/f, S/f] (or [S/f, S/f])."""
+        images = np.asarray(images)
+        single = images.ndim == 3
+        if single:
+            images = images[None]
+        s, c = self.config.image_size, self.config.in_channels
+        if images.dtype != np.uint8:
+            raise TypeError(f"encode takes uint8 images, got {images.dtype}")
+        if images.ndim != 4 or images.shape[1:] != (s, s, c):
+            raise ValueError(f"expected images [B, {s}, {s}, {c}], got {images.shape}; resize them with "
+                             "data_pipeline.images.center_crop_resize")
+        if len(images) == 0:
+            return np.zeros((0, self.latent_size, self.latent_size), np.int32)
+        codes = self._chunks(images, lambda x: vqgan.encode(self.params, x, self.config)).astype(np.int32)
+        return codes[0] if single else codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """int codes [B, h, w] (or one [h, w]) in [0, codebook_size) -> uint8 images [B, S, S, 3]."""
+        codes = np.asarray(codes)
+        single = codes.ndim == 2
+        if single:
+            codes = codes[None]
+        h = self.latent_size
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise TypeError(f"codes must be integers, got {codes.dtype}")
+        if codes.ndim != 3 or codes.shape[1:] != (h, h):
+            raise ValueError(f"expected codes [B, {h}, {h}], got {codes.shape}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
+        if len(codes) == 0:
+            s = self.image_size
+            return np.zeros((0, s, s, self.config.in_channels), np.uint8)
+        images = self._chunks(codes.astype(np.int32),
+                              lambda x: vqgan.to_uint8(vqgan.decode(self.params, x, self.config)))
+        return images[0] if single else images
+
+
+def main(argv):
+    del argv
+    metrics.quiet_library_logs()
+    distributed.initialize_from_flags()
+    if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
+        raise app.UsageError("--config and --workdir are required")
+    os.makedirs(flags.FLAGS.workdir, exist_ok=True)
+    train(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,230 @@
+"""Images for the VQ tokenizer: the built-in shapes world or a folder of PNG/JPEG files.
+
+`ImageBatchIterator` yields this process's rows of each global batch (uint8 [rows, S, S, 3]) from
+a Grain `MapDataset`: seeded shuffle (reshuffled every epoch), per-process slice, batch. The
+global batch at step s is elements [s*G, (s+1)*G) of one shuffled stream and process p reads only
+rows [p*G/P, (p+1)*G/P) of it, so the batches are the same for any process count. Like
+`packing.PackedBatchIterator` it has `get_state() -> bytes` / `set_state(bytes)` /
+`start_prefetch()`, so orbax saves its position beside the model.
+
+A folder of images is scanned once (sorted paths, recursive); files that cannot be opened are
+skipped and counted with a warning, never a crash, and so are files that open but fail to decode
+later (the next readable image of the folder stands in for them, deterministically).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from data_pipeline import shapes_world
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def center_crop_resize(image: Any, size: int) -> np.ndarray:
+    """Any PIL image or uint8/float array -> uint8 RGB [size, size, 3]: the short side is resized to
+    `size` (bicubic on PIL's anti-aliased path), then the centre is cropped."""
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            scale = 255.0 if array.max() <= 1.0 else 1.0
+            array = np.clip(np.round(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+        image = Image.fromarray(array)
+    if image.mode != "RGB":
+        # Transparent pixels composite onto white rather than whatever colour they hide.
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        image = image.convert("RGB")
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8).copy()
+
+
+def list_image_files(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"image directory {directory!r} does not exist")
+    paths = []
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        paths.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS))
+    return paths
+
+
+class ImageFolder:
+    """Random-access source of a folder's images, resized/center-cropped to `image_size`.
+
+    Construction opens every file's header (cheap) and drops those PIL cannot identify;
+    `skipped` counts them by reason. A file that opens but fails to decode on read is skipped
+    then, and the next readable file takes its place.
+    """
+
+    def __init__(self, directory: str, image_size: int, paths: Sequence[str] | None = None):
+        self.directory = directory
+        self.image_size = int(image_size)
+        self.skipped: collections.Counter = collections.Counter()
+        self._bad: set[str] = set()
+        self._lock = threading.Lock()
+        candidates = list_image_files(directory) if paths is None else list(paths)
+        self.paths = []
+        for path in candidates:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+                self.paths.append(path)
+            except Exception as e:  # noqa: BLE001 -- any unreadable file is skipped, whatever PIL raises
+                self._skip(path, e)
+        if not self.paths:
+            raise ValueError(f"no readable PNG/JPEG images in {directory!r} "
+                             f"({sum(self.skipped.values())} unreadable files skipped)")
+
+    def _skip(self, path: str, error: Exception) -> None:
+        with self._lock:
+            if path in self._bad:
+                return
+            self._bad.add(path)
+            self.skipped["unreadable_image"] += 1
+        logging.warning("skipping unreadable image %s: %s: %s", path, type(error).__name__, error)
+
+    def load(self, path: str) -> np.ndarray:
+        with Image.open(path) as image:
+            image.load()
+            return center_crop_resize(image, self.image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = int(index) % len(self.paths)
+        for offset in range(len(self.paths)):
+            path = self.paths[(index + offset) % len(self.paths)]
+            if path in self._bad:
+                continue
+            try:
+                return self.load(path)
+            except Exception as e:  # noqa: BLE001
+                self._skip(path, e)
+        raise ValueError(f"none of the {len(self.paths)} images in {self.directory!r} can be decoded")
+
+
+class ShapesImages:
+    """The shapes world's images only (uint8 [S, S, 3]), as a random-access source."""
+
+    def __init__(self, split: str, image_size: int, seed: int = 0, size: int | None = None,
+                 min_objects: int = 1, max_objects: int = 3):
+        config = shapes_world.ShapesWorldConfig(image_size=int(image_size), seed=int(seed),
+                                                min_objects=int(min_objects), max_objects=int(max_objects))
+        self.world = shapes_world.ShapesWorld(config, split=split, size=size)
+        self.skipped: collections.Counter = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self.world)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.world[index]["image"]
+
+
+class ImageBatchIterator:
+    """This process's rows of every global batch, uint8 [global_batch / processes, S, S, 3]."""
+
+    def __init__(self, source, *, global_batch_size: int, seed: int, process_index: int = 0,
+                 process_count: int = 1, shuffle: bool = True, num_threads: int = 2, prefetch: int = 4):
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch {global_batch_size} is not divisible by the {process_count} processes")
+        if len(source) == 0:
+            raise ValueError("the image source is empty")
+        self.source = source
+        self.rows = global_batch_size // process_count
+        self.process_index, self.process_count = process_index, process_count
+        ds = grain.MapDataset.source(source)
+        if shuffle:
+            ds = ds.shuffle(seed=int(seed) * 1_000_003 + 7)  # a new order every epoch
+        ds = ds.repeat(None).batch(self.rows, batch_fn=np.stack)[process_index::process_count]
+        options = grain.ReadOptions(num_threads=max(int(num_threads), 1), prefetch_buffer_size=max(int(prefetch), 1))
+        self._iterator = iter(ds.to_iter_dataset(options))
+
+    @property
+    def skipped(self) -> collections.Counter:
+        return getattr(self.source, "skipped", collections.Counter())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return {"image": np.asarray(next(self._iterator), np.uint8)}
+
+    def get_state(self) -> bytes:
+        return json.dumps({"process": [self.process_index, self.process_count],
+                           "state": self._iterator.get_state()}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        state = json.loads(state)
+        if state["process"] != [self.process_index, self.process_count]:
+            raise ValueError(f"data state is for process {state['process']}, this is "
+                             f"{[self.process_index, self.process_count]}; resume with the same process count")
+        self._iterator.set_state(state["state"])
+
+    def start_prefetch(self) -> None:
+        """Part of grain's checkpoint interface; grain's reader threads start on demand."""
+
+
+def _data_config(config):
+    data, vq = config.data, config.vq
+    return data, int(vq.image_size)
+
+
+def make_train_source(config):
+    data, size = _data_config(config)
+    if data.image_dir:
+        folder = ImageFolder(data.image_dir, size)
+        if not data.val_image_dir and len(folder.paths) > 4 * int(config.num_sample_images):
+            # the last files of the sorted folder are held out for the fixed sample grid
+            folder.paths = folder.paths[:-int(config.num_sample_images)]
+        return folder
+    return ShapesImages("train", size, seed=int(data.shapes_seed), min_objects=int(data.min_objects),
+                        max_objects=int(data.max_objects))
+
+
+def make_train_iterator(config, process_index: int, process_count: int) -> ImageBatchIterator:
+    """The VQ trainer's entry point into the data (`data.image_dir` or the shapes world)."""
+    return ImageBatchIterator(make_train_source(config), global_batch_size=int(config.data.global_batch_size),
+                              seed=int(config.seed), process_index=process_index, process_count=process_count,
+                              num_threads=int(config.data.num_threads))
+
+
+def validation_images(config, count: int) -> np.ndarray:
+    """Fixed held-out images, uint8 [count, S, S, 3]: the shapes world's validation split, or
+    `data.val_image_dir`, or the last files of `data.image_dir` (held out from training when the
+    folder has more than 4x as many)."""
+    data, size = _data_config(config)
+    if data.val_image_dir or data.image_dir:
+        if data.val_image_dir:
+            folder = ImageFolder(data.val_image_dir, size)
+            paths = folder.paths[:count]
+        else:
+            folder = ImageFolder(data.image_dir, size)
+            paths = folder.paths[-count:]
+        images = []
+        for path in paths:
+            try:
+                images.append(folder.load(path))
+            except Exception as e:  # noqa: BLE001
+                folder._skip(path, e)
+        if not images:
+            raise ValueError("no readable validation images")
+        return np.stack(images)
+    source = ShapesImages("validation", size, seed=int(data.shapes_seed), min_objects=int(data.min_objects),
+                          max_objects=int(data.max_objects))
+    return np.stack([source[i] for i in range(count)])

@@ -1,0 +1,83 @@
+"""Retrieval stage: embed the prepared documents, index them with ScaNN, store each one's neighbours.
+
+    python -m data_pipeline.index --data DIR [--embeddings my_embeddings.npy] [--steps 2000]
+        [--num_shards 1]
+
+Trains the CLIP-style retriever on the data's train split (or takes embeddings computed elsewhere,
+a `.npy` [N, D] aligned with the documents), then writes DIR/scann_index and the neighbour sidecar
+(DIR/neighbours_ids.npy, one row per train document) that the training pipeline joins.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import logging
+
+from cm3leon_jax import retriever
+from cm3leon_jax import vocab as vocab_lib
+from data_pipeline import neighbours, prepare
+
+
+def _columns(documents) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    texts, images = [], []
+    for i in range(len(documents)):
+        doc = documents[i]
+        texts.append(np.asarray(doc["text_ids"], np.int32))
+        images.append(np.asarray(doc["image_codes"], np.int32))
+    return texts, images
+
+
+def retriever_config_for(data_dir: str, **overrides):
+    vocab = vocab_lib.Vocabulary.load(os.path.join(data_dir, prepare.VOCAB_DIR))
+    return retriever.retriever_config(text_vocab_size=vocab.size, num_image_codes=vocab.num_image_codes,
+                                      image_grid=tuple(vocab.image_grid), **overrides)
+
+
+def build(data_dir: str, *, embeddings_path: str | None = None, num_shards: int = 1, seed: int = 0,
+          **retriever_overrides) -> dict:
+    """Trains (or loads) the retriever, indexes the train split and writes its neighbours."""
+    documents = prepare.load_documents(data_dir, "train")
+    texts, images = _columns(documents)
+    has_text = np.array([len(t) > 0 for t in texts])
+    has_image = np.array([len(c) > 0 for c in images])
+    if embeddings_path:
+        doc_emb = retriever.load_embeddings(embeddings_path, len(documents))
+        text_q = image_q = doc_emb  # user embeddings: one vector per document serves both queries
+    else:
+        if os.path.exists(os.path.join(data_dir, retriever.RETRIEVER_SUBDIR, retriever.CONFIG_JSON)):
+            params, config = retriever.load_retriever(data_dir)
+            logging.info("using the retriever already trained in %s", data_dir)
+        else:
+            config = retriever_config_for(data_dir, seed=seed, **retriever_overrides)
+            params = retriever.train_retriever(config, {"text_ids": texts, "image_codes": images}, data_dir)["params"]
+        doc_emb = retriever.embed_documents(params, config, texts, images)
+        text_q, image_q, _, _ = retriever.embed_queries(params, config, texts, images, seed=seed)
+    stats = neighbours.build_neighbours(data_dir, doc_emb, text_q, image_q, has_text, has_image,
+                                        num_shards=num_shards)
+    logging.info("neighbours: %s", stats)
+    return stats
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    from cm3leon_jax import metrics
+    metrics.quiet_library_logs()
+    f = flags.FLAGS
+    if os.path.exists(os.path.join(f.data, neighbours.NEIGHBOURS_JSON)) and not f.overwrite:
+        logging.info("%s already has neighbours; pass --overwrite to rebuild", f.data)
+        return
+    overrides = {"steps": f.steps} if f.steps else {}
+    build(f.data, embeddings_path=f.embeddings, num_shards=f.num_shards, seed=f.seed, **overrides)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    flags.DEFINE_string("data", None, "a directory made by `python -m data_pipeline.prepare`", required=True)
+    flags.DEFINE_string("embeddings", None, "optional .npy [N, D] document embeddings computed elsewhere")
+    flags.DEFINE_integer("steps", None, "retriever training steps (default: the retriever config's)")
+    flags.DEFINE_integer("num_shards", 1, "index shards (one per host's memory, see WORKSPACE.md)")
+    flags.DEFINE_integer("seed", 0, "seed for retriever training and query dropout")
+    flags.DEFINE_bool("overwrite", False, "rebuild even if neighbours exist")
+    app.run(main)

@@ -1,0 +1,140 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_pipeline
+from cm3leon_jax import vocab as vocab_lib
+from data_pipeline import cm3_pipeline, neighbours, prepare
+from tests import pipeline_fixture
+
+
+def test_prepared_documents_are_tokenized_caption_image_pairs(tiny_pipeline):
+    data = tiny_pipeline["data"]
+    with open(os.path.join(data, prepare.REPORT_FILE)) as f:
+        report = json.load(f)
+    assert report["splits"]["train"]["kept"] == 96 and report["splits"]["validation"]["kept"] == 16
+    vocab = vocab_lib.Vocabulary.load(os.path.join(data, prepare.VOCAB_DIR))
+    docs = prepare.load_documents(data, "train")
+    assert len(docs) == 96
+    for i in (0, 5, 95):
+        doc = docs[i]
+        assert int(doc["id"]) == i  # record i is document i: what the neighbour sidecar indexes
+        caption, codes = vocab.decode_document(doc["tokens"])
+        assert caption == doc["caption"].decode() and "shape" not in json.loads(doc["meta"]).get("error", "")
+        np.testing.assert_array_equal(codes.reshape(-1), doc["image_codes"])
+        np.testing.assert_array_equal(vocab.encode_text(caption), doc["text_ids"])
+        assert json.loads(doc["meta"])["objects"]  # ground truth travels with the document
+
+
+def _write_png(path, size=16, color=(200, 30, 30)):
+    Image.new("RGB", (size, size), color).save(path)
+
+
+def test_ingesting_a_folder_skips_each_bad_file_with_its_reason(tiny_pipeline, tiny_spm_model, tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    good = []
+    for i in range(6):
+        _write_png(src / f"good{i}.png", size=20 + i, color=(40 * i, 100, 50))
+        (src / f"good{i}.txt").write_text(f"a red square number {i}\nsecond line ignored")
+        good.append(f"good{i}.png")
+    (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (src / "corrupt.txt").write_text("a corrupt file")
+    _write_png(src / "trunc.png", size=64, color=(1, 2, 3))
+    data = (src / "trunc.png").read_bytes()
+    (src / "trunc.png").write_bytes(data[: len(data) // 2])
+    (src / "trunc.txt").write_text("a truncated file")
+    _write_png(src / "empty.png")
+    (src / "empty.txt").write_text("   \n")
+    _write_png(src / "nocaption.png")
+    _write_png(src / "latin1.png")
+    (src / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    _write_png(src / "tiny.png", size=4)
+    (src / "tiny.txt").write_text("a tiny image")
+    _write_png(src / "special.png")
+    (src / "special.txt").write_text("a caption that spells <break> inside")
+    (src / "notes.md").write_text("not an image: ignored")
+
+    cfg = pipeline_fixture.data_config(tiny_spm_model, tiny_pipeline["vq"], source="folder", folder=str(src),
+                                       validation_fraction=0.0)
+    vocab, encode = prepare.load_vocab_and_encoder(cfg)
+    report = prepare.prepare(cfg, str(tmp_path / "out"), vocab, encode)["splits"]["train"]
+    assert report["kept"] == 6
+    assert report["skipped"] == {"unreadable_image": 2, "empty_caption": 2, "caption_not_utf8": 1,
+                                 "image_too_small": 1, "caption_has_special_tokens": 1}
+    reasons = {os.path.basename(key): reason for key, reason, _ in report["skipped_examples"]}
+    assert reasons == {"corrupt.png": "unreadable_image", "trunc.png": "unreadable_image", "empty.png": "empty_caption",
+                       "nocaption.png": "empty_caption", "latin1.png": "caption_not_utf8", "tiny.png": "image_too_small",
+                       "special.png": "caption_has_special_tokens"}
+    docs = prepare.load_documents(str(tmp_path / "out"), "train")
+    kept = sorted(json.loads(docs[i]["meta"])["source"] for i in range(len(docs)))
+    assert [os.path.basename(k) for k in kept] == good
+    assert docs[0]["caption"].decode() == "a red square number 0"
+
+
+def test_a_source_with_nothing_usable_fails_clearly(tiny_pipeline, tiny_spm_model, tmp_path):
+    src = tmp_path / "bad"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"garbage")
+    (src / "a.txt").write_text("a caption for an unreadable image")
+    cfg = pipeline_fixture.data_config(tiny_spm_model, tiny_pipeline["vq"], source="folder", folder=str(src),
+                                       validation_fraction=0.0)
+    vocab, encode = prepare.load_vocab_and_encoder(cfg)
+    with pytest.raises(RuntimeError, match="no usable record in the train split.*unreadable_image"):
+        prepare.prepare(cfg, str(tmp_path / "out"), vocab, encode)
+
+
+def test_training_rows_join_stored_neighbours_in_the_cm3leon_layout(tiny_pipeline):
+    config = pipeline_fixture.lm_config(tiny_pipeline["data"], tiny_pipeline["vocab_size"])
+    config.data.update(condition_dropout_rate=0.0, cm3_masking=False, num_neighbours=2, seq_len=512)
+    docs, transform, vocab = cm3_pipeline.training_source(config)
+    ids, _, _ = neighbours.load_neighbours(tiny_pipeline["data"])
+    rng = np.random.default_rng(0)
+    checked = 0
+    for i in range(len(docs)):
+        doc = docs[i]
+        out = transform(doc, rng)["tokens"]
+        query = np.asarray(doc["tokens"])
+        assert out[0] == vocab.eos_id and out[-1] == vocab.eos_id
+        np.testing.assert_array_equal(out[-1 - len(query):-1], query)  # the query comes last
+        body = out[1:-1 - len(query)]
+        valid = [int(j) for j in ids[i] if j >= 0]
+        # the neighbours in front are whole stored candidates of this document, never itself
+        pos, used = 0, []
+        while pos < len(body):
+            match = [j for j in valid if j not in used and np.array_equal(body[pos:pos + len(docs[j]["tokens"])], docs[j]["tokens"])]
+            assert match, f"document {i}: unexpected tokens at {pos}"
+            used.append(match[0])
+            pos += len(docs[match[0]]["tokens"])
+        assert i not in used and len(used) == min(2, len(valid))
+        checked += bool(used)
+    assert checked > 50
+
+
+def test_cm3_batches_are_deterministic_and_split_between_processes(tiny_pipeline):
+    config = pipeline_fixture.lm_config(tiny_pipeline["data"], tiny_pipeline["vocab_size"])
+    a = data_pipeline.make_train_iterator(config, 0, 1)
+    batches = [next(a) for _ in range(3)]
+    state = a.get_state()
+    following = next(a)
+    b = data_pipeline.make_train_iterator(config, 0, 1)
+    for x in batches:
+        np.testing.assert_array_equal(next(b)["inputs"], x["inputs"])
+    c = data_pipeline.make_train_iterator(config, 0, 1)
+    c.set_state(state)
+    np.testing.assert_array_equal(next(c)["inputs"], following["inputs"])
+    halves = [next(data_pipeline.make_train_iterator(config, p, 2)) for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h["inputs"] for h in halves]), batches[0]["inputs"])
+    # sentinels carry no loss: wherever a target is a sentinel its weight is 0
+    for x in batches:
+        sentinel = (x["targets"] >= vocab_lib.SENTINEL_OFFSET) & (x["targets"] < vocab_lib.SENTINEL_OFFSET + 16)
+        assert np.all(x["weights"][sentinel] == 0)
+
+
+def test_trainer_refuses_a_model_smaller_than_the_vocabulary(tiny_pipeline):
+    config = pipeline_fixture.lm_config(tiny_pipeline["data"], 64)
+    with pytest.raises(ValueError, match="model.vocab_size=64"):
+        data_pipeline.make_train_iterator(config, 0, 1)

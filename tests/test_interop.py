@@ -1,0 +1,307 @@
+"""Export (params bundles, transformers OPT/Chameleon) and import of HF checkpoints.
+
+Logit comparisons with transformers are float32 on unpadded rows, tolerance 1e-4 absolute
+(measured: under 1e-6 on logits of magnitude ~2). Round trips through the HF formats and the
+params bundle are bit-exact. Tests that need torch/transformers skip when they are missing (the
+CI installs them with the `interop` extra).
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from cm3leon_jax import checkpointing, export, hf_interop, import_hf, model as model_lib
+from tests.helpers import tiny_config
+
+needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None or
+                              importlib.util.find_spec("torch") is None,
+                              reason="needs the interop extra (torch, transformers)")
+ATOL = 1e-4
+CHAMELEON = {"model.positions": "rotary", "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.qk_norm": True,
+             "model.qk_norm_params": True, "z_loss_weight": 1e-5}
+TOKENS = np.random.RandomState(0).randint(0, 64, (2, 12))
+
+
+def _workdir(path, step=3, seed=1, **overrides):
+    """A workdir holding a tiny model with random (non-zero everywhere) params at `step`."""
+    config = tiny_config(**overrides)
+    cfg = model_lib.TransformerConfig.from_config(config.model)
+    model = model_lib.Transformer(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = []
+    for (p, x), k in zip(leaves, keys):
+        noise = 0.1 * jax.random.normal(k, x.shape)
+        new.append(1.0 + noise if jax.tree_util.keystr(p).endswith("['scale']") else noise)
+    params = jax.tree_util.tree_unflatten(treedef, new)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    export.save_params_checkpoint(str(path), step, params)
+    return cfg, model, jax.device_get(params)
+
+
+def _restore(workdir):
+    config = export.read_config(workdir)
+    cfg, abstract = export.abstract_params(config)
+    params, _ = checkpointing.restore_params(str(workdir), abstract)
+    return cfg, jax.device_get(params)
+
+
+def _logits(cfg, params, tokens=TOKENS):
+    return np.asarray(model_lib.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens)))
+
+
+def _assert_trees_equal(a, b):
+    fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [jax.tree_util.keystr(p) for p, _ in fa] == [jax.tree_util.keystr(p) for p, _ in fb]
+    for (p, x), (_, y) in zip(fa, fb):
+        assert np.asarray(x).dtype == np.asarray(y).dtype, jax.tree_util.keystr(p)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p))
+
+
+@needs_hf
+@pytest.mark.parametrize("fmt,overrides", [
+    ("hf-opt", {}),
+    ("hf-opt", {"model.mlp": "gelu", "model.tie_embeddings": True}),
+    ("hf-chameleon", CHAMELEON),
+    ("hf-chameleon", dict(CHAMELEON, **{"model.norm_placement": "swin", "model.qk_norm_params": False})),
+])
+def test_export_to_transformers_matches_and_round_trips(tmp_path, fmt, overrides):
+    cfg, _, params = _workdir(tmp_path / "wd", **overrides)
+    out = str(tmp_path / "hf")
+    export.export(str(tmp_path / "wd"), out, fmt)
+    hf_model = hf_interop.load_hf_model(out)
+    ours, theirs = _logits(cfg, params), hf_interop.hf_logits(hf_model, TOKENS)
+    assert theirs.shape == ours.shape
+    np.testing.assert_allclose(theirs, ours, atol=ATOL, rtol=0)
+    # ... and back: the same params bit for bit (Chameleon without qk_norm_params comes back with them at 1/0)
+    back = tmp_path / "back"
+    import_hf.import_hf(out, str(back))
+    cfg2, params2 = _restore(back)
+    expected_model = dict(export.read_config(tmp_path / "wd").model)
+    if fmt == "hf-chameleon":
+        expected_model["qk_norm_params"] = True  # imported Chameleons always carry the QK-norm weights
+    assert dict(export.read_config(back).model) == expected_model
+    if cfg.qk_norm_params or fmt == "hf-opt":
+        _assert_trees_equal(params, params2)
+    else:
+        np.testing.assert_allclose(_logits(cfg2, params2), ours, atol=1e-6, rtol=0)
+
+
+@needs_hf
+@pytest.mark.parametrize("fmt", ["hf-opt", "hf-chameleon"])
+def test_import_random_transformers_model(tmp_path, fmt):
+    if fmt == "hf-opt":
+        cfg = model_lib.TransformerConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_length=32)
+    else:
+        cfg = model_lib.TransformerConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_length=32,
+                                          positions="rotary", rotary_base=500.0, norm="rmsnorm", mlp="swiglu",
+                                          qk_norm=True, qk_norm_params=True)
+    hf_dir = str(tmp_path / "hf")
+    hf_interop.random_hf_model(fmt, hf_interop.hf_config(cfg, fmt), hf_dir, seed=3)
+    hf_model = hf_interop.load_hf_model(hf_dir)
+    theirs = hf_interop.hf_logits(hf_model, TOKENS)
+    # stream into a mesh that splits every axis (data 2, fsdp 2, tensor 2)
+    summary = import_hf.import_hf(hf_dir, str(tmp_path / "wd"), mesh_config=dict(data=2, fsdp=2, tensor=2))
+    assert summary["format"] == fmt
+    cfg2, params = _restore(tmp_path / "wd")
+    assert cfg2.positions == cfg.positions and cfg2.rotary_base == cfg.rotary_base
+    np.testing.assert_allclose(_logits(cfg2, params), theirs, atol=ATOL, rtol=0)
+    config = export.read_config(tmp_path / "wd")
+    if fmt == "hf-chameleon":
+        assert config.z_loss_weight == 1e-5 and config.model.qk_norm_params
+
+
+def test_params_bundle(tmp_path):
+    wd = tmp_path / "wd"
+    cfg, _, params = _workdir(wd, step=5, **CHAMELEON)
+    out = tmp_path / "bundle"
+    manifest = export.export(str(wd), str(out), "params")
+    assert manifest["step"] == 5 and "model.safetensors" in manifest["files"]
+    config, loaded = export.load_bundle(str(out))
+    assert dict(config.model) == dict(export.read_config(wd).model)
+    _assert_trees_equal(params, loaded)
+    _, restored = _restore(out)  # the bundle is also a workdir for restore_params
+    _assert_trees_equal(params, restored)
+    _, abstract = export.abstract_params(config)
+    _, sharded = export.load_bundle(str(out), abstract=abstract)
+    _assert_trees_equal(params, jax.device_get(sharded))
+    np.testing.assert_array_equal(_logits(cfg, loaded), _logits(cfg, params))
+
+
+def test_bundle_corruption_and_mismatch_are_clear(tmp_path):
+    wd, out = tmp_path / "wd", tmp_path / "bundle"
+    _workdir(wd)
+    export.export(str(wd), str(out), "params")
+    st = out / "model.safetensors"
+    original = st.read_bytes()
+    data = bytearray(original)
+    data[-3] ^= 0xFF
+    st.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors.*sha256"):
+        export.load_bundle(str(out))
+    st.write_bytes(original[:-8])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*bytes"):
+        export.load_bundle(str(out))
+    with pytest.raises(ValueError, match=r"model\.safetensors.*truncated"):
+        hf_interop.SafetensorsFile(str(st))
+    st.write_bytes(original)
+    # a config whose model differs from the tensors (manifest updated so only the shapes disagree)
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["d_ff"] = 96
+    (out / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((out / "bundle.json").read_text())
+    manifest["files"]["config.json"] = {"bytes": (out / "config.json").stat().st_size,
+                                        "sha256": export._sha256(str(out / "config.json"))}
+    (out / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"tensor layers/layer/mlp/up/kernel has shape \(2, 32, 64\).*\(2, 32, 96\)"):
+        export.load_bundle(str(out))
+
+
+def test_export_refuses_what_the_format_cannot_hold(tmp_path):
+    wd = tmp_path / "wd"
+    os.makedirs(wd)
+    (wd / "config.json").write_text(tiny_config(**{"model.positions": "rotary", "model.qk_norm": True})
+                                    .to_json_best_effort())
+    with pytest.raises(ValueError, match=r"hf-opt.*positions='rotary'.*qk_norm=True"):
+        export.export(str(wd), str(tmp_path / "out"), "hf-opt")
+    (wd / "config.json").write_text(tiny_config().to_json_best_effort())
+    with pytest.raises(ValueError, match=r"hf-chameleon.*positions='learned'.*norm='layernorm'.*mlp='relu'"):
+        export.export(str(wd), str(tmp_path / "out"), "hf-chameleon")
+    assert not os.path.exists(tmp_path / "out")  # refused before writing anything
+
+
+@needs_hf
+def test_import_refuses_what_our_model_cannot_hold(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    cfg = model_lib.TransformerConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_length=32)
+    hf_dir = tmp_path / "hf"
+    hf_interop.random_hf_model("hf-opt", hf_interop.hf_config(cfg, "hf-opt"), str(hf_dir))
+    st = str(hf_dir / "model.safetensors")
+    tensors = load_file(st)
+    tensors["model.decoder.layers.1.fc1.bias"] = tensors["model.decoder.layers.1.fc1.bias"] + 0.5
+    save_file(tensors, st, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.decoder\.layers\.1\.fc1\.bias is not all 0"):
+        import_hf.import_hf(str(hf_dir), str(tmp_path / "a"))
+    # a config that disagrees with the tensors' shapes
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    hf_cfg["ffn_dim"] = 96
+    (hf_dir / "config.json").write_text(json.dumps(hf_cfg))
+    with pytest.raises(ValueError, match=r"fc1\.weight in .*model\.safetensors has shape \(64, 32\), expected \(96, 32\)"):
+        import_hf.import_hf(str(hf_dir), str(tmp_path / "b"))
+    hf_cfg.update(ffn_dim=64, do_layer_norm_before=False)
+    (hf_dir / "config.json").write_text(json.dumps(hf_cfg))
+    with pytest.raises(ValueError, match="do_layer_norm_before=False"):
+        import_hf.import_hf(str(hf_dir), str(tmp_path / "c"))
+    (hf_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(ValueError, match=r"model\.safetensors: corrupted safetensors header"):
+        hf_interop.HFCheckpoint(str(hf_dir))
+
+
+def _synthetic_chameleon_vocab():
+    """A Chameleon-style vocabulary: specials, reserved slots, BPE text and image codes inside it."""
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<reserved00003>": 3, "<racm3:break>": 4, "<eoss>": 5,
+             "<reserved00006>": 6, "<sentinel:0>": 7, "<sentinel:1>": 8, "<image>": 9}
+    for i, piece in enumerate(["a", "b", "ab", "Ġthe", "Ġred", "Ġcircle"]):
+        vocab[piece] = 10 + i
+    for code in range(8):  # image codes at 16..23, listed in a scrambled order
+        vocab[hf_interop.image_token_name((code * 3) % 8)] = 16 + code
+    vocab["more"] = 24
+    return vocab  # ids 25..31 unnamed (padding rows)
+
+
+def test_vocab_mapping_on_a_chameleon_style_vocab(tmp_path):
+    assert hf_interop.image_token_name(4021) == "IMGIMGEACBZ" and hf_interop.image_token_code("IMGIMGEACBZ") == 4021
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps(_synthetic_chameleon_vocab()))
+    m = hf_interop.vocab_mapping(hf_interop.read_hf_vocab(str(path)), vocab_size=32)
+    lay = m["layout"]
+    assert lay == dict(num_specials=7, num_sentinels=2, text_offset=7, text_size=10, image_offset=17, num_image_codes=8,
+                       size=25, vocab_size=32)
+    o2h = m["ours_to_hf"]
+    assert o2h[:7] == [1, 2, 4, 5, 3, 7, 8]  # <pad> </s> <racm3:break> <eoss> <mask>=reserved, sentinels
+    assert m["special_sources"]["<mask>"] == "<reserved00003>"
+    assert o2h[7:17] == [0, 6, 9, 10, 11, 12, 13, 14, 15, 24]  # text: every other named id, in HF order
+    inv = {v: k for k, v in _synthetic_chameleon_vocab().items()}
+    assert [hf_interop.image_token_code(inv[h]) for h in o2h[17:25]] == list(range(8))
+    assert o2h[25:] == list(range(25, 32))
+    assert sorted(m["hf_to_ours"]) == list(range(32))
+    assert all(m["hf_to_ours"][h] == o for o, h in enumerate(o2h))
+    # tokenizer.json form (model vocab + added tokens) reads the same
+    tok = {"model": {"vocab": {k: v for k, v in _synthetic_chameleon_vocab().items() if v >= 10}},
+           "added_tokens": [{"id": v, "content": k} for k, v in _synthetic_chameleon_vocab().items() if v < 10]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+    assert hf_interop.read_hf_vocab(str(tmp_path / "tokenizer.json")) == _synthetic_chameleon_vocab()
+    with pytest.raises(ValueError, match="not contiguous"):
+        hf_interop.vocab_mapping({"IMGIMGBZ": 0, "<pad>": 1}, vocab_size=4)
+
+
+def test_our_vocabulary_map_maps_back_to_our_layout(tiny_spm_model):
+    from cm3leon_jax import text_tokenizer, vocab as vocab_lib
+    vocab = vocab_lib.Vocabulary(text_tokenizer.TextTokenizer(tiny_spm_model), num_image_codes=16,
+                                 image_tokens_per_image=4, num_sentinels=3)
+    size = vocab.padded_size(64)
+    vmap = hf_interop.our_vocabulary_map(vocab, size)
+    assert sorted(vmap.values()) == list(range(vocab.size))  # padding rows unnamed
+    m = hf_interop.vocab_mapping(vmap, size)
+    assert m["ours_to_hf"] == list(range(size))
+    assert {k: m["layout"][k] for k in ("text_offset", "image_offset", "num_image_codes", "num_sentinels")} == \
+        dict(text_offset=vocab.text_offset, image_offset=vocab.image_offset, num_image_codes=16, num_sentinels=3)
+
+
+@needs_hf
+def test_import_chameleon_with_vocab_remap(tmp_path):
+    cfg = model_lib.TransformerConfig(vocab_size=32, num_layers=1, d_model=32, num_heads=4, d_ff=64, max_length=32,
+                                      positions="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=True)
+    hf_vocab = _synthetic_chameleon_vocab()
+    hf_dir = str(tmp_path / "hf")
+    hf_interop.random_hf_model("hf-chameleon", hf_interop.hf_config(cfg, "hf-chameleon", vocabulary_map=hf_vocab),
+                               hf_dir, seed=5)
+    tokens = np.random.RandomState(1).randint(0, 32, (2, 10))
+    theirs = hf_interop.hf_logits(hf_interop.load_hf_model(hf_dir), tokens)
+    import_hf.import_hf(hf_dir, str(tmp_path / "keep"))  # mapping from the config's vocabulary_map, ids kept
+    mapping = json.loads((tmp_path / "keep" / "hf_vocab_map.json").read_text())
+    assert not mapping["weights_remapped"] and mapping["layout"]["image_offset"] == 17
+    cfg_k, params_k = _restore(tmp_path / "keep")
+    text = [i for i in range(32) if i not in set(range(16, 24))]  # transformers masks image-token logits
+    np.testing.assert_allclose(_logits(cfg_k, params_k, tokens)[..., text], theirs[..., text], atol=ATOL, rtol=0)
+    import_hf.import_hf(hf_dir, str(tmp_path / "remap"), remap_vocab=True)
+    cfg_r, params_r = _restore(tmp_path / "remap")
+    h2o, o2h = np.asarray(mapping["hf_to_ours"]), np.asarray(mapping["ours_to_hf"])
+    ours = _logits(cfg_r, params_r, h2o[tokens])  # same text in our ids, logits in our id order
+    np.testing.assert_allclose(ours[..., h2o[text]], theirs[..., text], atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(np.asarray(params_r["token_embedding"]), np.asarray(params_k["token_embedding"])[o2h])
+
+
+def test_cli_and_no_torch_in_core(tmp_path):
+    """The CLI runs; importing the package (export/import included) imports neither torch nor
+    transformers and defines no absl flags."""
+    wd = tmp_path / "wd"
+    _workdir(wd)
+    code = ("import sys, absl.flags\n"
+            "import cm3leon_jax.export, cm3leon_jax.import_hf, cm3leon_jax.hf_interop, cm3leon_jax.trainer\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
+            "assert 'workdir' not in absl.flags.FLAGS and 'hf_dir' not in absl.flags.FLAGS, 'flags defined'\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
+    out = subprocess.run([sys.executable, "-m", "cm3leon_jax.export", "--workdir", str(wd), "--format", "hf-opt",
+                          "--out", str(tmp_path / "hf"), "--dtype", "bfloat16"],
+                         cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    st = hf_interop.SafetensorsFile(str(tmp_path / "hf" / "model.safetensors"))
+    assert str(st.dtype("lm_head.weight")) == "bfloat16"
+    out = subprocess.run([sys.executable, "-m", "cm3leon_jax.import_hf", "--hf_dir", str(tmp_path / "hf"),
+                          "--workdir", str(tmp_path / "back")], cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["format"] == "hf-opt"
+    assert (tmp_path / "back" / "checkpoints" / "0").is_dir()

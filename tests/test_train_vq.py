@@ -1,0 +1,198 @@
+"""VQ tokenizer training (cm3leon_jax.train_vq), its image data (data_pipeline.images) and the
+tokenizer API. One minuscule run (16x16 images -> 8x8 codes, 8-channel two-level model, mesh
+data=4 x fsdp=2) is shared by the tests through a module fixture; a persistent compilation cache
+lets the resumed run reuse the first run's compiled programs (compilation dominates on 2 cores)."""
+import json
+import os
+import struct
+import sys
+import zlib
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from jax.experimental.compilation_cache import compilation_cache
+from PIL import Image
+
+from cm3leon_jax import train_vq
+from data_pipeline import images as image_data
+from experiments import vq_tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGS = [
+    "--config.total_steps=6", "--config.log_every_steps=2", "--config.checkpoint_every_steps=3",
+    "--config.sample_every_steps=3", "--config.num_sample_images=4", "--config.mesh.data=4", "--config.mesh.fsdp=2",
+    "--config.vq.image_size=16", "--config.vq.channels=8", "--config.vq.channel_multipliers=(1,2)",
+    "--config.vq.attention_at_lowest=false", "--config.vq.num_res_blocks=1",
+    "--config.vq.codebook_size=128", "--config.vq.code_dim=4", "--config.vq.embed_dim=8", "--config.vq.num_groups=4",
+    "--config.loss.disc_start=3", "--config.loss.disc_weight=0.1", "--config.loss.disc_channels=8",
+    "--config.loss.disc_layers=1", "--config.codebook.reseed_every_steps=2", "--config.codebook.dead_threshold=0.5", "--config.codebook.usage_window_steps=4",
+    "--config.data.global_batch_size=8", "--config.optimizer.warmup_steps=0", "--config.async_checkpointing=false",
+]
+LOGGED = ("loss", "recon_loss", "recon_l1", "recon_l2", "psnr", "codebook_usage", "batch_codebook_usage",
+          "perplexity", "perplexity_window", "codebook_loss", "commitment_loss", "gan_g_loss", "disc_loss",
+          "logits_real", "logits_fake", "adaptive_weight", "disc_factor", "grad_norm", "learning_rate",
+          "reseeded_total", "images_per_second", "step_time")
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _run_cli(workdir, *extra):
+    """`python -m cm3leon_jax.train_vq --config experiments/vq_tiny.py --workdir DIR ...`, in-process."""
+    argv = ["train_vq", "--config", os.path.join(REPO, "experiments", "vq_tiny.py"), "--workdir", str(workdir),
+            *TINY_FLAGS, *extra]
+    saved_argv = sys.argv
+    sys.argv = argv  # ml_collections reads the --config.X overrides from sys.argv
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(argv)
+        config = flags.FLAGS.config
+        train_vq.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+        sys.argv = saved_argv
+    return config
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()  # decided once per process, possibly by an earlier test module
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, compile_cache):
+    workdir = tmp_path_factory.mktemp("vq_run")
+    config = _run_cli(workdir)
+    return workdir, config
+
+
+def test_cli_trains_logs_samples_and_checkpoints(trained):
+    workdir, _ = trained
+    records = _records(workdir)
+    train = {r["step"]: r for r in records if "loss" in r}
+    val = {r["step"]: r for r in records if "val_psnr" in r}
+    assert sorted(train) == [2, 4, 6] and sorted(val) == [3, 6]
+    for step in (4, 6):
+        for key in LOGGED:
+            assert np.isfinite(train[step][key]), (step, key)
+    assert 0.0 < train[6]["codebook_usage"] <= 1.0 and 1.0 <= train[6]["perplexity"] <= 128
+    assert train[2]["disc_factor"] == 0 and train[2]["disc_loss"] == 0  # the GAN starts at step 3
+    assert train[6]["disc_factor"] == 1 and train[6]["adaptive_weight"] > 0 and train[6]["disc_loss"] > 0
+    assert train[6]["reseeded_total"] > 0  # dead codes were re-seeded
+    assert np.isfinite(val[6]["val_psnr"])
+
+    grid = Image.open(workdir / "samples" / "step_000006.png")
+    assert grid.size == (4 * 18 + 2, 2 * 18 + 2) and grid.mode == "RGB"  # 4 originals over 4 reconstructions
+    assert os.path.exists(workdir / "samples" / "step_000003.png")
+    assert {"3", "6"} <= set(os.listdir(workdir / "checkpoints"))
+    vq_config = json.load(open(workdir / "vq_config.json"))
+    assert vq_config["image_size"] == 16 and vq_config["codebook_size"] == 128
+    assert json.load(open(workdir / "config.json"))["mesh"]["fsdp"] == 2
+
+
+def test_resume_continues_from_saved_step(trained):
+    workdir, config = trained
+    before = _records(workdir)
+    config = config.copy_and_resolve_references()
+    config.total_steps = 8
+    train_vq.train(config, str(workdir))
+    after = _records(workdir)
+    assert after[:len(before)] == before  # nothing before step 6 rewritten
+    new = [r for r in after[len(before):] if "loss" in r]
+    assert [r["step"] for r in new] == [8]
+    assert "8" in os.listdir(workdir / "checkpoints")
+    # the data position was restored too: the resumed iterator continues where step 6 left off
+    it = image_data.make_train_iterator(config, 0, 1)
+    it.set_state(open(workdir / "checkpoints" / "6" / "data" / "process_0-of-1.json", "rb").read())
+    assert json.loads(it.get_state())["state"]["next_index"] == 6
+
+
+def test_tokenizer_loads_from_workdir(trained):
+    workdir, _ = trained
+    params, config = train_vq.load_tokenizer(str(workdir))
+    assert config.codebook_size == 128 and config.latent_size == 8
+    assert "encoder" in params and "quantizer" in params and "decoder" in params
+    tok = train_vq.VQTokenizer.from_workdir(str(workdir), batch_size=4)
+    images = np.random.RandomState(0).randint(0, 256, (5, 16, 16, 3)).astype(np.uint8)
+    codes = tok.encode(images)
+    assert codes.shape == (5, 8, 8) and codes.dtype == np.int32
+    assert codes.min() >= 0 and codes.max() < 128
+    np.testing.assert_array_equal(tok.encode(images[1]), codes[1])  # one image, no batch dim
+    out = tok.decode(codes)
+    assert out.shape == (5, 16, 16, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(tok.decode(codes[0]), out[0])
+    with pytest.raises(ValueError):
+        tok.decode(np.full((1, 8, 8), 128))
+    with pytest.raises(ValueError):
+        tok.encode(np.zeros((1, 24, 24, 3), np.uint8))
+    with pytest.raises(TypeError):
+        tok.encode(images.astype(np.float32))
+
+
+def _folder_config(image_dir, batch=8):
+    config = vq_tiny.get_config()
+    config.vq.image_size = 16
+    config.data.update(image_dir=str(image_dir), global_batch_size=batch, num_threads=1)
+    config.num_sample_images = 2
+    return config
+
+
+def _png_with_garbage_pixels() -> bytes:
+    """A PNG whose chunks (and CRCs) are well formed but whose IDAT is not zlib data."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"garbage" * 9) + chunk(b"IEND", b"")
+
+
+def test_image_folder_skips_and_counts_unreadable_files(tmp_path):
+    rs = np.random.RandomState(0)
+    Image.fromarray(rs.randint(0, 256, (40, 30, 3)).astype(np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rs.randint(0, 256, (20, 50, 4)).astype(np.uint8), "RGBA").save(tmp_path / "b.PNG")
+    Image.fromarray(rs.randint(0, 256, (64, 64)).astype(np.uint8), "L").save(tmp_path / "c.jpg")
+    os.makedirs(tmp_path / "sub")
+    Image.fromarray(rs.randint(0, 256, (16, 16, 3)).astype(np.uint8)).save(tmp_path / "sub" / "d.jpeg")
+    (tmp_path / "corrupt.png").write_bytes(b"not an image at all" * 10)
+    (tmp_path / "bad_pixels.png").write_bytes(_png_with_garbage_pixels())  # passes verify(), fails to decode
+    (tmp_path / "notes.txt").write_text("ignored")
+
+    it = image_data.make_train_iterator(_folder_config(tmp_path), 0, 1)
+    assert it.skipped["unreadable_image"] == 1  # the corrupt file, at the scan
+    for _ in range(3):
+        batch = next(it)["image"]
+        assert batch.shape == (8, 16, 16, 3) and batch.dtype == np.uint8
+    assert it.skipped["unreadable_image"] == 2  # and the one whose pixels do not decode, when read
+
+    val = image_data.validation_images(_folder_config(tmp_path), 2)
+    assert val.shape == (2, 16, 16, 3) and val.dtype == np.uint8
+
+
+def test_image_iterator_state_and_process_slices():
+    config = vq_tiny.get_config()
+    config.vq.image_size = 16
+    config.data.update(global_batch_size=4, num_threads=1)
+    it = image_data.make_train_iterator(config, 0, 1)
+    first = next(it)["image"]
+    state = it.get_state()
+    expected = [next(it)["image"] for _ in range(2)]
+    it.set_state(state)
+    np.testing.assert_array_equal(next(it)["image"], expected[0])
+    # two processes each read half the rows of the same global batch
+    halves = [next(image_data.make_train_iterator(config, p, 2))["image"] for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves), first)
+    with pytest.raises(ValueError):
+        image_data.make_train_iterator(config, 1, 2).set_state(state)
