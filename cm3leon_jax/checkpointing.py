@@ -59,14 +59,6 @@ class CheckpointManager:
         restored = self._manager.restore(step, args=args)
         return restored["state"]
 
-    def restore_params(self, step: int, abstract_params):
-        """Parameters only (for fine-tuning from a pretrained run: the optimizer starts fresh)."""
-        abstract_state = {"params": abstract_params}
-        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
-            partial_restore=True))
-        return self._manager.restore(step, args=args)["state"]["params"]
-
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -52,6 +52,15 @@ def stream_rows(streams: Sequence[Sequence[Sequence[int]]], multiple: int = 1) -
     return out_t, out_m
 
 
+def check_fits(model_config: TransformerConfig, prompt_length: int, new_tokens: int) -> None:
+    """Learned positions end at max_length: say so before XLA silently clamps the lookups."""
+    total = prompt_length + new_tokens
+    if model_config.positions == "learned" and total > model_config.max_length:
+        raise ValueError(f"prompt of {prompt_length} tokens + {new_tokens} new ones = {total} exceeds the model's "
+                         f"max_length={model_config.max_length} (learned positions); use fewer neighbours or a "
+                         "shorter prompt")
+
+
 def _constrain_cache(cache: DecodeCache) -> DecodeCache:
     kv_axes = ("layers", "cache_batch", "cache_length", "cache_heads", "cache_kv")
     return cache.replace(keys=nn.with_logical_constraint(cache.keys, kv_axes),

@@ -592,3 +592,10 @@ def build_neighbours(data_dir: str, doc_embeddings: np.ndarray, text_queries: np
     stats["num_shards"] = int(num_shards)
     save_neighbours(data_dir, ids, scores, stats, extra={"index_dir": os.path.relpath(index_dir, data_dir)})
     return stats
+
+
+def load_index(index_dir: str):
+    """The bank's index as built by `build_neighbours`: one ScaNN index, or shards merged at search."""
+    if os.path.exists(os.path.join(index_dir, SHARDS_JSON)):
+        return ShardedIndex.load(index_dir)
+    return ScannIndex.load(index_dir)

@@ -294,11 +294,12 @@ def _define_flags() -> None:
 
 def load_vocab_and_encoder(cfg) -> tuple[vocab_lib.Vocabulary, Callable[[np.ndarray], np.ndarray]]:
     """The unified vocabulary (SentencePiece + the VQ tokenizer's codebook) and a batch encoder."""
-    from cm3leon_jax import text_tokenizer, train_vq
+    from cm3leon_jax import text_tokenizer
+    from cm3leon_jax.vq_tokenizer import VQTokenizer
     if not cfg.spm_model or not cfg.vq_workdir:
         raise ValueError("--config.spm_model (a SentencePiece model) and --config.vq_workdir (a train_vq workdir) "
                          "are required")
-    vq = train_vq.VQTokenizer.from_workdir(cfg.vq_workdir)
+    vq = VQTokenizer.from_workdir(cfg.vq_workdir)
     vocab = vocab_lib.Vocabulary(text_tokenizer.TextTokenizer(cfg.spm_model), num_image_codes=vq.codebook_size,
                                  image_tokens_per_image=vq.tokens_per_image, num_sentinels=int(cfg.num_sentinels),
                                  image_grid=(vq.latent_size, vq.latent_size))

@@ -37,7 +37,7 @@ def data_config(spm_model, vq_workdir, **overrides):
 def lm_config(data_dir, vocab_size, **overrides):
     c = tiny_config(**overrides)
     c.data.update(source="cm3", data_dir=data_dir, seq_len=64, num_neighbours=2)
-    c.model.update(vocab_size=vocab_size, max_length=64)
+    c.model.update(vocab_size=vocab_size, max_length=256)  # room for retrieval-augmented prompts
     return c
 
 

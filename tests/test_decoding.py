@@ -110,3 +110,11 @@ def test_decoding_is_sharded_on_the_training_mesh():
     single, _ = decoding.generate_fixed(params, tokens, mask, jax.random.key(0), model_config=t.model_config,
                                         streams=2, num_tokens=5, config=sampling.SamplingConfig(cfg_scale=3.0))
     np.testing.assert_array_equal(out, single)
+
+
+def test_prompts_longer_than_learned_positions_fail_up_front():
+    cfg = TransformerConfig(**CFG)
+    decoding.check_fits(cfg, 40, 8)
+    with pytest.raises(ValueError, match="exceeds the model's max_length=48"):
+        decoding.check_fits(cfg, 40, 9)
+    decoding.check_fits(TransformerConfig(**dict(CFG, positions="rotary")), 40, 9)  # rotary has no table

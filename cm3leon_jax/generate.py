@@ -1,0 +1,280 @@
+"""Generation with a trained CM3Leon: text -> image, image -> text, infilling.
+
+    python -m cm3leon_jax.generate --workdir DIR --prompt "a small red circle at the top left" \
+        --num_samples 8 --cfg_scale 3 --top_p 0.9 [--cd_fraction 0.5] [--neighbours 2] --out DIR/gen
+    python -m cm3leon_jax.generate --workdir DIR --image photo.png [--question "what colour is the circle?"]
+    python -m cm3leon_jax.generate --workdir DIR --prompt "a <mask:0> circle at the top left"
+
+Loads the latest checkpoint's parameters, the vocabulary saved beside them, the VQ tokenizer the
+data was made with and, when the data has them, the retriever and its ScaNN index (for
+retrieval-augmented prompts and CLIP-style reranking). Writes a PNG grid and a JSON of settings
+and scores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from cm3leon_jax import checkpointing, decoding, image_grid, sampling, sharding, trainer as trainer_lib
+from cm3leon_jax import vocab as vocab_lib
+
+MASK0 = vocab_lib.sentinel_token(0)
+
+
+@dataclasses.dataclass
+class ImageSamples:
+    caption: str
+    images: np.ndarray       # uint8 [N, H, W, 3], best first when reranked
+    codes: np.ndarray        # int32 [N, h, w]
+    strategies: list[str]    # per sample: "topp" or "cdk"
+    logprobs: np.ndarray     # [N] the conditional stream's log-probability of the drawn codes
+    scores: np.ndarray | None = None  # [N] retriever similarity to the caption, when reranked
+
+
+class Generator:
+    """Everything needed to decode from one training workdir, loaded once."""
+
+    def __init__(self, workdir: str, *, step: int | None = None, vq_workdir: str | None = None, mesh_config=None):
+        with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+            self.config = ml_collections.ConfigDict(json.load(f))
+        if mesh_config is None:
+            mesh_config = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+        self.mesh = sharding.make_mesh(mesh_config)
+        self.trainer = trainer_lib.Trainer(self.config, self.mesh)
+        self.model_config = self.trainer.model_config
+        self.params, self.step = checkpointing.restore_params(workdir, self.trainer.abstract_state.params, step)
+        self.vocab = vocab_lib.Vocabulary.load(os.path.join(workdir, "vocab"))
+        data_dir = self.config.data.get("data_dir", "")
+        self.data_dir = data_dir
+        vq_workdir = vq_workdir or self._data_report().get("vq_workdir", "")
+        from cm3leon_jax.vq_tokenizer import VQTokenizer
+        self.vq = VQTokenizer.from_workdir(vq_workdir)
+        if self.vq.tokens_per_image != self.vocab.image_tokens_per_image:
+            raise ValueError(f"VQ tokenizer in {vq_workdir} makes {self.vq.tokens_per_image} tokens per image, the "
+                             f"vocabulary expects {self.vocab.image_tokens_per_image}")
+        self._retriever = None
+        self._retrieval = None
+
+    # ------------------------------------------------------------ data-side helpers
+
+    def _data_report(self) -> dict:
+        path = os.path.join(self.data_dir, "ingest_report.json")
+        if not self.data_dir or not os.path.exists(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    @property
+    def retriever(self):
+        """(params, config) of the data's retriever, or None when the data has none."""
+        if self._retriever is None and self.data_dir and os.path.isdir(os.path.join(self.data_dir, "retriever")):
+            from cm3leon_jax import retriever
+            self._retriever = retriever.load_retriever(self.data_dir)
+        return self._retriever
+
+    def retrieve(self, caption: str, k: int) -> list[np.ndarray]:
+        """The k best memory-bank documents for a caption (ScaNN over the data's bank), as tokens."""
+        if k <= 0:
+            return []
+        if self.retriever is None:
+            raise ValueError(f"--neighbours={k} needs a retriever and index in the data dir {self.data_dir!r}")
+        from cm3leon_jax import retriever
+        from data_pipeline import neighbours, prepare
+        if self._retrieval is None:
+            self._retrieval = (neighbours.load_index(os.path.join(self.data_dir, "scann_index")),
+                               prepare.load_documents(self.data_dir, "train"))
+        index, documents = self._retrieval
+        params, rcfg = self.retriever
+        query = retriever.embed_text(params, rcfg, [self.vocab.encode_text(caption)])
+        ids, scores = index.search(query, 4 * k)
+        chosen = [int(i) for i, s in zip(ids[0], scores[0]) if i >= 0 and s <= 0.9][:k]
+        return [np.asarray(documents[i]["tokens"], np.int32) for i in chosen]
+
+    def rerank_scores(self, caption: str, codes: np.ndarray) -> np.ndarray:
+        """Cosine similarity of each image to the caption under the retriever (our CLIP stand-in)."""
+        from cm3leon_jax import retriever
+        params, rcfg = self.retriever
+        text = retriever.embed_text(params, rcfg, [self.vocab.encode_text(caption)])
+        images = retriever.embed_images(params, rcfg, [c.reshape(-1) for c in codes])
+        return images @ text[0]
+
+    # ------------------------------------------------------------ decoding
+
+    def _decode_fixed(self, streams_prompts, num_tokens, config, allowed, seed):
+        tokens, mask = decoding.stream_rows(streams_prompts, multiple=sharding.data_parallel_size(self.mesh))
+        decoding.check_fits(self.model_config, tokens.shape[1], num_tokens)
+        with sharding.activate(self.mesh):
+            out, logprobs = decoding.generate_fixed(
+                self.params, tokens, mask, jax.random.key(seed), model_config=self.model_config,
+                streams=len(streams_prompts), num_tokens=num_tokens, config=config, allowed=allowed)
+        n = len(streams_prompts[0])
+        return np.asarray(out)[:n], np.asarray(logprobs)[:n]
+
+    def image_prompt(self, caption: str, neighbour_docs: Sequence[np.ndarray] = ()) -> list[int]:
+        """`<eos> neighbours caption <break>`: the model continues with the image's codes."""
+        body = [int(t) for doc in neighbour_docs for t in doc]
+        return [self.vocab.eos_id, *body, *self.vocab.encode_text(caption).tolist(), self.vocab.break_id]
+
+    def unconditional_image_prompt(self) -> list[int]:
+        """The null condition the model saw under condition dropout: `<eos> <mask> <break>`."""
+        return [self.vocab.eos_id, self.vocab.mask_id, self.vocab.break_id]
+
+    def text_to_image(self, captions: Sequence[str], *, num_samples: int = 8,
+                      config: sampling.SamplingConfig = sampling.SamplingConfig(top_p=0.9, cfg_scale=3.0),
+                      cd_fraction: float = 0.0, cd_config: sampling.SamplingConfig | None = None,
+                      num_neighbours: int = 0, rerank: bool = True, seed: int = 0) -> list[ImageSamples]:
+        """num_samples images per caption; a `cd_fraction` of them by CD-K, the rest by `config`
+        (the paper's best: half TopP, half CD-K, reranked)."""
+        n_cd = int(round(cd_fraction * num_samples))
+        plans = [("topp", num_samples - n_cd, config)]
+        if n_cd:
+            plans.append(("cdk", n_cd, cd_config or dataclasses.replace(config, cd_k=8, cd_alpha=0.1, top_p=1.0)))
+        image_range = ((self.vocab.image_offset, self.vocab.image_offset + self.vocab.num_image_codes),)
+        h, w = self.vocab.image_grid
+        results = []
+        for c_index, caption in enumerate(captions):
+            cond = self.image_prompt(caption, self.retrieve(caption, num_neighbours))
+            codes, logprobs, strategies = [], [], []
+            for p_index, (name, count, cfg) in enumerate(plans):
+                if count == 0:
+                    continue
+                guided = cfg.cfg_scale != 1.0 or cfg.cd_k > 0
+                streams = [[cond] * count] + ([[self.unconditional_image_prompt()] * count] if guided else [])
+                out, lp = self._decode_fixed(streams, self.vocab.image_tokens_per_image, cfg, image_range,
+                                             seed * 1000 + c_index * 10 + p_index)
+                codes.append(out - self.vocab.image_offset)
+                logprobs.append(lp.sum(axis=1))
+                strategies += [name] * count
+            codes = np.concatenate(codes).reshape(-1, h, w).astype(np.int32)
+            sample = ImageSamples(caption, self.vq.decode(codes), codes, strategies, np.concatenate(logprobs))
+            if rerank and self.retriever is not None:
+                sample.scores = self.rerank_scores(caption, codes)
+                order = np.argsort(-sample.scores, kind="stable")
+                sample = ImageSamples(caption, sample.images[order], codes[order], [strategies[i] for i in order],
+                                      sample.logprobs[order], sample.scores[order])
+            results.append(sample)
+        return results
+
+    def _infill(self, prompts: Sequence[list[int]], max_tokens: int, config: sampling.SamplingConfig,
+                seed: int) -> list[str]:
+        """Each prompt holds `<mask:0>`; the model writes the span after `<eos> <mask:0>` (the CM3
+        layout) until `<eoss>`, drawing only text ids."""
+        s0 = self.vocab.sentinel(0)
+        rows = [[*p, self.vocab.eos_id, s0] for p in prompts]
+        tokens, mask = decoding.stream_rows([rows], multiple=sharding.data_parallel_size(self.mesh))
+        allowed = ((self.vocab.eoss_id, self.vocab.eoss_id + 1), (self.vocab.text_offset, self.vocab.image_offset))
+        decoding.check_fits(self.model_config, tokens.shape[1], max_tokens)
+        with sharding.activate(self.mesh):
+            out, lengths = decoding.generate_until(
+                self.params, tokens, mask, jax.random.key(seed), self.vocab.eoss_id, model_config=self.model_config,
+                streams=1, max_tokens=max_tokens, config=config, allowed=allowed)
+        texts = []
+        for row, n in zip(np.asarray(out)[:len(prompts)], np.asarray(lengths)[:len(prompts)]):
+            ids = [int(t) for t in row[:n] if t != self.vocab.eoss_id]
+            texts.append(self.vocab.decode_text(np.asarray(ids, np.int32)))
+        return texts
+
+    def image_to_text(self, images: np.ndarray, *, question: str | None = None, max_tokens: int = 48,
+                      config: sampling.SamplingConfig = sampling.SamplingConfig(temperature=0.0),
+                      seed: int = 0) -> list[str]:
+        """Captions (or answers) for uint8 images [N, H, W, 3], by CM3 infilling of the text part:
+        `<eos> [Question: q Answer:] <mask:0> <break> image <break>`."""
+        codes = self.vq.encode(np.asarray(images, np.uint8)).reshape(len(images), -1)
+        prefix = self.vocab.encode_text(f"Question: {question} Answer: ").tolist() if question else []
+        s0 = self.vocab.sentinel(0)
+        prompts = [[self.vocab.eos_id, *prefix, s0, self.vocab.break_id,
+                    *self.vocab.image_codes_to_ids(c).tolist(), self.vocab.break_id] for c in codes]
+        return self._infill(prompts, max_tokens, config, seed)
+
+    def infill_text(self, text_with_mask: str, *, max_tokens: int = 32,
+                    config: sampling.SamplingConfig = sampling.SamplingConfig(temperature=0.0), seed: int = 0) -> str:
+        """Fills `<mask:0>` in a text prompt (e.g. "a <mask:0> circle at the top left")."""
+        if MASK0 not in text_with_mask:
+            raise ValueError(f"an infilling prompt needs {MASK0}")
+        prompt = [self.vocab.eos_id, *self.vocab.encode_text(text_with_mask).tolist()]
+        return self._infill([prompt], max_tokens, config, seed)[0]
+
+
+def write_image_samples(samples: Sequence[ImageSamples], out_dir: str, settings: dict) -> tuple[str, str]:
+    """One grid row per caption (best first) and a JSON of settings, scores and strategies."""
+    grid = image_grid.make_grid([list(s.images) for s in samples])
+    png = image_grid.save_png(os.path.join(out_dir, "samples.png"), grid)
+    record = {"settings": settings, "samples": [
+        {"caption": s.caption, "strategies": s.strategies, "logprobs": s.logprobs.tolist(),
+         "scores": None if s.scores is None else s.scores.tolist()} for s in samples]}
+    path = os.path.join(out_dir, "samples.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    return png, path
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    from PIL import Image
+    from cm3leon_jax import metrics
+    f = flags.FLAGS
+    metrics.quiet_library_logs()
+    gen = Generator(f.workdir, step=f.step, vq_workdir=f.vq_workdir)
+    config = sampling.SamplingConfig(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale,
+                                     cd_k=f.cd_k, cd_alpha=f.cd_alpha)
+    settings = {k: getattr(f, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cd_k", "cd_alpha",
+                                           "cd_fraction", "num_samples", "neighbours", "seed")}
+    settings.update(workdir=os.path.abspath(f.workdir), step=gen.step)
+    out_dir = f.out or os.path.join(f.workdir, "generate")
+    if f.image:
+        images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((gen.vq.image_size,) * 2)) for p in f.image])
+        texts = gen.image_to_text(images, question=f.question, max_tokens=f.max_text_tokens, config=config, seed=f.seed)
+        for path, text in zip(f.image, texts):
+            print(f"{path}: {text}")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "captions.json"), "w", encoding="utf-8") as fh:
+            json.dump({"settings": settings, "captions": dict(zip(f.image, texts))}, fh, indent=2)
+        return
+    if not f.prompt:
+        raise ValueError("give --prompt (text -> image or infilling) or --image (image -> text)")
+    if all(MASK0 in p for p in f.prompt):
+        for p in f.prompt:
+            print(f"{p} -> {gen.infill_text(p, max_tokens=f.max_text_tokens, config=config, seed=f.seed)}")
+        return
+    samples = gen.text_to_image(f.prompt, num_samples=f.num_samples, config=config, cd_fraction=f.cd_fraction,
+                                num_neighbours=f.neighbours, rerank=f.rerank, seed=f.seed)
+    png, path = write_image_samples(samples, out_dir, settings)
+    logging.info("wrote %s and %s", png, path)
+    print(png)
+
+
+def _define_flags():
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "training workdir (checkpoints, config.json, vocab/)", required=True)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+    flags.DEFINE_string("vq_workdir", None, "VQ tokenizer workdir (default: the one the data was made with)")
+    flags.DEFINE_multi_string("prompt", [], "caption(s) for text -> image, or text with <mask:0> to infill")
+    flags.DEFINE_multi_string("image", [], "image path(s) for image -> text")
+    flags.DEFINE_string("question", None, "a question about the image (image -> text)")
+    flags.DEFINE_integer("num_samples", 8, "images per prompt")
+    flags.DEFINE_float("cfg_scale", 3.0, "classifier-free guidance scale (1 = off)")
+    flags.DEFINE_float("temperature", 1.0, "0 = greedy")
+    flags.DEFINE_integer("top_k", 0, "0 = off")
+    flags.DEFINE_float("top_p", 0.9, "1 = off")
+    flags.DEFINE_integer("cd_k", 0, "contrastive decoding TopK for all samples (0 = off)")
+    flags.DEFINE_float("cd_alpha", 0.1, "CD-K plausibility threshold")
+    flags.DEFINE_float("cd_fraction", 0.0, "share of samples drawn by CD-K (the paper mixes half and half)")
+    flags.DEFINE_integer("neighbours", 0, "retrieved documents prepended to the prompt (0, 1 or 2)")
+    flags.DEFINE_bool("rerank", True, "sort samples by retriever similarity to the prompt")
+    flags.DEFINE_integer("max_text_tokens", 48, "limit for generated text")
+    flags.DEFINE_integer("seed", 0, "sampling seed")
+    flags.DEFINE_string("out", None, "output directory (default WORKDIR/generate)")
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,285 @@
+"""Scores for the shapes world: pure functions on scenes, captions and feature vectors.
+
+Scenes have the structure of `data_pipeline.shapes_world` scenes:
+`{"objects": [{"shape", "color", "size", "position", ...}, ...], "background": str}`. The
+generated side comes from `attribute_classifier.predict_scenes` (text -> image) or from a
+generated caption (image -> text, parsed with `shapes_world.parse_caption`).
+
+Matching rule (both directions): each requested / true object is looked up **at its position**.
+`position` scores 1 when the other side has an object in that grid cell, and `shape`, `color`,
+`size` score 1 when that object has the same value (0 when the cell is empty). `count` scores 1
+per scene when the number of objects matches and `background` when the backgrounds match. Each
+attribute's score is its share over all objects (shape, color, size, position) or all scenes
+(count, background); `overall` is the unweighted mean of the six attribute shares, and
+`all_correct` is the share of scenes with every attribute of every object, the count and the
+background right.
+
+Frechet distance: `frechet_distance(features_a, features_b)` is the Frechet (2-Wasserstein)
+distance between Gaussians fitted to two feature sets. On shapes-world images the features are
+`attribute_classifier.features` (its penultimate layer), so the number is a *Frechet distance in
+the attribute classifier's feature space*, not FID: it is only comparable with numbers computed
+with the same classifier.
+
+FID and CLIP score need networks trained on natural images (Inception-v3, CLIP), whose weights
+cannot be shipped or downloaded here, so this module does not compute them. Users who have a
+network can still compute a Frechet distance in its feature space: save it as a small conv
+feature network in an `.npz` or `.safetensors` file (the convention is in
+`load_feature_network`), load it with `load_feature_network(path)`, embed both image sets with
+`features_from_network(network, images)` and pass the results to `frechet_distance`. An
+Inception or CLIP port can be supplied the same way once it is expressed as that conv stack, or
+its features computed elsewhere can be passed to `frechet_distance` directly.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from data_pipeline import shapes_world as sw
+
+OBJECT_ATTRIBUTES = ("shape", "color", "size", "position")
+SCENE_ATTRIBUTES = ("count", "background")
+SCORED_ATTRIBUTES = OBJECT_ATTRIBUTES + SCENE_ATTRIBUTES
+
+
+# --------------------------------------------------------------------------- scene matching
+
+
+def _objects_by_position(objects: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The first object named at each position (later duplicates are ignored)."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for obj in objects:
+        out.setdefault(obj["position"], obj)
+    return out
+
+
+def scene_hits(reference: Mapping[str, Any], candidate_objects: Sequence[Mapping[str, Any]] | None,
+               candidate_background: str | None) -> dict[str, list[float]]:
+    """Per-attribute hits (1.0 / 0.0) of one candidate against one reference scene: one entry per
+    reference object for shape/color/size/position, one per scene for count/background.
+    `candidate_objects=None` means the candidate could not be read: everything scores 0."""
+    hits: dict[str, list[float]] = {k: [] for k in SCORED_ATTRIBUTES}
+    ref_objects = list(reference["objects"])
+    found = _objects_by_position(candidate_objects) if candidate_objects is not None else {}
+    for obj in ref_objects:
+        other = found.get(obj["position"])
+        hits["position"].append(float(other is not None))
+        for key in ("shape", "color", "size"):
+            hits[key].append(float(other is not None and other[key] == obj[key]))
+    if candidate_objects is None:
+        hits["count"].append(0.0)
+        hits["background"].append(0.0)
+    else:
+        hits["count"].append(float(len(candidate_objects) == len(ref_objects)))
+        hits["background"].append(float(candidate_background == reference["background"]))
+    return hits
+
+
+def _summarise(all_hits: Sequence[Mapping[str, list[float]]]) -> dict[str, float]:
+    totals = {k: [] for k in SCORED_ATTRIBUTES}
+    exact = []
+    for hits in all_hits:
+        for k in SCORED_ATTRIBUTES:
+            totals[k].extend(hits[k])
+        exact.append(all(v == 1.0 for k in SCORED_ATTRIBUTES for v in hits[k]))
+    out = {k: (float(np.mean(v)) if v else float("nan")) for k, v in totals.items()}
+    out["overall"] = float(np.mean([out[k] for k in SCORED_ATTRIBUTES])) if all_hits else float("nan")
+    out["all_correct"] = float(np.mean(exact)) if exact else float("nan")
+    out["num_scenes"] = len(all_hits)
+    out["num_objects"] = len(totals["position"])
+    return out
+
+
+def _check_lengths(a: Sequence, b: Sequence, names: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{names}: got {len(a)} and {len(b)}; they must pair up one to one")
+
+
+def text_to_image_faithfulness(requested_scenes: Sequence[Mapping[str, Any]],
+                               predicted_scenes: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Share of the requested attributes present in the generated images.
+
+    `requested_scenes[i]` is what caption i asked for; `predicted_scenes[i]` is what the
+    attribute classifier read from the image generated for it. Returns shares per attribute
+    (shape, color, size, position: over requested objects; count, background: over scenes),
+    `overall` (mean of the six), `all_correct`, `num_scenes`, `num_objects`.
+    """
+    _check_lengths(requested_scenes, predicted_scenes, "requested_scenes and predicted_scenes")
+    return _summarise([scene_hits(req, pred["objects"], pred["background"])
+                       for req, pred in zip(requested_scenes, predicted_scenes)])
+
+
+def caption_accuracy(true_scenes: Sequence[Mapping[str, Any]], captions: Sequence[str]) -> dict[str, float]:
+    """Share of the true attributes named correctly in generated captions.
+
+    Each caption is parsed with `shapes_world.parse_caption` (objects) and `parse_background`;
+    a caption that does not parse scores 0 for every attribute of its scene (object attributes,
+    count and background) and is counted in `unparseable` (a share of captions). Otherwise the
+    same position-anchored matching as `text_to_image_faithfulness` applies.
+    """
+    _check_lengths(true_scenes, captions, "true_scenes and captions")
+    all_hits, bad = [], 0
+    for scene, caption in zip(true_scenes, captions):
+        try:
+            objects = sw.parse_caption(caption)
+        except (ValueError, TypeError, AttributeError):
+            objects = None
+            bad += 1
+        background = sw.parse_background(caption) if objects is not None else None
+        all_hits.append(scene_hits(scene, objects, background))
+    out = _summarise(all_hits)
+    out["unparseable"] = bad / len(captions) if captions else float("nan")
+    return out
+
+
+# --------------------------------------------------------------------------- Frechet distance
+
+
+def _mean_cov(features) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"features must be [N, D], got shape {x.shape}")
+    if x.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors for a covariance, got {x.shape[0]}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("features contain NaN or inf")
+    return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
+
+
+def _psd_sqrt(c: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((c + c.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b) -> float:
+    """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)).
+
+    tr (C_a C_b)^(1/2) is computed as the sum of the square roots of the eigenvalues of the
+    symmetric PSD matrix C_a^(1/2) C_b C_a^(1/2) (same spectrum as C_a C_b), clipped at 0: no
+    complex parts, no failure on singular covariances (N < D), and symmetric up to rounding.
+    """
+    mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
+    cov_a, cov_b = np.asarray(cov_a, np.float64), np.asarray(cov_b, np.float64)
+    if mu_a.shape != mu_b.shape or cov_a.shape != cov_b.shape:
+        raise ValueError(f"feature dimensions differ: {mu_a.shape} vs {mu_b.shape}")
+    root_a = _psd_sqrt(cov_a)
+    middle = root_a @ cov_b @ root_a
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    tr_sqrt = float(np.sum(np.sqrt(np.clip(eig, 0.0, None))))
+    diff = mu_a - mu_b
+    value = float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_sqrt)
+    return max(value, 0.0)
+
+
+def frechet_distance(features_a, features_b) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets ([N_a, D] and [N_b, D]).
+
+    With `attribute_classifier.features` this is a Frechet distance in the attribute
+    classifier's feature space (report it under that name; it is not FID)."""
+    mu_a, cov_a = _mean_cov(features_a)
+    mu_b, cov_b = _mean_cov(features_b)
+    return frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b)
+
+
+# --------------------------------------------------------------------------- user feature networks
+
+_CONV_KEY = re.compile(r"^conv(\d+)[./](kernel|bias|weight)$")
+
+
+def load_feature_network(weights_path: str) -> dict[str, Any]:
+    """Loads a user-supplied conv feature network from `.npz` or `.safetensors`.
+
+    Convention (a tiny VGG-style stack; arrays by name):
+      conv{i}/kernel  [kh, kw, c_in, c_out]  (HWIO, Flax/JAX layout), or
+      conv{i}.weight  [c_out, c_in, kh, kw]  (OIHW, PyTorch layout; transposed on load)
+      conv{i}/bias or conv{i}.bias  [c_out]  (optional, zeros if absent)
+      input_mean, input_std  [3]  (optional; applied to images scaled to [0, 1])
+      input_size  scalar          (optional; images are resized to input_size x input_size)
+    for i = 0, 1, ..., L-1 (consecutive). Layer i: 'same'-padded stride-1 convolution + bias +
+    ReLU, then 2x2 max pooling after every layer but the last; the features are the global
+    average of the last layer's activations, [N, c_out of the last layer].
+    Returns {"layers": [(kernel HWIO float32, bias float32), ...], "mean", "std", "input_size"}.
+    """
+    if not os.path.exists(weights_path):
+        raise FileNotFoundError(weights_path)
+    if weights_path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        arrays = dict(load_file(weights_path))
+    elif weights_path.endswith(".npz"):
+        with np.load(weights_path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    else:
+        raise ValueError(f"{weights_path}: expected a .npz or .safetensors file")
+    kernels: dict[int, np.ndarray] = {}
+    biases: dict[int, np.ndarray] = {}
+    for name, value in arrays.items():
+        m = _CONV_KEY.match(name)
+        if not m:
+            continue
+        i, kind = int(m.group(1)), m.group(2)
+        value = np.asarray(value, np.float32)
+        if kind == "weight" and value.ndim == 4:
+            kernels[i] = value.transpose(2, 3, 1, 0)   # OIHW -> HWIO
+        elif kind == "kernel":
+            kernels[i] = value
+        else:
+            biases[i] = value.reshape(-1)
+    if not kernels:
+        raise ValueError(f"{weights_path}: no conv{{i}}/kernel or conv{{i}}.weight arrays found")
+    if sorted(kernels) != list(range(len(kernels))):
+        raise ValueError(f"{weights_path}: conv layers must be numbered 0..L-1, got {sorted(kernels)}")
+    layers, c_in = [], 3
+    for i in range(len(kernels)):
+        k = kernels[i]
+        if k.ndim != 4 or k.shape[2] != c_in:
+            raise ValueError(f"{weights_path}: conv{i} kernel {k.shape} does not take {c_in} input channels")
+        b = biases.get(i, np.zeros((k.shape[3],), np.float32))
+        if b.shape != (k.shape[3],):
+            raise ValueError(f"{weights_path}: conv{i} bias {b.shape} does not match {k.shape[3]} outputs")
+        layers.append((k, b))
+        c_in = k.shape[3]
+    mean = np.asarray(arrays.get("input_mean", np.zeros(3)), np.float32).reshape(3)
+    std = np.asarray(arrays.get("input_std", np.ones(3)), np.float32).reshape(3)
+    size = int(np.asarray(arrays["input_size"]).reshape(())) if "input_size" in arrays else None
+    return {"layers": layers, "mean": mean, "std": std, "input_size": size}
+
+
+def network_features(layers, mean, std, x):
+    """Pure JAX forward of a loaded feature network on float images [N, H, W, 3] in [0, 1]."""
+    import jax
+    import jax.numpy as jnp
+    x = (x - mean) / std
+    for i, (kernel, bias) in enumerate(layers):
+        x = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = jax.nn.relu(x + bias)
+        if i < len(layers) - 1:
+            x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    return x.mean(axis=(1, 2))
+
+
+def features_from_network(network: Mapping[str, Any], images, batch_size: int = 64) -> np.ndarray:
+    """Features float32 [N, D] of images (uint8 [N, H, W, 3], or float in [0, 1]) under a network
+    from `load_feature_network`."""
+    import jax
+    import jax.numpy as jnp
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [N, H, W, 3], got shape {images.shape}")
+    size = network.get("input_size")
+    layers = [(jnp.asarray(k), jnp.asarray(b)) for k, b in network["layers"]]
+
+    @jax.jit
+    def run(x):
+        x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+        if size is not None and x.shape[1:3] != (size, size):
+            x = jax.image.resize(x, (x.shape[0], size, size, 3), "linear")
+        return network_features(layers, jnp.asarray(network["mean"]), jnp.asarray(network["std"]), x)
+
+    out = [np.asarray(run(images[i:i + batch_size]), np.float32) for i in range(0, len(images), batch_size)]
+    dim = network["layers"][-1][0].shape[3]
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)

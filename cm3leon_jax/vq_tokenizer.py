@@ -1,0 +1,123 @@
+"""The trained VQ image tokenizer as a library: images <-> codes from a train_vq workdir.
+
+Kept apart from `train_vq` (a command line with flags) so ingestion, generation and evaluation
+import it without pulling in another program's flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from cm3leon_jax import checkpointing, vqgan
+
+VQ_CONFIG_FILE = "vq_config.json"
+
+
+def save_vq_config(workdir: str, vq_config: vqgan.VQGANConfig) -> None:
+    with open(os.path.join(workdir, VQ_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(vq_config), f, indent=2)
+
+
+def load_vq_config(workdir: str) -> vqgan.VQGANConfig:
+    path = os.path.join(workdir, VQ_CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} a train_vq workdir?")
+    with open(path, encoding="utf-8") as f:
+        return vqgan.VQGANConfig.from_config(json.load(f))
+
+
+def load_tokenizer(workdir: str, step: int | None = None) -> tuple[Any, vqgan.VQGANConfig]:
+    """(params, VQGANConfig) of a train_vq workdir's latest (or given) checkpoint: parameters only,
+    restored by orbax onto the first local device; the optimizers and discriminator are not read."""
+    config = load_vq_config(workdir)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.eval_shape(functools.partial(vqgan.init_params, config=config), jax.random.key(0))
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+    params, _ = checkpointing.restore_params(workdir, abstract, step)
+    return params, config
+
+
+class VQTokenizer:
+    """Images <-> discrete codes with a trained VQ-GAN (host numpy in, host numpy out).
+
+    Batches are cut into chunks of `batch_size` (the last one padded), so any number of images
+    runs through one compiled program.
+    """
+
+    def __init__(self, params, config, batch_size: int = 64):
+        self.params, self.config = params, vqgan.VQGANConfig.from_config(config)
+        self.batch_size = int(batch_size)
+
+    @classmethod
+    def from_workdir(cls, workdir: str, step: int | None = None, batch_size: int = 64) -> "VQTokenizer":
+        params, config = load_tokenizer(workdir, step)
+        return cls(params, config, batch_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def latent_size(self) -> int:
+        return self.config.latent_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.config.tokens_per_image
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def _chunks(self, array: np.ndarray, fn) -> np.ndarray:
+        outs = []
+        for i in range(0, len(array), self.batch_size):
+            chunk = array[i:i + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
+            outs.append(np.asarray(fn(chunk))[:n])
+        return np.concatenate(outs)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images [B, S, S, 3] (or one [S, S, 3]) -> int32 codes [B, S/f, S/f] (or [S/f, S/f])."""
+        images = np.asarray(images)
+        single = images.ndim == 3
+        if single:
+            images = images[None]
+        s, c = self.config.image_size, self.config.in_channels
+        if images.dtype != np.uint8:
+            raise TypeError(f"encode takes uint8 images, got {images.dtype}")
+        if images.ndim != 4 or images.shape[1:] != (s, s, c):
+            raise ValueError(f"expected images [B, {s}, {s}, {c}], got {images.shape}; resize them with "
+                             "data_pipeline.images.center_crop_resize")
+        if len(images) == 0:
+            return np.zeros((0, self.latent_size, self.latent_size), np.int32)
+        codes = self._chunks(images, lambda x: vqgan.encode(self.params, x, self.config)).astype(np.int32)
+        return codes[0] if single else codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """int codes [B, h, w] (or one [h, w]) in [0, codebook_size) -> uint8 images [B, S, S, 3]."""
+        codes = np.asarray(codes)
+        single = codes.ndim == 2
+        if single:
+            codes = codes[None]
+        h = self.latent_size
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise TypeError(f"codes must be integers, got {codes.dtype}")
+        if codes.ndim != 3 or codes.shape[1:] != (h, h):
+            raise ValueError(f"expected codes [B, {h}, {h}], got {codes.shape}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
+        if len(codes) == 0:
+            s = self.image_size
+            return np.zeros((0, s, s, self.config.in_channels), np.uint8)
+        images = self._chunks(codes.astype(np.int32),
+                              lambda x: vqgan.to_uint8(vqgan.decode(self.params, x, self.config)))
+        return images[0] if single else images

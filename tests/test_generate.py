@@ -1,0 +1,63 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cm3leon_jax import generate, sampling
+from tests.test_train import REPO, _env
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_pipeline):
+    return generate.Generator(tiny_pipeline["lm"])
+
+
+def test_text_to_image_mixes_strategies_reranks_and_is_seeded(generator):
+    config = sampling.SamplingConfig(top_p=0.9, cfg_scale=3.0)
+    samples = generator.text_to_image(["a small red circle at the top left", "a large blue square"], num_samples=4,
+                                      config=config, cd_fraction=0.5, seed=1)
+    assert len(samples) == 2
+    for s in samples:
+        assert s.images.shape == (4, 16, 16, 3) and s.images.dtype == np.uint8
+        assert s.codes.shape == (4, 4, 4) and s.codes.min() >= 0 and s.codes.max() < generator.vocab.num_image_codes
+        assert sorted(s.strategies) == ["cdk", "cdk", "topp", "topp"]
+        assert np.all(np.diff(s.scores) <= 1e-6)  # best first
+        np.testing.assert_allclose(s.scores, generator.rerank_scores(s.caption, s.codes), atol=1e-5)
+    again = generator.text_to_image(["a small red circle at the top left"], num_samples=4, config=config,
+                                    cd_fraction=0.5, seed=1)
+    np.testing.assert_array_equal(again[0].codes, samples[0].codes)
+
+
+def test_retrieval_augmented_prompt_prepends_bank_documents(generator):
+    neighbours = generator.retrieve("a small red circle at the top left", 2)
+    assert 1 <= len(neighbours) <= 2
+    prompt = generator.image_prompt("a red circle", neighbours)
+    assert prompt[0] == generator.vocab.eos_id and prompt[-1] == generator.vocab.break_id
+    assert len(prompt) == 2 + sum(len(n) for n in neighbours) + len(generator.vocab.encode_text("a red circle"))
+    out = generator.text_to_image(["a red circle"], num_samples=2, num_neighbours=2, rerank=False)
+    assert out[0].codes.shape == (2, 4, 4) and out[0].scores is None
+
+
+def test_image_to_text_and_infilling_write_text_only(generator):
+    images = np.stack([np.full((16, 16, 3), 200, np.uint8), np.zeros((16, 16, 3), np.uint8)])
+    captions = generator.image_to_text(images, max_tokens=6)
+    answers = generator.image_to_text(images, question="what colour is the shape?", max_tokens=6)
+    assert len(captions) == len(answers) == 2 and all(isinstance(c, str) for c in captions + answers)
+    filled = generator.infill_text("a <mask:0> circle at the top left", max_tokens=6)
+    assert isinstance(filled, str) and "<" not in filled
+
+
+def test_cli_writes_a_png_grid_and_the_settings(tiny_pipeline, tmp_path):
+    out = tmp_path / "gen"
+    subprocess.run([sys.executable, "-m", "cm3leon_jax.generate", "--workdir", tiny_pipeline["lm"], "--prompt",
+                    "a small red circle", "--prompt", "a large green star", "--num_samples", "3", "--cfg_scale", "2",
+                    "--out", str(out)], cwd=REPO, env=_env(1), check=True, capture_output=True)
+    grid = np.asarray(Image.open(out / "samples.png"))
+    assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 3)
+    record = json.loads((out / "samples.json").read_text())
+    assert record["settings"]["cfg_scale"] == 2.0 and len(record["samples"]) == 2
+    assert len(record["samples"][0]["scores"]) == 3

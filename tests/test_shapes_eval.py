@@ -1,0 +1,230 @@
+"""Shapes-world evaluation: the attribute classifier and the scores built on it.
+
+The classifier is trained once per module on a reduced budget (TEST_STEPS steps instead of the
+default); the thresholds below are what that budget reaches on held-out renders, with margin.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from cm3leon_jax import attribute_classifier as ac
+from cm3leon_jax import shapes_metrics as sm
+from data_pipeline import shapes_world as sw
+
+TEST_STEPS = 400
+HELDOUT = 160
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("classifier"))
+    params = ac.train_classifier(workdir, steps=TEST_STEPS, batch_size=32, seed=0, eval_images=0)
+    return workdir, params
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return ac.heldout_examples(HELDOUT, "test")
+
+
+def _permutation(n, seed=0):
+    """A permutation with no fixed point, so every image is paired with another scene."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.roll(perm, 1)[np.argsort(perm)]
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+def test_cached_classifier_is_loaded_not_retrained(trained):
+    workdir, params = trained
+    assert os.path.exists(os.path.join(workdir, ac.CLASSIFIER_SUBDIR, ac.PARAMS_FILE))
+    info = ac.classifier_info(workdir)
+    assert info["format"] == ac.FORMAT and info["steps"] == TEST_STEPS
+    loaded = ac.train_classifier(workdir, steps=10**9)  # would take hours if it trained
+    flat_a = {k: np.asarray(v) for k, v in ac._flatten(params).items()}
+    flat_b = {k: np.asarray(v) for k, v in ac._flatten(loaded).items()}
+    assert flat_a.keys() == flat_b.keys()
+    assert all(np.array_equal(flat_a[k], flat_b[k]) for k in flat_a)
+    assert ac.load_classifier(os.path.join(workdir, ac.CLASSIFIER_SUBDIR)).keys() == params.keys()
+
+
+def test_training_data_is_deterministic_and_labelled():
+    a_images, a_index, a_labels = ac.training_batch(3, 7, 8)
+    b_images, b_index, b_labels = ac.training_batch(3, 7, 8)
+    assert a_images.tobytes() == b_images.tobytes() and np.array_equal(a_index, b_index)
+    assert all(np.array_equal(a_labels[k], b_labels[k]) for k in a_labels)
+    assert a_images.shape == (8, 64, 64, 3) and a_images.dtype == np.uint8
+    assert a_index.shape == (8 * ac.CROPS_PER_IMAGE,) and len(set(a_index.tolist())) == len(a_index)
+    assert (a_labels["shape"] > 0).mean() <= ac.MAX_OCCUPIED_SHARE + 1e-9
+    assert ac.training_batch(3, 8, 8)[0].tobytes() != a_images.tobytes()
+
+
+def test_predict_scenes_matches_shapes_world_structure(trained, heldout):
+    _, params = trained
+    images, scenes = heldout
+    preds = ac.predict_scenes(params, images[:12])
+    assert isinstance(preds, list) and len(preds) == 12
+    for pred in preds:
+        assert set(pred) == {"objects", "background"}
+        assert pred["background"] in sw.BACKGROUNDS
+        positions = [o["position"] for o in pred["objects"]]
+        assert positions == sorted(positions, key=sw.POSITIONS.index) and len(set(positions)) == len(positions)
+        for obj in pred["objects"]:
+            assert set(obj) == set(sw.ATTRIBUTES)
+            assert obj["shape"] in sw.SHAPES and obj["color"] in sw.COLORS and obj["size"] in sw.SIZES
+        assert sw.render(pred, 32).shape == (32, 32, 3)  # renderable like any scene
+    # one image without a batch axis, and another resolution (resized internally)
+    assert ac.predict_scenes(params, images[0]) == preds[:1]
+    big = np.repeat(np.repeat(images[:4], 2, axis=1), 2, axis=2)
+    assert ac.predict_scenes(params, big) == preds[:4]
+    assert ac.predict_scenes(params, images[:0]) == []
+    feats = ac.features(params, images[:5])
+    assert feats.shape == (5, ac.feature_dim()) and feats.dtype == np.float32
+
+
+def test_classifier_reads_held_out_renders(trained, heldout):
+    _, params = trained
+    images, scenes = heldout
+    acc = ac.classifier_accuracy(params, images, scenes)
+    assert acc["occupancy"] >= 0.995 and acc["background"] >= 0.99, acc
+    assert acc["color"] >= 0.98 and acc["size"] >= 0.98 and acc["shape"] >= 0.95, acc
+
+
+def test_faithfulness_real_images_near_one_noise_and_shuffled_near_chance(trained, heldout):
+    _, params = trained
+    images, scenes = heldout
+    real = sm.text_to_image_faithfulness(scenes, ac.predict_scenes(params, images))
+    assert real["num_scenes"] == HELDOUT and real["num_objects"] == sum(len(s["objects"]) for s in scenes)
+    assert real["overall"] >= 0.98, real
+    for key in ("position", "color", "size", "count", "background"):
+        assert real[key] >= 0.97, (key, real)
+    assert real["shape"] >= 0.95, real
+
+    # Chance: the score of the true scenes of *other* images (no classifier involved).
+    perm = _permutation(HELDOUT)
+    chance = sm.text_to_image_faithfulness(scenes, [scenes[i] for i in perm])
+    assert chance["overall"] < 0.3, chance
+    shuffled = sm.text_to_image_faithfulness(scenes, ac.predict_scenes(params, images[perm]))
+    assert abs(shuffled["overall"] - chance["overall"]) < 0.06, (shuffled, chance)
+    assert shuffled["shape"] < 0.12 and shuffled["position"] < 0.45, shuffled
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, images.shape, dtype=np.uint8)
+    noisy = sm.text_to_image_faithfulness(scenes, ac.predict_scenes(params, noise))
+    assert noisy["overall"] <= chance["overall"] + 0.05, (noisy, chance)
+    assert noisy["shape"] < 0.1 and noisy["color"] < 0.15, noisy
+
+
+def test_frechet_distance_in_classifier_space(trained, heldout):
+    _, params = trained
+    images, _ = heldout
+    feats = ac.features(params, images)
+    half = HELDOUT // 2
+    real_vs_real = sm.frechet_distance(feats[:half], feats[half:])
+    noise = np.random.default_rng(1).integers(0, 256, images[:half].shape, dtype=np.uint8)
+    real_vs_noise = sm.frechet_distance(feats[:half], ac.features(params, noise))
+    assert sm.frechet_distance(feats, feats) < 1e-6 * max(1.0, real_vs_real)
+    assert real_vs_noise > 3 * real_vs_real > 0, (real_vs_real, real_vs_noise)
+
+
+# --------------------------------------------------------------------------- pure metrics
+
+
+def _scene(background, *objects):
+    return {"background": background,
+            "objects": [dict(zip(sw.ATTRIBUTES, o)) for o in objects]}
+
+
+def test_faithfulness_counts_each_attribute():
+    requested = [_scene("white", ("circle", "red", "small", "top"), ("star", "blue", "large", "center")),
+                 _scene("black", ("cross", "green", "large", "left"))]
+    predicted = [_scene("white", ("circle", "pink", "small", "top")),          # star missing
+                 _scene("dark gray", ("square", "green", "large", "left"), ("star", "red", "small", "right"))]
+    got = sm.text_to_image_faithfulness(requested, predicted)
+    assert got["position"] == pytest.approx(2 / 3) and got["shape"] == pytest.approx(1 / 3)
+    assert got["color"] == pytest.approx(1 / 3) and got["size"] == pytest.approx(2 / 3)
+    assert got["count"] == 0.0 and got["background"] == 0.5
+    assert got["overall"] == pytest.approx(np.mean([2 / 3, 1 / 3, 1 / 3, 2 / 3, 0.0, 0.5]))
+    assert got["all_correct"] == 0.0 and got["num_objects"] == 3 and got["num_scenes"] == 2
+    perfect = sm.text_to_image_faithfulness(requested, requested)
+    assert all(perfect[k] == 1.0 for k in sm.SCORED_ATTRIBUTES + ("overall", "all_correct"))
+    with pytest.raises(ValueError):
+        sm.text_to_image_faithfulness(requested, predicted[:1])
+
+
+def test_caption_accuracy_true_other_and_unparseable():
+    pairs = [sw.scene_and_caption("validation", i) for i in range(120)]
+    scenes, captions = [p[0] for p in pairs], [p[1] for p in pairs]
+    true = sm.caption_accuracy(scenes, captions)
+    assert all(true[k] == 1.0 for k in sm.SCORED_ATTRIBUTES + ("overall", "all_correct"))
+    assert true["unparseable"] == 0.0
+
+    other = sm.caption_accuracy(scenes, [captions[i] for i in _permutation(len(captions))])
+    assert other["overall"] < 0.35 and other["shape"] < 0.12 and other["all_correct"] < 0.05, other
+
+    broken = list(captions)
+    broken[0] = "a red circle on a black background"      # no size or position: does not parse
+    broken[1] = "the model wrote nothing useful"
+    got = sm.caption_accuracy(scenes[:4], broken[:4])
+    assert got["unparseable"] == 0.5
+    n0, n1 = len(scenes[0]["objects"]), len(scenes[1]["objects"])
+    n = sum(len(s["objects"]) for s in scenes[:4])
+    assert got["shape"] == pytest.approx((n - n0 - n1) / n)
+    assert got["background"] == 0.5 and got["count"] == 0.5
+
+
+def test_frechet_distance_properties():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6))
+    b = rng.normal(size=(300, 6)) * 2.0 + 0.5
+    assert sm.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    shift = np.array([1.0, -2.0, 0.0, 0.5, 0.0, 3.0])
+    assert sm.frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
+    d_ab, d_ba = sm.frechet_distance(a, b), sm.frechet_distance(b, a)
+    assert d_ab == pytest.approx(d_ba, rel=1e-6) and d_ab > sm.frechet_distance(a, a + 0.1)
+    # closed form for diagonal Gaussians: sum (s_a - s_b)^2 over dimensions
+    d = sm.frechet_distance_from_stats(np.zeros(3), np.diag([1.0, 4.0, 9.0]), np.zeros(3), np.diag([4.0, 4.0, 1.0]))
+    assert d == pytest.approx(1.0 + 0.0 + 4.0)
+    # fewer samples than dimensions (singular covariances) stays finite and non-negative
+    few = sm.frechet_distance(rng.normal(size=(5, 40)), rng.normal(size=(7, 40)))
+    assert np.isfinite(few) and few >= 0
+    with pytest.raises(ValueError):
+        sm.frechet_distance(a[:1], b)
+    with pytest.raises(ValueError):
+        sm.frechet_distance(a, b[:, :5])
+
+
+def test_user_supplied_feature_network_npz_and_safetensors(tmp_path):
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(0)
+    shapes = [(3, 3, 3, 8), (3, 3, 8, 16), (3, 3, 16, 12)]
+    kernels = [rng.normal(scale=0.3, size=s).astype(np.float32) for s in shapes]
+    biases = [rng.normal(scale=0.1, size=s[-1]).astype(np.float32) for s in shapes]
+    npz = str(tmp_path / "net.npz")
+    np.savez(npz, **{f"conv{i}/kernel": k for i, k in enumerate(kernels)},
+             **{f"conv{i}/bias": b for i, b in enumerate(biases)},
+             input_mean=np.full(3, 0.5, np.float32), input_std=np.full(3, 0.25, np.float32),
+             input_size=np.array(32))
+    st = str(tmp_path / "net.safetensors")   # the same network in PyTorch's OIHW layout
+    save_file({**{f"conv{i}.weight": np.ascontiguousarray(k.transpose(3, 2, 0, 1)) for i, k in enumerate(kernels)},
+               **{f"conv{i}.bias": b for i, b in enumerate(biases)},
+               "input_mean": np.full(3, 0.5, np.float32), "input_std": np.full(3, 0.25, np.float32),
+               "input_size": np.array(32, np.int64)}, st)
+    net_a, net_b = sm.load_feature_network(npz), sm.load_feature_network(st)
+    images = np.stack([sw.example("validation", i)["image"] for i in range(24)])
+    fa, fb = sm.features_from_network(net_a, images), sm.features_from_network(net_b, images)
+    assert fa.shape == (24, 12) and fa.dtype == np.float32 and np.isfinite(fa).all()
+    np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-5)
+    assert sm.frechet_distance(fa, fa) == pytest.approx(0.0, abs=1e-6)
+    noise = np.random.default_rng(1).integers(0, 256, images.shape, dtype=np.uint8)
+    assert sm.frechet_distance(fa, sm.features_from_network(net_a, noise)) > 0
+    bad = str(tmp_path / "bad.npz")
+    np.savez(bad, **{"conv0/kernel": kernels[0], "conv2/kernel": kernels[2]})
+    with pytest.raises(ValueError):
+        sm.load_feature_network(bad)
+    pkl = tmp_path / "net.pkl"
+    pkl.write_bytes(b"not loaded")
+    with pytest.raises(ValueError):
+        sm.load_feature_network(str(pkl))
