@@ -16,9 +16,13 @@ import math
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-flags.DEFINE_integer("num_devices", None, "devices in the target slice (simulated on the host CPU)")
-flags.DEFINE_float("device_memory_gib", None, "memory of one device, to print whether the plan fits")
+
+
+def _define_flags() -> None:
+    """Only when run as a program: importing `plan` must not clash with other CLIs' flags."""
+    config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+    flags.DEFINE_integer("num_devices", None, "devices in the target slice (simulated on the host CPU)")
+    flags.DEFINE_float("device_memory_gib", None, "memory of one device, to print whether the plan fits")
 
 GIB = 1024 ** 3
 
@@ -66,4 +70,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
