@@ -12,6 +12,7 @@ object with every figure.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
@@ -54,7 +55,7 @@ def _apply_override(config, item: str) -> None:
     for part in path:
         target = target[part]
     current = target[last]
-    target[last] = type(current)(eval(value, {}) if isinstance(current, (tuple, bool)) else value)
+    target[last] = type(current)(ast.literal_eval(value) if isinstance(current, (tuple, bool)) else value)
 
 
 def photo_images(size: int) -> dict[str, np.ndarray]:
