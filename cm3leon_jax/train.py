@@ -18,14 +18,19 @@ config_flags.DEFINE_config_file("config", None, "experiment config file (experim
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl and TensorBoard events")
 
 
-def main(argv):
-    del argv
+def run(train_fn) -> None:
+    """The start-up every training CLI shares (LM and VQ): logs, processes, flags, workdir."""
     metrics.quiet_library_logs()
     distributed.initialize_from_flags()
     if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
     os.makedirs(flags.FLAGS.workdir, exist_ok=True)
-    trainer.train(flags.FLAGS.config, flags.FLAGS.workdir)
+    train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+def main(argv):
+    del argv
+    run(trainer.train)
 
 
 if __name__ == "__main__":

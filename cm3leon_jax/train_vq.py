@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, logging
 from flax import linen as nn
 from PIL import Image
 
-from cm3leon_jax import checkpointing, distributed, metrics, sharding, trainer as lm_trainer, vq_losses, vqgan
-from cm3leon_jax import train as _lm_cli  # noqa: F401  (defines --config / --workdir, shared by both CLIs)
+from cm3leon_jax import checkpointing, metrics, sharding, trainer as lm_trainer, vq_losses, vqgan
+from cm3leon_jax import train as _lm_cli  # its --config / --workdir flags and start-up serve both CLIs
 from cm3leon_jax.vq_tokenizer import VQ_CONFIG_FILE, VQTokenizer, load_tokenizer, load_vq_config, save_vq_config  # noqa: F401
 from data_pipeline import images as image_data
 
@@ -374,12 +374,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
 def main(argv):
     del argv
-    metrics.quiet_library_logs()
-    distributed.initialize_from_flags()
-    if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
-        raise app.UsageError("--config and --workdir are required")
-    os.makedirs(flags.FLAGS.workdir, exist_ok=True)
-    train(flags.FLAGS.config, flags.FLAGS.workdir)
+    _lm_cli.run(train)
 
 
 if __name__ == "__main__":
