@@ -5,6 +5,7 @@ import json
 import logging as std_logging
 import math
 import os
+import time
 
 import jax
 from absl import logging
@@ -18,6 +19,26 @@ def _format_duration(seconds: float) -> str:
 
 
 DEFAULT_STDOUT_KEYS = ("loss", "z_loss", "grad_norm", "learning_rate")
+
+
+class StepTimer:
+    """Seconds per step between restarts; the first step a process runs (it compiles) is never
+    timed. Restart only after blocking on a step's outputs, so the interval holds whole steps."""
+
+    def __init__(self):
+        self._start, self._step = None, 0
+
+    @property
+    def started(self) -> bool:
+        return self._start is not None
+
+    def restart(self, step: int) -> None:
+        self._start, self._step = time.perf_counter(), step
+
+    def step_time(self, step: int) -> float | None:
+        if self._start is None or step <= self._step:
+            return None
+        return (time.perf_counter() - self._start) / (step - self._step)
 
 
 class MetricsLogger:

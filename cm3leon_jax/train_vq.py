@@ -304,16 +304,8 @@ def train(config, workdir: str) -> dict[str, float]:
     data_iter = image_data.make_train_iterator(config, jax.process_index(), jax.process_count())
     ckpt = checkpointing.CheckpointManager(workdir, save_every_steps=int(config.checkpoint_every_steps),
                                            keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
-    latest = ckpt.latest_step()
-    if latest is not None:
-        logging.info("resuming from step %d in %s", latest, ckpt.directory)
-        state = ckpt.restore(latest, t.abstract_state, data_iter)
-        lm_trainer._truncate_metrics(workdir, latest)
-    else:
-        state = t.init_state(int(config.seed))
+    state = lm_trainer.restore_or_init(ckpt, t, data_iter, config, workdir)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
         save_vq_config(workdir, t.vq_config)
 
     logger = metrics.MetricsLogger(workdir, stdout_keys=STDOUT_KEYS, rate=("images_per_second", "images/s"))
@@ -330,27 +322,27 @@ def train(config, workdir: str) -> dict[str, float]:
 
     step = first_step = int(jax.device_get(state.step))
     last, sampled_at = {}, None
-    timer_start, timer_step = None, step
+    timer = metrics.StepTimer()
     while step < total_steps:
         batch = sharding.global_batch_from_local(next(data_iter), mesh)
         state, step_metrics = t.train_step(state, batch)
         step += 1
         if step % log_every == 0 or step == total_steps:
             last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            if timer_start is not None:  # speed from the second step on: the first one compiles
-                step_time = (time.perf_counter() - timer_start) / (step - timer_step)
+            step_time = timer.step_time(step)
+            if step_time is not None:
                 eta = (total_steps - step) * step_time
                 if budget > 0:
                     eta = min(eta, max(budget - (time.perf_counter() - start), 0.0))
                 last.update(step_time=step_time, images_per_second=t.images_per_step / step_time, eta_seconds=eta)
             logger.write(step, last, total_steps)
-        if timer_start is None or step % log_every == 0:
+        if not timer.started or step % log_every == 0:
             jax.block_until_ready(step_metrics)
-            timer_start, timer_step = time.perf_counter(), step
+            timer.restart(step)
         if sample_every > 0 and step % sample_every == 0:
             write_samples(step)
             sampled_at = step
-            timer_start, timer_step = time.perf_counter(), step
+            timer.restart(step)
         ckpt.save(step, state, data_iter)
         if preemption.should_stop(step):
             ckpt.save(step, state, data_iter, force=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any
 
 import flax
@@ -132,16 +131,9 @@ def _save_vocabulary(config, workdir: str) -> None:
         data_vocab.save(target)
 
 
-def train(config, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) to config.total_steps; returns the last logged metrics."""
-    mesh = sharding.make_mesh(config.mesh)
-    validate_config(config, mesh, jax.process_count())
-    trainer = Trainer(config, mesh)
-    logging.info("mesh %s; %s parameters", dict(mesh.shape),
-                 f"{sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params)):,}")
-    data_iter = data_pipeline.make_train_iterator(config, jax.process_index(), jax.process_count())
-    ckpt = checkpointing.CheckpointManager(workdir, save_every_steps=int(config.checkpoint_every_steps),
-                                           keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
+def restore_or_init(ckpt, trainer, data_iter, config, workdir: str):
+    """The workdir's latest checkpoint (model and data position) if any, else fresh sharded state;
+    config.json is (re)written either way. Shared by the LM and VQ trainers."""
     latest = ckpt.latest_step()
     if latest is not None:
         logging.info("resuming from step %d in %s", latest, ckpt.directory)
@@ -152,6 +144,21 @@ def train(config, workdir: str) -> dict[str, float]:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
+    return state
+
+
+def train(config, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) to config.total_steps; returns the last logged metrics."""
+    mesh = sharding.make_mesh(config.mesh)
+    validate_config(config, mesh, jax.process_count())
+    trainer = Trainer(config, mesh)
+    logging.info("mesh %s; %s parameters", dict(mesh.shape),
+                 f"{sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params)):,}")
+    data_iter = data_pipeline.make_train_iterator(config, jax.process_index(), jax.process_count())
+    ckpt = checkpointing.CheckpointManager(workdir, save_every_steps=int(config.checkpoint_every_steps),
+                                           keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
+    state = restore_or_init(ckpt, trainer, data_iter, config, workdir)
+    if jax.process_index() == 0:
         _save_vocabulary(config, workdir)
 
     logger = metrics.MetricsLogger(workdir)
@@ -161,22 +168,22 @@ def train(config, workdir: str) -> dict[str, float]:
     total_steps, log_every = int(config.total_steps), int(config.log_every_steps)
     step = int(jax.device_get(state.step))
     last = {}
-    timer_start, timer_step = None, step
+    timer = metrics.StepTimer()
     while step < total_steps:
         batch = sharding.global_batch_from_local(next(data_iter), mesh)
         state, step_metrics = trainer.train_step(state, batch)
         step += 1
         if step % log_every == 0 or step == total_steps:
             last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            if timer_start is not None:  # speed from the second step on: the first one compiles
-                step_time = (time.perf_counter() - timer_start) / (step - timer_step)
+            step_time = timer.step_time(step)
+            if step_time is not None:
                 last.update(step_time=step_time, tokens_per_second=trainer.tokens_per_step / step_time,
                             mfu=trainer.flops_per_step / step_time / peak,
                             eta_seconds=(total_steps - step) * step_time)
             logger.write(step, last, total_steps)
-        if timer_start is None or step % log_every == 0:
+        if not timer.started or step % log_every == 0:
             jax.block_until_ready(step_metrics)
-            timer_start, timer_step = time.perf_counter(), step
+            timer.restart(step)
         ckpt.save(step, state, data_iter)
         if preemption.should_stop(step):
             ckpt.save(step, state, data_iter, force=True)
