@@ -32,20 +32,13 @@ flags.DEFINE_multi_string("override", [], "config override KEY=VALUE, repeatable
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cm3leon_jax import metrics, train_vq  # noqa: E402
+from cm3leon_jax import metrics, train_vq, vq_tokenizer  # noqa: E402
 from data_pipeline import images as image_data  # noqa: E402
 from experiments import vq_tiny  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 TARGET_PSNR_DB, TARGET_USAGE, TARGET_MINUTES = 28.0, 0.90, 15.0
 WRAP_UP_SECONDS = 30.0
-
-
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR in dB of uint8 images (peak 255), capped at 100 dB for identical images."""
-    diff = a.astype(np.float64) - b.astype(np.float64)
-    mse = np.mean(diff.reshape(len(a), -1) ** 2, axis=1)
-    return np.minimum(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)), 100.0)
 
 
 def _apply_override(config, item: str) -> None:
@@ -96,20 +89,16 @@ def main(argv):
     val = image_data.validation_images(config, f.num_val_images)
     tok.encode(val[:tok.batch_size])  # compile
     t0 = time.perf_counter()
-    codes = tok.encode(val)
+    tok.encode(val)
     encode_seconds = time.perf_counter() - t0
-    recon = tok.decode(codes)
-    val_psnr = float(np.mean(psnr_uint8(val, recon)))
-    counts = np.bincount(codes.reshape(-1), minlength=k)
-    p = counts[counts > 0] / counts.sum()
-    usage = float(np.mean(counts > 0))
-    perplexity = float(np.exp(-np.sum(p * np.log(p))))
+    quality = vq_tokenizer.reconstruction_quality(tok, val)
+    val_psnr, usage, perplexity = quality["psnr_db"], quality["codebook_usage"], quality["code_perplexity"]
 
     photos = photo_images(size)
     photo_psnr = {}
     if photos:
         batch = np.stack(list(photos.values()))
-        photo_psnr = dict(zip(photos, map(float, psnr_uint8(batch, tok.decode(tok.encode(batch))))))
+        photo_psnr = dict(zip(photos, map(float, vq_tokenizer.psnr_uint8(batch, tok.decode(tok.encode(batch))))))
 
     results = {
         "config": "experiments/vq_tiny.py", "overrides": list(f.override),

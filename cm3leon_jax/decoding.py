@@ -20,11 +20,17 @@ from cm3leon_jax import sampling
 from cm3leon_jax.model import DecodeCache, Transformer, TransformerConfig
 
 
-def left_pad(prompts: Sequence[Sequence[int]], rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts -> (tokens [rows, length], mask [rows, length]), right-aligned; extra rows are empty."""
+LENGTH_BUCKET = 16
+
+
+def left_pad(prompts: Sequence[Sequence[int]], rows: int | None = None,
+             length_multiple: int = LENGTH_BUCKET) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts -> (tokens [rows, length], mask [rows, length]), right-aligned; extra rows are empty.
+    The length is rounded up to `length_multiple` so prompts of nearby lengths share one compiled
+    decoder (padded slots are never attended, so the outputs do not change)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    length = max(len(p) for p in prompts)
+    length = -(-max(len(p) for p in prompts) // length_multiple) * length_multiple
     rows = len(prompts) if rows is None else rows
     tokens = np.zeros((rows, length), np.int32)
     mask = np.zeros((rows, length), np.int32)
@@ -53,7 +59,8 @@ def stream_rows(streams: Sequence[Sequence[Sequence[int]]], multiple: int = 1) -
 
 
 def check_fits(model_config: TransformerConfig, prompt_length: int, new_tokens: int) -> None:
-    """Learned positions end at max_length: say so before XLA silently clamps the lookups."""
+    """Learned positions end at max_length: say so before XLA silently clamps the lookups.
+    `prompt_length` is the longest real prompt (positions count real tokens, not padding)."""
     total = prompt_length + new_tokens
     if model_config.positions == "learned" and total > model_config.max_length:
         raise ValueError(f"prompt of {prompt_length} tokens + {new_tokens} new ones = {total} exceeds the model's "

@@ -36,11 +36,16 @@ def load_tokenizer(workdir: str, step: int | None = None) -> tuple[Any, vqgan.VQ
     """(params, VQGANConfig) of a train_vq workdir's latest (or given) checkpoint: parameters only,
     restored by orbax onto the first local device; the optimizers and discriminator are not read."""
     config = load_vq_config(workdir)
+    params, _ = checkpointing.restore_params(workdir, abstract_params(config), step)
+    return params, config
+
+
+def abstract_params(config: vqgan.VQGANConfig):
+    """ShapeDtypeStructs of the VQ-GAN's params on the first local device, where the tokenizer
+    runs (shared by the workdir and the params-bundle loaders)."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shapes = jax.eval_shape(functools.partial(vqgan.init_params, config=config), jax.random.key(0))
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-    params, _ = checkpointing.restore_params(workdir, abstract, step)
-    return params, config
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
 
 
 class VQTokenizer:
@@ -121,3 +126,21 @@ class VQTokenizer:
         images = self._chunks(codes.astype(np.int32),
                               lambda x: vqgan.to_uint8(vqgan.decode(self.params, x, self.config)))
         return images[0] if single else images
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB of uint8 images (peak 255), capped at 100 dB for identical images."""
+    diff = a.astype(np.float64) - b.astype(np.float64)
+    mse = np.mean(diff.reshape(len(a), -1) ** 2, axis=1)
+    return np.minimum(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)), 100.0)
+
+
+def reconstruction_quality(tokenizer: VQTokenizer, images: np.ndarray) -> dict[str, float]:
+    """Mean PSNR of encode -> decode round trips, the share of codes used and the code perplexity:
+    the three figures a tokenizer is judged by (bench/vq.py, evaluate)."""
+    codes = tokenizer.encode(images)
+    psnr = float(np.mean(psnr_uint8(images, tokenizer.decode(codes))))
+    counts = np.bincount(codes.reshape(-1), minlength=tokenizer.codebook_size)
+    p = counts[counts > 0] / counts.sum()
+    return {"psnr_db": psnr, "codebook_usage": float(np.mean(counts > 0)),
+            "code_perplexity": float(np.exp(-np.sum(p * np.log(p)))), "num_images": int(len(images))}
