@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
         weight_decay=0.1, grad_clip=1.0,
     ))
     c.z_loss_weight = 0.0  # Chameleon: 1e-5
+    # Fine-tuning: a pretrained LM workdir whose parameters (only) start a fresh run; the
+    # optimizer starts fresh at step 0. Ignored once this run's workdir has its own checkpoint.
+    c.init_from = ""
 
     # Data: documents -> packed rows [global_batch_size, seq_len]. num_streams independent
     # packing streams make the global batch identical for any process count (-1: one per row).
@@ -44,6 +47,12 @@ def base_config() -> ml_collections.ConfigDict:
         num_documents=100_000, min_doc_length=8, max_doc_length=64, source_seed=1234,
         # source="cm3": documents from `python -m data_pipeline.prepare` + their neighbour sidecar
         data_dir="", num_neighbours=3, condition_dropout_rate=0.1, cm3_masking=True, cm3_lambda=1.0,
+        # source="sft": documents from `python -m data_pipeline.sft_prepare` (data_dir), mixed by task
+        # weight ("edit=2,vqa=1"; "" = equal) with the paper's 3x / 0.3x up/down-sampling limits; loss
+        # on the output only ("output") or the full CM3 objective ("cm3"); InstructPix2Pix-style
+        # condition dropout (text, image, both: each with this probability) for image outputs
+        sft_task_weights="", sft_max_upsample=3.0, sft_min_downsample=0.3, sft_loss="output",
+        sft_condition_dropout=0.05,
     ))
     return c
 

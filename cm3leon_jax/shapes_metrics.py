@@ -134,6 +134,105 @@ def caption_accuracy(true_scenes: Sequence[Mapping[str, Any]], captions: Sequenc
     return out
 
 
+# --------------------------------------------------------------------------- instruction-tuned tasks
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, single spaces, no surrounding punctuation: what VQA exact match compares."""
+    return " ".join(str(text).lower().split()).strip(" .!?,;:")
+
+
+def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
+    """Share of predictions equal to their answer after `normalize_answer`."""
+    _check_lengths(predictions, answers, "predictions and answers")
+    if not answers:
+        return float("nan")
+    return float(np.mean([normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers)]))
+
+
+def edit_success(after: Mapping[str, Any], edit: Mapping[str, Any], predicted: Mapping[str, Any]) -> dict[str, float]:
+    """One edit, read back from the generated image (`predicted`, e.g. by the attribute classifier).
+
+    `changed`: the requested change is there (recolor: the object has the new colour and its
+    shape; move: the shape is in the new cell and the old cell is empty; remove: its cell is empty).
+    `kept`: every other object of the true after-scene is in its cell with its shape, colour and
+    size, no object appears elsewhere, and the background is unchanged. `success` = both.
+    """
+    found = _objects_by_position(predicted["objects"])
+    kind, position = edit["kind"], edit["position"]
+    if kind == "recolor":
+        obj = found.get(position)
+        changed = obj is not None and obj["shape"] == edit["shape"] and obj["color"] == edit["color"]
+    elif kind == "move":
+        obj = found.get(edit["to"])
+        changed = obj is not None and obj["shape"] == edit["shape"] and position not in found
+    elif kind == "remove":
+        changed = position not in found
+    else:
+        raise ValueError(f"unknown edit kind {kind!r}")
+    touched = {position, edit.get("to")}
+    others = [o for o in after["objects"] if o["position"] not in touched]
+    kept = predicted["background"] == after["background"] and all(
+        o["position"] in found and all(found[o["position"]][k] == o[k] for k in ("shape", "color", "size"))
+        for o in others)
+    allowed = {o["position"] for o in after["objects"]} | touched
+    kept = kept and set(found) <= allowed
+    return {"changed": float(changed), "kept": float(kept), "success": float(changed and kept)}
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    out = np.array(mask, bool)
+    for _ in range(radius):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out
+
+
+def edge_f1(predicted: np.ndarray, reference: np.ndarray, tolerance: int = 1) -> float:
+    """F1 of two edge maps (bool [S, S]) where an edge pixel counts as matched when the other map
+    has an edge within `tolerance` pixels (4-neighbour steps). Both empty: 1."""
+    p, r = np.asarray(predicted, bool), np.asarray(reference, bool)
+    if p.shape != r.shape:
+        raise ValueError(f"edge maps differ in shape: {p.shape} vs {r.shape}")
+    if not p.any() and not r.any():
+        return 1.0
+    if not p.any() or not r.any():
+        return 0.0
+    precision = float(np.mean(_dilate(r, tolerance)[p]))
+    recall = float(np.mean(_dilate(p, tolerance)[r]))
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def class_map_accuracy(predicted: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Per-pixel accuracy of a class map, and on the reference's object pixels only (the share of
+    object pixels given their shape's class; all-background guesses score 0 there)."""
+    p, r = np.asarray(predicted), np.asarray(reference)
+    if p.shape != r.shape:
+        raise ValueError(f"class maps differ in shape: {p.shape} vs {r.shape}")
+    objects = r > 0
+    return {"pixel_accuracy": float(np.mean(p == r)),
+            "object_pixel_accuracy": float(np.mean(p[objects] == r[objects])) if objects.any() else float("nan")}
+
+
+def class_map_from_image(image: np.ndarray, cell_shapes: Sequence[int], threshold: float = 60.0) -> np.ndarray:
+    """The class map an image shows: pixels far (RGB distance > threshold) from the background
+    colour (the median of the border pixels) get the class (1 + shape index, 0 = empty) of their
+    grid cell, e.g. from `attribute_classifier.predict_classes(...)["shape"]` (same indexing)."""
+    x = np.asarray(image, np.float32)
+    border = np.concatenate([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]])
+    foreground = np.sqrt(np.square(x - np.median(border, axis=0)).sum(-1)) > threshold
+    size = x.shape[0]
+    out = np.zeros(x.shape[:2], np.uint8)
+    for c, shape in enumerate(cell_shapes):
+        top, bottom, left, right = sw.cell_bounds(sw.POSITIONS[c], size)
+        out[top:bottom, left:right] = np.where(foreground[top:bottom, left:right], int(shape), 0)
+    return out
+
+
 # --------------------------------------------------------------------------- Frechet distance
 
 

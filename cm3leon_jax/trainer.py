@@ -119,7 +119,7 @@ def _truncate_metrics(workdir: str, last_step: int) -> None:
 def _save_vocabulary(config, workdir: str) -> None:
     """The data's vocabulary travels with the checkpoints, so a model is never paired with
     another vocabulary (a resumed run on re-tokenized data fails here, not silently)."""
-    if config.data.source != "cm3":
+    if config.data.source not in ("cm3", "sft"):
         return
     from cm3leon_jax import vocab as vocab_lib
     from data_pipeline import prepare
@@ -129,6 +129,48 @@ def _save_vocabulary(config, workdir: str) -> None:
         vocab_lib.Vocabulary.load(target).check_compatible(data_vocab)
     else:
         data_vocab.save(target)
+
+
+# Model fields that change how the step runs, not the parameters: free to differ from init_from's.
+_RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_block_size")
+
+
+def init_from_pretrained(config, trainer, workdir: str):
+    """Parameters of `config.init_from`'s latest checkpoint, sharded like this run's (the optimizer
+    state and step stay fresh: fine-tuning starts at step 0). The architecture and the vocabulary
+    must be the pretrained run's; any difference is a ValueError naming it."""
+    source = os.path.abspath(config.init_from)
+    path = os.path.join(source, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.init_from={config.init_from!r} is not a training workdir (no config.json)")
+    with open(path, encoding="utf-8") as f:
+        theirs = json.load(f).get("model", {})
+    mine = config.model.to_dict()
+    diff = sorted(k for k in set(mine) | set(theirs)
+                  if k not in _RUNTIME_MODEL_FIELDS and json.dumps(mine.get(k)) != json.dumps(theirs.get(k)))
+    if diff:
+        raise ValueError("config.init_from: the model differs from the pretrained one in " + "; ".join(
+            f"model.{k}={mine.get(k)!r} vs {theirs.get(k)!r}" for k in diff))
+    if config.data.source in ("cm3", "sft"):
+        from cm3leon_jax import vocab as vocab_lib
+        from data_pipeline import prepare
+        pretrained_vocab = os.path.join(source, prepare.VOCAB_DIR)
+        if not os.path.exists(os.path.join(pretrained_vocab, vocab_lib.VOCAB_JSON)):
+            raise ValueError(f"config.init_from={config.init_from!r} has no vocabulary ({pretrained_vocab}): it was not "
+                             "trained on tokenized data, so its ids cannot be matched with data.data_dir's")
+        data_vocab = vocab_lib.Vocabulary.load(os.path.join(config.data.data_dir, prepare.VOCAB_DIR))
+        try:
+            vocab_lib.Vocabulary.load(pretrained_vocab).check_compatible(data_vocab)
+        except ValueError as e:
+            raise ValueError(f"the vocabulary of data.data_dir={config.data.data_dir!r} is not the one of "
+                             f"config.init_from={config.init_from!r}: {e}. Prepare the data with that run's vocabulary "
+                             f"(--config.vocab_dir={pretrained_vocab})") from None
+    params, step = checkpointing.restore_params(source, trainer.abstract_state.params)
+    logging.info("initialised parameters from %s step %d (optimizer fresh, step 0)", source, step)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "init_from.json"), "w", encoding="utf-8") as f:
+            json.dump({"workdir": source, "step": int(step)}, f, indent=2)
+    return params
 
 
 def restore_or_init(ckpt, trainer, data_iter, config, workdir: str):
@@ -141,6 +183,8 @@ def restore_or_init(ckpt, trainer, data_iter, config, workdir: str):
         _truncate_metrics(workdir, latest)
     else:
         state = trainer.init_state(int(config.seed))
+        if config.get("init_from"):
+            state = state.replace(params=init_from_pretrained(config, trainer, workdir))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))

@@ -214,16 +214,23 @@ class _Ingest:
                    "caption": caption, "meta": json.dumps(meta)}
             self.kept += 1
 
+    def _records(self) -> Iterator[RawRecord]:
+        return SOURCES[self.cfg.source](self.cfg, self.split)
+
+    def _validate(self, record: RawRecord):
+        """A record -> the batch item `_documents` encodes; SkipRecord when unusable."""
+        if record.meta and "error" in record.meta:
+            raise SkipRecord("bad_manifest_line", record.meta["error"])
+        caption = decode_caption(record.caption)
+        image = load_image(record.image, int(self.cfg.image_size), int(self.cfg.min_image_size))
+        return record, caption, image
+
     def examples(self) -> Iterator[tuple[int, dict]]:
         start, seen, batch = time.time(), 0, []
-        for record in SOURCES[self.cfg.source](self.cfg, self.split):
+        for record in self._records():
             seen += 1
             try:
-                if record.meta and "error" in record.meta:
-                    raise SkipRecord("bad_manifest_line", record.meta["error"])
-                caption = decode_caption(record.caption)
-                image = load_image(record.image, int(self.cfg.image_size), int(self.cfg.min_image_size))
-                batch.append((record, caption, image))
+                batch.append(self._validate(record))
             except SkipRecord as e:
                 self._skip(record.key, e.reason, e.detail)
             if len(batch) == int(self.cfg.encode_batch_size):
@@ -264,14 +271,16 @@ def load_documents(data_dir: str, split: str):
     return tfds.builder_from_directory(documents_dir(data_dir)).as_data_source(split)
 
 
-def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Callable[[np.ndarray], np.ndarray]) -> dict:
-    """Writes the documents, the vocabulary and the report; returns the report."""
-    if cfg.source not in SOURCES:
-        raise ValueError(f"unknown source {cfg.source!r}; choose one of {sorted(SOURCES)}")
+def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Callable[[np.ndarray], np.ndarray], *,
+            ingest_cls=_Ingest, builder_cls=Cm3Documents, sources=SOURCES) -> dict:
+    """Writes the documents, the vocabulary and the report; returns the report. The SFT ingestion
+    (`sft_prepare`) passes its own ingest (validation, tokenization) and builder (features)."""
+    if cfg.source not in sources:
+        raise ValueError(f"unknown source {cfg.source!r}; choose one of {sorted(sources)}")
     os.makedirs(out_dir, exist_ok=True)
-    ingests = {split: _Ingest(cfg, vocab, encode_images, split) for split in splits_of(cfg)}
-    builder = Cm3Documents(split_examples={s: i.examples for s, i in ingests.items()}, data_dir=out_dir,
-                           file_format="array_record")
+    ingests = {split: ingest_cls(cfg, vocab, encode_images, split) for split in splits_of(cfg)}
+    builder = builder_cls(split_examples={s: i.examples for s, i in ingests.items()}, data_dir=out_dir,
+                          file_format="array_record")
     builder.download_and_prepare()
     vocab.save(os.path.join(out_dir, VOCAB_DIR))
     report = {"source": cfg.source, "vq_workdir": os.path.abspath(cfg.vq_workdir) if cfg.vq_workdir else "",

@@ -206,6 +206,72 @@ def render(scene: Mapping[str, Any], image_size: int = 64) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).copy()
 
 
+# ----------------------------------------------------------------------------- maps (instruction tuning)
+
+# Per-pixel classes: 0 = background, 1 + i = SHAPES[i]. A class map is shown as an image in this
+# palette (black background, object colours the VQ tokenizer already reproduces) so segmentation
+# maps and segmentation-controlled generation go through the ordinary image tokens.
+CLASS_NAMES = ("background",) + SHAPES
+CLASS_PALETTE = np.asarray([(0, 0, 0)] + [COLORS[c] for c in
+                                          ("red", "green", "blue", "yellow", "cyan", "purple", "orange")], np.uint8)
+EDGE_THRESHOLD = 48   # max per-channel step between neighbouring pixels that counts as an edge
+MASK_GREY = (128, 128, 128)  # infilling mask colour: no background or object colour is this grey
+
+
+def class_map(scene: Mapping[str, Any], image_size: int = 64) -> np.ndarray:
+    """uint8 [S, S] per-pixel classes of a scene (0 background, 1 + shape index), drawn with the
+    same geometry as `render` and sampled without blending (nearest) so every pixel has one class."""
+    big = int(image_size) * _SUPERSAMPLE
+    img = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(img)
+    cell = big / 3.0
+    for obj in scene["objects"]:
+        cx, cy = object_center(obj, big)
+        _draw_shape(draw, obj["shape"], cx, cy, SIZES[obj["size"]] * cell / 2, 1 + SHAPES.index(obj["shape"]))
+    return np.asarray(img.resize((int(image_size),) * 2, Image.NEAREST), np.uint8).copy()
+
+
+def render_class_map(classes: np.ndarray) -> np.ndarray:
+    """uint8 [S, S] classes -> uint8 [S, S, 3] image in CLASS_PALETTE."""
+    return CLASS_PALETTE[np.asarray(classes)]
+
+
+def class_map_from_palette(image: np.ndarray) -> np.ndarray:
+    """An image in CLASS_PALETTE (e.g. a decoded segmentation) -> uint8 [S, S] nearest classes."""
+    x = np.asarray(image, np.int32)[..., None, :]
+    return np.argmin(np.square(x - CLASS_PALETTE.astype(np.int32)).sum(-1), axis=-1).astype(np.uint8)
+
+
+def edge_map(image: np.ndarray, threshold: int = EDGE_THRESHOLD) -> np.ndarray:
+    """bool [S, S]: pixels whose colour jumps by more than `threshold` (any channel) to the next
+    pixel right or below: one-pixel object outlines of a render (or of a generated image)."""
+    x = np.asarray(image, np.int32)
+    edges = np.zeros(x.shape[:2], bool)
+    edges[:, :-1] |= np.abs(x[:, 1:] - x[:, :-1]).max(-1) > threshold
+    edges[:-1, :] |= np.abs(x[1:, :] - x[:-1, :]).max(-1) > threshold
+    return edges
+
+
+def render_edge_map(edges: np.ndarray) -> np.ndarray:
+    """bool [S, S] -> uint8 [S, S, 3]: white outlines on black (a canny-style control image)."""
+    return np.repeat(np.where(np.asarray(edges, bool), 255, 0).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def cell_bounds(position: str, image_size: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) pixel bounds of a grid cell."""
+    row, col = divmod(POSITIONS.index(position), 3)
+    edges = [round(i * image_size / 3) for i in range(4)]
+    return edges[row], edges[row + 1], edges[col], edges[col + 1]
+
+
+def mask_cell(image: np.ndarray, position: str) -> np.ndarray:
+    """A copy of the image with one grid cell painted MASK_GREY (the infilling task's input)."""
+    out = np.array(image, np.uint8, copy=True)
+    top, bottom, left, right = cell_bounds(position, out.shape[0])
+    out[top:bottom, left:right] = MASK_GREY
+    return out
+
+
 # ----------------------------------------------------------------------------- captions
 
 
@@ -326,10 +392,17 @@ def scene_and_caption(split: str, index: int, config: ShapesWorldConfig = Shapes
     if index < 0:
         raise IndexError(f"index must be >= 0, got {index}")
     rng = np.random.default_rng([int(config.seed), _split_id(split), index])
+    scene = sample_scene_in_split(rng, split, config)
+    return scene, caption_for(scene, rng)
+
+
+def sample_scene_in_split(rng: np.random.Generator, split: str, config: ShapesWorldConfig = ShapesWorldConfig()):
+    """Draws scenes from `rng` until one belongs to `split` (rejection keeps splits disjoint)."""
+    _split_id(split)
     for _ in range(100_000):
         scene = sample_scene(rng, config)
         if scene_split(scene) == split:
-            return scene, caption_for(scene, rng)
+            return scene
     raise RuntimeError(f"no scene of split {split!r} found for config {config}")  # not reached in practice
 
 

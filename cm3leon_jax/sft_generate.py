@@ -1,0 +1,172 @@
+"""Task prompting of an instruction-tuned CM3Leon (and of any CM3Leon, for comparison).
+
+    python -m cm3leon_jax.generate --workdir W/sft --task edit --image in.png --prompt "make the circle blue"
+    python -m cm3leon_jax.generate --workdir W/sft --task vqa --image in.png --question "what color is the star?"
+    python -m cm3leon_jax.generate --workdir W/sft --task control --control_type edge --image edges.png --prompt "..."
+
+Prompts are the SFT templates' (`data_pipeline.sft_tasks.prompt_tokens`: everything before the
+output). Text outputs (caption, vqa) are written until `<eos>` from text ids only; image outputs
+are exactly one image of codes. Guidance for image outputs uses the prompt's conditions:
+text and image conditions (edit, control, infill) -> three streams (full, text dropped, both
+dropped) with InstructPix2Pix guidance `u + s_img (img - u) + s_txt (full - img)` (paper's
+editing defaults: image 1.5, text 7.5); one kind only -> two-stream CFG with that kind dropped.
+Dropped conditions are one `<mask>` each, exactly as condition dropout showed them in training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from cm3leon_jax import decoding, image_grid, sampling, sharding
+from data_pipeline import sft_tasks
+
+EDIT_SAMPLING = sampling.SamplingConfig(top_p=0.9, cfg_scale=7.5, image_cfg_scale=1.5)
+DEFAULT_SAMPLING = {
+    "text_to_image": sampling.SamplingConfig(top_p=0.9, cfg_scale=3.0),
+    "caption": sampling.SamplingConfig(temperature=0.0),
+    "vqa": sampling.SamplingConfig(temperature=0.0),
+    "edit": EDIT_SAMPLING,
+    "control": EDIT_SAMPLING,
+    "segment": sampling.SamplingConfig(temperature=0.0),
+    "infill": EDIT_SAMPLING,
+}
+
+
+def guidance_drops(tmpl: sft_tasks.Template, config: sampling.SamplingConfig) -> list[tuple[int, ...]]:
+    """Prompt slots dropped in each guidance stream after the first (the full prompt)."""
+    if config.cfg_scale == 1.0 and config.image_cfg_scale == 1.0 and config.cd_k == 0:
+        return []
+    text, image = tmpl.condition_slots("text"), tmpl.condition_slots("image")
+    if text and image:
+        return [text, text + image]
+    return [text or image]
+
+
+class TaskGenerator:
+    """Runs SFT tasks with a loaded `generate.Generator` (params, vocabulary, VQ tokenizer)."""
+
+    def __init__(self, generator):
+        self.gen = generator
+        self.vocab = generator.vocab
+
+    def encode_fields(self, task: str, examples: Sequence[Mapping[str, Any]]) -> list[dict]:
+        """Examples with uint8 images -> fields with VQ code grids (all images in one batch)."""
+        tmpl = sft_tasks.template(task)
+        image_fields = [s.spec for s in tmpl.prompt if s.kind == "image"]
+        out = [{f: ex[f] for s in tmpl.prompt if s.kind == "text" for f in s.fields} for ex in examples]
+        if image_fields:
+            size = self.gen.vq.image_size
+            images = np.stack([_resize(ex[f], size) for ex in examples for f in image_fields])
+            codes = np.asarray(self.gen.vq.encode(images)).reshape(len(images), *self.vocab.image_grid)
+            for i, fields in enumerate(out):
+                for j, f in enumerate(image_fields):
+                    fields[f] = codes[i * len(image_fields) + j].astype(np.int32)
+        return out
+
+    def prompts(self, task: str, fields: Sequence[Mapping[str, Any]], config: sampling.SamplingConfig
+                ) -> list[list[list[int]]]:
+        """One list of prompts per guidance stream (full first)."""
+        tmpl = sft_tasks.template(task)
+        drops = [()] + (guidance_drops(tmpl, config) if tmpl.generates_image else [])
+        return [[sft_tasks.prompt_tokens(task, f, self.vocab, drop) for f in fields] for drop in drops]
+
+    def run(self, task: str, examples: Sequence[Mapping[str, Any]], *, config: sampling.SamplingConfig | None = None,
+            seed: int = 0, max_text_tokens: int = 48) -> list:
+        """The task's output for each example: uint8 [S, S, 3] images or strings."""
+        tmpl = sft_tasks.template(task)
+        config = DEFAULT_SAMPLING[task] if config is None else config
+        if not examples:
+            return []
+        streams = self.prompts(task, self.encode_fields(task, examples), config)
+        if tmpl.generates_image:
+            v = self.vocab
+            image_range = ((v.image_offset, v.image_offset + v.num_image_codes),)
+            out, _ = self.gen._decode_fixed(streams, v.image_tokens_per_image, config, image_range, seed)
+            codes = (out - v.image_offset).reshape(-1, *v.image_grid).astype(np.int32)
+            return list(self.gen.vq.decode(codes))
+        return self._text(streams[0], config, seed, max_text_tokens)
+
+    def _text(self, prompts, config, seed, max_tokens) -> list[str]:
+        """Text ids until `<eos>` (the SFT sequences' end), the same loop as the Generator's."""
+        v, gen = self.vocab, self.gen
+        tokens, mask = decoding.stream_rows([prompts], multiple=sharding.data_parallel_size(gen.mesh))
+        decoding.check_fits(gen.model_config, tokens.shape[1], max_tokens)
+        allowed = ((v.eos_id, v.eos_id + 1), (v.text_offset, v.image_offset))
+        with sharding.activate(gen.mesh):
+            out, lengths = decoding.generate_until(
+                gen.params, tokens, mask, jax.random.key(seed), v.eos_id, model_config=gen.model_config, streams=1,
+                max_tokens=max_tokens, config=config, allowed=allowed)
+        texts = []
+        for row, n in zip(np.asarray(out)[:len(prompts)], np.asarray(lengths)[:len(prompts)]):
+            ids = np.asarray([int(t) for t in row[:n] if t != v.eos_id], np.int32)
+            texts.append(v.decode_text(ids).strip())
+        return texts
+
+
+def _resize(image, size: int) -> np.ndarray:
+    image = np.asarray(image, np.uint8)
+    if image.shape[:2] == (size, size):
+        return image
+    from PIL import Image
+    return np.asarray(Image.fromarray(image).convert("RGB").resize((size, size), Image.BICUBIC), np.uint8)
+
+
+def cli_example(task: str, images: Sequence[np.ndarray], prompt: str | None, control_type: str | None) -> dict:
+    """The prompt fields of a task from the CLI's inputs: `--image` fills the template's image
+    fields in order, `--prompt` (or `--question`) its text condition, `--control_type` the kind of
+    control map."""
+    tmpl = sft_tasks.template(task)
+    image_fields = [s.spec for s in tmpl.prompt if s.kind == "image"]
+    text_fields = [f for s in tmpl.prompt if s.kind == "text" for f in s.fields]
+    if len(images) != len(image_fields):
+        raise ValueError(f"--task {task} takes {len(image_fields)} --image ({', '.join(image_fields) or 'none'}), "
+                         f"got {len(images)}")
+    example: dict[str, Any] = dict(zip(image_fields, images))
+    for field in text_fields:
+        if field == "control_type":
+            if control_type not in sft_tasks.CONTROL_TYPES:
+                raise ValueError(f"--task control needs --control_type in {sft_tasks.CONTROL_TYPES}")
+            example[field] = control_type
+        elif not prompt:
+            raise ValueError(f"--task {task} needs --prompt (its {field})")
+        else:
+            example[field] = prompt
+    return example
+
+
+def run_cli(gen, f) -> None:
+    """`generate --task ...`: one example, `--num_samples` outputs, written under `--out`."""
+    from absl import logging
+    from PIL import Image
+    task = f.task
+    tmpl = sft_tasks.template(task)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in f.image]
+    text = f.question if task == "vqa" and f.question else (f.prompt[0] if f.prompt else None)
+    example = cli_example(task, images, text, f.control_type)
+    config = DEFAULT_SAMPLING[task]
+    overrides = {k: getattr(f, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "image_cfg_scale")
+                 if f[k].present}
+    config = dataclasses.replace(config, **overrides)
+    out_dir = f.out or os.path.join(f.workdir, "generate")
+    os.makedirs(out_dir, exist_ok=True)
+    count = f.num_samples if tmpl.generates_image else 1
+    outputs = TaskGenerator(gen).run(task, [example] * count, config=config, seed=f.seed,
+                                     max_text_tokens=f.max_text_tokens)
+    record = {"task": task, "inputs": {"image": list(f.image), "text": text, "control_type": f.control_type},
+              "settings": dataclasses.asdict(config), "workdir": os.path.abspath(f.workdir), "step": gen.step}
+    if tmpl.generates_image:
+        png = image_grid.save_png(os.path.join(out_dir, f"{task}.png"),
+                                  image_grid.make_grid([[_resize(i, gen.vq.image_size) for i in images] + outputs]))
+        record["png"] = png
+        logging.info("wrote %s", png)
+        print(png)
+    else:
+        record["text"] = outputs[0]
+        print(outputs[0])
+    with open(os.path.join(out_dir, f"{task}.json"), "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=2)

@@ -1,0 +1,116 @@
+"""The instruction-tuning training source (`data.source="sft"`): SFT documents mixed by task.
+
+Documents from `python -m data_pipeline.sft_prepare` -> a mixture view (`MixedTaskDocuments`: each
+mixture epoch draws `sft_tasks.mixing_counts` documents per task, cycling through a task's
+documents across epochs) -> per-process streams, seeded shuffle and packing (packing.py) -> per
+document, with Grain's per-element generator (`SftTransform`): condition dropout, then the loss
+mask: weight 1 on the output only (`data.sft_loss="output"`, Chameleon's choice) or the full CM3
+objective over the whole sequence (`"cm3"`: all tokens weighted, CM3 spans, sentinels 0).
+
+Packing keeps examples whole: an example is one document, the packer places whole documents in
+rows and skips (and counts, `document_longer_than_seq_len`) any longer than a row.
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import numpy as np
+
+from cm3leon_jax import vocab as vocab_lib
+from data_pipeline import cm3, prepare, sft_prepare, sft_tasks
+
+LOSSES = ("output", "cm3")
+
+
+class MixedTaskDocuments:
+    """Random access to a task mixture: index i -> a document id, by pure arithmetic.
+
+    One mixture epoch holds `counts[t]` slots of task t (contiguous; the packer shuffles). Slot j
+    of task t in epoch e reads the task's document (e * counts[t] + j) mod size[t], so a
+    down-sampled task moves on through all its documents epoch after epoch, and an up-sampled one
+    repeats each about counts/size times per epoch. `epochs` mixture epochs make one pass of the
+    view (the packer repeats the view after that).
+    """
+
+    def __init__(self, source, task_ranges: dict[str, tuple[int, int]], counts: dict[str, int], epochs: int = 1000):
+        self.source = source
+        self.tasks = [t for t in sft_tasks.TASKS if counts.get(t, 0) > 0]
+        self.starts = np.asarray([task_ranges[t][0] for t in self.tasks], np.int64)
+        self.sizes = np.asarray([task_ranges[t][1] - task_ranges[t][0] for t in self.tasks], np.int64)
+        self.counts = np.asarray([counts[t] for t in self.tasks], np.int64)
+        self.bounds = np.cumsum(self.counts)
+        self.per_epoch = int(self.bounds[-1])
+        self.epochs = int(epochs)
+
+    def __len__(self) -> int:
+        return self.per_epoch * self.epochs
+
+    def document_id(self, index: int) -> int:
+        epoch, slot = divmod(int(index), self.per_epoch)
+        t = int(np.searchsorted(self.bounds, slot, side="right"))
+        j = slot - (int(self.bounds[t - 1]) if t else 0)
+        return int(self.starts[t] + (epoch * int(self.counts[t]) + j) % int(self.sizes[t]))
+
+    def __getitem__(self, index):
+        if not 0 <= int(index) < len(self):
+            raise IndexError(f"index {index} outside [0, {len(self)})")
+        return self.source[self.document_id(index)]
+
+
+class SftTransform:
+    """document, rng -> {"tokens", "weights"}; a plain class so Grain workers can pickle it.
+    Random draws, in order: condition dropout, then (CM3 loss only) span count and placement."""
+
+    def __init__(self, loss: str, condition_dropout: float, cm3_config: cm3.CM3Config | None = None):
+        if loss not in LOSSES:
+            raise ValueError(f"data.sft_loss={loss!r}; choose one of {LOSSES}")
+        if not 0.0 <= condition_dropout <= 1.0 / 3.0:
+            raise ValueError(f"data.sft_condition_dropout={condition_dropout} must be in [0, 1/3] (three cases)")
+        self.loss, self.condition_dropout, self.cm3_config = loss, condition_dropout, cm3_config
+
+    def __call__(self, document, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        task = document["task"]
+        task = task.decode() if isinstance(task, bytes) else str(task)
+        seq = sft_tasks.SftSequence(np.asarray(document["tokens"], np.int32), np.asarray(document["slots"], np.int32),
+                                    int(document["output_start"]))
+        seq = sft_tasks.drop_slots(seq, sft_tasks.choose_dropped(sft_tasks.template(task), rng, self.condition_dropout))
+        if self.loss == "output":
+            return {"tokens": seq.tokens, "weights": sft_tasks.output_weights(len(seq.tokens), seq.output_start)}
+        c = self.cm3_config
+        tokens, weights = cm3.cm3_mask(seq.tokens, rng, sentinels=c.sentinels, break_id=c.break_id, eoss_id=c.eoss_id,
+                                       max_spans=c.max_spans, min_spans=c.min_spans, lam=c.cm3_lambda,
+                                       protect=c.protect)
+        return {"tokens": tokens, "weights": weights}
+
+
+def mixture(data_config, data_dir: str, split: str = "train"):
+    """(MixedTaskDocuments, counts per task) from the data's report and the config's weights."""
+    report = sft_prepare.load_report(data_dir)
+    ranges = report["splits"][split].get("tasks")
+    if ranges is None:
+        raise ValueError(f"{data_dir} is not SFT data (its report has no task ranges); make it with "
+                         "`python -m data_pipeline.sft_prepare`")
+    sizes = {t: ranges[t][1] - ranges[t][0] if t in ranges else 0 for t in sft_tasks.TASKS}
+    counts = sft_tasks.mixing_counts(sizes, sft_tasks.parse_weights(data_config.sft_task_weights),
+                                     max_upsample=float(data_config.sft_max_upsample),
+                                     min_downsample=float(data_config.sft_min_downsample))
+    source = sft_prepare.load_sft_documents(data_dir, split)
+    return MixedTaskDocuments(source, ranges, counts), counts
+
+
+def training_source(config, split: str = "train"):
+    """(documents MapDataset, per-document transform, vocabulary) for the trainer."""
+    data = config.data
+    if not data.data_dir:
+        raise ValueError("data.source='sft' needs data.data_dir: a directory made by "
+                         "`python -m data_pipeline.sft_prepare`")
+    vocab = vocab_lib.Vocabulary.load(os.path.join(data.data_dir, prepare.VOCAB_DIR))
+    if vocab.size > int(config.model.vocab_size):
+        raise ValueError(f"the data's vocabulary has {vocab.size} ids but model.vocab_size={config.model.vocab_size}; "
+                         f"set --config.model.vocab_size={vocab.padded_size()}")
+    docs, _ = mixture(data, data.data_dir, split)
+    cm3_config = cm3.CM3Config.from_vocab(vocab, retrieval=False, condition_dropout_rate=0.0,
+                                          cm3_lambda=float(data.cm3_lambda))
+    transform = SftTransform(str(data.sft_loss), float(data.sft_condition_dropout), cm3_config)
+    return grain.MapDataset.source(docs), transform, vocab
