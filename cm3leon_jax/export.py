@@ -1,6 +1,6 @@
 """Export a training workdir's parameters for evaluation, serving and other frameworks.
 
-    python -m cm3leon_jax.export --workdir DIR [--step N] --format params --out OUT
+    python -m cm3leon_jax.export --workdir DIR [--step N] --format params --out OUT [--vq_workdir VQ]
     python -m cm3leon_jax.export --workdir DIR [--step N] --format hf-opt --out OUT [--dtype bfloat16]
     python -m cm3leon_jax.export --workdir DIR [--step N] --format hf-chameleon --out OUT
 
@@ -13,9 +13,15 @@ Formats:
                                           ("layers/layer/attention/query/kernel", stacked)
                   OUT/config.json         the training config
                   OUT/vocab/              the vocabulary (vocab.json + spm.model), when the workdir has one
-                  OUT/bundle.json         manifest: format, step, every file's size and sha256,
-                                          every tensor's shape and dtype
-                `load_bundle(OUT)` verifies it all and returns (config, params).
+                  OUT/vq/                 the VQ image tokenizer (--vq_workdir, default the one the data's
+                                          ingest report names): vq_config.json, model.safetensors and
+                                          checkpoints/STEP, so OUT/vq is also a train_vq workdir
+                  OUT/bundle.json         manifest: format, step, every file's size and sha256 (the
+                                          orbax copies excepted), every tensor's shape and dtype
+                `load_bundle(OUT)` verifies it all and returns (config, params); `load_bundle_vq(OUT)`
+                the VQTokenizer. `generate.Generator(OUT)` (hence evaluation) runs from the bundle
+                alone through `restore_params` and `load_vq_tokenizer`, which take a workdir or a
+                bundle. A bundle holds no retriever or ScaNN index: retrieval needs the data dir.
   hf-opt        a transformers OPTForCausalLM folder (config.json + model.safetensors)
   hf-chameleon  a transformers ChameleonForConditionalGeneration folder (the language model;
                 the VQ image tokenizer is not part of the export and transformers initialises
@@ -44,6 +50,8 @@ BUNDLE_FORMAT = "cm3leon_jax.bundle/1"
 BUNDLE_JSON = "bundle.json"
 SAFETENSORS = "model.safetensors"
 VOCAB_DIR = "vocab"
+VQ_DIR = "vq"
+INGEST_REPORT = "ingest_report.json"  # data_pipeline.prepare.REPORT_FILE
 FORMATS = ("params",) + hf_interop.FORMATS
 
 
@@ -143,33 +151,78 @@ def _chunks(x, layered: bool):
 # ----------------------------------------------------------------------------- params bundle
 
 
-def export_params(workdir: str, out: str, step: int | None = None) -> dict:
-    """Writes the params bundle (module docstring); returns the manifest."""
-    _prepare_out(out)
-    config, model_cfg, params, step = load_workdir_params(workdir, step)
+def data_vq_workdir(data_dir: str) -> str:
+    """The VQ tokenizer workdir the training data was made with (its ingest report), or ''."""
+    path = os.path.join(data_dir or "", INGEST_REPORT)
+    if not data_dir or not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("vq_workdir", "") or ""
+
+
+def _write_params(out: str, step: int, params, layered_prefix: str | None) -> tuple[dict, str]:
+    """OUT/checkpoints/STEP (orbax) + OUT/model.safetensors of `params`; returns (tensor table, sha256).
+    Tensors under `layered_prefix` (stacked layers) are written one layer at a time."""
     save_params_checkpoint(out, step, params)
     flat = traverse_util.flatten_dict(params, sep="/")
     entries = [(name, tuple(x.shape), _dtype_name(x.dtype),
-                (lambda x=x, layered=name.startswith("layers/"): _chunks(x, layered)))
+                (lambda x=x, layered=bool(layered_prefix) and name.startswith(layered_prefix): _chunks(x, layered)))
                for name, x in sorted(flat.items())]
     sha = hf_interop.write_safetensors(os.path.join(out, SAFETENSORS), entries,
                                        metadata={"format": "cm3leon_jax", "step": step})
+    return {name: {"shape": list(shape), "dtype": dtype} for name, shape, dtype, _ in entries}, sha
+
+
+def _num_params(tensors: dict) -> int:
+    return int(sum(int(np.prod(t["shape"])) for t in tensors.values()))
+
+
+def export_params(workdir: str, out: str, step: int | None = None, vq_workdir: str | None = None) -> dict:
+    """Writes the params bundle (module docstring); returns the manifest. The VQ tokenizer is
+    `vq_workdir`, else the one the data's ingest report names (none for text-only data)."""
+    from cm3leon_jax import vocab as vocab_lib, vq_tokenizer
+    config = read_config(workdir)
+    vq_workdir = vq_workdir or data_vq_workdir(config.data.get("data_dir", ""))
+    vq_config = vq_tokenizer.load_vq_config(vq_workdir) if vq_workdir else None  # refuse before writing
+    vocab = None
+    if os.path.isdir(os.path.join(workdir, VOCAB_DIR)):
+        vocab = vocab_lib.Vocabulary.load(os.path.join(workdir, VOCAB_DIR))
+        if vq_config is not None and (vq_config.tokens_per_image, vq_config.codebook_size) != \
+                (vocab.image_tokens_per_image, vocab.num_image_codes):
+            raise ValueError(f"the VQ tokenizer in {vq_workdir} makes {vq_config.tokens_per_image} codes per image "
+                             f"from {vq_config.codebook_size}; the vocabulary of {workdir} expects "
+                             f"{vocab.image_tokens_per_image} from {vocab.num_image_codes}")
+    _prepare_out(out)
+    config, model_cfg, params, step = load_workdir_params(workdir, step)
+    tensors, sha = _write_params(out, step, params, "layers/")
     shutil.copyfile(os.path.join(workdir, "config.json"), os.path.join(out, "config.json"))
     files = {SAFETENSORS: {"bytes": os.path.getsize(os.path.join(out, SAFETENSORS)), "sha256": sha}}
-    if os.path.isdir(os.path.join(workdir, VOCAB_DIR)):
+    if vocab is not None:
         shutil.copytree(os.path.join(workdir, VOCAB_DIR), os.path.join(out, VOCAB_DIR))
+    vq_entry = None
+    if vq_config is not None:
+        vq_params, vq_step = checkpointing.restore_params(vq_workdir, vq_tokenizer.abstract_params(vq_config))
+        vq_out = os.path.join(out, VQ_DIR)
+        vq_tensors, vq_sha = _write_params(vq_out, int(vq_step), vq_params, None)
+        vq_tokenizer.save_vq_config(vq_out, vq_config)
+        vq_st = f"{VQ_DIR}/{SAFETENSORS}"
+        files[vq_st] = {"bytes": os.path.getsize(os.path.join(out, vq_st)), "sha256": vq_sha}
+        vq_entry = {"source_workdir": os.path.abspath(vq_workdir), "step": int(vq_step),
+                    "orbax": f"{VQ_DIR}/checkpoints/{int(vq_step)}", "safetensors": vq_st,
+                    "config": f"{VQ_DIR}/{vq_tokenizer.VQ_CONFIG_FILE}", "num_params": _num_params(vq_tensors),
+                    "tensors": vq_tensors}
     for root, _, names in os.walk(out):
         for name in sorted(names):
             path = os.path.join(root, name)
-            rel = os.path.relpath(path, out)
-            if rel == SAFETENSORS or rel.startswith("checkpoints" + os.sep):
+            rel = os.path.relpath(path, out).replace(os.sep, "/")
+            if rel in files or "checkpoints" in rel.split("/"):  # orbax copies: restore_params' layout
                 continue
             files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
     manifest = {
         "format": BUNDLE_FORMAT, "step": step, "source_workdir": os.path.abspath(workdir),
         "orbax": f"checkpoints/{step}", "safetensors": SAFETENSORS,
-        "num_params": int(sum(int(np.prod(s)) for _, s, _, _ in entries)),
-        "tensors": {name: {"shape": list(shape), "dtype": dtype} for name, shape, dtype, _ in entries},
+        "num_params": _num_params(tensors), "tensors": tensors,
+        "vocab": VOCAB_DIR if vocab is not None else None, "vq": vq_entry, "retrieval": None,
         "files": dict(sorted(files.items())),
     }
     with open(os.path.join(out, BUNDLE_JSON), "w", encoding="utf-8") as f:
@@ -178,13 +231,13 @@ def export_params(workdir: str, out: str, step: int | None = None) -> dict:
     return manifest
 
 
-def load_bundle(directory: str, *, abstract=None, verify_checksums: bool = True):
-    """(config, params) of a params bundle, after checking the manifest, every file's size and
-    sha256 and every tensor's name, shape and dtype against the config's model.
+def is_bundle(path: str) -> bool:
+    return os.path.exists(os.path.join(path, BUNDLE_JSON))
 
-    `abstract`: optional ShapeDtypeStructs with shardings (e.g. `Trainer.abstract_state.params`);
-    params are then jax.Arrays read shard by shard, else numpy arrays. Any mismatch is a
-    ValueError naming the file or tensor."""
+
+def read_manifest(directory: str, *, verify_checksums: bool = True, under: str | None = None) -> dict:
+    """The bundle's manifest after checking every listed file (or those under `under`) exists
+    with its size and sha256; a ValueError names the first file that does not."""
     path = os.path.join(directory, BUNDLE_JSON)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: not a params bundle (python -m cm3leon_jax.export --format params)")
@@ -196,6 +249,8 @@ def load_bundle(directory: str, *, abstract=None, verify_checksums: bool = True)
     if manifest.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     for rel, info in manifest["files"].items():
+        if under is not None and not rel.startswith(under + "/"):
+            continue
         file = os.path.join(directory, rel)
         if not os.path.exists(file):
             raise ValueError(f"{file}: listed in {BUNDLE_JSON} but missing")
@@ -204,10 +259,14 @@ def load_bundle(directory: str, *, abstract=None, verify_checksums: bool = True)
                              "(truncated or replaced)")
         if verify_checksums and _sha256(file) != info["sha256"]:
             raise ValueError(f"{file}: sha256 does not match {BUNDLE_JSON} (the file is corrupted or was modified)")
-    config = read_config(directory)
-    model_cfg = model_lib.TransformerConfig.from_config(config.model)
-    st = hf_interop.SafetensorsFile(os.path.join(directory, manifest["safetensors"]))
-    expected = _expected_tensors(model_cfg)
+    return manifest
+
+
+def _read_tensors(path: str, expected: dict, listed: dict, against: str, abstract=None):
+    """The params tree in safetensors `path`, after checking every tensor's name, shape and dtype
+    against `expected` (what `against` describes) and the manifest's table `listed`. With
+    `abstract` (ShapeDtypeStructs with shardings) jax.Arrays read shard by shard, else numpy."""
+    st = hf_interop.SafetensorsFile(path)
     problems = []
     for name in sorted(set(expected) | set(st.keys())):
         if name not in st:
@@ -220,16 +279,73 @@ def load_bundle(directory: str, *, abstract=None, verify_checksums: bool = True)
                 problems.append(f"tensor {name} has shape {st.shape(name)}, the config's model needs {shape}")
             elif st.dtype(name) != dtype:
                 problems.append(f"tensor {name} has dtype {st.dtype(name)}, the config's model needs {dtype}")
-            elif manifest["tensors"].get(name, {}).get("shape") != list(shape):
+            elif listed.get(name, {}).get("shape") != list(shape):
                 problems.append(f"tensor {name}: shape differs from {BUNDLE_JSON}")
     if problems:
-        raise ValueError(f"{st.path} does not match {os.path.join(directory, 'config.json')}: " + "; ".join(problems))
+        raise ValueError(f"{st.path} does not match {against}: " + "; ".join(problems))
     if abstract is None:
         flat = {name: np.array(st.get(name)) for name in expected}
     else:
         flat_abstract = traverse_util.flatten_dict(abstract, sep="/")
         flat = {name: make_sharded(a, lambda idx, name=name: st.get(name)[idx]) for name, a in flat_abstract.items()}
-    return config, traverse_util.unflatten_dict(flat, sep="/")
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def load_bundle(directory: str, *, abstract=None, verify_checksums: bool = True):
+    """(config, params) of a params bundle, after checking the manifest, every file's size and
+    sha256 and every tensor's name, shape and dtype against the config's model.
+
+    `abstract`: optional ShapeDtypeStructs with shardings (e.g. `Trainer.abstract_state.params`);
+    params are then jax.Arrays read shard by shard, else numpy arrays. Any mismatch is a
+    ValueError naming the file or tensor."""
+    manifest = read_manifest(directory, verify_checksums=verify_checksums)
+    config = read_config(directory)
+    expected = _expected_tensors(model_lib.TransformerConfig.from_config(config.model))
+    params = _read_tensors(os.path.join(directory, manifest["safetensors"]), expected, manifest["tensors"],
+                           os.path.join(directory, "config.json"), abstract)
+    return config, params
+
+
+def load_bundle_vq(directory: str, *, verify_checksums: bool = True, batch_size: int = 64):
+    """The bundle's VQ tokenizer (vq/model.safetensors + vq/vq_config.json, verified like the LM)."""
+    from cm3leon_jax import vq_tokenizer
+    manifest = read_manifest(directory, verify_checksums=verify_checksums, under=VQ_DIR)
+    info = manifest.get("vq")
+    if not info:
+        raise FileNotFoundError(f"{os.path.join(directory, BUNDLE_JSON)}: the bundle holds no VQ tokenizer "
+                                "(exported from text-only data?); pass a VQ workdir")
+    vq_config = vq_tokenizer.load_vq_config(os.path.join(directory, VQ_DIR))
+    abstract = vq_tokenizer.abstract_params(vq_config)
+    expected = {name: (tuple(a.shape), np.dtype(a.dtype))
+                for name, a in traverse_util.flatten_dict(abstract, sep="/").items()}
+    params = _read_tensors(os.path.join(directory, info["safetensors"]), expected, info["tensors"],
+                           os.path.join(directory, info["config"]), abstract)
+    return vq_tokenizer.VQTokenizer(params, vq_config, batch_size)
+
+
+def restore_params(model_dir: str, abstract, step: int | None = None):
+    """(params, step) from a training workdir (orbax, latest or `step`) or a params bundle
+    (verified safetensors): what generation and evaluation call, so both take either."""
+    if not is_bundle(model_dir):
+        return checkpointing.restore_params(model_dir, abstract, step)
+    manifest = read_manifest(model_dir, verify_checksums=False)
+    if step is not None and int(step) != int(manifest["step"]):
+        raise ValueError(f"{model_dir} is a params bundle of step {manifest['step']}, not {step}")
+    _, params = load_bundle(model_dir, abstract=abstract)
+    return params, int(manifest["step"])
+
+
+def load_vq_tokenizer(model_dir: str, vq_workdir: str | None = None, data_dir: str = ""):
+    """(VQTokenizer, where it came from) for a model dir: `vq_workdir` when given, else the
+    bundle's own vq/, else the one the data was made with (DATA/ingest_report.json)."""
+    from cm3leon_jax.vq_tokenizer import VQTokenizer
+    if not vq_workdir and is_bundle(model_dir) and read_manifest(model_dir, verify_checksums=False).get("vq"):
+        return load_bundle_vq(model_dir), os.path.join(model_dir, VQ_DIR)
+    vq_workdir = vq_workdir or data_vq_workdir(data_dir)
+    if not vq_workdir:
+        raise FileNotFoundError(f"no VQ tokenizer for {model_dir}: no vq/ in a params bundle and no ingest report "
+                                f"in the data dir {data_dir!r} naming one; pass a VQ workdir (--vq_workdir)")
+    return VQTokenizer.from_workdir(vq_workdir), vq_workdir
 
 
 def _expected_tensors(model_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -281,13 +397,16 @@ def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: 
     return hf_cfg
 
 
-def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32") -> Any:
+def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32",
+           vq_workdir: str | None = None) -> Any:
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: one of {FORMATS}")
     if fmt == "params":
         if dtype != "float32":
             raise ValueError("--dtype applies to the hf-* formats; params bundles keep the training dtype")
-        return export_params(workdir, out, step)
+        return export_params(workdir, out, step, vq_workdir)
+    if vq_workdir:
+        raise ValueError("--vq_workdir applies to params bundles; the hf-* formats hold the language model only")
     return export_hf(workdir, out, fmt, step, dtype)
 
 
@@ -301,6 +420,7 @@ def _define_flags():
     flags.DEFINE_enum("format", "params", list(FORMATS), "what to write")
     flags.DEFINE_string("out", None, "output directory (new or empty)", required=True)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "tensor dtype of hf-* exports")
+    flags.DEFINE_string("vq_workdir", None, "VQ tokenizer put in a params bundle (default: the data's)")
     return flags.FLAGS
 
 
@@ -308,7 +428,7 @@ def main(argv):
     del argv
     FLAGS = _FLAGS
     try:
-        export(FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step, FLAGS.dtype)
+        export(FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step, FLAGS.dtype, FLAGS.vq_workdir)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"export failed: {e}") from None
     with open(os.path.join(FLAGS.out, BUNDLE_JSON if FLAGS.format == "params" else "cm3leon_export.json")) as f:

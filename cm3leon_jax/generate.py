@@ -4,8 +4,6 @@
         --num_samples 8 --cfg_scale 3 --top_p 0.9 [--cd_fraction 0.5] [--neighbours 2] --out DIR/gen
     python -m cm3leon_jax.generate --workdir DIR --image photo.png [--question "what colour is the circle?"]
     python -m cm3leon_jax.generate --workdir DIR --prompt "a <mask:0> circle at the top left"
-    python -m cm3leon_jax.generate --workdir SFT_DIR --task edit --image in.png --prompt "make the circle blue"
-        (instruction-tuned tasks: cm3leon_jax/sft_generate.py)
 
 Loads the latest checkpoint's parameters, the vocabulary saved beside them, the VQ tokenizer the
 data was made with and, when the data has them, the retriever and its ScaNN index (for
@@ -24,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cm3leon_jax import checkpointing, decoding, image_grid, sampling, sharding, trainer as trainer_lib
+from cm3leon_jax import decoding, export, image_grid, sampling, sharding, trainer as trainer_lib
 from cm3leon_jax import vocab as vocab_lib
 
 MASK0 = vocab_lib.sentinel_token(0)
@@ -41,23 +39,23 @@ class ImageSamples:
 
 
 class Generator:
-    """Everything needed to decode from one training workdir, loaded once."""
+    """Everything needed to decode from one training workdir or params bundle, loaded once."""
 
-    def __init__(self, workdir: str, *, step: int | None = None, vq_workdir: str | None = None, mesh_config=None):
-        with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-            self.config = ml_collections.ConfigDict(json.load(f))
+    def __init__(self, workdir: str, *, step: int | None = None, vq_workdir: str | None = None,
+                 data_dir: str | None = None, mesh_config=None):
+        """`workdir`: a training workdir or a params bundle (export --format params, verified on
+        load; it carries its VQ tokenizer). `data_dir` (retriever, ScaNN index, VQ tokenizer of
+        a workdir) defaults to the config's; "" for none."""
+        self.config = export.read_config(workdir)
         if mesh_config is None:
             mesh_config = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
         self.mesh = sharding.make_mesh(mesh_config)
         self.trainer = trainer_lib.Trainer(self.config, self.mesh)
         self.model_config = self.trainer.model_config
-        self.params, self.step = checkpointing.restore_params(workdir, self.trainer.abstract_state.params, step)
+        self.params, self.step = export.restore_params(workdir, self.trainer.abstract_state.params, step)
         self.vocab = vocab_lib.Vocabulary.load(os.path.join(workdir, "vocab"))
-        data_dir = self.config.data.get("data_dir", "")
-        self.data_dir = data_dir
-        vq_workdir = vq_workdir or self._data_report().get("vq_workdir", "")
-        from cm3leon_jax.vq_tokenizer import VQTokenizer
-        self.vq = VQTokenizer.from_workdir(vq_workdir)
+        self.data_dir = self.config.data.get("data_dir", "") if data_dir is None else data_dir
+        self.vq, vq_workdir = export.load_vq_tokenizer(workdir, vq_workdir, self.data_dir)
         if self.vq.tokens_per_image != self.vocab.image_tokens_per_image:
             raise ValueError(f"VQ tokenizer in {vq_workdir} makes {self.vq.tokens_per_image} tokens per image, the "
                              f"vocabulary expects {self.vocab.image_tokens_per_image}")
@@ -65,13 +63,6 @@ class Generator:
         self._retrieval = None
 
     # ------------------------------------------------------------ data-side helpers
-
-    def _data_report(self) -> dict:
-        path = os.path.join(self.data_dir, "ingest_report.json")
-        if not self.data_dir or not os.path.exists(path):
-            return {}
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
 
     @property
     def retriever(self):
@@ -86,7 +77,8 @@ class Generator:
         if k <= 0:
             return []
         if self.retriever is None:
-            raise ValueError(f"--neighbours={k} needs a retriever and index in the data dir {self.data_dir!r}")
+            raise ValueError(f"--neighbours={k} needs a retriever and index in the data dir {self.data_dir!r} "
+                             "(a params bundle carries none: pass --data_dir)")
         from cm3leon_jax import retriever
         from data_pipeline import neighbours, prepare
         if self._retrieval is None:
@@ -224,17 +216,13 @@ def main(argv):
     from cm3leon_jax import metrics
     f = flags.FLAGS
     metrics.quiet_library_logs()
-    gen = Generator(f.workdir, step=f.step, vq_workdir=f.vq_workdir)
+    gen = Generator(f.workdir, step=f.step, vq_workdir=f.vq_workdir, data_dir=f.data_dir)
     config = sampling.SamplingConfig(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale,
                                      cd_k=f.cd_k, cd_alpha=f.cd_alpha)
     settings = {k: getattr(f, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cd_k", "cd_alpha",
                                            "cd_fraction", "num_samples", "neighbours", "seed")}
     settings.update(workdir=os.path.abspath(f.workdir), step=gen.step)
     out_dir = f.out or os.path.join(f.workdir, "generate")
-    if f.task:  # instruction-tuned tasks (edit, vqa, control, ...): their templates and guidance
-        from cm3leon_jax import sft_generate
-        sft_generate.run_cli(gen, f)
-        return
     if f.image:
         images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((gen.vq.image_size,) * 2)) for p in f.image])
         texts = gen.image_to_text(images, question=f.question, max_tokens=f.max_text_tokens, config=config, seed=f.seed)
@@ -259,9 +247,11 @@ def main(argv):
 
 def _define_flags():
     from absl import flags
-    flags.DEFINE_string("workdir", None, "training workdir (checkpoints, config.json, vocab/)", required=True)
+    flags.DEFINE_string("workdir", None, "training workdir (checkpoints, config.json, vocab/) or params bundle",
+                        required=True)
     flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
-    flags.DEFINE_string("vq_workdir", None, "VQ tokenizer workdir (default: the one the data was made with)")
+    flags.DEFINE_string("vq_workdir", None, "VQ tokenizer workdir (default: the bundle's, else the data's)")
+    flags.DEFINE_string("data_dir", None, "data dir for retrieval (default: the config's; '' for none)")
     flags.DEFINE_multi_string("prompt", [], "caption(s) for text -> image, or text with <mask:0> to infill")
     flags.DEFINE_multi_string("image", [], "image path(s) for image -> text")
     flags.DEFINE_string("question", None, "a question about the image (image -> text)")
@@ -278,10 +268,6 @@ def _define_flags():
     flags.DEFINE_integer("max_text_tokens", 48, "limit for generated text")
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_string("out", None, "output directory (default WORKDIR/generate)")
-    flags.DEFINE_enum("task", None, ["text_to_image", "caption", "vqa", "edit", "control", "segment", "infill"],
-                      "an instruction-tuning task: --image fills its images, --prompt / --question its text")
-    flags.DEFINE_float("image_cfg_scale", 1.5, "image guidance of three-stream CFG (--task edit/control/infill)")
-    flags.DEFINE_enum("control_type", None, ["edge", "segmentation"], "--task control: the kind of control map")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,17 @@ Vocabulary: Chameleon/Anole keep image codes inside their BPE vocabulary (`IMGIM
 `vocabulary_map`, else DIR/tokenizer.json or DIR/vocab.json) gives the mapping to our layout.
 By default the model keeps HF ids (the mapping file says which are which); `--remap_vocab`
 permutes the embedding and head rows so the model's ids ARE our layout (text and image codes
-contiguous, as vocab.py expects). The text itself stays HF BPE: our SentencePiece `vocab/` is not
-produced, so `generate` (which needs it) does not run on an imported workdir yet.
+contiguous, as vocab.py expects). The mapping is checked against transformers' own
+`ChameleonImageVocabularyMapping` on a byte-level BPE tokenizer.json (tests).
+
+Not carried (listed in the summary's `not_carried`): our `vocab/`, whose text side is a
+SentencePiece model. OPT's and Chameleon's text tokenizers are byte-level BPEs (GPT-2-style
+pre-tokenisation regex, byte-to-unicode alphabet, merge ranks), which a SentencePiece model
+cannot reproduce exactly, and a vocabulary that tokenises differently from training would be a
+silent error; nor is Chameleon's VQ image tokenizer (`model.vqmodel.*`: a different VQ-GAN).
+So `generate` (vocab/ + a VQ tokenizer) does not run on an imported workdir; what does: training
+and fine-tuning from the params, evaluating losses/logits on token ids (map HF ids to ours with
+hf_vocab_map.json, tokenise text with hf_tokenizer/).
 """
 from __future__ import annotations
 
@@ -49,6 +58,10 @@ from cm3leon_jax import export as export_lib, hf_interop, model as model_lib, sh
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "tokenizer.model", "generation_config.json")
 VOCAB_MAP_JSON = "hf_vocab_map.json"
+_NO_VOCAB = ("vocab/: the HF byte-level BPE has no exact SentencePiece form (see hf_tokenizer/, "
+             "hf_vocab_map.json), so generate does not run on this workdir")
+NOT_CARRIED = {hf_interop.OPT: [_NO_VOCAB],
+               hf_interop.CHAMELEON: [_NO_VOCAB, "model.vqmodel.*: Chameleon's VQ image tokenizer"]}
 
 
 def _detect_prefix(ckpt: hf_interop.HFCheckpoint, fmt: str) -> str:
@@ -162,7 +175,7 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
                 shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tok_dir, name))
     return {"format": fmt, "workdir": workdir, "num_params": int(sum(x.size for x in flat.values())),
             "vocab_mapping": mapping["layout"] if mapping else None, "weights_remapped": bool(remap_vocab),
-            "not_imported": len(unused)}
+            "not_imported": len(unused), "not_carried": NOT_CARRIED[fmt]}
 
 
 def _reader(ckpt, spec, cfg, layered: bool, perm):

@@ -305,3 +305,126 @@ def test_cli_and_no_torch_in_core(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["format"] == "hf-opt"
     assert (tmp_path / "back" / "checkpoints" / "0").is_dir()
+
+
+# ----------------------------------------------------------------------------- bundles of the pipeline's LM
+
+
+@pytest.fixture(scope="module")
+def pipeline_bundle(tiny_pipeline, tmp_path_factory):
+    """The tiny pipeline's LM exported by the CLI to a params bundle in a directory of its own."""
+    out = str(tmp_path_factory.mktemp("bundle") / "lm_bundle")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    run = subprocess.run([sys.executable, "-m", "cm3leon_jax.export", "--workdir", tiny_pipeline["lm"], "--step", "4",
+                          "--format", "params", "--out", out], cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return out
+
+
+def test_params_bundle_generates_the_same_samples_as_its_workdir(tiny_pipeline, pipeline_bundle):
+    from cm3leon_jax import generate, sampling
+    manifest = json.loads(open(os.path.join(pipeline_bundle, "bundle.json")).read())
+    assert manifest["step"] == 4 and manifest["vq"]["source_workdir"] == os.path.abspath(tiny_pipeline["vq"])
+    assert {"vq/model.safetensors", "vq/vq_config.json", "vocab/vocab.json", "vocab/spm.model"} <= set(manifest["files"])
+    from_workdir = generate.Generator(tiny_pipeline["lm"])
+    # data_dir="": nothing from the data dir (no ingest report -> VQ workdir, no retriever); all from the bundle
+    from_bundle = generate.Generator(pipeline_bundle, data_dir="")
+    assert from_bundle.step == from_workdir.step == 4 and from_bundle.retriever is None
+    config = sampling.SamplingConfig(top_p=0.9, cfg_scale=3.0)
+    captions = ["a small red circle at the top left", "a large blue square"]
+    a, b = (g.text_to_image(captions, num_samples=4, config=config, cd_fraction=0.5, rerank=False, seed=3)
+            for g in (from_workdir, from_bundle))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.codes, y.codes)
+        np.testing.assert_array_equal(x.images, y.images)
+        np.testing.assert_array_equal(x.logprobs, y.logprobs)
+    images = np.concatenate([a[0].images[:1], a[1].images[:1]])
+    assert from_bundle.vq.encode(images).tolist() == from_workdir.vq.encode(images).tolist()
+    assert from_bundle.image_to_text(images, max_tokens=8, seed=2) == \
+        from_workdir.image_to_text(images, max_tokens=8, seed=2)
+    with pytest.raises(ValueError, match="needs a retriever.*params bundle carries none"):
+        from_bundle.text_to_image(captions[:1], num_samples=1, num_neighbours=1)
+    with pytest.raises(ValueError, match="params bundle of step 4, not 2"):
+        export.restore_params(pipeline_bundle, None, step=2)
+
+
+def test_corrupted_or_mismatched_bundle_file_names_it(pipeline_bundle, tmp_path):
+    import dataclasses
+    import shutil
+    from cm3leon_jax import vq_tokenizer
+    out = tmp_path / "bundle"
+    shutil.copytree(pipeline_bundle, out)
+    assert export.load_bundle_vq(str(out)).codebook_size == 32
+    vq_st = out / "vq" / "model.safetensors"
+    original = vq_st.read_bytes()
+    data = bytearray(original)
+    data[-5] ^= 0x01  # one flipped bit in the VQ decoder's last tensor
+    vq_st.write_bytes(bytes(data))
+    for load in (export.load_bundle_vq, export.load_bundle):
+        with pytest.raises(ValueError, match=r"vq/model\.safetensors: sha256 does not match bundle\.json"):
+            load(str(out))
+    vq_st.write_bytes(original)
+    spm = out / "vocab" / "spm.model"
+    spm.rename(tmp_path / "spm.model")
+    with pytest.raises(ValueError, match=r"vocab/spm\.model: listed in bundle\.json but missing"):
+        export.load_bundle(str(out))
+    (tmp_path / "spm.model").rename(spm)
+    # a VQ config that does not describe the tensors (manifest updated so only the shapes disagree)
+    vq_config = vq_tokenizer.load_vq_config(str(out / "vq"))
+    vq_tokenizer.save_vq_config(str(out / "vq"), dataclasses.replace(vq_config, code_dim=6))
+    manifest = json.loads((out / "bundle.json").read_text())
+    manifest["files"]["vq/vq_config.json"] = {"bytes": (out / "vq" / "vq_config.json").stat().st_size,
+                                              "sha256": export._sha256(str(out / "vq" / "vq_config.json"))}
+    (out / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"vq/model\.safetensors does not match .*vq/vq_config\.json: tensor .* has "
+                                         r"shape"):
+        export.load_bundle_vq(str(out))
+
+
+@needs_hf
+def test_import_chameleon_with_a_real_tokenizer_structure(tmp_path):
+    """A byte-level BPE tokenizer.json saved by transformers with Chameleon's special tokens and
+    IMGIMG image tokens inside the BPE vocabulary, and a config whose vocabulary_map is that
+    vocabulary (as transformers' Chameleon conversion writes it): our mapping agrees with
+    transformers' own ChameleonImageVocabularyMapping and with the tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
+    from cm3leon_jax import text_tokenizer
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<sentinel:0>", "<sentinel:1>", "<racm3:break>", "<eoss>",
+                "<reserved08706>", "<image>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(list(text_tokenizer.shapes_captions(300)), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    data = json.loads(bpe.to_str())
+    n_text = len(data["model"]["vocab"])
+    for code in range(16):  # image codes inside the BPE vocabulary, in a scrambled order
+        data["model"]["vocab"][hf_interop.image_token_name((code * 5) % 16)] = n_text + code
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    hf_dir = tmp_path / "hf"
+    tokenizer.save_pretrained(str(hf_dir))
+    vocabulary_map = tokenizer.get_vocab()
+    assert hf_interop.read_hf_vocab(str(hf_dir / "tokenizer.json")) == vocabulary_map
+    cfg = model_lib.TransformerConfig(vocab_size=320, num_layers=1, d_model=32, num_heads=4, d_ff=64, max_length=32,
+                                      positions="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=True)
+    hf_interop.random_hf_model("hf-chameleon", hf_interop.hf_config(cfg, "hf-chameleon", vocabulary_map=vocabulary_map),
+                               str(hf_dir), seed=2)
+    summary = import_hf.import_hf(str(hf_dir), str(tmp_path / "wd"), remap_vocab=True)
+    assert summary["vocab_mapping"]["num_image_codes"] == 16 and summary["not_carried"]
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "wd" / "hf_tokenizer"))
+    m = json.loads((tmp_path / "wd" / "hf_vocab_map.json").read_text())
+    lay, o2h, h2o = m["layout"], m["ours_to_hf"], m["hf_to_ours"]
+    theirs = ChameleonImageVocabularyMapping(vocabulary_map)
+    assert [o2h[lay["image_offset"] + c] for c in range(16)] == [theirs.img2bpe[c] for c in range(16)]
+    assert m["special_sources"] == {"<pad>": "<pad>", "<eos>": "</s>", "<break>": "<racm3:break>", "<eoss>": "<eoss>",
+                                    "<mask>": "<reserved08706>", "<mask:0>": "<sentinel:0>", "<mask:1>": "<sentinel:1>"}
+    ids = tokenizer("a small red circle at the top left").input_ids
+    ours = [h2o[i] for i in ids]
+    assert all(lay["text_offset"] <= i < lay["image_offset"] for i in ours)
+    assert tokenizer.decode([o2h[i] for i in ours]) == "a small red circle at the top left"
+    assert [h2o[vocabulary_map[t]] for t in ("<pad>", "</s>", "<racm3:break>", "<eoss>")] == [0, 1, 2, 3]
