@@ -4,6 +4,8 @@
         --num_samples 8 --cfg_scale 3 --top_p 0.9 [--cd_fraction 0.5] [--neighbours 2] --out DIR/gen
     python -m cm3leon_jax.generate --workdir DIR --image photo.png [--question "what colour is the circle?"]
     python -m cm3leon_jax.generate --workdir DIR --prompt "a <mask:0> circle at the top left"
+    python -m cm3leon_jax.generate --workdir SFT_DIR --task edit --image in.png --prompt "make the circle blue"
+        (instruction-tuned tasks: cm3leon_jax/sft_generate.py)
 
 Loads the latest checkpoint's parameters, the vocabulary saved beside them, the VQ tokenizer the
 data was made with and, when the data has them, the retriever and its ScaNN index (for
@@ -223,6 +225,10 @@ def main(argv):
                                            "cd_fraction", "num_samples", "neighbours", "seed")}
     settings.update(workdir=os.path.abspath(f.workdir), step=gen.step)
     out_dir = f.out or os.path.join(f.workdir, "generate")
+    if f.task:  # instruction-tuned tasks (edit, vqa, control, ...): their templates and guidance
+        from cm3leon_jax import sft_generate
+        sft_generate.run_cli(gen, f)
+        return
     if f.image:
         images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((gen.vq.image_size,) * 2)) for p in f.image])
         texts = gen.image_to_text(images, question=f.question, max_tokens=f.max_text_tokens, config=config, seed=f.seed)
@@ -268,6 +274,10 @@ def _define_flags():
     flags.DEFINE_integer("max_text_tokens", 48, "limit for generated text")
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_string("out", None, "output directory (default WORKDIR/generate)")
+    flags.DEFINE_enum("task", None, ["text_to_image", "caption", "vqa", "edit", "control", "segment", "infill"],
+                      "an instruction-tuning task: --image fills its images, --prompt / --question its text")
+    flags.DEFINE_float("image_cfg_scale", 1.5, "image guidance of three-stream CFG (--task edit/control/infill)")
+    flags.DEFINE_enum("control_type", None, ["edge", "segmentation"], "--task control: the kind of control map")
 
 
 if __name__ == "__main__":
