@@ -1,0 +1,228 @@
+"""From nothing to generated images, captions and an evaluation report, in one command.
+
+    python -m cm3leon_jax.e2e --config experiments/e2e_tiny.py --workdir workdirs/e2e [--config.lm.total_steps=N]
+
+Stages, in the data's one-way order, each run through the library's own entry points:
+  text_tokenizer  SentencePiece BPE on the shapes world's captions          -> DIR/text_tokenizer/spm.model
+  vq              the VQ-GAN image tokenizer (train_vq.train)                -> DIR/vq/
+  data            ingestion to ArrayRecord documents (data_pipeline.prepare) -> DIR/data/
+  retrieval       retriever, ScaNN index, neighbour sidecar (data_pipeline.index), inside DIR/data/
+  lm              the CM3Leon LM with retrieval, CM3 masking, condition dropout (trainer.train) -> DIR/lm/
+  evaluate        generation + scores (cm3leon_jax.evaluate)                 -> DIR/eval/
+  report          DIR/report.md + DIR/report.json: stage times, settings and every score
+
+Caching: a finished stage writes DIR/stages/NAME.json with a fingerprint of its settings and of
+every stage before it; a rerun skips it, an interrupted stage starts again (the VQ and LM trainers
+resume from their last checkpoint). Changing a stage's settings in the same workdir is refused
+(the outputs on disk would no longer match the config): use a new workdir, or `cache_dir`.
+With `cache_dir` set (the ablation runner does), every stage's output lives in
+`cache_dir/NAME-FINGERPRINT/`, so runs that share settings share stages (e.g. every ablation
+reuses one tokenizer, VQ and dataset; the decoding-strategy table reuses the base LM).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import ml_collections
+from absl import logging
+
+STAGES = ("text_tokenizer", "vq", "data", "retrieval", "lm", "evaluate", "report")
+
+
+def _plain(value: Any) -> Any:
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
+def fingerprint(settings: Any, upstream: str = "") -> str:
+    blob = json.dumps({"settings": _plain(settings), "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class Pipeline:
+    """The stages of one run, their directories and their cache markers."""
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, os.path.abspath(workdir)
+        self.cache_dir = os.path.abspath(config.cache_dir) if config.get("cache_dir") else ""
+        self.marker_dir = os.path.join(self.workdir, "stages")
+        self.fingerprints: dict[str, str] = {}
+        self.dirs: dict[str, str] = {}
+        self.timings: dict[str, dict[str, Any]] = {}
+        upstream = ""
+        for name in STAGES:
+            upstream = fingerprint(self.stage_settings(name), upstream)
+            self.fingerprints[name] = upstream
+            self.dirs[name] = self._stage_dir(name)
+
+    def stage_settings(self, name: str) -> Any:
+        c = self.config
+        return {"text_tokenizer": c.text_tokenizer, "vq": c.vq, "data": c.data, "retrieval": c.retrieval,
+                "lm": c.lm, "evaluate": c.evaluate, "report": {}}[name]
+
+    def _stage_dir(self, name: str) -> str:
+        if name == "retrieval":  # writes the index and neighbours into the data directory
+            return self.dirs["data"]
+        if name in ("evaluate", "report"):  # per run, never shared
+            return os.path.join(self.workdir, "eval" if name == "evaluate" else "")
+        if self.cache_dir:
+            return os.path.join(self.cache_dir, f"{name}-{self.fingerprints[name]}")
+        return os.path.join(self.workdir, name)
+
+    def _marker_path(self, name: str) -> str:
+        if self.cache_dir and name not in ("evaluate", "report"):
+            return os.path.join(self.cache_dir, "stages", f"{name}-{self.fingerprints[name]}.json")
+        return os.path.join(self.marker_dir, f"{name}.json")
+
+    def done(self, name: str) -> bool:
+        path = self._marker_path(name)
+        if not os.path.exists(path):
+            return False
+        with open(path, encoding="utf-8") as f:
+            marker = json.load(f)
+        if marker["fingerprint"] != self.fingerprints[name]:
+            raise ValueError(
+                f"stage {name!r} in {self.workdir} was run with other settings (or after other upstream "
+                f"stages) than this config: its outputs do not match. Use a new --workdir, or delete "
+                f"{self.dirs[name]} and {path} to redo it from there.")
+        self.timings[name] = {"seconds": marker["seconds"], "cached": True}
+        return True
+
+    def mark_done(self, name: str, seconds: float, result: Any) -> None:
+        path = self._marker_path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"stage": name, "fingerprint": self.fingerprints[name], "seconds": round(seconds, 1),
+                       "dir": self.dirs[name], "result": result}, f, indent=2, default=str)
+        self.timings[name] = {"seconds": round(seconds, 1), "cached": False}
+
+    # ------------------------------------------------------------------ stages
+
+    def text_tokenizer(self) -> dict:
+        from cm3leon_jax import text_tokenizer
+        c = self.config.text_tokenizer
+        prefix = os.path.join(self.dirs["text_tokenizer"], "spm")
+        path = text_tokenizer.train_sentencepiece(text_tokenizer.shapes_captions(int(c.num_captions), int(c.seed)),
+                                                  prefix, int(c.vocab_size))
+        return {"spm_model": path}
+
+    def vq(self) -> dict:
+        from cm3leon_jax import train_vq
+        return train_vq.train(self.config.vq, self.dirs["vq"])
+
+    def data(self) -> dict:
+        from data_pipeline import prepare
+        out = self.dirs["data"]
+        if os.path.exists(out):  # an interrupted ingestion: start it again
+            shutil.rmtree(out)
+        cfg = ml_collections.ConfigDict(self.config.data.to_dict())
+        cfg.spm_model = os.path.join(self.dirs["text_tokenizer"], "spm.model")
+        cfg.vq_workdir = self.dirs["vq"]
+        vocab, encode = prepare.load_vocab_and_encoder(cfg)
+        return prepare.prepare(cfg, out, vocab, encode)
+
+    def retrieval(self) -> dict:
+        from data_pipeline import index
+        c = self.config.retrieval.to_dict()
+        return index.build(self.dirs["data"], seed=int(c.pop("seed", 0)), **c)
+
+    def lm_config(self) -> ml_collections.ConfigDict:
+        """The LM config with what the upstream stages decided: the data dir and the vocabulary size."""
+        from cm3leon_jax import vocab as vocab_lib
+        from data_pipeline import prepare
+        config = ml_collections.ConfigDict(self.config.lm.to_dict())
+        vocab = vocab_lib.Vocabulary.load(os.path.join(self.dirs["data"], prepare.VOCAB_DIR))
+        config.data.update(source="cm3", data_dir=self.dirs["data"])
+        config.model.vocab_size = vocab.padded_size()
+        return config
+
+    def lm(self) -> dict:
+        from cm3leon_jax import trainer
+        return trainer.train(self.lm_config(), self.dirs["lm"])
+
+    def evaluate(self) -> dict:
+        from cm3leon_jax import evaluate
+        c = self.config.evaluate
+        classifier_dir = self.cache_dir or self.workdir  # one classifier for every run that shares a cache
+        report = evaluate.evaluate(
+            self.dirs["lm"], out_dir=self.dirs["evaluate"], strategies=list(c.strategies),
+            num_prompts=int(c.num_prompts), num_samples=int(c.num_samples), num_captions=int(c.num_captions),
+            num_val_documents=int(c.num_val_documents), neighbour_counts=list(c.neighbour_counts),
+            num_vq_images=int(c.num_vq_images), classifier_dir=classifier_dir,
+            classifier_steps=int(c.classifier_steps), seed=int(self.config.seed))
+        return {"report": os.path.join(self.dirs["evaluate"], "report.json"), "seconds": report["seconds"]}
+
+    def report(self) -> dict:
+        with open(os.path.join(self.dirs["evaluate"], "report.json"), encoding="utf-8") as f:
+            evaluation = json.load(f)
+        with open(os.path.join(self.dirs["evaluate"], "report.md"), encoding="utf-8") as f:
+            evaluation_md = f.read()
+        total = sum(t["seconds"] for name, t in self.timings.items())
+        report = {"workdir": self.workdir, "config": self.config.to_dict(), "stages": self.timings,
+                  "stage_dirs": self.dirs, "total_seconds": round(total, 1), "evaluation": evaluation}
+        with open(os.path.join(self.workdir, "report.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, default=str)
+        lines = [f"# End-to-end run: {self.workdir}", "", "| stage | seconds | |", "|---|---|---|"]
+        lines += [f"| {n} | {t['seconds']:.0f} | {'cached' if t['cached'] else ''} |" for n, t in self.timings.items()]
+        lines += [f"| total | {total:.0f} | |", "", evaluation_md]
+        with open(os.path.join(self.workdir, "report.md"), "w", encoding="utf-8") as f:
+            f.write("\n".join(lines))
+        return {"report": os.path.join(self.workdir, "report.md")}
+
+    # ------------------------------------------------------------------ driver
+
+    def run(self, until: str = "report") -> dict[str, dict[str, Any]]:
+        if until not in STAGES:
+            raise ValueError(f"unknown stage {until!r}; stages: {STAGES}")
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(os.path.join(self.workdir, "e2e_config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.config.to_dict(), f, indent=2, default=str)
+        start = time.time()
+        stages = STAGES[:STAGES.index(until) + 1]
+        for i, name in enumerate(stages, 1):
+            if name != "report" and self.done(name):
+                logging.info("[%d/%d] %s: done already (%s), skipped", i, len(stages), name, self.dirs[name])
+                continue
+            logging.info("[%d/%d] %s -> %s (%.0fs elapsed)", i, len(stages), name, self.dirs[name],
+                         time.time() - start)
+            t0 = time.time()
+            fn: Callable[[], Any] = getattr(self, name)
+            result = fn()
+            if name != "report":
+                self.mark_done(name, time.time() - t0, result)
+            logging.info("[%d/%d] %s finished in %.0fs", i, len(stages), name, time.time() - t0)
+        logging.info("all stages done in %.0fs this run", time.time() - start)
+        return self.timings
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    from cm3leon_jax import metrics
+    metrics.quiet_library_logs()
+    f = flags.FLAGS
+    pipeline = Pipeline(f.config, f.workdir)
+    pipeline.run(until=f.until)
+    report = os.path.join(pipeline.workdir, "report.md")
+    if os.path.exists(report) and f.until == "report":
+        with open(report, encoding="utf-8") as fh:
+            print(fh.read())
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", "experiments/e2e_tiny.py", "end-to-end config (experiments/e2e_*.py)",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", "workdirs/e2e", "where every stage writes (rerun to resume)")
+    flags.DEFINE_enum("until", "report", STAGES, "stop after this stage")
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main)

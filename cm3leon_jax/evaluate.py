@@ -1,0 +1,317 @@
+"""Evaluation of a trained CM3Leon on the shapes world: does the system actually learn?
+
+    python -m cm3leon_jax.evaluate --workdir LM_WORKDIR [--out DIR] [--strategies topp_topk_cfg,topp]
+        [--num_prompts 64] [--num_samples 4] [--classifier_dir DIR]
+
+Scores, all on held-out data (the shapes world's test split for prompts and images, the data's
+validation split for losses):
+  (a) text -> image faithfulness: held-out captions -> images by each decoding strategy -> the
+      attribute classifier reads them back -> share of requested attributes present
+      (`shapes_metrics.text_to_image_faithfulness`; `requested` = mean of shape, colour,
+      position and count, the issue's four);
+  (b) image -> text accuracy: held-out images -> captions (CM3 infilling, greedy) -> share of
+      true attributes named correctly (`shapes_metrics.caption_accuracy`);
+  (c) Frechet distance between generated and real images in the attribute classifier's feature
+      space (named for what it is: not FID; `--feature_network` adds one in a user-supplied
+      network's feature space, e.g. an Inception port, see shapes_metrics.load_feature_network);
+  (d) validation loss of the query documents with 0, 1 and 2 retrieved neighbours prepended
+      (`<eos> neighbours query <eos>`, loss on the query's tokens only, no masking);
+  (e) VQ tokenizer PSNR, codebook usage and perplexity on held-out images.
+Writes OUT/report.json, OUT/report.md and PNG grids (generated images per strategy, captioned
+images). A trained model directory or an exported params bundle both work (through Generator).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from cm3leon_jax import attribute_classifier, image_grid, losses, sampling, sharding, shapes_metrics
+from cm3leon_jax import vq_tokenizer
+from data_pipeline import cm3, shapes_world
+
+REQUESTED = ("shape", "color", "position", "count")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """One row of the decoding-strategy table: how every sample of a prompt is drawn."""
+    config: sampling.SamplingConfig
+    cd_fraction: float = 0.0   # share of samples drawn by CD-K (the rest by `config`)
+    rerank: bool = False       # sort by retriever similarity and score only the best sample
+
+
+_TOP_P, _TOP_K, _CFG, _CD_K = 0.9, 32, 3.0, 8
+# The paper's decoding table, in its reported order from worst to best, plus CD-K and its mix.
+STRATEGIES: dict[str, Strategy] = {
+    "greedy": Strategy(sampling.SamplingConfig(temperature=0.0)),
+    "topp": Strategy(sampling.SamplingConfig(top_p=_TOP_P)),
+    "topk": Strategy(sampling.SamplingConfig(top_k=_TOP_K)),
+    "topp_cfg": Strategy(sampling.SamplingConfig(top_p=_TOP_P, cfg_scale=_CFG)),
+    "topp_topk_cfg": Strategy(sampling.SamplingConfig(top_p=_TOP_P, top_k=_TOP_K, cfg_scale=_CFG)),
+    "cdk": Strategy(sampling.SamplingConfig(cd_k=_CD_K, cd_alpha=0.1)),
+    "topp_cdk_rerank": Strategy(sampling.SamplingConfig(top_p=_TOP_P, cfg_scale=_CFG), cd_fraction=0.5,
+                                rerank=True),
+}
+DEFAULT_STRATEGIES = ("topp_topk_cfg", "topp")
+
+
+def parse_strategies(names: str | Sequence[str]) -> list[str]:
+    names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown or not names:
+        raise ValueError(f"unknown decoding strategies {unknown or names}; known: {sorted(STRATEGIES)}")
+    return names
+
+
+def heldout_prompts(num: int, image_size: int, split: str = "test", seed: int = 0) -> dict[str, Any]:
+    """Captions, scenes and renders of the first `num` examples of a held-out shapes split."""
+    config = shapes_world.ShapesWorldConfig(image_size=image_size, seed=seed)
+    examples = [shapes_world.example(split, i, config) for i in range(int(num))]
+    return {"captions": [e["caption"] for e in examples], "images": np.stack([e["image"] for e in examples]),
+            "scenes": [{"objects": e["objects"], "background": e["background"]} for e in examples]}
+
+
+def requested_share(scores: dict[str, float]) -> float:
+    return float(np.mean([scores[k] for k in REQUESTED]))
+
+
+# ----------------------------------------------------------------------------- (a) + (c)
+
+
+def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: int, seed: int,
+                  real_features: np.ndarray, feature_network=None) -> tuple[dict, np.ndarray]:
+    """Scores one strategy; returns (scores, the images grid rows [prompts, samples])."""
+    strategy = STRATEGIES[strategy_name]
+    rerank = strategy.rerank and gen.retriever is not None
+    samples = gen.text_to_image(prompts["captions"], num_samples=num_samples, config=strategy.config,
+                                cd_fraction=strategy.cd_fraction, rerank=rerank, seed=seed)
+    # reranked: the best sample of each prompt is the answer; otherwise every sample is scored
+    scored = [s.images[:1] if rerank else s.images for s in samples]
+    flat = np.concatenate(scored)
+    requested = [scene for scene, imgs in zip(prompts["scenes"], scored) for _ in range(len(imgs))]
+    predicted = attribute_classifier.predict_scenes(classifier, flat)
+    scores = shapes_metrics.text_to_image_faithfulness(requested, predicted)
+    scores["requested"] = requested_share(scores)
+    gen_features = attribute_classifier.features(classifier, np.concatenate([s.images for s in samples]))
+    scores["frechet_distance_classifier_features"] = shapes_metrics.frechet_distance(gen_features, real_features)
+    if feature_network is not None:
+        scores["frechet_distance_user_network"] = shapes_metrics.frechet_distance(
+            shapes_metrics.features_from_network(feature_network, flat),
+            shapes_metrics.features_from_network(feature_network, prompts["images"]))
+    scores.update(num_samples=num_samples, reranked=rerank, scored_images=int(len(flat)),
+                  sampling=dataclasses.asdict(strategy.config), cd_fraction=strategy.cd_fraction)
+    return scores, np.stack([s.images for s in samples])
+
+
+# ----------------------------------------------------------------------------- (d)
+
+
+def _query_weighted_rows(sequences: Sequence[tuple[np.ndarray, tuple[int, int]]], rows: int, length: int):
+    """Rows of `<eos> neighbours query <eos>` with loss weight 1 on the query's tokens only."""
+    batch = {k: np.zeros((rows, length), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+    batch["weights"] = np.zeros((rows, length), np.float32)
+    for r, (tokens, (start, end)) in enumerate(sequences):
+        n = len(tokens) - 1
+        batch["inputs"][r, :n], batch["targets"][r, :n] = tokens[:-1], tokens[1:]
+        batch["segment_ids"][r, :n], batch["positions"][r, :n] = 1, np.arange(n)
+        batch["weights"][r, start - 1:end - 1] = 1.0  # targets[j] = tokens[j + 1]
+    return batch
+
+
+def validation_loss(gen, documents: Sequence[dict], neighbour_counts: Sequence[int],
+                    batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """Mean loss per query token with k retrieved neighbours prepended, for each k: whether the
+    model uses retrieved documents (lower with k > 0) is what this measures. Neighbours are found
+    as at inference: the document's caption queries the training bank (near duplicates skipped)."""
+    model, mesh = gen.trainer.model, gen.mesh
+    multiple = sharding.data_parallel_size(mesh)
+    rows = -(-batch_size // multiple) * multiple
+
+    @jax.jit
+    def summed_loss(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+        _, aux = losses.weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+        return aux["loss"] * aux["num_tokens"], aux["num_tokens"]
+
+    max_k = max(neighbour_counts)
+    retrieved = []
+    if max_k > 0:
+        if gen.retriever is None:
+            raise ValueError("validation loss with neighbours needs the data's retriever and ScaNN index")
+        for doc in documents:
+            caption = gen.vocab.decode_text(np.asarray(doc["text_ids"], np.int32))
+            retrieved.append(gen.retrieve(caption, max_k))
+    out = {}
+    for k in neighbour_counts:
+        layouts = [cm3.retrieval_augmented_sequence(np.asarray(doc["tokens"], np.int32),
+                                                    retrieved[i][:k] if k else (), gen.vocab.eos_id)
+                   for i, doc in enumerate(documents)]
+        seqs = [(lay.tokens, lay.query_span) for lay in layouts]
+        longest = max(len(t) for t, _ in seqs) - 1
+        if longest > gen.model_config.max_length:
+            raise ValueError(f"a validation sequence with {k} neighbours has {longest} tokens > max_length "
+                             f"{gen.model_config.max_length}")
+        length = min(-(-longest // 32) * 32, gen.model_config.max_length)
+        total, count = 0.0, 0.0
+        with sharding.activate(mesh):
+            for i in range(0, len(seqs), rows):
+                batch = sharding.global_batch_from_local(_query_weighted_rows(seqs[i:i + rows], rows, length), mesh)
+                s, c = summed_loss(gen.params, batch)
+                total, count = total + float(s), count + float(c)
+        out[str(k)] = {"loss": total / max(count, 1.0), "query_tokens": int(count),
+                       "neighbours_found": float(np.mean([min(len(r), k) for r in retrieved])) if k else 0.0}
+    return out
+
+
+# ----------------------------------------------------------------------------- the whole evaluation
+
+
+def _markdown(report: dict) -> str:
+    lines = [f"# Evaluation of {report['workdir']} (step {report['step']})", ""]
+    t2i = report.get("text_to_image", {})
+    if t2i:
+        cols = ("requested", "shape", "color", "position", "count", "size", "background", "all_correct")
+        lines += ["## Text -> image faithfulness (held-out captions; attribute classifier)", "",
+                  "| strategy | " + " | ".join(cols) + " | Frechet dist. (classifier features) |",
+                  "|---" * (len(cols) + 2) + "|"]
+        for name, s in t2i.items():
+            lines.append(f"| {name} | " + " | ".join(f"{100 * s[c]:.1f}%" for c in cols)
+                         + f" | {s['frechet_distance_classifier_features']:.3f} |")
+        lines.append("")
+    i2t = report.get("image_to_text")
+    if i2t:
+        cols = ("shape", "color", "size", "position", "count", "background", "overall", "unparseable")
+        lines += ["## Image -> text accuracy (held-out images; greedy captions)", "",
+                  "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|",
+                  "| " + " | ".join(f"{100 * i2t[c]:.1f}%" for c in cols) + " |", ""]
+    val = report.get("validation_loss")
+    if val:
+        lines += ["## Validation loss of the query document with k retrieved neighbours", "",
+                  "| k | loss | query tokens |", "|---|---|---|"]
+        lines += [f"| {k} | {v['loss']:.4f} | {v['query_tokens']} |" for k, v in val.items()]
+        lines.append("")
+    vq = report.get("vq")
+    if vq:
+        lines += ["## VQ tokenizer (held-out images)", "", "| PSNR | codes used | code perplexity |",
+                  "|---|---|---|", f"| {vq['psnr_db']:.2f} dB | {100 * vq['codebook_usage']:.1f}% | "
+                  f"{vq['code_perplexity']:.1f} |", ""]
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[str] = DEFAULT_STRATEGIES,
+             num_prompts: int = 64, num_samples: int = 4, num_captions: int = 64, num_val_documents: int = 128,
+             neighbour_counts: Sequence[int] = (0, 1, 2), num_vq_images: int = 256,
+             classifier_dir: str | None = None, classifier_steps: int = attribute_classifier.DEFAULT_STEPS,
+             feature_network: str | None = None, step: int | None = None, seed: int = 0) -> dict:
+    """Runs (a)-(e) and writes report.json, report.md and PNG grids into `out_dir`."""
+    from cm3leon_jax.generate import Generator
+    from data_pipeline import prepare
+    start = time.time()
+    strategies = parse_strategies(strategies)
+    out_dir = out_dir or os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    gen = Generator(workdir, step=step)
+    size = gen.vq.image_size
+    classifier = attribute_classifier.train_classifier(classifier_dir or workdir, image_size=size,
+                                                       steps=classifier_steps, seed=seed)
+    network = shapes_metrics.load_feature_network(feature_network) if feature_network else None
+    report: dict[str, Any] = {"workdir": os.path.abspath(workdir), "step": int(gen.step), "notes": [],
+                              "classifier": attribute_classifier.classifier_info(
+                                  attribute_classifier.classifier_dir(classifier_dir or workdir))}
+
+    prompts = heldout_prompts(max(num_prompts, num_captions), size)
+    t2i_prompts = {k: (v[:num_prompts]) for k, v in prompts.items()}
+    real_features = attribute_classifier.features(classifier, prompts["images"])
+    report["text_to_image"] = {}
+    for name in strategies:
+        t0 = time.time()
+        scores, grid_rows = text_to_image(gen, classifier, t2i_prompts, name, num_samples=num_samples, seed=seed,
+                                          real_features=real_features, feature_network=network)
+        scores["seconds"] = round(time.time() - t0, 1)
+        report["text_to_image"][name] = scores
+        image_grid.save_png(os.path.join(out_dir, f"text_to_image_{name}.png"),
+                            image_grid.make_grid([list(r) for r in grid_rows[:8]]))
+        logging.info("text -> image %s: requested attributes %.1f%% (%.0fs)", name, 100 * scores["requested"],
+                     scores["seconds"])
+    if strategies and "topp_cdk_rerank" in strategies and gen.retriever is None:
+        report["notes"].append("no retriever in the data dir: topp_cdk_rerank scored every sample, unranked")
+    report["text_to_image_prompts"] = t2i_prompts["captions"][:8]
+
+    if num_captions:
+        images = prompts["images"][:num_captions]
+        captions = gen.image_to_text(images, seed=seed)
+        report["image_to_text"] = shapes_metrics.caption_accuracy(prompts["scenes"][:num_captions], captions)
+        report["image_to_text_examples"] = [{"true": t, "generated": c}
+                                            for t, c in zip(prompts["captions"][:8], captions[:8])]
+        image_grid.save_png(os.path.join(out_dir, "image_to_text_inputs.png"),
+                            image_grid.make_grid([list(images[:8])]))
+        logging.info("image -> text: %.1f%% of attributes", 100 * report["image_to_text"]["overall"])
+
+    if num_val_documents and gen.data_dir and os.path.isdir(prepare.documents_dir(gen.data_dir)):
+        val_docs = prepare.load_documents(gen.data_dir, "validation")
+        docs = [val_docs[i] for i in range(min(int(num_val_documents), len(val_docs)))]
+        counts = list(neighbour_counts) if gen.retriever is not None else [0]
+        if gen.retriever is None:
+            report["notes"].append("no retriever in the data dir: validation loss with 0 neighbours only")
+        report["validation_loss"] = validation_loss(gen, docs, counts)
+    else:
+        report["notes"].append("no data dir with a validation split: validation loss skipped")
+
+    if num_vq_images:
+        vq_images = heldout_prompts(num_vq_images, size, split="validation")["images"]
+        report["vq"] = vq_tokenizer.reconstruction_quality(gen.vq, vq_images)
+    report["seconds"] = round(time.time() - start, 1)
+    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, default=float)
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write(_markdown(report))
+    logging.info("wrote %s", os.path.join(out_dir, "report.md"))
+    return report
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    from cm3leon_jax import metrics
+    metrics.quiet_library_logs()
+    f = flags.FLAGS
+    report = evaluate(f.workdir, out_dir=f.out, strategies=f.strategies, num_prompts=f.num_prompts,
+                      num_samples=f.num_samples, num_captions=f.num_captions, num_val_documents=f.num_val_documents,
+                      neighbour_counts=[int(k) for k in f.neighbour_counts], num_vq_images=f.num_vq_images,
+                      classifier_dir=f.classifier_dir, classifier_steps=f.classifier_steps,
+                      feature_network=f.feature_network, step=f.step, seed=f.seed)
+    print(_markdown(report))
+
+
+def _define_flags():
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "a training workdir (or an exported params bundle)", required=True)
+    flags.DEFINE_string("out", None, "where report.json, report.md and the PNG grids go (default WORKDIR/eval)")
+    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+    flags.DEFINE_list("strategies", list(DEFAULT_STRATEGIES), f"decoding strategies, from {sorted(STRATEGIES)}")
+    flags.DEFINE_integer("num_prompts", 64, "held-out captions for text -> image")
+    flags.DEFINE_integer("num_samples", 4, "images per caption")
+    flags.DEFINE_integer("num_captions", 64, "held-out images for image -> text (0: skip)")
+    flags.DEFINE_integer("num_val_documents", 128, "validation documents for the loss with neighbours (0: skip)")
+    flags.DEFINE_list("neighbour_counts", ["0", "1", "2"], "neighbours prepended for the validation loss")
+    flags.DEFINE_integer("num_vq_images", 256, "held-out images for the VQ PSNR (0: skip)")
+    flags.DEFINE_string("classifier_dir", None, "where the attribute classifier is cached (default WORKDIR)")
+    flags.DEFINE_integer("classifier_steps", attribute_classifier.DEFAULT_STEPS, "classifier training steps")
+    flags.DEFINE_string("feature_network", None, "optional user network (.npz/.safetensors) for a second "
+                        "Frechet distance (e.g. an Inception port for FID)")
+    flags.DEFINE_integer("seed", 0, "sampling seed")
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main)
