@@ -105,7 +105,7 @@ class Generator:
 
     def _decode_fixed(self, streams_prompts, num_tokens, config, allowed, seed):
         tokens, mask = decoding.stream_rows(streams_prompts, multiple=sharding.data_parallel_size(self.mesh))
-        decoding.check_fits(self.model_config, tokens.shape[1], num_tokens)
+        decoding.check_fits(self.model_config, int(mask.sum(1).max()), num_tokens)
         with sharding.activate(self.mesh):
             out, logprobs = decoding.generate_fixed(
                 self.params, tokens, mask, jax.random.key(seed), model_config=self.model_config,
@@ -165,8 +165,8 @@ class Generator:
         s0 = self.vocab.sentinel(0)
         rows = [[*p, self.vocab.eos_id, s0] for p in prompts]
         tokens, mask = decoding.stream_rows([rows], multiple=sharding.data_parallel_size(self.mesh))
-        allowed = ((self.vocab.eoss_id, self.vocab.eoss_id + 1), (self.vocab.text_offset, self.vocab.image_offset))
-        decoding.check_fits(self.model_config, tokens.shape[1], max_tokens)
+        allowed = ((self.vocab.eoss_id, self.vocab.eoss_id + 1), *self.vocab.emittable_text_ranges())
+        decoding.check_fits(self.model_config, int(mask.sum(1).max()), max_tokens)
         with sharding.activate(self.mesh):
             out, lengths = decoding.generate_until(
                 self.params, tokens, mask, jax.random.key(seed), self.vocab.eoss_id, model_config=self.model_config,

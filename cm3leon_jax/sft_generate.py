@@ -95,8 +95,8 @@ class TaskGenerator:
         """Text ids until `<eos>` (the SFT sequences' end), the same loop as the Generator's."""
         v, gen = self.vocab, self.gen
         tokens, mask = decoding.stream_rows([prompts], multiple=sharding.data_parallel_size(gen.mesh))
-        decoding.check_fits(gen.model_config, tokens.shape[1], max_tokens)
-        allowed = ((v.eos_id, v.eos_id + 1), (v.text_offset, v.image_offset))
+        decoding.check_fits(gen.model_config, int(mask.sum(1).max()), max_tokens)
+        allowed = ((v.eos_id, v.eos_id + 1), *v.emittable_text_ranges())
         with sharding.activate(gen.mesh):
             out, lengths = decoding.generate_until(
                 gen.params, tokens, mask, jax.random.key(seed), v.eos_id, model_config=gen.model_config, streams=1,

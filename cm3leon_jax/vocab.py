@@ -168,6 +168,13 @@ class Vocabulary:
         ids = np.asarray(ids)
         return (ids >= self.text_offset) & (ids < self.image_offset)
 
+    def emittable_text_ranges(self) -> tuple[tuple[int, int], ...]:
+        """[low, high) id ranges of the text pieces a decoder may draw: the SentencePiece range
+        without its reserved pieces (which `decode_text` rejects)."""
+        ok = np.concatenate([[False], ~self._reserved, [False]]).astype(np.int8)
+        edges = np.flatnonzero(np.diff(ok))
+        return tuple((self.text_offset + int(a), self.text_offset + int(b)) for a, b in zip(edges[::2], edges[1::2]))
+
     def is_image(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
         return (ids >= self.image_offset) & (ids < self.size)

@@ -38,6 +38,18 @@ def test_layout_ranges_partition_the_ids(vocab, tok):
     assert vocab.image_grid == (4, 4) and vocab.padded_size(128) % 128 == 0
 
 
+def test_emittable_text_ranges_skip_reserved_pieces(vocab):
+    ranges = vocab.emittable_text_ranges()
+    ids = np.concatenate([np.arange(a, b) for a, b in ranges]).astype(np.int32)
+    assert vocab.is_text(ids).all()
+    reserved = np.setdiff1d(np.arange(vocab.text_offset, vocab.image_offset), ids)
+    assert len(reserved) > 0  # SentencePiece's <unk>, controls and its own copies of our specials
+    for i in reserved:
+        with pytest.raises(ValueError, match="reserved"):
+            vocab.decode_text(np.asarray([i], np.int32))
+    assert isinstance(vocab.decode_text(ids), str)  # every id a decoder may draw decodes
+
+
 def test_cm3leon_layout_of_a_caption_image_document(vocab):
     img = np.arange(N_TOK).reshape(4, 4)
     text = vocab.encode_text("a red circle")

@@ -1,0 +1,122 @@
+"""Runs a set of end-to-end experiment files and writes one results table.
+
+    python -m cm3leon_jax.ablate --workdir workdirs/ablations [--set all|retrieval|dropout|decoding|size]
+        [--configs experiments/a.py,experiments/b.py]
+
+Every config is a full `e2e` config (experiments/ablation_*.py). All runs share
+WORKDIR/cache: a stage whose settings (and upstream stages) match another run's is computed once,
+so the ablations share one text tokenizer, VQ tokenizer, dataset and retrieval index, and the
+decoding-strategy table reuses the base model. Each run's evaluation lands in WORKDIR/NAME/;
+WORKDIR/results.md and results.json gather the figures side by side.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Sequence
+
+from absl import logging
+
+from cm3leon_jax import e2e
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+SETS = {
+    "retrieval": ("ablation_retrieval_k2", "ablation_retrieval_k0"),
+    "dropout": ("ablation_retrieval_k2", "ablation_no_condition_dropout"),
+    "decoding": ("ablation_decoding",),
+    "size": ("ablation_retrieval_k2", "ablation_model_small"),
+}
+SETS["all"] = tuple(dict.fromkeys(name for names in SETS.values() for name in names))
+
+
+def load_config(path: str):
+    """A config file's `get_config()` (the same files `--config` takes)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no experiment config at {path}")
+    spec = importlib.util.spec_from_file_location(f"ablation_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def config_paths(set_name: str | None, configs: Sequence[str]) -> list[str]:
+    if configs:
+        return list(configs)
+    if set_name not in SETS:
+        raise ValueError(f"unknown ablation set {set_name!r}; sets: {sorted(SETS)}")
+    return [os.path.join(EXPERIMENTS, f"{name}.py") for name in SETS[set_name]]
+
+
+def summarise(name: str, config, report: dict) -> dict:
+    ev = report["evaluation"]
+    row = {"run": name, "num_neighbours": int(config.lm.data.num_neighbours),
+           "condition_dropout": float(config.lm.data.condition_dropout_rate),
+           "model": f"{config.lm.model.num_layers}x{config.lm.model.d_model}", "lm_steps": int(config.lm.total_steps),
+           "validation_loss": {k: round(v["loss"], 4) for k, v in ev.get("validation_loss", {}).items()},
+           "text_to_image_requested": {k: round(v["requested"], 4) for k, v in ev.get("text_to_image", {}).items()},
+           "text_to_image_frechet": {k: round(v["frechet_distance_classifier_features"], 3)
+                                     for k, v in ev.get("text_to_image", {}).items()},
+           "image_to_text_overall": round(ev["image_to_text"]["overall"], 4) if "image_to_text" in ev else None,
+           "lm_seconds": report["stages"].get("lm", {}).get("seconds")}
+    return row
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    ks = sorted({k for r in rows for k in r["validation_loss"]})
+    strategies = list(dict.fromkeys(s for r in rows for s in r["text_to_image_requested"]))
+    head = (["run", "k (train)", "cond. dropout", "model"] + [f"val loss k={k}" for k in ks]
+            + [f"t2i {s}" for s in strategies] + ["i2t"])
+    lines = ["# Ablations (shapes world, tiny configs)", "",
+             "t2i: share of requested attributes (shape, colour, position, count) in generated images; "
+             "i2t: share of attributes named correctly in generated captions.", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        cells = [r["run"], str(r["num_neighbours"]), f"{r['condition_dropout']:g}", r["model"]]
+        cells += [f"{r['validation_loss'][k]:.4f}" if k in r["validation_loss"] else "" for k in ks]
+        cells += [f"{100 * r['text_to_image_requested'][s]:.1f}%" if s in r["text_to_image_requested"] else ""
+                  for s in strategies]
+        cells.append("" if r["image_to_text_overall"] is None else f"{100 * r['image_to_text_overall']:.1f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(workdir: str, paths: Sequence[str]) -> list[dict]:
+    workdir = os.path.abspath(workdir)
+    rows = []
+    for path in paths:
+        name = os.path.basename(path)[:-3]
+        config = load_config(path)
+        config.cache_dir = os.path.join(workdir, "cache")
+        logging.info("=== %s (%s)", name, path)
+        e2e.Pipeline(config, os.path.join(workdir, name)).run()
+        with open(os.path.join(workdir, name, "report.json"), encoding="utf-8") as f:
+            rows.append(summarise(name, config, json.load(f)))
+        with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+        with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+            f.write(markdown(rows))
+    return rows
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    from cm3leon_jax import metrics
+    metrics.quiet_library_logs()
+    f = flags.FLAGS
+    rows = run(f.workdir, config_paths(f.set, f.configs))
+    print(markdown(rows))
+
+
+def _define_flags():
+    from absl import flags
+    flags.DEFINE_string("workdir", "workdirs/ablations", "runs, their shared stage cache and the results table")
+    flags.DEFINE_enum("set", "all", sorted(SETS), "a predefined set of experiments/ablation_*.py")
+    flags.DEFINE_list("configs", [], "explicit config files instead of --set")
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main)
