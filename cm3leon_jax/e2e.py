@@ -201,10 +201,12 @@ class Pipeline:
 
 def main(argv):
     del argv
-    from absl import flags
+    from absl import app, flags
     from cm3leon_jax import metrics
     metrics.quiet_library_logs()
     f = flags.FLAGS
+    if f.config is None or f.workdir is None:
+        raise app.UsageError("--config (experiments/e2e_*.py) and --workdir are required")
     pipeline = Pipeline(f.config, f.workdir)
     pipeline.run(until=f.until)
     report = os.path.join(pipeline.workdir, "report.md")
@@ -215,10 +217,8 @@ def main(argv):
 
 def _define_flags():
     from absl import flags
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", "experiments/e2e_tiny.py", "end-to-end config (experiments/e2e_*.py)",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", "workdirs/e2e", "where every stage writes (rerun to resume)")
+    import importlib
+    importlib.import_module("cm3leon_jax.train")  # defines --config and --workdir, shared with the trainers run
     flags.DEFINE_enum("until", "report", STAGES, "stop after this stage")
 
 

@@ -33,7 +33,7 @@ def get_config():
                                                  image_layers=1, num_heads=2, log_every=100, seed=0))
 
     lm = base_config()
-    lm.total_steps = 800
+    lm.total_steps = 700
     lm.log_every_steps = 25
     lm.checkpoint_every_steps = 200
     lm.model.update(num_layers=4, d_model=256, num_heads=4, d_ff=1024, max_length=512)

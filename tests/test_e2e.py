@@ -2,6 +2,8 @@
 rerun is served from the cache, and changed settings in the same workdir are refused."""
 import json
 import os
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -70,3 +72,15 @@ def test_fingerprints_chain_through_upstream_stages():
     pa, pb = e2e.Pipeline(a, "/tmp/unused_a"), e2e.Pipeline(b, "/tmp/unused_b")
     assert pa.fingerprints["vq"] == pb.fingerprints["vq"]
     assert all(pa.fingerprints[s] != pb.fingerprints[s] for s in ("data", "retrieval", "lm", "evaluate"))
+
+
+def test_cli_runs_a_stage_and_resumes(tmp_path):
+    cmd = [sys.executable, "-m", "cm3leon_jax.e2e", "--config", "experiments/e2e_tiny.py", "--workdir", str(tmp_path),
+           "--config.text_tokenizer.num_captions=300", "--config.text_tokenizer.vocab_size=300",
+           "--until", "text_tokenizer"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for _ in range(2):
+        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert "done already" in out.stderr
+    assert os.path.exists(tmp_path / "text_tokenizer" / "spm.model")
