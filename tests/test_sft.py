@@ -1,0 +1,278 @@
+"""Instruction tuning: templates, loss mask, mixing, ingestion, init_from, a minuscule SFT run on every
+task with its evaluation, and the generate CLI's --task."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_pipeline
+from cm3leon_jax import checkpointing, sampling, sharding, sft_eval, sft_generate, trainer
+from cm3leon_jax import vocab as vocab_lib
+from data_pipeline import cm3, prepare, sft_pipeline, sft_prepare, sft_tasks
+from tests import pipeline_fixture
+from tests.test_train import REPO, _env
+
+IMAGE_SIZE = 16  # the fixture's VQ: 16x16 -> 4x4 codes
+
+
+@pytest.fixture(scope="module")
+def vocab(tiny_pipeline):
+    return vocab_lib.Vocabulary.load(os.path.join(tiny_pipeline["data"], prepare.VOCAB_DIR))
+
+
+def _coded(task, vocab, index, split="train"):
+    """A shapes example with its images replaced by random VQ code grids (no VQ needed)."""
+    ex = sft_tasks.shapes_example(task, split, index, image_size=IMAGE_SIZE)
+    tmpl = sft_tasks.template(task)
+    rng = np.random.default_rng(index)
+    fields = {f: ex[f] for f in tmpl.text_fields}
+    fields.update({f: rng.integers(0, vocab.num_image_codes, vocab.image_grid).astype(np.int32)
+                   for f in tmpl.image_fields})
+    return fields
+
+
+@pytest.mark.parametrize("task", sft_tasks.TASKS)
+def test_template_round_trips_and_prompt_is_the_sequence_prefix(task, vocab):
+    tmpl = sft_tasks.template(task)
+    for index in range(4):
+        fields = _coded(task, vocab, index)
+        seq = sft_tasks.encode_example(task, fields, vocab)
+        assert seq.tokens[0] == vocab.eos_id and seq.tokens[-1] == vocab.eos_id
+        back = sft_tasks.parse_sequence(task, seq.tokens, vocab)
+        assert sorted(back) == sorted(fields)
+        for f in tmpl.text_fields:
+            assert back[f] == fields[f]
+        for f in tmpl.image_fields:
+            np.testing.assert_array_equal(back[f], fields[f])
+        # the decoder's prompt is exactly the training sequence before the output
+        assert sft_tasks.prompt_tokens(task, fields, vocab) == seq.tokens[:seq.output_start].tolist()
+        out = seq.tokens[seq.output_start:]
+        if tmpl.generates_image:
+            assert vocab.is_image(out[:-2]).all() and len(out) == vocab.image_tokens_per_image + 2
+        else:
+            assert vocab.decode_text(out[:-1]) == tmpl.output.spec.format(**fields)
+        # condition dropout on stored tokens == the guidance stream's prompt with the same slots dropped
+        for drop in sft_generate.guidance_drops(tmpl, sampling.SamplingConfig(cfg_scale=3.0)):
+            dropped = sft_tasks.drop_slots(seq, drop)
+            assert dropped.tokens[:dropped.output_start].tolist() == sft_tasks.prompt_tokens(task, fields, vocab, drop)
+            np.testing.assert_array_equal(dropped.tokens[dropped.output_start:], out)
+    with pytest.raises(ValueError):
+        other = "caption" if task != "caption" else "vqa"
+        sft_tasks.parse_sequence(other, sft_tasks.encode_example(task, _coded(task, vocab, 0), vocab).tokens, vocab)
+
+
+def test_unconditional_text_to_image_prompt_is_pretrainings():
+    tmpl = sft_tasks.template("text_to_image")
+    (drop,) = sft_generate.guidance_drops(tmpl, sampling.SamplingConfig(cfg_scale=3.0))
+    assert sft_tasks.prompt_tokens("text_to_image", {"caption": "x"}, None, drop) == [
+        vocab_lib.EOS_ID, vocab_lib.MASK_ID, vocab_lib.BREAK_ID]
+
+
+def test_prompt_tokens_carry_zero_weight_and_cm3_switch(vocab):
+    cfg = cm3.CM3Config.from_vocab(vocab, retrieval=False, condition_dropout_rate=0.0)
+    for task in sft_tasks.TASKS:
+        seq = sft_tasks.encode_example(task, _coded(task, vocab, 1), vocab)
+        doc = {"task": task.encode(), "tokens": seq.tokens, "slots": seq.slots, "output_start": seq.output_start}
+        out = sft_pipeline.SftTransform("output", 0.0, cfg)(doc, np.random.default_rng(0))
+        np.testing.assert_array_equal(out["tokens"], seq.tokens)
+        assert (out["weights"][:seq.output_start] == 0).all() and (out["weights"][seq.output_start:] == 1).all()
+        shifted = data_pipeline.packing.document_to_example(out) if hasattr(data_pipeline.packing,
+                                                                            "document_to_example") else None
+        if shifted is not None:  # the loss sees weight 0 on every prompt target
+            assert shifted["weights"].sum() == len(seq.tokens) - seq.output_start
+        full = sft_pipeline.SftTransform("cm3", 0.0, cfg)(doc, np.random.default_rng(3))
+        sentinel = vocab.is_sentinel(full["tokens"])
+        np.testing.assert_array_equal(full["weights"], np.where(sentinel, 0.0, 1.0))
+        np.testing.assert_array_equal(cm3.cm3_unmask(full["tokens"], sentinels=cfg.sentinels), seq.tokens)
+    with pytest.raises(ValueError, match="sft_loss"):
+        sft_pipeline.SftTransform("prompt", 0.0, cfg)
+
+
+def test_condition_dropout_frequencies():
+    tmpl = sft_tasks.template("edit")
+    rng = np.random.default_rng(0)
+    drawn = [sft_tasks.choose_dropped(tmpl, rng, 0.1) for _ in range(6000)]
+    text, image = tmpl.condition_slots("text"), tmpl.condition_slots("image")
+    for option in (text, image, text + image):
+        assert abs(drawn.count(option) / 6000 - 0.1) < 0.015
+    assert sft_tasks.choose_dropped(sft_tasks.template("vqa"), rng, 0.3) == ()  # text outputs: no guidance
+
+
+def test_mixing_counts_apply_the_papers_thresholds():
+    sizes = {"edit": 1000, "vqa": 100, "caption": 400}
+    assert sft_tasks.mixing_counts(sizes) == {"edit": 500, "vqa": 300, "caption": 500}  # vqa capped at 3x
+    assert sft_tasks.mixing_counts(sizes, {"edit": 1, "vqa": 0, "caption": 0.01}) == {"edit": 1386, "vqa": 0,
+                                                                                     "caption": 120}  # floor 0.3x
+    assert sft_tasks.mixing_counts({"edit": 300, "vqa": 300}, {"edit": 2, "vqa": 1}) == {"edit": 400, "vqa": 200}
+    assert sft_tasks.parse_weights("edit=2, vqa=0.5") == {"edit": 2.0, "vqa": 0.5}
+    with pytest.raises(ValueError, match="TASK=WEIGHT"):
+        sft_tasks.parse_weights("painting=1")
+
+
+def test_mixing_frequencies_match_the_weights_within_sampling_error():
+    ranges = {"text_to_image": (0, 500), "edit": (500, 800), "vqa": (800, 1000)}
+    weights = {"text_to_image": 1.0, "edit": 2.0, "vqa": 1.0}
+    counts = sft_tasks.mixing_counts({t: b - a for t, (a, b) in ranges.items()}, weights)
+    view = sft_pipeline.MixedTaskDocuments(list(range(1000)), ranges, counts)
+    rng = np.random.default_rng(0)
+    n = 20_000
+    drawn = np.asarray([view[int(i)] for i in rng.integers(0, len(view), n)])
+    total = sum(weights.values())
+    for task, (a, b) in ranges.items():
+        p = weights[task] / total
+        freq = np.mean((drawn >= a) & (drawn < b))
+        assert abs(freq - p) < 4 * np.sqrt(p * (1 - p) / n), (task, freq, p)
+    # a down-sampled task (text_to_image: 500 docs, 250 per epoch) reaches all its documents over epochs
+    seen = {view[e * view.per_epoch + j] for e in range(2) for j in range(counts["text_to_image"])}
+    assert seen == set(range(500))
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_pipeline, tmp_path_factory):
+    """SFT data of every task (16 px) and a 4-step SFT run initialised from the fixture's LM."""
+    root = tmp_path_factory.mktemp("sft")
+    cfg = pipeline_fixture.data_config("", tiny_pipeline["vq"])
+    cfg.num_documents = ml_collections.ConfigDict({"train": 4, "validation": 1})
+    cfg.update(tasks=",".join(sft_tasks.TASKS), vocab_dir=os.path.join(tiny_pipeline["data"], prepare.VOCAB_DIR),
+               max_document_length=257)  # the fixture's 300-piece BPE makes long captions
+    vocab, encode = sft_prepare.load_vocab_and_encoder(cfg)
+    data = str(root / "data")
+    report = sft_prepare.prepare_sft(cfg, data, vocab, encode)
+    config = sft_config(tiny_pipeline, data, str(root / "sft"))
+    trainer.train(config, str(root / "sft"))
+    return {"data": data, "report": report, "sft": str(root / "sft"), "config": config, "root": root}
+
+
+def sft_config(tiny_pipeline, data_dir, workdir, **overrides):
+    c = pipeline_fixture.lm_config(data_dir, tiny_pipeline["vocab_size"], total_steps=4)
+    c.data.update(source="sft", seq_len=256, num_neighbours=0)
+    c.init_from = tiny_pipeline["lm"]
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def test_sft_ingestion_keeps_tasks_contiguous(sft_run):
+    train = sft_run["report"]["splits"]["train"]
+    assert train["kept"] == 4 * len(sft_tasks.TASKS) and not train["skipped"]
+    assert train["tasks"] == {t: [4 * i, 4 * i + 4] for i, t in enumerate(sft_tasks.TASKS)}
+    docs = sft_prepare.load_sft_documents(sft_run["data"], "train")
+    vocab = vocab_lib.Vocabulary.load(os.path.join(sft_run["data"], prepare.VOCAB_DIR))
+    for i in (0, 13, 27):
+        d = docs[i]
+        task = d["task"].decode() if isinstance(d["task"], bytes) else d["task"]
+        assert task == sft_tasks.TASKS[i // 4]
+        fields = sft_tasks.parse_sequence(task, d["tokens"], vocab)
+        assert set(fields) == set(sft_tasks.template(task).text_fields + sft_tasks.template(task).image_fields)
+
+
+def test_sft_jsonl_ingestion_counts_bad_lines(tiny_pipeline, tmp_path):
+    from data_pipeline import shapes_world as sw
+    ex = sft_tasks.shapes_example("edit", "train", 0, image_size=IMAGE_SIZE)
+    Image.fromarray(ex["source"]).save(tmp_path / "a.png")
+    Image.fromarray(ex["target"]).save(tmp_path / "b.png")
+    lines = [{"task": "edit", "source": "a.png", "instruction": "make the circle blue", "target": "b.png"},
+             {"task": "vqa", "image": "a.png", "question": "how many shapes are there?", "answer": "two"},
+             {"task": "edit", "source": "a.png", "instruction": "", "target": "b.png"},
+             {"task": "edit", "source": "missing.png", "instruction": "x", "target": "b.png"},
+             {"task": "vqa", "image": "a.png", "question": "q"},
+             {"task": "painting", "image": "a.png"}]
+    with open(tmp_path / "tasks.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
+    cfg = pipeline_fixture.data_config("", tiny_pipeline["vq"])
+    cfg.update(source="jsonl", jsonl=str(tmp_path / "tasks.jsonl"), validation_fraction=0.0,
+               tasks=",".join(sft_tasks.TASKS), vocab_dir=os.path.join(tiny_pipeline["data"], prepare.VOCAB_DIR),
+               max_document_length=200)
+    vocab, encode = sft_prepare.load_vocab_and_encoder(cfg)
+    report = sft_prepare.prepare_sft(cfg, str(tmp_path / "out"), vocab, encode)["splits"]["train"]
+    assert report["kept"] == 2 and report["tasks"] == {"vqa": [0, 1], "edit": [1, 2]}
+    assert report["skipped"] == {"empty_caption": 1, "missing_image": 1, "missing_field": 1, "unknown_task": 1,
+                                 "bad_manifest_line": 1}
+    assert sw.CLASS_PALETTE.shape == (8, 3)
+
+
+def test_packing_keeps_examples_whole_and_counts_the_too_long(tiny_pipeline, sft_run):
+    config = sft_config(tiny_pipeline, sft_run["data"], "", **{})
+    config.data.update(seq_len=100, sft_condition_dropout=0.0)  # vqa, edit, segment fit (16 px); captions do not
+    it = data_pipeline.make_train_iterator(config, 0, 1)
+    batch = next(it)
+    for row in range(batch["inputs"].shape[0]):
+        for s in set(batch["segment_ids"][row].tolist()) - {0}:
+            where = batch["segment_ids"][row] == s
+            inputs, targets, weights = batch["inputs"][row][where], batch["targets"][row][where], batch["weights"][row][where]
+            assert inputs[0] == vocab_lib.EOS_ID and targets[-1] == vocab_lib.EOS_ID  # a whole example
+            assert weights[0] == 0 and weights[-1] == 1  # prompt first, output last
+            np.testing.assert_array_equal(batch["positions"][row][where], np.arange(where.sum()))
+    assert it.skipped.get("document_longer_than_seq_len", 0) > 0
+
+
+def test_init_from_loads_params_and_resets_the_optimizer(tiny_pipeline, sft_run, tmp_path):
+    config = sft_config(tiny_pipeline, sft_run["data"], str(tmp_path))
+    mesh = sharding.make_mesh(config.mesh)
+    t = trainer.Trainer(config, mesh)
+    ckpt = checkpointing.CheckpointManager(str(tmp_path), save_every_steps=100, keep=1, async_save=False)
+    state = trainer.restore_or_init(ckpt, t, None, config, str(tmp_path))
+    pretrained, step = checkpointing.restore_params(tiny_pipeline["lm"], t.abstract_state.params)
+    assert int(state.step) == 0 and step == 4
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(pretrained)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fresh = t.init_state(int(config.seed)).opt_state
+    for a, b in zip(jax.tree_util.tree_leaves(state.opt_state), jax.tree_util.tree_leaves(fresh)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert json.load(open(tmp_path / "init_from.json"))["step"] == 4
+    ckpt.close()
+    # the SFT run resumes its own checkpoint, not init_from: its metrics end at step 4, params differ
+    sft_params, sft_step = checkpointing.restore_params(sft_run["sft"], t.abstract_state.params)
+    assert sft_step == 4
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree_util.tree_leaves(sft_params), jax.tree_util.tree_leaves(pretrained)))
+    trainer.train(sft_config(tiny_pipeline, sft_run["data"], ""), sft_run["sft"])  # already at total_steps
+    assert checkpointing.restore_params(sft_run["sft"], t.abstract_state.params)[1] == 4
+
+
+def test_init_from_rejects_another_model_or_vocabulary(tiny_pipeline, sft_run, tmp_path):
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    config = sft_config(tiny_pipeline, sft_run["data"], "")
+    config.model.d_ff = 128
+    with pytest.raises(ValueError, match="model.d_ff=128"):
+        trainer.init_from_pretrained(config, trainer.Trainer(config, mesh), str(tmp_path))
+    config = sft_config(tiny_pipeline, str(tmp_path / "data"), "")
+    from cm3leon_jax import text_tokenizer
+    theirs = vocab_lib.Vocabulary.load(os.path.join(sft_run["data"], prepare.VOCAB_DIR))
+    other = vocab_lib.Vocabulary(theirs.text_tokenizer, theirs.num_image_codes, theirs.image_tokens_per_image,
+                                 num_sentinels=8)
+    other.save(str(tmp_path / "data" / prepare.VOCAB_DIR))
+    assert isinstance(theirs.text_tokenizer, text_tokenizer.TextTokenizer)
+    with pytest.raises(ValueError, match="vocab_dir"):
+        trainer.init_from_pretrained(config, trainer.Trainer(config, mesh), str(tmp_path))
+
+
+def test_minuscule_sft_run_evaluates_every_task_against_the_baseline(tiny_pipeline, sft_run):
+    out = sft_run["root"] / "eval"
+    report = sft_eval.evaluate(sft_run["sft"], tiny_pipeline["lm"], num_examples=2, classifier_steps=2,
+                               classifier_workdir=str(sft_run["root"] / "classifier"), out_dir=str(out))
+    for side in ("model", "baseline"):
+        for task in sft_tasks.TASKS:
+            value = report[side][task][sft_eval.PRIMARY[task]]
+            assert 0.0 <= value <= 1.0, (side, task, value)
+    assert report["model"]["_step"] == 4 and json.load(open(out / "sft_eval.json"))["tasks"] == list(sft_tasks.TASKS)
+    table = (out / "sft_eval.md").read_text()
+    assert all(f"| {t} |" in table for t in sft_tasks.TASKS)
+
+
+def test_generate_cli_edits_with_three_stream_guidance(sft_run, tmp_path):
+    ex = sft_tasks.shapes_example("edit", "validation", 0, image_size=IMAGE_SIZE)
+    Image.fromarray(ex["source"]).save(tmp_path / "in.png")
+    subprocess.run([sys.executable, "-m", "cm3leon_jax.generate", "--workdir", sft_run["sft"], "--task", "edit",
+                    "--image", str(tmp_path / "in.png"), "--prompt", "make the circle blue", "--num_samples", "2",
+                    "--out", str(tmp_path)], cwd=REPO, env=_env(1), check=True, capture_output=True)
+    record = json.load(open(tmp_path / "edit.json"))
+    assert record["settings"]["cfg_scale"] == 7.5 and record["settings"]["image_cfg_scale"] == 1.5
+    grid = np.asarray(Image.open(tmp_path / "edit.png"))
+    assert grid.shape == (IMAGE_SIZE + 4, 3 * (IMAGE_SIZE + 2) + 2, 3)  # the input, then 2 edits
