@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     # packing streams make the global batch identical for any process count (-1: one per row).
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", seq_len=128, global_batch_size=8, num_streams=-1,
+        # Grain worker processes transforming and packing (0: in the trainer's process); batches
+        # depend on it, so a run resumes with the same count
+        worker_count=0,
         # source="synthetic": built-in Markov-chain token documents
         num_documents=100_000, min_doc_length=8, max_doc_length=64, source_seed=1234,
         # source="cm3": documents from `python -m data_pipeline.prepare` + their neighbour sidecar

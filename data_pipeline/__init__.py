@@ -21,7 +21,8 @@ def make_train_iterator(config, process_index: int, process_count: int) -> Packe
         raise ValueError(f"unknown data.source={data.source!r}; available: 'synthetic', 'cm3', 'sft'")
     return PackedBatchIterator(docs, seq_len=int(data.seq_len), global_batch_size=int(data.global_batch_size),
                                num_streams=int(data.num_streams), seed=int(config.seed),
-                               process_index=process_index, process_count=process_count, transform=transform)
+                               process_index=process_index, process_count=process_count, transform=transform,
+                               worker_count=int(data.worker_count))
 
 
 __all__ = ["BATCH_KEYS", "PackedBatchIterator", "make_train_iterator"]

@@ -26,6 +26,7 @@ Decisions (reasons in WORKSPACE.md):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -92,15 +93,13 @@ def sample_neighbours(candidates, k: int, rng: np.random.Generator, exclude: int
         raise ValueError(f"candidates must be integer ids, got dtype {cand.dtype}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    valid = cand[cand >= 0].astype(np.int64)
-    if exclude is not None:
-        valid = valid[valid != int(exclude)]
-    _, first = np.unique(valid, return_index=True)
-    valid = valid[np.sort(first)]
+    # a row holds a handful of ids: plain Python is several times faster than numpy calls here
+    skip = -1 if exclude is None else int(exclude)
+    valid = list(dict.fromkeys(c for c in cand.tolist() if c >= 0 and c != skip))
     if len(valid) <= k:
-        return valid
+        return np.asarray(valid, np.int64)
     chosen = rng.choice(len(valid), size=k, replace=False)
-    return valid[np.sort(chosen)]
+    return np.asarray(valid, np.int64)[np.sort(chosen)]
 
 
 # ----------------------------------------------------------------------------- condition dropout
@@ -160,20 +159,30 @@ def maskable_runs(tokens, *, sentinels, protect=DEFAULT_PROTECT, break_id: int =
     `<break>` nor a sentinel, and (with `segment_ids`) all in one segment."""
     t = _as_tokens(tokens, "tokens")
     start, count = _check_sentinels(sentinels)
-    ok = (t < start) | (t >= start + count)
-    for special in {*protect, break_id}:  # a handful of ids: cheaper than np.isin
-        ok &= t != special
-    cut = np.zeros(len(t), bool)
+    table = _protected_table(start, count, (*protect, break_id))
+    ok = ~table[np.minimum(t, len(table) - 1)]
+    link = ok[:-1] & ok[1:]  # link[i]: token i + 1 continues the run of token i
     if segment_ids is not None:
         seg = np.asarray(segment_ids)
         if seg.shape != t.shape:
             raise ValueError(f"segment_ids shape {seg.shape} != tokens shape {t.shape}")
-        cut[1:] = seg[1:] != seg[:-1]
+        link &= seg[1:] == seg[:-1]  # runs never cross from one document into the next
     begins = ok.copy()
-    begins[1:] &= ~ok[:-1] | cut[1:]
+    begins[1:] &= ~link
     ends = ok.copy()
-    ends[:-1] &= ~ok[1:] | cut[1:]
-    return np.stack([np.flatnonzero(begins), np.flatnonzero(ends) + 1], axis=1).reshape(-1, 2)
+    ends[:-1] &= ~link
+    return np.stack([np.flatnonzero(begins), np.flatnonzero(ends) + 1], axis=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _protected_table(start: int, count: int, protect: tuple[int, ...]) -> np.ndarray:
+    """is_protected[id] (sentinels and `protect`); its last entry, False, stands for every id
+    beyond (`maskable_runs` clamps ids onto it)."""
+    ids = [int(p) for p in protect if int(p) >= 0]
+    table = np.zeros(max([start + count, *ids]) + 2, bool)
+    table[start:start + count] = True
+    table[ids] = True
+    return table
 
 
 def sample_spans(runs: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -184,8 +193,8 @@ def sample_spans(runs: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
     boundaries uniformly within each run. n is lowered to the most spans the runs can hold.
     Returns an (m, 2) int64 array sorted by position, m = min(n, capacity).
     """
-    runs = np.asarray(runs, np.int64).reshape(-1, 2)
-    lengths = [int(e - s) for s, e in runs]
+    bounds = np.asarray(runs, np.int64).reshape(-1, 2).tolist()  # Python ints: a few runs, many small steps
+    lengths = [e - s for s, e in bounds]
     n = min(int(n), sum((length + 1) // 2 for length in lengths))
     if n <= 0:
         return np.zeros((0, 2), np.int64)
@@ -209,7 +218,7 @@ def sample_spans(runs: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
         per_run[r] = j
         m -= j
     spans = []
-    for (s, _), length, j in zip(runs, lengths, per_run):
+    for (s, _), length, j in zip(bounds, lengths, per_run):
         if j:
             cuts = np.sort(rng.choice(length + 1, size=2 * j, replace=False)).reshape(j, 2)
             spans.append(cuts + s)

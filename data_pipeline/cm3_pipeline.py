@@ -2,7 +2,8 @@
 
 ArrayRecord documents (random access) -> per-process streams and seeded shuffle (packing.py) ->
 per document, with Grain's per-element generator: sample k stored neighbours, fetch them by
-random access, condition dropout, `<eos> neighbours query <eos>`, CM3 masking -> packing.
+random access (tokens only: `prepare.TokenDocuments`), condition dropout, `<eos> neighbours query
+<eos>`, CM3 masking -> packing.
 """
 from __future__ import annotations
 
@@ -16,17 +17,34 @@ from data_pipeline import cm3, neighbours, prepare
 
 
 class RetrievalAugmentedTransform:
-    """document, rng -> {"tokens", "weights"}; a plain class so Grain workers can pickle it."""
+    """document, rng -> {"tokens", "weights"}; a plain class so Grain workers can pickle it.
+
+    `source` reads documents by id (`prepare.TokenDocuments`); `neighbour_ids` is the sidecar,
+    memory-mapped: a worker reopens the file instead of receiving a copy of the array."""
 
     def __init__(self, source, neighbour_ids: np.ndarray | None, config: cm3.CM3Config):
         self.source, self.neighbour_ids, self.config = source, neighbour_ids, config
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        ids = self.neighbour_ids
+        if isinstance(ids, np.memmap) and ids.filename:
+            state["neighbour_ids"] = ("memmap", ids.filename, int(ids.offset), ids.shape, ids.dtype.str)
+        return state
+
+    def __setstate__(self, state):
+        ids = state["neighbour_ids"]
+        if isinstance(ids, tuple) and ids[0] == "memmap":
+            _, filename, offset, shape, dtype = ids
+            state["neighbour_ids"] = np.memmap(filename, np.dtype(dtype), "r", offset, tuple(shape))
+        self.__dict__.update(state)
 
     def __call__(self, document, rng: np.random.Generator) -> dict[str, np.ndarray]:
         doc_id = int(document["id"])
         chosen = []
         if self.config.retrieval and self.neighbour_ids is not None:
             chosen = cm3.sample_neighbours(self.neighbour_ids[doc_id], self.config.num_neighbours, rng, exclude=doc_id)
-        fetched = [np.asarray(self.source[int(j)]["tokens"], np.int32) for j in chosen]
+        fetched = [self.source[int(j)]["tokens"] for j in chosen]
         return cm3.example_for_training(np.asarray(document["tokens"], np.int32), fetched, rng, self.config,
                                         presampled=True)
 
@@ -47,7 +65,7 @@ def training_source(config, split: str = "train"):
     if vocab.size > int(config.model.vocab_size):
         raise ValueError(f"the data's vocabulary has {vocab.size} ids but model.vocab_size={config.model.vocab_size}; "
                          f"set --config.model.vocab_size={vocab.padded_size()}")
-    source = prepare.load_documents(data.data_dir, split)
+    source = prepare.load_tokens(data.data_dir, split)
     ids = None
     if int(data.num_neighbours) > 0:
         ids, _, _ = neighbours.load_neighbours(data.data_dir, len(source) if split == "train" else None)

@@ -58,7 +58,9 @@ def scann_params(num_points: int, *, k: int = 10, search_fraction: float = 0.15,
     them (real embeddings are clustered: ~10-20% reaches recall@10 >= 0.95; random vectors need
     far more, see bench/retrieval.py), 2 dimensions per 4-bit hashing block with anisotropic
     loss (threshold 0.2, the MIPS setting), float reordering of the top `reorder` (default
-    max(250, 20 k)) candidates. Keyword overrides replace any field."""
+    max(1000, 20 k)) candidates: bench/retrieval.py at 1M points lifts recall@10 from 0.948 to
+    0.972 going from 300 to 1000, while the exact rescoring stays small next to the hashed scan.
+    Keyword overrides replace any field."""
     n = int(num_points)
     params: dict[str, Any] = {"mode": "tree_ah" if n >= MIN_TREE_SIZE else "brute_force"}
     if params["mode"] == "tree_ah":
@@ -69,7 +71,7 @@ def scann_params(num_points: int, *, k: int = 10, search_fraction: float = 0.15,
             training_sample_size=int(min(n, 250_000)),
             dims_per_block=2,
             anisotropic_quantization_threshold=0.2,
-            reorder=int(reorder if reorder is not None else max(250, 20 * k)),
+            reorder=int(reorder if reorder is not None else max(1000, 20 * k)),
             soar_lambda=None,
         )
     params.update(overrides)

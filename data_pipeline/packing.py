@@ -9,22 +9,99 @@ from __future__ import annotations
 
 import collections
 import json
+import weakref
 from typing import Any, Callable
 
 import grain
 import numpy as np
+from absl import flags
 from grain import experimental as grain_exp
 
 # One packed row: the model reads inputs/positions/segment_ids, the loss targets/weights.
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
 
-def document_to_example(document: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Shifts a document into next-token (inputs, targets, weights) before packing, so no target
-    ever crosses into the next document in the row. `weights[i]` is the loss weight of token i."""
-    tokens = np.asarray(document["tokens"], np.int32)
-    weights = np.asarray(document.get("weights", np.ones_like(tokens, np.float32)), np.float32)
-    return {"inputs": tokens[:-1], "targets": tokens[1:], "weights": weights[1:]}
+class FirstFitPackDataset(grain.IterDataset):
+    """Documents `{"tokens", "weights"?}` -> `[rows, seq_len]` batches in BATCH_KEYS, first fit.
+
+    Each document is shifted into next-token (inputs, targets, weights) as it is copied into a
+    row, so no target ever crosses into the next document; `weights[i]` of a document is the
+    loss weight of predicting token i. A document goes into the first row with room; when none
+    has room the batch is emitted and the document opens the next one (Grain's first-fit
+    packing without its per-element tree machinery, which cost more than the CM3 transforms in
+    bench/pipeline.py's profile). Documents that
+    fit no row (longer than seq_len after the shift, or empty) are skipped and counted in
+    `skips`. State: the parent's position before the document carried into the next batch.
+    """
+
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, rows: int, skips: "_Skips"):
+        super().__init__(parent)
+        self.seq_len, self.rows, self.skips = int(seq_len), int(rows), skips
+
+    def __iter__(self) -> "_FirstFitPackIterator":
+        return _FirstFitPackIterator(self._parent.__iter__(), self.seq_len, self.rows, self.skips)
+
+    def __str__(self) -> str:
+        return f"FirstFitPackDataset(seq_len={self.seq_len}, rows={self.rows})"
+
+
+class _FirstFitPackIterator(grain.DatasetIterator):
+    def __init__(self, parent, seq_len: int, rows: int, skips: "_Skips"):
+        super().__init__(parent)
+        self._seq_len, self._rows, self._skips = seq_len, rows, skips
+        self._positions = np.arange(seq_len, dtype=np.int32)
+        self._carry = None
+        self._carry_state = None
+
+    def _next_document(self):
+        if self._carry is not None:
+            doc, self._carry = self._carry, None
+            return doc
+        self._carry_state = self._parent.get_state()
+        return next(self._parent)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows, length = self._rows, self._seq_len
+        inputs = np.zeros((rows, length), np.int32)
+        targets = np.zeros((rows, length), np.int32)
+        weights = np.zeros((rows, length), np.float32)
+        segment_ids = np.zeros((rows, length), np.int32)
+        positions = np.zeros((rows, length), np.int32)
+        used, count = [0] * rows, [0] * rows
+        while True:
+            try:
+                doc = self._next_document()
+            except StopIteration:
+                if any(count):
+                    break
+                raise
+            tokens = np.asarray(doc["tokens"])
+            n = len(tokens) - 1
+            if n <= 0 or n > length:
+                self._skips.count(n)
+                continue
+            row = next((r for r in range(rows) if used[r] + n <= length), None)
+            if row is None:
+                self._carry = doc
+                break
+            a, b = used[row], used[row] + n
+            inputs[row, a:b] = tokens[:-1]
+            targets[row, a:b] = tokens[1:]
+            w = doc.get("weights")
+            weights[row, a:b] = 1.0 if w is None else np.asarray(w, np.float32)[1:]
+            count[row] += 1
+            segment_ids[row, a:b] = count[row]
+            positions[row, a:b] = self._positions[:n]
+            used[row] = b
+        return {"inputs": inputs, "targets": targets, "weights": weights, "segment_ids": segment_ids,
+                "positions": positions}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._carry_state if self._carry is not None else self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._carry = None
 
 
 def stream_ranges(num_streams: int, process_index: int, process_count: int) -> range:
@@ -40,13 +117,22 @@ class PackedBatchIterator:
     Implements the duck-typed interface of `grain.checkpoint.CheckpointSave/Restore`
     (`get_state() -> bytes`, `set_state(bytes)`, `start_prefetch()`), so the data position is
     saved beside the model and a resumed run sees exactly the batches it would have seen.
+
+    The process's streams are zipped into one Grain pipeline that yields whole batches, so with
+    `worker_count` W > 0 Grain's `mp_prefetch` runs it in W processes: worker w transforms and
+    packs elements w, w+W, ... of every stream and the workers' batches are interleaved in turn.
+    Batches are a pure function of (seed, W): changing W changes the packing, so a run must
+    resume with the W it saved (checked).
     """
 
     def __init__(self, documents: grain.MapDataset, *, seq_len: int, global_batch_size: int,
                  num_streams: int, seed: int, process_index: int = 0, process_count: int = 1,
-                 shuffle: bool = True, transform: Callable[[Any, np.random.Generator], dict] | None = None):
+                 shuffle: bool = True, transform: Callable[[Any, np.random.Generator], dict] | None = None,
+                 worker_count: int = 0, worker_buffer_size: int = 4):
         """`transform(document, rng)` (neighbour join, condition dropout, CM3 masking) runs per
         document per epoch with a generator Grain seeds from (seed, stream, position)."""
+        if worker_count < 0:
+            raise ValueError(f"data.worker_count must be >= 0, got {worker_count}")
         if num_streams <= 0:
             num_streams = global_batch_size
         if global_batch_size % num_streams:
@@ -56,18 +142,26 @@ class PackedBatchIterator:
         self.seq_len = seq_len
         self.rows_per_stream = global_batch_size // num_streams
         self.stream_ids = list(stream_ranges(num_streams, process_index, process_count))
+        self.worker_count = int(worker_count)
         self.skipped = collections.Counter()
         self._transform = transform
-        self._iterators = [iter(self._stream(documents, s, num_streams, seed, shuffle)) for s in self.stream_ids]
-
-    def _fits(self, example) -> bool:
-        if len(example["inputs"]) > self.seq_len:
-            self.skipped["document_longer_than_seq_len"] += 1
-            return False
-        if len(example["inputs"]) == 0:
-            self.skipped["empty_document"] += 1
-            return False
-        return True
+        self._skips = _Skips(seq_len)
+        streams = [self._stream(documents, s, num_streams, seed, shuffle) for s in self.stream_ids]
+        ds = grain_exp.ZipIterDataset(streams).map(self._skips.assemble)
+        if self.worker_count:
+            if not flags.FLAGS.is_parsed():
+                # Grain's worker start-up reads its absl flags; outside an absl app (tests, notebooks)
+                # they keep their defaults
+                flags.FLAGS.mark_as_parsed()
+            # batches come back pickled, not in shared memory: they are small next to the work that
+            # makes them, arrive as plain arrays, and leave nothing to unlink if a run dies
+            ds = grain_exp.WithOptionsIterDataset(ds, grain_exp.DatasetOptions(min_shm_size=2 ** 62))
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count,
+                                                             per_worker_buffer_size=int(worker_buffer_size)))
+        self._iterator = iter(ds)
+        # workers stop when this iterator goes away or, at the latest, at interpreter exit (before
+        # the modules Grain's clean-up needs are torn down)
+        self._close = weakref.finalize(self, self._iterator.close) if self.worker_count else None
 
     def _stream(self, documents, stream, num_streams, seed, shuffle):
         ds = documents[stream::num_streams]
@@ -76,28 +170,22 @@ class PackedBatchIterator:
         ds = ds.repeat(None)
         if self._transform is not None:
             ds = ds.random_map(self._transform, seed=(seed * 1_000_003 + stream + 7919) % 2 ** 32)
-        ds = ds.map(document_to_example).to_iter_dataset().filter(self._fits)
-        lengths = {key: self.seq_len for key in ("inputs", "targets", "weights")}
-        ds = grain_exp.FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=self.rows_per_stream,
-                                               shuffle_bins=False)
-        return ds.batch(self.rows_per_stream)
+        # no reader threads: the transforms hold the GIL, threads would only contend for it
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        return FirstFitPackDataset(ds, seq_len=self.seq_len, rows=self.rows_per_stream, skips=self._skips)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rows = [next(it) for it in self._iterators]
-        packed = {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
-        return {
-            "inputs": packed["inputs"].astype(np.int32),
-            "targets": packed["targets"].astype(np.int32),
-            "weights": packed["weights"].astype(np.float32),
-            "segment_ids": packed["inputs_segment_ids"].astype(np.int32),
-            "positions": packed["inputs_positions"].astype(np.int32),
-        }
+        batch = dict(next(self._iterator))
+        for reason, n in zip(_Skips.REASONS, batch.pop(_Skips.KEY).tolist()):
+            if n:
+                self.skipped[reason] += n
+        return batch
 
     def get_state(self) -> bytes:
-        state = {"streams": self.stream_ids, "states": [it.get_state() for it in self._iterators]}
+        state = {"streams": self.stream_ids, "worker_count": self.worker_count, "state": self._iterator.get_state()}
         return json.dumps(state).encode()
 
     def set_state(self, state: bytes) -> None:
@@ -105,11 +193,40 @@ class PackedBatchIterator:
         if state["streams"] != self.stream_ids:
             raise ValueError(f"data state is for streams {state['streams']}, this process owns {self.stream_ids}; "
                              "resume with the same data.num_streams and process count")
-        for it, s in zip(self._iterators, state["states"]):
-            it.set_state(s)
+        if state.get("worker_count") != self.worker_count:
+            raise ValueError(f"data state was saved with data.worker_count={state.get('worker_count')}, this run has "
+                             f"{self.worker_count}; the packing depends on it: resume with the same worker count")
+        self._iterator.set_state(state["state"])
 
     def start_prefetch(self) -> None:
         """Part of grain's checkpoint interface; batches are produced on demand."""
+
+    def close(self) -> None:
+        """Stops Grain's worker processes (also done at garbage collection and exit)."""
+        if self._close is not None:
+            self._close()
+
+
+class _Skips:
+    """Counts the documents the packer skips; it runs wherever the pipeline runs (a Grain worker
+    too), so the counts since the previous batch travel inside the batch."""
+    REASONS = ("document_longer_than_seq_len", "empty_document")
+    KEY = "_skipped"
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+        self.counts = np.zeros(len(self.REASONS), np.int64)
+        self.reported = np.zeros(len(self.REASONS), np.int64)
+
+    def count(self, length: int) -> None:
+        self.counts[0 if length > self.seq_len else 1] += 1
+
+    def assemble(self, rows) -> dict[str, np.ndarray]:
+        """The streams' rows -> one batch (+ the skip counts since the last batch)."""
+        batch = {key: np.concatenate([r[key] for r in rows]) if len(rows) > 1 else rows[0][key] for key in BATCH_KEYS}
+        delta, self.reported = self.counts - self.reported, self.counts.copy()
+        batch[self.KEY] = delta
+        return batch
 
 
 def validate_batch(batch: dict[str, Any], rows: int, seq_len: int) -> None:

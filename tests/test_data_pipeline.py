@@ -18,10 +18,13 @@ def test_prepared_documents_are_tokenized_caption_image_pairs(tiny_pipeline):
     assert report["splits"]["train"]["kept"] == 96 and report["splits"]["validation"]["kept"] == 16
     vocab = vocab_lib.Vocabulary.load(os.path.join(data, prepare.VOCAB_DIR))
     docs = prepare.load_documents(data, "train")
-    assert len(docs) == 96
+    tokens = prepare.load_tokens(data, "train")  # the training path's reader: id and tokens only
+    assert len(docs) == len(tokens) == 96
     for i in (0, 5, 95):
         doc = docs[i]
-        assert int(doc["id"]) == i  # record i is document i: what the neighbour sidecar indexes
+        assert int(doc["id"]) == i == tokens[i]["id"]  # record i is document i: what the neighbour sidecar indexes
+        np.testing.assert_array_equal(tokens[i]["tokens"], doc["tokens"])
+        assert tokens[i]["tokens"].dtype == np.int32
         caption, codes = vocab.decode_document(doc["tokens"])
         assert caption == doc["caption"].decode() and "shape" not in json.loads(doc["meta"]).get("error", "")
         np.testing.assert_array_equal(codes.reshape(-1), doc["image_codes"])
@@ -132,6 +135,20 @@ def test_cm3_batches_are_deterministic_and_split_between_processes(tiny_pipeline
     for x in batches:
         sentinel = (x["targets"] >= vocab_lib.SENTINEL_OFFSET) & (x["targets"] < vocab_lib.SENTINEL_OFFSET + 16)
         assert np.all(x["weights"][sentinel] == 0)
+
+
+def test_cm3_batches_from_a_worker_process_match_in_process_ones(tiny_pipeline):
+    """One Grain worker runs the same pipeline unsliced: the document reader and the memory-mapped
+    neighbour sidecar survive the trip into the worker and give identical batches."""
+    config = pipeline_fixture.lm_config(tiny_pipeline["data"], tiny_pipeline["vocab_size"])
+    local = data_pipeline.make_train_iterator(config, 0, 1)
+    config.data.worker_count = 1
+    worker = data_pipeline.make_train_iterator(config, 0, 1)
+    for _ in range(3):
+        x, y = next(local), next(worker)
+        for key in data_pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(x[key], y[key])
+    worker.close()
 
 
 def test_trainer_refuses_a_model_smaller_than_the_vocabulary(tiny_pipeline):
