@@ -119,15 +119,18 @@ def evaluate_model(gen, examples: Mapping[str, Sequence[dict]], classifier, *, s
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:
+    """One row per task and metric, the task's primary metric first (marked *)."""
     has_baseline = report.get("baseline") is not None
     head = "| task | metric | SFT | pretrained (same prompts) |" if has_baseline else "| task | metric | model |"
     lines = [head, "|---|---|---|---|" if has_baseline else "|---|---|---|"]
     for task in report["tasks"]:
-        metric = PRIMARY[task]
-        row = f"| {task} | {metric} | {report['model'][task][metric]:.3f} |"
-        if has_baseline:
-            row += f" {report['baseline'][task][metric]:.3f} |"
-        lines.append(row)
+        primary = PRIMARY[task]
+        names = [primary] + [k for k in report["model"][task] if k not in (primary, "seconds")]
+        for metric in names:
+            row = f"| {task} | {metric}{' *' if metric == primary else ''} | {report['model'][task][metric]:.3f} |"
+            if has_baseline:
+                row += f" {report['baseline'][task].get(metric, float('nan')):.3f} |"
+            lines.append(row)
     return "\n".join(lines) + "\n"
 
 
