@@ -53,6 +53,7 @@ class Pipeline:
         self.fingerprints: dict[str, str] = {}
         self.dirs: dict[str, str] = {}
         self.timings: dict[str, dict[str, Any]] = {}
+        self.stopped: str | None = None  # the stage a preemption stopped, if any
         upstream = ""
         for name in STAGES:
             upstream = fingerprint(self.stage_settings(name), upstream)
@@ -192,6 +193,11 @@ class Pipeline:
             t0 = time.time()
             fn: Callable[[], Any] = getattr(self, name)
             result = fn()
+            if isinstance(result, dict) and result.get("preempted"):  # SIGTERM: saved, not finished
+                logging.warning("[%d/%d] %s stopped at step %s (preempted); rerun the command to resume", i,
+                                len(stages), name, result.get("final_step"))
+                self.stopped = name
+                return self.timings
             if name != "report":
                 self.mark_done(name, time.time() - t0, result)
             logging.info("[%d/%d] %s finished in %.0fs", i, len(stages), name, time.time() - t0)

@@ -148,25 +148,28 @@ def validation_loss(gen, documents: Sequence[dict], neighbour_counts: Sequence[i
         for doc in documents:
             caption = gen.vocab.decode_text(np.asarray(doc["text_ids"], np.int32))
             retrieved.append(gen.retrieve(caption, max_k))
+    layouts = {k: [cm3.retrieval_augmented_sequence(np.asarray(doc["tokens"], np.int32),
+                                                    retrieved[i][:k] if k else (), gen.vocab.eos_id)
+                   for i, doc in enumerate(documents)] for k in neighbour_counts}
+    # every k is scored on the same documents: those whose longest layout fits the model
+    limit = gen.model_config.max_length
+    keep = [i for i in range(len(documents)) if all(len(layouts[k][i].tokens) - 1 <= limit for k in neighbour_counts)]
+    if not keep:
+        raise ValueError(f"no validation document fits max_length={limit} with {max_k} neighbours")
     out = {}
     for k in neighbour_counts:
-        layouts = [cm3.retrieval_augmented_sequence(np.asarray(doc["tokens"], np.int32),
-                                                    retrieved[i][:k] if k else (), gen.vocab.eos_id)
-                   for i, doc in enumerate(documents)]
-        seqs = [(lay.tokens, lay.query_span) for lay in layouts]
+        seqs = [(layouts[k][i].tokens, layouts[k][i].query_span) for i in keep]
         longest = max(len(t) for t, _ in seqs) - 1
-        if longest > gen.model_config.max_length:
-            raise ValueError(f"a validation sequence with {k} neighbours has {longest} tokens > max_length "
-                             f"{gen.model_config.max_length}")
-        length = min(-(-longest // 32) * 32, gen.model_config.max_length)
+        length = min(-(-longest // 32) * 32, limit)
         total, count = 0.0, 0.0
         with sharding.activate(mesh):
             for i in range(0, len(seqs), rows):
                 batch = sharding.global_batch_from_local(_query_weighted_rows(seqs[i:i + rows], rows, length), mesh)
                 s, c = summed_loss(gen.params, batch)
                 total, count = total + float(s), count + float(c)
-        out[str(k)] = {"loss": total / max(count, 1.0), "query_tokens": int(count),
-                       "neighbours_found": float(np.mean([min(len(r), k) for r in retrieved])) if k else 0.0}
+        out[str(k)] = {"loss": total / max(count, 1.0), "query_tokens": int(count), "documents": len(keep),
+                       "skipped_too_long": len(documents) - len(keep),
+                       "neighbours_found": float(np.mean([min(len(retrieved[i]), k) for i in keep])) if k else 0.0}
     return out
 
 

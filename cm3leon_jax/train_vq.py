@@ -311,6 +311,7 @@ def train(config, workdir: str) -> dict[str, float]:
     logger = metrics.MetricsLogger(workdir, stdout_keys=STDOUT_KEYS, rate=("images_per_second", "images/s"))
     val_images = image_data.validation_images(config, int(config.num_sample_images))
     preemption = checkpointing.PreemptionWatcher()
+    preempted = False
     total_steps, log_every = int(config.total_steps), int(config.log_every_steps)
     sample_every, budget = int(config.sample_every_steps), float(config.max_train_seconds)
 
@@ -347,6 +348,7 @@ def train(config, workdir: str) -> dict[str, float]:
         if preemption.should_stop(step):
             ckpt.save(step, state, data_iter, force=True)
             logging.warning("stopped for preemption at step %d after saving", step)
+            preempted = True
             break
         if _time_is_up(start, budget):
             logging.info("max_train_seconds=%g reached at step %d", budget, step)
@@ -358,7 +360,7 @@ def train(config, workdir: str) -> dict[str, float]:
     logger.close()
     if data_iter.skipped:
         logging.warning("images skipped: %s", dict(data_iter.skipped))
-    return last
+    return dict(last, final_step=int(step), preempted=preempted)  # callers (e2e) must not take a stop for an end
 
 
 # ---------------------------------------------------------------------- public API: the tokenizer

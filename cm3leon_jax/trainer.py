@@ -209,6 +209,7 @@ def train(config, workdir: str) -> dict[str, float]:
     peak, peak_source = flops.peak_flops()
     logging.info("MFU peak: %.3g FLOP/s (%s)", peak, peak_source)
     preemption = checkpointing.PreemptionWatcher()
+    preempted = False
     total_steps, log_every = int(config.total_steps), int(config.log_every_steps)
     step = int(jax.device_get(state.step))
     last = {}
@@ -232,10 +233,11 @@ def train(config, workdir: str) -> dict[str, float]:
         if preemption.should_stop(step):
             ckpt.save(step, state, data_iter, force=True)
             logging.warning("stopped for preemption at step %d after saving", step)
+            preempted = True
             break
     ckpt.save(step, state, data_iter, force=True)
     ckpt.close()
     logger.close()
     if data_iter.skipped:
         logging.warning("documents skipped by the packer: %s", dict(data_iter.skipped))
-    return last
+    return dict(last, final_step=int(step), preempted=preempted)  # callers (e2e) must not take a stop for an end

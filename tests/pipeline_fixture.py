@@ -1,14 +1,14 @@
-"""A minuscule run of every data stage, shared by the pipeline, retrieval-join and generation tests:
-VQ tokenizer (16x16 -> 4x4 codes) -> ingestion -> retriever + ScaNN neighbours -> a few LM steps."""
-import os
-
+"""A minuscule run of every data stage, shared by the pipeline, retrieval-join, generation, SFT,
+interop and end-to-end tests: the end-to-end runner's own stages (cm3leon_jax/e2e.py) up to the
+LM: text tokenizer -> VQ tokenizer (16x16 -> 4x4 codes) -> ingestion -> retriever + ScaNN
+neighbours -> a few LM steps. test_e2e.py runs the remaining stages on the same workdir."""
 import ml_collections
 
-from cm3leon_jax import trainer, train_vq
-from cm3leon_jax import vocab as vocab_lib
-from data_pipeline import index, prepare
-from experiments import data_shapes, vq_tiny
+from cm3leon_jax import e2e
+from experiments import data_shapes, e2e_tiny, vq_tiny
 from tests.helpers import tiny_config
+
+LM_STEPS = 4
 
 
 def vq_config():
@@ -37,19 +37,30 @@ def data_config(spm_model, vq_workdir, **overrides):
 def lm_config(data_dir, vocab_size, **overrides):
     c = tiny_config(**overrides)
     c.data.update(source="cm3", data_dir=data_dir, seq_len=64, num_neighbours=2)
-    c.model.update(vocab_size=vocab_size, max_length=256)  # room for retrieval-augmented prompts
+    c.model.update(vocab_size=vocab_size, max_length=512)  # room for retrieval-augmented prompts
     return c
 
 
-def build(root, spm_model):
-    paths = {name: os.path.join(str(root), name) for name in ("vq", "data", "lm")}
-    train_vq.train(vq_config(), paths["vq"])
-    cfg = data_config(spm_model, paths["vq"])
-    vocab, encode = prepare.load_vocab_and_encoder(cfg)
-    prepare.prepare(cfg, paths["data"], vocab, encode)
-    index.build(paths["data"], steps=10, batch_size=16, width=32, embed_dim=32, text_layers=1, image_layers=1,
-                num_heads=2, log_every=5)
-    vocab = vocab_lib.Vocabulary.load(os.path.join(paths["data"], prepare.VOCAB_DIR))
-    paths["vocab_size"] = vocab.padded_size(8)
-    trainer.train(lm_config(paths["data"], paths["vocab_size"], total_steps=4), paths["lm"])
+def e2e_config():
+    """experiments/e2e_tiny.py at minuscule size (data_dir and vocab_size are filled in by the runner)."""
+    c = e2e_tiny.get_config()
+    c.text_tokenizer.update(vocab_size=300, num_captions=2000)
+    c.vq = vq_config()
+    c.data = data_config("", "")
+    c.retrieval.update(steps=10, batch_size=16, width=32, embed_dim=32, text_layers=1, image_layers=1, num_heads=2,
+                       log_every=5)
+    c.lm = lm_config("", 0, total_steps=LM_STEPS)
+    c.evaluate.update(strategies=("topp_topk_cfg", "greedy"), num_prompts=2, num_samples=2, num_captions=2,
+                      num_val_documents=4, neighbour_counts=(0, 1), num_vq_images=8, classifier_steps=3)
+    return c
+
+
+def build(root, spm_model=None):
+    """Runs the stages up to the LM in `root`; `spm_model` is unused (the runner trains its own)."""
+    del spm_model
+    pipeline = e2e.Pipeline(e2e_config(), str(root))
+    pipeline.run(until="lm")
+    paths = {name: pipeline.dirs[name] for name in ("text_tokenizer", "vq", "data", "lm")}
+    paths["root"] = pipeline.workdir
+    paths["vocab_size"] = int(pipeline.lm_config().model.vocab_size)
     return paths

@@ -5,35 +5,18 @@ import os
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 
 from cm3leon_jax import e2e
-from experiments import e2e_tiny
 from tests import pipeline_fixture
 
 
-def minuscule_config():
-    c = e2e_tiny.get_config()
-    c.text_tokenizer.update(vocab_size=300, num_captions=300)
-    c.vq = pipeline_fixture.vq_config()
-    c.data = pipeline_fixture.data_config("", "")
-    c.data.num_documents = ml_collections.ConfigDict({"train": 48, "validation": 8})
-    c.retrieval.update(steps=4, batch_size=16, width=16, embed_dim=16, log_every=2)
-    c.lm.update(total_steps=3, log_every_steps=1, checkpoint_every_steps=3)
-    c.lm.model.update(num_layers=1, d_model=32, num_heads=2, d_ff=64, max_length=256)
-    c.lm.data.update(seq_len=128, global_batch_size=8, num_neighbours=1)
-    c.evaluate.update(strategies=("topp_topk_cfg", "greedy"), num_prompts=2, num_samples=2, num_captions=2,
-                      num_val_documents=4, neighbour_counts=(0, 1), num_vq_images=8, classifier_steps=3)
-    return c
-
-
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("e2e"))
-    config = minuscule_config()
-    e2e.Pipeline(config, workdir).run()
-    return config, workdir
+def finished(tiny_pipeline):
+    """The shared fixture ran the stages up to the LM with this config; run the rest."""
+    config = pipeline_fixture.e2e_config()
+    e2e.Pipeline(config, tiny_pipeline["root"]).run()
+    return config, tiny_pipeline["root"]
 
 
 def test_every_stage_runs_and_the_report_is_complete(finished):
@@ -57,17 +40,16 @@ def test_every_stage_runs_and_the_report_is_complete(finished):
 
 def test_rerun_is_cached_and_changed_settings_are_refused(finished):
     config, workdir = finished
-    timings = e2e.Pipeline(config, workdir).run(until="lm")
-    assert all(t["cached"] for t in timings.values()) and set(timings) == {"text_tokenizer", "vq", "data",
-                                                                           "retrieval", "lm"}
-    changed = minuscule_config()
+    timings = e2e.Pipeline(config, workdir).run(until="evaluate")
+    assert all(t["cached"] for t in timings.values()) and set(timings) == set(e2e.STAGES) - {"report"}
+    changed = pipeline_fixture.e2e_config()
     changed.vq.total_steps = 5
     with pytest.raises(ValueError, match="stage 'vq'.*other settings"):
         e2e.Pipeline(changed, workdir).run(until="lm")
 
 
 def test_fingerprints_chain_through_upstream_stages():
-    a, b = minuscule_config(), minuscule_config()
+    a, b = pipeline_fixture.e2e_config(), pipeline_fixture.e2e_config()
     b.data.seed = 1
     pa, pb = e2e.Pipeline(a, "/tmp/unused_a"), e2e.Pipeline(b, "/tmp/unused_b")
     assert pa.fingerprints["vq"] == pb.fingerprints["vq"]
@@ -84,3 +66,16 @@ def test_cli_runs_a_stage_and_resumes(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
     assert "done already" in out.stderr
     assert os.path.exists(tmp_path / "text_tokenizer" / "spm.model")
+
+
+def test_a_preempted_stage_is_not_marked_done(tmp_path):
+    class Interrupted(e2e.Pipeline):
+        def text_tokenizer(self):
+            return {}
+
+        def vq(self):
+            return {"preempted": True, "final_step": 3}
+
+    pipeline = Interrupted(pipeline_fixture.e2e_config(), str(tmp_path))
+    pipeline.run(until="lm")
+    assert pipeline.stopped == "vq" and pipeline.done("text_tokenizer") and not pipeline.done("vq")

@@ -117,3 +117,14 @@ def test_two_processes_match_one_process(tmp_path):
     # each process saved its own data position
     data_dir = multi / "checkpoints" / "5" / "data"
     assert sorted(os.listdir(data_dir))[-2:] == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_a_preempted_run_says_so(tmp_path, monkeypatch):
+    """Callers (the e2e runner) must not take a save-and-stop for the end of training."""
+    from cm3leon_jax import checkpointing
+    monkeypatch.setattr(checkpointing.PreemptionWatcher, "should_stop", lambda self, step: step >= 2)
+    out = trainer.train(tiny_config(total_steps=6), str(tmp_path))
+    assert out["preempted"] and out["final_step"] == 2
+    monkeypatch.undo()
+    out = trainer.train(tiny_config(total_steps=6), str(tmp_path))
+    assert not out["preempted"] and out["final_step"] == 6
