@@ -266,7 +266,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
         if gen.retriever is None:
             report["notes"].append("no retriever in the data dir: validation loss with 0 neighbours only")
         report["validation_loss"] = validation_loss(gen, docs, counts)
-    else:
+    elif num_val_documents:
         report["notes"].append("no data dir with a validation split: validation loss skipped")
 
     if num_vq_images:

@@ -79,3 +79,26 @@ def test_a_preempted_stage_is_not_marked_done(tmp_path):
     pipeline = Interrupted(pipeline_fixture.e2e_config(), str(tmp_path))
     pipeline.run(until="lm")
     assert pipeline.stopped == "vq" and pipeline.done("text_tokenizer") and not pipeline.done("vq")
+
+
+def test_ablation_files_load_share_upstream_stages_and_tabulate(finished, tmp_path):
+    from cm3leon_jax import ablate
+    configs = {os.path.basename(p)[:-3]: ablate.load_config(p) for p in ablate.config_paths("all", [])}
+    assert set(configs) == set(ablate.SETS["all"])
+    base = configs["ablation_retrieval_k2"]
+    assert configs["ablation_retrieval_k0"].lm.data.num_neighbours == 0 < base.lm.data.num_neighbours
+    assert configs["ablation_no_condition_dropout"].lm.data.condition_dropout_rate == 0.0
+    for cfg in configs.values():
+        cfg.cache_dir = str(tmp_path / "cache")
+    pipelines = {name: e2e.Pipeline(cfg, str(tmp_path / name)) for name, cfg in configs.items()}
+    fp = {name: p.fingerprints for name, p in pipelines.items()}
+    assert len({f["retrieval"] for f in fp.values()}) == 1  # one tokenizer, VQ, dataset and index for all
+    assert fp["ablation_decoding"]["lm"] == fp["ablation_retrieval_k2"]["lm"]  # the table reuses the base LM
+    assert len({fp[n]["lm"] for n in ("ablation_retrieval_k2", "ablation_retrieval_k0",
+                                      "ablation_no_condition_dropout", "ablation_model_small")}) == 4
+    assert pipelines["ablation_decoding"].dirs["lm"] == pipelines["ablation_retrieval_k2"].dirs["lm"]
+    config, workdir = finished
+    with open(os.path.join(workdir, "report.json")) as f:
+        row = ablate.summarise("minuscule", config, json.load(f))
+    table = ablate.markdown([row])
+    assert "| minuscule |" in table and "val loss k=1" in table and "t2i greedy" in table
