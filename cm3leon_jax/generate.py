@@ -90,7 +90,7 @@ class Generator:
         params, rcfg = self.retriever
         query = retriever.embed_text(params, rcfg, [self.vocab.encode_text(caption)])
         ids, scores = index.search(query, 4 * k)
-        chosen = [int(i) for i, s in zip(ids[0], scores[0]) if i >= 0 and s <= 0.9][:k]
+        chosen = [int(i) for i, s in zip(ids[0], scores[0]) if i >= 0 and s <= neighbours.NEAR_DUPLICATE_SCORE][:k]
         return [np.asarray(documents[i]["tokens"], np.int32) for i in chosen]
 
     def rerank_scores(self, caption: str, codes: np.ndarray) -> np.ndarray:

@@ -43,6 +43,9 @@ NEIGHBOURS_JSON = "neighbours.json"
 MIN_TREE_SIZE = 4096
 
 
+NEAR_DUPLICATE_SCORE = 0.9  # the paper: candidates scoring above this are near duplicates, never used
+
+
 def _scann():
     from scann.scann_ops.py import scann_ops_pybind
     return scann_ops_pybind
@@ -357,7 +360,7 @@ SKIP_REASONS = ("self", "invalid", "near_duplicate", "duplicate", "diversity")
 
 def select_neighbours(query_ids: np.ndarray, candidate_ids: Sequence[np.ndarray], candidate_scores: Sequence[np.ndarray],
                       quotas: Sequence[int], embeddings: np.ndarray, is_multimodal: np.ndarray, *,
-                      valid: np.ndarray | None = None, max_score: float = 0.9,
+                      valid: np.ndarray | None = None, max_score: float = NEAR_DUPLICATE_SCORE,
                       diversity_threshold: float = 0.9, chunk: int = 1024):
     """The paper's neighbour choice over candidate lists (pure numpy).
 
@@ -453,7 +456,8 @@ def select_neighbours(query_ids: np.ndarray, candidate_ids: Sequence[np.ndarray]
 
 def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray, image_queries: np.ndarray,
                        has_text: np.ndarray, has_image: np.ndarray, *, search: Callable | Any,
-                       k_text: int = 2, k_image: int = 2, num_candidates: int = 32, max_score: float = 0.9,
+                       k_text: int = 2, k_image: int = 2, num_candidates: int = 32,
+                       max_score: float = NEAR_DUPLICATE_SCORE,
                        diversity_threshold: float = 0.9, query_batch: int = 16384, progress: bool = False,
                        start: int = 0, stop: int | None = None):
     """Neighbours of every document: `num_candidates` retrieved by its text query and by its image
@@ -570,7 +574,8 @@ def load_neighbours(data_dir: str, num_documents: int | None = None, *, mmap: bo
 def build_neighbours(data_dir: str, doc_embeddings: np.ndarray, text_queries: np.ndarray, image_queries: np.ndarray,
                      has_text: np.ndarray, has_image: np.ndarray, *, num_shards: int = 1,
                      index_dir: str | None = None, params: dict[str, Any] | None = None,
-                     k_text: int = 2, k_image: int = 2, num_candidates: int = 32, max_score: float = 0.9,
+                     k_text: int = 2, k_image: int = 2, num_candidates: int = 32,
+                     max_score: float = NEAR_DUPLICATE_SCORE,
                      diversity_threshold: float = 0.9, progress: bool = False) -> dict[str, Any]:
     """Single-machine convenience: index the bank (DATA_DIR/scann_index, sharded when num_shards >
     1), retrieve and select every document's neighbours, write the sidecar. Returns the stats."""
