@@ -379,8 +379,9 @@ def load_vocab_and_encoder(cfg) -> tuple[vocab_lib.Vocabulary, Callable[[np.ndar
     return vocab, vq.encode
 
 
-def main(argv):
-    del argv
+def run_cli(prepare_fn, load_fn=None) -> None:
+    """The ingestion CLIs' shared body (documents and SFT tasks): --out, --overwrite, --config;
+    `load_fn(cfg) -> (vocab, encode)` defaults to `load_vocab_and_encoder`."""
     metrics.quiet_library_logs()
     out = flags.FLAGS.out
     if out is None:
@@ -389,8 +390,13 @@ def main(argv):
         logging.info("%s already holds prepared documents; pass --overwrite to rebuild", out)
         return
     cfg = flags.FLAGS.config
-    vocab, encode = load_vocab_and_encoder(cfg)
-    prepare(cfg, out, vocab, encode)
+    vocab, encode = (load_fn or load_vocab_and_encoder)(cfg)
+    prepare_fn(cfg, out, vocab, encode)
+
+
+def main(argv):
+    del argv
+    run_cli(prepare)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from cm3leon_jax import metrics, vocab as vocab_lib
+from cm3leon_jax import vocab as vocab_lib
 from data_pipeline import prepare, sft_tasks
 
 REPORT_FILE = prepare.REPORT_FILE
@@ -231,16 +231,7 @@ def _define_flags() -> None:
 
 def main(argv):
     del argv
-    metrics.quiet_library_logs()
-    out = flags.FLAGS.out
-    if out is None:
-        raise app.UsageError("--out is required")
-    if os.path.exists(os.path.join(out, REPORT_FILE)) and not flags.FLAGS.overwrite:
-        logging.info("%s already holds prepared documents; pass --overwrite to rebuild", out)
-        return
-    cfg = flags.FLAGS.config
-    vocab, encode = load_vocab_and_encoder(cfg)
-    prepare_sft(cfg, out, vocab, encode)
+    prepare.run_cli(prepare_sft, load_vocab_and_encoder)
 
 
 if __name__ == "__main__":
