@@ -80,6 +80,14 @@ class VQGANConfig:
     l2_normalize_codes: bool = True  # cosine-similarity lookup (LlamaGen)
     num_groups: int = 32  # GroupNorm groups (reduced automatically for narrow layers)
     dtype: str = "float32"
+    # Attention placement for imported tokenizers (Chameleon's attn_resolutions / attn_type): None
+    # keeps ours, attention after every ResBlock of the lowest level and in the middle iff
+    # attention_at_lowest. `attention_levels` lists encoder levels (the decoder mirrors them).
+    attention_levels: Optional[Tuple[int, ...]] = None
+    mid_attention: Optional[bool] = None
+    # False for an encoder-only import (transformers' ChameleonVQVAE has no decoder): the params
+    # then hold no decoder and decoding raises.
+    has_decoder: bool = True
 
     def __post_init__(self):
         if not self.channel_multipliers:
@@ -89,6 +97,9 @@ class VQGANConfig:
                 f"image_size {self.image_size} is not divisible by the downsampling factor "
                 f"{self.downsample_factor}"
             )
+        bad = [lv for lv in self.attention_levels or () if not 0 <= lv < len(self.channel_multipliers)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} outside the {len(self.channel_multipliers)} levels")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "VQGANConfig":
@@ -109,6 +120,15 @@ class VQGANConfig:
     @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
+
+    def has_level_attention(self, level: int) -> bool:
+        if self.attention_levels is None:
+            return self.attention_at_lowest and level == len(self.channel_multipliers) - 1
+        return level in self.attention_levels
+
+    @property
+    def has_mid_attention(self) -> bool:
+        return self.attention_at_lowest if self.mid_attention is None else bool(self.mid_attention)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,13 +360,13 @@ class Encoder(nn.Module):
         for level, mult in enumerate(mults):
             for i in range(cfg.num_res_blocks):
                 h = ResBlock(cfg, cfg.channels * mult, name=f"down{level}_res{i}")(h)
-                if level == last and cfg.attention_at_lowest:
+                if cfg.has_level_attention(level):
                     h = AttnBlock(cfg, name=f"down{level}_attn{i}")(h)
             if level != last:
                 # Asymmetric (0,1) padding + VALID stride-2 conv, as taming: exact halving.
                 h = _conv(cfg, h.shape[-1], 3, 2, ((0, 1), (0, 1)), name=f"down{level}_downsample")(h)
         h = ResBlock(cfg, h.shape[-1], name="mid_res0")(h)
-        if cfg.attention_at_lowest:
+        if cfg.has_mid_attention:
             h = AttnBlock(cfg, name="mid_attn")(h)
         h = ResBlock(cfg, h.shape[-1], name="mid_res1")(h)
         h = nn.swish(_norm(cfg, h.shape[-1], "norm_out")(h))
@@ -360,16 +380,15 @@ class Decoder(nn.Module):
     def __call__(self, z, return_features: bool = False):
         cfg = self.cfg
         mults = cfg.channel_multipliers
-        last = len(mults) - 1
         h = _conv(cfg, cfg.channels * mults[-1], name="conv_in")(z.astype(cfg.compute_dtype))
         h = ResBlock(cfg, h.shape[-1], name="mid_res0")(h)
-        if cfg.attention_at_lowest:
+        if cfg.has_mid_attention:
             h = AttnBlock(cfg, name="mid_attn")(h)
         h = ResBlock(cfg, h.shape[-1], name="mid_res1")(h)
         for level in reversed(range(len(mults))):
             for i in range(cfg.num_res_blocks + 1):
                 h = ResBlock(cfg, cfg.channels * mults[level], name=f"up{level}_res{i}")(h)
-                if level == last and cfg.attention_at_lowest:
+                if cfg.has_level_attention(level):
                     h = AttnBlock(cfg, name=f"up{level}_attn{i}")(h)
             if level != 0:
                 b, hh, ww, c = h.shape
@@ -442,6 +461,15 @@ class VectorQuantizer(nn.Module):
         return self.post_quant_proj(jnp.take(self.lookup_codebook(), codes, axis=0))
 
 
+NO_DECODER = ("this VQ tokenizer has no decoder (has_decoder=False: it was imported from transformers' "
+              "ChameleonVQVAE, which holds only the encoder and codebook), so it encodes images to codes but "
+              "cannot decode codes to images; pass a VQ tokenizer with a decoder (e.g. --vq_workdir)")
+
+
+class NoDecoderError(ValueError):
+    """Decoding with an encoder-only tokenizer."""
+
+
 class VQGAN(nn.Module):
     """Encoder -> VectorQuantizer -> Decoder.  Param tree: encoder / quantizer / decoder."""
 
@@ -450,7 +478,12 @@ class VQGAN(nn.Module):
     def setup(self):
         self.encoder = Encoder(self.cfg)
         self.quantizer = VectorQuantizer(self.cfg)
-        self.decoder = Decoder(self.cfg)
+        self.decoder = Decoder(self.cfg) if self.cfg.has_decoder else None
+
+    def _decoder(self):
+        if self.decoder is None:
+            raise NoDecoderError(NO_DECODER)
+        return self.decoder
 
     def quantize_images(self, images) -> QuantizerOutput:
         return self.quantizer(self.encoder(normalize_images(images)))
@@ -460,7 +493,7 @@ class VQGAN(nn.Module):
         ``return_features``, the decoder's last-layer input (for the adaptive GAN weight).
         The reconstruction is NOT clipped: clipping would zero gradients of saturated pixels."""
         q = self.quantize_images(images)
-        out = self.decoder(q.quantized, return_features=return_features)
+        out = self._decoder()(q.quantized, return_features=return_features)
         if return_features:
             return out[0], q, out[1]
         return out, q
@@ -470,12 +503,12 @@ class VQGAN(nn.Module):
         return self.quantize_images(images).codes
 
     def decode_latents(self, quantized):
-        return self.decoder(quantized)
+        return self._decoder()(quantized)
 
     def decode(self, codes):
         """int codes [B,h,w] -> float32 images [B,H,W,C] clipped to [-1,1]."""
         codes = jnp.asarray(codes).astype(jnp.int32)
-        return jnp.clip(self.decoder(self.quantizer.embed(codes)), -1.0, 1.0)
+        return jnp.clip(self._decoder()(self.quantizer.embed(codes)), -1.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,9 +535,10 @@ def init_params(rng: Array, config: Any, batch_size: int = 1, fast: bool = True)
     cfg = VQGANConfig.from_config(config)
     model = VQGAN(cfg)
     dummy = jnp.zeros((batch_size, cfg.image_size, cfg.image_size, cfg.in_channels), jnp.float32)
+    init = functools.partial(model.init, method=None if cfg.has_decoder else VQGAN.quantize_images)
     if not fast:
-        return jax.jit(model.init)(rng, dummy)["params"]
-    shapes = jax.eval_shape(model.init, rng, dummy)["params"]
+        return jax.jit(init)(rng, dummy)["params"]
+    shapes = jax.eval_shape(init, rng, dummy)["params"]
     return jax.jit(functools.partial(_init_like_flax_defaults, shapes))(rng)
 
 
@@ -563,6 +597,8 @@ def encode(params: PyTree, images: Any, config: Any) -> Array:
 def decode(params: PyTree, codes: Any, config: Any) -> Array:
     """int codes [B,h,w] -> float32 images [B, h*f, w*f, C] in [-1,1] (jitted)."""
     cfg = VQGANConfig.from_config(config)
+    if not cfg.has_decoder:
+        raise NoDecoderError(NO_DECODER)
     params = _as_variables(params)["params"]
     codes = jnp.asarray(codes)
     if codes.ndim != 3:
