@@ -32,14 +32,18 @@ permutes the embedding and head rows so the model's ids ARE our layout (text and
 contiguous, as vocab.py expects). The mapping is checked against transformers' own
 `ChameleonImageVocabularyMapping` on a byte-level BPE tokenizer.json (tests).
 
-Not carried (listed in the summary's `not_carried`): our `vocab/`, whose text side is a
-SentencePiece model. OPT's and Chameleon's text tokenizers are byte-level BPEs (GPT-2-style
-pre-tokenisation regex, byte-to-unicode alphabet, merge ranks), which a SentencePiece model
-cannot reproduce exactly, and a vocabulary that tokenises differently from training would be a
-silent error; nor is Chameleon's VQ image tokenizer (`model.vqmodel.*`: a different VQ-GAN).
-So `generate` (vocab/ + a VQ tokenizer) does not run on an imported workdir; what does: training
-and fine-tuning from the params, evaluating losses/logits on token ids (map HF ids to ours with
-hf_vocab_map.json, tokenise text with hf_tokenizer/).
+Text tokenizer and VQ (what `generate`, `sft_prepare` and evaluation need beside the params):
+  OUT/vocab/     with --remap_vocab (the model's ids are then our layout) and a tokenizer.json
+                 (DIR/tokenizer.json, or --vocab): our Vocabulary on the checkpoint's own
+                 byte-level BPE (`hf_text_tokenizer`: tokenizer.json + the HF id of each text
+                 piece), image codes from the IMGIMG tokens, image_tokens_per_image from the VQ
+                 config. The tokenizer must name exactly the ids of the vocabulary the mapping came
+                 from, and its image tokens must match the VQ codebook (ValueError otherwise).
+  OUT/vq/        Chameleon's `model.vqmodel.*` converted to our VQGAN (`hf_vq`), written as a
+                 train_vq workdir (vq_config.json + checkpoints/0) that `VQTokenizer.from_workdir`,
+                 `Generator` (an imported workdir's own vq/) and `sft_prepare --config.vq_workdir`
+                 load. transformers holds no VQ decoder, so it encodes images but decoding raises.
+What is left out is listed in the summary's `not_carried`, with the reason.
 """
 from __future__ import annotations
 
@@ -53,15 +57,12 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from cm3leon_jax import export as export_lib, hf_interop, model as model_lib, sharding
+from cm3leon_jax import export as export_lib, hf_interop, hf_text_tokenizer, hf_vq, model as model_lib, sharding
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "tokenizer.model", "generation_config.json")
 VOCAB_MAP_JSON = "hf_vocab_map.json"
-_NO_VOCAB = ("vocab/: the HF byte-level BPE has no exact SentencePiece form (see hf_tokenizer/, "
-             "hf_vocab_map.json), so generate does not run on this workdir")
-NOT_CARRIED = {hf_interop.OPT: [_NO_VOCAB],
-               hf_interop.CHAMELEON: [_NO_VOCAB, "model.vqmodel.*: Chameleon's VQ image tokenizer"]}
+VOCAB_DIR, VQ_DIR = export_lib.VOCAB_DIR, export_lib.VQ_DIR
 
 
 def _detect_prefix(ckpt: hf_interop.HFCheckpoint, fmt: str) -> str:
@@ -132,13 +133,13 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
     ckpt = hf_interop.HFCheckpoint(hf_dir)
     specs = hf_interop.tensor_specs(cfg, fmt, prefix=_detect_prefix(ckpt, fmt))
     unused = check_tensors(ckpt, specs, cfg, hf_cfg)
-    ignored = [k for k in unused if ".vqmodel." in f".{k}"]
-    if len(unused) > len(ignored):
-        logging.warning("tensors not imported: %s", [k for k in unused if k not in ignored][:20])
-    if ignored:
-        logging.info("not imported: %d image-tokenizer tensors (vqmodel.*)", len(ignored))
+    not_carried = []
+    vq_config, vq_params = _vq(ckpt, hf_cfg, fmt, not_carried)
+    unused = [k for k in unused if vq_params is None or ".vqmodel." not in f".{k}"]
+    if unused:
+        logging.warning("tensors not imported: %s", unused[:20])
 
-    mapping = None
+    mapping, hf_vocab = None, None
     source = _vocab_source(hf_dir, hf_cfg, vocab_file)
     if source is not None:
         hf_vocab = source if isinstance(source, dict) else hf_interop.read_hf_vocab(source)
@@ -146,6 +147,7 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
     if remap_vocab and mapping is None:
         raise ValueError(f"--remap_vocab needs a vocabulary: pass --vocab, or put tokenizer.json/vocab.json in {hf_dir}")
     perm = np.asarray(mapping["ours_to_hf"]) if remap_vocab else None
+    vocab = _vocabulary(hf_dir, vocab_file, hf_cfg, fmt, mapping, hf_vocab, remap_vocab, vq_config, not_carried)
 
     if mesh_config is None:
         mesh = export_lib.default_mesh(config)
@@ -168,14 +170,86 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
         if mapping is not None:
             with open(os.path.join(workdir, VOCAB_MAP_JSON), "w", encoding="utf-8") as f:
                 json.dump(dict(mapping, weights_remapped=bool(remap_vocab)), f)
+        if vocab is not None:
+            vocab.save(os.path.join(workdir, VOCAB_DIR))
         tok_dir = os.path.join(workdir, "hf_tokenizer")
         for name in TOKENIZER_FILES:
             if os.path.exists(os.path.join(hf_dir, name)):
                 os.makedirs(tok_dir, exist_ok=True)
                 shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tok_dir, name))
+    if vq_params is not None:
+        from cm3leon_jax import vq_tokenizer
+        export_lib.save_params_checkpoint(os.path.join(workdir, VQ_DIR), 0, vq_params)
+        if jax.process_index() == 0:
+            vq_tokenizer.save_vq_config(os.path.join(workdir, VQ_DIR), vq_config)
     return {"format": fmt, "workdir": workdir, "num_params": int(sum(x.size for x in flat.values())),
             "vocab_mapping": mapping["layout"] if mapping else None, "weights_remapped": bool(remap_vocab),
-            "not_imported": len(unused), "not_carried": NOT_CARRIED[fmt]}
+            "not_imported": len(unused), "vocab": VOCAB_DIR if vocab is not None else None,
+            "vq": VQ_DIR if vq_params is not None else None, "not_carried": not_carried}
+
+
+def _vq(ckpt, hf_cfg: dict, fmt: str, not_carried: list) -> tuple:
+    """(VQGANConfig, params) of Chameleon's converted VQ; (config or None, None) when it is not
+    carried (the reason goes to `not_carried`). Tensors that contradict vq_config raise."""
+    if fmt != hf_interop.CHAMELEON:
+        return None, None
+    prefix = hf_vq.vq_prefix(ckpt.keys())
+    try:
+        config = hf_vq.config_from_hf(hf_cfg.get("vq_config") or {})
+    except ValueError as e:
+        not_carried.append(f"vq/: {e}")
+        return None, None
+    if prefix is None:
+        not_carried.append("vq/: the checkpoint holds no vqmodel.* tensors (Chameleon's VQ image tokenizer)")
+        return config, None
+    return config, hf_vq.params_from_hf(ckpt.get, ckpt.keys(), config, prefix)
+
+
+def _tokenizer_json(hf_dir: str, vocab_file: str | None) -> str | None:
+    """--vocab when it is a tokenizer.json (has a `model`), else DIR/tokenizer.json if present."""
+    if vocab_file:
+        with open(vocab_file, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError:
+                data = None
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            return vocab_file
+    path = os.path.join(hf_dir, hf_text_tokenizer.TOKENIZER_JSON)
+    return path if os.path.exists(path) else None
+
+
+def _vocabulary(hf_dir, vocab_file, hf_cfg, fmt, mapping, hf_vocab, remap_vocab, vq_config, not_carried):
+    """Our Vocabulary on the checkpoint's tokenizer.json (module doc), or None with the reason in
+    `not_carried`; ValueError when the tokenizer does not belong to the checkpoint."""
+    from cm3leon_jax import vocab as vocab_lib
+    path = _tokenizer_json(hf_dir, vocab_file)
+    reason = None
+    if mapping is None or path is None:
+        reason = f"no tokenizer.json in {hf_dir} (or --vocab)"
+    elif not remap_vocab:
+        reason = "the model keeps HF ids (hf_vocab_map.json); import with --remap_vocab to get ids in our layout"
+    elif not mapping["layout"]["num_image_codes"]:
+        reason = "the vocabulary has no image tokens (IMGIMG...), and our Vocabulary holds images"
+    elif vq_config is None:
+        reason = "no VQ config to give the image token grid"
+    if reason:
+        not_carried.append(f"vocab/: {reason}")
+        return None
+    lay, o2h = mapping["layout"], mapping["ours_to_hf"]
+    tok = hf_text_tokenizer.HFTextTokenizer(path, o2h[lay["text_offset"]:lay["image_offset"]])
+    theirs = tok.hf_vocab()
+    if theirs != hf_vocab:
+        diff = sorted(set(theirs.items()) ^ set(hf_vocab.items()), key=lambda kv: kv[1])
+        raise ValueError(f"{path} is not the tokenizer of this checkpoint: its {len(theirs)} tokens differ from the "
+                         f"{len(hf_vocab)} of the vocabulary the model's ids were mapped with (vocab_size "
+                         f"{lay['vocab_size']}) at {len(diff)} entries, e.g. {diff[:3]}")
+    if lay["num_image_codes"] != vq_config.codebook_size:
+        raise ValueError(f"the vocabulary has {lay['num_image_codes']} image tokens but the VQ codebook has "
+                         f"{vq_config.codebook_size} codes")
+    vocab = vocab_lib.Vocabulary(tok, lay["num_image_codes"], vq_config.tokens_per_image, lay["num_sentinels"])
+    assert (vocab.text_offset, vocab.image_offset, vocab.size) == (lay["text_offset"], lay["image_offset"], lay["size"])
+    return vocab
 
 
 def _reader(ckpt, spec, cfg, layered: bool, perm):

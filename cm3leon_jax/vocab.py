@@ -26,7 +26,9 @@ CM3-masked sequences decode as long as no masked span cuts into an image.
 
 A Vocabulary saves as DIR/vocab.json (layout + sha256 of the SentencePiece model) and
 DIR/spm.model beside a checkpoint; loading verifies both so a model is never paired with the
-wrong vocabulary.
+wrong vocabulary. The text side may instead be a Hugging Face tokenizer.json
+(`hf_text_tokenizer.HFTextTokenizer`, for imported checkpoints): then DIR holds its files and
+vocab.json names it (`text_tokenizer`, `hf_tokenizer_sha256`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cm3leon_jax import hf_text_tokenizer
 from cm3leon_jax.text_tokenizer import TextTokenizer
 
 PAD_ID, EOS_ID, BREAK_ID, EOSS_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -383,7 +386,7 @@ class Vocabulary:
             "image_tokens_per_image": self._n,
             "image_grid": list(self._grid),
             "size": self.size,
-            "spm_sha256": self._tok.sha256,
+            **_tokenizer_layout(self._tok),
         }
 
     @property
@@ -408,7 +411,9 @@ class Vocabulary:
     def save(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
         meta = dict(self.layout(), fingerprint=self.fingerprint)
-        _atomic_write(os.path.join(directory, SPM_MODEL), self._tok.model_bytes)
+        files = self._tok.files() if _is_hf(self._tok) else {SPM_MODEL: self._tok.model_bytes}
+        for name, data in files.items():
+            _atomic_write(os.path.join(directory, name), data)
         _atomic_write(os.path.join(directory, VOCAB_JSON),
                       (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
@@ -425,10 +430,14 @@ class Vocabulary:
         if stored is not None and stored != _digest(meta):
             raise ValueError(f"{json_path}: fingerprint {stored} does not match its contents "
                              f"({_digest(meta)}); the file was edited")
-        tok = TextTokenizer(spm_path)
-        if tok.sha256 != meta["spm_sha256"]:
-            raise ValueError(f"{spm_path} does not match {json_path}: sha256 {tok.sha256} != "
-                             f"{meta['spm_sha256']} (the text tokenizer was replaced)")
+        if meta.get("text_tokenizer") == hf_text_tokenizer.KIND:
+            tok, key = hf_text_tokenizer.HFTextTokenizer.load(directory), "hf_tokenizer_sha256"
+            what = os.path.join(directory, hf_text_tokenizer.TOKENIZER_JSON)
+        else:
+            tok, key, what = TextTokenizer(spm_path), "spm_sha256", spm_path
+        if tok.sha256 != meta[key]:
+            raise ValueError(f"{what} does not match {json_path}: sha256 {tok.sha256} != "
+                             f"{meta[key]} (the text tokenizer was replaced)")
         vocab = cls(tok, meta["num_image_codes"], meta["image_tokens_per_image"],
                     meta["num_sentinels"], tuple(meta["image_grid"]))
         vocab.check_compatible(meta)
@@ -440,6 +449,18 @@ class Vocabulary:
         return (f"Vocabulary(size={self.size}, specials={self.num_specials}, text={self.text_size}"
                 f"@{self.text_offset}, image={self._num_image_codes}@{self.image_offset}, "
                 f"image_grid={self._grid})")
+
+
+def _is_hf(tok) -> bool:
+    return getattr(tok, "kind", None) == hf_text_tokenizer.KIND
+
+
+def _tokenizer_layout(tok) -> dict:
+    """The layout entries naming the text tokenizer (SentencePiece layouts keep their old keys, so
+    their fingerprints do not change)."""
+    if _is_hf(tok):
+        return {"text_tokenizer": hf_text_tokenizer.KIND, "hf_tokenizer_sha256": tok.sha256}
+    return {"spm_sha256": tok.sha256}
 
 
 def _digest(layout: dict) -> str:

@@ -412,10 +412,13 @@ def test_import_chameleon_with_a_real_tokenizer_structure(tmp_path):
     assert hf_interop.read_hf_vocab(str(hf_dir / "tokenizer.json")) == vocabulary_map
     cfg = model_lib.TransformerConfig(vocab_size=320, num_layers=1, d_model=32, num_heads=4, d_ff=64, max_length=32,
                                       positions="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=True)
-    hf_interop.random_hf_model("hf-chameleon", hf_interop.hf_config(cfg, "hf-chameleon", vocabulary_map=vocabulary_map),
-                               str(hf_dir), seed=2)
+    tiny_vq = dict(resolution=16, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1, embed_dim=4,
+                   num_embeddings=16, latent_channels=8)  # 16 codes, as the vocabulary's image tokens
+    hf_interop.random_hf_model("hf-chameleon", dict(hf_interop.hf_config(cfg, "hf-chameleon", vocabulary_map=vocabulary_map),
+                                                    vq_config=tiny_vq), str(hf_dir), seed=2)
     summary = import_hf.import_hf(str(hf_dir), str(tmp_path / "wd"), remap_vocab=True)
-    assert summary["vocab_mapping"]["num_image_codes"] == 16 and summary["not_carried"]
+    assert summary["vocab_mapping"]["num_image_codes"] == 16 and summary["not_carried"] == []
+    assert (summary["vocab"], summary["vq"]) == ("vocab", "vq")  # tests/test_hf_tokenizers.py uses them
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "wd" / "hf_tokenizer"))
     m = json.loads((tmp_path / "wd" / "hf_vocab_map.json").read_text())
     lay, o2h, h2o = m["layout"], m["ours_to_hf"], m["hf_to_ours"]

@@ -1,0 +1,211 @@
+"""The tokenizers of an imported Chameleon checkpoint: its tokenizer.json behind our Vocabulary
+(hf_text_tokenizer) and its VQ encoder in our VQGAN (hf_vq), and the imported workdir's vocab/ and
+vq/ as the rest of the code loads them.
+
+VQ latents are compared with transformers' in float32 at 1e-4 absolute (measured ~2e-6 on
+latents of magnitude ~1); codes must be equal. Everything is tiny: 16x16 images, 32-64 channels.
+"""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cm3leon_jax import hf_interop, hf_vq, import_hf, model as model_lib, vqgan
+
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("torch", "transformers", "tokenizers")),
+    reason="needs the interop extra (torch, transformers, tokenizers)")
+LATENT_ATOL = 1e-4
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<sentinel:0>", "<sentinel:1>", "<racm3:break>", "<eoss>",
+            "<reserved08706>", "<image>"]
+TINY_VQ = dict(resolution=16, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[8],
+               embed_dim=4, num_embeddings=16, latent_channels=8)
+TEXT = "a small red circle at the top left, ünïcode 日本 and a literal </s> <sentinel:0>"
+
+
+def _tokenizer_json(num_codes=16):
+    """A byte-level BPE tokenizer.json (a few hundred merges) with Chameleon's special tokens and
+    IMGIMG image tokens inside the BPE vocabulary, in a scrambled order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from cm3leon_jax import text_tokenizer
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(list(text_tokenizer.shapes_captions(200)), trainers.BpeTrainer(
+        vocab_size=290, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    data = json.loads(bpe.to_str())
+    n = len(data["model"]["vocab"])
+    for code in range(num_codes):
+        data["model"]["vocab"][hf_interop.image_token_name((code * 5) % num_codes)] = n + code
+    return json.dumps(data)
+
+
+def _hf_vocab(tokenizer_json):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True)
+
+
+def _vocabulary(tokenizer_json, tokens_per_image=4):
+    from cm3leon_jax import hf_text_tokenizer, vocab as vocab_lib
+    hf_vocab = _hf_vocab(tokenizer_json)
+    m = hf_interop.vocab_mapping(hf_vocab, max(hf_vocab.values()) + 1)
+    lay = m["layout"]
+    tok = hf_text_tokenizer.HFTextTokenizer(tokenizer_json.encode(), m["ours_to_hf"][lay["text_offset"]:lay["image_offset"]])
+    return vocab_lib.Vocabulary(tok, lay["num_image_codes"], tokens_per_image, lay["num_sentinels"]), m
+
+
+def test_tokenizer_json_round_trips_documents_through_our_vocabulary(tmp_path):
+    from cm3leon_jax import vocab as vocab_lib
+    tj = _tokenizer_json()
+    vocab, m = _vocabulary(tj)
+    assert vocab.num_sentinels == 2 and vocab.num_image_codes == 16
+    image = np.arange(4, dtype=np.int32).reshape(2, 2) * 3
+    doc = [TEXT, image, "and <mask:1> more <eos> text"]
+    tokens = vocab.encode_document(doc)
+    back = vocab.decode_document(tokens)
+    assert back[0] == TEXT and back[2] == doc[2]
+    np.testing.assert_array_equal(back[1], image)
+    # our specials are ours; "</s>" and "<sentinel:0>" in text are spelled out as text pieces
+    assert vocab.sentinel(1) in tokens and vocab.eos_id in tokens
+    text_ids = vocab.encode_text(TEXT)
+    assert vocab.is_text(text_ids).all()
+    # the same pieces as the tokenizer itself, in HF ids
+    from tokenizers import Tokenizer
+    hf_ids = Tokenizer.from_str(tj).encode("a small red circle", add_special_tokens=False).ids
+    assert [m["ours_to_hf"][i] for i in vocab.encode_text("a small red circle")] == hf_ids
+    # HF special tokens that fell into the text range are reserved: never emitted
+    for name in ("<s>", "<unk>", "<image>"):
+        ours = m["hf_to_ours"][_hf_vocab(tj)[name]]
+        assert not any(lo <= ours < hi for lo, hi in vocab.emittable_text_ranges())
+        with pytest.raises(ValueError, match="reserved piece"):
+            vocab.decode_text(np.asarray([ours]))
+    vocab.save(tmp_path / "v")
+    assert sorted(os.listdir(tmp_path / "v")) == ["hf_text_ids.json", "tokenizer.json", "vocab.json"]
+    loaded = vocab_lib.Vocabulary.load(tmp_path / "v")
+    assert loaded.fingerprint == vocab.fingerprint and loaded.decode_document(tokens)[0] == TEXT
+    data = json.loads((tmp_path / "v" / "tokenizer.json").read_text())
+    data["model"]["merges"] = data["model"]["merges"][:-1]  # another tokenizer
+    (tmp_path / "v" / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"tokenizer\.json does not match .*vocab\.json.*replaced"):
+        vocab_lib.Vocabulary.load(tmp_path / "v")
+    (tmp_path / "v" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid Hugging Face tokenizer.json"):
+        vocab_lib.Vocabulary.load(tmp_path / "v")
+
+
+def _random_vqvae(vq, seed=0):
+    import torch
+    from transformers import ChameleonVQVAEConfig
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+    torch.manual_seed(seed)
+    model = ChameleonVQVAE(ChameleonVQVAEConfig(**vq)).eval()
+    with torch.no_grad():  # GroupNorm affines away from (1, 0), so a swapped weight/bias would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn(p.shape))
+    return model
+
+
+@pytest.mark.parametrize("vq", [TINY_VQ, dict(TINY_VQ, attn_resolutions=[], channel_multiplier=[1, 1, 2],
+                                                 resolution=32, num_res_blocks=2)])
+def test_chameleon_vq_encoder_gives_transformers_codes(vq):
+    import torch
+    model = _random_vqvae(vq)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    cfg = hf_vq.config_from_hf(model.config.to_dict())
+    assert not cfg.has_decoder and not cfg.l2_normalize_codes
+    assert cfg.attention_levels == ((1,) if vq["attn_resolutions"] else ()) and cfg.mid_attention
+    params = hf_vq.params_from_hf(state.get, state.keys(), cfg, prefix="")
+    images = np.random.RandomState(0).uniform(-1, 1, (3, vq["resolution"], vq["resolution"], 3)).astype(np.float32)
+    with torch.no_grad():
+        out = model.encode(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    codes = np.asarray(vqgan.encode(params, images, cfg))
+    np.testing.assert_array_equal(codes, out.image_tokens.numpy().reshape(codes.shape))
+    latents = vqgan.VQGAN(cfg).apply({"params": params}, images,
+                                     method=lambda m, x: m.encoder(vqgan.normalize_images(x)))
+    np.testing.assert_allclose(np.asarray(latents), out.last_hidden_state.numpy().transpose(0, 2, 3, 1),
+                               atol=LATENT_ATOL, rtol=0)
+    # and back to transformers' tensors bit for bit
+    back = dict(hf_vq.hf_tensors(params, cfg, prefix=""))
+    assert set(back) == set(state)
+    for k in state:
+        np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+    with pytest.raises(vqgan.NoDecoderError, match="no decoder"):
+        vqgan.decode(params, codes, cfg)
+
+
+def test_chameleon_vq_that_does_not_fit_is_refused():
+    with pytest.raises(ValueError, match=r"channel_multiplier\[0\]=2"):
+        hf_vq.config_from_hf(dict(TINY_VQ, channel_multiplier=[2, 2]))
+    model = _random_vqvae(TINY_VQ)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    cfg = hf_vq.config_from_hf(dict(TINY_VQ, attn_resolutions=[]))  # config says no level attention
+    with pytest.raises(ValueError, match=r"vq_config does not describe: \['encoder\.down\.1\.attn\.0"):
+        hf_vq.params_from_hf(state.get, state.keys(), cfg, prefix="")
+    cfg = hf_vq.config_from_hf(dict(TINY_VQ, num_embeddings=32))
+    with pytest.raises(ValueError, match=r"quantize\.embedding\.weight has shape \(16, 4\)"):
+        hf_vq.params_from_hf(state.get, state.keys(), cfg, prefix="")
+
+
+def _chameleon_dir(tmp_path, tokenizer_json, vocab_size=320):
+    hf_dir = tmp_path / "hf"
+    os.makedirs(hf_dir)
+    (hf_dir / "tokenizer.json").write_text(tokenizer_json)
+    cfg = model_lib.TransformerConfig(vocab_size=vocab_size, num_layers=1, d_model=32, num_heads=4, d_ff=64,
+                                      max_length=96, positions="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=True)
+    hf_cfg = dict(hf_interop.hf_config(cfg, "hf-chameleon", vocabulary_map=_hf_vocab(tokenizer_json)), vq_config=TINY_VQ)
+    hf_interop.random_hf_model("hf-chameleon", hf_cfg, str(hf_dir), seed=3)
+    return hf_dir
+
+
+def test_imported_chameleon_workdir_has_a_vocab_and_vq_the_code_loads(tmp_path):
+    import torch
+    from cm3leon_jax import export, vocab as vocab_lib
+    from cm3leon_jax.vq_tokenizer import VQTokenizer
+    tj = _tokenizer_json()
+    hf_dir = _chameleon_dir(tmp_path, tj)
+    wd = tmp_path / "wd"
+    summary = import_hf.import_hf(str(hf_dir), str(wd), remap_vocab=True)
+    assert summary["vocab"] == "vocab" and summary["vq"] == "vq" and summary["not_carried"] == []
+    vocab = vocab_lib.Vocabulary.load(wd / "vocab")
+    vq, where = export.load_vq_tokenizer(str(wd))  # what Generator calls: the workdir's own vq/
+    assert where == str(wd / "vq") and vq.tokens_per_image == vocab.image_tokens_per_image == 64
+    assert VQTokenizer.from_workdir(str(wd / "vq")).codebook_size == vocab.num_image_codes == 16
+    rng = np.random.RandomState(0)
+    image = rng.randint(0, 256, (16, 16, 3)).astype(np.uint8)
+    tokens = vocab.encode_document(["a red circle", vq.encode(image)])
+    text, codes = vocab.decode_document(tokens)
+    assert text == "a red circle"
+    # the ids transformers' Chameleon gives the same image, mapped into our layout (remapped weights)
+    hf = hf_interop.load_hf_model(str(hf_dir))
+    pixels = torch.from_numpy(image[None].transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
+    with torch.no_grad():
+        hf_image_ids = hf.model.get_image_tokens(pixels).numpy().reshape(-1)
+    h2o = np.asarray(json.loads((wd / "hf_vocab_map.json").read_text())["hf_to_ours"])
+    np.testing.assert_array_equal(h2o[hf_image_ids], vocab.image_codes_to_ids(codes.reshape(-1)))
+    with pytest.raises(ValueError, match="no decoder"):
+        vq.decode(codes)
+    # without --remap_vocab the model keeps HF ids, so no vocab/ is written (and the summary says why)
+    summary = import_hf.import_hf(str(hf_dir), str(tmp_path / "keep"))
+    assert summary["vocab"] is None and "--remap_vocab" in summary["not_carried"][0]
+    assert summary["vq"] == "vq"
+
+
+def test_import_refuses_a_tokenizer_that_is_not_the_checkpoints(tmp_path):
+    hf_dir = _chameleon_dir(tmp_path, _tokenizer_json())
+    other = json.loads(_tokenizer_json())  # two pieces' ids swapped: not the ids the model was trained on
+    v = other["model"]["vocab"]
+    v["a"], v["b"] = v["b"], v["a"]
+    (hf_dir / "tokenizer.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"tokenizer\.json is not the tokenizer of this checkpoint"):
+        import_hf.import_hf(str(hf_dir), str(tmp_path / "a"), remap_vocab=True)
+    big = json.loads(_tokenizer_json(num_codes=48))  # ids beyond the model's vocab_size
+    (tmp_path / "big.json").write_text(json.dumps(big))
+    with pytest.raises(ValueError, match="outside the model's vocab_size 320"):
+        import_hf.import_hf(str(hf_dir), str(tmp_path / "b"), vocab_file=str(tmp_path / "big.json"), remap_vocab=True)
+    (hf_dir / "tokenizer.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not a valid Hugging Face tokenizer.json"):
+        import_hf.import_hf(str(hf_dir), str(tmp_path / "c"), remap_vocab=True)
