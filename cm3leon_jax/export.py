@@ -23,9 +23,12 @@ Formats:
                 alone through `restore_params` and `load_vq_tokenizer`, which take a workdir or a
                 bundle. A bundle holds no retriever or ScaNN index: retrieval needs the data dir.
   hf-opt        a transformers OPTForCausalLM folder (config.json + model.safetensors)
-  hf-chameleon  a transformers ChameleonForConditionalGeneration folder (the language model;
-                the VQ image tokenizer is not part of the export and transformers initialises
-                `model.vqmodel` at random with a warning)
+  hf-chameleon  a transformers ChameleonForConditionalGeneration folder: the language model and,
+                when the VQ tokenizer (--vq_workdir, else as `load_vq_tokenizer` finds it) fits
+                transformers' ChameleonVQVAE (hf_vq.hf_config), its encoder and codebook as
+                `model.vqmodel` (no decoder: transformers has none); otherwise transformers
+                initialises `model.vqmodel` at random with a warning, and cm3leon_export.json's
+                `vqmodel` says why. A --vq_workdir that does not fit is refused.
 See hf_interop.py for what each HF format can hold; a config it cannot hold exactly is refused
 before anything is read. Parameters move one tensor (one layer) at a time. Run it as one process.
 
@@ -42,9 +45,10 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import traverse_util
 
-from cm3leon_jax import checkpointing, hf_interop, model as model_lib, sharding
+from cm3leon_jax import checkpointing, hf_interop, hf_vq, model as model_lib, sharding
 
 BUNDLE_FORMAT = "cm3leon_jax.bundle/1"
 BUNDLE_JSON = "bundle.json"
@@ -362,13 +366,46 @@ def _expected_tensors(model_cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 # ----------------------------------------------------------------------------- HF formats
 
 
-def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32") -> dict:
-    """Writes OUT/config.json + OUT/model.safetensors for transformers; returns the HF config."""
+def _chameleon_vq(workdir: str, config, vq_workdir: str | None):
+    """(VQTokenizer or None, what cm3leon_export.json says about `model.vqmodel`) for hf-chameleon:
+    `vq_workdir`, else the workdir's VQ as `load_vq_tokenizer` finds it. One Chameleon cannot hold
+    (hf_vq.hf_config) or that does not fit the vocabulary is refused when named, skipped when found."""
+    try:
+        vq, source = load_vq_tokenizer(workdir, vq_workdir, config.data.get("data_dir", ""))
+    except FileNotFoundError as e:
+        if vq_workdir:
+            raise
+        return None, {"written": False, "reason": f"no VQ tokenizer: {e}"}
+    try:
+        hf_vq.hf_config(vq.config)
+        if os.path.isdir(os.path.join(workdir, VOCAB_DIR)):
+            from cm3leon_jax import vocab as vocab_lib
+            vocab = vocab_lib.Vocabulary.load(os.path.join(workdir, VOCAB_DIR))
+            if (vq.tokens_per_image, vq.codebook_size) != (vocab.image_tokens_per_image, vocab.num_image_codes):
+                raise ValueError(f"the VQ tokenizer in {source} makes {vq.tokens_per_image} codes per image from "
+                                 f"{vq.codebook_size}; the vocabulary expects {vocab.image_tokens_per_image} from "
+                                 f"{vocab.num_image_codes}")
+    except ValueError as e:
+        if vq_workdir:
+            raise
+        logging.warning("model.vqmodel not written: %s", e)
+        return None, {"written": False, "reason": str(e)}
+    note = ("encoder and codebook (transformers' ChameleonVQVAE has no decoder)" +
+            ("; l2-normalised codebook: same codes, latents before quantisation not normalised"
+             if vq.config.l2_normalize_codes else ""))
+    return vq, {"written": True, "source": os.path.abspath(source), "what": note}
+
+
+def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32",
+              vq_workdir: str | None = None) -> dict:
+    """Writes OUT/config.json + OUT/model.safetensors for transformers; returns the HF config.
+    hf-chameleon also writes our VQ encoder as `model.vqmodel` when there is one it can hold."""
     config = read_config(workdir)
     model_cfg = model_lib.TransformerConfig.from_config(config.model)
     hf_interop.check_exportable(model_cfg, fmt)  # refuse before reading anything
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype!r}: one of float32, bfloat16, float16")
+    vq, vq_note = _chameleon_vq(workdir, config, vq_workdir) if fmt == hf_interop.CHAMELEON else (None, None)
     _prepare_out(out)
     _, model_cfg, params, step = load_workdir_params(workdir, step)
     vocabulary_map = None
@@ -377,6 +414,8 @@ def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: 
         vocabulary_map = hf_interop.our_vocabulary_map(vocab_lib.Vocabulary.load(os.path.join(workdir, VOCAB_DIR)),
                                                        model_cfg.vocab_size)
     hf_cfg = hf_interop.hf_config(model_cfg, fmt, vocabulary_map=vocabulary_map, dtype=dtype)
+    if vq is not None:
+        hf_cfg["vq_config"] = hf_vq.hf_config(vq.config)
     entries = []
     for spec in hf_interop.tensor_specs(model_cfg, fmt):
         for layer in (range(model_cfg.num_layers) if spec.layered else [None]):
@@ -387,13 +426,16 @@ def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: 
                     x = np.asarray(jax.device_get(hf_interop.layer_param(params, model_cfg, spec.ours, layer)))
                     return [hf_interop.to_hf(spec.kind, x, model_cfg)]
             entries.append((spec.name(layer), spec.hf_shape, dtype, produce))
+    if vq is not None:
+        entries += [(name, x.shape, dtype, lambda x=x: [x]) for name, x in hf_vq.hf_tensors(vq.params, vq.config)]
     sha = hf_interop.write_safetensors(os.path.join(out, "model.safetensors"), entries, metadata={"format": "pt"})
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_cfg, f, indent=2)
         f.write("\n")
     with open(os.path.join(out, "cm3leon_export.json"), "w", encoding="utf-8") as f:
         json.dump({"source_workdir": os.path.abspath(workdir), "step": step, "format": fmt, "dtype": dtype,
-                   "model.safetensors_sha256": sha, "training_config": config.to_dict()}, f, indent=2, default=str)
+                   "model.safetensors_sha256": sha, "vqmodel": vq_note,
+                   "training_config": config.to_dict()}, f, indent=2, default=str)
         f.write("\n")
     if os.path.isdir(os.path.join(workdir, VOCAB_DIR)):  # our SentencePiece vocabulary, for reference
         shutil.copytree(os.path.join(workdir, VOCAB_DIR), os.path.join(out, "cm3leon_vocab"))
@@ -408,9 +450,9 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str
         if dtype != "float32":
             raise ValueError("--dtype applies to the hf-* formats; params bundles keep the training dtype")
         return export_params(workdir, out, step, vq_workdir)
-    if vq_workdir:
-        raise ValueError("--vq_workdir applies to params bundles; the hf-* formats hold the language model only")
-    return export_hf(workdir, out, fmt, step, dtype)
+    if vq_workdir and fmt != hf_interop.CHAMELEON:
+        raise ValueError("--vq_workdir applies to params bundles and hf-chameleon; hf-opt holds the language model only")
+    return export_hf(workdir, out, fmt, step, dtype, vq_workdir)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -423,7 +465,7 @@ def _define_flags():
     flags.DEFINE_enum("format", "params", list(FORMATS), "what to write")
     flags.DEFINE_string("out", None, "output directory (new or empty)", required=True)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "tensor dtype of hf-* exports")
-    flags.DEFINE_string("vq_workdir", None, "VQ tokenizer put in a params bundle (default: the data's)")
+    flags.DEFINE_string("vq_workdir", None, "VQ tokenizer put in a params bundle or hf-chameleon vqmodel (default: the data's)")
     return flags.FLAGS
 
 

@@ -209,3 +209,42 @@ def test_import_refuses_a_tokenizer_that_is_not_the_checkpoints(tmp_path):
     (hf_dir / "tokenizer.json").write_text("{broken")
     with pytest.raises(ValueError, match="not a valid Hugging Face tokenizer.json"):
         import_hf.import_hf(str(hf_dir), str(tmp_path / "c"), remap_vocab=True)
+
+
+def _vq_workdir(path, **fields):
+    """A train_vq-style workdir (vq_config.json + checkpoints/0) of a random tiny VQGAN."""
+    import jax
+    from cm3leon_jax import export, vq_tokenizer
+    cfg = vqgan.VQGANConfig(**dict(dict(image_size=16, channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
+                                        codebook_size=16, code_dim=4, embed_dim=8), **fields))
+    os.makedirs(path)
+    export.save_params_checkpoint(str(path), 0, vqgan.init_params(jax.random.key(1), cfg))
+    vq_tokenizer.save_vq_config(str(path), cfg)
+    return str(path)
+
+
+def test_hf_chameleon_export_writes_our_vq_encoder(tmp_path):
+    import torch
+    from cm3leon_jax import export
+    from cm3leon_jax.vq_tokenizer import VQTokenizer
+    from tests.test_interop import CHAMELEON, _workdir
+    _workdir(tmp_path / "wd", **CHAMELEON)
+    vq_dir = _vq_workdir(tmp_path / "vq")  # ours: l2-normalised 4-d codes, attention at the lowest level
+    export.export(str(tmp_path / "wd"), str(tmp_path / "hf"), "hf-chameleon", vq_workdir=vq_dir)
+    note = json.loads((tmp_path / "hf" / "cm3leon_export.json").read_text())["vqmodel"]
+    assert note["written"] and "no decoder" in note["what"] and "l2-normalised" in note["what"]
+    hf = hf_interop.load_hf_model(str(tmp_path / "hf"))
+    ours = VQTokenizer.from_workdir(vq_dir)
+    images = np.random.RandomState(2).randint(0, 256, (4, 16, 16, 3)).astype(np.uint8)
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
+    with torch.no_grad():
+        theirs = hf.model.vqmodel.encode(pixels).image_tokens.numpy().reshape(4, 8, 8)
+    np.testing.assert_array_equal(theirs, ours.encode(images))
+    # and the import reads the same codes back (Euclidean lookup on the normalised codebook)
+    import_hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    np.testing.assert_array_equal(VQTokenizer.from_workdir(str(tmp_path / "back" / "vq")).encode(images), theirs)
+    # one Chameleon cannot hold: refused when named, before anything is written
+    narrow = _vq_workdir(tmp_path / "vq16", channels=16)
+    with pytest.raises(ValueError, match="cannot be written as Chameleon's ChameleonVQVAE: GroupNorm groups"):
+        export.export(str(tmp_path / "wd"), str(tmp_path / "hf2"), "hf-chameleon", vq_workdir=narrow)
+    assert not os.path.exists(tmp_path / "hf2")
