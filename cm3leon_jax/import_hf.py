@@ -13,6 +13,8 @@ The format comes from DIR/config.json's model_type (opt | chameleon). Writes
   OUT/hf_vocab_map.json      (when a vocabulary is found) HF ids <-> our id layout: specials,
                              sentinels, text, image codes (hf_interop.vocab_mapping)
   OUT/hf_tokenizer/          the HF tokenizer files, copied for reference
+  OUT/vocab/, OUT/vq/        our vocabulary on the checkpoint's tokenizer.json and Chameleon's VQ
+                             encoder (below), so generate / sft_prepare run on OUT
 
 Streaming: each parameter is created with `jax.make_array_from_callback` on its NamedSharding
 from the Trainer's abstract state, and each device's shard is read from the memory-mapped
@@ -22,7 +24,7 @@ holds the whole model. On several hosts, run the same command on every host (as 
 Exactness: transformers tensors our model does not have (OPT's biases and LayerNorm affines) must
 hold exactly the constants our model implies (0 and 1); otherwise the import refuses, naming the
 tensor. OPT's position rows 0-1 (its offset) are dropped. Chameleon's `model.vqmodel.*` (the image
-tokenizer) is not imported.
+tokenizer's encoder and codebook) go to OUT/vq/.
 
 Vocabulary: Chameleon/Anole keep image codes inside their BPE vocabulary (`IMGIMG...Z` tokens).
 `--vocab` (a vocab.json, tokenizer.json, config.json or {token: id} file; default: the config's
