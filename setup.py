@@ -31,6 +31,7 @@ setup(
         "bench": ["scikit-image>=0.22"],  # bench/vq.py: PSNR on its bundled photographs
         # cm3leon_jax.hf_interop (tests/test_interop.py): Hugging Face OPT/Chameleon export and import.
         # The core never imports them; torch is pinned to the CPU wheel the CI uses.
-        "interop": ["torch==2.13.0", "transformers>=4.44"],
+        # tokenizers (a transformers dependency, named since hf_text_tokenizer uses it directly).
+        "interop": ["torch==2.13.0", "transformers>=4.44", "tokenizers"],
     },
 )
