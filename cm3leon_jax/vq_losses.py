@@ -398,7 +398,7 @@ def vq_loss_fn(
 
         def recon_from_kernel(kernel):
             p = {"kernel": kernel, "bias": jax.lax.stop_gradient(last["bias"])}
-            return head.apply({"params": p}, feats_sg).astype(jnp.float32)
+            return vqgan.pixels_from_head(mcfg, head.apply({"params": p}, feats_sg))
 
         def gan_on(recon_):
             g = hinge_g_loss(disc.apply({"params": d_params}, recon_))
