@@ -175,12 +175,13 @@ def test_chameleon_vq_that_does_not_fit_is_refused():
         hf_vq.params_from_hf(state.get, state.keys(), cfg, prefix="")
 
 
-def _chameleon_dir(tmp_path, tokenizer_json, vocab_size=320):
+def _chameleon_dir(tmp_path, tokenizer_json, vocab_size=320, max_length=96):
     hf_dir = tmp_path / "hf"
     os.makedirs(hf_dir)
     (hf_dir / "tokenizer.json").write_text(tokenizer_json)
     cfg = model_lib.TransformerConfig(vocab_size=vocab_size, num_layers=1, d_model=32, num_heads=4, d_ff=64,
-                                      max_length=96, positions="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=True)
+                                      max_length=max_length, positions="rotary", norm="rmsnorm", mlp="swiglu",
+                                      qk_norm=True)
     hf_cfg = dict(hf_interop.hf_config(cfg, "hf-chameleon", vocabulary_map=_hf_vocab(tokenizer_json)), vq_config=TINY_VQ)
     hf_interop.random_hf_model("hf-chameleon", hf_cfg, str(hf_dir), seed=3)
     return hf_dir
