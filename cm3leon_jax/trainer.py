@@ -135,17 +135,17 @@ def _save_vocabulary(config, workdir: str) -> None:
 _RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_block_size")
 
 
-def pretrained_model_config(workdir: str) -> dict:
-    """The `model` section of a training workdir's (or an `import_hf` workdir's) config.json: what
-    a fine-tuning config takes as its model (experiments/sft_tiny.py:DIR)."""
+def pretrained_config(workdir: str) -> dict:
+    """A training workdir's (or an `import_hf` workdir's) config.json as a dict, checked to have a
+    model section: what a fine-tuning config takes its model from (experiments/sft_tiny.py:DIR)."""
     path = os.path.join(os.path.abspath(workdir), "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir!r} is not a training workdir (no config.json)")
     with open(path, encoding="utf-8") as f:
-        model = json.load(f).get("model")
-    if not isinstance(model, dict) or not model:
+        config = json.load(f)
+    if not isinstance(config.get("model"), dict) or not config["model"]:
         raise ValueError(f"{path} has no model section")
-    return model
+    return config
 
 
 def init_from_pretrained(config, trainer, workdir: str):
@@ -154,7 +154,7 @@ def init_from_pretrained(config, trainer, workdir: str):
     must be the pretrained run's; any difference is a ValueError naming it."""
     source = os.path.abspath(config.init_from)
     try:
-        theirs = pretrained_model_config(source)
+        theirs = pretrained_config(source)["model"]
     except FileNotFoundError:
         raise FileNotFoundError(f"config.init_from={config.init_from!r} is not a training workdir (no config.json)") from None
     mine = config.model.to_dict()

@@ -12,8 +12,8 @@ seven new tasks: it keeps 8 rows of 256 tokens and trains for as long as the tas
 
 Any other pretrained model (an `import_hf` workdir of a Chameleon/Anole or OPT checkpoint, or a
 run with another architecture) is named as the config's argument, which takes that workdir's model
-section (architecture and vocab_size) and sets init_from to it; data.seq_len is capped at its
-max_length:
+section (architecture and vocab_size) and its data.seq_len (an import's: min(max_length, 4096);
+Chameleon's 1024-token images need it) and sets init_from to it:
 
     python -m cm3leon_jax.train --config experiments/sft_tiny.py:IMPORTED --workdir W/sft \\
         --config.data.data_dir=W/sft_data
@@ -36,6 +36,8 @@ def get_config(init_from: str = ""):
     if init_from:
         from cm3leon_jax import trainer
         config.init_from = init_from
-        config.model = ml_collections.ConfigDict(trainer.pretrained_model_config(init_from))
-        config.data.seq_len = min(int(config.data.seq_len), int(config.model.max_length))
+        pretrained = trainer.pretrained_config(init_from)
+        config.model = ml_collections.ConfigDict(pretrained["model"])
+        seq_len = int(pretrained.get("data", {}).get("seq_len") or config.data.seq_len)
+        config.data.seq_len = min(seq_len, int(config.model.max_length))
     return config
