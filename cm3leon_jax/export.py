@@ -28,7 +28,9 @@ Formats:
                 transformers' ChameleonVQVAE (hf_vq.hf_config), its encoder and codebook as
                 `model.vqmodel` (no decoder: transformers has none); otherwise transformers
                 initialises `model.vqmodel` at random with a warning, and cm3leon_export.json's
-                `vqmodel` says why. A --vq_workdir that does not fit is refused.
+                `vqmodel` says why. A --vq_workdir that does not fit is refused. With the
+                vqmodel goes preprocessor_config.json (Chameleon's image processor with our
+                pixel_scale), so transformers' processor feeds it the pixels ours does.
 See hf_interop.py for what each HF format can hold; a config it cannot hold exactly is refused
 before anything is read. Parameters move one tensor (one layer) at a time. Run it as one process.
 
@@ -437,6 +439,10 @@ def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: 
                    "model.safetensors_sha256": sha, "vqmodel": vq_note,
                    "training_config": config.to_dict()}, f, indent=2, default=str)
         f.write("\n")
+    if vq is not None:  # the image processor settings that feed transformers our pixels
+        with open(os.path.join(out, hf_vq.PREPROCESSOR_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(hf_vq.preprocessor_config(vq.config), f, indent=2)
+            f.write("\n")
     if os.path.isdir(os.path.join(workdir, VOCAB_DIR)):  # our SentencePiece vocabulary, for reference
         shutil.copytree(os.path.join(workdir, VOCAB_DIR), os.path.join(out, "cm3leon_vocab"))
     return hf_cfg

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from cm3leon_jax import decoding, export, image_grid, sampling, sharding, trainer as trainer_lib
-from cm3leon_jax import vocab as vocab_lib
+from cm3leon_jax import vocab as vocab_lib, vqgan
 
 MASK0 = vocab_lib.sentinel_token(0)
 
@@ -128,6 +128,7 @@ class Generator:
                       num_neighbours: int = 0, rerank: bool = True, seed: int = 0) -> list[ImageSamples]:
         """num_samples images per caption; a `cd_fraction` of them by CD-K, the rest by `config`
         (the paper's best: half TopP, half CD-K, reranked)."""
+        self.vq.require_decoder()  # before any sampling: an encoder-only (imported) VQ cannot show images
         n_cd = int(round(cd_fraction * num_samples))
         plans = [("topp", num_samples - n_cd, config)]
         if n_cd:
@@ -214,11 +215,19 @@ def write_image_samples(samples: Sequence[ImageSamples], out_dir: str, settings:
 def main(argv):
     del argv
     from absl import flags
-    from PIL import Image
     from cm3leon_jax import metrics
     f = flags.FLAGS
     metrics.quiet_library_logs()
     gen = Generator(f.workdir, step=f.step, vq_workdir=f.vq_workdir, data_dir=f.data_dir)
+    try:
+        _run(gen, f)
+    except vqgan.NoDecoderError as e:
+        raise SystemExit(f"generate: {e}") from None
+
+
+def _run(gen, f):
+    """main's body: SFT tasks, image -> text, text infilling or text -> image."""
+    from PIL import Image
     config = sampling.SamplingConfig(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale,
                                      cd_k=f.cd_k, cd_alpha=f.cd_alpha)
     settings = {k: getattr(f, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cd_k", "cd_alpha",

@@ -9,6 +9,10 @@ config fields: Chameleon's `latent_channels` is our `embed_dim`, its codebook wi
 Euclidean (our `l2_normalize_codes=False`); attention sits at the levels whose resolution is in
 `attn_resolutions` and in the middle iff `attn_type == "vanilla"` (our `attention_levels`,
 `mid_attention`). transformers holds no decoder, so an imported tokenizer has `has_decoder=False`.
+Pixels: Chameleon's image processor feeds x * 0.0078 - 1 (ours x / 127.5 - 1), so the import sets
+`pixel_scale` from the checkpoint's preprocessor_config.json (default Chameleon's 0.0078) and
+uint8 images through our VQTokenizer get exactly its codes; export writes the processor settings
+with our scale (`preprocessor_config`), so transformers' processor gives our codes.
 
 Export of ours: an l2-normalised lookup is written with the normalised codebook: with unit-norm
 codes, the Euclidean nearest code of z is the code of largest z.e, the same as the cosine-nearest
@@ -29,6 +33,7 @@ from flax import traverse_util
 from cm3leon_jax import vqgan
 
 VQ_PREFIX = "model.vqmodel."
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # transformers' image processor settings
 _GROUPS = 32  # torch.nn.GroupNorm(num_groups=32) in every Chameleon block
 _INNER = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "shortcut": "nin_shortcut",
           "norm": "norm", "q": "q", "k": "k", "v": "v", "proj_out": "proj_out"}
@@ -45,9 +50,34 @@ def vq_prefix(keys) -> str | None:
     return None
 
 
-def config_from_hf(vq: dict) -> vqgan.VQGANConfig:
-    """Our VQGANConfig (encoder only) for a transformers `vq_config`; ValueError naming what our
-    VQGAN cannot compute."""
+def pixel_scale_from_hf(preprocessor: dict | None) -> float:
+    """Our `pixel_scale` for a checkpoint's preprocessor_config.json (None: Chameleon's processor
+    defaults, rescale 0.0078 then normalise with mean 1, std 1, i.e. x * 0.0078 - 1). ValueError
+    when its normalisation is not of our form x * scale - 1."""
+    p = dict(preprocessor or {})
+    scale = float(p.get("rescale_factor", vqgan.CHAMELEON_PIXEL_SCALE))
+    mean, std = p.get("image_mean", [1.0] * 3), p.get("image_std", [1.0] * 3)
+    if not p.get("do_rescale", True) or not p.get("do_normalize", True) or \
+            any(float(m) != 1.0 for m in mean) or any(float(s) != 1.0 for s in std):
+        raise ValueError(f"{PREPROCESSOR_CONFIG}: do_rescale={p.get('do_rescale', True)}, do_normalize="
+                         f"{p.get('do_normalize', True)}, image_mean={mean}, image_std={std}; our VQ tokenizer takes "
+                         "pixels as x * pixel_scale - 1 only (Chameleon's: rescale, then mean 1 and std 1)")
+    return scale
+
+
+def preprocessor_config(cfg: vqgan.VQGANConfig) -> dict:
+    """Chameleon's image processor settings (preprocessor_config.json) that give transformers the
+    pixels our tokenizer encodes: rescale by our `pixel_scale`, minus 1, at our image size."""
+    size = int(cfg.image_size)
+    return dict(image_processor_type="ChameleonImageProcessor", processor_class="ChameleonProcessor",
+                do_resize=True, size={"shortest_edge": size}, resample=1, do_center_crop=True,
+                crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=float(cfg.pixel_scale),
+                do_normalize=True, image_mean=[1.0, 1.0, 1.0], image_std=[1.0, 1.0, 1.0], do_convert_rgb=True)
+
+
+def config_from_hf(vq: dict, pixel_scale: float = vqgan.CHAMELEON_PIXEL_SCALE) -> vqgan.VQGANConfig:
+    """Our VQGANConfig (encoder only) for a transformers `vq_config` (and the image processor's
+    `pixel_scale_from_hf`); ValueError naming what our VQGAN cannot compute."""
     mults = tuple(int(m) for m in vq.get("channel_multiplier", (1, 1, 2, 2, 4)))
     base, res = int(vq.get("base_channels", 128)), int(vq.get("resolution", 512))
     attn_type = vq.get("attn_type", "vanilla")
@@ -70,7 +100,7 @@ def config_from_hf(vq: dict) -> vqgan.VQGANConfig:
         num_res_blocks=int(vq.get("num_res_blocks", 2)), attention_at_lowest=vanilla, attention_levels=levels,
         mid_attention=vanilla, codebook_size=int(vq.get("num_embeddings", 8192)), code_dim=int(vq.get("embed_dim", 256)),
         embed_dim=int(vq.get("latent_channels", 256)), commitment_beta=float(vq.get("beta", 0.25)),
-        l2_normalize_codes=False, num_groups=_GROUPS, has_decoder=False)
+        l2_normalize_codes=False, num_groups=_GROUPS, has_decoder=False, pixel_scale=float(pixel_scale))
 
 
 def hf_config(cfg: vqgan.VQGANConfig) -> dict:
@@ -83,6 +113,8 @@ def hf_config(cfg: vqgan.VQGANConfig) -> dict:
     widths = [cfg.channels * m for m in (1,) + tuple(cfg.channel_multipliers)]
     if vqgan._groups(cfg.channels, cfg.num_groups) != _GROUPS or any(w % _GROUPS for w in widths):
         problems.append(f"GroupNorm groups: num_groups={cfg.num_groups}, widths {widths} (Chameleon: 32 groups)")
+    if cfg.patch_size != 1:
+        problems.append(f"patch_size={cfg.patch_size} (Chameleon's encoder convolves full-resolution pixels)")
     if levels and not cfg.has_mid_attention:
         problems.append("level attention without mid attention (Chameleon ties both to attn_type)")
     if problems:

@@ -45,6 +45,8 @@ Text tokenizer and VQ (what `generate`, `sft_prepare` and evaluation need beside
                  train_vq workdir (vq_config.json + checkpoints/0) that `VQTokenizer.from_workdir`,
                  `Generator` (an imported workdir's own vq/) and `sft_prepare --config.vq_workdir`
                  load. transformers holds no VQ decoder, so it encodes images but decoding raises.
+                 Its `pixel_scale` is the image processor's (DIR/preprocessor_config.json's
+                 rescale_factor, default Chameleon's 0.0078), so uint8 images get Chameleon's codes.
 What is left out is listed in the summary's `not_carried`, with the reason.
 """
 from __future__ import annotations
@@ -62,7 +64,7 @@ from flax import traverse_util
 from cm3leon_jax import export as export_lib, hf_interop, hf_text_tokenizer, hf_vq, model as model_lib, sharding
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "tokenizer.model", "generation_config.json")
+                   "special_tokens_map.json", "tokenizer.model", "generation_config.json", hf_vq.PREPROCESSOR_CONFIG)
 VOCAB_MAP_JSON = "hf_vocab_map.json"
 VOCAB_DIR, VQ_DIR = export_lib.VOCAB_DIR, export_lib.VQ_DIR
 
@@ -196,8 +198,13 @@ def _vq(ckpt, hf_cfg: dict, fmt: str, not_carried: list) -> tuple:
     if fmt != hf_interop.CHAMELEON:
         return None, None
     prefix = hf_vq.vq_prefix(ckpt.keys())
+    preprocessor = None
+    path = os.path.join(ckpt.directory, hf_vq.PREPROCESSOR_CONFIG)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            preprocessor = json.load(f)
     try:
-        config = hf_vq.config_from_hf(hf_cfg.get("vq_config") or {})
+        config = hf_vq.config_from_hf(hf_cfg.get("vq_config") or {}, hf_vq.pixel_scale_from_hf(preprocessor))
     except ValueError as e:
         not_carried.append(f"vq/: {e}")
         return None, None

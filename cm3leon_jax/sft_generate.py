@@ -82,6 +82,8 @@ class TaskGenerator:
         config = DEFAULT_SAMPLING[task] if config is None else config
         if not examples:
             return []
+        if tmpl.generates_image:
+            self.gen.vq.require_decoder()  # before any sampling (an imported Chameleon VQ has no decoder)
         streams = self.prompts(task, self.encode_fields(task, examples), config)
         if tmpl.generates_image:
             v = self.vocab

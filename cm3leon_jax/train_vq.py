@@ -202,7 +202,7 @@ class VQTrainer:
             def disc_update(operand):
                 d_params, d_opt = operand
                 (_, dm), d_grads = jax.value_and_grad(vq_losses.disc_loss_fn, has_aux=True)(
-                    d_params, images, aux["recon"], step, lcfg, mcfg.compute_dtype)
+                    d_params, images, aux["recon"], step, lcfg, mcfg.compute_dtype, mcfg.pixel_scale)
                 d_updates, d_opt = self.disc_tx.update(d_grads, d_opt, d_params)
                 dm = dict(dm, disc_grad_norm=optax.tree.norm(d_grads))
                 return (optax.apply_updates(d_params, d_updates), d_opt), dm
@@ -242,7 +242,7 @@ class VQTrainer:
     def _reconstruct_fn(self, params, images):
         recon, q = vqgan.VQGAN(self.vq_config).apply({"params": params}, images)
         recon = jnp.clip(recon, -1.0, 1.0)
-        return vqgan.to_uint8(recon), vq_losses.psnr(recon, vqgan.normalize_images(images))
+        return vqgan.to_uint8(recon), vq_losses.psnr(recon, vqgan.normalize_images(images, self.vq_config.pixel_scale))
 
     def reconstruct(self, params, images_uint8: np.ndarray) -> tuple[np.ndarray, float]:
         """uint8 images (the same on every process) -> (uint8 reconstructions, mean PSNR)."""

@@ -135,22 +135,36 @@ def _save_vocabulary(config, workdir: str) -> None:
 _RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_block_size")
 
 
+def pretrained_config(workdir: str) -> dict:
+    """A training workdir's (or an `import_hf` workdir's) config.json as a dict, checked to have a
+    model section: what a fine-tuning config takes its model from (experiments/sft_tiny.py:DIR)."""
+    path = os.path.join(os.path.abspath(workdir), "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir!r} is not a training workdir (no config.json)")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if not isinstance(config.get("model"), dict) or not config["model"]:
+        raise ValueError(f"{path} has no model section")
+    return config
+
+
 def init_from_pretrained(config, trainer, workdir: str):
     """Parameters of `config.init_from`'s latest checkpoint, sharded like this run's (the optimizer
     state and step stay fresh: fine-tuning starts at step 0). The architecture and the vocabulary
     must be the pretrained run's; any difference is a ValueError naming it."""
     source = os.path.abspath(config.init_from)
-    path = os.path.join(source, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config.init_from={config.init_from!r} is not a training workdir (no config.json)")
-    with open(path, encoding="utf-8") as f:
-        theirs = json.load(f).get("model", {})
+    try:
+        theirs = pretrained_config(source)["model"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config.init_from={config.init_from!r} is not a training workdir (no config.json)") from None
     mine = config.model.to_dict()
     diff = sorted(k for k in set(mine) | set(theirs)
                   if k not in _RUNTIME_MODEL_FIELDS and json.dumps(mine.get(k)) != json.dumps(theirs.get(k)))
     if diff:
         raise ValueError("config.init_from: the model differs from the pretrained one in " + "; ".join(
-            f"model.{k}={mine.get(k)!r} vs {theirs.get(k)!r}" for k in diff))
+            f"model.{k}={mine.get(k)!r} vs {theirs.get(k)!r}" for k in diff) + ". To fine-tune with the pretrained "
+            f"model's architecture, name the workdir as the config's argument (--config experiments/sft_tiny.py:"
+            f"{config.init_from}), which takes its model section and sets init_from")
     if config.data.source in ("cm3", "sft"):
         from cm3leon_jax import vocab as vocab_lib
         from data_pipeline import prepare

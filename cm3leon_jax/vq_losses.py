@@ -370,7 +370,7 @@ def vq_loss_fn(
             "loss config names perceptual weights but none were passed: load them once with "
             "load_perceptual_weights(cfg.perceptual_weights_path) and pass them in"
         )
-    x = normalize_images(_batch_images(batch))
+    x = normalize_images(_batch_images(batch), mcfg.pixel_scale)
     model = vqgan.VQGAN(mcfg)
     recon, q, feats = model.apply({"params": params}, x, return_features=True)
 
@@ -447,11 +447,13 @@ def disc_loss_fn(
     step: Any,
     loss_config: Any,
     dtype: Any = jnp.float32,
+    pixel_scale: float = vqgan.PIXEL_SCALE,
 ) -> Tuple[Array, Dict[str, Array]]:
     """Hinge loss of the PatchGAN on real ``batch`` vs generator output ``fake`` (gradient is
-    stopped on ``fake``).  Zero, and no discriminator compute, before ``disc_start``."""
+    stopped on ``fake``).  Zero, and no discriminator compute, before ``disc_start``.
+    ``pixel_scale``: the VQGANConfig's, so uint8 reals are normalised as the generator saw them."""
     lcfg = VQLossConfig.from_config(loss_config)
-    real = normalize_images(_batch_images(batch))
+    real = normalize_images(_batch_images(batch), pixel_scale)
     fake = jax.lax.stop_gradient(fake.astype(jnp.float32))
     disc = make_discriminator(lcfg, dtype)
     gate = disc_gate(step, lcfg.disc_start)

@@ -80,6 +80,16 @@ class VQTokenizer:
     def codebook_size(self) -> int:
         return self.config.codebook_size
 
+    @property
+    def has_decoder(self) -> bool:
+        return self.config.has_decoder
+
+    def require_decoder(self) -> None:
+        """vqgan.NoDecoderError unless this tokenizer can decode codes to images: image generation
+        calls it before sampling, so an encoder-only (Chameleon-imported) tokenizer fails at once."""
+        if not self.config.has_decoder:
+            raise vqgan.NoDecoderError(vqgan.NO_DECODER)
+
     def _chunks(self, array: np.ndarray, fn) -> np.ndarray:
         outs = []
         for i in range(0, len(array), self.batch_size):

@@ -58,6 +58,10 @@ def _dataclass_from_config(cls, cfg: Any):
     return cls(**d)
 
 
+PIXEL_SCALE = 1 / 127.5         # uint8 -> [-1, 1]
+CHAMELEON_PIXEL_SCALE = 0.0078  # Chameleon's image processor: rescale_factor 0.0078, then minus 1 (mean 1, std 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class VQGANConfig:
     """Hyper-parameters of the tokenizer.
@@ -95,6 +99,9 @@ class VQGANConfig:
     # ones at full resolution, and every layer keeps enough channels for GroupNorm not to wash
     # out colour; 1 is taming's full-resolution stem.
     patch_size: int = 1
+    # uint8 pixels x enter the encoder as x * pixel_scale - 1 (`normalize_images`). Ours: 1/127.5
+    # ([-1, 1]); Chameleon's image processor: 0.0078 (CHAMELEON_PIXEL_SCALE, set by its import).
+    pixel_scale: float = PIXEL_SCALE
 
     def __post_init__(self):
         if self.patch_size < 1:
@@ -145,15 +152,27 @@ class VQGANConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def normalize_images(images: Array) -> Array:
-    """uint8 [0,255] -> float32 [-1,1]; float input is taken to be in [-1,1] already.
+def pixel_table(pixel_scale: float) -> np.ndarray:
+    """float32 [256]: uint8 value x -> x * pixel_scale - 1, the product rounded from float64 as
+    transformers' image processors rescale (numpy float64 multiply, then float32), so a
+    Chameleon-imported tokenizer sees exactly the pixel values Chameleon's processor gives."""
+    return (np.arange(256, dtype=np.float64) * float(pixel_scale)).astype(np.float32) - np.float32(1.0)
 
-    Dispatching on dtype lets data loaders hand over raw uint8 (4x less host->device traffic)
-    while tests and sampling code keep working with floats.
+
+def normalize_images(images: Array, pixel_scale: float = PIXEL_SCALE) -> Array:
+    """uint8 [0,255] -> float32 x * pixel_scale - 1 (the config's `pixel_scale`: [-1, 1] for ours);
+    float input is taken to be normalised already.
+
+    The default divides by 127.5 as always (the same op, so the same values as before the field
+    existed; XLA may turn it into a multiply by the float32 reciprocal); any other scale looks its
+    256 values up in `pixel_table`, exact whatever the backend's float32 arithmetic. Dispatching on dtype lets data loaders hand over raw uint8 (4x less
+    host->device traffic) while tests and sampling code keep working with floats.
     """
     images = jnp.asarray(images)
     if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 127.5 - 1.0
+        if pixel_scale == PIXEL_SCALE:
+            return images.astype(jnp.float32) / 127.5 - 1.0
+        return jnp.take(jnp.asarray(pixel_table(pixel_scale)), images.astype(jnp.int32), axis=0)
     return images.astype(jnp.float32)
 
 
@@ -511,7 +530,7 @@ class VQGAN(nn.Module):
         return self.decoder
 
     def quantize_images(self, images) -> QuantizerOutput:
-        return self.quantizer(self.encoder(normalize_images(images)))
+        return self.quantizer(self.encoder(normalize_images(images, self.cfg.pixel_scale)))
 
     def __call__(self, images, return_features: bool = False):
         """Training forward.  Returns (reconstruction, QuantizerOutput) and, with

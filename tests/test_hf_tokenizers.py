@@ -96,6 +96,31 @@ def test_tokenizer_json_round_trips_documents_through_our_vocabulary(tmp_path):
         vocab_lib.Vocabulary.load(tmp_path / "v")
 
 
+def _chameleon_pixels(images, size, hf_dir=None):
+    """transformers' ChameleonImageProcessor (PIL backend) on uint8 images [B, S, S, 3] of its size:
+    float32 [B, 3, S, S] (its processor_config.json in hf_dir when given, else its defaults)."""
+    from PIL import Image
+    from transformers.models.chameleon.image_processing_pil_chameleon import ChameleonImageProcessorPil
+    if hf_dir is not None:
+        proc = ChameleonImageProcessorPil.from_pretrained(str(hf_dir))
+    else:
+        proc = ChameleonImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return proc(images=[Image.fromarray(i) for i in images], return_tensors="np")["pixel_values"]
+
+
+def test_chameleon_pixel_scale_gives_its_processors_pixels():
+    import jax.numpy as jnp
+    images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=-1)
+    theirs = _chameleon_pixels(images, 16).transpose(0, 2, 3, 1)
+    ours = np.asarray(vqgan.normalize_images(jnp.asarray(images), vqgan.CHAMELEON_PIXEL_SCALE))
+    np.testing.assert_array_equal(ours, theirs)  # all 256 values, bit for bit
+    assert hf_vq.config_from_hf(TINY_VQ).pixel_scale == 0.0078
+    assert hf_vq.pixel_scale_from_hf(hf_vq.preprocessor_config(vqgan.VQGANConfig(image_size=16, channels=32))) == \
+        vqgan.PIXEL_SCALE
+    with pytest.raises(ValueError, match=r"x \* pixel_scale - 1 only"):
+        hf_vq.pixel_scale_from_hf({"image_mean": [0.5, 0.5, 0.5]})
+
+
 def _random_vqvae(vq, seed=0):
     import torch
     from transformers import ChameleonVQVAEConfig
@@ -150,12 +175,13 @@ def test_chameleon_vq_that_does_not_fit_is_refused():
         hf_vq.params_from_hf(state.get, state.keys(), cfg, prefix="")
 
 
-def _chameleon_dir(tmp_path, tokenizer_json, vocab_size=320):
+def _chameleon_dir(tmp_path, tokenizer_json, vocab_size=320, max_length=96):
     hf_dir = tmp_path / "hf"
     os.makedirs(hf_dir)
     (hf_dir / "tokenizer.json").write_text(tokenizer_json)
     cfg = model_lib.TransformerConfig(vocab_size=vocab_size, num_layers=1, d_model=32, num_heads=4, d_ff=64,
-                                      max_length=96, positions="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=True)
+                                      max_length=max_length, positions="rotary", norm="rmsnorm", mlp="swiglu",
+                                      qk_norm=True)
     hf_cfg = dict(hf_interop.hf_config(cfg, "hf-chameleon", vocabulary_map=_hf_vocab(tokenizer_json)), vq_config=TINY_VQ)
     hf_interop.random_hf_model("hf-chameleon", hf_cfg, str(hf_dir), seed=3)
     return hf_dir
@@ -179,9 +205,11 @@ def test_imported_chameleon_workdir_has_a_vocab_and_vq_the_code_loads(tmp_path):
     tokens = vocab.encode_document(["a red circle", vq.encode(image)])
     text, codes = vocab.decode_document(tokens)
     assert text == "a red circle"
-    # the ids transformers' Chameleon gives the same image, mapped into our layout (remapped weights)
+    # the ids transformers' Chameleon gives the same image through its own image processor
+    # (x * 0.0078 - 1, our imported pixel_scale), mapped into our layout (remapped weights)
+    assert vq.config.pixel_scale == vqgan.CHAMELEON_PIXEL_SCALE
     hf = hf_interop.load_hf_model(str(hf_dir))
-    pixels = torch.from_numpy(image[None].transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
+    pixels = torch.from_numpy(_chameleon_pixels(image[None], 16))
     with torch.no_grad():
         hf_image_ids = hf.model.get_image_tokens(pixels).numpy().reshape(-1)
     h2o = np.asarray(json.loads((wd / "hf_vocab_map.json").read_text())["hf_to_ours"])
@@ -236,7 +264,9 @@ def test_hf_chameleon_export_writes_our_vq_encoder(tmp_path):
     hf = hf_interop.load_hf_model(str(tmp_path / "hf"))
     ours = VQTokenizer.from_workdir(vq_dir)
     images = np.random.RandomState(2).randint(0, 256, (4, 16, 16, 3)).astype(np.uint8)
-    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
+    # the exported preprocessor_config.json makes transformers' processor feed our pixels
+    pixels = torch.from_numpy(_chameleon_pixels(images, 16, tmp_path / "hf"))
+    np.testing.assert_array_equal(pixels.numpy(), images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
     with torch.no_grad():
         theirs = hf.model.vqmodel.encode(pixels).image_tokens.numpy().reshape(4, 8, 8)
     np.testing.assert_array_equal(theirs, ours.encode(images))

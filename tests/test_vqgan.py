@@ -180,6 +180,19 @@ def test_shapes_16x_and_bf16():
 # ------------------------------------------------------------------------------ losses
 
 
+def test_normalize_images_pixel_scale():
+    """The default stays today's x / 127.5 - 1 op bit for bit; another scale (Chameleon's) is its
+    float64-rounded table exactly on all 256 values; float input passes through."""
+    x = jnp.arange(256, dtype=jnp.uint8)
+    today = np.asarray(x.astype(jnp.float32) / 127.5 - 1.0)
+    np.testing.assert_array_equal(np.asarray(vqgan.normalize_images(x)), today)
+    assert vqgan.VQGANConfig().pixel_scale == vqgan.PIXEL_SCALE
+    cham = np.asarray(vqgan.normalize_images(x, vqgan.CHAMELEON_PIXEL_SCALE))
+    np.testing.assert_array_equal(cham, (np.arange(256) * 0.0078).astype(np.float32) - np.float32(1))
+    f = jnp.linspace(-1, 1, 5)
+    np.testing.assert_array_equal(np.asarray(vqgan.normalize_images(f, 0.0078)), np.asarray(f))
+
+
 def test_psnr_known_values():
     x = jnp.zeros((2, 4, 4, 3))
     y = jnp.full((2, 4, 4, 3), 0.1)  # mse 0.01, range 2 -> 10*log10(4/0.01)
