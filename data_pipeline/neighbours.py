@@ -63,7 +63,12 @@ def scann_params(num_points: int, *, k: int = 10, search_fraction: float = 0.15,
     loss (threshold 0.2, the MIPS setting), float reordering of the top `reorder` (default
     max(1000, 20 k)) candidates: bench/retrieval.py at 1M points lifts recall@10 from 0.948 to
     0.972 going from 300 to 1000, while the exact rescoring stays small next to the hashed scan.
-    Keyword overrides replace any field."""
+    Keyword overrides replace any field; optional ones: mode="ah" (hashing over every point, no
+    tree), reorder_quantize ("float32" default, "int8", "bfloat16": ScaNN's reordering precision),
+    rescore=C (ScaNN returns its top C after reordering and they are rescored exactly in float
+    against a kept copy of the bank, saved as bank.npy: an exact final ranking after a quantized
+    reorder), ah_training_sample_size (default 100,000). bench/retrieval.py uses dims_per_block=4,
+    int8 reorder of 10,000-20,000 and rescore=50 on random vectors, where no partition helps."""
     n = int(num_points)
     params: dict[str, Any] = {"mode": "tree_ah" if n >= MIN_TREE_SIZE else "brute_force"}
     if params["mode"] == "tree_ah":
@@ -79,6 +84,14 @@ def scann_params(num_points: int, *, k: int = 10, search_fraction: float = 0.15,
         )
     params.update(overrides)
     return params
+
+
+def _reorder_type(name: str):
+    from scann.scann_ops.py.scann_builder import ReorderType
+    types = {"float32": ReorderType.FLOAT32, "int8": ReorderType.INT8, "bfloat16": ReorderType.BFLOAT16}
+    if name not in types:
+        raise ValueError(f"reorder_quantize must be one of {sorted(types)}, got {name!r}")
+    return types[name]
 
 
 # --------------------------------------------------------------------------- exact search
@@ -144,11 +157,13 @@ def merge_topk(ids_list: Sequence[np.ndarray], scores_list: Sequence[np.ndarray]
 class ScannIndex:
     """A ScaNN searcher over some bank rows, returning document ids (doc_ids[row])."""
 
-    def __init__(self, searcher, params: dict[str, Any], doc_ids: np.ndarray, dim: int):
+    def __init__(self, searcher, params: dict[str, Any], doc_ids: np.ndarray, dim: int,
+                 bank: np.ndarray | None = None):
         self.searcher = searcher
         self.params = dict(params)
         self.doc_ids = np.asarray(doc_ids, np.int64)
         self.dim = int(dim)
+        self.bank = bank   # float rows, only with params["rescore"] (exact rescoring of the final candidates)
 
     @property
     def size(self) -> int:
@@ -174,19 +189,25 @@ class ScannIndex:
         doc_ids = offset + np.arange(n, dtype=np.int64) if doc_ids is None else np.asarray(doc_ids, np.int64)
         if doc_ids.shape != (n,):
             raise ValueError(f"doc_ids has shape {doc_ids.shape}, expected ({n},)")
+        if params["mode"] not in ("brute_force", "tree_ah", "ah"):
+            raise ValueError(f"unknown ScaNN mode {params['mode']!r}")
         builder = _scann().builder(bank, k, "dot_product")
         if params["mode"] == "brute_force":
             builder = builder.score_brute_force()
         else:
-            builder = builder.tree(
-                num_leaves=params["num_leaves"], num_leaves_to_search=params["leaves_to_search"],
-                training_sample_size=params["training_sample_size"], soar_lambda=params.get("soar_lambda"))
-            builder = builder.score_ah(params["dims_per_block"],
-                                       anisotropic_quantization_threshold=params["anisotropic_quantization_threshold"])
-            builder = builder.reorder(params["reorder"])
+            if params["mode"] == "tree_ah":
+                builder = builder.tree(
+                    num_leaves=params["num_leaves"], num_leaves_to_search=params["leaves_to_search"],
+                    training_sample_size=params["training_sample_size"], soar_lambda=params.get("soar_lambda"))
+            threshold = params["anisotropic_quantization_threshold"]
+            builder = builder.score_ah(params["dims_per_block"], training_sample_size=params.get("ah_training_sample_size", 100_000),
+                                       anisotropic_quantization_threshold=float("nan") if threshold is None else threshold)
+            builder = builder.reorder(params["reorder"], quantize=_reorder_type(params.get("reorder_quantize", "float32")))
         if threads:
             builder = builder.set_n_training_threads(threads)
-        return cls(builder.build(), params, doc_ids, d)
+        # exact float rescoring of ScaNN's final candidates needs the float rows: kept only then
+        keep = bank if params.get("rescore") else None
+        return cls(builder.build(), params, doc_ids, d, bank=keep)
 
     def search(self, queries: np.ndarray, k: int, *, leaves_to_search: int | None = None,
                reorder: int | None = None, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -197,13 +218,26 @@ class ScannIndex:
         scores = np.full((q, k), -np.inf, np.float32)
         if q == 0:
             return ids, scores
-        kw: dict[str, Any] = {"final_num_neighbors": int(k)}
+        rescore = int(self.params.get("rescore") or 0) if self.bank is not None else 0
+        final = max(int(k), rescore)
+        kw: dict[str, Any] = {"final_num_neighbors": final}
         if self.params["mode"] == "tree_ah":
             kw["leaves_to_search"] = int(leaves_to_search or self.params["leaves_to_search"])
-            kw["pre_reorder_num_neighbors"] = int(max(reorder or self.params["reorder"], k))
+        if self.params["mode"] in ("tree_ah", "ah"):
+            kw["pre_reorder_num_neighbors"] = int(max(reorder or self.params["reorder"], final))
         rows, dist = self.searcher.search_batched_parallel(queries, batch_size=batch_size, **kw)
         rows = np.asarray(rows, np.int64)
         dist = np.asarray(dist, np.float32)
+        if rescore and rows.ndim == 2 and rows.shape[1]:
+            # ScaNN's reordering was quantized (int8 / bfloat16): its final candidates are rescored
+            # exactly in float, so near ties at the k-th place are decided by the true scores
+            ok = (rows >= 0) & (rows < self.size) & np.isfinite(dist)
+            safe = np.where(ok, rows, 0)
+            exact = np.einsum("qcd,qd->qc", self.bank[safe], queries)
+            exact = np.where(ok, exact, np.nan)
+            order = np.argsort(np.where(ok, -exact, np.inf), axis=1, kind="stable")[:, :k]
+            rows = np.take_along_axis(rows, order, axis=1)
+            dist = np.take_along_axis(exact, order, axis=1).astype(np.float32)
         width = min(rows.shape[1], k) if rows.ndim == 2 else 0
         if width:
             # ScaNN pads with row 0 and a NaN distance when fewer than k points are found
@@ -219,6 +253,8 @@ class ScannIndex:
         os.makedirs(os.path.join(tmp, "scann"))
         self.searcher.serialize(os.path.join(tmp, "scann"), relative_path=True)
         np.save(os.path.join(tmp, "doc_ids.npy"), self.doc_ids)
+        if self.bank is not None:
+            np.save(os.path.join(tmp, "bank.npy"), self.bank)
         with open(os.path.join(tmp, INDEX_JSON), "w", encoding="utf-8") as f:
             json.dump({"format": INDEX_FORMAT, "size": self.size, "dim": self.dim, "params": self.params,
                        "first_doc_id": int(self.doc_ids[0]), "last_doc_id": int(self.doc_ids[-1])}, f, indent=1)
@@ -241,7 +277,10 @@ class ScannIndex:
         # Assets were serialised with relative paths: they resolve against this directory, so an
         # index directory can be moved or copied (e.g. from shared storage to local disk).
         searcher = _scann().load_searcher(os.path.join(directory, "scann"))
-        return cls(searcher, meta["params"], doc_ids, meta["dim"])
+        bank = None
+        if meta["params"].get("rescore"):
+            bank = np.load(os.path.join(directory, "bank.npy"), mmap_mode="r")
+        return cls(searcher, meta["params"], doc_ids, meta["dim"], bank=bank)
 
 
 def build_index(embeddings: np.ndarray, out_dir: str | None = None, *, valid: np.ndarray | None = None,
