@@ -1,20 +1,27 @@
 """ScaNN queries/s and recall@10 against exact brute-force search, on random unit vectors.
 
     python bench/retrieval.py [--sizes 100000,1000000] [--dim 512] [--num_queries 1000]
-                              [--fractions 0.3,0.5,0.7] [--reorders 100,200,400] [--soar_lambda 1.5]
+                              [--fractions 0.85,0.9,0.95] [--reorders 10000,20000] [--dims_per_block 4]
+                              [--noscale_reorders]
+                              [--mode tree_ah|ah] [--reorder_quantize int8|bfloat16|float32] [--rescore 50]
 
 Random unit vectors in 512-d are the hardest case for approximate search: every point is nearly
 orthogonal to every other, so k-means partitions carry little information about where the true
-neighbours are. Each size: build ScaNN (tree ~ leaves_per_sqrt * sqrt(N) leaves with SOAR
-spilling, anisotropic 4-bit hashing over 2-d blocks, float reordering), time exact brute force
-(numpy BLAS matmul + argpartition in query batches: it also gives the ground truth) in the same
-run, then sweep leaves_to_search (as a fraction of the leaves) x reorder size, timing each
+neighbours are (~85-90% of the leaves must be searched for recall@10 0.95 at 1M) and the speed can
+only come from cheaper scoring per point. Each size: build ScaNN (tree ~ leaves_per_sqrt * sqrt(N)
+leaves, anisotropic 4-bit hashing over 4-d blocks (half the scan of 2-d blocks), a large reorder
+in int8 (a quarter of the float bytes per candidate), then ScaNN's final 50 candidates rescored
+exactly in float in numpy, timed with the search, so the final ranking is exact), time exact brute
+force (numpy BLAS matmul + argpartition in query batches: it also gives the ground truth) in the
+same run, then sweep leaves_to_search (as a fraction of the leaves) x reorder size (given for 1M
+points, scaled by sqrt(size / 1M)), timing each
 point (best of --repeats) with ScaNN's parallel batched search, and timing one brute-force
 batch right after it (best of as many repeats): each point's speedup is against that side-by-side
-brute-force figure. The figure reported per size is
-the fastest point reaching --target_recall (or the best recall if none does). The machine is
-shared: timings swing; both sides are measured side by side for that reason. The last line
-printed is one JSON object with every figure.
+brute-force figure. `--mode ah` drops the tree (hashing over every point).
+The figure reported per size is the fastest point reaching --target_recall (or the best recall if
+none does). The machine is shared: timings swing; both sides are measured side by side for that
+reason, and each point records the load average. The last line printed is one JSON object with
+every figure.
 """
 from __future__ import annotations
 
@@ -33,12 +40,25 @@ flags.DEFINE_integer("dim", 512, "vector dimension")
 flags.DEFINE_integer("num_queries", 1000, "random unit queries (not from the bank)")
 flags.DEFINE_integer("k", 10, "recall@k")
 flags.DEFINE_float("target_recall", 0.95, "recall@k the reported figure must reach")
-flags.DEFINE_list("fractions", ["0.3", "0.5", "0.7", "0.9", "1.0"], "leaves_to_search / num_leaves values")
-flags.DEFINE_list("reorders", ["200", "400"], "pre-reorder candidate counts")
+flags.DEFINE_list("fractions", ["0.85", "0.9", "0.95"], "leaves_to_search / num_leaves values")
+flags.DEFINE_list("reorders", ["10000", "20000"], "pre-reorder candidate counts (for 1M points: see "
+                  "--scale_reorders)")
+flags.DEFINE_bool("scale_reorders", True, "scale --reorders by sqrt(size / 1M): the hashed score's rank of a "
+                  "true neighbour grows with the bank, though less than in proportion (measured: 100k with a "
+                  "tenth of the 1M reorder stays below recall 0.95)")
 flags.DEFINE_float("leaves_per_sqrt", 1.0, "num_leaves = this * sqrt(N)")
 flags.DEFINE_float("soar_lambda", 0.0, "SOAR spilling lambda (<= 0: no spilling; 1.5 raises recall per leaf "
                    "searched but costs more per leaf: no better here on random data)")
-flags.DEFINE_integer("dims_per_block", 2, "asymmetric hashing: dimensions per 4-bit block")
+flags.DEFINE_integer("dims_per_block", 4, "asymmetric hashing: dimensions per 4-bit block (2: twice the scan "
+                     "cost, far fewer candidates to reorder)")
+flags.DEFINE_enum("mode", "tree_ah", ["tree_ah", "ah"], "tree_ah: k-means tree + AH; ah: AH over every point "
+                  "(no tree: --fractions and --leaves_per_sqrt are then ignored)")
+flags.DEFINE_float("anisotropic_threshold", 0.2, "AH anisotropic quantization threshold (< 0: none)")
+flags.DEFINE_enum("reorder_quantize", "int8", ["float32", "int8", "bfloat16"],
+                  "ScaNN reordering precision (int8/bfloat16: a quarter/half of the float bytes per candidate)")
+flags.DEFINE_integer("rescore", 50, "> k: ScaNN returns this many reordered candidates, rescored exactly in float "
+                     "(numpy, timed with the search): exact final ranking after a quantized reorder")
+flags.DEFINE_integer("search_batch", 256, "queries per ScaNN batch (search_batched_parallel)")
 flags.DEFINE_integer("repeats", 2, "timed repeats per point (best taken)")
 flags.DEFINE_integer("bf_batch", 250, "brute-force query batch")
 flags.DEFINE_integer("seed", 0, "data seed")
@@ -76,6 +96,11 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / (k * truth.shape[0])
 
 
+def reorders(n: int) -> list[int]:
+    scale = math.sqrt(n / 1_000_000) if FLAGS.scale_reorders else 1.0
+    return [max(FLAGS.k, int(round(int(r) * scale))) for r in FLAGS.reorders]
+
+
 def bench_size(n: int, rng: np.random.Generator) -> dict:
     d, k = FLAGS.dim, FLAGS.k
     t0 = time.perf_counter()
@@ -90,21 +115,29 @@ def bench_size(n: int, rng: np.random.Generator) -> dict:
     params = NB.scann_params(n, k=k, num_leaves=leaves, leaves_to_search=leaves,
                              dims_per_block=FLAGS.dims_per_block,
                              soar_lambda=FLAGS.soar_lambda if FLAGS.soar_lambda > 0 else None,
-                             reorder=max(int(r) for r in FLAGS.reorders))
+                             anisotropic_quantization_threshold=(FLAGS.anisotropic_threshold
+                                                                 if FLAGS.anisotropic_threshold >= 0 else None),
+                             reorder_quantize=FLAGS.reorder_quantize,
+                             rescore=FLAGS.rescore if FLAGS.rescore > k else 0,
+                             reorder=max(reorders(n)))
+    if FLAGS.mode == "ah":
+        params["mode"] = "ah"
+        leaves = 1
     t0 = time.perf_counter()
     index = NB.ScannIndex.build(bank, params=params, k=k)
     build_seconds = time.perf_counter() - t0
     print(f"[{n:,}] ScaNN build {build_seconds:.1f}s: {params}", flush=True)
 
-    index.search(queries[:100], k, leaves_to_search=leaves // 2)   # warm-up
+    index.search(queries[:100], k, leaves_to_search=max(1, leaves // 2), batch_size=FLAGS.search_batch)   # warm-up
     sweep = []
-    for fraction in (float(f) for f in FLAGS.fractions):
+    for fraction in (float(f) for f in (FLAGS.fractions if FLAGS.mode == "tree_ah" else ["1.0"])):
         to_search = max(1, int(round(fraction * leaves)))
-        for reorder in (int(r) for r in FLAGS.reorders):
+        for reorder in reorders(n):
             best = math.inf
             for _ in range(FLAGS.repeats):
                 t0 = time.perf_counter()
-                ids, _ = index.search(queries, k, leaves_to_search=to_search, reorder=reorder)
+                ids, _ = index.search(queries, k, leaves_to_search=to_search, reorder=reorder,
+                                      batch_size=FLAGS.search_batch)
                 best = min(best, time.perf_counter() - t0)
             qps = queries.shape[0] / best
             # brute force again right now, on one batch, best of as many repeats as ScaNN had: the
@@ -113,7 +146,8 @@ def bench_size(n: int, rng: np.random.Generator) -> dict:
                          for _ in range(FLAGS.repeats))
             point = {"leaves_to_search": to_search, "fraction": fraction, "reorder": reorder,
                      "recall": round(recall(ids, truth), 4), "qps": round(qps, 1),
-                     "brute_force_qps": round(bf_now, 1), "speedup": round(qps / bf_now, 2)}
+                     "brute_force_qps": round(bf_now, 1), "speedup": round(qps / bf_now, 2),
+                     "load_average": round(os.getloadavg()[0], 2)}
             sweep.append(point)
             print(f"[{n:,}] {point}", flush=True)
     reaching = [p for p in sweep if p["recall"] >= FLAGS.target_recall]
@@ -123,7 +157,11 @@ def bench_size(n: int, rng: np.random.Generator) -> dict:
     result = {
         "size": n, "dim": d, "num_queries": int(queries.shape[0]), "k": k,
         "brute_force_qps": round(bf_qps, 1), "build_seconds": round(build_seconds, 1),
-        "num_leaves": leaves, "soar_lambda": params["soar_lambda"], "dims_per_block": params["dims_per_block"],
+        "mode": params["mode"], "num_leaves": leaves if params["mode"] == "tree_ah" else None,
+        "soar_lambda": params["soar_lambda"], "dims_per_block": params["dims_per_block"],
+        "anisotropic_quantization_threshold": params["anisotropic_quantization_threshold"],
+        "reorder_quantize": params["reorder_quantize"], "rescore": params["rescore"],
+        "search_batch": FLAGS.search_batch,
         "best": chosen, "reaches_target_recall": bool(reaching),
         "meets_targets": bool(reaching) and chosen["speedup"] >= 10.0,
         "best_speedup_at_recall_0.9": max((p["speedup"] for p in near), default=None),
