@@ -79,7 +79,7 @@ def vq_base_config() -> ml_collections.ConfigDict:
     c.vq = ml_collections.ConfigDict(dict(
         image_size=64, in_channels=3, channels=64, channel_multipliers=(1, 2, 2, 4), num_res_blocks=2,
         attention_at_lowest=True, codebook_size=8192, code_dim=8, embed_dim=256, commitment_beta=0.25,
-        l2_normalize_codes=True, num_groups=32, dtype="float32", patch_size=1,
+        l2_normalize_codes=True, num_groups=32, dtype="float32", patch_size=1, norm="group",
     ))
 
     # cm3leon_jax.vq_losses.VQLossConfig: every field.

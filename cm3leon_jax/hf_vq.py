@@ -113,6 +113,8 @@ def hf_config(cfg: vqgan.VQGANConfig) -> dict:
     widths = [cfg.channels * m for m in (1,) + tuple(cfg.channel_multipliers)]
     if vqgan._groups(cfg.channels, cfg.num_groups) != _GROUPS or any(w % _GROUPS for w in widths):
         problems.append(f"GroupNorm groups: num_groups={cfg.num_groups}, widths {widths} (Chameleon: 32 groups)")
+    if cfg.norm != "group":
+        problems.append(f"norm={cfg.norm!r} (Chameleon normalises with GroupNorm)")
     if cfg.patch_size != 1:
         problems.append(f"patch_size={cfg.patch_size} (Chameleon's encoder convolves full-resolution pixels)")
     if levels and not cfg.has_mid_attention:

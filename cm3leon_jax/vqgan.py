@@ -103,7 +103,15 @@ class VQGANConfig:
     # ([-1, 1]); Chameleon's image processor: 0.0078 (CHAMELEON_PIXEL_SCALE, set by its import).
     pixel_scale: float = PIXEL_SCALE
 
+    # "group": taming's GroupNorm over space and channel groups. "layer": LayerNorm over the
+    # channels of each position, which never mixes statistics across the image: GroupNorm's
+    # per-image statistics are dominated by the background, and on the shapes world they
+    # wash object colours out to grey for thousands of steps. "none": no normalisation.
+    norm: str = "group"
+
     def __post_init__(self):
+        if self.norm not in ("group", "layer", "none"):
+            raise ValueError(f"norm must be 'group', 'layer' or 'none', got {self.norm!r}")
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
         if not self.channel_multipliers:
@@ -306,7 +314,11 @@ def _groups(channels: int, max_groups: int) -> int:
     return math.gcd(channels, max_groups)
 
 
-def _norm(cfg: VQGANConfig, channels: int, name: Optional[str] = None) -> nn.GroupNorm:
+def _norm(cfg: VQGANConfig, channels: int, name: Optional[str] = None):
+    if cfg.norm == "layer":
+        return nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name)
+    if cfg.norm == "none":
+        return lambda x: x
     return nn.GroupNorm(
         num_groups=_groups(channels, cfg.num_groups),
         epsilon=1e-6,

@@ -177,6 +177,38 @@ def test_shapes_16x_and_bf16():
     assert out.shape == (2, 32, 32, 3) and out.dtype == jnp.float32
 
 
+def test_patch_stem_is_exact_space_to_depth_and_norm_options():
+    """patch_size folds p x p pixel patches into channels (and the head unfolds them): 8x down
+    from a 4x stem plus one stride-2 level; every norm option keeps shapes, the gradient path
+    of the pixel-shuffle head (adaptive GAN weight) and a clear error on a typo."""
+    x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+    folded = vqgan.space_to_depth(x, 4)
+    assert folded.shape == (2, 2, 2, 48)
+    np.testing.assert_array_equal(folded[1, 1, 0].reshape(4, 4, 3), x[1, 4:8, 0:4])
+    cfg = vqgan.VQGANConfig(**dict(TINY, patch_size=4, channel_multipliers=(1, 2)))
+    np.testing.assert_array_equal(vqgan.pixels_from_head(cfg, folded), x)
+    assert cfg.downsample_factor == 8 and cfg.latent_size == 2
+    imgs = _toy_images(2)
+    for norm in ("group", "layer", "none"):
+        c = vqgan.VQGANConfig(**dict(TINY, patch_size=4, channel_multipliers=(1, 2), norm=norm))
+        params = vqgan.init_params(jax.random.PRNGKey(0), c)
+        assert params["encoder"]["conv_in"]["kernel"].shape == (3, 3, 48, 8)
+        assert params["decoder"]["conv_out"]["kernel"].shape == (3, 3, 8, 48)
+        assert ("norm1" in params["encoder"]["down0_res0"]) == (norm != "none")
+        codes = vqgan.encode(params, imgs, c)
+        assert codes.shape == (2, 2, 2)
+        assert vqgan.decode(params, codes, c).shape == (2, 16, 16, 3)
+    lcfg = vq_losses.VQLossConfig(disc_start=0, disc_weight=0.1, disc_channels=8, disc_layers=2,
+                                  perceptual_weight=0.0)
+    disc = vq_losses.init_discriminator(jax.random.PRNGKey(1), lcfg, (16, 16, 3))
+    loss, aux = vq_losses.vq_loss_fn(params, disc, {"image": imgs}, None, 1, c, lcfg)
+    assert np.isfinite(float(loss)) and float(aux["metrics"]["adaptive_weight"]) > 0
+    with pytest.raises(ValueError, match="norm"):
+        vqgan.VQGANConfig(norm="batch")
+    with pytest.raises(ValueError, match="patch_size"):
+        vqgan.VQGANConfig(patch_size=0)
+
+
 # ------------------------------------------------------------------------------ losses
 
 
