@@ -1,4 +1,4 @@
-"""VQ tokenizer bench: trains experiments/vq_tiny.py for a wall-clock budget, then measures it.
+"""VQ tokenizer bench: trains experiments/vq_tiny.py (its steps, at most a wall-clock budget), then measures it.
 
     python bench/vq.py [--budget_minutes 15] [--num_val_images 300] [--workdir DIR]
 
@@ -67,7 +67,7 @@ def main(argv):
     config = vq_tiny.get_config()
     # the loop stops WRAP_UP_SECONDS early: the final checkpoint and sample grid fit in the budget
     config.max_train_seconds = max(f.budget_minutes * 60.0 - WRAP_UP_SECONDS, 1.0)
-    config.total_steps = 10**8  # the budget stops training
+    # the config's cosine schedule sets the steps; the budget stops a slower machine early
     config.checkpoint_every_steps = 10**8  # one checkpoint, at the end
     config.sample_every_steps = 0  # one sample grid, at the end (its compilation is not free)
     for item in f.override:

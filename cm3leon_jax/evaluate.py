@@ -110,6 +110,17 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
     return scores, np.stack([s.images for s in samples])
 
 
+def vq_ceiling(gen, classifier, prompts) -> dict:
+    """The same scores for the prompts' own rendered images after a VQ round trip: the best any
+    LM can reach through this tokenizer, so a faithfulness figure can be read against it."""
+    images = prompts["images"]
+    round_trip = np.concatenate([gen.vq.decode(gen.vq.encode(images[a:a + 64])) for a in range(0, len(images), 64)])
+    scores = shapes_metrics.text_to_image_faithfulness(
+        list(prompts["scenes"]), attribute_classifier.predict_scenes(classifier, round_trip))
+    scores["requested"] = requested_share(scores)
+    return scores
+
+
 # ----------------------------------------------------------------------------- (d)
 
 
@@ -187,6 +198,10 @@ def _markdown(report: dict) -> str:
         for name, s in t2i.items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * s[c]:.1f}%" for c in cols)
                          + f" | {s['frechet_distance_classifier_features']:.3f} |")
+        ceiling = report.get("text_to_image_vq_ceiling")
+        if ceiling:
+            lines.append("| (ceiling: the real images through the VQ) | "
+                         + " | ".join(f"{100 * ceiling[c]:.1f}%" for c in cols) + " | |")
         lines.append("")
     i2t = report.get("image_to_text")
     if i2t:
@@ -247,6 +262,8 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
                      scores["seconds"])
     if strategies and "topp_cdk_rerank" in strategies and gen.retriever is None:
         report["notes"].append("no retriever in the data dir: topp_cdk_rerank scored every sample, unranked")
+    if strategies:
+        report["text_to_image_vq_ceiling"] = vq_ceiling(gen, classifier, t2i_prompts)
     report["text_to_image_prompts"] = t2i_prompts["captions"][:8]
 
     if num_captions:

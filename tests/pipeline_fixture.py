@@ -19,7 +19,7 @@ def vq_config():
     c.sample_every_steps = 1000
     c.async_checkpointing = False
     c.mesh.update(data=-1, fsdp=1, tensor=1)
-    c.vq.update(image_size=16, channels=8, channel_multipliers=(1, 2, 2), attention_at_lowest=False,
+    c.vq.update(image_size=16, patch_size=1, channels=8, channel_multipliers=(1, 2, 2), attention_at_lowest=False,
                 codebook_size=32, code_dim=4, embed_dim=8, num_groups=4)
     c.loss.update(disc_start=1000)
     c.data.update(global_batch_size=8)

@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = [
     "--config.total_steps=6", "--config.log_every_steps=2", "--config.checkpoint_every_steps=3",
     "--config.sample_every_steps=3", "--config.num_sample_images=4", "--config.mesh.data=4", "--config.mesh.fsdp=2",
-    "--config.vq.image_size=16", "--config.vq.channels=8", "--config.vq.channel_multipliers=(1,2)",
+    "--config.vq.image_size=16", "--config.vq.patch_size=1", "--config.vq.channels=8", "--config.vq.channel_multipliers=(1,2)",
     "--config.vq.attention_at_lowest=false", "--config.vq.num_res_blocks=1",
     "--config.vq.codebook_size=128", "--config.vq.code_dim=4", "--config.vq.embed_dim=8", "--config.vq.num_groups=4",
     "--config.loss.disc_start=3", "--config.loss.disc_weight=0.1", "--config.loss.disc_channels=8",
