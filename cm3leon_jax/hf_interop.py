@@ -610,14 +610,21 @@ def our_vocabulary_map(vocab, vocab_size: int) -> dict[str, int]:
 # ----------------------------------------------------------------------------- torch side
 
 
-def _transformers():
+def interop_import(module: str, *needs: str):
+    """Imports an optional interop dependency (after `needs`), or says which extra to install:
+    the core never imports torch, transformers or tokenizers at module import time."""
+    import importlib
     try:
-        import torch  # noqa: F401
-        import transformers
+        for name in needs:
+            importlib.import_module(name)
+        return importlib.import_module(module)
     except ImportError as e:  # pragma: no cover
-        raise ImportError("this needs the interop extra: pip install 'cm3leon_jax[interop]' "
-                          f"(torch and transformers): {e}") from None
-    return transformers
+        raise ImportError(f"this needs the interop extra: pip install 'cm3leon_jax[interop]' "
+                          f"({', '.join(needs + (module,))}): {e}") from None
+
+
+def _transformers():
+    return interop_import("transformers", "torch")
 
 
 def load_hf_model(directory: str):

@@ -29,6 +29,8 @@ import json
 import os
 from typing import Iterable, Sequence
 
+from cm3leon_jax import text_tokenizer
+
 KIND = "hf-tokenizer-json"
 TOKENIZER_JSON = "tokenizer.json"
 TEXT_IDS_JSON = "hf_text_ids.json"
@@ -36,12 +38,8 @@ _FORMAT = "cm3leon_jax.hf_text_ids/1"
 
 
 def _tokenizers():
-    try:
-        import tokenizers
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("a tokenizer.json vocabulary needs the interop extra: pip install 'cm3leon_jax[interop]' "
-                          f"(the `tokenizers` library): {e}") from None
-    return tokenizers
+    from cm3leon_jax.hf_interop import interop_import
+    return interop_import("tokenizers")
 
 
 class HFTextTokenizer:
@@ -140,12 +138,7 @@ class HFTextTokenizer:
         return int(i) in self._control
 
     def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"text must be str, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"text is not valid Unicode (lone surrogate?): {e}") from None
+        text_tokenizer.check_text(text)
         hf = self._tk.encode(text, add_special_tokens=False).ids
         out = []
         for i in hf:

@@ -102,6 +102,16 @@ def _train(sentences, vocab_size, special_tokens, character_coverage) -> bytes:
     return writer.getvalue()
 
 
+def check_text(text) -> None:
+    """Text every tokenizer accepts: a str that is valid Unicode (no lone surrogates)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode (lone surrogate?): {e}") from None
+
+
 class TextTokenizer:
     """A loaded SentencePiece model with the lossless encode described in the module doc."""
 
@@ -158,12 +168,7 @@ class TextTokenizer:
         return bool(self._sp.is_control(int(i)))
 
     def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"text must be str, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"text is not valid Unicode (lone surrogate?): {e}") from None
+        check_text(text)
         if _META not in text:
             return list(self._sp.encode(text))
         if self._meta_bytes is None:

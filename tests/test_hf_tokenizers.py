@@ -13,34 +13,19 @@ import numpy as np
 import pytest
 
 from cm3leon_jax import hf_interop, hf_vq, import_hf, model as model_lib, vqgan
+from tests import helpers
 
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("torch", "transformers", "tokenizers")),
     reason="needs the interop extra (torch, transformers, tokenizers)")
 LATENT_ATOL = 1e-4
-SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<sentinel:0>", "<sentinel:1>", "<racm3:break>", "<eoss>",
-            "<reserved08706>", "<image>"]
+SPECIALS = helpers.CHAMELEON_SPECIALS
 TINY_VQ = dict(resolution=16, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[8],
                embed_dim=4, num_embeddings=16, latent_channels=8)
 TEXT = "a small red circle at the top left, ünïcode 日本 and a literal </s> <sentinel:0>"
 
 
-def _tokenizer_json(num_codes=16):
-    """A byte-level BPE tokenizer.json (a few hundred merges) with Chameleon's special tokens and
-    IMGIMG image tokens inside the BPE vocabulary, in a scrambled order."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from cm3leon_jax import text_tokenizer
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(list(text_tokenizer.shapes_captions(200)), trainers.BpeTrainer(
-        vocab_size=290, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    data = json.loads(bpe.to_str())
-    n = len(data["model"]["vocab"])
-    for code in range(num_codes):
-        data["model"]["vocab"][hf_interop.image_token_name((code * 5) % num_codes)] = n + code
-    return json.dumps(data)
+_tokenizer_json = helpers.chameleon_tokenizer_json
 
 
 def _hf_vocab(tokenizer_json):

@@ -388,23 +388,12 @@ def test_import_chameleon_with_a_real_tokenizer_structure(tmp_path):
     IMGIMG image tokens inside the BPE vocabulary, and a config whose vocabulary_map is that
     vocabulary (as transformers' Chameleon conversion writes it): our mapping agrees with
     transformers' own ChameleonImageVocabularyMapping and with the tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
     from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
-    from cm3leon_jax import text_tokenizer
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<sentinel:0>", "<sentinel:1>", "<racm3:break>", "<eoss>",
-                "<reserved08706>", "<image>"]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(list(text_tokenizer.shapes_captions(300)), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    data = json.loads(bpe.to_str())
-    n_text = len(data["model"]["vocab"])
-    for code in range(16):  # image codes inside the BPE vocabulary, in a scrambled order
-        data["model"]["vocab"][hf_interop.image_token_name((code * 5) % 16)] = n_text + code
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token="<s>",
+    from tests import helpers
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(helpers.chameleon_tokenizer_json(16)),
+                                        bos_token="<s>",
                                         eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     hf_dir = tmp_path / "hf"
     tokenizer.save_pretrained(str(hf_dir))
