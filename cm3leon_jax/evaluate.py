@@ -113,8 +113,7 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
 def vq_ceiling(gen, classifier, prompts) -> dict:
     """The same scores for the prompts' own rendered images after a VQ round trip: the best any
     LM can reach through this tokenizer, so a faithfulness figure can be read against it."""
-    images = prompts["images"]
-    round_trip = np.concatenate([gen.vq.decode(gen.vq.encode(images[a:a + 64])) for a in range(0, len(images), 64)])
+    round_trip = gen.vq.decode(gen.vq.encode(prompts["images"]))  # VQTokenizer batches internally
     scores = shapes_metrics.text_to_image_faithfulness(
         list(prompts["scenes"]), attribute_classifier.predict_scenes(classifier, round_trip))
     scores["requested"] = requested_share(scores)

@@ -24,6 +24,7 @@ Dense kernels [in, out].
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable
 
@@ -163,7 +164,7 @@ def to_hf(x: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
 
 def _encoder_shapes(cfg: vqgan.VQGANConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     import jax
-    enc = vqgan.VQGANConfig(**{**cfg.__dict__, "has_decoder": False})
+    enc = dataclasses.replace(cfg, has_decoder=False)
     shapes = jax.eval_shape(lambda: vqgan.init_params(jax.random.key(0), enc))
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
 

@@ -102,7 +102,6 @@ class VQGANConfig:
     # uint8 pixels x enter the encoder as x * pixel_scale - 1 (`normalize_images`). Ours: 1/127.5
     # ([-1, 1]); Chameleon's image processor: 0.0078 (CHAMELEON_PIXEL_SCALE, set by its import).
     pixel_scale: float = PIXEL_SCALE
-
     # "group": taming's GroupNorm over space and channel groups. "layer": LayerNorm over the
     # channels of each position, which never mixes statistics across the image: GroupNorm's
     # per-image statistics are dominated by the background, and on the shapes world they
@@ -173,8 +172,9 @@ def normalize_images(images: Array, pixel_scale: float = PIXEL_SCALE) -> Array:
 
     The default divides by 127.5 as always (the same op, so the same values as before the field
     existed; XLA may turn it into a multiply by the float32 reciprocal); any other scale looks its
-    256 values up in `pixel_table`, exact whatever the backend's float32 arithmetic. Dispatching on dtype lets data loaders hand over raw uint8 (4x less
-    host->device traffic) while tests and sampling code keep working with floats.
+    256 values up in `pixel_table`, exact whatever the backend's float32 arithmetic. Dispatching on
+    dtype lets data loaders hand over raw uint8 (4x less host->device traffic) while tests and
+    sampling code keep working with floats.
     """
     images = jnp.asarray(images)
     if images.dtype == jnp.uint8:

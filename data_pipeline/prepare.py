@@ -365,10 +365,10 @@ def _define_flags() -> None:
     flags.DEFINE_bool("overwrite", False, "rebuild even if the directory already holds prepared documents")
 
 
-def check_image_size(cfg, vq, vq_workdir: str) -> None:
+def check_image_size(cfg, vq) -> None:
     """config.image_size must be the VQ tokenizer's (images are resized to it, then encoded)."""
     if int(cfg.image_size) != vq.image_size:
-        raise ValueError(f"--config.image_size={cfg.image_size} but the VQ tokenizer {vq_workdir} encodes "
+        raise ValueError(f"--config.image_size={cfg.image_size} but the VQ tokenizer {cfg.vq_workdir} encodes "
                          f"{vq.image_size}x{vq.image_size} images: pass --config.image_size={vq.image_size}")
 
 
@@ -380,7 +380,7 @@ def load_vocab_and_encoder(cfg) -> tuple[vocab_lib.Vocabulary, Callable[[np.ndar
         raise ValueError("--config.spm_model (a SentencePiece model) and --config.vq_workdir (a train_vq workdir) "
                          "are required")
     vq = VQTokenizer.from_workdir(cfg.vq_workdir)
-    check_image_size(cfg, vq, cfg.vq_workdir)
+    check_image_size(cfg, vq)
     vocab = vocab_lib.Vocabulary(text_tokenizer.TextTokenizer(cfg.spm_model), num_image_codes=vq.codebook_size,
                                  image_tokens_per_image=vq.tokens_per_image, num_sentinels=int(cfg.num_sentinels),
                                  image_grid=(vq.latent_size, vq.latent_size))

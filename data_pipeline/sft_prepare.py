@@ -213,7 +213,7 @@ def load_vocab_and_encoder(cfg):
         raise ValueError("--config.vq_workdir (the VQ tokenizer the pretrained data used) is required")
     vocab = vocab_lib.Vocabulary.load(cfg.vocab_dir)
     vq = VQTokenizer.from_workdir(cfg.vq_workdir)
-    prepare.check_image_size(cfg, vq, cfg.vq_workdir)
+    prepare.check_image_size(cfg, vq)
     if (vq.codebook_size, vq.tokens_per_image) != (vocab.num_image_codes, vocab.image_tokens_per_image):
         raise ValueError(f"VQ tokenizer {cfg.vq_workdir} ({vq.codebook_size} codes, {vq.tokens_per_image} per image) "
                          f"does not match the vocabulary in {cfg.vocab_dir} ({vocab.num_image_codes} codes, "
