@@ -154,7 +154,8 @@ class Pipeline:
             num_prompts=int(c.num_prompts), num_samples=int(c.num_samples), num_captions=int(c.num_captions),
             num_val_documents=int(c.num_val_documents), neighbour_counts=list(c.neighbour_counts),
             num_vq_images=int(c.num_vq_images), classifier_dir=classifier_dir,
-            classifier_steps=int(c.classifier_steps), seed=int(self.config.seed))
+            classifier_steps=int(c.classifier_steps), seed=int(self.config.seed),
+            image_neighbours=int(c.get("image_neighbours", 0)))
         return {"report": os.path.join(self.dirs["evaluate"], "report.json"), "seconds": report["seconds"]}
 
     def report(self) -> dict:

@@ -86,12 +86,14 @@ def requested_share(scores: dict[str, float]) -> float:
 
 
 def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: int, seed: int,
-                  real_features: np.ndarray, feature_network=None) -> tuple[dict, np.ndarray]:
-    """Scores one strategy; returns (scores, the images grid rows [prompts, samples])."""
+                  real_features: np.ndarray, feature_network=None, neighbours: int = 0) -> tuple[dict, np.ndarray]:
+    """Scores one strategy; returns (scores, the images grid rows [prompts, samples]). `neighbours`
+    documents retrieved by each caption are prepended to its prompt (the paper's 0, 1 or 2)."""
     strategy = STRATEGIES[strategy_name]
     rerank = strategy.rerank and gen.retriever is not None
     samples = gen.text_to_image(prompts["captions"], num_samples=num_samples, config=strategy.config,
-                                cd_fraction=strategy.cd_fraction, rerank=rerank, seed=seed)
+                                cd_fraction=strategy.cd_fraction, rerank=rerank, seed=seed,
+                                num_neighbours=neighbours)
     # reranked: the best sample of each prompt is the answer; otherwise every sample is scored
     scored = [s.images[:1] if rerank else s.images for s in samples]
     flat = np.concatenate(scored)
@@ -105,7 +107,7 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
         scores["frechet_distance_user_network"] = shapes_metrics.frechet_distance(
             shapes_metrics.features_from_network(feature_network, flat),
             shapes_metrics.features_from_network(feature_network, prompts["images"]))
-    scores.update(num_samples=num_samples, reranked=rerank, scored_images=int(len(flat)),
+    scores.update(num_samples=num_samples, neighbours=int(neighbours), reranked=rerank, scored_images=int(len(flat)),
                   sampling=dataclasses.asdict(strategy.config), cd_fraction=strategy.cd_fraction)
     return scores, np.stack([s.images for s in samples])
 
@@ -195,7 +197,8 @@ def _markdown(report: dict) -> str:
                   "| strategy | " + " | ".join(cols) + " | Frechet dist. (classifier features) |",
                   "|---" * (len(cols) + 2) + "|"]
         for name, s in t2i.items():
-            lines.append(f"| {name} | " + " | ".join(f"{100 * s[c]:.1f}%" for c in cols)
+            shown = f"{name}, {s['neighbours']} retrieved" if s.get("neighbours") else name
+            lines.append(f"| {shown} | " + " | ".join(f"{100 * s[c]:.1f}%" for c in cols)
                          + f" | {s['frechet_distance_classifier_features']:.3f} |")
         ceiling = report.get("text_to_image_vq_ceiling")
         if ceiling:
@@ -228,7 +231,8 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
              num_prompts: int = 64, num_samples: int = 4, num_captions: int = 64, num_val_documents: int = 128,
              neighbour_counts: Sequence[int] = (0, 1, 2), num_vq_images: int = 256,
              classifier_dir: str | None = None, classifier_steps: int = attribute_classifier.DEFAULT_STEPS,
-             feature_network: str | None = None, step: int | None = None, seed: int = 0) -> dict:
+             feature_network: str | None = None, step: int | None = None, seed: int = 0,
+             image_neighbours: int = 0) -> dict:
     """Runs (a)-(e) and writes report.json, report.md and PNG grids into `out_dir`."""
     from cm3leon_jax.generate import Generator
     from data_pipeline import prepare
@@ -252,7 +256,8 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     for name in strategies:
         t0 = time.time()
         scores, grid_rows = text_to_image(gen, classifier, t2i_prompts, name, num_samples=num_samples, seed=seed,
-                                          real_features=real_features, feature_network=network)
+                                          real_features=real_features, feature_network=network,
+                                          neighbours=image_neighbours)
         scores["seconds"] = round(time.time() - t0, 1)
         report["text_to_image"][name] = scores
         image_grid.save_png(os.path.join(out_dir, f"text_to_image_{name}.png"),
@@ -307,7 +312,8 @@ def main(argv):
                       num_samples=f.num_samples, num_captions=f.num_captions, num_val_documents=f.num_val_documents,
                       neighbour_counts=[int(k) for k in f.neighbour_counts], num_vq_images=f.num_vq_images,
                       classifier_dir=f.classifier_dir, classifier_steps=f.classifier_steps,
-                      feature_network=f.feature_network, step=f.step, seed=f.seed)
+                      feature_network=f.feature_network, step=f.step, seed=f.seed,
+                      image_neighbours=f.image_neighbours)
     print(_markdown(report))
 
 
@@ -319,6 +325,8 @@ def _define_flags():
     flags.DEFINE_list("strategies", list(DEFAULT_STRATEGIES), f"decoding strategies, from {sorted(STRATEGIES)}")
     flags.DEFINE_integer("num_prompts", 64, "held-out captions for text -> image")
     flags.DEFINE_integer("num_samples", 4, "images per caption")
+    flags.DEFINE_integer("image_neighbours", 0, "documents retrieved by each caption and prepended to its "
+                         "text -> image prompt (the paper's 0, 1 or 2; needs the data's retriever)")
     flags.DEFINE_integer("num_captions", 64, "held-out images for image -> text (0: skip)")
     flags.DEFINE_integer("num_val_documents", 128, "validation documents for the loss with neighbours (0: skip)")
     flags.DEFINE_list("neighbour_counts", ["0", "1", "2"], "neighbours prepended for the validation loss")

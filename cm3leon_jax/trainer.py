@@ -252,6 +252,7 @@ def train(config, workdir: str) -> dict[str, float]:
     ckpt.save(step, state, data_iter, force=True)
     ckpt.close()
     logger.close()
+    data_iter.close()
     if data_iter.skipped:
         logging.warning("documents skipped by the packer: %s", dict(data_iter.skipped))
     return dict(last, final_step=int(step), preempted=preempted)  # callers (e2e) must not take a stop for an end

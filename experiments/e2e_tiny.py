@@ -36,6 +36,13 @@ def get_config():
     lm.log_every_steps = 25
     lm.checkpoint_every_steps = 200
     lm.model.update(num_layers=4, d_model=256, num_heads=4, d_ff=1024, max_length=512)
+    # Rotary positions, QK-norm (Chameleon's choices) and GPT-2's 0.02 init instead of the paper's
+    # learned positions and 0.006 (sized for 7B): an image token must know its grid cell, and the
+    # image starts at a different absolute position in every retrieval-augmented row; rotary gives
+    # the offset from `<break>` directly. 300-step proxies on this data (same seed), training loss /
+    # requested attributes (TopP+TopK+CFG, 32 prompts): learned + 0.006 1.99 / 12.8%; rotary 1.56 /
+    # 25.6%; + init 0.02 1.48 / 23.4%; + QK-norm 1.42 / 27.7%.
+    lm.model.update(positions="rotary", init_std=0.02, qk_norm=True)
     lm.optimizer.update(peak_lr=2e-3, warmup_steps=50)
     # A document is ~20 caption tokens + 66 image tokens; two neighbours + the query fill a row.
     lm.data.update(seq_len=320, global_batch_size=16, num_neighbours=2, condition_dropout_rate=0.1)
@@ -43,5 +50,6 @@ def get_config():
 
     c.evaluate = ml_collections.ConfigDict(dict(
         strategies=("topp_topk_cfg", "topp"), num_prompts=64, num_samples=4, num_captions=64,
-        num_val_documents=128, neighbour_counts=(0, 1, 2), num_vq_images=256, classifier_steps=800))
+        num_val_documents=128, neighbour_counts=(0, 1, 2), num_vq_images=256, classifier_steps=800,
+        image_neighbours=0))  # documents retrieved by each caption for text -> image (paper: 0, 1, 2)
     return c

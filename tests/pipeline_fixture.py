@@ -51,7 +51,8 @@ def e2e_config():
                        log_every=5)
     c.lm = lm_config("", 0, total_steps=LM_STEPS)
     c.evaluate.update(strategies=("topp_topk_cfg", "greedy"), num_prompts=2, num_samples=2, num_captions=2,
-                      num_val_documents=4, neighbour_counts=(0, 1), num_vq_images=8, classifier_steps=3)
+                      num_val_documents=4, neighbour_counts=(0, 1), num_vq_images=8, classifier_steps=3,
+                      image_neighbours=1)
     return c
 
 
