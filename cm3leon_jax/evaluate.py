@@ -1,10 +1,12 @@
 """Evaluation of a trained CM3Leon on the shapes world: does the system actually learn?
 
     python -m cm3leon_jax.evaluate --workdir LM_WORKDIR [--out DIR] [--strategies topp_topk_cfg,topp]
-        [--num_prompts 64] [--num_samples 4] [--classifier_dir DIR]
+        [--num_prompts 64] [--num_samples 4] [--classifier_dir DIR] [--cfg_scale 2.0]
+        [--image_neighbours 2] [--split validation]
 
 Scores, all on held-out data (the shapes world's test split for prompts and images, the data's
-validation split for losses):
+validation split for losses; `--split validation` draws prompts and images from the validation
+split instead, for tuning decoding settings without touching test):
   (a) text -> image faithfulness: held-out captions -> images by each decoding strategy -> the
       attribute classifier reads them back -> share of requested attributes present
       (`shapes_metrics.text_to_image_faithfulness`; `requested` = mean of shape, colour,
@@ -86,12 +88,18 @@ def requested_share(scores: dict[str, float]) -> float:
 
 
 def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: int, seed: int,
-                  real_features: np.ndarray, feature_network=None, neighbours: int = 0) -> tuple[dict, np.ndarray]:
+                  real_features: np.ndarray, feature_network=None, neighbours: int = 0,
+                  cfg_scale: float | None = None) -> tuple[dict, np.ndarray]:
     """Scores one strategy; returns (scores, the images grid rows [prompts, samples]). `neighbours`
-    documents retrieved by each caption are prepended to its prompt (the paper's 0, 1 or 2)."""
+    documents retrieved by each caption are prepended to its prompt (the paper's 0, 1 or 2);
+    `cfg_scale` replaces the guidance scale of the strategies that use CFG (tune it on the
+    validation split: the best scale depends on the model)."""
     strategy = STRATEGIES[strategy_name]
+    config = strategy.config
+    if cfg_scale is not None and config.cfg_scale != 1.0:
+        config = dataclasses.replace(config, cfg_scale=float(cfg_scale))
     rerank = strategy.rerank and gen.retriever is not None
-    samples = gen.text_to_image(prompts["captions"], num_samples=num_samples, config=strategy.config,
+    samples = gen.text_to_image(prompts["captions"], num_samples=num_samples, config=config,
                                 cd_fraction=strategy.cd_fraction, rerank=rerank, seed=seed,
                                 num_neighbours=neighbours)
     # reranked: the best sample of each prompt is the answer; otherwise every sample is scored
@@ -108,7 +116,7 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
             shapes_metrics.features_from_network(feature_network, flat),
             shapes_metrics.features_from_network(feature_network, prompts["images"]))
     scores.update(num_samples=num_samples, neighbours=int(neighbours), reranked=rerank, scored_images=int(len(flat)),
-                  sampling=dataclasses.asdict(strategy.config), cd_fraction=strategy.cd_fraction)
+                  sampling=dataclasses.asdict(config), cd_fraction=strategy.cd_fraction)
     return scores, np.stack([s.images for s in samples])
 
 
@@ -189,7 +197,8 @@ def validation_loss(gen, documents: Sequence[dict], neighbour_counts: Sequence[i
 
 
 def _markdown(report: dict) -> str:
-    lines = [f"# Evaluation of {report['workdir']} (step {report['step']})", ""]
+    lines = [f"# Evaluation of {report['workdir']} (step {report['step']}; prompts and images from the "
+             f"{report.get('prompt_split', 'test')} split)", ""]
     t2i = report.get("text_to_image", {})
     if t2i:
         cols = ("requested", "shape", "color", "position", "count", "size", "background", "all_correct")
@@ -232,7 +241,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
              neighbour_counts: Sequence[int] = (0, 1, 2), num_vq_images: int = 256,
              classifier_dir: str | None = None, classifier_steps: int = attribute_classifier.DEFAULT_STEPS,
              feature_network: str | None = None, step: int | None = None, seed: int = 0,
-             image_neighbours: int = 0) -> dict:
+             image_neighbours: int = 0, cfg_scale: float | None = None, split: str = "test") -> dict:
     """Runs (a)-(e) and writes report.json, report.md and PNG grids into `out_dir`."""
     from cm3leon_jax.generate import Generator
     from data_pipeline import prepare
@@ -249,7 +258,8 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
                               "classifier": attribute_classifier.classifier_info(
                                   attribute_classifier.classifier_dir(classifier_dir or workdir))}
 
-    prompts = heldout_prompts(max(num_prompts, num_captions), size)
+    prompts = heldout_prompts(max(num_prompts, num_captions), size, split=split)
+    report["prompt_split"] = split
     t2i_prompts = {k: (v[:num_prompts]) for k, v in prompts.items()}
     real_features = attribute_classifier.features(classifier, prompts["images"])
     report["text_to_image"] = {}
@@ -257,7 +267,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
         t0 = time.time()
         scores, grid_rows = text_to_image(gen, classifier, t2i_prompts, name, num_samples=num_samples, seed=seed,
                                           real_features=real_features, feature_network=network,
-                                          neighbours=image_neighbours)
+                                          neighbours=image_neighbours, cfg_scale=cfg_scale)
         scores["seconds"] = round(time.time() - t0, 1)
         report["text_to_image"][name] = scores
         image_grid.save_png(os.path.join(out_dir, f"text_to_image_{name}.png"),
@@ -313,7 +323,7 @@ def main(argv):
                       neighbour_counts=[int(k) for k in f.neighbour_counts], num_vq_images=f.num_vq_images,
                       classifier_dir=f.classifier_dir, classifier_steps=f.classifier_steps,
                       feature_network=f.feature_network, step=f.step, seed=f.seed,
-                      image_neighbours=f.image_neighbours)
+                      image_neighbours=f.image_neighbours, cfg_scale=f.cfg_scale, split=f.split)
     print(_markdown(report))
 
 
@@ -325,6 +335,9 @@ def _define_flags():
     flags.DEFINE_list("strategies", list(DEFAULT_STRATEGIES), f"decoding strategies, from {sorted(STRATEGIES)}")
     flags.DEFINE_integer("num_prompts", 64, "held-out captions for text -> image")
     flags.DEFINE_integer("num_samples", 4, "images per caption")
+    flags.DEFINE_float("cfg_scale", None, f"guidance scale of the CFG strategies (default {_CFG})")
+    flags.DEFINE_enum("split", "test", ["test", "validation"], "shapes-world split of the prompts and images: "
+                      "tune decoding settings on validation, report test")
     flags.DEFINE_integer("image_neighbours", 0, "documents retrieved by each caption and prepended to its "
                          "text -> image prompt (the paper's 0, 1 or 2; needs the data's retriever)")
     flags.DEFINE_integer("num_captions", 64, "held-out images for image -> text (0: skip)")
