@@ -247,9 +247,14 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     from data_pipeline import prepare
     start = time.time()
     strategies = parse_strategies(strategies)
+    if int(image_neighbours) < 0:
+        raise ValueError(f"image_neighbours must be >= 0, got {image_neighbours}")
     out_dir = out_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     gen = Generator(workdir, step=step)
+    if image_neighbours and strategies and gen.retriever is None:  # before the classifier trains
+        raise ValueError(f"image_neighbours={image_neighbours} needs the data's retriever and index; "
+                         f"{workdir} has none (a params bundle carries none)")
     size = gen.vq.image_size
     classifier = attribute_classifier.train_classifier(classifier_dir or workdir, image_size=size,
                                                        steps=classifier_steps, seed=seed)

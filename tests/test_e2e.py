@@ -109,3 +109,11 @@ def test_ablation_files_load_share_upstream_stages_and_tabulate(finished, tmp_pa
         row = ablate.summarise("minuscule", config, json.load(f))
     table = ablate.markdown([row])
     assert "| minuscule |" in table and "val loss k=1" in table and "t2i greedy" in table
+
+
+def test_evaluation_settings_are_checked_up_front():
+    from cm3leon_jax import evaluate
+    with pytest.raises(ValueError, match="image_neighbours must be >= 0"):
+        evaluate.evaluate("/nonexistent", image_neighbours=-1)
+    with pytest.raises(ValueError, match="unknown decoding strategies"):
+        evaluate.evaluate("/nonexistent", strategies=["beam"])
