@@ -43,6 +43,18 @@ def fingerprint(settings: Any, upstream: str = "") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def lm_config_for(lm, data_dir: str) -> ml_collections.ConfigDict:
+    """An e2e config's LM section with what the upstream stages decided: the data dir and the
+    vocabulary size (also `experiments/e2e_tiny_lm.py`, to train the LM alone on prepared data)."""
+    from cm3leon_jax import vocab as vocab_lib
+    from data_pipeline import prepare
+    config = ml_collections.ConfigDict(lm.to_dict())
+    vocab = vocab_lib.Vocabulary.load(os.path.join(data_dir, prepare.VOCAB_DIR))
+    config.data.update(source="cm3", data_dir=data_dir)
+    config.model.vocab_size = vocab.padded_size()
+    return config
+
+
 class Pipeline:
     """The stages of one run, their directories and their cache markers."""
 
@@ -132,14 +144,7 @@ class Pipeline:
         return index.build(self.dirs["data"], seed=int(c.pop("seed", 0)), **c)
 
     def lm_config(self) -> ml_collections.ConfigDict:
-        """The LM config with what the upstream stages decided: the data dir and the vocabulary size."""
-        from cm3leon_jax import vocab as vocab_lib
-        from data_pipeline import prepare
-        config = ml_collections.ConfigDict(self.config.lm.to_dict())
-        vocab = vocab_lib.Vocabulary.load(os.path.join(self.dirs["data"], prepare.VOCAB_DIR))
-        config.data.update(source="cm3", data_dir=self.dirs["data"])
-        config.model.vocab_size = vocab.padded_size()
-        return config
+        return lm_config_for(self.config.lm, self.dirs["data"])
 
     def lm(self) -> dict:
         from cm3leon_jax import trainer

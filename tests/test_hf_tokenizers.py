@@ -19,13 +19,10 @@ pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("torch", "transformers", "tokenizers")),
     reason="needs the interop extra (torch, transformers, tokenizers)")
 LATENT_ATOL = 1e-4
-SPECIALS = helpers.CHAMELEON_SPECIALS
 TINY_VQ = dict(resolution=16, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[8],
                embed_dim=4, num_embeddings=16, latent_channels=8)
 TEXT = "a small red circle at the top left, ünïcode 日本 and a literal </s> <sentinel:0>"
 
-
-_tokenizer_json = helpers.chameleon_tokenizer_json
 
 
 def _hf_vocab(tokenizer_json):
@@ -44,7 +41,7 @@ def _vocabulary(tokenizer_json, tokens_per_image=4):
 
 def test_tokenizer_json_round_trips_documents_through_our_vocabulary(tmp_path):
     from cm3leon_jax import vocab as vocab_lib
-    tj = _tokenizer_json()
+    tj = helpers.chameleon_tokenizer_json()
     vocab, m = _vocabulary(tj)
     assert vocab.num_sentinels == 2 and vocab.num_image_codes == 16
     image = np.arange(4, dtype=np.int32).reshape(2, 2) * 3
@@ -176,7 +173,7 @@ def test_imported_chameleon_workdir_has_a_vocab_and_vq_the_code_loads(tmp_path):
     import torch
     from cm3leon_jax import export, vocab as vocab_lib
     from cm3leon_jax.vq_tokenizer import VQTokenizer
-    tj = _tokenizer_json()
+    tj = helpers.chameleon_tokenizer_json()
     hf_dir = _chameleon_dir(tmp_path, tj)
     wd = tmp_path / "wd"
     summary = import_hf.import_hf(str(hf_dir), str(wd), remap_vocab=True)
@@ -208,14 +205,15 @@ def test_imported_chameleon_workdir_has_a_vocab_and_vq_the_code_loads(tmp_path):
 
 
 def test_import_refuses_a_tokenizer_that_is_not_the_checkpoints(tmp_path):
-    hf_dir = _chameleon_dir(tmp_path, _tokenizer_json())
-    other = json.loads(_tokenizer_json())  # two pieces' ids swapped: not the ids the model was trained on
+    hf_dir = _chameleon_dir(tmp_path, helpers.chameleon_tokenizer_json())
+    # two pieces' ids swapped: not the ids the model was trained on
+    other = json.loads(helpers.chameleon_tokenizer_json())
     v = other["model"]["vocab"]
     v["a"], v["b"] = v["b"], v["a"]
     (hf_dir / "tokenizer.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match=r"tokenizer\.json is not the tokenizer of this checkpoint"):
         import_hf.import_hf(str(hf_dir), str(tmp_path / "a"), remap_vocab=True)
-    big = json.loads(_tokenizer_json(num_codes=48))  # ids beyond the model's vocab_size
+    big = json.loads(helpers.chameleon_tokenizer_json(num_codes=48))  # ids beyond the model's vocab_size
     (tmp_path / "big.json").write_text(json.dumps(big))
     with pytest.raises(ValueError, match="outside the model's vocab_size 320"):
         import_hf.import_hf(str(hf_dir), str(tmp_path / "b"), vocab_file=str(tmp_path / "big.json"), remap_vocab=True)

@@ -393,8 +393,7 @@ def test_import_chameleon_with_a_real_tokenizer_structure(tmp_path):
     from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
     from tests import helpers
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(helpers.chameleon_tokenizer_json(16)),
-                                        bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+                                        bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     hf_dir = tmp_path / "hf"
     tokenizer.save_pretrained(str(hf_dir))
     vocabulary_map = tokenizer.get_vocab()
