@@ -117,3 +117,14 @@ def test_evaluation_settings_are_checked_up_front():
         evaluate.evaluate("/nonexistent", image_neighbours=-1)
     with pytest.raises(ValueError, match="unknown decoding strategies"):
         evaluate.evaluate("/nonexistent", strategies=["beam"])
+
+
+def test_the_lm_alone_config_is_the_e2e_lm_stage_config(finished):
+    from experiments import e2e_tiny, e2e_tiny_lm
+    _, workdir = finished
+    alone = e2e_tiny_lm.get_config(os.path.join(workdir, "data"))
+    stage = e2e.Pipeline(e2e_tiny.get_config(), workdir).lm_config()  # what the e2e lm stage would train
+    assert alone.to_dict() == stage.to_dict()
+    assert alone.data.source == "cm3" and alone.model.vocab_size != e2e_tiny.get_config().lm.model.vocab_size
+    with pytest.raises(ValueError, match="needs the prepared data"):
+        e2e_tiny_lm.get_config("")
