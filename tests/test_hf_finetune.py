@@ -23,9 +23,10 @@ def test_finetune_imported_chameleon_with_sft(tmp_path):
     from cm3leon_jax import generate, import_hf, sft_generate, trainer, vqgan
     from data_pipeline import sft_prepare
     from experiments import data_sft_shapes, sft_tiny
-    from tests.test_hf_tokenizers import _chameleon_dir, _tokenizer_json
+    from tests import helpers
+    from tests.test_hf_tokenizers import _chameleon_dir
 
-    hf_dir = _chameleon_dir(tmp_path, _tokenizer_json(), max_length=160)
+    hf_dir = _chameleon_dir(tmp_path, helpers.chameleon_tokenizer_json(), max_length=160)
     imported = tmp_path / "imported"
     summary = import_hf.import_hf(str(hf_dir), str(imported), remap_vocab=True)
     assert summary["vocab"] == "vocab" and summary["vq"] == "vq"
