@@ -6,7 +6,11 @@ Training runs in-process through the real `train_vq.train` (start-up and compila
 against the budget). Then, from the checkpoint through the public `VQTokenizer`: PSNR of
 held-out shapes (validation split), codebook usage (% of codes used on them), encode images/s,
 and PSNR on scikit-image's photographs (astronaut, coffee, chelsea) center-cropped to 64x64
-(`pip install -e '.[bench]'`). Targets: PSNR >= 28 dB, >= 90% of codes, within 15 minutes.
+(`pip install -e '.[bench]'`), and the attributes the evaluator's classifier still reads in
+held-out images after the round trip (`evaluate.vq_ceiling`: shape, colour, position, count; the
+best faithfulness any LM can reach through this tokenizer; PSNR alone hides lost outlines).
+The classifier trains into the bench workdir (about a minute) unless --classifier_dir has one.
+Targets: PSNR >= 28 dB, >= 90% of codes, within 15 minutes.
 PSNR is on the uint8 images (peak 255), averaged over images. The last line printed is one JSON
 object with every figure.
 """
@@ -27,12 +31,14 @@ flags.DEFINE_float("budget_minutes", 15.0, "wall-clock training budget: start-up
                    "and sample grid included")
 flags.DEFINE_integer("num_val_images", 300, "held-out shapes images (validation split) to measure on")
 flags.DEFINE_string("bench_workdir", None, "where to train (default: a fresh temporary directory)")
+flags.DEFINE_string("classifier_dir", None, "workdir holding a cached attribute classifier (e.g. an e2e "
+                    "workdir); default: train one into the bench workdir")
 flags.DEFINE_multi_string("override", [], "config override KEY=VALUE, repeatable (e.g. vq.channels=24), for tuning")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cm3leon_jax import metrics, train_vq, vq_tokenizer  # noqa: E402
+from cm3leon_jax import attribute_classifier, evaluate, metrics, train_vq, vq_tokenizer  # noqa: E402
 from data_pipeline import images as image_data  # noqa: E402
 from experiments import vq_tiny  # noqa: E402
 
@@ -100,6 +106,9 @@ def main(argv):
         batch = np.stack(list(photos.values()))
         photo_psnr = dict(zip(photos, map(float, vq_tokenizer.psnr_uint8(batch, tok.decode(tok.encode(batch))))))
 
+    classifier = attribute_classifier.train_classifier(f.classifier_dir or workdir, image_size=size)
+    ceiling = evaluate.vq_ceiling(tok, classifier, evaluate.heldout_prompts(f.num_val_images, size, "validation"))
+
     results = {
         "config": "experiments/vq_tiny.py", "overrides": list(f.override),
         "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
@@ -109,6 +118,8 @@ def main(argv):
         "heldout_images": int(len(val)), "heldout_psnr_db": round(val_psnr, 3),
         "codebook_size": int(k), "codebook_usage": round(usage, 4), "heldout_code_perplexity": round(perplexity, 1),
         "encode_images_per_second": round(len(val) / encode_seconds, 1),
+        "heldout_attributes_after_round_trip": {key: round(ceiling[key], 4) for key in
+                                                ("requested",) + evaluate.REQUESTED},
         "photo_psnr_db": {n: round(v, 3) for n, v in photo_psnr.items()},
         "photo_psnr_mean_db": round(float(np.mean(list(photo_psnr.values()))), 3) if photo_psnr else None,
         "last_train_metrics": {key: last.get(key) for key in ("psnr", "codebook_usage", "perplexity", "recon_loss")},
@@ -123,6 +134,8 @@ def main(argv):
     print(f"trained {steps} steps ({results['images_seen']} images) in {train_seconds:.0f} s", flush=True)
     print(f"held-out PSNR {val_psnr:.2f} dB (target {TARGET_PSNR_DB}), codebook usage {100 * usage:.1f}% "
           f"(target {100 * TARGET_USAGE:.0f}%), perplexity {perplexity:.0f} of {k}", flush=True)
+    print("attributes the classifier reads after the round trip: " + ", ".join(
+        f"{key} {100 * v:.1f}%" for key, v in results["heldout_attributes_after_round_trip"].items()), flush=True)
     print(f"encode {results['encode_images_per_second']} images/s; photographs: "
           + ", ".join(f"{n} {v:.2f} dB" for n, v in photo_psnr.items()), flush=True)
     print(json.dumps(results))

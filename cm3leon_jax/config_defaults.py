@@ -84,7 +84,7 @@ def vq_base_config() -> ml_collections.ConfigDict:
 
     # cm3leon_jax.vq_losses.VQLossConfig: every field.
     c.loss = ml_collections.ConfigDict(dict(
-        l1_weight=1.0, l2_weight=1.0, perceptual_weight=1.0, perceptual_weights_path="", codebook_weight=1.0,
+        l1_weight=1.0, l2_weight=1.0, edge_weight=0.0, perceptual_weight=1.0, perceptual_weights_path="", codebook_weight=1.0,
         disc_weight=0.5, disc_start=20_000, adaptive_weight=True, adaptive_weight_max=1e4, disc_channels=64,
         disc_layers=3, disc_norm="group",
     ))

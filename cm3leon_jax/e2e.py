@@ -160,7 +160,8 @@ class Pipeline:
             num_val_documents=int(c.num_val_documents), neighbour_counts=list(c.neighbour_counts),
             num_vq_images=int(c.num_vq_images), classifier_dir=classifier_dir,
             classifier_steps=int(c.classifier_steps), seed=int(self.config.seed),
-            image_neighbours=int(c.get("image_neighbours", 0)), cfg_scale=c.get("cfg_scale"))
+            image_neighbours=int(c.get("image_neighbours", 0)),
+            **{knob: c.get(knob) for knob in evaluate.SAMPLING_KNOBS})
         return {"report": os.path.join(self.dirs["evaluate"], "report.json"), "seconds": report["seconds"]}
 
     def report(self) -> dict:

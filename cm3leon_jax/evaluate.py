@@ -1,8 +1,8 @@
 """Evaluation of a trained CM3Leon on the shapes world: does the system actually learn?
 
     python -m cm3leon_jax.evaluate --workdir LM_WORKDIR [--out DIR] [--strategies topp_topk_cfg,topp]
-        [--num_prompts 64] [--num_samples 4] [--classifier_dir DIR] [--cfg_scale 2.0]
-        [--image_neighbours 2] [--split validation]
+        [--num_prompts 64] [--num_samples 4] [--classifier_dir DIR] [--cfg_scale 2.0] [--top_p 0.9]
+        [--top_k 32] [--temperature 1.0] [--image_neighbours 2] [--split validation]
 
 Scores, all on held-out data (the shapes world's test split for prompts and images, the data's
 validation split for losses; `--split validation` draws prompts and images from the validation
@@ -28,7 +28,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -80,6 +80,34 @@ def heldout_prompts(num: int, image_size: int, split: str = "test", seed: int = 
             "scenes": [{"objects": e["objects"], "background": e["background"]} for e in examples]}
 
 
+SAMPLING_KNOBS = ("cfg_scale", "top_p", "top_k", "temperature")
+
+
+def strategy_sampling(strategy_name: str, **overrides: float | None) -> sampling.SamplingConfig:
+    """A strategy's sampling settings with the given knobs (SAMPLING_KNOBS; None = keep) replaced
+    where the strategy uses them: cfg_scale where it guides, top_p / top_k where it filters,
+    temperature where it samples (not greedy, not CD-K). A setting tuned on the validation split then
+    applies to every row of the decoding table without changing what each row is."""
+    unknown = sorted(set(overrides) - set(SAMPLING_KNOBS))
+    if unknown:
+        raise ValueError(f"unknown sampling settings {unknown}; known: {SAMPLING_KNOBS}")
+    config = STRATEGIES[strategy_name].config
+    uses = {"cfg_scale": config.cfg_scale != 1.0, "top_p": config.top_p < 1.0, "top_k": config.top_k > 0,
+            "temperature": config.temperature > 0 and config.cd_k == 0}
+    checks = {"cfg_scale": lambda v: v >= 0, "top_p": lambda v: 0 < v <= 1, "top_k": lambda v: v >= 1 and v == int(v),
+              "temperature": lambda v: v > 0}
+    changes = {}
+    for knob, value in overrides.items():
+        if value is None:
+            continue
+        if not checks[knob](value):
+            raise ValueError(f"{knob}={value} is out of range (cfg_scale >= 0, 0 < top_p <= 1, integer "
+                             "top_k >= 1, temperature > 0)")
+        if uses[knob]:
+            changes[knob] = int(value) if knob == "top_k" else float(value)
+    return dataclasses.replace(config, **changes)
+
+
 def requested_share(scores: dict[str, float]) -> float:
     return float(np.mean([scores[k] for k in REQUESTED]))
 
@@ -89,15 +117,12 @@ def requested_share(scores: dict[str, float]) -> float:
 
 def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: int, seed: int,
                   real_features: np.ndarray, feature_network=None, neighbours: int = 0,
-                  cfg_scale: float | None = None) -> tuple[dict, np.ndarray]:
+                  sampling_overrides: Mapping[str, float | None] | None = None) -> tuple[dict, np.ndarray]:
     """Scores one strategy; returns (scores, the images grid rows [prompts, samples]). `neighbours`
     documents retrieved by each caption are prepended to its prompt (the paper's 0, 1 or 2);
-    `cfg_scale` replaces the guidance scale of the strategies that use CFG (tune it on the
-    validation split: the best scale depends on the model)."""
+    `sampling_overrides` go through `strategy_sampling`."""
     strategy = STRATEGIES[strategy_name]
-    config = strategy.config
-    if cfg_scale is not None and config.cfg_scale != 1.0:
-        config = dataclasses.replace(config, cfg_scale=float(cfg_scale))
+    config = strategy_sampling(strategy_name, **(sampling_overrides or {}))
     rerank = strategy.rerank and gen.retriever is not None
     samples = gen.text_to_image(prompts["captions"], num_samples=num_samples, config=config,
                                 cd_fraction=strategy.cd_fraction, rerank=rerank, seed=seed,
@@ -120,10 +145,11 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
     return scores, np.stack([s.images for s in samples])
 
 
-def vq_ceiling(gen, classifier, prompts) -> dict:
-    """The same scores for the prompts' own rendered images after a VQ round trip: the best any
-    LM can reach through this tokenizer, so a faithfulness figure can be read against it."""
-    round_trip = gen.vq.decode(gen.vq.encode(prompts["images"]))  # VQTokenizer batches internally
+def vq_ceiling(vq, classifier, prompts) -> dict:
+    """The same scores for the prompts' own rendered images after a round trip through the VQ
+    tokenizer `vq`: the best any LM can reach through it, so a faithfulness figure can be read
+    against it (and a tokenizer judged by what survives it, not only by PSNR)."""
+    round_trip = vq.decode(vq.encode(prompts["images"]))  # VQTokenizer batches internally
     scores = shapes_metrics.text_to_image_faithfulness(
         list(prompts["scenes"]), attribute_classifier.predict_scenes(classifier, round_trip))
     scores["requested"] = requested_share(scores)
@@ -241,14 +267,20 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
              neighbour_counts: Sequence[int] = (0, 1, 2), num_vq_images: int = 256,
              classifier_dir: str | None = None, classifier_steps: int = attribute_classifier.DEFAULT_STEPS,
              feature_network: str | None = None, step: int | None = None, seed: int = 0,
-             image_neighbours: int = 0, cfg_scale: float | None = None, split: str = "test") -> dict:
-    """Runs (a)-(e) and writes report.json, report.md and PNG grids into `out_dir`."""
+             image_neighbours: int = 0, cfg_scale: float | None = None, top_p: float | None = None,
+             top_k: int | None = None, temperature: float | None = None, split: str = "test") -> dict:
+    """Runs (a)-(e) and writes report.json, report.md and PNG grids into `out_dir`. cfg_scale, top_p,
+    top_k and temperature replace the strategies' own where they use them (`strategy_sampling`):
+    tune them on the validation split, report test."""
     from cm3leon_jax.generate import Generator
     from data_pipeline import prepare
     start = time.time()
     strategies = parse_strategies(strategies)
     if int(image_neighbours) < 0:
         raise ValueError(f"image_neighbours must be >= 0, got {image_neighbours}")
+    overrides = dict(cfg_scale=cfg_scale, top_p=top_p, top_k=top_k, temperature=temperature)
+    for name in strategies:  # bad settings fail here, before the model loads and the classifier trains
+        strategy_sampling(name, **overrides)
     out_dir = out_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     gen = Generator(workdir, step=step)
@@ -272,7 +304,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
         t0 = time.time()
         scores, grid_rows = text_to_image(gen, classifier, t2i_prompts, name, num_samples=num_samples, seed=seed,
                                           real_features=real_features, feature_network=network,
-                                          neighbours=image_neighbours, cfg_scale=cfg_scale)
+                                          neighbours=image_neighbours, sampling_overrides=overrides)
         scores["seconds"] = round(time.time() - t0, 1)
         report["text_to_image"][name] = scores
         image_grid.save_png(os.path.join(out_dir, f"text_to_image_{name}.png"),
@@ -282,7 +314,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     if strategies and "topp_cdk_rerank" in strategies and gen.retriever is None:
         report["notes"].append("no retriever in the data dir: topp_cdk_rerank scored every sample, unranked")
     if strategies:
-        report["text_to_image_vq_ceiling"] = vq_ceiling(gen, classifier, t2i_prompts)
+        report["text_to_image_vq_ceiling"] = vq_ceiling(gen.vq, classifier, t2i_prompts)
     report["text_to_image_prompts"] = t2i_prompts["captions"][:8]
 
     if num_captions:
@@ -328,7 +360,8 @@ def main(argv):
                       neighbour_counts=[int(k) for k in f.neighbour_counts], num_vq_images=f.num_vq_images,
                       classifier_dir=f.classifier_dir, classifier_steps=f.classifier_steps,
                       feature_network=f.feature_network, step=f.step, seed=f.seed,
-                      image_neighbours=f.image_neighbours, cfg_scale=f.cfg_scale, split=f.split)
+                      image_neighbours=f.image_neighbours, cfg_scale=f.cfg_scale, top_p=f.top_p, top_k=f.top_k,
+                      temperature=f.temperature, split=f.split)
     print(_markdown(report))
 
 
@@ -341,6 +374,10 @@ def _define_flags():
     flags.DEFINE_integer("num_prompts", 64, "held-out captions for text -> image")
     flags.DEFINE_integer("num_samples", 4, "images per caption")
     flags.DEFINE_float("cfg_scale", None, f"guidance scale of the CFG strategies (default {_CFG})")
+    flags.DEFINE_float("top_p", None, f"nucleus mass of the TopP strategies (default {_TOP_P})")
+    flags.DEFINE_integer("top_k", None, f"k of the TopK strategies (default {_TOP_K})")
+    flags.DEFINE_float("temperature", None, "sampling temperature of the sampling strategies (default 1; "
+                       "greedy and CD-K keep theirs)")
     flags.DEFINE_enum("split", "test", ["test", "validation"], "shapes-world split of the prompts and images: "
                       "tune decoding settings on validation, report test")
     flags.DEFINE_integer("image_neighbours", 0, "documents retrieved by each caption and prepended to its "

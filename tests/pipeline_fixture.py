@@ -52,7 +52,7 @@ def e2e_config():
     c.lm = lm_config("", 0, total_steps=LM_STEPS)
     c.evaluate.update(strategies=("topp_topk_cfg", "greedy"), num_prompts=2, num_samples=2, num_captions=2,
                       num_val_documents=4, neighbour_counts=(0, 1), num_vq_images=8, classifier_steps=3,
-                      image_neighbours=1, cfg_scale=2.5)
+                      image_neighbours=1, cfg_scale=2.5, top_p=0.8)
     return c
 
 

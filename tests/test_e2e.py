@@ -31,9 +31,11 @@ def test_every_stage_runs_and_the_report_is_complete(finished):
         assert scores["neighbours"] == 1  # the config's image_neighbours reached the prompts
         assert scores["frechet_distance_classifier_features"] >= 0.0
         assert os.path.exists(os.path.join(workdir, "eval", f"text_to_image_{name}.png"))
-    # the config's guidance scale replaces the strategy's; a strategy without CFG keeps none
+    # the config's guidance scale and nucleus replace the strategy's; greedy keeps neither
     assert ev["text_to_image"]["topp_topk_cfg"]["sampling"]["cfg_scale"] == 2.5
+    assert ev["text_to_image"]["topp_topk_cfg"]["sampling"]["top_p"] == 0.8
     assert ev["text_to_image"]["greedy"]["sampling"]["cfg_scale"] == 1.0
+    assert ev["text_to_image"]["greedy"]["sampling"]["top_p"] == 1.0
     assert ev["prompt_split"] == "test"
     assert 0.0 <= ev["text_to_image_vq_ceiling"]["requested"] <= 1.0  # the prompts' own images, VQ round trip
     assert 0.0 <= ev["image_to_text"]["overall"] <= 1.0

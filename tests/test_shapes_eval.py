@@ -228,3 +228,22 @@ def test_user_supplied_feature_network_npz_and_safetensors(tmp_path):
     pkl.write_bytes(b"not loaded")
     with pytest.raises(ValueError):
         sm.load_feature_network(str(pkl))
+
+
+def test_tuned_sampling_settings_replace_only_the_knobs_a_strategy_uses():
+    from cm3leon_jax import evaluate
+    tuned = dict(cfg_scale=2.0, top_p=0.7, top_k=16, temperature=0.8)
+    full = evaluate.strategy_sampling("topp_topk_cfg", **tuned)
+    assert (full.cfg_scale, full.top_p, full.top_k, full.temperature) == (2.0, 0.7, 16, 0.8)
+    topp = evaluate.strategy_sampling("topp", **tuned)  # no guidance, no TopK: those stay off
+    assert (topp.cfg_scale, topp.top_p, topp.top_k, topp.temperature) == (1.0, 0.7, 0, 0.8)
+    assert evaluate.strategy_sampling("greedy", **tuned).temperature == 0.0  # greedy stays greedy
+    cdk = evaluate.strategy_sampling("cdk", **tuned)
+    assert (cdk.cd_k, cdk.temperature, cdk.top_p) == (8, 1.0, 1.0)
+    assert evaluate.strategy_sampling("topp", top_p=None) == evaluate.STRATEGIES["topp"].config
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(top_k=2.5), dict(temperature=0.0),
+                dict(cfg_scale=-1.0)):
+        with pytest.raises(ValueError, match="out of range"):
+            evaluate.strategy_sampling("topp_topk_cfg", **bad)
+    with pytest.raises(ValueError, match="unknown sampling settings"):
+        evaluate.strategy_sampling("topp", top_a=0.1)

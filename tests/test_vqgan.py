@@ -295,6 +295,28 @@ def test_perceptual_loss_default_off_and_loads_npz(tmp_path):
         vq_losses.load_perceptual_weights(str(tmp_path / "bad.npz"))
 
 
+def test_edge_weights_favour_outlines_and_keep_the_loss_scale(tiny):
+    flat = jnp.full((1, 8, 8, 3), 0.2)
+    np.testing.assert_allclose(vq_losses.edge_weights(flat, 8.0), 1.0, rtol=1e-6)  # no edges: plain loss
+    square = np.full((1, 8, 8, 3), -1.0, np.float32)
+    square[0, 2:6, 2:6] = 1.0
+    w = np.asarray(vq_losses.edge_weights(jnp.asarray(square), 8.0))[0, :, :, 0]
+    assert w.shape == (8, 8) and w.mean() == pytest.approx(1.0, rel=1e-5)
+    assert w[2, 2] == w[1, 3] == w.max() and w[0, 0] == w.min() and w.max() / w.min() == pytest.approx(9.0)
+    assert w[3, 3] == w[0, 0]  # inside the square: flat again
+
+    cfg, params = tiny
+    images = _toy_images(2)
+    plain = vq_losses.vq_loss_fn(params, None, images, None, 0, cfg, vq_losses.VQLossConfig(disc_weight=0.0))
+    edged = vq_losses.vq_loss_fn(params, None, images, None, 0, cfg,
+                                 vq_losses.VQLossConfig(disc_weight=0.0, edge_weight=8.0))
+    assert float(edged[0]) != pytest.approx(float(plain[0]), rel=1e-3)  # the option reaches the loss
+    x = vqgan.normalize_images(jnp.asarray(images), cfg.pixel_scale)
+    weights = vq_losses.edge_weights(x, 8.0)
+    expected_l1 = float(jnp.mean(weights * jnp.abs(edged[1]["recon"] - x)))
+    assert float(edged[1]["metrics"]["recon_l1"]) == pytest.approx(expected_l1, rel=1e-5)
+
+
 def test_perceptual_path_without_weights_is_an_error(tiny):
     cfg, params = tiny
     lcfg = vq_losses.VQLossConfig(perceptual_weights_path="/some/vgg.npz", disc_weight=0.0)
