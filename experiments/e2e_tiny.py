@@ -24,6 +24,10 @@ def get_config():
     c.vq.total_steps = 2500  # vq_tiny's cosine schedule, shortened: ~4 minutes on 2 cores
     c.vq.checkpoint_every_steps = 500
     c.vq.sample_every_steps = 500
+    # Edge-weighted L1/L2 (vq_losses.edge_weights): without it the 2,500-step tokenizer returns every
+    # object as a blob (the classifier reads the right shape in 28.5% of held-out round trips; 76.2%
+    # of the requested attributes); with weight 24, 47.5% and 85.2% at the same cost (WORKSPACE.md).
+    c.vq.loss.edge_weight = 24.0
 
     c.data = data_shapes.get_config()
     c.data.num_documents = ml_collections.ConfigDict({"train": 10_000, "validation": 256})
