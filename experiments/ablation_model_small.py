@@ -1,4 +1,4 @@
-"""Ablation: model size, small (6 x 384) against the tiny base (4 x 256), same data and steps."""
+"""Ablation: model size, small (6 x 384) against the tiny base (4 x 192), same data and steps."""
 from experiments import e2e_tiny
 
 
