@@ -71,7 +71,7 @@ def main(argv):
     del argv
     data = FLAGS.data
     documents = prepare.load_documents(data, "train")
-    texts, images = index_lib._columns(documents)
+    texts, images = index_lib.document_columns(documents)
     vocab = vocab_lib.Vocabulary.load(os.path.join(data, prepare.VOCAB_DIR))
     scenes = [scene_keys(vocab, t) for t in texts]
     queries = np.sort(np.random.default_rng(FLAGS.seed).choice(len(texts), min(FLAGS.num_queries, len(texts)),
@@ -79,11 +79,9 @@ def main(argv):
     has_text = np.array([len(t) > 0 for t in texts])
     has_image = np.array([len(c) > 0 for c in images])
     stored_ids, _, meta = neighbours.load_neighbours(data, len(texts))
-    stats = meta.get("stats", {})
-    rules = dict(k_text=int(stats.get("k_text", 2)), k_image=int(stats.get("k_image", 2)),
-                 num_candidates=int(stats.get("num_candidates", 32)),
-                 max_score=float(stats.get("max_score", neighbours.NEAR_DUPLICATE_SCORE)),
-                 diversity_threshold=float(stats.get("diversity_threshold", 0.9)))
+    # the selection rules the stored neighbours were computed with (compute_neighbours records them)
+    rules = {key: meta["stats"][key] for key in ("k_text", "k_image", "num_candidates", "max_score",
+                                                 "diversity_threshold")}
     stored_params, stored_config = retriever.load_retriever(data)
     rows = []
     scratch = tempfile.TemporaryDirectory()

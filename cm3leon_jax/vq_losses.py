@@ -395,16 +395,13 @@ def vq_loss_fn(
     recon, q, feats = model.apply({"params": params}, x, return_features=True)
 
     use_perceptual = perceptual_weights is not None and lcfg.perceptual_weight > 0
-    pixel_weights = edge_weights(x, lcfg.edge_weight) if lcfg.edge_weight > 0 else None
+    pixel_weights = edge_weights(x, lcfg.edge_weight) if lcfg.edge_weight > 0 else 1.0
 
     def rec_loss(r):
         """Weighted reconstruction ("nll") loss and its parts; also re-used, as a function of
         the last layer only, for the adaptive GAN weight."""
-        if pixel_weights is not None:
-            d = r.astype(jnp.float32) - x.astype(jnp.float32)
-            l1, l2 = jnp.mean(pixel_weights * jnp.abs(d)), jnp.mean(pixel_weights * jnp.square(d))
-        else:
-            l1, l2 = l1_loss(r, x), l2_loss(r, x)
+        d = r.astype(jnp.float32) - x.astype(jnp.float32)
+        l1, l2 = jnp.mean(pixel_weights * jnp.abs(d)), jnp.mean(pixel_weights * jnp.square(d))
         p = perceptual_loss(perceptual_weights, x, r) if use_perceptual else jnp.zeros((), jnp.float32)
         return lcfg.l1_weight * l1 + lcfg.l2_weight * l2 + lcfg.perceptual_weight * p, (l1, l2, p)
 

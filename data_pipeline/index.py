@@ -19,7 +19,8 @@ from cm3leon_jax import vocab as vocab_lib
 from data_pipeline import neighbours, prepare
 
 
-def _columns(documents) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def document_columns(documents) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every document's text ids and image codes, as the retriever takes them."""
     texts, images = [], []
     for i in range(len(documents)):
         doc = documents[i]
@@ -38,7 +39,7 @@ def build(data_dir: str, *, embeddings_path: str | None = None, num_shards: int 
           **retriever_overrides) -> dict:
     """Trains (or loads) the retriever, indexes the train split and writes its neighbours."""
     documents = prepare.load_documents(data_dir, "train")
-    texts, images = _columns(documents)
+    texts, images = document_columns(documents)
     has_text = np.array([len(t) > 0 for t in texts])
     has_image = np.array([len(c) > 0 for c in images])
     if embeddings_path:
