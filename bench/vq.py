@@ -8,7 +8,9 @@ held-out shapes (validation split), codebook usage (% of codes used on them), en
 and PSNR on scikit-image's photographs (astronaut, coffee, chelsea) center-cropped to 64x64
 (`pip install -e '.[bench]'`), and the attributes the evaluator's classifier still reads in
 held-out images after the round trip (`evaluate.vq_ceiling`: shape, colour, position, count; the
-best faithfulness any LM can reach through this tokenizer; PSNR alone hides lost outlines).
+best faithfulness any LM can reach through this tokenizer; PSNR alone hides lost outlines), and
+the entropy of the codes given identical patch pixels (`same_patch_code_entropy`: what the LM
+must model as noise).
 The classifier trains into the bench workdir (about a minute) unless --classifier_dir has one.
 Targets: PSNR >= 28 dB, >= 90% of codes, within 15 minutes.
 PSNR is on the uint8 images (peak 255), averaged over images. The last line printed is one JSON
@@ -117,6 +119,8 @@ def main(argv):
         "train_images_per_second_median": float(np.median(speeds)) if speeds else None,
         "heldout_images": int(len(val)), "heldout_psnr_db": round(val_psnr, 3),
         "codebook_size": int(k), "codebook_usage": round(usage, 4), "heldout_code_perplexity": round(perplexity, 1),
+        "same_patch_code_entropy_nats": round(quality["same_patch_code_entropy_nats"], 3),
+        "repeated_patch_share": round(quality["repeated_patch_share"], 3),
         "encode_images_per_second": round(len(val) / encode_seconds, 1),
         "heldout_attributes_after_round_trip": {key: round(ceiling[key], 4) for key in
                                                 ("requested",) + evaluate.REQUESTED},
@@ -133,7 +137,8 @@ def main(argv):
     }
     print(f"trained {steps} steps ({results['images_seen']} images) in {train_seconds:.0f} s", flush=True)
     print(f"held-out PSNR {val_psnr:.2f} dB (target {TARGET_PSNR_DB}), codebook usage {100 * usage:.1f}% "
-          f"(target {100 * TARGET_USAGE:.0f}%), perplexity {perplexity:.0f} of {k}", flush=True)
+          f"(target {100 * TARGET_USAGE:.0f}%), perplexity {perplexity:.0f} of {k}; identical patches' code entropy "
+          f"{quality['same_patch_code_entropy_nats']:.2f} nats", flush=True)
     print("attributes the classifier reads after the round trip: " + ", ".join(
         f"{key} {100 * v:.1f}%" for key, v in results["heldout_attributes_after_round_trip"].items()), flush=True)
     print(f"encode {results['encode_images_per_second']} images/s; photographs: "

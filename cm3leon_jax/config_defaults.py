@@ -50,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
         num_documents=100_000, min_doc_length=8, max_doc_length=64, source_seed=1234,
         # source="cm3": documents from `python -m data_pipeline.prepare` + their neighbour sidecar
         data_dir="", num_neighbours=3, condition_dropout_rate=0.1, cm3_masking=True, cm3_lambda=1.0,
+        # share of documents whose whole caption is one CM3 span, after the image (teaches captioning)
+        caption_span_rate=0.0,
         # source="sft": documents from `python -m data_pipeline.sft_prepare` (data_dir), mixed by task
         # weight ("edit=2,vqa=1"; "" = equal) with the paper's 3x / 0.3x up/down-sampling limits; loss
         # on the output only ("output") or the full CM3 objective ("cm3"); InstructPix2Pix-style
@@ -79,7 +81,7 @@ def vq_base_config() -> ml_collections.ConfigDict:
     c.vq = ml_collections.ConfigDict(dict(
         image_size=64, in_channels=3, channels=64, channel_multipliers=(1, 2, 2, 4), num_res_blocks=2,
         attention_at_lowest=True, codebook_size=8192, code_dim=8, embed_dim=256, commitment_beta=0.25,
-        l2_normalize_codes=True, num_groups=32, dtype="float32", patch_size=1, norm="group",
+        l2_normalize_codes=True, num_groups=32, dtype="float32", patch_size=1, norm="group", local_encoder=False,
     ))
 
     # cm3leon_jax.vq_losses.VQLossConfig: every field.

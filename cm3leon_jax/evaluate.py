@@ -254,9 +254,10 @@ def _markdown(report: dict) -> str:
         lines.append("")
     vq = report.get("vq")
     if vq:
-        lines += ["## VQ tokenizer (held-out images)", "", "| PSNR | codes used | code perplexity |",
-                  "|---|---|---|", f"| {vq['psnr_db']:.2f} dB | {100 * vq['codebook_usage']:.1f}% | "
-                  f"{vq['code_perplexity']:.1f} |", ""]
+        lines += ["## VQ tokenizer (held-out images)", "",
+                  "| PSNR | codes used | code perplexity | code entropy of identical patches |",
+                  "|---|---|---|---|", f"| {vq['psnr_db']:.2f} dB | {100 * vq['codebook_usage']:.1f}% | "
+                  f"{vq['code_perplexity']:.1f} | {vq.get('same_patch_code_entropy_nats', float('nan')):.2f} nats |", ""]
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n"

@@ -145,12 +145,36 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.minimum(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)), 100.0)
 
 
+def same_patch_code_entropy(images: np.ndarray, codes: np.ndarray) -> dict[str, float]:
+    """H(code | the patch's exact pixels) in nats, over patches whose pixels occur more than once.
+
+    0 means identical patches always get the same code. An encoder that sees beyond its patch can
+    spend codes on the surroundings instead: the LM then has to model that choice as noise (on the
+    shapes world, where most patches are flat background, this was 4 nats per background token).
+    """
+    n, h, w = codes.shape
+    f = images.shape[1] // h
+    patches = images.reshape(n, h, f, w, f, -1).transpose(0, 1, 3, 2, 4, 5).reshape(n * h * w, -1)
+    _, group = np.unique(patches, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    pairs, pair_counts = np.unique(np.stack([group, codes.reshape(-1)], 1), axis=0, return_counts=True)
+    group_sizes = np.bincount(group)
+    repeated = group_sizes[pairs[:, 0]] > 1
+    p_code = pair_counts[repeated] / group_sizes[pairs[repeated, 0]]
+    total = max(int(group_sizes[group_sizes > 1].sum()), 1)
+    entropy = float(-np.sum(pair_counts[repeated] * np.log(p_code)) / total)
+    return {"same_patch_code_entropy_nats": entropy,
+            "repeated_patch_share": float(group_sizes[group_sizes > 1].sum() / len(group))}
+
+
 def reconstruction_quality(tokenizer: VQTokenizer, images: np.ndarray) -> dict[str, float]:
-    """Mean PSNR of encode -> decode round trips, the share of codes used and the code perplexity:
-    the three figures a tokenizer is judged by (bench/vq.py, evaluate)."""
+    """Mean PSNR of encode -> decode round trips, the share of codes used, the code perplexity and
+    how consistently identical patches are coded (`same_patch_code_entropy`): the figures a
+    tokenizer is judged by (bench/vq.py, evaluate)."""
     codes = tokenizer.encode(images)
     psnr = float(np.mean(psnr_uint8(images, tokenizer.decode(codes))))
     counts = np.bincount(codes.reshape(-1), minlength=tokenizer.codebook_size)
     p = counts[counts > 0] / counts.sum()
     return {"psnr_db": psnr, "codebook_usage": float(np.mean(counts > 0)),
-            "code_perplexity": float(np.exp(-np.sum(p * np.log(p)))), "num_images": int(len(images))}
+            "code_perplexity": float(np.exp(-np.sum(p * np.log(p)))), **same_patch_code_entropy(images, codes),
+            "num_images": int(len(images))}

@@ -107,6 +107,12 @@ class VQGANConfig:
     # per-image statistics are dominated by the background, and on the shapes world they
     # wash object colours out to grey for thousands of steps. "none": no normalisation.
     norm: str = "group"
+    # True: the encoder sees only each token's own downsample_factor x downsample_factor patch
+    # (patches are encoded as separate images), so identical patches always get the same code. A
+    # global receptive field lets a code also carry its surroundings: on the shapes world one flat
+    # background patch took ~250 different codes (4 nats of noise per token for the LM to model).
+    # The decoder keeps its full view and draws across patch borders.
+    local_encoder: bool = False
 
     def __post_init__(self):
         if self.norm not in ("group", "layer", "none"):
@@ -411,6 +417,9 @@ class Encoder(nn.Module):
         cfg = self.cfg
         mults = cfg.channel_multipliers
         last = len(mults) - 1
+        if cfg.local_encoder:
+            batch, f = x.shape[0], cfg.downsample_factor
+            x = einops.rearrange(x, "b (h p) (w q) c -> (b h w) p q c", p=f, q=f)
         x = space_to_depth(x.astype(cfg.compute_dtype), cfg.patch_size)
         h = _conv(cfg, cfg.channels * mults[0], name="conv_in")(x)
         for level, mult in enumerate(mults):
@@ -426,7 +435,10 @@ class Encoder(nn.Module):
             h = AttnBlock(cfg, name="mid_attn")(h)
         h = ResBlock(cfg, h.shape[-1], name="mid_res1")(h)
         h = nn.swish(_norm(cfg, h.shape[-1], "norm_out")(h))
-        return _conv(cfg, cfg.embed_dim, name="conv_out")(h)
+        z = _conv(cfg, cfg.embed_dim, name="conv_out")(h)
+        if cfg.local_encoder:  # [(b h w), 1, 1, d] -> [b, h, w, d]
+            z = einops.rearrange(z, "(b h w) 1 1 d -> b h w d", b=batch, h=cfg.latent_size)
+        return z
 
 
 class Decoder(nn.Module):

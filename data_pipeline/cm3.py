@@ -250,7 +250,8 @@ def apply_spans(tokens, spans, *, sentinels, eoss_id: int = EOSS_ID) -> tuple[np
 
 def cm3_mask(tokens, rng: np.random.Generator, *, sentinels, break_id: int = BREAK_ID, eoss_id: int = EOSS_ID,
              max_spans: int = 16, min_spans: int = 0, lam: float = 1.0, protect=DEFAULT_PROTECT,
-             segment_ids=None, num_spans: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+             segment_ids=None, num_spans: int | None = None,
+             whole_run: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The CM3 causal-masked objective on one sequence; returns (tokens, weights).
 
     `sentinels` = (first sentinel id, count). n = `num_spans` if given, else Poisson(lam) clamped to
@@ -258,6 +259,9 @@ def cm3_mask(tokens, rng: np.random.Generator, *, sentinels, break_id: int = BRE
     (default `<pad> <eos> <break> <eoss> <mask>`) or a sentinel, and never cross a change of
     `segment_ids` (one document of a retrieval layout). n = 0 returns the tokens unchanged with
     all-ones weights. The input may contain neither sentinels nor `<eoss>` (ValueError).
+
+    `whole_run=(start, end)`, one maskable run exactly (e.g. the query's caption), is always one of
+    the spans (n is raised to at least 1); the other n - 1 are drawn from the remaining runs.
     """
     t = _as_tokens(tokens, "tokens")
     start, count = _check_sentinels(sentinels)
@@ -268,12 +272,24 @@ def cm3_mask(tokens, rng: np.random.Generator, *, sentinels, break_id: int = BRE
         raise ValueError(f"tokens already contain a sentinel or <eoss> at position {int(np.argmax(bad))} "
                          f"(id {int(t[np.argmax(bad)])}); CM3 masking would be ambiguous")
     n = draw_num_spans(rng, lam, max_spans, min_spans) if num_spans is None else int(num_spans)
+    if whole_run is not None:
+        n = max(n, 1)
     if not 0 <= n <= count:
         raise ValueError(f"num_spans={n} outside [0, {count}]")
     if n == 0:
         return t.copy(), np.ones(len(t), np.float32)
     runs = maskable_runs(t, sentinels=(start, count), protect=protect, break_id=break_id, segment_ids=segment_ids)
-    return apply_spans(t, sample_spans(runs, n, rng), sentinels=(start, count), eoss_id=eoss_id)
+    if whole_run is None:
+        spans = sample_spans(runs, n, rng)
+    else:
+        fixed = np.asarray(whole_run, np.int64).reshape(1, 2)
+        is_fixed = (runs == fixed).all(axis=1)
+        if not is_fixed.any():
+            raise ValueError(f"whole_run={tuple(whole_run)} is not one maskable run of the sequence; runs: "
+                             f"{runs.tolist()}")
+        spans = np.concatenate([sample_spans(runs[~is_fixed], n - 1, rng), fixed])
+        spans = spans[np.argsort(spans[:, 0], kind="stable")]
+    return apply_spans(t, spans, sentinels=(start, count), eoss_id=eoss_id)
 
 
 def cm3_split(tokens, *, sentinels, eoss_id: int = EOSS_ID) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -331,6 +347,10 @@ class CM3Config:
     cm3_lambda: float = 1.0
     min_spans: int = 0                       # paper clamps to [1, 16]; 0 keeps plain causal samples
     max_spans: int = 16
+    # share of examples whose query caption is masked as one whole span (moved after the image):
+    # Poisson spans with uniform boundaries almost never cover a whole caption, so without this
+    # the model never learns to write one from an image (image -> text by infilling)
+    caption_span_rate: float = 0.0
     max_length: int | None = None            # drop lowest-ranked neighbours until the example fits
     num_sentinels: int = 16
     sentinel_start: int = SENTINEL_OFFSET
@@ -353,6 +373,10 @@ class CM3Config:
                              f"{self.max_spans}, {self.num_sentinels}")
         if self.cm3_lambda < 0:
             raise ValueError(f"cm3_lambda must be >= 0, got {self.cm3_lambda}")
+        if not 0.0 <= self.caption_span_rate <= 1.0:
+            raise ValueError(f"caption_span_rate must be in [0, 1], got {self.caption_span_rate}")
+        if self.caption_span_rate > 0 and (not self.cm3 or self.image_offset is None):
+            raise ValueError("caption_span_rate needs CM3 masking and image_offset (use CM3Config.from_vocab)")
 
     @classmethod
     def from_vocab(cls, vocab, **overrides) -> "CM3Config":
@@ -373,7 +397,8 @@ def example_for_training(query_tokens, neighbour_token_lists: Sequence, rng: np.
     `neighbour_token_lists` are the stored candidates' documents (None for a padded slot), from
     which `config.num_neighbours` are sampled; with `presampled=True` they are the neighbours
     already chosen by `sample_neighbours` (so a loader fetches only those) and are used as given.
-    Random draws, in order: neighbour choice, condition dropout, span count, span placement.
+    Random draws, in order: neighbour choice, condition dropout, span count, whole-caption choice
+    (only when `caption_span_rate` > 0), span placement.
     """
     cfg = config
     query = _as_tokens(query_tokens, "query_tokens")
@@ -385,6 +410,7 @@ def example_for_training(query_tokens, neighbour_token_lists: Sequence, rng: np.
     else:
         cand = np.asarray([i if x is not None else -1 for i, x in enumerate(lists)], np.int64)
         neighbours = [lists[i] for i in sample_neighbours(cand, cfg.num_neighbours, rng)]
+    dropped = False
     if cfg.condition_dropout_rate > 0:
         query, dropped = condition_dropout(query, rng, rate=cfg.condition_dropout_rate,
                                            image_offset=cfg.image_offset, mask_id=cfg.mask_id,
@@ -392,6 +418,10 @@ def example_for_training(query_tokens, neighbour_token_lists: Sequence, rng: np.
         if dropped and cfg.drop_neighbours_with_condition:
             neighbours = []
     n = draw_num_spans(rng, cfg.cm3_lambda, cfg.max_spans, cfg.min_spans) if cfg.cm3 else 0
+    caption_len = 0
+    if cfg.caption_span_rate > 0 and rng.random() < cfg.caption_span_rate and not dropped:
+        caption_len = caption_end(query, image_offset=cfg.image_offset, break_id=cfg.break_id)
+        n = max(n, 1) if caption_len else n
     if cfg.max_length is not None:
         extra = 3 * n  # each span adds one in-place sentinel, an opening sentinel and <eoss>
         while neighbours and 2 + len(query) + sum(len(x) for x in neighbours) + extra > cfg.max_length:
@@ -399,9 +429,11 @@ def example_for_training(query_tokens, neighbour_token_lists: Sequence, rng: np.
     layout = retrieval_augmented_sequence(query, neighbours, cfg.eos_id)
     if not cfg.cm3:
         return {"tokens": layout.tokens, "weights": np.ones(len(layout.tokens), np.float32)}
+    start = layout.query_span[0]
     tokens, weights = cm3_mask(layout.tokens, rng, sentinels=cfg.sentinels, break_id=cfg.break_id,
                                eoss_id=cfg.eoss_id, max_spans=cfg.max_spans, protect=cfg.protect,
-                               segment_ids=layout.segments, num_spans=n)
+                               segment_ids=layout.segments, num_spans=n,
+                               whole_run=(start, start + caption_len) if caption_len else None)
     return {"tokens": tokens, "weights": weights}
 
 

@@ -323,6 +323,58 @@ def test_example_for_training_composes_all_steps():
     assert len(outs) > 5  # different seeds, different examples
 
 
+def test_whole_run_is_always_one_span_and_the_rest_are_drawn_elsewhere():
+    r = rng(11)
+    seq = encode([("text", text(r, 6, 9)), ("image", image(r)), ("text", text(r, 4, 8))])
+    caption = (0, int(np.argmax(seq == BREAK)))
+    lengths = []
+    for seed in range(60):
+        masked, weights = cm3.cm3_mask(seq, rng(seed), sentinels=SENTINELS, whole_run=caption)
+        n = check_masked(seq, masked, weights)
+        spans, _ = recovered_spans(masked)
+        assert caption in spans and sum(s < caption[1] for s, _ in spans) == 1  # nothing else in the caption
+        lengths.append(n)
+    assert min(lengths) == 1 and max(lengths) >= 3  # n raised to >= 1; Poisson extras land elsewhere
+    masked, _ = cm3.cm3_mask(seq, rng(0), sentinels=SENTINELS, whole_run=caption, num_spans=0)
+    assert recovered_spans(masked)[0] == [caption]
+    with pytest.raises(ValueError, match="not one maskable run"):
+        cm3.cm3_mask(seq, rng(0), sentinels=SENTINELS, whole_run=(0, caption[1] - 1))
+
+
+def test_caption_span_rate_masks_the_whole_query_caption():
+    r = rng(12)
+    query = caption_image(r)
+    cands = [caption_image(r) for _ in range(3)]
+    caption = query[:int(np.argmax(query == BREAK))]
+    config = cm3.CM3Config(image_offset=IMG0, num_sentinels=NSENT, caption_span_rate=0.3, num_neighbours=2)
+    whole, dropped = 0, 0
+    for seed in range(300):
+        ex = cm3.example_for_training(query, cands, rng(seed), config)
+        unmasked = cm3.cm3_unmask(ex["tokens"], sentinels=SENTINELS)
+        if unmasked[1] == MASK:  # condition dropout: no caption left to mask
+            dropped += 1
+            continue
+        check_masked(unmasked, ex["tokens"], ex["weights"])
+        _, infills = cm3.cm3_split(ex["tokens"], sentinels=SENTINELS)
+        whole += any(np.array_equal(f, caption) for f in infills)
+    # ~30% by the switch, plus the rare Poisson span that happens to cover it
+    assert 0.2 < whole / (300 - dropped) < 0.42
+    # Every example with a caption, at rate 1; none when the condition is dropped.
+    always = cm3.CM3Config(image_offset=IMG0, num_sentinels=NSENT, caption_span_rate=1.0, condition_dropout_rate=0.0)
+    for seed in range(20):
+        infills = cm3.cm3_split(cm3.example_for_training(query, cands, rng(seed), always)["tokens"],
+                                sentinels=SENTINELS)[1]
+        assert any(np.array_equal(f, caption) for f in infills)
+    no_caption = cm3.CM3Config(image_offset=IMG0, num_sentinels=NSENT, caption_span_rate=1.0,
+                               condition_dropout_rate=1.0)
+    ex = cm3.example_for_training(query, cands, rng(0), no_caption)
+    assert cm3.cm3_unmask(ex["tokens"], sentinels=SENTINELS)[1] == MASK
+    with pytest.raises(ValueError, match="caption_span_rate"):
+        cm3.CM3Config(image_offset=IMG0, caption_span_rate=1.5)
+    with pytest.raises(ValueError, match="caption_span_rate needs CM3"):
+        cm3.CM3Config(image_offset=IMG0, caption_span_rate=0.5, cm3=False)
+
+
 def test_example_for_training_switches_and_length_budget():
     r = rng(8)
     query = encode([("text", text(r, 5, 5)), ("image", image(r))])

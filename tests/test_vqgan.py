@@ -209,6 +209,39 @@ def test_patch_stem_is_exact_space_to_depth_and_norm_options():
         vqgan.VQGANConfig(patch_size=0)
 
 
+def test_local_encoder_codes_each_patch_from_its_own_pixels():
+    """local_encoder: a token's code depends on its own 8x8 patch only, so the same patch gets the
+    same code wherever it is and whatever surrounds it; the global encoder mixes neighbours in."""
+    imgs = _toy_images(2)
+    imgs[1] = imgs[0]
+    imgs[1, 8:, 8:] = 255 - imgs[1, 8:, 8:]  # a different bottom-right patch only
+    base = dict(TINY, patch_size=4, channel_multipliers=(1, 2), norm="none")
+    latents = {}
+    for local in (True, False):
+        c = vqgan.VQGANConfig(**base, local_encoder=local)
+        params = vqgan.init_params(jax.random.PRNGKey(0), c)
+        z = vqgan.Encoder(c).apply({"params": params["encoder"]}, vqgan.normalize_images(jnp.asarray(imgs)))
+        assert z.shape == (2, 2, 2, 8)
+        latents[local] = np.abs(np.asarray(z[0] - z[1])).max(-1)
+        assert vqgan.decode(params, vqgan.encode(params, imgs, c), c).shape == imgs.shape
+    assert max(latents[True][0, 0], latents[True][0, 1], latents[True][1, 0]) < 1e-6  # untouched patches
+    assert latents[True][1, 1] > 1e-2
+    assert (latents[False] > 1e-3).all()  # the global encoder's latents all see the change
+
+
+def test_same_patch_code_entropy():
+    from cm3leon_jax.vq_tokenizer import same_patch_code_entropy
+    imgs = np.zeros((2, 16, 16, 3), np.uint8)
+    imgs[1, :8, :8] = 200  # one unique patch; seven identical black ones
+    consistent = np.array([[[1, 1], [1, 1]], [[5, 1], [1, 1]]])
+    out = same_patch_code_entropy(imgs, consistent)
+    assert out["same_patch_code_entropy_nats"] == 0.0 and out["repeated_patch_share"] == 7 / 8
+    noisy = np.array([[[1, 1], [1, 1]], [[5, 1], [2, 1]]])  # black patches coded 1 (x6) and 2 (x1)
+    p = np.array([6, 1]) / 7
+    np.testing.assert_allclose(same_patch_code_entropy(imgs, noisy)["same_patch_code_entropy_nats"],
+                               -np.sum(p * np.log(p)))
+
+
 # ------------------------------------------------------------------------------ losses
 
 
