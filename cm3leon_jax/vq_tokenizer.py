@@ -162,7 +162,7 @@ def same_patch_code_entropy(images: np.ndarray, codes: np.ndarray) -> dict[str, 
     repeated = group_sizes[pairs[:, 0]] > 1
     p_code = pair_counts[repeated] / group_sizes[pairs[repeated, 0]]
     total = max(int(group_sizes[group_sizes > 1].sum()), 1)
-    entropy = float(-np.sum(pair_counts[repeated] * np.log(p_code)) / total)
+    entropy = max(0.0, float(-np.sum(pair_counts[repeated] * np.log(p_code)) / total))  # no "-0.0"
     return {"same_patch_code_entropy_nats": entropy,
             "repeated_patch_share": float(group_sizes[group_sizes > 1].sum() / len(group))}
 
