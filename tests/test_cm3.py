@@ -417,3 +417,10 @@ def test_with_the_real_vocabulary(tiny_spm_model):
         np.testing.assert_array_equal(ex["weights"], np.where(vocab.is_sentinel(ex["tokens"]), 0.0, 1.0))
         parts = vocab.decode_document(unmasked)  # still a well-formed document stream
         assert parts[-1].endswith("<eos>") and isinstance(parts[-2], np.ndarray)
+    # the trainer's data config reaches the transform
+    from cm3leon_jax.config_defaults import base_config
+    from data_pipeline import cm3_pipeline
+    data = base_config().data
+    data.update(caption_span_rate=0.25, num_neighbours=2)
+    built = cm3_pipeline.cm3_config(data, vocab)
+    assert built.caption_span_rate == 0.25 and built.num_neighbours == 2 and built.image_offset == vocab.image_offset
