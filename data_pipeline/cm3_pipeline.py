@@ -53,7 +53,7 @@ def cm3_config(data_config, vocab: vocab_lib.Vocabulary) -> cm3.CM3Config:
     return cm3.CM3Config.from_vocab(
         vocab, retrieval=int(data_config.num_neighbours) > 0, num_neighbours=max(int(data_config.num_neighbours), 1),
         condition_dropout_rate=float(data_config.condition_dropout_rate), cm3=bool(data_config.cm3_masking),
-        cm3_lambda=float(data_config.cm3_lambda), caption_span_rate=float(data_config.get("caption_span_rate", 0.0)),
+        cm3_lambda=float(data_config.cm3_lambda), caption_span_rate=float(data_config.caption_span_rate),
         max_length=int(data_config.seq_len) + 1)
 
 
