@@ -109,8 +109,8 @@ class VQGANConfig:
     norm: str = "group"
     # True: the encoder sees only each token's own downsample_factor x downsample_factor patch
     # (patches are encoded as separate images), so identical patches always get the same code. A
-    # global receptive field lets a code also carry its surroundings: on the shapes world one flat
-    # background patch took ~250 different codes (4 nats of noise per token for the LM to model).
+    # global receptive field lets a code also carry its surroundings: on the shapes world identical
+    # flat background patches had 4 nats of code entropy (noise per token for the LM to model).
     # The decoder keeps its full view and draws across patch borders.
     local_encoder: bool = False
 

@@ -29,9 +29,10 @@ def get_config():
     # of the requested attributes); with weight 24, 47.5% and 85.2% at the same cost (WORKSPACE.md).
     c.vq.loss.edge_weight = 24.0
     # Codes from each patch's own pixels (vqgan.VQGANConfig.local_encoder). With the global encoder a
-    # flat background patch took ~250 different codes depending on its surroundings (4 nats per
-    # background token that the LM must model as noise; 79% of tokens are background); locally, 0
-    # nats, at the same ceiling (requested 84.7% vs 85.2%, shape 45.9% vs 47.5%, colour 95.7%).
+    # flat background patch was coded by its surroundings (4.04 nats of code entropy per repeated
+    # patch that the LM must model as noise; 80% of patches are flat background); locally, 0 nats,
+    # at the same ceiling (bench/vq.py: requested 84.7% vs 85.2%, shape 45.9% vs 47.5%, colour 95.7%
+    # in both).
     c.vq.vq.local_encoder = True
 
     c.data = data_shapes.get_config()
