@@ -249,8 +249,9 @@ def _markdown(report: dict) -> str:
     val = report.get("validation_loss")
     if val:
         lines += ["## Validation loss of the query document with k retrieved neighbours", "",
-                  "| k | loss | query tokens |", "|---|---|---|"]
-        lines += [f"| {k} | {v['loss']:.4f} | {v['query_tokens']} |" for k, v in val.items()]
+                  "| k | loss | neighbours found per document | query tokens |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['loss']:.4f} | {v.get('neighbours_found', 0.0):.2f} | {v['query_tokens']} |"
+                  for k, v in val.items()]
         lines.append("")
     vq = report.get("vq")
     if vq:
@@ -279,6 +280,11 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     strategies = parse_strategies(strategies)
     if int(image_neighbours) < 0:
         raise ValueError(f"image_neighbours must be >= 0, got {image_neighbours}")
+    for name, value in (("num_prompts", num_prompts), ("num_samples", num_samples), ("num_captions", num_captions)):
+        if int(value) < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if not int(num_prompts) or not int(num_samples):
+        strategies = []  # no text -> image requested
     overrides = dict(cfg_scale=cfg_scale, top_p=top_p, top_k=top_k, temperature=temperature)
     for name in strategies:  # bad settings fail here, before the model loads and the classifier trains
         strategy_sampling(name, **overrides)
@@ -296,11 +302,13 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
                               "classifier": attribute_classifier.classifier_info(
                                   attribute_classifier.classifier_dir(classifier_dir or workdir))}
 
-    prompts = heldout_prompts(max(num_prompts, num_captions), size, split=split)
+    num_heldout = max(int(num_prompts), int(num_captions))
+    prompts = heldout_prompts(num_heldout, size, split=split) if num_heldout else None
     report["prompt_split"] = split
-    t2i_prompts = {k: (v[:num_prompts]) for k, v in prompts.items()}
-    real_features = attribute_classifier.features(classifier, prompts["images"])
     report["text_to_image"] = {}
+    if strategies:
+        t2i_prompts = {k: (v[:num_prompts]) for k, v in prompts.items()}
+        real_features = attribute_classifier.features(classifier, prompts["images"])
     for name in strategies:
         t0 = time.time()
         scores, grid_rows = text_to_image(gen, classifier, t2i_prompts, name, num_samples=num_samples, seed=seed,
@@ -316,7 +324,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
         report["notes"].append("no retriever in the data dir: topp_cdk_rerank scored every sample, unranked")
     if strategies:
         report["text_to_image_vq_ceiling"] = vq_ceiling(gen.vq, classifier, t2i_prompts)
-    report["text_to_image_prompts"] = t2i_prompts["captions"][:8]
+        report["text_to_image_prompts"] = t2i_prompts["captions"][:8]
 
     if num_captions:
         images = prompts["images"][:num_captions]

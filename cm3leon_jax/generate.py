@@ -75,23 +75,27 @@ class Generator:
         return self._retriever
 
     def retrieve(self, caption: str, k: int) -> list[np.ndarray]:
-        """The k best memory-bank documents for a caption (ScaNN over the data's bank), as tokens."""
+        """The k memory-bank documents chosen for a caption (ScaNN over the data's bank, then the
+        training pipeline's rules: no near duplicates, multimodal first, diverse), as tokens."""
         if k <= 0:
             return []
         if self.retriever is None:
             raise ValueError(f"--neighbours={k} needs a retriever and index in the data dir {self.data_dir!r} "
                              "(a params bundle carries none: pass --data_dir)")
         from cm3leon_jax import retriever
-        from data_pipeline import neighbours, prepare
-        if self._retrieval is None:
-            self._retrieval = (neighbours.load_index(os.path.join(self.data_dir, "scann_index")),
-                               prepare.load_documents(self.data_dir, "train"))
-        index, documents = self._retrieval
+        from data_pipeline import index as index_lib, neighbours, prepare
         params, rcfg = self.retriever
+        if self._retrieval is None:
+            documents = prepare.load_documents(self.data_dir, "train")
+            texts, images = index_lib.document_columns(documents)
+            bank = retriever.embed_documents(params, rcfg, texts, images)  # as the retrieval stage indexed them
+            multimodal = np.array([len(t) > 0 and len(c) > 0 for t, c in zip(texts, images)])
+            self._retrieval = (neighbours.load_index(os.path.join(self.data_dir, "scann_index")), documents, bank,
+                               multimodal)
+        index, documents, bank, multimodal = self._retrieval
         query = retriever.embed_text(params, rcfg, [self.vocab.encode_text(caption)])
-        ids, scores = index.search(query, 4 * k)
-        chosen = [int(i) for i, s in zip(ids[0], scores[0]) if i >= 0 and s <= neighbours.NEAR_DUPLICATE_SCORE][:k]
-        return [np.asarray(documents[i]["tokens"], np.int32) for i in chosen]
+        ids, _ = neighbours.neighbours_of_queries(index, query, k, bank, multimodal)
+        return [np.asarray(documents[int(i)]["tokens"], np.int32) for i in ids[0] if i >= 0]
 
     def rerank_scores(self, caption: str, codes: np.ndarray) -> np.ndarray:
         """Cosine similarity of each image to the caption under the retriever (our CLIP stand-in)."""

@@ -113,12 +113,36 @@ def test_ablation_files_load_share_upstream_stages_and_tabulate(finished, tmp_pa
     assert "| minuscule |" in table and "val loss k=1" in table and "t2i greedy" in table
 
 
+def test_evaluation_of_the_validation_loss_alone(finished, tmp_path):
+    from cm3leon_jax import evaluate
+    _, workdir = finished
+    report = evaluate.evaluate(os.path.join(workdir, "lm"), out_dir=str(tmp_path), num_prompts=0, num_captions=0,
+                               num_vq_images=0, num_val_documents=4, neighbour_counts=(0, 1), classifier_dir=workdir)
+    assert report["text_to_image"] == {} and "image_to_text" not in report and "vq" not in report
+    assert set(report["validation_loss"]) == {"0", "1"}
+    assert report["validation_loss"]["1"]["neighbours_found"] == 1.0
+
+
 def test_evaluation_settings_are_checked_up_front():
     from cm3leon_jax import evaluate
     with pytest.raises(ValueError, match="image_neighbours must be >= 0"):
         evaluate.evaluate("/nonexistent", image_neighbours=-1)
     with pytest.raises(ValueError, match="unknown decoding strategies"):
         evaluate.evaluate("/nonexistent", strategies=["beam"])
+    with pytest.raises(ValueError, match="num_prompts must be >= 0"):
+        evaluate.evaluate("/nonexistent", num_prompts=-1)
+
+
+def test_the_gpu_config_is_e2e_tiny_with_bigger_budgets():
+    """README's GPU results speak for e2e_tiny's recipe only while nothing but the budgets differ."""
+    from flax import traverse_util
+    from experiments import e2e_gpu, e2e_tiny
+    gpu, tiny = (traverse_util.flatten_dict(c.to_dict(), sep=".") for c in (e2e_gpu.get_config(), e2e_tiny.get_config()))
+    assert gpu.keys() == tiny.keys()
+    assert {k for k in gpu if gpu[k] != tiny[k]} == {
+        "vq.total_steps", "vq.checkpoint_every_steps", "vq.sample_every_steps", "data.num_documents.train",
+        "lm.total_steps", "lm.checkpoint_every_steps", "lm.log_every_steps"}
+    assert gpu["lm.total_steps"] > tiny["lm.total_steps"] and gpu["vq.total_steps"] > tiny["vq.total_steps"]
 
 
 def test_the_lm_alone_config_is_the_e2e_lm_stage_config(finished):

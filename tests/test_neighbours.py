@@ -80,6 +80,34 @@ def test_selection_thresholds_and_validity():
     assert ids[0].tolist() == [4, -1, -1] and counts["invalid"] == 1
 
 
+def test_queries_from_outside_the_bank_search_wider_past_near_duplicates():
+    rng = np.random.default_rng(0)
+    d = 16
+    dupes = np.stack([_unit(_basis(0, d) + 0.05 * rng.normal(size=d)) for _ in range(40)])  # cos > 0.9 with q0
+    a = _unit(_basis(0, d) + 0.8 * _basis(1, d))                   # cos 0.78 with q0
+    b = _unit(_basis(0, d) + 0.8 * _basis(1, d) + 0.05 * _basis(2, d))  # resembles a: the diversity rule
+    c = _unit(_basis(0, d) + 1.0 * _basis(3, d))                   # cos 0.71 with q0
+    e = _unit(_basis(5, d) + 0.5 * _basis(6, d))
+    bank = np.concatenate([dupes, np.stack([a, b, c, e, _basis(5, d)])])
+    multimodal = np.ones(len(bank), bool)
+    queries = np.stack([_basis(0, d), _unit(_basis(5, d) + _basis(7, d))])
+    widths = []
+
+    def search(q, k):
+        widths.append((len(q), k))
+        return NB.exact_search(bank, q, k)
+
+    ids, scores = NB.neighbours_of_queries(search, queries, 2, bank, multimodal, num_candidates=8)
+    assert ids[0].tolist() == [40, 42] and np.all(scores[0] <= 0.9)   # a, then c (b resembles a)
+    assert ids[1].tolist() == [44, 43]                                 # found in the first 8 candidates
+    assert widths == [(2, 8), (1, 32), (1, 45)]                        # only the short query searched wider
+    # without widening, the first query's 8 candidates are all near duplicates
+    top_ids, top_scores = NB.exact_search(bank, queries[:1], 8)
+    fixed, _, counts = NB.select_neighbours(np.array([-1]), [top_ids], [top_scores], [2], bank, multimodal,
+                                            query_embeddings=queries[:1])
+    assert fixed[0].tolist() == [-1, -1] and counts["near_duplicate"] == 8 and counts["self"] == 0
+
+
 def test_merge_topk_equals_single_index():
     rng = np.random.default_rng(0)
     # small integers: inner products are exact, so there are many ties (across shards too), and
