@@ -108,6 +108,32 @@ def test_queries_from_outside_the_bank_search_wider_past_near_duplicates():
     assert fixed[0].tolist() == [-1, -1] and counts["near_duplicate"] == 8 and counts["self"] == 0
 
 
+def test_documents_short_of_neighbours_are_searched_wider():
+    """Five clusters of 34 near duplicates: each document's first 34 candidates are itself and its
+    duplicates, so 8 and then 32 candidates find nothing, and 128 find one per other cluster."""
+    rng = np.random.default_rng(0)
+    d = 16
+    centres = [_basis(0, d)] + [_unit(_basis(0, d) + _basis(i, d)) for i in range(1, 5)]
+    doc = np.stack([_unit(c + 0.03 * rng.normal(size=d)) for c in centres for _ in range(34)])
+    n = len(doc)
+    both = np.ones(n, bool)
+    kw = dict(search=lambda q, k: NB.exact_search(doc, q, k), k_text=2, k_image=2)
+    ids, scores, stats = NB.compute_neighbours(doc, doc, doc, both, both, num_candidates=8, **kw)
+    assert stats["widened_searches"] == 2 * n        # every document: 8 -> 32 -> 128
+    assert stats["documents_with_full_neighbours"] == n
+    cluster = np.arange(n) // 34
+    for r in range(n):                               # one neighbour from each other cluster, none from its own
+        assert sorted(cluster[ids[r]].tolist()) == sorted(set(range(5)) - {cluster[r]})
+    assert np.all(scores <= 0.9)
+    # each document's skips are counted once, in its last search: as if it had searched 128 at once
+    ids128, scores128, stats128 = NB.compute_neighbours(doc, doc, doc, both, both, num_candidates=128, **kw)
+    np.testing.assert_array_equal(ids, ids128)
+    assert stats["skipped"] == stats128["skipped"] and stats128["widened_searches"] == 0
+    # without widening nobody has a neighbour
+    _, _, narrow = NB.compute_neighbours(doc, doc, doc, both, both, num_candidates=8, max_candidates=8, **kw)
+    assert narrow["documents_without_neighbours"] == n and narrow["skipped"]["near_duplicate"] > 0
+
+
 def test_merge_topk_equals_single_index():
     rng = np.random.default_rng(0)
     # small integers: inner products are exact, so there are many ties (across shards too), and
