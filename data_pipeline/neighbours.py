@@ -516,9 +516,10 @@ def neighbours_of_queries(search: Callable | Any, queries: np.ndarray, k: int, e
                           diversity_threshold: float = 0.9):
     """k neighbours for queries from outside the bank (captions at inference), chosen by
     `select_neighbours`'s rules; a query still short of k is searched again 4x wider, up to
-    `max_candidates` or the whole bank. Where the bank holds many near duplicates of a query (shapes captions repeat),
-    its top candidates all score above `max_score`: with a fixed 8 candidates, evaluation found a
-    neighbour for 19% of the e2e validation captions (report.json's neighbours_found). Returns (ids int32 [Q, k], scores float32 [Q, k]), -1 / -inf padding."""
+    `max_candidates` or the whole bank. Where the bank holds many near duplicates of a query
+    (shapes captions repeat), its top candidates all score above `max_score`: with a fixed 8
+    candidates, evaluation found a neighbour for 19% of the e2e validation captions (report.json's
+    neighbours_found). Returns (ids int32 [Q, k], scores float32 [Q, k]), -1 / -inf padding."""
     search_fn = search.search if hasattr(search, "search") else search
     queries = np.asarray(queries, np.float32)
     n = np.asarray(embeddings).shape[0]
@@ -548,10 +549,10 @@ def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray, ima
     """Neighbours of every document: `num_candidates` retrieved by its text query and by its image
     query (rows of an absent modality are not searched), then `select_neighbours` with quotas
     (k_text, k_image); a document still short of k_text + k_image is searched again 4x wider, up
-    to `max_candidates` (denser corpora hold more near duplicates: at 30,000 shapes documents, 32
-    candidates left 29% of them without any neighbour). Skips are counted in each document's last
-    search. `search` is a ScannIndex / ShardedIndex or a callable(queries, k) ->
-    (ids, scores). Returns (ids int32 [M, K], scores float32 [M, K], stats) for documents
+    to `max_candidates` (denser corpora hold more near duplicates: on 30,000 shapes documents a
+    fixed 32 left 5,008 without any neighbour). Skips are counted in each document's last search.
+    `search` is a ScannIndex / ShardedIndex or a callable(queries, k) -> (ids, scores); a lookup of
+    precomputed top-C candidates should come with max_candidates=C. Returns (ids int32 [M, K], scores float32 [M, K], stats) for documents
     [start, stop) (default all; a host of a multi-host run takes its own range), rows aligned
     with those ids. The arrays may be memory-mapped. Nothing is dropped silently: documents
     left without any neighbour keep -1 rows and are counted."""
@@ -582,7 +583,7 @@ def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray, ima
         out_s = np.full((mask.shape[0], width), -np.inf, np.float32)
         if mask.any():
             i, s = search_fn(np.asarray(queries[mask], np.float32), width)
-            out_i[mask], out_s[mask] = i, s
+            out_i[mask, :np.shape(i)[1]], out_s[mask, :np.shape(s)[1]] = i, s   # a lookup may hold fewer
         return out_i, out_s
 
     widest = min(max(int(max_candidates), int(num_candidates)), n)
