@@ -3,9 +3,10 @@
     python -m cm3leon_jax.e2e --config experiments/e2e_tiny.py --workdir workdirs/e2e
 
 Budgets are step counts (not wall-clock limits), so a rerun with the same seed gives the same
-tokenizers, data, model and scores. Measured on a quiet 2-core machine: 26 min 21 s in all (VQ
-3.8 min, ingestion 30 s, retrieval 43 s, LM 19.3 min, classifier + evaluation 2 min); TopP+TopK+CFG
-48.2% of the requested attributes, captions 33.0% (README, End-to-end results).
+tokenizers, data, model and scores. Measured on a quiet 2-core machine: 25 min 28 s in all (VQ
+3.6 min, ingestion 29 s, retrieval 42 s, LM 18.7 min, classifier + evaluation 2 min); TopP+TopK+CFG
+48.3% of the requested attributes, captions 32.2% (README, End-to-end results). `e2e_gpu.py` is
+this with one accelerator's budgets.
 """
 import ml_collections
 
