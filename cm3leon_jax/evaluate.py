@@ -380,7 +380,7 @@ def _define_flags():
     flags.DEFINE_string("out", None, "where report.json, report.md and the PNG grids go (default WORKDIR/eval)")
     flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
     flags.DEFINE_list("strategies", list(DEFAULT_STRATEGIES), f"decoding strategies, from {sorted(STRATEGIES)}")
-    flags.DEFINE_integer("num_prompts", 64, "held-out captions for text -> image")
+    flags.DEFINE_integer("num_prompts", 64, "held-out captions for text -> image (0: skip)")
     flags.DEFINE_integer("num_samples", 4, "images per caption")
     flags.DEFINE_float("cfg_scale", None, f"guidance scale of the CFG strategies (default {_CFG})")
     flags.DEFINE_float("top_p", None, f"nucleus mass of the TopP strategies (default {_TOP_P})")
