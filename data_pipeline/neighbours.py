@@ -510,6 +510,48 @@ def select_neighbours(query_ids: np.ndarray, candidate_ids: Sequence[np.ndarray]
     return result()
 
 
+def _select_widening(search_fn: Callable, query_ids: np.ndarray, query_lists: Sequence[np.ndarray],
+                     query_masks: Sequence[np.ndarray], quotas: Sequence[int], embeddings: np.ndarray,
+                     is_multimodal: np.ndarray, *, num_candidates: int, max_candidates: int,
+                     query_embeddings: np.ndarray | None = None, **select_kw):
+    """`select_neighbours` over each list's `num_candidates` searched candidates (list j: queries
+    query_lists[j] where query_masks[j]); rows still short of sum(quotas) are searched again 4x
+    wider, up to `max_candidates` or the whole bank. Returns (ids, scores, skip counts from each
+    row's last search, rows searched again)."""
+    n, q = np.shape(embeddings)[0], len(query_ids)
+    k_total = int(sum(quotas))
+    ids = np.full((q, k_total), -1, np.int32)
+    scores = np.full((q, k_total), -np.inf, np.float32)
+    counts = {r: 0 for r in SKIP_REASONS}
+    has_query = np.logical_or.reduce([np.asarray(m, bool) for m in query_masks])
+    widest = min(max(int(max_candidates), int(num_candidates)), n)
+    width = min(int(num_candidates), widest)
+    rows, widened = np.arange(q), 0
+
+    def retrieve(queries, mask):
+        out_i = np.full((mask.shape[0], width), -1, np.int64)
+        out_s = np.full((mask.shape[0], width), -np.inf, np.float32)
+        if mask.any():
+            i, sc = search_fn(np.asarray(queries[mask], np.float32), width)
+            out_i[mask, :np.shape(i)[1]], out_s[mask, :np.shape(sc)[1]] = i, sc   # a lookup may hold fewer
+        return out_i, out_s
+
+    while rows.size and k_total:
+        found = [retrieve(qs[rows], np.asarray(m, bool)[rows]) for qs, m in zip(query_lists, query_masks)]
+        chosen, chosen_scores, c = select_neighbours(
+            query_ids[rows], [f[0] for f in found], [f[1] for f in found], quotas, embeddings, is_multimodal,
+            query_embeddings=None if query_embeddings is None else query_embeddings[rows], per_row_counts=True,
+            **select_kw)
+        ids[rows], scores[rows] = chosen, chosen_scores
+        final = ((chosen >= 0).sum(axis=1) == k_total) | (width >= widest) | ~has_query[rows]
+        for r in SKIP_REASONS:
+            counts[r] += int(c[r][final].sum())
+        rows = rows[~final]
+        widened += rows.size
+        width = min(4 * width, widest)
+    return ids, scores, counts, widened
+
+
 def neighbours_of_queries(search: Callable | Any, queries: np.ndarray, k: int, embeddings: np.ndarray,
                           is_multimodal: np.ndarray, *, num_candidates: int = 64,
                           max_candidates: int = MAX_CANDIDATES, max_score: float = NEAR_DUPLICATE_SCORE,
@@ -522,21 +564,11 @@ def neighbours_of_queries(search: Callable | Any, queries: np.ndarray, k: int, e
     neighbours_found). Returns (ids int32 [Q, k], scores float32 [Q, k]), -1 / -inf padding."""
     search_fn = search.search if hasattr(search, "search") else search
     queries = np.asarray(queries, np.float32)
-    n = np.asarray(embeddings).shape[0]
-    ids = np.full((queries.shape[0], k), -1, np.int32)
-    scores = np.full((queries.shape[0], k), -np.inf, np.float32)
-    todo = np.arange(queries.shape[0])
-    widest = min(max(int(max_candidates), k), n)
-    width = min(max(int(num_candidates), k), widest)
-    while todo.size and k > 0:
-        cand_ids, cand_scores = search_fn(queries[todo], width)
-        ids[todo], scores[todo], _ = select_neighbours(
-            np.full(todo.size, -1), [cand_ids], [cand_scores], [k], embeddings, is_multimodal, max_score=max_score,
-            diversity_threshold=diversity_threshold, query_embeddings=queries[todo])
-        if width >= widest:
-            break
-        todo = todo[(ids[todo] >= 0).sum(axis=1) < k]
-        width = min(4 * width, widest)
+    everyone = np.ones(queries.shape[0], bool)
+    ids, scores, _, _ = _select_widening(
+        search_fn, np.full(queries.shape[0], -1), [queries], [everyone], [k], embeddings, is_multimodal,
+        num_candidates=max(int(num_candidates), k), max_candidates=max(int(max_candidates), k),
+        max_score=max_score, diversity_threshold=diversity_threshold, query_embeddings=queries)
     return ids, scores
 
 
@@ -552,8 +584,8 @@ def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray, ima
     to `max_candidates` (denser corpora hold more near duplicates: on 30,000 shapes documents a
     fixed 32 left 5,008 without any neighbour). Skips are counted in each document's last search.
     `search` is a ScannIndex / ShardedIndex or a callable(queries, k) -> (ids, scores); a lookup of
-    precomputed top-C candidates should come with max_candidates=C. Returns (ids int32 [M, K], scores float32 [M, K], stats) for documents
-    [start, stop) (default all; a host of a multi-host run takes its own range), rows aligned
+    precomputed top-C candidates should come with max_candidates=C. Returns (ids int32 [M, K],
+    scores float32 [M, K], stats) for documents [start, stop) (default all; a host of a multi-host run takes its own range), rows aligned
     with those ids. The arrays may be memory-mapped. Nothing is dropped silently: documents
     left without any neighbour keep -1 rows and are counted."""
     doc_embeddings = np.asarray(doc_embeddings, np.float32)
@@ -577,34 +609,19 @@ def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray, ima
     scores = np.full((stop - start, k_total), -np.inf, np.float32)
     counts = {r: 0 for r in SKIP_REASONS}
     start_time = time.time()
-
-    def retrieve(queries, mask, width):
-        out_i = np.full((mask.shape[0], width), -1, np.int64)
-        out_s = np.full((mask.shape[0], width), -np.inf, np.float32)
-        if mask.any():
-            i, s = search_fn(np.asarray(queries[mask], np.float32), width)
-            out_i[mask, :np.shape(i)[1]], out_s[mask, :np.shape(s)[1]] = i, s   # a lookup may hold fewer
-        return out_i, out_s
-
     widest = min(max(int(max_candidates), int(num_candidates)), n)
     widened = 0
     for lo in range(start, stop, query_batch):
-        rows = np.arange(lo, min(lo + query_batch, stop))
-        width = min(int(num_candidates), widest)
-        while rows.size:
-            t_ids, t_sc = retrieve(text_queries[rows], has_text[rows], width)
-            i_ids, i_sc = retrieve(image_queries[rows], has_image[rows], width)
-            chosen, chosen_scores, c = select_neighbours(
-                rows, [t_ids, i_ids], [t_sc, i_sc], [k_text, k_image], doc_embeddings, multimodal,
-                valid=valid, max_score=max_score, diversity_threshold=diversity_threshold, per_row_counts=True)
-            ids[rows - start], scores[rows - start] = chosen, chosen_scores
-            final = ((chosen >= 0).sum(axis=1) == k_total) | (width >= widest) | ~valid[rows]
-            for r in SKIP_REASONS:
-                counts[r] += int(c[r][final].sum())
-            rows = rows[~final]
-            widened += rows.size
-            width = min(4 * width, widest)
         hi = min(lo + query_batch, stop)
+        batch_ids, batch_scores, c, w = _select_widening(
+            search_fn, np.arange(lo, hi), [text_queries[lo:hi], image_queries[lo:hi]],
+            [has_text[lo:hi], has_image[lo:hi]], [k_text, k_image], doc_embeddings, multimodal,
+            num_candidates=num_candidates, max_candidates=widest, valid=valid, max_score=max_score,
+            diversity_threshold=diversity_threshold)
+        ids[lo - start:hi - start], scores[lo - start:hi - start] = batch_ids, batch_scores
+        for r in SKIP_REASONS:
+            counts[r] += c[r]
+        widened += w
         if progress:
             done = hi - start
             print(f"neighbours: {done}/{stop - start} documents ({done / max(time.time() - start_time, 1e-9):,.0f}/s)",

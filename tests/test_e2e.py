@@ -137,7 +137,7 @@ def test_the_gpu_config_is_e2e_tiny_with_bigger_budgets():
     """README's GPU results speak for e2e_tiny's recipe only while nothing but the budgets differ."""
     from flax import traverse_util
     from experiments import e2e_gpu, e2e_tiny
-    gpu, tiny = (traverse_util.flatten_dict(c.to_dict(), sep=".") for c in (e2e_gpu.get_config(), e2e_tiny.get_config()))
+    gpu, tiny = (traverse_util.flatten_dict(module.get_config().to_dict(), sep=".") for module in (e2e_gpu, e2e_tiny))
     assert gpu.keys() == tiny.keys()
     assert {k for k in gpu if gpu[k] != tiny[k]} == {
         "vq.total_steps", "vq.checkpoint_every_steps", "vq.sample_every_steps", "data.num_documents.train",
