@@ -15,7 +15,10 @@ split instead, for tuning decoding settings without touching test):
       true attributes named correctly (`shapes_metrics.caption_accuracy`);
   (c) Frechet distance between generated and real images in the attribute classifier's feature
       space (named for what it is: not FID; `--feature_network` adds one in a user-supplied
-      network's feature space, e.g. an Inception port, see shapes_metrics.load_feature_network);
+      network's feature space, e.g. an Inception port, see shapes_metrics.load_feature_network;
+      `--clip_model DIR`, a local Hugging Face CLIP checkpoint, adds the CLIP score of every
+      scored image against its caption and a Frechet distance in CLIP image features, see
+      clip_metrics);
   (d) validation loss of the query documents with 0, 1 and 2 retrieved neighbours prepended
       (`<eos> neighbours query <eos>`, loss on the query's tokens only, no masking);
   (e) VQ tokenizer PSNR, codebook usage and perplexity on held-out images.
@@ -116,7 +119,7 @@ def requested_share(scores: dict[str, float]) -> float:
 
 
 def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: int, seed: int,
-                  real_features: np.ndarray, feature_network=None, neighbours: int = 0,
+                  real_features: np.ndarray, feature_network=None, clip_scorer=None, neighbours: int = 0,
                   sampling_overrides: Mapping[str, float | None] | None = None) -> tuple[dict, np.ndarray]:
     """Scores one strategy; returns (scores, the images grid rows [prompts, samples]). `neighbours`
     documents retrieved by each caption are prepended to its prompt (the paper's 0, 1 or 2);
@@ -140,6 +143,12 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
         scores["frechet_distance_user_network"] = shapes_metrics.frechet_distance(
             shapes_metrics.features_from_network(feature_network, flat),
             shapes_metrics.features_from_network(feature_network, prompts["images"]))
+    if clip_scorer is not None:
+        captions = [caption for caption, imgs in zip(prompts["captions"], scored) for _ in range(len(imgs))]
+        scores["clip_score"] = clip_scorer.clip_score(flat, captions)
+        scores["frechet_distance_clip_features"] = shapes_metrics.frechet_distance(
+            clip_scorer.image_features(np.concatenate([s.images for s in samples])),
+            clip_scorer.image_features(prompts["images"]))
     scores.update(num_samples=num_samples, neighbours=int(neighbours), reranked=rerank, scored_images=int(len(flat)),
                   sampling=dataclasses.asdict(config), cd_fraction=strategy.cd_fraction)
     return scores, np.stack([s.images for s in samples])
@@ -240,6 +249,14 @@ def _markdown(report: dict) -> str:
             lines.append("| (ceiling: the real images through the VQ) | "
                          + " | ".join(f"{100 * ceiling[c]:.1f}%" for c in cols) + " | |")
         lines.append("")
+        clip = report.get("clip")
+        if clip:
+            lines += [f"CLIP ({clip['model']}): CLIP score of the scored images against their captions and Frechet "
+                      "distance in CLIP image features against the real images (FD_CLIP, not FID)", "",
+                      "| strategy | CLIP score | Frechet dist. (CLIP features) |", "|---|---|---|"]
+            lines += [f"| {name} | {s['clip_score']:.2f} | {s['frechet_distance_clip_features']:.3f} |"
+                      for name, s in t2i.items()]
+            lines += [f"| (the real images) | {clip['real_images_clip_score']:.2f} | |", ""]
     i2t = report.get("image_to_text")
     if i2t:
         cols = ("shape", "color", "size", "position", "count", "background", "overall", "unparseable")
@@ -268,7 +285,8 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
              num_prompts: int = 64, num_samples: int = 4, num_captions: int = 64, num_val_documents: int = 128,
              neighbour_counts: Sequence[int] = (0, 1, 2), num_vq_images: int = 256,
              classifier_dir: str | None = None, classifier_steps: int = attribute_classifier.DEFAULT_STEPS,
-             feature_network: str | None = None, step: int | None = None, seed: int = 0,
+             feature_network: str | None = None, clip_model: str | None = None, step: int | None = None,
+             seed: int = 0,
              image_neighbours: int = 0, cfg_scale: float | None = None, top_p: float | None = None,
              top_k: int | None = None, temperature: float | None = None, split: str = "test") -> dict:
     """Runs (a)-(e) and writes report.json, report.md and PNG grids into `out_dir`. cfg_scale, top_p,
@@ -288,6 +306,11 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     overrides = dict(cfg_scale=cfg_scale, top_p=top_p, top_k=top_k, temperature=temperature)
     for name in strategies:  # bad settings fail here, before the model loads and the classifier trains
         strategy_sampling(name, **overrides)
+    # a bad CLIP checkpoint fails here, before the model loads and the classifier trains
+    clip_scorer = None
+    if clip_model and strategies:
+        from cm3leon_jax import clip_metrics
+        clip_scorer = clip_metrics.ClipScorer(clip_model)
     out_dir = out_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     gen = Generator(workdir, step=step)
@@ -313,6 +336,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
         t0 = time.time()
         scores, grid_rows = text_to_image(gen, classifier, t2i_prompts, name, num_samples=num_samples, seed=seed,
                                           real_features=real_features, feature_network=network,
+                                          clip_scorer=clip_scorer,
                                           neighbours=image_neighbours, sampling_overrides=overrides)
         scores["seconds"] = round(time.time() - t0, 1)
         report["text_to_image"][name] = scores
@@ -325,6 +349,9 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     if strategies:
         report["text_to_image_vq_ceiling"] = vq_ceiling(gen.vq, classifier, t2i_prompts)
         report["text_to_image_prompts"] = t2i_prompts["captions"][:8]
+    if clip_scorer is not None:
+        report["clip"] = {"model": clip_scorer.model_dir, "real_images_clip_score": clip_scorer.clip_score(
+            t2i_prompts["images"], t2i_prompts["captions"])}
 
     if num_captions:
         images = prompts["images"][:num_captions]
@@ -368,7 +395,7 @@ def main(argv):
                       num_samples=f.num_samples, num_captions=f.num_captions, num_val_documents=f.num_val_documents,
                       neighbour_counts=[int(k) for k in f.neighbour_counts], num_vq_images=f.num_vq_images,
                       classifier_dir=f.classifier_dir, classifier_steps=f.classifier_steps,
-                      feature_network=f.feature_network, step=f.step, seed=f.seed,
+                      feature_network=f.feature_network, clip_model=f.clip_model, step=f.step, seed=f.seed,
                       image_neighbours=f.image_neighbours, cfg_scale=f.cfg_scale, top_p=f.top_p, top_k=f.top_k,
                       temperature=f.temperature, split=f.split)
     print(_markdown(report))
@@ -399,6 +426,8 @@ def _define_flags():
     flags.DEFINE_integer("classifier_steps", attribute_classifier.DEFAULT_STEPS, "classifier training steps")
     flags.DEFINE_string("feature_network", None, "optional user network (.npz/.safetensors) for a second "
                         "Frechet distance (e.g. an Inception port for FID)")
+    flags.DEFINE_string("clip_model", None, "optional local Hugging Face CLIP checkpoint dir (safetensors): adds "
+                        "the CLIP score and a Frechet distance in CLIP image features (needs the interop extra)")
     flags.DEFINE_integer("seed", 0, "sampling seed")
 
 

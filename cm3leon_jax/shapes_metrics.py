@@ -21,7 +21,8 @@ the attribute classifier's feature space*, not FID: it is only comparable with n
 with the same classifier.
 
 FID and CLIP score need networks trained on natural images (Inception-v3, CLIP), whose weights
-cannot be shipped or downloaded here, so this module does not compute them. Users who have a
+cannot be shipped or downloaded here. A user's local CLIP checkpoint gives the CLIP score and a
+Frechet distance in CLIP image features (`clip_metrics`, `evaluate --clip_model DIR`). Users who have a
 network can still compute a Frechet distance in its feature space: save it as a small conv
 feature network in an `.npz` or `.safetensors` file (the convention is in
 `load_feature_network`), load it with `load_feature_network(path)`, embed both image sets with

@@ -1,5 +1,6 @@
 """The one-command pipeline on a minuscule config: every stage runs, the report is complete, a
 rerun is served from the cache, and changed settings in the same workdir are refused."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -121,6 +122,27 @@ def test_evaluation_of_the_validation_loss_alone(finished, tmp_path):
     assert report["text_to_image"] == {} and "image_to_text" not in report and "vq" not in report
     assert set(report["validation_loss"]) == {"0", "1"}
     assert report["validation_loss"]["1"]["neighbours_found"] == 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,
+                    reason="needs the interop extra (torch, transformers)")
+def test_evaluation_with_a_user_clip_checkpoint(finished, tmp_path):
+    from cm3leon_jax import evaluate
+    from tests.clip_fixture import write_tiny_clip
+    _, workdir = finished
+    clip_dir = write_tiny_clip(str(tmp_path / "clip"))
+    out = tmp_path / "eval"
+    report = evaluate.evaluate(os.path.join(workdir, "lm"), out_dir=str(out), strategies=["greedy", "topp"],
+                               num_prompts=2, num_samples=2, num_captions=0, num_val_documents=0, num_vq_images=0,
+                               classifier_dir=workdir, clip_model=clip_dir)
+    for name in ("greedy", "topp"):
+        row = report["text_to_image"][name]
+        assert 0.0 <= row["clip_score"] <= 100.0 and row["frechet_distance_clip_features"] >= 0.0
+    assert report["clip"]["model"] == os.path.abspath(clip_dir)
+    assert 0.0 <= report["clip"]["real_images_clip_score"] <= 100.0
+    with open(out / "report.md") as f:
+        markdown = f.read()
+    assert "| greedy | " in markdown and "CLIP score" in markdown and "(the real images)" in markdown
 
 
 def test_evaluation_settings_are_checked_up_front():

@@ -1,0 +1,60 @@
+"""CLIP score and Frechet distance in CLIP features from a user's local CLIP checkpoint."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from cm3leon_jax import clip_metrics, shapes_metrics
+from tests.clip_fixture import write_tiny_clip
+
+needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None or
+                              importlib.util.find_spec("torch") is None,
+                              reason="needs the interop extra (torch, transformers)")
+
+
+def test_clip_score_is_clamped_scaled_cosine():
+    a = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    assert clip_metrics.clip_score_from_features(a, 5 * a) == pytest.approx(100.0)
+    # orthogonal -> 0, opposite -> 0 (clamped, not negative), 60 degrees -> 50
+    b = np.array([[0.0, 1.0], [0.0, -1.0], [0.5, np.sqrt(3) / 2]])
+    assert clip_metrics.clip_score_from_features(a, b) == pytest.approx((0 + 0 + 50) / 3)
+    with pytest.raises(ValueError, match="aligned"):
+        clip_metrics.clip_score_from_features(a, a[:2])
+
+
+@needs_hf
+def test_scorer_matches_transformers_and_refuses_bad_checkpoints(tmp_path):
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+    model_dir = write_tiny_clip(str(tmp_path / "clip"))
+    scorer = clip_metrics.ClipScorer(model_dir, batch_size=3)   # several batches
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    captions = ["a red star", "a blue circle at the top left", "x", "two green squares", "a " * 40 + "long one"]
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    processor = CLIPProcessor.from_pretrained(model_dir)
+    with torch.no_grad():
+        px = processor(images=list(images), return_tensors="pt")["pixel_values"]
+        want_img = clip_metrics._projected(model.get_image_features(pixel_values=px)).numpy()
+    got_img = scorer.image_features(images)
+    np.testing.assert_allclose(got_img, want_img, atol=1e-5)
+    got_txt = scorer.text_features(captions)
+    assert got_txt.shape == (5, 16) and np.isfinite(got_txt).all()
+    cos = np.sum(got_img * got_txt, 1) / np.linalg.norm(got_img, axis=1) / np.linalg.norm(got_txt, axis=1)
+    assert scorer.clip_score(images, captions) == pytest.approx(100 * np.maximum(cos, 0).mean(), abs=1e-4)
+    assert shapes_metrics.frechet_distance(got_img, got_img) == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(ValueError, match="images but"):
+        scorer.clip_score(images, captions[:2])
+
+    with pytest.raises(ValueError, match="no config.json"):
+        clip_metrics.ClipScorer(str(tmp_path))
+    os.remove(os.path.join(model_dir, "model.safetensors"))
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        clip_metrics.ClipScorer(model_dir)
+
+
+def test_evaluate_checks_the_clip_checkpoint_before_anything_loads(tmp_path):
+    from cm3leon_jax import evaluate
+    with pytest.raises(ValueError, match="not a Hugging Face CLIP checkpoint"):
+        evaluate.evaluate("/nonexistent", clip_model=str(tmp_path))
