@@ -21,15 +21,17 @@ from typing import Sequence
 import numpy as np
 
 
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def clip_score_from_features(image_features: np.ndarray, text_features: np.ndarray) -> float:
     """100 * max(cosine, 0) averaged over aligned rows (features need not be normalised)."""
-    a = np.asarray(image_features, np.float64)
-    b = np.asarray(text_features, np.float64)
+    a, b = np.asarray(image_features), np.asarray(text_features)
     if a.shape != b.shape or a.ndim != 2 or not len(a):
         raise ValueError(f"need aligned non-empty [N, D] image and text features, got {a.shape} and {b.shape}")
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return float(100.0 * np.mean(np.maximum(np.sum(a * b, axis=1), 0.0)))
+    return float(100.0 * np.mean(np.maximum(np.sum(l2_normalize(a) * l2_normalize(b), axis=1), 0.0)))
 
 
 def _projected(output):

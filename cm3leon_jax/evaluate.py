@@ -126,7 +126,7 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
     `sampling_overrides` go through `strategy_sampling`."""
     strategy = STRATEGIES[strategy_name]
     config = strategy_sampling(strategy_name, **(sampling_overrides or {}))
-    rerank = strategy.rerank and gen.retriever is not None
+    rerank = strategy.rerank and gen.can_rerank
     samples = gen.text_to_image(prompts["captions"], num_samples=num_samples, config=config,
                                 cd_fraction=strategy.cd_fraction, rerank=rerank, seed=seed,
                                 num_neighbours=neighbours)

@@ -9,8 +9,9 @@
 
 Loads the latest checkpoint's parameters, the vocabulary saved beside them, the VQ tokenizer the
 data was made with and, when the data has them, the retriever and its ScaNN index (for
-retrieval-augmented prompts and CLIP-style reranking). Writes a PNG grid and a JSON of settings
-and scores.
+retrieval-augmented prompts and CLIP-style reranking; `--clip_model DIR` reranks with a local
+Hugging Face CLIP checkpoint instead, as the paper does). Writes a PNG grid and a JSON of
+settings and scores.
 """
 from __future__ import annotations
 
@@ -37,17 +38,23 @@ class ImageSamples:
     codes: np.ndarray        # int32 [N, h, w]
     strategies: list[str]    # per sample: "topp" or "cdk"
     logprobs: np.ndarray     # [N] the conditional stream's log-probability of the drawn codes
-    scores: np.ndarray | None = None  # [N] retriever similarity to the caption, when reranked
+    scores: np.ndarray | None = None  # [N] reranker similarity to the caption (CLIP's or the retriever's)
 
 
 class Generator:
     """Everything needed to decode from one training workdir or params bundle, loaded once."""
 
     def __init__(self, workdir: str, *, step: int | None = None, vq_workdir: str | None = None,
-                 data_dir: str | None = None, mesh_config=None):
+                 data_dir: str | None = None, mesh_config=None, clip_model: str | None = None):
         """`workdir`: a training workdir or a params bundle (export --format params, verified on
         load; it carries its VQ tokenizer). `data_dir` (retriever, ScaNN index, VQ tokenizer of
-        a workdir) defaults to the config's; "" for none."""
+        a workdir) defaults to the config's; "" for none. `clip_model`: a local Hugging Face CLIP
+        checkpoint that reranks text -> image samples (the paper's reranker) instead of the
+        retriever (`clip_metrics.ClipScorer`)."""
+        self.clip_scorer = None
+        if clip_model:  # a bad checkpoint fails before the LM loads
+            from cm3leon_jax import clip_metrics
+            self.clip_scorer = clip_metrics.ClipScorer(clip_model)
         self.config = export.read_config(workdir)
         if mesh_config is None:
             mesh_config = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -97,8 +104,18 @@ class Generator:
         ids, _ = neighbours.neighbours_of_queries(index, query, k, bank, multimodal)
         return [np.asarray(documents[int(i)]["tokens"], np.int32) for i in ids[0] if i >= 0]
 
-    def rerank_scores(self, caption: str, codes: np.ndarray) -> np.ndarray:
-        """Cosine similarity of each image to the caption under the retriever (our CLIP stand-in)."""
+    @property
+    def can_rerank(self) -> bool:
+        return self.clip_scorer is not None or self.retriever is not None
+
+    def rerank_scores(self, caption: str, codes: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
+        """Cosine similarity of each image to the caption: under the user's CLIP when given (of the
+        decoded `images`, decoded from `codes` if None), else under the retriever (our CLIP stand-in)."""
+        if self.clip_scorer is not None:
+            from cm3leon_jax import clip_metrics
+            images = self.vq.decode(codes) if images is None else images
+            image_features = clip_metrics.l2_normalize(self.clip_scorer.image_features(images))
+            return image_features @ clip_metrics.l2_normalize(self.clip_scorer.text_features([caption]))[0]
         from cm3leon_jax import retriever
         params, rcfg = self.retriever
         text = retriever.embed_text(params, rcfg, [self.vocab.encode_text(caption)])
@@ -155,8 +172,8 @@ class Generator:
                 strategies += [name] * count
             codes = np.concatenate(codes).reshape(-1, h, w).astype(np.int32)
             sample = ImageSamples(caption, self.vq.decode(codes), codes, strategies, np.concatenate(logprobs))
-            if rerank and self.retriever is not None:
-                sample.scores = self.rerank_scores(caption, codes)
+            if rerank and self.can_rerank:
+                sample.scores = self.rerank_scores(caption, codes, sample.images)
                 order = np.argsort(-sample.scores, kind="stable")
                 sample = ImageSamples(caption, sample.images[order], codes[order], [strategies[i] for i in order],
                                       sample.logprobs[order], sample.scores[order])
@@ -222,7 +239,7 @@ def main(argv):
     from cm3leon_jax import metrics
     f = flags.FLAGS
     metrics.quiet_library_logs()
-    gen = Generator(f.workdir, step=f.step, vq_workdir=f.vq_workdir, data_dir=f.data_dir)
+    gen = Generator(f.workdir, step=f.step, vq_workdir=f.vq_workdir, data_dir=f.data_dir, clip_model=f.clip_model)
     try:
         _run(gen, f)
     except vqgan.NoDecoderError as e:
@@ -283,7 +300,9 @@ def _define_flags():
     flags.DEFINE_float("cd_alpha", 0.1, "CD-K plausibility threshold")
     flags.DEFINE_float("cd_fraction", 0.0, "share of samples drawn by CD-K (the paper mixes half and half)")
     flags.DEFINE_integer("neighbours", 0, "retrieved documents prepended to the prompt (0, 1 or 2)")
-    flags.DEFINE_bool("rerank", True, "sort samples by retriever similarity to the prompt")
+    flags.DEFINE_bool("rerank", True, "sort samples by similarity to the prompt (--clip_model's, else the retriever's)")
+    flags.DEFINE_string("clip_model", None, "local Hugging Face CLIP checkpoint dir (safetensors) to rerank with, as "
+                        "the paper does (needs the interop extra); default: the data's retriever")
     flags.DEFINE_integer("max_text_tokens", 48, "limit for generated text")
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_string("out", None, "output directory (default WORKDIR/generate)")

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import subprocess
@@ -61,3 +62,21 @@ def test_cli_writes_a_png_grid_and_the_settings(tiny_pipeline, tmp_path):
     record = json.loads((out / "samples.json").read_text())
     assert record["settings"]["cfg_scale"] == 2.0 and len(record["samples"]) == 2
     assert len(record["samples"][0]["scores"]) == 3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,
+                    reason="needs the interop extra (torch, transformers)")
+def test_a_user_clip_checkpoint_reranks_text_to_image(tiny_pipeline, tmp_path):
+    from cm3leon_jax import clip_metrics
+    from tests.clip_fixture import write_tiny_clip
+    clip_dir = write_tiny_clip(str(tmp_path / "clip"))
+    gen = generate.Generator(tiny_pipeline["lm"], clip_model=clip_dir)
+    caption = "a small red circle at the top left"
+    [sample] = gen.text_to_image([caption], num_samples=4, config=sampling.SamplingConfig(top_p=0.9), seed=3)
+    scorer = clip_metrics.ClipScorer(clip_dir)
+    want = (clip_metrics.l2_normalize(scorer.image_features(sample.images))
+            @ clip_metrics.l2_normalize(scorer.text_features([caption]))[0])
+    np.testing.assert_allclose(sample.scores, want, atol=1e-5)   # CLIP's cosine, not the retriever's
+    assert np.all(np.diff(sample.scores) <= 1e-6)                 # best first
+    with pytest.raises(ValueError, match="not a Hugging Face CLIP checkpoint"):
+        generate.Generator(tiny_pipeline["lm"], clip_model=str(tmp_path))
