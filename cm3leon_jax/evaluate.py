@@ -198,7 +198,7 @@ def validation_loss(gen, documents: Sequence[dict], neighbour_counts: Sequence[i
     max_k = max(neighbour_counts)
     retrieved = []
     if max_k > 0:
-        if gen.retriever is None:
+        if not gen.can_retrieve:
             raise ValueError("validation loss with neighbours needs the data's retriever and ScaNN index")
         for doc in documents:
             caption = gen.vocab.decode_text(np.asarray(doc["text_ids"], np.int32))
@@ -314,7 +314,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     out_dir = out_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     gen = Generator(workdir, step=step)
-    if image_neighbours and strategies and gen.retriever is None:  # before the classifier trains
+    if image_neighbours and strategies and not gen.can_retrieve:  # before the classifier trains
         raise ValueError(f"image_neighbours={image_neighbours} needs the data's retriever and index; "
                          f"{workdir} has none (a params bundle carries none)")
     size = gen.vq.image_size
@@ -344,7 +344,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
                             image_grid.make_grid([list(r) for r in grid_rows[:8]]))
         logging.info("text -> image %s: requested attributes %.1f%% (%.0fs)", name, 100 * scores["requested"],
                      scores["seconds"])
-    if strategies and "topp_cdk_rerank" in strategies and gen.retriever is None:
+    if strategies and "topp_cdk_rerank" in strategies and not gen.can_rerank:
         report["notes"].append("no retriever in the data dir: topp_cdk_rerank scored every sample, unranked")
     if strategies:
         report["text_to_image_vq_ceiling"] = vq_ceiling(gen.vq, classifier, t2i_prompts)
@@ -366,8 +366,8 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     if num_val_documents and gen.data_dir and os.path.isdir(prepare.documents_dir(gen.data_dir)):
         val_docs = prepare.load_documents(gen.data_dir, "validation")
         docs = [val_docs[i] for i in range(min(int(num_val_documents), len(val_docs)))]
-        counts = list(neighbour_counts) if gen.retriever is not None else [0]
-        if gen.retriever is None:
+        counts = list(neighbour_counts) if gen.can_retrieve else [0]
+        if not gen.can_retrieve:
             report["notes"].append("no retriever in the data dir: validation loss with 0 neighbours only")
         report["validation_loss"] = validation_loss(gen, docs, counts)
     elif num_val_documents:

@@ -51,11 +51,16 @@ class Generator:
         a workdir) defaults to the config's; "" for none. `clip_model`: a local Hugging Face CLIP
         checkpoint that reranks text -> image samples (the paper's reranker) instead of the
         retriever (`clip_metrics.ClipScorer`)."""
+        from cm3leon_jax import retriever
+        self.config = export.read_config(workdir)
+        self.data_dir = self.config.data.get("data_dir", "") if data_dir is None else data_dir
+        # a data dir whose bank a user's CLIP embedded: queries (and, by default, reranking) use that CLIP
+        self._clip_reference = retriever.load_clip_reference(self.data_dir)
+        clip_model = clip_model or (self._clip_reference or {}).get("clip_model")
         self.clip_scorer = None
         if clip_model:  # a bad checkpoint fails before the LM loads
             from cm3leon_jax import clip_metrics
             self.clip_scorer = clip_metrics.ClipScorer(clip_model)
-        self.config = export.read_config(workdir)
         if mesh_config is None:
             mesh_config = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
         self.mesh = sharding.make_mesh(mesh_config)
@@ -63,7 +68,6 @@ class Generator:
         self.model_config = self.trainer.model_config
         self.params, self.step = export.restore_params(workdir, self.trainer.abstract_state.params, step)
         self.vocab = vocab_lib.Vocabulary.load(os.path.join(workdir, "vocab"))
-        self.data_dir = self.config.data.get("data_dir", "") if data_dir is None else data_dir
         self.vq, vq_workdir = export.load_vq_tokenizer(workdir, vq_workdir, self.data_dir)
         if self.vq.tokens_per_image != self.vocab.image_tokens_per_image:
             raise ValueError(f"VQ tokenizer in {vq_workdir} makes {self.vq.tokens_per_image} tokens per image, the "
@@ -75,9 +79,10 @@ class Generator:
 
     @property
     def retriever(self):
-        """(params, config) of the data's retriever, or None when the data has none."""
-        if self._retriever is None and self.data_dir and os.path.isdir(os.path.join(self.data_dir, "retriever")):
-            from cm3leon_jax import retriever
+        """(params, config) of the data's trained retriever, or None when the data has none."""
+        from cm3leon_jax import retriever
+        if self._retriever is None and self.data_dir and os.path.exists(
+                os.path.join(self.data_dir, retriever.RETRIEVER_SUBDIR, retriever.CONFIG_JSON)):
             self._retriever = retriever.load_retriever(self.data_dir)
         return self._retriever
 
@@ -86,27 +91,38 @@ class Generator:
         training pipeline's rules: no near duplicates, multimodal first, diverse), as tokens."""
         if k <= 0:
             return []
-        if self.retriever is None:
+        if not self.can_retrieve:
             raise ValueError(f"--neighbours={k} needs a retriever and index in the data dir {self.data_dir!r} "
                              "(a params bundle carries none: pass --data_dir)")
-        from cm3leon_jax import retriever
+        from cm3leon_jax import clip_metrics, retriever
         from data_pipeline import index as index_lib, neighbours, prepare
-        params, rcfg = self.retriever
         if self._retrieval is None:
             documents = prepare.load_documents(self.data_dir, "train")
             texts, images = index_lib.document_columns(documents)
-            bank = retriever.embed_documents(params, rcfg, texts, images)  # as the retrieval stage indexed them
+            if self._clip_reference is not None:  # the bank as the retrieval stage embedded it
+                bank = np.load(self._clip_reference["embeddings"])
+                scorer = self.clip_scorer
+                if scorer.model_dir != os.path.abspath(self._clip_reference["clip_model"]):  # reranking uses another
+                    scorer = clip_metrics.ClipScorer(self._clip_reference["clip_model"])
+                embed = lambda caption: clip_metrics.l2_normalize(scorer.text_features([caption])).astype(np.float32)
+            else:
+                params, rcfg = self.retriever
+                bank = retriever.embed_documents(params, rcfg, texts, images)
+                embed = lambda caption: retriever.embed_text(params, rcfg, [self.vocab.encode_text(caption)])
             multimodal = np.array([len(t) > 0 and len(c) > 0 for t, c in zip(texts, images)])
             self._retrieval = (neighbours.load_index(os.path.join(self.data_dir, "scann_index")), documents, bank,
-                               multimodal)
-        index, documents, bank, multimodal = self._retrieval
-        query = retriever.embed_text(params, rcfg, [self.vocab.encode_text(caption)])
-        ids, _ = neighbours.neighbours_of_queries(index, query, k, bank, multimodal)
+                               multimodal, embed)
+        index, documents, bank, multimodal, embed = self._retrieval
+        ids, _ = neighbours.neighbours_of_queries(index, embed(caption), k, bank, multimodal)
         return [np.asarray(documents[int(i)]["tokens"], np.int32) for i in ids[0] if i >= 0]
 
     @property
     def can_rerank(self) -> bool:
         return self.clip_scorer is not None or self.retriever is not None
+
+    @property
+    def can_retrieve(self) -> bool:
+        return self._clip_reference is not None or self.retriever is not None
 
     def rerank_scores(self, caption: str, codes: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
         """Cosine similarity of each image to the caption: under the user's CLIP when given (of the

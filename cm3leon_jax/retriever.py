@@ -679,6 +679,33 @@ def save_retriever(directory: str, params, config) -> None:
         os.replace(tmp, os.path.join(directory, CONFIG_JSON))
 
 
+# --------------------------------------------------------------------------- a user's CLIP as the retriever
+
+CLIP_JSON = "clip.json"
+CLIP_EMBEDDINGS = "document_embeddings.npy"
+
+
+def save_clip_reference(data_dir: str, clip_model: str, document_embeddings: np.ndarray) -> None:
+    """Records that DATA_DIR's bank was embedded by the CLIP checkpoint `clip_model` (the paper's
+    frozen bi-encoder), with the embeddings beside it: queries must go through the same model."""
+    out = os.path.join(os.path.abspath(data_dir), RETRIEVER_SUBDIR)
+    os.makedirs(out, exist_ok=True)
+    np.save(os.path.join(out, CLIP_EMBEDDINGS), np.asarray(document_embeddings, np.float32))
+    with open(os.path.join(out, CLIP_JSON), "w", encoding="utf-8") as f:
+        json.dump({"format": FORMAT + "+clip", "clip_model": os.path.abspath(clip_model),
+                   "embeddings": CLIP_EMBEDDINGS, "shape": list(np.shape(document_embeddings))}, f, indent=1)
+
+
+def load_clip_reference(data_dir: str) -> dict | None:
+    """{"clip_model", "embeddings" (path)} when DATA_DIR's bank was embedded by a user's CLIP, else None."""
+    path = os.path.join(os.path.abspath(data_dir or ""), RETRIEVER_SUBDIR, CLIP_JSON)
+    if not data_dir or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    return {"clip_model": saved["clip_model"], "embeddings": os.path.join(os.path.dirname(path), saved["embeddings"])}
+
+
 def load_retriever(directory: str):
     """Loads (params, config) saved by train_retriever; `directory` is the workdir or workdir/retriever."""
     import orbax.checkpoint as ocp

@@ -1,10 +1,11 @@
 """Retrieval stage: embed the prepared documents, index them with ScaNN, store each one's neighbours.
 
-    python -m data_pipeline.index --data DIR [--embeddings my_embeddings.npy] [--steps 2000]
-        [--num_shards 1]
+    python -m data_pipeline.index --data DIR [--embeddings my_embeddings.npy | --clip_model CLIP_DIR]
+        [--steps 2000] [--num_shards 1]
 
-Trains the CLIP-style retriever on the data's train split (or takes embeddings computed elsewhere,
-a `.npy` [N, D] aligned with the documents), then writes DIR/scann_index and the neighbour sidecar
+Trains the CLIP-style retriever on the data's train split (or embeds with a user's local CLIP
+checkpoint, the paper's frozen retriever, or takes embeddings computed elsewhere, a `.npy` [N, D]
+aligned with the documents), then writes DIR/scann_index and the neighbour sidecar
 (DIR/neighbours_ids.npy, one row per train document) that the training pipeline joins.
 """
 from __future__ import annotations
@@ -35,14 +36,64 @@ def retriever_config_for(data_dir: str, **overrides):
                                       image_grid=tuple(vocab.image_grid), **overrides)
 
 
-def build(data_dir: str, *, embeddings_path: str | None = None, num_shards: int = 1, seed: int = 0,
-          **retriever_overrides) -> dict:
-    """Trains (or loads) the retriever, indexes the train split and writes its neighbours."""
+def clip_embeddings(data_dir: str, clip_model: str, texts, images, *, seed: int = 0, batch_size: int = 256):
+    """The paper's retriever with a user's CLIP checkpoint: each document's caption (its text ids
+    decoded) and image (its codes through the data's VQ decoder) embedded by CLIP, combined by
+    the paper's rule. Text queries lose 20% of their tokens first (the query dropout); image
+    queries are the image embeddings. Returns (doc_emb, text_queries, image_queries)."""
+    from cm3leon_jax import clip_metrics, export, vq_tokenizer
+    scorer = clip_metrics.ClipScorer(clip_model)
+    vocab = vocab_lib.Vocabulary.load(os.path.join(data_dir, prepare.VOCAB_DIR))
+    n = len(texts)
+    has_text = np.array([len(t) > 0 for t in texts])
+    has_image = np.array([len(c) > 0 for c in images])
+    dropout = float(retriever.retriever_config().query_dropout)
+
+    def embed_captions(rows, drop: bool):
+        captions = [vocab.decode_text(retriever.query_token_dropout(texts[i], dropout, seed, int(i)) if drop
+                                      else texts[i]) for i in rows]
+        return clip_metrics.l2_normalize(scorer.text_features(captions)) if captions else None
+
+    text_rows, image_rows = np.flatnonzero(has_text), np.flatnonzero(has_image)
+    if not len(text_rows) and not len(image_rows):
+        raise ValueError(f"{data_dir}: no document has text or an image to embed")
+    out = {}
+    for name, rows, drop in (("text", text_rows, False), ("text_query", text_rows, True)):
+        out[name] = embed_captions(rows, drop)
+    if len(image_rows):
+        vq_workdir = export.data_vq_workdir(data_dir)
+        if not vq_workdir:
+            raise ValueError(f"{data_dir}: its ingest report names no VQ tokenizer to decode the images for CLIP")
+        vq = vq_tokenizer.VQTokenizer.from_workdir(vq_workdir)
+        h, w = vocab.image_grid
+        chunks = []
+        for start in range(0, len(image_rows), batch_size):
+            codes = np.stack([np.asarray(images[i], np.int32).reshape(h, w) for i in image_rows[start:start + batch_size]])
+            chunks.append(scorer.image_features(vq.decode(codes)))
+        out["image"] = clip_metrics.l2_normalize(np.concatenate(chunks))
+    dim = next(v.shape[1] for v in out.values() if v is not None)
+    full = {name: np.zeros((n, dim), np.float32) for name in ("text", "text_query", "image")}
+    for name, rows in (("text", text_rows), ("text_query", text_rows), ("image", image_rows)):
+        if out.get(name) is not None:
+            full[name][rows] = out[name]
+    doc = retriever.combine_document_embeddings(full["text"], full["image"], has_text, has_image)
+    return doc, full["text_query"], full["image"]
+
+
+def build(data_dir: str, *, embeddings_path: str | None = None, clip_model: str | None = None, num_shards: int = 1,
+          seed: int = 0, **retriever_overrides) -> dict:
+    """Trains (or loads) the retriever, or embeds with a user's CLIP, indexes the train split and
+    writes its neighbours."""
+    if embeddings_path and clip_model:
+        raise ValueError("give --embeddings or --clip_model, not both")
     documents = prepare.load_documents(data_dir, "train")
     texts, images = document_columns(documents)
     has_text = np.array([len(t) > 0 for t in texts])
     has_image = np.array([len(c) > 0 for c in images])
-    if embeddings_path:
+    if clip_model:
+        doc_emb, text_q, image_q = clip_embeddings(data_dir, clip_model, texts, images, seed=seed)
+        retriever.save_clip_reference(data_dir, clip_model, doc_emb)
+    elif embeddings_path:
         doc_emb = retriever.load_embeddings(embeddings_path, len(documents))
         text_q = image_q = doc_emb  # user embeddings: one vector per document serves both queries
     else:
@@ -70,13 +121,16 @@ def main(argv):
         logging.info("%s already has neighbours; pass --overwrite to rebuild", f.data)
         return
     overrides = {"steps": f.steps} if f.steps else {}
-    build(f.data, embeddings_path=f.embeddings, num_shards=f.num_shards, seed=f.seed, **overrides)
+    build(f.data, embeddings_path=f.embeddings, clip_model=f.clip_model, num_shards=f.num_shards, seed=f.seed,
+          **overrides)
 
 
 if __name__ == "__main__":
     from absl import app, flags
     flags.DEFINE_string("data", None, "a directory made by `python -m data_pipeline.prepare`", required=True)
     flags.DEFINE_string("embeddings", None, "optional .npy [N, D] document embeddings computed elsewhere")
+    flags.DEFINE_string("clip_model", None, "optional local Hugging Face CLIP checkpoint dir (safetensors): the "
+                        "paper's frozen retriever instead of training ours; generation then queries it too")
     flags.DEFINE_integer("steps", None, "retriever training steps (default: the retriever config's)")
     flags.DEFINE_integer("num_shards", 1, "index shards (one per host's memory, see WORKSPACE.md)")
     flags.DEFINE_integer("seed", 0, "seed for retriever training and query dropout")

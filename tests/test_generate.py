@@ -80,3 +80,47 @@ def test_a_user_clip_checkpoint_reranks_text_to_image(tiny_pipeline, tmp_path):
     assert np.all(np.diff(sample.scores) <= 1e-6)                 # best first
     with pytest.raises(ValueError, match="not a Hugging Face CLIP checkpoint"):
         generate.Generator(tiny_pipeline["lm"], clip_model=str(tmp_path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,
+                    reason="needs the interop extra (torch, transformers)")
+def test_a_user_clip_checkpoint_as_the_retriever(tiny_pipeline, tmp_path):
+    """index --clip_model embeds the bank with CLIP by the paper's rule; generation then queries that CLIP."""
+    import shutil
+    from cm3leon_jax import clip_metrics, retriever, vocab as vocab_lib, vq_tokenizer
+    from data_pipeline import index as index_lib, neighbours, prepare
+    from tests.clip_fixture import write_tiny_clip
+    clip_dir = write_tiny_clip(str(tmp_path / "clip"))
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_pipeline["data"], data)
+    shutil.rmtree(os.path.join(data, "retriever"))  # a user who never trained ours
+    stats = index_lib.build(data, clip_model=clip_dir)
+    assert stats["documents_with_full_neighbours"] > 0
+    reference = retriever.load_clip_reference(data)
+    assert reference["clip_model"] == os.path.abspath(clip_dir)
+
+    # the stored bank is CLIP's caption and image embeddings, normalised, averaged, normalised
+    docs = prepare.load_documents(data, "train")
+    vocab = vocab_lib.Vocabulary.load(os.path.join(data, prepare.VOCAB_DIR))
+    vq = vq_tokenizer.VQTokenizer.from_workdir(tiny_pipeline["vq"])
+    scorer = clip_metrics.ClipScorer(clip_dir)
+    first = [docs[i] for i in range(3)]
+    text = clip_metrics.l2_normalize(scorer.text_features([vocab.decode_text(np.asarray(d["text_ids"])) for d in first]))
+    codes = np.stack([np.asarray(d["image_codes"]).reshape(vocab.image_grid) for d in first])
+    image = clip_metrics.l2_normalize(scorer.image_features(vq.decode(codes)))
+    bank = np.load(reference["embeddings"])
+    np.testing.assert_allclose(bank[:3], clip_metrics.l2_normalize(text + image), atol=1e-4)
+
+    gen = generate.Generator(tiny_pipeline["lm"], data_dir=data)
+    assert gen.retriever is None and gen.can_retrieve and gen.clip_scorer is not None
+    caption = "a small red circle at the top left"
+    got = gen.retrieve(caption, 2)
+    query = clip_metrics.l2_normalize(scorer.text_features([caption])).astype(np.float32)
+    multimodal = np.array([len(docs[i]["text_ids"]) > 0 and len(docs[i]["image_codes"]) > 0 for i in range(len(docs))])
+    ids, _ = neighbours.neighbours_of_queries(neighbours.load_index(os.path.join(data, "scann_index")), query, 2, bank,
+                                              multimodal)
+    want = [np.asarray(docs[int(i)]["tokens"], np.int32) for i in ids[0] if i >= 0]
+    assert len(got) == 2 and all(np.array_equal(a, b) for a, b in zip(got, want))
+    [sample] = gen.text_to_image([caption], num_samples=2, config=sampling.SamplingConfig(top_p=0.9),
+                                 num_neighbours=1)
+    assert sample.scores is not None and sample.images.shape[0] == 2   # reranked by the data's CLIP
