@@ -352,6 +352,10 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     if clip_scorer is not None:
         report["clip"] = {"model": clip_scorer.model_dir, "real_images_clip_score": clip_scorer.clip_score(
             t2i_prompts["images"], t2i_prompts["captions"])}
+        reranked = [n for n, s in report["text_to_image"].items() if s.get("reranked")]
+        if reranked and gen.clip_scorer is not None and gen.clip_scorer.model_dir == clip_scorer.model_dir:
+            report["notes"].append(f"{', '.join(reranked)}: reranked by the CLIP that scores them (the data's "
+                                   "retriever), so their CLIP score is biased upward")
 
     if num_captions:
         images = prompts["images"][:num_captions]
