@@ -15,6 +15,7 @@ only then.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -49,6 +50,11 @@ class ClipScorer:
         if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
             raise ValueError(f"--clip_model {model_dir!r} has no model.safetensors (pickled weights are not "
                              "read: convert them with save_pretrained(..., safe_serialization=True))")
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+        if model_type != "clip":  # transformers would load another model's weights into a fresh CLIP
+            raise ValueError(f"--clip_model {model_dir!r} holds a {model_type!r} checkpoint, not a CLIP one "
+                             "(config.json model_type 'clip')")
         try:
             import torch
             from transformers import CLIPModel, CLIPProcessor

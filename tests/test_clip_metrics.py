@@ -49,6 +49,14 @@ def test_scorer_matches_transformers_and_refuses_bad_checkpoints(tmp_path):
 
     with pytest.raises(ValueError, match="no config.json"):
         clip_metrics.ClipScorer(str(tmp_path))
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = f.read()
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        f.write(config.replace('"model_type": "clip"', '"model_type": "opt"'))
+    with pytest.raises(ValueError, match="not a CLIP one"):
+        clip_metrics.ClipScorer(model_dir)
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        f.write(config)
     os.remove(os.path.join(model_dir, "model.safetensors"))
     with pytest.raises(ValueError, match="no model.safetensors"):
         clip_metrics.ClipScorer(model_dir)
