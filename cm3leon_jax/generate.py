@@ -269,7 +269,9 @@ def _run(gen, f):
                                      cd_k=f.cd_k, cd_alpha=f.cd_alpha)
     settings = {k: getattr(f, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cd_k", "cd_alpha",
                                            "cd_fraction", "num_samples", "neighbours", "seed")}
-    settings.update(workdir=os.path.abspath(f.workdir), step=gen.step)
+    settings.update(workdir=os.path.abspath(f.workdir), step=gen.step,
+                    reranker=(gen.clip_scorer.model_dir if gen.clip_scorer is not None
+                              else "retriever" if gen.retriever is not None else None) if f.rerank else None)
     out_dir = f.out or os.path.join(f.workdir, "generate")
     if f.task:  # instruction-tuned tasks (edit, vqa, control, ...): their templates and guidance
         from cm3leon_jax import sft_generate
