@@ -21,10 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+from cm3leon_jax.retriever import l2_normalize
 
 
 def clip_score_from_features(image_features: np.ndarray, text_features: np.ndarray) -> float:
@@ -32,7 +29,8 @@ def clip_score_from_features(image_features: np.ndarray, text_features: np.ndarr
     a, b = np.asarray(image_features), np.asarray(text_features)
     if a.shape != b.shape or a.ndim != 2 or not len(a):
         raise ValueError(f"need aligned non-empty [N, D] image and text features, got {a.shape} and {b.shape}")
-    return float(100.0 * np.mean(np.maximum(np.sum(l2_normalize(a) * l2_normalize(b), axis=1), 0.0)))
+    a, b = l2_normalize(a.astype(np.float64)), l2_normalize(b.astype(np.float64))
+    return float(100.0 * np.mean(np.maximum(np.sum(a * b, axis=1), 0.0)))
 
 
 def _projected(output):
@@ -87,6 +85,14 @@ class ClipScorer:
                 out.append(_projected(self.model.get_text_features(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])).numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """l2-normalised image features: what retrieval and reranking compare."""
+        return l2_normalize(self.image_features(images))
+
+    def embed_text(self, captions: Sequence[str]) -> np.ndarray:
+        """l2-normalised text features."""
+        return l2_normalize(self.text_features(captions))
 
     def clip_score(self, images: np.ndarray, captions: Sequence[str]) -> float:
         if len(images) != len(captions):

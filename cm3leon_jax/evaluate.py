@@ -119,11 +119,13 @@ def requested_share(scores: dict[str, float]) -> float:
 
 
 def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: int, seed: int,
-                  real_features: np.ndarray, feature_network=None, clip_scorer=None, neighbours: int = 0,
+                  real_features: np.ndarray, feature_network=None, clip_scorer=None, clip_real=None,
+                  neighbours: int = 0,
                   sampling_overrides: Mapping[str, float | None] | None = None) -> tuple[dict, np.ndarray]:
     """Scores one strategy; returns (scores, the images grid rows [prompts, samples]). `neighbours`
     documents retrieved by each caption are prepended to its prompt (the paper's 0, 1 or 2);
-    `sampling_overrides` go through `strategy_sampling`."""
+    `sampling_overrides` go through `strategy_sampling`. `clip_real`: the CLIP features of the
+    prompts' real images and captions ({"images", "captions"}), computed once for all strategies."""
     strategy = STRATEGIES[strategy_name]
     config = strategy_sampling(strategy_name, **(sampling_overrides or {}))
     rerank = strategy.rerank and gen.can_rerank
@@ -144,11 +146,13 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
             shapes_metrics.features_from_network(feature_network, flat),
             shapes_metrics.features_from_network(feature_network, prompts["images"]))
     if clip_scorer is not None:
-        captions = [caption for caption, imgs in zip(prompts["captions"], scored) for _ in range(len(imgs))]
-        scores["clip_score"] = clip_scorer.clip_score(flat, captions)
-        scores["frechet_distance_clip_features"] = shapes_metrics.frechet_distance(
-            clip_scorer.image_features(np.concatenate([s.images for s in samples])),
-            clip_scorer.image_features(prompts["images"]))
+        from cm3leon_jax import clip_metrics
+        generated = clip_scorer.image_features(np.concatenate([s.images for s in samples]))
+        firsts = np.cumsum([0] + [len(s.images) for s in samples[:-1]])
+        caption_rows = np.repeat(np.arange(len(scored)), [len(imgs) for imgs in scored])
+        scores["clip_score"] = clip_metrics.clip_score_from_features(generated[firsts] if rerank else generated,
+                                                                     clip_real["captions"][caption_rows])
+        scores["frechet_distance_clip_features"] = shapes_metrics.frechet_distance(generated, clip_real["images"])
     scores.update(num_samples=num_samples, neighbours=int(neighbours), reranked=rerank, scored_images=int(len(flat)),
                   sampling=dataclasses.asdict(config), cd_fraction=strategy.cd_fraction)
     return scores, np.stack([s.images for s in samples])
@@ -332,11 +336,13 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     if strategies:
         t2i_prompts = {k: (v[:num_prompts]) for k, v in prompts.items()}
         real_features = attribute_classifier.features(classifier, prompts["images"])
+        clip_real = None if clip_scorer is None else {"images": clip_scorer.image_features(t2i_prompts["images"]),
+                                                      "captions": clip_scorer.text_features(t2i_prompts["captions"])}
     for name in strategies:
         t0 = time.time()
         scores, grid_rows = text_to_image(gen, classifier, t2i_prompts, name, num_samples=num_samples, seed=seed,
                                           real_features=real_features, feature_network=network,
-                                          clip_scorer=clip_scorer,
+                                          clip_scorer=clip_scorer, clip_real=clip_real,
                                           neighbours=image_neighbours, sampling_overrides=overrides)
         scores["seconds"] = round(time.time() - t0, 1)
         report["text_to_image"][name] = scores
@@ -350,8 +356,9 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
         report["text_to_image_vq_ceiling"] = vq_ceiling(gen.vq, classifier, t2i_prompts)
         report["text_to_image_prompts"] = t2i_prompts["captions"][:8]
     if clip_scorer is not None:
-        report["clip"] = {"model": clip_scorer.model_dir, "real_images_clip_score": clip_scorer.clip_score(
-            t2i_prompts["images"], t2i_prompts["captions"])}
+        from cm3leon_jax import clip_metrics
+        real_score = clip_metrics.clip_score_from_features(clip_real["images"], clip_real["captions"])
+        report["clip"] = {"model": clip_scorer.model_dir, "real_images_clip_score": real_score}
         reranked = [n for n, s in report["text_to_image"].items() if s.get("reranked")]
         if reranked and gen.clip_scorer is not None and gen.clip_scorer.model_dir == clip_scorer.model_dir:
             report["notes"].append(f"{', '.join(reranked)}: reranked by the CLIP that scores them (the data's "

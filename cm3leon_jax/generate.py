@@ -104,7 +104,7 @@ class Generator:
                 scorer = self.clip_scorer
                 if scorer.model_dir != os.path.abspath(self._clip_reference["clip_model"]):  # reranking uses another
                     scorer = clip_metrics.ClipScorer(self._clip_reference["clip_model"])
-                embed = lambda caption: clip_metrics.l2_normalize(scorer.text_features([caption])).astype(np.float32)
+                embed = lambda caption: scorer.embed_text([caption])
             else:
                 params, rcfg = self.retriever
                 bank = retriever.embed_documents(params, rcfg, texts, images)
@@ -128,10 +128,8 @@ class Generator:
         """Cosine similarity of each image to the caption: under the user's CLIP when given (of the
         decoded `images`, decoded from `codes` if None), else under the retriever (our CLIP stand-in)."""
         if self.clip_scorer is not None:
-            from cm3leon_jax import clip_metrics
             images = self.vq.decode(codes) if images is None else images
-            image_features = clip_metrics.l2_normalize(self.clip_scorer.image_features(images))
-            return image_features @ clip_metrics.l2_normalize(self.clip_scorer.text_features([caption]))[0]
+            return self.clip_scorer.embed_images(images) @ self.clip_scorer.embed_text([caption])[0]
         from cm3leon_jax import retriever
         params, rcfg = self.retriever
         text = retriever.embed_text(params, rcfg, [self.vocab.encode_text(caption)])

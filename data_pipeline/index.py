@@ -50,34 +50,28 @@ def clip_embeddings(data_dir: str, clip_model: str, texts, images, *, seed: int 
     dropout = float(retriever.retriever_config().query_dropout)
 
     def embed_captions(rows, drop: bool):
-        captions = [vocab.decode_text(retriever.query_token_dropout(texts[i], dropout, seed, int(i)) if drop
-                                      else texts[i]) for i in rows]
-        return clip_metrics.l2_normalize(scorer.text_features(captions)) if captions else None
+        return scorer.embed_text([vocab.decode_text(retriever.query_token_dropout(texts[i], dropout, seed, int(i))
+                                                    if drop else texts[i]) for i in rows])
 
     text_rows, image_rows = np.flatnonzero(has_text), np.flatnonzero(has_image)
     if not len(text_rows) and not len(image_rows):
         raise ValueError(f"{data_dir}: no document has text or an image to embed")
-    out = {}
-    for name, rows, drop in (("text", text_rows, False), ("text_query", text_rows, True)):
-        out[name] = embed_captions(rows, drop)
+    dim = int(scorer.model.config.projection_dim)
+    text, text_query, image = (np.zeros((n, dim), np.float32) for _ in range(3))
+    if len(text_rows):
+        text[text_rows] = embed_captions(text_rows, drop=False)
+        text_query[text_rows] = embed_captions(text_rows, drop=True)
     if len(image_rows):
         vq_workdir = export.data_vq_workdir(data_dir)
         if not vq_workdir:
             raise ValueError(f"{data_dir}: its ingest report names no VQ tokenizer to decode the images for CLIP")
         vq = vq_tokenizer.VQTokenizer.from_workdir(vq_workdir)
         h, w = vocab.image_grid
-        chunks = []
         for start in range(0, len(image_rows), batch_size):
-            codes = np.stack([np.asarray(images[i], np.int32).reshape(h, w) for i in image_rows[start:start + batch_size]])
-            chunks.append(scorer.image_features(vq.decode(codes)))
-        out["image"] = clip_metrics.l2_normalize(np.concatenate(chunks))
-    dim = next(v.shape[1] for v in out.values() if v is not None)
-    full = {name: np.zeros((n, dim), np.float32) for name in ("text", "text_query", "image")}
-    for name, rows in (("text", text_rows), ("text_query", text_rows), ("image", image_rows)):
-        if out.get(name) is not None:
-            full[name][rows] = out[name]
-    doc = retriever.combine_document_embeddings(full["text"], full["image"], has_text, has_image)
-    return doc, full["text_query"], full["image"]
+            rows = image_rows[start:start + batch_size]
+            codes = np.stack([np.asarray(images[i], np.int32).reshape(h, w) for i in rows])
+            image[rows] = scorer.embed_images(vq.decode(codes))
+    return retriever.combine_document_embeddings(text, image, has_text, has_image), text_query, image
 
 
 def build(data_dir: str, *, embeddings_path: str | None = None, clip_model: str | None = None, num_shards: int = 1,
