@@ -92,10 +92,7 @@ def _step(model, params, cache, token, position):
 def _choose(rng, logits, streams, config: sampling.SamplingConfig, allowed: tuple[tuple[int, int], ...] | None):
     """[streams * batch, vocab] logits -> one token per prompt, shared by all its streams."""
     per_stream = logits.reshape(streams, -1, logits.shape[-1])
-    guided = sampling.guided_logits(per_stream, config)
-    if allowed is not None:
-        guided = sampling.restrict_to_ranges(guided, allowed)
-    token = sampling.draw(rng, sampling.filter_logits(guided, config), config.temperature)
+    token = sampling.draw(rng, sampling.next_token_logits(per_stream, config, allowed), config.temperature)
     return jnp.tile(token, streams)
 
 

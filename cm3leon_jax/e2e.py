@@ -102,16 +102,39 @@ class Pipeline:
                 f"stage {name!r} in {self.workdir} was run with other settings (or after other upstream "
                 f"stages) than this config: its outputs do not match. Use a new --workdir, or delete "
                 f"{self.dirs[name]} and {path} to redo it from there.")
-        self.timings[name] = {"seconds": marker["seconds"], "cached": True}
+        self.timings[name] = {"seconds": marker["seconds"], "runs": marker.get("runs", 1), "cached": True}
         return True
+
+    def _earlier_runs(self, name: str) -> dict[str, float]:
+        """Seconds and runs a stage spent before it was preempted (its `.partial.json`), so a resumed
+        stage reports its whole time, not only the last run's."""
+        path = self._marker_path(name)[:-len(".json")] + ".partial.json"
+        if not os.path.exists(path):
+            return {"seconds": 0.0, "runs": 0, "path": path}
+        with open(path, encoding="utf-8") as f:
+            partial = json.load(f)
+        if partial["fingerprint"] != self.fingerprints[name]:  # another config's stopped run: not ours
+            return {"seconds": 0.0, "runs": 0, "path": path}
+        return {"seconds": float(partial["seconds"]), "runs": int(partial["runs"]), "path": path}
+
+    def mark_stopped(self, name: str, seconds: float) -> None:
+        earlier = self._earlier_runs(name)
+        os.makedirs(os.path.dirname(earlier["path"]), exist_ok=True)
+        with open(earlier["path"], "w", encoding="utf-8") as f:
+            json.dump({"stage": name, "fingerprint": self.fingerprints[name],
+                       "seconds": round(earlier["seconds"] + seconds, 1), "runs": earlier["runs"] + 1}, f)
 
     def mark_done(self, name: str, seconds: float, result: Any) -> None:
         path = self._marker_path(name)
+        earlier = self._earlier_runs(name)
+        seconds, runs = earlier["seconds"] + seconds, earlier["runs"] + 1
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"stage": name, "fingerprint": self.fingerprints[name], "seconds": round(seconds, 1),
-                       "dir": self.dirs[name], "result": result}, f, indent=2, default=str)
-        self.timings[name] = {"seconds": round(seconds, 1), "cached": False}
+                       "runs": runs, "dir": self.dirs[name], "result": result}, f, indent=2, default=str)
+        if os.path.exists(earlier["path"]):
+            os.remove(earlier["path"])
+        self.timings[name] = {"seconds": round(seconds, 1), "runs": runs, "cached": False}
 
     # ------------------------------------------------------------------ stages
 
@@ -175,7 +198,9 @@ class Pipeline:
         with open(os.path.join(self.workdir, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, default=str)
         lines = [f"# End-to-end run: {self.workdir}", "", "| stage | seconds | |", "|---|---|---|"]
-        lines += [f"| {n} | {t['seconds']:.0f} | {'cached' if t['cached'] else ''} |" for n, t in self.timings.items()]
+        notes = lambda t: ", ".join(([f"{t['runs']} runs (resumed)"] if t.get("runs", 1) > 1 else [])  # noqa: E731
+                                    + (["cached"] if t["cached"] else []))
+        lines += [f"| {n} | {t['seconds']:.0f} | {notes(t)} |" for n, t in self.timings.items()]
         lines += [f"| total | {total:.0f} | |", "", evaluation_md]
         with open(os.path.join(self.workdir, "report.md"), "w", encoding="utf-8") as f:
             f.write("\n".join(lines))
@@ -203,6 +228,7 @@ class Pipeline:
             if isinstance(result, dict) and result.get("preempted"):  # SIGTERM: saved, not finished
                 logging.warning("[%d/%d] %s stopped at step %s (preempted); rerun the command to resume", i,
                                 len(stages), name, result.get("final_step"))
+                self.mark_stopped(name, time.time() - t0)
                 self.stopped = name
                 return self.timings
             if name != "report":

@@ -52,7 +52,7 @@ class Strategy:
     rerank: bool = False       # sort by retriever similarity and score only the best sample
 
 
-_TOP_P, _TOP_K, _CFG, _CD_K = 0.9, 32, 3.0, 8
+_TOP_P, _TOP_K, _CFG = 0.9, 32, 3.0
 # The paper's decoding table, in its reported order from worst to best, plus CD-K and its mix.
 STRATEGIES: dict[str, Strategy] = {
     "greedy": Strategy(sampling.SamplingConfig(temperature=0.0)),
@@ -60,7 +60,7 @@ STRATEGIES: dict[str, Strategy] = {
     "topk": Strategy(sampling.SamplingConfig(top_k=_TOP_K)),
     "topp_cfg": Strategy(sampling.SamplingConfig(top_p=_TOP_P, cfg_scale=_CFG)),
     "topp_topk_cfg": Strategy(sampling.SamplingConfig(top_p=_TOP_P, top_k=_TOP_K, cfg_scale=_CFG)),
-    "cdk": Strategy(sampling.SamplingConfig(cd_k=_CD_K, cd_alpha=0.1)),
+    "cdk": Strategy(sampling.SamplingConfig(cd_k=sampling.DEFAULT_CD_K)),
     "topp_cdk_rerank": Strategy(sampling.SamplingConfig(top_p=_TOP_P, cfg_scale=_CFG), cd_fraction=0.5,
                                 rerank=True),
 }
@@ -83,31 +83,34 @@ def heldout_prompts(num: int, image_size: int, split: str = "test", seed: int = 
             "scenes": [{"objects": e["objects"], "background": e["background"]} for e in examples]}
 
 
-SAMPLING_KNOBS = ("cfg_scale", "top_p", "top_k", "temperature")
+SAMPLING_KNOBS = ("cfg_scale", "top_p", "top_k", "temperature", "cd_k", "cd_alpha")
+CD_STRATEGY = "cdk"  # its settings also draw the CD-K share of a mixed strategy (cd_fraction > 0)
 
 
 def strategy_sampling(strategy_name: str, **overrides: float | None) -> sampling.SamplingConfig:
     """A strategy's sampling settings with the given knobs (SAMPLING_KNOBS; None = keep) replaced
     where the strategy uses them: cfg_scale where it guides, top_p / top_k where it filters,
-    temperature where it samples (not greedy, not CD-K). A setting tuned on the validation split then
+    temperature where it samples (not greedy, not CD-K), cd_k / cd_alpha where it contrasts. A setting tuned on the validation split then
     applies to every row of the decoding table without changing what each row is."""
     unknown = sorted(set(overrides) - set(SAMPLING_KNOBS))
     if unknown:
         raise ValueError(f"unknown sampling settings {unknown}; known: {SAMPLING_KNOBS}")
     config = STRATEGIES[strategy_name].config
     uses = {"cfg_scale": config.cfg_scale != 1.0, "top_p": config.top_p < 1.0, "top_k": config.top_k > 0,
-            "temperature": config.temperature > 0 and config.cd_k == 0}
-    checks = {"cfg_scale": lambda v: v >= 0, "top_p": lambda v: 0 < v <= 1, "top_k": lambda v: v >= 1 and v == int(v),
-              "temperature": lambda v: v > 0}
+            "temperature": config.temperature > 0 and config.cd_k == 0, "cd_k": config.cd_k > 0,
+            "cd_alpha": config.cd_k > 0}
+    is_count = lambda v: v >= 1 and v == int(v)  # noqa: E731
+    checks = {"cfg_scale": lambda v: v >= 0, "top_p": lambda v: 0 < v <= 1, "top_k": is_count,
+              "temperature": lambda v: v > 0, "cd_k": is_count, "cd_alpha": lambda v: 0 < v <= 1}
     changes = {}
     for knob, value in overrides.items():
         if value is None:
             continue
         if not checks[knob](value):
             raise ValueError(f"{knob}={value} is out of range (cfg_scale >= 0, 0 < top_p <= 1, integer "
-                             "top_k >= 1, temperature > 0)")
+                             "top_k >= 1, temperature > 0, integer cd_k >= 1, 0 < cd_alpha <= 1)")
         if uses[knob]:
-            changes[knob] = int(value) if knob == "top_k" else float(value)
+            changes[knob] = int(value) if knob in ("top_k", "cd_k") else float(value)
     return dataclasses.replace(config, **changes)
 
 
@@ -128,9 +131,10 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
     prompts' real images and captions ({"images", "captions"}), computed once for all strategies."""
     strategy = STRATEGIES[strategy_name]
     config = strategy_sampling(strategy_name, **(sampling_overrides or {}))
+    cd_config = strategy_sampling(CD_STRATEGY, **(sampling_overrides or {})) if strategy.cd_fraction else None
     rerank = strategy.rerank and gen.can_rerank
     samples = gen.text_to_image(prompts["captions"], num_samples=num_samples, config=config,
-                                cd_fraction=strategy.cd_fraction, rerank=rerank, seed=seed,
+                                cd_fraction=strategy.cd_fraction, cd_config=cd_config, rerank=rerank, seed=seed,
                                 num_neighbours=neighbours)
     # reranked: the best sample of each prompt is the answer; otherwise every sample is scored
     scored = [s.images[:1] if rerank else s.images for s in samples]
@@ -141,6 +145,7 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
     scores["requested"] = requested_share(scores)
     gen_features = attribute_classifier.features(classifier, np.concatenate([s.images for s in samples]))
     scores["frechet_distance_classifier_features"] = shapes_metrics.frechet_distance(gen_features, real_features)
+    scores["sample_diversity"] = shapes_metrics.sample_diversity([s.images for s in samples])
     if feature_network is not None:
         scores["frechet_distance_user_network"] = shapes_metrics.frechet_distance(
             shapes_metrics.features_from_network(feature_network, flat),
@@ -154,7 +159,8 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
                                                                      clip_real["captions"][caption_rows])
         scores["frechet_distance_clip_features"] = shapes_metrics.frechet_distance(generated, clip_real["images"])
     scores.update(num_samples=num_samples, neighbours=int(neighbours), reranked=rerank, scored_images=int(len(flat)),
-                  sampling=dataclasses.asdict(config), cd_fraction=strategy.cd_fraction)
+                  sampling=dataclasses.asdict(config), cd_fraction=strategy.cd_fraction,
+                  cd_sampling=dataclasses.asdict(cd_config) if cd_config else None)
     return scores, np.stack([s.images for s in samples])
 
 
@@ -242,16 +248,16 @@ def _markdown(report: dict) -> str:
     if t2i:
         cols = ("requested", "shape", "color", "position", "count", "size", "background", "all_correct")
         lines += ["## Text -> image faithfulness (held-out captions; attribute classifier)", "",
-                  "| strategy | " + " | ".join(cols) + " | Frechet dist. (classifier features) |",
-                  "|---" * (len(cols) + 2) + "|"]
+                  "| strategy | " + " | ".join(cols) + " | Frechet dist. (classifier features) | sample diversity |",
+                  "|---" * (len(cols) + 3) + "|"]
         for name, s in t2i.items():
             shown = f"{name}, {s['neighbours']} retrieved" if s.get("neighbours") else name
             lines.append(f"| {shown} | " + " | ".join(f"{100 * s[c]:.1f}%" for c in cols)
-                         + f" | {s['frechet_distance_classifier_features']:.3f} |")
+                         + f" | {s['frechet_distance_classifier_features']:.3f} | {s['sample_diversity']:.4f} |")
         ceiling = report.get("text_to_image_vq_ceiling")
         if ceiling:
             lines.append("| (ceiling: the real images through the VQ) | "
-                         + " | ".join(f"{100 * ceiling[c]:.1f}%" for c in cols) + " | |")
+                         + " | ".join(f"{100 * ceiling[c]:.1f}%" for c in cols) + " | | |")
         lines.append("")
         clip = report.get("clip")
         if clip:
@@ -292,9 +298,10 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
              feature_network: str | None = None, clip_model: str | None = None, step: int | None = None,
              seed: int = 0,
              image_neighbours: int = 0, cfg_scale: float | None = None, top_p: float | None = None,
-             top_k: int | None = None, temperature: float | None = None, split: str = "test") -> dict:
+             top_k: int | None = None, temperature: float | None = None, cd_k: int | None = None,
+             cd_alpha: float | None = None, split: str = "test") -> dict:
     """Runs (a)-(e) and writes report.json, report.md and PNG grids into `out_dir`. cfg_scale, top_p,
-    top_k and temperature replace the strategies' own where they use them (`strategy_sampling`):
+    top_k, temperature, cd_k and cd_alpha replace the strategies' own where they use them (`strategy_sampling`):
     tune them on the validation split, report test."""
     from cm3leon_jax.generate import Generator
     from data_pipeline import prepare
@@ -307,7 +314,8 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
             raise ValueError(f"{name} must be >= 0, got {value}")
     if not int(num_prompts) or not int(num_samples):
         strategies = []  # no text -> image requested
-    overrides = dict(cfg_scale=cfg_scale, top_p=top_p, top_k=top_k, temperature=temperature)
+    overrides = dict(cfg_scale=cfg_scale, top_p=top_p, top_k=top_k, temperature=temperature, cd_k=cd_k,
+                     cd_alpha=cd_alpha)
     for name in strategies:  # bad settings fail here, before the model loads and the classifier trains
         strategy_sampling(name, **overrides)
     # a bad CLIP checkpoint fails here, before the model loads and the classifier trains
@@ -408,7 +416,7 @@ def main(argv):
                       classifier_dir=f.classifier_dir, classifier_steps=f.classifier_steps,
                       feature_network=f.feature_network, clip_model=f.clip_model, step=f.step, seed=f.seed,
                       image_neighbours=f.image_neighbours, cfg_scale=f.cfg_scale, top_p=f.top_p, top_k=f.top_k,
-                      temperature=f.temperature, split=f.split)
+                      temperature=f.temperature, cd_k=f.cd_k, cd_alpha=f.cd_alpha, split=f.split)
     print(_markdown(report))
 
 
@@ -425,6 +433,10 @@ def _define_flags():
     flags.DEFINE_integer("top_k", None, f"k of the TopK strategies (default {_TOP_K})")
     flags.DEFINE_float("temperature", None, "sampling temperature of the sampling strategies (default 1; "
                        "greedy and CD-K keep theirs)")
+    flags.DEFINE_integer("cd_k", None, f"k of CD-K's plausible set, in the CD-K strategies and the CD-K share of "
+                         f"mixed ones (default {sampling.DEFAULT_CD_K})")
+    flags.DEFINE_float("cd_alpha", None, "CD-K plausibility threshold: tokens with p >= cd_alpha * (k-th largest "
+                       "p) (default 0.1)")
     flags.DEFINE_enum("split", "test", ["test", "validation"], "shapes-world split of the prompts and images: "
                       "tune decoding settings on validation, report test")
     flags.DEFINE_integer("image_neighbours", 0, "documents retrieved by each caption and prepended to its "

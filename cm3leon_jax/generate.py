@@ -162,12 +162,14 @@ class Generator:
                       cd_fraction: float = 0.0, cd_config: sampling.SamplingConfig | None = None,
                       num_neighbours: int = 0, rerank: bool = True, seed: int = 0) -> list[ImageSamples]:
         """num_samples images per caption; a `cd_fraction` of them by CD-K, the rest by `config`
-        (the paper's best: half TopP, half CD-K, reranked)."""
+        (the paper's best: half TopP, half CD-K, reranked). `cd_config` draws the CD-K share (default:
+        CD-K with `sampling.DEFAULT_CD_K` at `config`'s temperature)."""
         self.vq.require_decoder()  # before any sampling: an encoder-only (imported) VQ cannot show images
         n_cd = int(round(cd_fraction * num_samples))
         plans = [("topp", num_samples - n_cd, config)]
         if n_cd:
-            plans.append(("cdk", n_cd, cd_config or dataclasses.replace(config, cd_k=8, cd_alpha=0.1, top_p=1.0)))
+            plans.append(("cdk", n_cd, cd_config or sampling.SamplingConfig(temperature=config.temperature,
+                                                                             cd_k=sampling.DEFAULT_CD_K)))
         image_range = ((self.vocab.image_offset, self.vocab.image_offset + self.vocab.num_image_codes),)
         h, w = self.vocab.image_grid
         results = []
@@ -263,8 +265,11 @@ def main(argv):
 def _run(gen, f):
     """main's body: SFT tasks, image -> text, text infilling or text -> image."""
     from PIL import Image
+    # --cd_k draws every sample by CD-K, or with --cd_fraction only that share (the rest by TopP/TopK/CFG)
     config = sampling.SamplingConfig(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale,
-                                     cd_k=f.cd_k, cd_alpha=f.cd_alpha)
+                                     cd_k=0 if f.cd_fraction else f.cd_k, cd_alpha=f.cd_alpha)
+    cd_config = sampling.SamplingConfig(temperature=f.temperature, cd_k=f.cd_k or sampling.DEFAULT_CD_K,
+                                        cd_alpha=f.cd_alpha)
     settings = {k: getattr(f, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cd_k", "cd_alpha",
                                            "cd_fraction", "num_samples", "neighbours", "seed")}
     settings.update(workdir=os.path.abspath(f.workdir), step=gen.step,
@@ -291,7 +296,7 @@ def _run(gen, f):
             print(f"{p} -> {gen.infill_text(p, max_tokens=f.max_text_tokens, config=config, seed=f.seed)}")
         return
     samples = gen.text_to_image(f.prompt, num_samples=f.num_samples, config=config, cd_fraction=f.cd_fraction,
-                                num_neighbours=f.neighbours, rerank=f.rerank, seed=f.seed)
+                                cd_config=cd_config, num_neighbours=f.neighbours, rerank=f.rerank, seed=f.seed)
     png, path = write_image_samples(samples, out_dir, settings)
     logging.info("wrote %s and %s", png, path)
     print(png)
@@ -312,7 +317,8 @@ def _define_flags():
     flags.DEFINE_float("temperature", 1.0, "0 = greedy")
     flags.DEFINE_integer("top_k", 0, "0 = off")
     flags.DEFINE_float("top_p", 0.9, "1 = off")
-    flags.DEFINE_integer("cd_k", 0, "contrastive decoding TopK for all samples (0 = off)")
+    flags.DEFINE_integer("cd_k", 0, "contrastive decoding TopK: k for all samples, or with --cd_fraction for that "
+                         f"share (0: off, or k={sampling.DEFAULT_CD_K} with --cd_fraction)")
     flags.DEFINE_float("cd_alpha", 0.1, "CD-K plausibility threshold")
     flags.DEFINE_float("cd_fraction", 0.0, "share of samples drawn by CD-K (the paper mixes half and half)")
     flags.DEFINE_integer("neighbours", 0, "retrieved documents prepended to the prompt (0, 1 or 2)")

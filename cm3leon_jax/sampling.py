@@ -1,7 +1,9 @@
 """Sampling math as pure functions on logits: guidance, filters, contrastive decoding, draws.
 
 Order used by the decoder (as LlamaGen/Chameleon): guidance on raw logits -> allowed-id
-restriction -> temperature -> TopK -> TopP -> draw. Filtered-out tokens get -inf.
+restriction -> temperature -> TopK -> TopP -> draw (`next_token_logits`). Filtered-out tokens get
+-inf. CD-K restricts each stream first: its plausible set and both normalisations are over the ids
+that may be drawn.
 """
 from __future__ import annotations
 
@@ -23,6 +25,12 @@ class SamplingConfig:
     image_cfg_scale: float = 1.0  # three-stream (editing) guidance; used when streams == 3
     cd_k: int = 0              # >0: contrastive decoding TopK (expert=cond, amateur=uncond)
     cd_alpha: float = 0.1
+
+
+# CD-K's k where a caller names none. Chosen on the validation split (README, "CD-K"): with k >= 2 the
+# plausible set keeps tokens far below a confident expert's choice, and the score `log p_exp - log
+# p_ama` favours exactly those the amateur rules out (a background the caption fixed loses to noise).
+DEFAULT_CD_K = 1
 
 
 def classifier_free_guidance(cond: jax.Array, uncond: jax.Array, scale: float) -> jax.Array:
@@ -70,8 +78,10 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
 def contrastive_topk_scores(expert: jax.Array, amateur: jax.Array, k: int, alpha: float) -> jax.Array:
     """CD-K (CM3Leon): `log p_exp - log p_ama` on V = {t: p_exp(t) >= alpha * kth_largest(p_exp)}.
 
-    Using the k-th largest expert probability instead of the maximum keeps a useful candidate set
-    (with the maximum it collapsed to greedy in the paper).
+    The paper uses the k-th largest expert probability because with the maximum (k = 1, the original
+    CD) its decoding collapsed to greedy. Here the scores are sampled, not maximised, so k = 1 keeps
+    most of TopP's sample diversity; larger k lets tokens far below a confident expert's choice
+    compete on the ratio alone (see DEFAULT_CD_K).
     """
     log_exp = jax.nn.log_softmax(expert, axis=-1)
     log_ama = jax.nn.log_softmax(amateur, axis=-1)
@@ -92,6 +102,19 @@ def guided_logits(stream_logits: jax.Array, config: SamplingConfig) -> jax.Array
         return classifier_free_guidance(stream_logits[0], stream_logits[1], config.cfg_scale)
     return three_stream_guidance(stream_logits[0], stream_logits[1], stream_logits[2],
                                  config.image_cfg_scale, config.cfg_scale)
+
+
+def next_token_logits(stream_logits: jax.Array, config: SamplingConfig,
+                      allowed: tuple[tuple[int, int], ...] | None = None) -> jax.Array:
+    """[streams, batch, vocab] raw logits -> [batch, vocab] logits to draw from. CD-K's plausible set
+    is taken among the allowed ids: over the whole vocabulary a caption token the expert prefers
+    could leave no image code plausible, and a row of -inf draws id 0."""
+    if allowed is not None and config.cd_k > 0:
+        stream_logits = restrict_to_ranges(stream_logits, allowed)
+    guided = guided_logits(stream_logits, config)
+    if allowed is not None:
+        guided = restrict_to_ranges(guided, allowed)
+    return filter_logits(guided, config)
 
 
 def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:

@@ -237,6 +237,20 @@ def class_map_from_image(image: np.ndarray, cell_shapes: Sequence[int], threshol
 # --------------------------------------------------------------------------- Frechet distance
 
 
+def sample_diversity(samples_per_prompt: Sequence[np.ndarray]) -> float:
+    """Mean absolute pixel difference (0..1) between two samples of the same prompt, averaged over
+    prompts: 0 when a decoder always draws the same image (greedy), as contrastive decoding does when
+    its plausible set collapses to one token. Prompts with fewer than two samples are left out."""
+    per_prompt = []
+    for images in samples_per_prompt:
+        x = np.asarray(images, np.float32).reshape(len(images), -1) / 255.0
+        if len(x) < 2:
+            continue
+        pairs = [np.abs(x[i] - x[j]).mean() for i in range(len(x)) for j in range(i + 1, len(x))]
+        per_prompt.append(np.mean(pairs))
+    return float(np.mean(per_prompt)) if per_prompt else 0.0
+
+
 def _mean_cov(features) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(features, np.float64)
     if x.ndim != 2:

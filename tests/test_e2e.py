@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -89,6 +90,22 @@ def test_a_preempted_stage_is_not_marked_done(tmp_path):
     pipeline = Interrupted(pipeline_fixture.e2e_config(), str(tmp_path))
     pipeline.run(until="lm")
     assert pipeline.stopped == "vq" and pipeline.done("text_tokenizer") and not pipeline.done("vq")
+    Interrupted(pipeline_fixture.e2e_config(), str(tmp_path)).run(until="lm")  # stopped again
+
+    class Resumed(Interrupted):
+        def vq(self):
+            time.sleep(0.2)
+            return {"final_step": 5}
+
+        def data(self):
+            return {"preempted": True, "final_step": 1}
+
+    resumed = Resumed(pipeline_fixture.e2e_config(), str(tmp_path))
+    resumed.run(until="lm")
+    # a resumed stage reports the time of every run, not only the last one's
+    assert resumed.done("vq") and resumed.timings["vq"]["runs"] == 3 and resumed.timings["vq"]["seconds"] >= 0.2
+    assert not os.path.exists(tmp_path / "stages" / "vq.partial.json")
+    assert resumed.stopped == "data" and os.path.exists(tmp_path / "stages" / "data.partial.json")
 
 
 def test_ablation_files_load_share_upstream_stages_and_tabulate(finished, tmp_path):
@@ -122,6 +139,18 @@ def test_evaluation_of_the_validation_loss_alone(finished, tmp_path):
     assert report["text_to_image"] == {} and "image_to_text" not in report and "vq" not in report
     assert set(report["validation_loss"]) == {"0", "1"}
     assert report["validation_loss"]["1"]["neighbours_found"] == 1.0
+
+
+def test_cd_k_settings_reach_the_cd_share_of_the_mixed_strategy(finished, tmp_path):
+    from cm3leon_jax import evaluate
+    _, workdir = finished
+    report = evaluate.evaluate(os.path.join(workdir, "lm"), out_dir=str(tmp_path), strategies=["topp_cdk_rerank"],
+                               num_prompts=1, num_samples=2, num_captions=0, num_val_documents=0, num_vq_images=0,
+                               classifier_dir=workdir, cd_k=3, cd_alpha=0.5, top_p=0.8)
+    row = report["text_to_image"]["topp_cdk_rerank"]
+    assert (row["cd_sampling"]["cd_k"], row["cd_sampling"]["cd_alpha"]) == (3, 0.5)
+    assert (row["sampling"]["cd_k"], row["sampling"]["top_p"]) == (0, 0.8)  # the TopP half stays TopP
+    assert 0.0 <= row["sample_diversity"] <= 1.0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,

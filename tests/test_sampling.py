@@ -45,6 +45,29 @@ def test_contrastive_topk_plausibility_set_and_scores():
     assert int(jnp.argmax(scores)) == 1
 
 
+def test_cd_k_plausible_set_is_taken_among_the_allowed_ids():
+    # the expert prefers a text token (id 0) so strongly that no image code (ids 2-4) reaches
+    # alpha * its probability: over the whole vocabulary nothing drawable would be plausible
+    expert = jnp.log(jnp.array([[0.97, 0.0, 0.02, 0.006, 0.004]]) + 1e-9)
+    amateur = jnp.log(jnp.array([[0.5, 0.0, 0.1, 0.3, 0.1]]) + 1e-9)
+    stacked = jnp.stack([expert, amateur])
+    config = sampling.SamplingConfig(cd_k=1, cd_alpha=0.25)
+    unrestricted = sampling.restrict_to_ranges(sampling.guided_logits(stacked, config), ((2, 5),))
+    assert _kept(unrestricted) == set()  # the failure: a row of -inf
+    logits = sampling.next_token_logits(stacked, config, ((2, 5),))
+    # among ids 2-4 the expert's probabilities are 2/3, 1/5, 2/15 and the amateur's 1/5, 3/5, 1/5:
+    # 0.25 * 2/3 keeps ids 2 and 3
+    assert _kept(logits) == {2, 3}
+    np.testing.assert_allclose(np.asarray(logits)[0, [2, 3]], np.log([(2 / 3) / (1 / 5), (1 / 5) / (3 / 5)]),
+                               rtol=1e-4)
+    draws = jax.vmap(lambda k: sampling.draw(k, logits, 1.0))(jax.random.split(jax.random.key(0), 64))
+    assert set(np.asarray(draws).ravel().tolist()) <= {2, 3}
+    # CFG is unchanged by the restriction order: guidance first, then the allowed ids
+    cfg = sampling.SamplingConfig(cfg_scale=2.0)
+    np.testing.assert_allclose(sampling.next_token_logits(stacked, cfg, ((2, 5),))[0, 2:],
+                               sampling.classifier_free_guidance(expert, amateur, 2.0)[0, 2:], rtol=1e-6)
+
+
 def test_guidance_formulas():
     cond, uncond, img = jnp.array([2.0, 0.0]), jnp.array([1.0, 1.0]), jnp.array([1.5, 0.5])
     np.testing.assert_allclose(sampling.classifier_free_guidance(cond, uncond, 1.0), cond)

@@ -231,7 +231,7 @@ def test_user_supplied_feature_network_npz_and_safetensors(tmp_path):
 
 
 def test_tuned_sampling_settings_replace_only_the_knobs_a_strategy_uses():
-    from cm3leon_jax import evaluate
+    from cm3leon_jax import evaluate, sampling
     tuned = dict(cfg_scale=2.0, top_p=0.7, top_k=16, temperature=0.8)
     full = evaluate.strategy_sampling("topp_topk_cfg", **tuned)
     assert (full.cfg_scale, full.top_p, full.top_k, full.temperature) == (2.0, 0.7, 16, 0.8)
@@ -239,11 +239,27 @@ def test_tuned_sampling_settings_replace_only_the_knobs_a_strategy_uses():
     assert (topp.cfg_scale, topp.top_p, topp.top_k, topp.temperature) == (1.0, 0.7, 0, 0.8)
     assert evaluate.strategy_sampling("greedy", **tuned).temperature == 0.0  # greedy stays greedy
     cdk = evaluate.strategy_sampling("cdk", **tuned)
-    assert (cdk.cd_k, cdk.temperature, cdk.top_p) == (8, 1.0, 1.0)
+    assert (cdk.cd_k, cdk.temperature, cdk.top_p) == (sampling.DEFAULT_CD_K, 1.0, 1.0)
+    cdk = evaluate.strategy_sampling("cdk", cd_k=4, cd_alpha=0.3, **tuned)  # CD-K's own knobs
+    assert (cdk.cd_k, cdk.cd_alpha, cdk.cfg_scale, cdk.top_k) == (4, 0.3, 1.0, 0)
+    topp = evaluate.strategy_sampling("topp_topk_cfg", cd_k=4, cd_alpha=0.3)  # no contrast: untouched
+    assert (topp.cd_k, topp.cd_alpha) == (0, sampling.SamplingConfig().cd_alpha)
     assert evaluate.strategy_sampling("topp", top_p=None) == evaluate.STRATEGIES["topp"].config
     for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(top_k=2.5), dict(temperature=0.0),
-                dict(cfg_scale=-1.0)):
+                dict(cfg_scale=-1.0), dict(cd_k=0), dict(cd_k=1.5), dict(cd_alpha=0.0), dict(cd_alpha=1.5)):
         with pytest.raises(ValueError, match="out of range"):
             evaluate.strategy_sampling("topp_topk_cfg", **bad)
     with pytest.raises(ValueError, match="unknown sampling settings"):
         evaluate.strategy_sampling("topp", top_a=0.1)
+
+
+def test_sample_diversity_is_zero_for_identical_samples_and_grows_with_difference():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    assert sm.sample_diversity([np.stack([image] * 4), np.stack([image] * 3)]) == 0.0  # greedy-like: no diversity
+    black, white = np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8)
+    assert sm.sample_diversity([np.stack([black, white])]) == pytest.approx(1.0)
+    # three samples, two identical: pairs differ by 0, 1, 1 -> 2/3; a lone sample is left out of the mean
+    assert sm.sample_diversity([np.stack([black, black, white]), black[None]]) == pytest.approx(2 / 3)
+    noisy = np.clip(image[None].astype(int) + rng.integers(-20, 21, (4, 8, 8, 3)), 0, 255).astype(np.uint8)
+    assert 0 < sm.sample_diversity([noisy]) < sm.sample_diversity([rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)])
