@@ -59,7 +59,7 @@ def no_cache_decode(model, params, tokens, mask, new_tokens, rng):
         positions = np.maximum(np.cumsum(seg, axis=1) - 1, 0)
         logits = forward(params, buf, positions, seg)[:, prompt + step - 1]
         per_stream = logits.reshape(streams, -1, logits.shape[-1])
-        guided = sampling.filter_logits(sampling.guided_logits(per_stream, GUIDED), GUIDED)
+        guided = sampling.next_token_logits(per_stream, GUIDED)
         token = np.asarray(sampling.draw(jax.random.fold_in(rng, step), guided, GUIDED.temperature))
         buf[:, prompt + step] = np.tile(token, streams)
         seg[:, prompt + step] = 1

@@ -101,9 +101,12 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     manager = ocp.CheckpointManager(directory, item_names=("state",),
                                     options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
-    step = manager.latest_step() if step is None else step
+    step = manager.latest_step() if step is None else int(step)
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
+    if step not in manager.all_steps():
+        raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; it holds steps "
+                                f"{sorted(manager.all_steps())}")
     target = {"params": abstract_params}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,

@@ -312,6 +312,8 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     for name, value in (("num_prompts", num_prompts), ("num_samples", num_samples), ("num_captions", num_captions)):
         if int(value) < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if int(num_prompts) == 1:
+        raise ValueError("num_prompts must be 0 or at least 2: the Frechet distance needs two real images")
     if not int(num_prompts) or not int(num_samples):
         strategies = []  # no text -> image requested
     overrides = dict(cfg_scale=cfg_scale, top_p=top_p, top_k=top_k, temperature=temperature, cd_k=cd_k,

@@ -3,10 +3,11 @@ recipe, with 6.4x the VQ steps, 3x the documents and 14.5x the LM steps.
 
     python -m cm3leon_jax.e2e --config experiments/e2e_gpu.py --workdir workdirs/e2e_gpu
 
-On the 2-core CPU `e2e_tiny.py` is bounded by its 30 minutes (TopP+TopK+CFG 48.2%). Measured on one
-H100 (README, "End-to-end on one GPU"): VQ 179 s (ceiling 93.3% of the requested attributes, against
-83.2% after 2,500 steps), ingestion 37 s, retrieval 49 s, LM about 5 min, evaluation 96 s; text ->
-image 92.5% with TopP+TopK+CFG and 90.3% with TopP. With 16,000 LM steps instead: 74.6% / 73.3%.
+On the 2-core CPU `e2e_tiny.py` is bounded by its 30 minutes (TopP+TopK+CFG 48.3%). This command on
+one H100, from nothing (README, "End-to-end on one GPU"): 803 s of stages; VQ 218 s (ceiling 94.6% of
+the requested attributes, against 83.2% after 2,500 steps), ingestion 47 s, retrieval 93 s, LM 318 s,
+evaluation 124 s; text -> image 92.7% with TopP+TopK+CFG and 91.6% with TopP. With 16,000 LM steps
+instead: 74.6% / 73.3%.
 """
 from experiments import e2e_tiny
 

@@ -145,7 +145,7 @@ def test_cd_k_settings_reach_the_cd_share_of_the_mixed_strategy(finished, tmp_pa
     from cm3leon_jax import evaluate
     _, workdir = finished
     report = evaluate.evaluate(os.path.join(workdir, "lm"), out_dir=str(tmp_path), strategies=["topp_cdk_rerank"],
-                               num_prompts=1, num_samples=2, num_captions=0, num_val_documents=0, num_vq_images=0,
+                               num_prompts=2, num_samples=2, num_captions=0, num_val_documents=0, num_vq_images=0,
                                classifier_dir=workdir, cd_k=3, cd_alpha=0.5, top_p=0.8)
     row = report["text_to_image"]["topp_cdk_rerank"]
     assert (row["cd_sampling"]["cd_k"], row["cd_sampling"]["cd_alpha"]) == (3, 0.5)
@@ -181,6 +181,8 @@ def test_evaluation_settings_are_checked_up_front():
         evaluate.evaluate("/nonexistent", strategies=["beam"])
     with pytest.raises(ValueError, match="num_prompts must be >= 0"):
         evaluate.evaluate("/nonexistent", num_prompts=-1)
+    with pytest.raises(ValueError, match="num_prompts must be 0 or at least 2"):
+        evaluate.evaluate("/nonexistent", num_prompts=1)
 
 
 def test_the_gpu_config_is_e2e_tiny_with_bigger_budgets():

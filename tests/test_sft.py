@@ -234,6 +234,8 @@ def test_init_from_loads_params_and_resets_the_optimizer(tiny_pipeline, sft_run,
                zip(jax.tree_util.tree_leaves(sft_params), jax.tree_util.tree_leaves(pretrained)))
     trainer.train(sft_config(tiny_pipeline, sft_run["data"], ""), sft_run["sft"])  # already at total_steps
     assert checkpointing.restore_params(sft_run["sft"], t.abstract_state.params)[1] == 4
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 999 .* holds steps \[.*4\]"):
+        checkpointing.restore_params(sft_run["sft"], t.abstract_state.params, step=999)
 
 
 def test_init_from_rejects_another_model_or_vocabulary(tiny_pipeline, sft_run, tmp_path):
