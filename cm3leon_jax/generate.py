@@ -272,6 +272,7 @@ def _run(gen, f):
                                         cd_alpha=f.cd_alpha)
     settings = {k: getattr(f, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cd_k", "cd_alpha",
                                            "cd_fraction", "num_samples", "neighbours", "seed")}
+    settings["cd_k"] = cd_config.cd_k if f.cd_fraction else f.cd_k  # the k that drew the CD-K samples
     settings.update(workdir=os.path.abspath(f.workdir), step=gen.step,
                     reranker=(gen.clip_scorer.model_dir if gen.clip_scorer is not None
                               else "retriever" if gen.retriever is not None else None) if f.rerank else None)

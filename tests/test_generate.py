@@ -56,12 +56,15 @@ def test_cli_writes_a_png_grid_and_the_settings(tiny_pipeline, tmp_path):
     out = tmp_path / "gen"
     subprocess.run([sys.executable, "-m", "cm3leon_jax.generate", "--workdir", tiny_pipeline["lm"], "--prompt",
                     "a small red circle", "--prompt", "a large green star", "--num_samples", "3", "--cfg_scale", "2",
-                    "--out", str(out)], cwd=REPO, env=_env(1), check=True, capture_output=True)
+                    "--cd_fraction", "0.34", "--out", str(out)], cwd=REPO, env=_env(1), check=True, capture_output=True)
     grid = np.asarray(Image.open(out / "samples.png"))
     assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 3)
     record = json.loads((out / "samples.json").read_text())
     assert record["settings"]["cfg_scale"] == 2.0 and len(record["samples"]) == 2
     assert len(record["samples"][0]["scores"]) == 3
+    # one of the three samples by CD-K, and the record names the k that drew it
+    assert sorted(record["samples"][0]["strategies"]) == ["cdk", "topp", "topp"]
+    assert record["settings"]["cd_k"] == sampling.DEFAULT_CD_K
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,
