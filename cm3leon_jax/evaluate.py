@@ -175,6 +175,15 @@ def vq_ceiling(vq, classifier, prompts) -> dict:
     return scores
 
 
+def nearest_caption(gen, codes: np.ndarray) -> str:
+    """The caption of the first bank document retrieved by an image ("" when it has none)."""
+    docs = gen.retrieve_for_image(codes, 1)
+    if not docs:
+        return ""
+    end = cm3.caption_end(docs[0], image_offset=gen.vocab.image_offset, break_id=gen.vocab.break_id)
+    return gen.vocab.decode_text(docs[0][:end])
+
+
 # ----------------------------------------------------------------------------- (d)
 
 
@@ -270,9 +279,14 @@ def _markdown(report: dict) -> str:
     i2t = report.get("image_to_text")
     if i2t:
         cols = ("shape", "color", "size", "position", "count", "background", "overall", "unparseable")
-        lines += ["## Image -> text accuracy (held-out images; greedy captions)", "",
-                  "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|",
-                  "| " + " | ".join(f"{100 * i2t[c]:.1f}%" for c in cols) + " |", ""]
+        retrieved = f"; {i2t['neighbours']} retrieved documents prepended" if i2t.get("neighbours") else ""
+        rows = [("generated", i2t)]
+        if report.get("image_to_text_nearest_caption"):
+            rows.append(("the nearest bank document's caption (control)", report["image_to_text_nearest_caption"]))
+        lines += [f"## Image -> text accuracy (held-out images; greedy captions{retrieved})", "",
+                  "| captions | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += ["| " + name + " | " + " | ".join(f"{100 * r[c]:.1f}%" for c in cols) + " |" for name, r in rows]
+        lines.append("")
     val = report.get("validation_loss")
     if val:
         lines += ["## Validation loss of the query document with k retrieved neighbours", "",
@@ -299,16 +313,18 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
              seed: int = 0,
              image_neighbours: int = 0, cfg_scale: float | None = None, top_p: float | None = None,
              top_k: int | None = None, temperature: float | None = None, cd_k: int | None = None,
-             cd_alpha: float | None = None, split: str = "test") -> dict:
+             cd_alpha: float | None = None, split: str = "test", caption_neighbours: int = 0) -> dict:
     """Runs (a)-(e) and writes report.json, report.md and PNG grids into `out_dir`. cfg_scale, top_p,
     top_k, temperature, cd_k and cd_alpha replace the strategies' own where they use them (`strategy_sampling`):
-    tune them on the validation split, report test."""
+    tune them on the validation split, report test. `caption_neighbours` documents retrieved by each
+    held-out image are prepended to its image -> text prompt."""
     from cm3leon_jax.generate import Generator
     from data_pipeline import prepare
     start = time.time()
     strategies = parse_strategies(strategies)
-    if int(image_neighbours) < 0:
-        raise ValueError(f"image_neighbours must be >= 0, got {image_neighbours}")
+    for name, value in (("image_neighbours", image_neighbours), ("caption_neighbours", caption_neighbours)):
+        if int(value) < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     for name, value in (("num_prompts", num_prompts), ("num_samples", num_samples), ("num_captions", num_captions)):
         if int(value) < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -328,9 +344,11 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     out_dir = out_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     gen = Generator(workdir, step=step)
-    if image_neighbours and strategies and not gen.can_retrieve:  # before the classifier trains
-        raise ValueError(f"image_neighbours={image_neighbours} needs the data's retriever and index; "
-                         f"{workdir} has none (a params bundle carries none)")
+    for name, value, used in (("image_neighbours", image_neighbours, strategies),
+                              ("caption_neighbours", caption_neighbours, num_captions)):
+        if value and used and not gen.can_retrieve:  # before the classifier trains
+            raise ValueError(f"{name}={value} needs the data's retriever and index; "
+                             f"{workdir} has none (a params bundle carries none)")
     size = gen.vq.image_size
     classifier = attribute_classifier.train_classifier(classifier_dir or workdir, image_size=size,
                                                        steps=classifier_steps, seed=seed)
@@ -376,8 +394,12 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
 
     if num_captions:
         images = prompts["images"][:num_captions]
-        captions = gen.image_to_text(images, seed=seed)
+        captions = gen.image_to_text(images, seed=seed, num_neighbours=int(caption_neighbours))
         report["image_to_text"] = shapes_metrics.caption_accuracy(prompts["scenes"][:num_captions], captions)
+        report["image_to_text"]["neighbours"] = int(caption_neighbours)
+        if caption_neighbours:  # the control: how much of that a caption copied from the bank would score
+            report["image_to_text_nearest_caption"] = shapes_metrics.caption_accuracy(
+                prompts["scenes"][:num_captions], [nearest_caption(gen, c) for c in gen.vq.encode(images)])
         report["image_to_text_examples"] = [{"true": t, "generated": c}
                                             for t, c in zip(prompts["captions"][:8], captions[:8])]
         image_grid.save_png(os.path.join(out_dir, "image_to_text_inputs.png"),
@@ -418,7 +440,8 @@ def main(argv):
                       classifier_dir=f.classifier_dir, classifier_steps=f.classifier_steps,
                       feature_network=f.feature_network, clip_model=f.clip_model, step=f.step, seed=f.seed,
                       image_neighbours=f.image_neighbours, cfg_scale=f.cfg_scale, top_p=f.top_p, top_k=f.top_k,
-                      temperature=f.temperature, cd_k=f.cd_k, cd_alpha=f.cd_alpha, split=f.split)
+                      temperature=f.temperature, cd_k=f.cd_k, cd_alpha=f.cd_alpha, split=f.split,
+                      caption_neighbours=f.caption_neighbours)
     print(_markdown(report))
 
 
@@ -444,6 +467,8 @@ def _define_flags():
     flags.DEFINE_integer("image_neighbours", 0, "documents retrieved by each caption and prepended to its "
                          "text -> image prompt (the paper's 0, 1 or 2; needs the data's retriever)")
     flags.DEFINE_integer("num_captions", 64, "held-out images for image -> text (0: skip)")
+    flags.DEFINE_integer("caption_neighbours", 0, "documents retrieved by each held-out image and prepended to its "
+                         "image -> text prompt (needs the data's retriever)")
     flags.DEFINE_integer("num_val_documents", 128, "validation documents for the loss with neighbours (0: skip)")
     flags.DEFINE_list("neighbour_counts", ["0", "1", "2"], "neighbours prepended for the validation loss")
     flags.DEFINE_integer("num_vq_images", 256, "held-out images for the VQ PSNR (0: skip)")

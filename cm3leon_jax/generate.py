@@ -89,6 +89,13 @@ class Generator:
     def retrieve(self, caption: str, k: int) -> list[np.ndarray]:
         """The k memory-bank documents chosen for a caption (ScaNN over the data's bank, then the
         training pipeline's rules: no near duplicates, multimodal first, diverse), as tokens."""
+        return self._retrieve("text", caption, k)
+
+    def retrieve_for_image(self, codes: np.ndarray, k: int) -> list[np.ndarray]:
+        """The same for an image (its VQ codes) as the query: image -> text with retrieval."""
+        return self._retrieve("image", np.asarray(codes), k)
+
+    def _retrieve(self, modality: str, query, k: int) -> list[np.ndarray]:
         if k <= 0:
             return []
         if not self.can_retrieve:
@@ -104,16 +111,18 @@ class Generator:
                 scorer = self.clip_scorer
                 if scorer.model_dir != os.path.abspath(self._clip_reference["clip_model"]):  # reranking uses another
                     scorer = clip_metrics.ClipScorer(self._clip_reference["clip_model"])
-                embed = lambda caption: scorer.embed_text([caption])
+                embed = {"text": lambda caption: scorer.embed_text([caption]),
+                         "image": lambda codes: scorer.embed_images(self.vq.decode(codes[None]))}
             else:
                 params, rcfg = self.retriever
                 bank = retriever.embed_documents(params, rcfg, texts, images)
-                embed = lambda caption: retriever.embed_text(params, rcfg, [self.vocab.encode_text(caption)])
+                embed = {"text": lambda caption: retriever.embed_text(params, rcfg, [self.vocab.encode_text(caption)]),
+                         "image": lambda codes: retriever.embed_images(params, rcfg, [codes.reshape(-1)])}
             multimodal = np.array([len(t) > 0 and len(c) > 0 for t, c in zip(texts, images)])
             self._retrieval = (neighbours.load_index(os.path.join(self.data_dir, "scann_index")), documents, bank,
                                multimodal, embed)
         index, documents, bank, multimodal, embed = self._retrieval
-        ids, _ = neighbours.neighbours_of_queries(index, embed(caption), k, bank, multimodal)
+        ids, _ = neighbours.neighbours_of_queries(index, embed[modality](query), k, bank, multimodal)
         return [np.asarray(documents[int(i)]["tokens"], np.int32) for i in ids[0] if i >= 0]
 
     @property
@@ -215,16 +224,23 @@ class Generator:
             texts.append(self.vocab.decode_text(np.asarray(ids, np.int32)))
         return texts
 
+    def caption_prompt(self, codes: np.ndarray, neighbour_docs: Sequence[np.ndarray] = (),
+                       question: str | None = None) -> list[int]:
+        """`<eos> neighbours [Question: q Answer:] <mask:0> <break> image <break>`: the model writes
+        the masked text after `<eos> <mask:0>`."""
+        body = [int(t) for doc in neighbour_docs for t in doc]
+        prefix = self.vocab.encode_text(f"Question: {question} Answer: ").tolist() if question else []
+        return [self.vocab.eos_id, *body, *prefix, self.vocab.sentinel(0), self.vocab.break_id,
+                *self.vocab.image_codes_to_ids(np.asarray(codes).reshape(-1)).tolist(), self.vocab.break_id]
+
     def image_to_text(self, images: np.ndarray, *, question: str | None = None, max_tokens: int = 48,
                       config: sampling.SamplingConfig = sampling.SamplingConfig(temperature=0.0),
-                      seed: int = 0) -> list[str]:
+                      seed: int = 0, num_neighbours: int = 0) -> list[str]:
         """Captions (or answers) for uint8 images [N, H, W, 3], by CM3 infilling of the text part:
-        `<eos> [Question: q Answer:] <mask:0> <break> image <break>`."""
-        codes = self.vq.encode(np.asarray(images, np.uint8)).reshape(len(images), -1)
-        prefix = self.vocab.encode_text(f"Question: {question} Answer: ").tolist() if question else []
-        s0 = self.vocab.sentinel(0)
-        prompts = [[self.vocab.eos_id, *prefix, s0, self.vocab.break_id,
-                    *self.vocab.image_codes_to_ids(c).tolist(), self.vocab.break_id] for c in codes]
+        `<eos> [neighbours] [Question: q Answer:] <mask:0> <break> image <break>`; `num_neighbours`
+        bank documents retrieved by each image come first, as in training."""
+        codes = self.vq.encode(np.asarray(images, np.uint8))
+        prompts = [self.caption_prompt(c, self.retrieve_for_image(c, num_neighbours), question) for c in codes]
         return self._infill(prompts, max_tokens, config, seed)
 
     def infill_text(self, text_with_mask: str, *, max_tokens: int = 32,

@@ -141,16 +141,22 @@ def test_evaluation_of_the_validation_loss_alone(finished, tmp_path):
     assert report["validation_loss"]["1"]["neighbours_found"] == 1.0
 
 
-def test_cd_k_settings_reach_the_cd_share_of_the_mixed_strategy(finished, tmp_path):
+def test_cd_k_settings_and_captions_with_retrieved_documents(finished, tmp_path):
     from cm3leon_jax import evaluate
     _, workdir = finished
     report = evaluate.evaluate(os.path.join(workdir, "lm"), out_dir=str(tmp_path), strategies=["topp_cdk_rerank"],
-                               num_prompts=2, num_samples=2, num_captions=0, num_val_documents=0, num_vq_images=0,
-                               classifier_dir=workdir, cd_k=3, cd_alpha=0.5, top_p=0.8)
+                               num_prompts=2, num_samples=2, num_captions=2, num_val_documents=0, num_vq_images=0,
+                               classifier_dir=workdir, cd_k=3, cd_alpha=0.5, top_p=0.8, caption_neighbours=2)
     row = report["text_to_image"]["topp_cdk_rerank"]
     assert (row["cd_sampling"]["cd_k"], row["cd_sampling"]["cd_alpha"]) == (3, 0.5)
     assert (row["sampling"]["cd_k"], row["sampling"]["top_p"]) == (0, 0.8)  # the TopP half stays TopP
     assert 0.0 <= row["sample_diversity"] <= 1.0
+    # image -> text with 2 documents retrieved by each image, beside the copy-the-nearest-caption control
+    assert report["image_to_text"]["neighbours"] == 2
+    assert 0.0 <= report["image_to_text_nearest_caption"]["overall"] <= 1.0
+    with open(tmp_path / "report.md") as f:
+        markdown = f.read()
+    assert "2 retrieved documents prepended" in markdown and "(control)" in markdown
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,
@@ -181,6 +187,8 @@ def test_evaluation_settings_are_checked_up_front():
         evaluate.evaluate("/nonexistent", strategies=["beam"])
     with pytest.raises(ValueError, match="num_prompts must be >= 0"):
         evaluate.evaluate("/nonexistent", num_prompts=-1)
+    with pytest.raises(ValueError, match="caption_neighbours must be >= 0"):
+        evaluate.evaluate("/nonexistent", caption_neighbours=-1)
     with pytest.raises(ValueError, match="num_prompts must be 0 or at least 2"):
         evaluate.evaluate("/nonexistent", num_prompts=1)
 

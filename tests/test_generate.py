@@ -43,6 +43,30 @@ def test_retrieval_augmented_prompt_prepends_bank_documents(generator):
     assert out[0].codes.shape == (2, 4, 4) and out[0].scores is None
 
 
+def test_image_to_text_with_documents_retrieved_by_the_image(generator):
+    from cm3leon_jax import retriever
+    from data_pipeline import neighbours
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[2:8, 2:8] = (220, 30, 30)
+    codes = generator.vq.encode(image[None])[0]
+    docs = generator.retrieve_for_image(codes, 2)
+    assert 1 <= len(docs) <= 2
+    # the query is the image's own embedding, searched under the training pipeline's rules
+    index, documents, bank, multimodal, _ = generator._retrieval
+    params, rcfg = generator.retriever
+    ids, _ = neighbours.neighbours_of_queries(index, retriever.embed_images(params, rcfg, [codes.reshape(-1)]), 2,
+                                              bank, multimodal)
+    expected = [np.asarray(documents[int(i)]["tokens"]) for i in ids[0] if i >= 0]
+    assert len(docs) == len(expected) and all(np.array_equal(a, b) for a, b in zip(docs, expected))
+    prompt = generator.caption_prompt(codes, docs)
+    body = sum(len(d) for d in docs)
+    assert prompt[0] == generator.vocab.eos_id and prompt[1:1 + body] == [int(t) for d in docs for t in d]
+    assert prompt[1 + body:3 + body] == [generator.vocab.sentinel(0), generator.vocab.break_id]
+    assert len(prompt) == 1 + body + 2 + codes.size + 1
+    [caption] = generator.image_to_text(image[None], max_tokens=6, num_neighbours=2)
+    assert isinstance(caption, str)
+
+
 def test_image_to_text_and_infilling_write_text_only(generator):
     images = np.stack([np.full((16, 16, 3), 200, np.uint8), np.zeros((16, 16, 3), np.uint8)])
     captions = generator.image_to_text(images, max_tokens=6)
