@@ -184,6 +184,7 @@ class Pipeline:
             num_vq_images=int(c.num_vq_images), classifier_dir=classifier_dir,
             classifier_steps=int(c.classifier_steps), seed=int(self.config.seed),
             image_neighbours=int(c.get("image_neighbours", 0)),
+            caption_neighbours=int(c.get("caption_neighbours", 0)),
             **{knob: c.get(knob) for knob in evaluate.SAMPLING_KNOBS})
         return {"report": os.path.join(self.dirs["evaluate"], "report.json"), "seconds": report["seconds"]}
 
