@@ -105,35 +105,40 @@ class Pipeline:
         self.timings[name] = {"seconds": marker["seconds"], "runs": marker.get("runs", 1), "cached": True}
         return True
 
-    def _earlier_runs(self, name: str) -> dict[str, float]:
-        """Seconds and runs a stage spent before it was preempted (its `.partial.json`), so a resumed
-        stage reports its whole time, not only the last run's."""
-        path = self._marker_path(name)[:-len(".json")] + ".partial.json"
+    def _partial_path(self, name: str) -> str:
+        """Where a preempted stage's seconds and runs wait for its resumption."""
+        return self._marker_path(name)[:-len(".json")] + ".partial.json"
+
+    def _earlier_runs(self, name: str) -> tuple[float, int]:
+        """(seconds, runs) a stage spent before it was preempted, so a resumed stage reports its
+        whole time, not only the last run's; another config's stopped run does not count."""
+        path = self._partial_path(name)
         if not os.path.exists(path):
-            return {"seconds": 0.0, "runs": 0, "path": path}
+            return 0.0, 0
         with open(path, encoding="utf-8") as f:
             partial = json.load(f)
-        if partial["fingerprint"] != self.fingerprints[name]:  # another config's stopped run: not ours
-            return {"seconds": 0.0, "runs": 0, "path": path}
-        return {"seconds": float(partial["seconds"]), "runs": int(partial["runs"]), "path": path}
+        if partial["fingerprint"] != self.fingerprints[name]:
+            return 0.0, 0
+        return float(partial["seconds"]), int(partial["runs"])
 
     def mark_stopped(self, name: str, seconds: float) -> None:
-        earlier = self._earlier_runs(name)
-        os.makedirs(os.path.dirname(earlier["path"]), exist_ok=True)
-        with open(earlier["path"], "w", encoding="utf-8") as f:
+        earlier_seconds, earlier_runs = self._earlier_runs(name)
+        path = self._partial_path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
             json.dump({"stage": name, "fingerprint": self.fingerprints[name],
-                       "seconds": round(earlier["seconds"] + seconds, 1), "runs": earlier["runs"] + 1}, f)
+                       "seconds": round(earlier_seconds + seconds, 1), "runs": earlier_runs + 1}, f)
 
     def mark_done(self, name: str, seconds: float, result: Any) -> None:
         path = self._marker_path(name)
-        earlier = self._earlier_runs(name)
-        seconds, runs = earlier["seconds"] + seconds, earlier["runs"] + 1
+        earlier_seconds, earlier_runs = self._earlier_runs(name)
+        seconds, runs = earlier_seconds + seconds, earlier_runs + 1
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"stage": name, "fingerprint": self.fingerprints[name], "seconds": round(seconds, 1),
                        "runs": runs, "dir": self.dirs[name], "result": result}, f, indent=2, default=str)
-        if os.path.exists(earlier["path"]):
-            os.remove(earlier["path"])
+        if os.path.exists(self._partial_path(name)):
+            os.remove(self._partial_path(name))
         self.timings[name] = {"seconds": round(seconds, 1), "runs": runs, "cached": False}
 
     # ------------------------------------------------------------------ stages

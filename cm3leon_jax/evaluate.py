@@ -175,13 +175,12 @@ def vq_ceiling(vq, classifier, prompts) -> dict:
     return scores
 
 
-def nearest_caption(gen, codes: np.ndarray) -> str:
-    """The caption of the first bank document retrieved by an image ("" when it has none)."""
-    docs = gen.retrieve_for_image(codes, 1)
-    if not docs:
+def nearest_caption(gen, retrieved: Sequence[np.ndarray]) -> str:
+    """The caption of the first document retrieved for an image ("" when there is none)."""
+    if not retrieved:
         return ""
-    end = cm3.caption_end(docs[0], image_offset=gen.vocab.image_offset, break_id=gen.vocab.break_id)
-    return gen.vocab.decode_text(docs[0][:end])
+    end = cm3.caption_end(retrieved[0], image_offset=gen.vocab.image_offset, break_id=gen.vocab.break_id)
+    return gen.vocab.decode_text(retrieved[0][:end])
 
 
 # ----------------------------------------------------------------------------- (d)
@@ -394,12 +393,14 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
 
     if num_captions:
         images = prompts["images"][:num_captions]
-        captions = gen.image_to_text(images, seed=seed, num_neighbours=int(caption_neighbours))
+        codes = gen.vq.encode(images)
+        retrieved = [gen.retrieve_for_image(c, int(caption_neighbours)) for c in codes]
+        captions = gen.caption_codes(codes, retrieved, seed=seed)
         report["image_to_text"] = shapes_metrics.caption_accuracy(prompts["scenes"][:num_captions], captions)
         report["image_to_text"]["neighbours"] = int(caption_neighbours)
         if caption_neighbours:  # the control: how much of that a caption copied from the bank would score
             report["image_to_text_nearest_caption"] = shapes_metrics.caption_accuracy(
-                prompts["scenes"][:num_captions], [nearest_caption(gen, c) for c in gen.vq.encode(images)])
+                prompts["scenes"][:num_captions], [nearest_caption(gen, docs) for docs in retrieved])
         report["image_to_text_examples"] = [{"true": t, "generated": c}
                                             for t, c in zip(prompts["captions"][:8], captions[:8])]
         image_grid.save_png(os.path.join(out_dir, "image_to_text_inputs.png"),

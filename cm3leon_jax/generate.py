@@ -240,7 +240,16 @@ class Generator:
         `<eos> [neighbours] [Question: q Answer:] <mask:0> <break> image <break>`; `num_neighbours`
         bank documents retrieved by each image come first, as in training."""
         codes = self.vq.encode(np.asarray(images, np.uint8))
-        prompts = [self.caption_prompt(c, self.retrieve_for_image(c, num_neighbours), question) for c in codes]
+        return self.caption_codes(codes, [self.retrieve_for_image(c, num_neighbours) for c in codes],
+                                  question=question, max_tokens=max_tokens, config=config, seed=seed)
+
+    def caption_codes(self, codes: np.ndarray, neighbour_docs: Sequence[Sequence[np.ndarray]], *,
+                      question: str | None = None, max_tokens: int = 48,
+                      config: sampling.SamplingConfig = sampling.SamplingConfig(temperature=0.0),
+                      seed: int = 0) -> list[str]:
+        """`image_to_text` for images already encoded ([N, h, w] codes), each with its retrieved
+        documents (empty lists for none): a caller that also uses the documents retrieves once."""
+        prompts = [self.caption_prompt(c, docs, question) for c, docs in zip(codes, neighbour_docs)]
         return self._infill(prompts, max_tokens, config, seed)
 
     def infill_text(self, text_with_mask: str, *, max_tokens: int = 32,
