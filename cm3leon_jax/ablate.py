@@ -55,11 +55,21 @@ def summarise(name: str, config, report: dict) -> dict:
            "model": f"{config.lm.model.num_layers}x{config.lm.model.d_model}", "lm_steps": int(config.lm.total_steps),
            "validation_loss": {k: round(v["loss"], 4) for k, v in ev.get("validation_loss", {}).items()},
            "text_to_image_requested": {k: round(v["requested"], 4) for k, v in ev.get("text_to_image", {}).items()},
+           "text_to_image_interval": {k: [round(x, 4) for x in v["interval"]] for k, v in
+                                      ev.get("text_to_image_bootstrap", {}).get("strategies", {}).items()},
            "text_to_image_frechet": {k: round(v["frechet_distance_classifier_features"], 3)
                                      for k, v in ev.get("text_to_image", {}).items()},
            "image_to_text_overall": round(ev["image_to_text"]["overall"], 4) if "image_to_text" in ev else None,
            "lm_seconds": report["stages"].get("lm", {}).get("seconds")}
     return row
+
+
+def _share_cell(row: dict, strategy: str) -> str:
+    if strategy not in row["text_to_image_requested"]:
+        return ""
+    cell = f"{100 * row['text_to_image_requested'][strategy]:.1f}%"
+    interval = row.get("text_to_image_interval", {}).get(strategy)
+    return cell + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
 
 
 def markdown(rows: Sequence[dict]) -> str:
@@ -69,13 +79,13 @@ def markdown(rows: Sequence[dict]) -> str:
             + [f"t2i {s}" for s in strategies] + ["i2t"])
     lines = ["# Ablations (shapes world, tiny configs)", "",
              "t2i: share of requested attributes (shape, colour, position, count) in generated images; "
-             "i2t: share of attributes named correctly in generated captions.", "",
+             "i2t: share of attributes named correctly in generated captions. [lo, hi]: 95% bootstrap "
+             "interval over the prompts (evaluate's text_to_image_bootstrap).", "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         cells = [r["run"], str(r["num_neighbours"]), f"{r['condition_dropout']:g}", r["model"]]
         cells += [f"{r['validation_loss'][k]:.4f}" if k in r["validation_loss"] else "" for k in ks]
-        cells += [f"{100 * r['text_to_image_requested'][s]:.1f}%" if s in r["text_to_image_requested"] else ""
-                  for s in strategies]
+        cells += [_share_cell(r, s) for s in strategies]
         cells.append("" if r["image_to_text_overall"] is None else f"{100 * r['image_to_text_overall']:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

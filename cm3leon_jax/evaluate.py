@@ -65,6 +65,7 @@ STRATEGIES: dict[str, Strategy] = {
                                 rerank=True),
 }
 DEFAULT_STRATEGIES = ("topp_topk_cfg", "topp")
+BASELINE_STRATEGY = "topp"  # what the others are compared with, paired by prompt, when it is scored
 
 
 def parse_strategies(names: str | Sequence[str]) -> list[str]:
@@ -124,8 +125,9 @@ def requested_share(scores: dict[str, float]) -> float:
 def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: int, seed: int,
                   real_features: np.ndarray, feature_network=None, clip_scorer=None, clip_real=None,
                   neighbours: int = 0,
-                  sampling_overrides: Mapping[str, float | None] | None = None) -> tuple[dict, np.ndarray]:
-    """Scores one strategy; returns (scores, the images grid rows [prompts, samples]). `neighbours`
+                  sampling_overrides: Mapping[str, float | None] | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Scores one strategy; returns (scores, the images grid rows [prompts, samples], the requested
+    attributes' hits per prompt for `shapes_metrics.bootstrap_comparison`). `neighbours`
     documents retrieved by each caption are prepended to its prompt (the paper's 0, 1 or 2);
     `sampling_overrides` go through `strategy_sampling`. `clip_real`: the CLIP features of the
     prompts' real images and captions ({"images", "captions"}), computed once for all strategies."""
@@ -140,9 +142,11 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
     scored = [s.images[:1] if rerank else s.images for s in samples]
     flat = np.concatenate(scored)
     requested = [scene for scene, imgs in zip(prompts["scenes"], scored) for _ in range(len(imgs))]
+    prompt_of_image = np.repeat(np.arange(len(scored)), [len(imgs) for imgs in scored])
     predicted = attribute_classifier.predict_scenes(classifier, flat)
     scores = shapes_metrics.text_to_image_faithfulness(requested, predicted)
     scores["requested"] = requested_share(scores)
+    totals = shapes_metrics.hit_totals(requested, predicted, prompt_of_image, len(scored), REQUESTED)
     gen_features = attribute_classifier.features(classifier, np.concatenate([s.images for s in samples]))
     scores["frechet_distance_classifier_features"] = shapes_metrics.frechet_distance(gen_features, real_features)
     scores["sample_diversity"] = shapes_metrics.sample_diversity([s.images for s in samples])
@@ -154,14 +158,13 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
         from cm3leon_jax import clip_metrics
         generated = clip_scorer.image_features(np.concatenate([s.images for s in samples]))
         firsts = np.cumsum([0] + [len(s.images) for s in samples[:-1]])
-        caption_rows = np.repeat(np.arange(len(scored)), [len(imgs) for imgs in scored])
         scores["clip_score"] = clip_metrics.clip_score_from_features(generated[firsts] if rerank else generated,
-                                                                     clip_real["captions"][caption_rows])
+                                                                     clip_real["captions"][prompt_of_image])
         scores["frechet_distance_clip_features"] = shapes_metrics.frechet_distance(generated, clip_real["images"])
     scores.update(num_samples=num_samples, neighbours=int(neighbours), reranked=rerank, scored_images=int(len(flat)),
                   sampling=dataclasses.asdict(config), cd_fraction=strategy.cd_fraction,
                   cd_sampling=dataclasses.asdict(cd_config) if cd_config else None)
-    return scores, np.stack([s.images for s in samples])
+    return scores, np.stack([s.images for s in samples]), totals
 
 
 def vq_ceiling(vq, classifier, prompts) -> dict:
@@ -267,6 +270,23 @@ def _markdown(report: dict) -> str:
             lines.append("| (ceiling: the real images through the VQ) | "
                          + " | ".join(f"{100 * ceiling[c]:.1f}%" for c in cols) + " | | |")
         lines.append("")
+        boot = report.get("text_to_image_bootstrap")
+        if boot and boot["strategies"]:
+            pct = lambda v: f"{100 * v:+.1f}"  # noqa: E731
+            lines += [f"Requested attributes with {100 * boot['level']:.0f}% percentile-bootstrap intervals over the "
+                      f"{boot['num_prompts']} prompts ({boot['num_resamples']} resamples; differences paired by "
+                      f"prompt against {boot['baseline'] or 'no baseline'})", "",
+                      "| strategy | requested | interval | difference | interval of the difference | "
+                      "resamples above the baseline |", "|---|---|---|---|---|---|"]
+            for name, b in boot["strategies"].items():
+                d = boot["differences"].get(name)
+                lo, hi = b["interval"]
+                cells = ([f"{pct(d['difference'])} points", f"[{pct(d['interval'][0])}, {pct(d['interval'][1])}]",
+                          f"{100 * d['above_baseline']:.1f}%"] if d else ["(baseline)" if name == boot["baseline"]
+                                                                         else "", "", ""])
+                lines.append(f"| {name} | {100 * b['share']:.1f}% | [{100 * lo:.1f}%, {100 * hi:.1f}%] | "
+                             + " | ".join(cells) + " |")
+            lines.append("")
         clip = report.get("clip")
         if clip:
             lines += [f"CLIP ({clip['model']}): CLIP score of the scored images against their captions and Frechet "
@@ -365,18 +385,23 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
         real_features = attribute_classifier.features(classifier, prompts["images"])
         clip_real = None if clip_scorer is None else {"images": clip_scorer.image_features(t2i_prompts["images"]),
                                                       "captions": clip_scorer.text_features(t2i_prompts["captions"])}
+    totals: dict[str, np.ndarray] = {}
     for name in strategies:
         t0 = time.time()
-        scores, grid_rows = text_to_image(gen, classifier, t2i_prompts, name, num_samples=num_samples, seed=seed,
-                                          real_features=real_features, feature_network=network,
-                                          clip_scorer=clip_scorer, clip_real=clip_real,
-                                          neighbours=image_neighbours, sampling_overrides=overrides)
+        scores, grid_rows, totals[name] = text_to_image(
+            gen, classifier, t2i_prompts, name, num_samples=num_samples, seed=seed, real_features=real_features,
+            feature_network=network, clip_scorer=clip_scorer, clip_real=clip_real, neighbours=image_neighbours,
+            sampling_overrides=overrides)
         scores["seconds"] = round(time.time() - t0, 1)
         report["text_to_image"][name] = scores
         image_grid.save_png(os.path.join(out_dir, f"text_to_image_{name}.png"),
                             image_grid.make_grid([list(r) for r in grid_rows[:8]]))
         logging.info("text -> image %s: requested attributes %.1f%% (%.0fs)", name, 100 * scores["requested"],
                      scores["seconds"])
+    if strategies:  # "clearly above" or within the noise of this many prompts: paired intervals
+        baseline = BASELINE_STRATEGY if BASELINE_STRATEGY in totals else strategies[0]
+        report["text_to_image_bootstrap"] = shapes_metrics.bootstrap_comparison(
+            totals, baseline if len(totals) > 1 else None, seed=seed)
     if strategies and "topp_cdk_rerank" in strategies and not gen.can_rerank:
         report["notes"].append("no retriever in the data dir: topp_cdk_rerank scored every sample, unranked")
     if strategies:

@@ -93,6 +93,71 @@ def _summarise(all_hits: Sequence[Mapping[str, list[float]]]) -> dict[str, float
     return out
 
 
+def hit_totals(requested_scenes: Sequence[Mapping[str, Any]], predicted_scenes: Sequence[Mapping[str, Any]],
+               groups: Sequence[int], num_groups: int,
+               attributes: Sequence[str] = SCORED_ATTRIBUTES) -> np.ndarray:
+    """Hits and trials of each attribute summed per group (a prompt's samples form one group):
+    [num_groups, len(attributes), 2]. The unit a bootstrap resamples, since samples of one prompt
+    are not independent of each other; `share_of_totals` turns them back into the shares of
+    `text_to_image_faithfulness`."""
+    _check_lengths(requested_scenes, predicted_scenes, "requested_scenes and predicted_scenes")
+    _check_lengths(requested_scenes, groups, "requested_scenes and groups")
+    totals = np.zeros((int(num_groups), len(attributes), 2))
+    for req, pred, g in zip(requested_scenes, predicted_scenes, groups):
+        hits = scene_hits(req, pred["objects"], pred["background"])
+        for a, key in enumerate(attributes):
+            totals[g, a] += (sum(hits[key]), len(hits[key]))
+    return totals
+
+
+def share_of_totals(totals: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Mean over attributes of each attribute's share (hits / trials) from `hit_totals`; `weights`
+    [R, groups] (how often each group is drawn, per resample) gives one figure per resample."""
+    totals = np.asarray(totals, np.float64)
+    w = np.ones((1, totals.shape[0])) if weights is None else np.asarray(weights, np.float64)
+    hits, trials = w @ totals[..., 0], w @ totals[..., 1]  # [R, attributes]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = np.nanmean(np.where(trials > 0, hits / np.maximum(trials, 1e-12), np.nan), axis=-1)
+    return shares if weights is not None else shares[0]
+
+
+def bootstrap_comparison(totals: Mapping[str, np.ndarray], baseline: str | None = None, *,
+                         num_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Percentile-bootstrap intervals over prompts for each strategy's share and, paired (the same
+    resampled prompts for both), for its difference from `baseline`: is one strategy "clearly
+    above" another, or within the noise of this many prompts? `totals`: `hit_totals` per strategy,
+    all over the same prompts. `above_baseline` is the share of resamples where the difference is
+    positive (0.5: no evidence either way)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if int(num_resamples) < 1:
+        raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
+    shapes = {name: np.shape(t) for name, t in totals.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"every strategy must be scored on the same prompts and attributes, got {shapes}")
+    if baseline is not None and baseline not in totals:
+        raise ValueError(f"baseline {baseline!r} is not among the strategies {sorted(totals)}")
+    if not totals:
+        return {"level": level, "num_resamples": int(num_resamples), "strategies": {}, "differences": {}}
+    num_groups = next(iter(shapes.values()))[0]
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(num_groups, np.full(num_groups, 1.0 / num_groups), size=int(num_resamples))
+    tails = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
+    point = {name: float(share_of_totals(t)) for name, t in totals.items()}
+    resampled = {name: share_of_totals(t, weights) for name, t in totals.items()}
+    out: dict[str, Any] = {"level": level, "num_resamples": int(num_resamples), "num_prompts": int(num_groups),
+                           "baseline": baseline, "strategies": {}, "differences": {}}
+    for name in totals:
+        out["strategies"][name] = {"share": point[name],
+                                   "interval": [float(v) for v in np.percentile(resampled[name], tails)]}
+        if baseline is not None and name != baseline:
+            diff = resampled[name] - resampled[baseline]
+            out["differences"][name] = {"difference": point[name] - point[baseline],
+                                        "interval": [float(v) for v in np.percentile(diff, tails)],
+                                        "above_baseline": float(np.mean(diff > 0))}
+    return out
+
+
 def _check_lengths(a: Sequence, b: Sequence, names: str) -> None:
     if len(a) != len(b):
         raise ValueError(f"{names}: got {len(a)} and {len(b)}; they must pair up one to one")

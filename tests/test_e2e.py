@@ -39,12 +39,20 @@ def test_every_stage_runs_and_the_report_is_complete(finished):
     assert ev["text_to_image"]["greedy"]["sampling"]["cfg_scale"] == 1.0
     assert ev["text_to_image"]["greedy"]["sampling"]["top_p"] == 1.0
     assert ev["prompt_split"] == "test"
+    # paired bootstrap over the 2 prompts: no topp scored, so the first strategy is the baseline
+    boot = ev["text_to_image_bootstrap"]
+    assert boot["baseline"] == "topp_topk_cfg" and boot["num_prompts"] == 2 and set(boot["differences"]) == {"greedy"}
+    for name in ("topp_topk_cfg", "greedy"):
+        lo, hi = boot["strategies"][name]["interval"]
+        assert boot["strategies"][name]["share"] == pytest.approx(ev["text_to_image"][name]["requested"])
+        assert lo - 1e-9 <= ev["text_to_image"][name]["requested"] <= hi + 1e-9
     assert 0.0 <= ev["text_to_image_vq_ceiling"]["requested"] <= 1.0  # the prompts' own images, VQ round trip
     assert 0.0 <= ev["image_to_text"]["overall"] <= 1.0
     assert set(ev["validation_loss"]) == {"0", "1"} and all(v["loss"] > 0 for v in ev["validation_loss"].values())
     assert ev["vq"]["num_images"] == 8 and ev["vq"]["psnr_db"] > 0
     md = open(os.path.join(workdir, "report.md")).read()
     for heading in ("Text -> image", "| topp_topk_cfg, 1 retrieved |", "ceiling: the real images through the VQ",
+                    "percentile-bootstrap intervals over the 2 prompts", "| greedy |",
                     "Image -> text", "Validation loss", "VQ tokenizer", "| total |"):
         assert heading in md
 
@@ -129,6 +137,8 @@ def test_ablation_files_load_share_upstream_stages_and_tabulate(finished, tmp_pa
         row = ablate.summarise("minuscule", config, json.load(f))
     table = ablate.markdown([row])
     assert "| minuscule |" in table and "val loss k=1" in table and "t2i greedy" in table
+    lo, hi = row["text_to_image_interval"]["greedy"]
+    assert f"{100 * row['text_to_image_requested']['greedy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" in table
 
 
 def test_evaluation_of_the_validation_loss_alone(finished, tmp_path):

@@ -154,6 +154,68 @@ def test_faithfulness_counts_each_attribute():
         sm.text_to_image_faithfulness(requested, predicted[:1])
 
 
+def _random_world_scenes(n, seed):
+    return [sw.sample_scene(np.random.default_rng([seed, i])) for i in range(n)]
+
+
+def _corrupt(scene, rng, rate):
+    """The scene with each object's colour swapped for another at `rate`: a noisy generator."""
+    objects = []
+    for obj in scene["objects"]:
+        obj = dict(obj)
+        if rng.random() < rate:
+            obj["color"] = next(c for c in sw.COLORS if c != obj["color"])
+        objects.append(obj)
+    return {"objects": objects, "background": scene["background"]}
+
+
+def test_hit_totals_reproduce_the_faithfulness_shares():
+    requested = _random_world_scenes(12, seed=1)
+    rng = np.random.default_rng(0)
+    images = [(p, _corrupt(requested[p], rng, 0.5)) for p in range(12) for _ in range(3)]  # 3 samples a prompt
+    req, pred = [requested[p] for p, _ in images], [s for _, s in images]
+    attributes = ("shape", "color", "position", "count")
+    totals = sm.hit_totals(req, pred, [p for p, _ in images], 12, attributes)
+    assert totals.shape == (12, 4, 2)
+    scores = sm.text_to_image_faithfulness(req, pred)
+    assert sm.share_of_totals(totals) == pytest.approx(np.mean([scores[a] for a in attributes]))
+    # weights count how often each prompt is drawn: all ones is the point estimate again
+    assert sm.share_of_totals(totals, np.ones((2, 12))) == pytest.approx([sm.share_of_totals(totals)] * 2)
+    with pytest.raises(ValueError):
+        sm.hit_totals(req, pred, [0] * 5, 12)
+
+
+def test_bootstrap_separates_a_better_strategy_and_not_an_equal_one():
+    requested = _random_world_scenes(64, seed=2)
+    prompts = np.repeat(np.arange(64), 4)
+    req = [requested[p] for p in prompts]
+
+    def strategy(rate, seed):
+        rng = np.random.default_rng(seed)
+        return sm.hit_totals(req, [_corrupt(requested[p], rng, rate) for p in prompts], prompts, 64)
+
+    totals = {"base": strategy(0.6, 0), "better": strategy(0.1, 1), "same_rate": strategy(0.6, 2),
+              "base_again": strategy(0.6, 0)}
+    got = sm.bootstrap_comparison(totals, "base", num_resamples=500, seed=0)
+    assert got["num_prompts"] == 64 and got["baseline"] == "base" and "base" not in got["differences"]
+    for name, s in got["strategies"].items():
+        assert s["interval"][0] <= s["share"] <= s["interval"][1], name
+    better = got["differences"]["better"]
+    assert better["interval"][0] > 0 and better["above_baseline"] == 1.0
+    assert better["difference"] == pytest.approx(got["strategies"]["better"]["share"]
+                                                 - got["strategies"]["base"]["share"])
+    same = got["differences"]["same_rate"]  # the same generator with other random draws: noise
+    assert same["interval"][0] < 0 < same["interval"][1]
+    assert got["differences"]["base_again"]["interval"] == [0.0, 0.0]  # paired: identical hits, no spread
+    assert sm.bootstrap_comparison(totals, "base", num_resamples=500, seed=0) == got  # seeded
+    with pytest.raises(ValueError, match="baseline"):
+        sm.bootstrap_comparison(totals, "topp")
+    with pytest.raises(ValueError, match="same prompts"):
+        sm.bootstrap_comparison({"a": totals["base"], "b": totals["base"][:10]}, "a")
+    with pytest.raises(ValueError, match="level"):
+        sm.bootstrap_comparison(totals, "base", level=1.0)
+
+
 def test_caption_accuracy_true_other_and_unparseable():
     pairs = [sw.scene_and_caption("validation", i) for i in range(120)]
     scenes, captions = [p[0] for p in pairs], [p[1] for p in pairs]
