@@ -7,6 +7,7 @@ resumed run continues with exactly the batches the uninterrupted run would have 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 
@@ -14,6 +15,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")  # grain's orbax handler: one file per process
 
 
 class _StateSnapshot:
@@ -53,11 +58,42 @@ class CheckpointManager:
         return saved
 
     def restore(self, step: int, abstract_state, data_iterator):
-        """Restores into `abstract_state`'s shardings (ShapeDtypeStructs carrying NamedShardings)."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
-        restored = self._manager.restore(step, args=args)
+        """Restores into `abstract_state`'s shardings (ShapeDtypeStructs carrying NamedShardings), so
+        the mesh may differ from the one that saved. A data position saved by another process count
+        is redistributed (`saved_data_states`, the iterator's `set_state_from_processes`)."""
+        other_states = self.saved_data_states(step)
+        if other_states is None:
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      data=grain.checkpoint.CheckpointRestore(data_iterator))
+            return self._manager.restore(step, args=args)["state"]
+        if not hasattr(data_iterator, "set_state_from_processes"):
+            raise ValueError(f"step {step} was saved by {len(other_states)} processes and this run has "
+                             f"{jax.process_count()}; {type(data_iterator).__name__} resumes only with the process "
+                             "count it was saved with")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        data_iterator.set_state_from_processes(other_states)
+        logging.info("step %d: data positions saved by %d processes, resumed on %d", step, len(other_states),
+                     jax.process_count())
         return restored["state"]
+
+    def saved_data_states(self, step: int) -> list[bytes] | None:
+        """None when this process's own data file is there (or no data was saved: orbax then names
+        what is missing); otherwise every saving process's state, in process order."""
+        directory = epath.Path(self.directory) / str(step) / "data"
+        own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        names = [p.name for p in directory.glob("process_*-of-*.json")] if directory.exists() else []
+        if not names or own in names:
+            return None
+        counts = {int(m.group(2)) for m in map(_DATA_FILE.fullmatch, names) if m}
+        if len(counts) != 1:
+            raise ValueError(f"{directory} holds data files of several process counts: {sorted(names)}")
+        count = counts.pop()
+        expected = [f"process_{i}-of-{count}.json" for i in range(count)]
+        missing = sorted(set(expected) - set(names))
+        if missing:
+            raise ValueError(f"{directory} lacks {missing}: the data position of step {step} is incomplete")
+        return [(directory / name).read_bytes() for name in expected]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
@@ -140,6 +140,7 @@ class PackedBatchIterator:
         if len(documents) < num_streams:
             raise ValueError(f"{len(documents)} documents cannot feed {num_streams} streams")
         self.seq_len = seq_len
+        self.num_streams = int(num_streams)
         self.rows_per_stream = global_batch_size // num_streams
         self.stream_ids = list(stream_ranges(num_streams, process_index, process_count))
         self.worker_count = int(worker_count)
@@ -192,11 +193,42 @@ class PackedBatchIterator:
         state = json.loads(state)
         if state["streams"] != self.stream_ids:
             raise ValueError(f"data state is for streams {state['streams']}, this process owns {self.stream_ids}; "
-                             "resume with the same data.num_streams and process count")
+                             "resume with the same data.num_streams")
         if state.get("worker_count") != self.worker_count:
             raise ValueError(f"data state was saved with data.worker_count={state.get('worker_count')}, this run has "
                              f"{self.worker_count}; the packing depends on it: resume with the same worker count")
         self._iterator.set_state(state["state"])
+
+    def set_state_from_processes(self, states: Sequence[bytes]) -> None:
+        """Resumes from the positions that every process of a run with another process count saved.
+
+        Each stream is its own Grain pipeline and the global batch does not depend on the process
+        count, so this process takes each of its streams' positions from whichever process held
+        that stream: the run continues with exactly the batches it would have seen. Needs the same
+        `num_streams` and `worker_count` (with workers, every worker's position is split the same
+        way; the interleaving position is shared by all processes)."""
+        saved = [json.loads(raw) for raw in states]
+        if not saved:
+            raise ValueError("no saved data state to resume from")
+        by_stream: dict[int, list] = {}
+        skeletons = set()
+        for state in saved:
+            if state.get("worker_count") != self.worker_count:
+                raise ValueError(f"data state was saved with data.worker_count={state.get('worker_count')}, this run "
+                                 f"has {self.worker_count}; the packing depends on it: resume with the same worker count")
+            skeleton, per_worker = _split_zip_states(state["state"], self.worker_count)
+            skeletons.add(json.dumps(skeleton, sort_keys=True))
+            for i, stream in enumerate(state["streams"]):
+                by_stream[int(stream)] = [parents[i] for parents in per_worker]
+        if sorted(by_stream) != list(range(self.num_streams)):
+            raise ValueError(f"the saved data states cover streams {sorted(by_stream)}, this run has "
+                             f"data.num_streams={self.num_streams}: resume with the same num_streams")
+        if len(skeletons) > 1:
+            raise ValueError("the processes saved their data positions at different points of the worker cycle; "
+                             "resume with the process count they were saved with")
+        skeleton = json.loads(skeletons.pop())
+        mine = [[by_stream[s][w] for s in self.stream_ids] for w in range(max(self.worker_count, 1))]
+        self._iterator.set_state(_join_zip_states(skeleton, mine, self.worker_count))
 
     def start_prefetch(self) -> None:
         """Part of grain's checkpoint interface; batches are produced on demand."""
@@ -205,6 +237,25 @@ class PackedBatchIterator:
         """Stops Grain's worker processes (also done at garbage collection and exit)."""
         if self._close is not None:
             self._close()
+
+
+def _split_zip_states(state: dict, worker_count: int) -> tuple[dict, list[list]]:
+    """A PackedBatchIterator's Grain state -> (the rest, each worker's per-stream positions in
+    stream order). In-process the state is the zip's `{"parents": [...]}`; with workers, Grain's
+    multiprocess prefetch keeps one such zip state per worker beside its interleaving position."""
+    if not worker_count:
+        return {}, [list(state["parents"])]
+    rest = {k: v for k, v in state.items() if k != "iterators_in_use_states"}
+    if rest.get("future_states"):
+        raise ValueError("the saved data state holds in-flight worker results; resume with the process count "
+                         "it was saved with")
+    return rest, [list(zipped["parents"]) for zipped in state["iterators_in_use_states"]]
+
+
+def _join_zip_states(rest: dict, per_worker: list[list], worker_count: int) -> dict:
+    if not worker_count:
+        return {"parents": per_worker[0]}
+    return {**rest, "iterators_in_use_states": [{"parents": parents} for parents in per_worker]}
 
 
 class _Skips:

@@ -67,6 +67,55 @@ def test_state_restore_gives_identical_following_batches():
         other_process.set_state(state)
 
 
+def _resumed_elsewhere(config, saved_by: int, resumed_on: int, steps_before: int = 3, steps_after: int = 3):
+    """Runs `saved_by` processes for `steps_before` batches, then resumes their saved positions on
+    `resumed_on` processes; returns (the global batches the saving run goes on with, the resumed
+    run's global batches)."""
+    saving = [data_pipeline.make_train_iterator(config, p, saved_by) for p in range(saved_by)]
+    for it in saving:
+        _batches(it, steps_before)
+    states = [it.get_state() for it in saving]
+    going_on = [_batches(it, steps_after) for it in saving]
+    resumed = [data_pipeline.make_train_iterator(config, p, resumed_on) for p in range(resumed_on)]
+    for it in resumed:
+        it.set_state_from_processes(states)
+    after = [_batches(it, steps_after) for it in resumed]
+    for it in saving + resumed:
+        it.close()
+    glue = lambda per_process, step: {k: np.concatenate([b[step][k] for b in per_process])  # noqa: E731
+                                      for k in per_process[0][step]}
+    return [glue(going_on, s) for s in range(steps_after)], [glue(after, s) for s in range(steps_after)]
+
+
+@pytest.mark.parametrize("saved_by,resumed_on", [(1, 2), (2, 1), (2, 4)])
+def test_a_data_position_resumes_on_another_process_count(saved_by, resumed_on):
+    expected, resumed = _resumed_elsewhere(tiny_config(), saved_by, resumed_on)
+    for x, y in zip(expected, resumed):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_a_data_position_with_workers_resumes_on_another_process_count():
+    expected, resumed = _resumed_elsewhere(tiny_config(**{"data.worker_count": 2}), 1, 2, steps_before=3)
+    for x, y in zip(expected, resumed):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_redistributed_positions_are_checked():
+    it = data_pipeline.make_train_iterator(tiny_config(), 0, 1)
+    _batches(it, 2)
+    state = it.get_state()
+    with pytest.raises(ValueError, match="num_streams"):  # 8 saved streams, 4 wanted
+        data_pipeline.make_train_iterator(tiny_config(**{"data.num_streams": 4}), 0, 2).set_state_from_processes([state])
+    half = data_pipeline.make_train_iterator(tiny_config(), 0, 2)
+    with pytest.raises(ValueError, match="num_streams"):  # one of two processes' files only
+        data_pipeline.make_train_iterator(tiny_config(), 0, 1).set_state_from_processes([half.get_state()])
+    with pytest.raises(ValueError, match="worker_count"):
+        data_pipeline.make_train_iterator(tiny_config(**{"data.worker_count": 1}), 0, 2).set_state_from_processes(
+            [state])
+
+
 def test_oversize_and_empty_documents_are_skipped_and_counted():
     docs = [{"tokens": np.arange(n, dtype=np.int32) + 8} for n in (5, 50, 1, 6, 7, 40, 4)]
     it = PackedBatchIterator(grain.MapDataset.source(docs), seq_len=16, global_batch_size=1, num_streams=1,

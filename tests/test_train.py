@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,8 +96,9 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
         assert resumed[step]["grad_norm"] == reference[step]["grad_norm"], step
 
 
-def test_two_processes_match_one_process(tmp_path):
-    steps = ["--config.total_steps=5", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+def test_two_processes_match_one_process_and_resume_on_one(tmp_path):
+    steps = ["--config.total_steps=8", "--config.checkpoint_every_steps=5", "--config.mesh.data=2",
+             "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
     single = tmp_path / "single"
     subprocess.run(_train_cmd(single, *steps), cwd=REPO, env=_env(8), check=True, capture_output=True)
 
@@ -110,13 +112,27 @@ def test_two_processes_match_one_process(tmp_path):
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err.decode()[-3000:]
     one, two = _read_metrics(single), _read_metrics(multi)
-    assert sorted(one) == sorted(two) == [1, 2, 3, 4, 5]
+    assert sorted(one) == sorted(two) == list(range(1, 9))
     for step in one:
         np.testing.assert_allclose(two[step]["loss"], one[step]["loss"], rtol=1e-6)
         np.testing.assert_allclose(two[step]["grad_norm"], one[step]["grad_norm"], rtol=1e-5)
     # each process saved its own data position
     data_dir = multi / "checkpoints" / "5" / "data"
     assert sorted(os.listdir(data_dir))[-2:] == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    # elastic resume: step 5 of the two processes goes on in one process of 4 devices, on another
+    # mesh; the model state is resharded and the data positions redistributed, so steps 6-8 are the
+    # uninterrupted run's (to float reassociation: the reductions run over another mesh)
+    shutil.rmtree(multi / "checkpoints" / "8")
+    resumed = subprocess.run(_train_cmd(multi, *steps[:2], "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                                        "--config.mesh.tensor=1"), cwd=REPO, env=_env(4), capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert "data positions saved by 2 processes, resumed on 1" in resumed.stderr.decode()
+    again = _read_metrics(multi)
+    assert sorted(again) == list(range(1, 9))
+    for step in (6, 7, 8):
+        np.testing.assert_allclose(again[step]["loss"], one[step]["loss"], rtol=1e-5)
+        np.testing.assert_allclose(again[step]["grad_norm"], one[step]["grad_norm"], rtol=1e-4)
 
 
 def test_a_preempted_run_says_so(tmp_path, monkeypatch):
