@@ -176,6 +176,15 @@ class ImageBatchIterator:
                              f"{[self.process_index, self.process_count]}; resume with the same process count")
         self._iterator.set_state(state["state"])
 
+    def set_state_from_processes(self, states) -> None:
+        """Resumes from the positions saved by a run with another process count: step t's global
+        batch is images [t B, (t + 1) B) of the shuffled stream whatever the process count, so
+        every process's position is the number of steps taken."""
+        positions = {json.dumps(json.loads(raw)["state"], sort_keys=True) for raw in states}
+        if len(positions) != 1:
+            raise ValueError(f"the saved processes stopped at different positions: {sorted(positions)}")
+        self._iterator.set_state(json.loads(positions.pop()))
+
     def start_prefetch(self) -> None:
         """Part of grain's checkpoint interface; grain's reader threads start on demand."""
 

@@ -196,3 +196,12 @@ def test_image_iterator_state_and_process_slices():
     np.testing.assert_array_equal(np.concatenate(halves), first)
     with pytest.raises(ValueError):
         image_data.make_train_iterator(config, 1, 2).set_state(state)
+    # ... but the saved position resumes on two processes through set_state_from_processes
+    # (what CheckpointManager.restore calls when the process count changed)
+    resumed = [image_data.make_train_iterator(config, p, 2) for p in range(2)]
+    for r in resumed:
+        r.set_state_from_processes([state])
+    np.testing.assert_array_equal(np.concatenate([next(r)["image"] for r in resumed]), expected[0])
+    np.testing.assert_array_equal(np.concatenate([next(r)["image"] for r in resumed]), expected[1])
+    with pytest.raises(ValueError, match="different positions"):
+        resumed[0].set_state_from_processes([state, resumed[1].get_state()])
