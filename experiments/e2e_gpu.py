@@ -20,4 +20,7 @@ def get_config():
     c.lm.total_steps = 32_000
     c.lm.checkpoint_every_steps = 4_000
     c.lm.log_every_steps = 500
+    # 256 test captions x 4: near the ceiling TopP+TopK+CFG and TopP lie ~1 point apart, so the
+    # report's paired bootstrap interval needs the larger sample to say whether that gap is real
+    c.evaluate.num_prompts = 256
     return c
