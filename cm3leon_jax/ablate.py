@@ -56,7 +56,7 @@ def summarise(name: str, config, report: dict) -> dict:
            "validation_loss": {k: round(v["loss"], 4) for k, v in ev.get("validation_loss", {}).items()},
            "text_to_image_requested": {k: round(v["requested"], 4) for k, v in ev.get("text_to_image", {}).items()},
            "text_to_image_interval": {k: [round(x, 4) for x in v["interval"]] for k, v in
-                                      ev.get("text_to_image_bootstrap", {}).get("strategies", {}).items()},
+                                      ev.get("text_to_image_bootstrap", {}).get("shares", {}).items()},
            "text_to_image_frechet": {k: round(v["frechet_distance_classifier_features"], 3)
                                      for k, v in ev.get("text_to_image", {}).items()},
            "image_to_text_overall": round(ev["image_to_text"]["overall"], 4) if "image_to_text" in ev else None,

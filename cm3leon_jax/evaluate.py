@@ -143,10 +143,10 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
     flat = np.concatenate(scored)
     requested = [scene for scene, imgs in zip(prompts["scenes"], scored) for _ in range(len(imgs))]
     prompt_of_image = np.repeat(np.arange(len(scored)), [len(imgs) for imgs in scored])
-    predicted = attribute_classifier.predict_scenes(classifier, flat)
-    scores = shapes_metrics.text_to_image_faithfulness(requested, predicted)
+    hits = shapes_metrics.image_hits(requested, attribute_classifier.predict_scenes(classifier, flat))
+    scores = shapes_metrics.summarise_hits(hits)
     scores["requested"] = requested_share(scores)
-    totals = shapes_metrics.hit_totals(requested, predicted, prompt_of_image, len(scored), REQUESTED)
+    totals = shapes_metrics.hit_totals(hits, prompt_of_image, len(scored), REQUESTED)
     gen_features = attribute_classifier.features(classifier, np.concatenate([s.images for s in samples]))
     scores["frechet_distance_classifier_features"] = shapes_metrics.frechet_distance(gen_features, real_features)
     scores["sample_diversity"] = shapes_metrics.sample_diversity([s.images for s in samples])
@@ -252,6 +252,27 @@ def validation_loss(gen, documents: Sequence[dict], neighbour_counts: Sequence[i
 # ----------------------------------------------------------------------------- the whole evaluation
 
 
+def _bootstrap_lines(boot: dict | None, what: str, row_name: str, unit: str) -> list[str]:
+    """The markdown table of a `shapes_metrics.bootstrap_comparison` result."""
+    if not boot or not boot["shares"]:
+        return []
+    pct = lambda v: f"{100 * v:+.1f}"  # noqa: E731
+    lines = [f"{what} with {100 * boot['level']:.0f}% percentile-bootstrap intervals over the {boot['num_items']} "
+             f"{unit} ({boot['num_resamples']} resamples; differences paired by {unit[:-1]} against "
+             f"{boot['baseline'] or 'no baseline'})", "",
+             f"| {row_name} | share | interval | difference | interval of the difference | "
+             "resamples above the baseline |", "|---|---|---|---|---|---|"]
+    for name, b in boot["shares"].items():
+        d = boot["differences"].get(name)
+        lo, hi = b["interval"]
+        cells = ([f"{pct(d['difference'])} points", f"[{pct(d['interval'][0])}, {pct(d['interval'][1])}]",
+                  f"{100 * d['above_baseline']:.1f}%"] if d else
+                 ["(baseline)" if name == boot["baseline"] else "", "", ""])
+        lines.append(f"| {name} | {100 * b['share']:.1f}% | [{100 * lo:.1f}%, {100 * hi:.1f}%] | " + " | ".join(cells)
+                     + " |")
+    return lines + [""]
+
+
 def _markdown(report: dict) -> str:
     lines = [f"# Evaluation of {report['workdir']} (step {report['step']}; prompts and images from the "
              f"{report.get('prompt_split', 'test')} split)", ""]
@@ -270,23 +291,7 @@ def _markdown(report: dict) -> str:
             lines.append("| (ceiling: the real images through the VQ) | "
                          + " | ".join(f"{100 * ceiling[c]:.1f}%" for c in cols) + " | | |")
         lines.append("")
-        boot = report.get("text_to_image_bootstrap")
-        if boot and boot["strategies"]:
-            pct = lambda v: f"{100 * v:+.1f}"  # noqa: E731
-            lines += [f"Requested attributes with {100 * boot['level']:.0f}% percentile-bootstrap intervals over the "
-                      f"{boot['num_prompts']} prompts ({boot['num_resamples']} resamples; differences paired by "
-                      f"prompt against {boot['baseline'] or 'no baseline'})", "",
-                      "| strategy | requested | interval | difference | interval of the difference | "
-                      "resamples above the baseline |", "|---|---|---|---|---|---|"]
-            for name, b in boot["strategies"].items():
-                d = boot["differences"].get(name)
-                lo, hi = b["interval"]
-                cells = ([f"{pct(d['difference'])} points", f"[{pct(d['interval'][0])}, {pct(d['interval'][1])}]",
-                          f"{100 * d['above_baseline']:.1f}%"] if d else ["(baseline)" if name == boot["baseline"]
-                                                                         else "", "", ""])
-                lines.append(f"| {name} | {100 * b['share']:.1f}% | [{100 * lo:.1f}%, {100 * hi:.1f}%] | "
-                             + " | ".join(cells) + " |")
-            lines.append("")
+        lines += _bootstrap_lines(report.get("text_to_image_bootstrap"), "Requested attributes", "strategy", "prompts")
         clip = report.get("clip")
         if clip:
             lines += [f"CLIP ({clip['model']}): CLIP score of the scored images against their captions and Frechet "
@@ -306,6 +311,7 @@ def _markdown(report: dict) -> str:
                   "| captions | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         lines += ["| " + name + " | " + " | ".join(f"{100 * r[c]:.1f}%" for c in cols) + " |" for name, r in rows]
         lines.append("")
+        lines += _bootstrap_lines(report.get("image_to_text_bootstrap"), "Overall caption accuracy", "captions", "images")
     val = report.get("validation_loss")
     if val:
         lines += ["## Validation loss of the query document with k retrieved neighbours", "",
@@ -421,11 +427,19 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
         codes = gen.vq.encode(images)
         retrieved = [gen.retrieve_for_image(c, int(caption_neighbours)) for c in codes]
         captions = gen.caption_codes(codes, retrieved, seed=seed)
-        report["image_to_text"] = shapes_metrics.caption_accuracy(prompts["scenes"][:num_captions], captions)
+        scenes = prompts["scenes"][:num_captions]
+        report["image_to_text"] = shapes_metrics.caption_accuracy(scenes, captions)
         report["image_to_text"]["neighbours"] = int(caption_neighbours)
+        caption_totals = {"generated": captions}
         if caption_neighbours:  # the control: how much of that a caption copied from the bank would score
-            report["image_to_text_nearest_caption"] = shapes_metrics.caption_accuracy(
-                prompts["scenes"][:num_captions], [nearest_caption(gen, docs) for docs in retrieved])
+            copied = [nearest_caption(gen, docs) for docs in retrieved]
+            report["image_to_text_nearest_caption"] = shapes_metrics.caption_accuracy(scenes, copied)
+            caption_totals["nearest_caption"] = copied
+        caption_totals = {name: shapes_metrics.hit_totals(shapes_metrics.caption_hits(scenes, texts),
+                                                          range(len(texts)), len(texts))
+                          for name, texts in caption_totals.items()}
+        report["image_to_text_bootstrap"] = shapes_metrics.bootstrap_comparison(
+            caption_totals, "nearest_caption" if caption_neighbours else None, seed=seed)
         report["image_to_text_examples"] = [{"true": t, "generated": c}
                                             for t, c in zip(prompts["captions"][:8], captions[:8])]
         image_grid.save_png(os.path.join(out_dir, "image_to_text_inputs.png"),

@@ -78,7 +78,8 @@ def scene_hits(reference: Mapping[str, Any], candidate_objects: Sequence[Mapping
     return hits
 
 
-def _summarise(all_hits: Sequence[Mapping[str, list[float]]]) -> dict[str, float]:
+def summarise_hits(all_hits: Sequence[Mapping[str, list[float]]]) -> dict[str, float]:
+    """Per-attribute shares, `overall`, `all_correct` and the counts from `scene_hits` results."""
     totals = {k: [] for k in SCORED_ATTRIBUTES}
     exact = []
     for hits in all_hits:
@@ -93,18 +94,23 @@ def _summarise(all_hits: Sequence[Mapping[str, list[float]]]) -> dict[str, float
     return out
 
 
-def hit_totals(requested_scenes: Sequence[Mapping[str, Any]], predicted_scenes: Sequence[Mapping[str, Any]],
-               groups: Sequence[int], num_groups: int,
+def image_hits(requested_scenes: Sequence[Mapping[str, Any]],
+               predicted_scenes: Sequence[Mapping[str, Any]]) -> list[dict[str, list[float]]]:
+    """`scene_hits` of each generated image (as the attribute classifier read it) against its request."""
+    _check_lengths(requested_scenes, predicted_scenes, "requested_scenes and predicted_scenes")
+    return [scene_hits(req, pred["objects"], pred["background"])
+            for req, pred in zip(requested_scenes, predicted_scenes)]
+
+
+def hit_totals(all_hits: Sequence[Mapping[str, list[float]]], groups: Sequence[int], num_groups: int,
                attributes: Sequence[str] = SCORED_ATTRIBUTES) -> np.ndarray:
     """Hits and trials of each attribute summed per group (a prompt's samples form one group):
     [num_groups, len(attributes), 2]. The unit a bootstrap resamples, since samples of one prompt
     are not independent of each other; `share_of_totals` turns them back into the shares of
-    `text_to_image_faithfulness`."""
-    _check_lengths(requested_scenes, predicted_scenes, "requested_scenes and predicted_scenes")
-    _check_lengths(requested_scenes, groups, "requested_scenes and groups")
+    `text_to_image_faithfulness` / `caption_accuracy`."""
+    _check_lengths(all_hits, groups, "hits and groups")
     totals = np.zeros((int(num_groups), len(attributes), 2))
-    for req, pred, g in zip(requested_scenes, predicted_scenes, groups):
-        hits = scene_hits(req, pred["objects"], pred["background"])
+    for hits, g in zip(all_hits, groups):
         for a, key in enumerate(attributes):
             totals[g, a] += (sum(hits[key]), len(hits[key]))
     return totals
@@ -123,11 +129,11 @@ def share_of_totals(totals: np.ndarray, weights: np.ndarray | None = None) -> np
 
 def bootstrap_comparison(totals: Mapping[str, np.ndarray], baseline: str | None = None, *,
                          num_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
-    """Percentile-bootstrap intervals over prompts for each strategy's share and, paired (the same
-    resampled prompts for both), for its difference from `baseline`: is one strategy "clearly
-    above" another, or within the noise of this many prompts? `totals`: `hit_totals` per strategy,
-    all over the same prompts. `above_baseline` is the share of resamples where the difference is
-    positive (0.5: no evidence either way)."""
+    """Percentile-bootstrap intervals over prompts (or captioned images) for each strategy's share
+    and, paired (the same resampled prompts for both), for its difference from `baseline`: is one
+    strategy "clearly above" another, or within the noise of this many prompts? `totals`:
+    `hit_totals` per strategy, all over the same prompts. `above_baseline` is the share of
+    resamples where the difference is positive (0.5: no evidence either way)."""
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     if int(num_resamples) < 1:
@@ -138,18 +144,18 @@ def bootstrap_comparison(totals: Mapping[str, np.ndarray], baseline: str | None 
     if baseline is not None and baseline not in totals:
         raise ValueError(f"baseline {baseline!r} is not among the strategies {sorted(totals)}")
     if not totals:
-        return {"level": level, "num_resamples": int(num_resamples), "strategies": {}, "differences": {}}
+        return {"level": level, "num_resamples": int(num_resamples), "shares": {}, "differences": {}}
     num_groups = next(iter(shapes.values()))[0]
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(num_groups, np.full(num_groups, 1.0 / num_groups), size=int(num_resamples))
     tails = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
     point = {name: float(share_of_totals(t)) for name, t in totals.items()}
     resampled = {name: share_of_totals(t, weights) for name, t in totals.items()}
-    out: dict[str, Any] = {"level": level, "num_resamples": int(num_resamples), "num_prompts": int(num_groups),
-                           "baseline": baseline, "strategies": {}, "differences": {}}
+    out: dict[str, Any] = {"level": level, "num_resamples": int(num_resamples), "num_items": int(num_groups),
+                           "baseline": baseline, "shares": {}, "differences": {}}
     for name in totals:
-        out["strategies"][name] = {"share": point[name],
-                                   "interval": [float(v) for v in np.percentile(resampled[name], tails)]}
+        out["shares"][name] = {"share": point[name],
+                               "interval": [float(v) for v in np.percentile(resampled[name], tails)]}
         if baseline is not None and name != baseline:
             diff = resampled[name] - resampled[baseline]
             out["differences"][name] = {"difference": point[name] - point[baseline],
@@ -172,9 +178,7 @@ def text_to_image_faithfulness(requested_scenes: Sequence[Mapping[str, Any]],
     (shape, color, size, position: over requested objects; count, background: over scenes),
     `overall` (mean of the six), `all_correct`, `num_scenes`, `num_objects`.
     """
-    _check_lengths(requested_scenes, predicted_scenes, "requested_scenes and predicted_scenes")
-    return _summarise([scene_hits(req, pred["objects"], pred["background"])
-                       for req, pred in zip(requested_scenes, predicted_scenes)])
+    return summarise_hits(image_hits(requested_scenes, predicted_scenes))
 
 
 def caption_accuracy(true_scenes: Sequence[Mapping[str, Any]], captions: Sequence[str]) -> dict[str, float]:
@@ -185,19 +189,25 @@ def caption_accuracy(true_scenes: Sequence[Mapping[str, Any]], captions: Sequenc
     count and background) and is counted in `unparseable` (a share of captions). Otherwise the
     same position-anchored matching as `text_to_image_faithfulness` applies.
     """
-    _check_lengths(true_scenes, captions, "true_scenes and captions")
-    all_hits, bad = [], 0
-    for scene, caption in zip(true_scenes, captions):
-        try:
-            objects = sw.parse_caption(caption)
-        except (ValueError, TypeError, AttributeError):
-            objects = None
-            bad += 1
-        background = sw.parse_background(caption) if objects is not None else None
-        all_hits.append(scene_hits(scene, objects, background))
-    out = _summarise(all_hits)
+    out = summarise_hits(caption_hits(true_scenes, captions))
+    bad = sum(_read_caption(caption)[0] is None for caption in captions)
     out["unparseable"] = bad / len(captions) if captions else float("nan")
     return out
+
+
+def _read_caption(caption: str) -> tuple[list | None, str | None]:
+    """(objects, background) a caption names; (None, None) when it does not parse."""
+    try:
+        objects = sw.parse_caption(caption)
+    except (ValueError, TypeError, AttributeError):
+        return None, None
+    return objects, sw.parse_background(caption)
+
+
+def caption_hits(true_scenes: Sequence[Mapping[str, Any]], captions: Sequence[str]) -> list[dict[str, list[float]]]:
+    """`scene_hits` of each caption (parsed) against its image's true scene."""
+    _check_lengths(true_scenes, captions, "true_scenes and captions")
+    return [scene_hits(scene, *_read_caption(caption)) for scene, caption in zip(true_scenes, captions)]
 
 
 # --------------------------------------------------------------------------- instruction-tuned tasks

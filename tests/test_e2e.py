@@ -41,10 +41,10 @@ def test_every_stage_runs_and_the_report_is_complete(finished):
     assert ev["prompt_split"] == "test"
     # paired bootstrap over the 2 prompts: no topp scored, so the first strategy is the baseline
     boot = ev["text_to_image_bootstrap"]
-    assert boot["baseline"] == "topp_topk_cfg" and boot["num_prompts"] == 2 and set(boot["differences"]) == {"greedy"}
+    assert boot["baseline"] == "topp_topk_cfg" and boot["num_items"] == 2 and set(boot["differences"]) == {"greedy"}
     for name in ("topp_topk_cfg", "greedy"):
-        lo, hi = boot["strategies"][name]["interval"]
-        assert boot["strategies"][name]["share"] == pytest.approx(ev["text_to_image"][name]["requested"])
+        lo, hi = boot["shares"][name]["interval"]
+        assert boot["shares"][name]["share"] == pytest.approx(ev["text_to_image"][name]["requested"])
         assert lo - 1e-9 <= ev["text_to_image"][name]["requested"] <= hi + 1e-9
     assert 0.0 <= ev["text_to_image_vq_ceiling"]["requested"] <= 1.0  # the prompts' own images, VQ round trip
     assert 0.0 <= ev["image_to_text"]["overall"] <= 1.0
@@ -164,9 +164,15 @@ def test_cd_k_settings_and_captions_with_retrieved_documents(finished, tmp_path)
     # image -> text with 2 documents retrieved by each image, beside the copy-the-nearest-caption control
     assert report["image_to_text"]["neighbours"] == 2
     assert 0.0 <= report["image_to_text_nearest_caption"]["overall"] <= 1.0
+    boot = report["image_to_text_bootstrap"]  # generated captions against the control, paired by image
+    assert boot["baseline"] == "nearest_caption" and set(boot["differences"]) == {"generated"}
+    assert boot["shares"]["generated"]["share"] == pytest.approx(report["image_to_text"]["overall"])
+    assert boot["shares"]["nearest_caption"]["share"] == pytest.approx(
+        report["image_to_text_nearest_caption"]["overall"])
     with open(tmp_path / "report.md") as f:
         markdown = f.read()
     assert "2 retrieved documents prepended" in markdown and "(control)" in markdown
+    assert "Overall caption accuracy with 95% percentile-bootstrap intervals over the 2 images" in markdown
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,

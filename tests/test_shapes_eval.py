@@ -175,14 +175,19 @@ def test_hit_totals_reproduce_the_faithfulness_shares():
     images = [(p, _corrupt(requested[p], rng, 0.5)) for p in range(12) for _ in range(3)]  # 3 samples a prompt
     req, pred = [requested[p] for p, _ in images], [s for _, s in images]
     attributes = ("shape", "color", "position", "count")
-    totals = sm.hit_totals(req, pred, [p for p, _ in images], 12, attributes)
+    totals = sm.hit_totals(sm.image_hits(req, pred), [p for p, _ in images], 12, attributes)
     assert totals.shape == (12, 4, 2)
     scores = sm.text_to_image_faithfulness(req, pred)
     assert sm.share_of_totals(totals) == pytest.approx(np.mean([scores[a] for a in attributes]))
     # weights count how often each prompt is drawn: all ones is the point estimate again
     assert sm.share_of_totals(totals, np.ones((2, 12))) == pytest.approx([sm.share_of_totals(totals)] * 2)
     with pytest.raises(ValueError):
-        sm.hit_totals(req, pred, [0] * 5, 12)
+        sm.hit_totals(sm.image_hits(req, pred), [0] * 5, 12)
+    # captions: the per-caption totals give caption_accuracy's overall share (all six attributes)
+    pairs = [sw.scene_and_caption("validation", i) for i in range(10)]
+    scenes, captions = [p[0] for p in pairs], [p[1] for p in pairs[1:]] + ["not a caption"]
+    caption_totals = sm.hit_totals(sm.caption_hits(scenes, captions), range(10), 10)
+    assert sm.share_of_totals(caption_totals) == pytest.approx(sm.caption_accuracy(scenes, captions)["overall"])
 
 
 def test_bootstrap_separates_a_better_strategy_and_not_an_equal_one():
@@ -192,18 +197,18 @@ def test_bootstrap_separates_a_better_strategy_and_not_an_equal_one():
 
     def strategy(rate, seed):
         rng = np.random.default_rng(seed)
-        return sm.hit_totals(req, [_corrupt(requested[p], rng, rate) for p in prompts], prompts, 64)
+        return sm.hit_totals(sm.image_hits(req, [_corrupt(requested[p], rng, rate) for p in prompts]), prompts, 64)
 
     totals = {"base": strategy(0.6, 0), "better": strategy(0.1, 1), "same_rate": strategy(0.6, 2),
               "base_again": strategy(0.6, 0)}
     got = sm.bootstrap_comparison(totals, "base", num_resamples=500, seed=0)
-    assert got["num_prompts"] == 64 and got["baseline"] == "base" and "base" not in got["differences"]
-    for name, s in got["strategies"].items():
+    assert got["num_items"] == 64 and got["baseline"] == "base" and "base" not in got["differences"]
+    for name, s in got["shares"].items():
         assert s["interval"][0] <= s["share"] <= s["interval"][1], name
     better = got["differences"]["better"]
     assert better["interval"][0] > 0 and better["above_baseline"] == 1.0
-    assert better["difference"] == pytest.approx(got["strategies"]["better"]["share"]
-                                                 - got["strategies"]["base"]["share"])
+    assert better["difference"] == pytest.approx(got["shares"]["better"]["share"]
+                                                 - got["shares"]["base"]["share"])
     same = got["differences"]["same_rate"]  # the same generator with other random draws: noise
     assert same["interval"][0] < 0 < same["interval"][1]
     assert got["differences"]["base_again"]["interval"] == [0.0, 0.0]  # paired: identical hits, no spread
