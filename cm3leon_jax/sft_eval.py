@@ -18,7 +18,8 @@ task), and read with the shapes attribute classifier (trained or loaded from
   segment        per-pixel accuracy of the generated map (nearest palette colour) vs the true map
   infill         the masked cell's object recovered (shape, colour and size), plus faithfulness
 
-Writes DIR/sft_eval.json and DIR/sft_eval.md (a table: task, metric, model, baseline).
+Writes DIR/sft_eval.json and DIR/sft_eval.md (a table: task, metric, model, baseline, and for each
+task's primary metric the difference with a 95% bootstrap interval paired by example).
 """
 from __future__ import annotations
 
@@ -48,8 +49,21 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def score_task(task: str, examples: Sequence[Mapping[str, Any]], outputs: Sequence, classifier) -> dict[str, float]:
-    """The task's metrics for one model's outputs (images uint8 [S, S, 3] or strings)."""
+def _example_totals(values: Sequence[float]) -> np.ndarray:
+    """Per-example scores as `shapes_metrics.hit_totals` [N, 1, 2] (score, 1; NaN: no trial), so the
+    bootstrap's share is their mean."""
+    v = np.asarray(values, np.float64)
+    return np.stack([np.nan_to_num(v), (~np.isnan(v)).astype(np.float64)], axis=-1)[:, None, :]
+
+
+def _scene_totals(hits: Sequence[Mapping[str, list[float]]]) -> np.ndarray:
+    return shapes_metrics.hit_totals(hits, range(len(hits)), len(hits))  # share: the `overall` of the six
+
+
+def score_task(task: str, examples: Sequence[Mapping[str, Any]], outputs: Sequence,
+               classifier) -> tuple[dict[str, float], np.ndarray]:
+    """The task's metrics for one model's outputs (images uint8 [S, S, 3] or strings), and its
+    primary metric per example as `hit_totals` (for the paired bootstrap against the baseline)."""
     scenes = [ex["meta"]["scene"] for ex in examples]
     out: dict[str, float] = {}
     if task in ("caption", "vqa"):
@@ -57,42 +71,50 @@ def score_task(task: str, examples: Sequence[Mapping[str, Any]], outputs: Sequen
             acc = shapes_metrics.caption_accuracy(scenes, list(outputs))
             out.update(attribute_accuracy=acc["overall"], all_correct=acc["all_correct"],
                        unparseable=acc["unparseable"])
-        else:
-            out["exact_match"] = shapes_metrics.exact_match(outputs, [ex["answer"] for ex in examples])
-            for kind in sft_tasks.VQA_KINDS:
-                idx = [i for i, ex in enumerate(examples) if ex["meta"]["kind"] == kind]
-                if idx:
-                    out[f"exact_match_{kind}"] = shapes_metrics.exact_match(
-                        [outputs[i] for i in idx], [examples[i]["answer"] for i in idx])
-        return out
+            return out, _scene_totals(shapes_metrics.caption_hits(scenes, list(outputs)))
+        answers = [ex["answer"] for ex in examples]
+        out["exact_match"] = shapes_metrics.exact_match(outputs, answers)
+        for kind in sft_tasks.VQA_KINDS:
+            idx = [i for i, ex in enumerate(examples) if ex["meta"]["kind"] == kind]
+            if idx:
+                out[f"exact_match_{kind}"] = shapes_metrics.exact_match(
+                    [outputs[i] for i in idx], [examples[i]["answer"] for i in idx])
+        return out, _example_totals([shapes_metrics.exact_match([o], [a]) for o, a in zip(outputs, answers)])
     images = np.stack(outputs)
     classes = attribute_classifier.predict_classes(classifier, images)
     predicted = attribute_classifier.classes_to_scenes(classes)
     if task == "text_to_image":
-        f = shapes_metrics.text_to_image_faithfulness(scenes, predicted)
+        hits = shapes_metrics.image_hits(scenes, predicted)
+        f = shapes_metrics.summarise_hits(hits)
         out.update(faithfulness=f["overall"], all_correct=f["all_correct"])
-    elif task == "edit":
+        return out, _scene_totals(hits)
+    if task == "edit":
         hits = [shapes_metrics.edit_success(ex["meta"]["after"], ex["meta"]["edit"], p)
                 for ex, p in zip(examples, predicted)]
         out.update({k: _mean([h[k] for h in hits]) for k in ("success", "changed", "kept")})
-    elif task == "control":
-        edge, seg, seg_pixel = [], [], []
+        return out, _example_totals([h["success"] for h in hits])
+    if task == "control":
+        fidelity, edge, seg, seg_pixel = [], [], [], []
         for i, ex in enumerate(examples):
             if ex["control_type"] == "edge":
                 edge.append(shapes_metrics.edge_f1(sw.edge_map(images[i]), np.asarray(ex["control"])[..., 0] > 127))
+                fidelity.append(edge[-1])
             else:
                 shown = shapes_metrics.class_map_from_image(images[i], classes["shape"][i])
                 acc = shapes_metrics.class_map_accuracy(shown, sw.class_map_from_palette(ex["control"]))
                 seg.append(acc["object_pixel_accuracy"])
                 seg_pixel.append(acc["pixel_accuracy"])
-        out.update(fidelity=_mean(edge + seg), edge_f1=_mean(edge), class_map_object_accuracy=_mean(seg),
+                fidelity.append(seg[-1])
+        out.update(fidelity=_mean(fidelity), edge_f1=_mean(edge), class_map_object_accuracy=_mean(seg),
                    class_map_pixel_accuracy=_mean(seg_pixel))
-    elif task == "segment":
+        return out, _example_totals(fidelity)
+    if task == "segment":
         accs = [shapes_metrics.class_map_accuracy(sw.class_map_from_palette(img), sw.class_map_from_palette(ex["segmentation"]))
                 for img, ex in zip(images, examples)]
         out.update(pixel_accuracy=_mean([a["pixel_accuracy"] for a in accs]),
                    object_pixel_accuracy=_mean([a["object_pixel_accuracy"] for a in accs]))
-    elif task == "infill":
+        return out, _example_totals([a["pixel_accuracy"] for a in accs])
+    if task == "infill":
         hit = []
         for ex, p in zip(examples, predicted):
             want = next(o for o in ex["meta"]["scene"]["objects"] if o["position"] == ex["meta"]["masked_position"])
@@ -100,29 +122,33 @@ def score_task(task: str, examples: Sequence[Mapping[str, Any]], outputs: Sequen
             hit.append(float(got is not None and all(got[k] == want[k] for k in ("shape", "color", "size"))))
         f = shapes_metrics.text_to_image_faithfulness(scenes, predicted)
         out.update(masked_object=_mean(hit), faithfulness=f["overall"])
-    else:
-        raise ValueError(f"unknown task {task!r}")
-    return out
+        return out, _example_totals(hit)
+    raise ValueError(f"unknown task {task!r}")
 
 
-def evaluate_model(gen, examples: Mapping[str, Sequence[dict]], classifier, *, seed: int = 0) -> dict[str, dict]:
-    """Every task's metrics for one loaded `generate.Generator`."""
+def evaluate_model(gen, examples: Mapping[str, Sequence[dict]], classifier, *,
+                   seed: int = 0) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Every task's metrics for one loaded `generate.Generator`, and each task's primary metric per
+    example (`score_task`)."""
     from cm3leon_jax import sft_generate
     tasks = sft_generate.TaskGenerator(gen)
     results: dict[str, Any] = {"_step": gen.step}
+    totals = {}
     for task, exs in examples.items():
         start = time.time()
         outputs = tasks.run(task, exs, seed=seed)
-        results[task] = dict(score_task(task, exs, outputs, classifier), seconds=round(time.time() - start, 1))
+        scores, totals[task] = score_task(task, exs, outputs, classifier)
+        results[task] = dict(scores, seconds=round(time.time() - start, 1))
         logging.info("step %d %s: %s", gen.step, task, results[task])
-    return results
+    return results, totals
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:
     """One row per task and metric, the task's primary metric first (marked *)."""
     has_baseline = report.get("baseline") is not None
-    head = "| task | metric | SFT | pretrained (same prompts) |" if has_baseline else "| task | metric | model |"
-    lines = [head, "|---|---|---|---|" if has_baseline else "|---|---|---|"]
+    head = ("| task | metric | SFT | pretrained (same prompts) | SFT - pretrained [95% bootstrap interval, paired] |"
+            if has_baseline else "| task | metric | model |")
+    lines = [head, "|---|---|---|---|---|" if has_baseline else "|---|---|---|"]
     for task in report["tasks"]:
         primary = PRIMARY[task]
         names = [primary] + [k for k in report["model"][task] if k not in (primary, "seconds")]
@@ -130,6 +156,9 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             row = f"| {task} | {metric}{' *' if metric == primary else ''} | {report['model'][task][metric]:.3f} |"
             if has_baseline:
                 row += f" {report['baseline'][task].get(metric, float('nan')):.3f} |"
+                d = report.get("primary_difference", {}).get(task) if metric == primary else None
+                row += (f" {d['difference']:+.3f} [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}] |" if d
+                        else " |")
             lines.append(row)
     return "\n".join(lines) + "\n"
 
@@ -150,7 +179,7 @@ def evaluate(workdir: str, baseline: str | None = None, *, num_examples: int = 3
     report: dict[str, Any] = {"workdir": os.path.abspath(workdir), "baseline": None, "split": split,
                               "num_examples": int(num_examples), "image_size": size, "tasks": list(tasks),
                               "primary": PRIMARY}
-    report["model"] = evaluate_model(gen, examples, classifier, seed=seed)
+    report["model"], model_totals = evaluate_model(gen, examples, classifier, seed=seed)
     vocab = gen.vocab
     del gen
     gc.collect()
@@ -163,7 +192,12 @@ def evaluate(workdir: str, baseline: str | None = None, *, num_examples: int = 3
         if base.vq.image_size != size:
             raise ValueError(f"--baseline {baseline} uses {base.vq.image_size}px images, {workdir} {size}px")
         report["baseline_workdir"] = os.path.abspath(baseline)
-        report["baseline"] = evaluate_model(base, examples, classifier, seed=seed)
+        report["baseline"], base_totals = evaluate_model(base, examples, classifier, seed=seed)
+        # is the fine-tuned model better, or within the noise of this many examples? paired by example
+        report["primary_difference"] = {
+            task: shapes_metrics.bootstrap_comparison({"sft": model_totals[task], "baseline": base_totals[task]},
+                                                      "baseline", seed=seed)["differences"]["sft"]
+            for task in tasks}
     out_dir = out_dir or os.path.join(workdir, "sft_eval")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "sft_eval.json"), "w", encoding="utf-8") as f:

@@ -263,9 +263,14 @@ def test_minuscule_sft_run_evaluates_every_task_against_the_baseline(tiny_pipeli
         for task in sft_tasks.TASKS:
             value = report[side][task][sft_eval.PRIMARY[task]]
             assert 0.0 <= value <= 1.0, (side, task, value)
+    for task in sft_tasks.TASKS:  # the paired difference of the primary metric is the two figures' difference
+        primary = sft_eval.PRIMARY[task]
+        d = report["primary_difference"][task]
+        assert d["difference"] == pytest.approx(report["model"][task][primary] - report["baseline"][task][primary])
+        assert d["interval"][0] <= d["difference"] + 1e-9 and d["difference"] - 1e-9 <= d["interval"][1]
     assert report["model"]["_step"] == 4 and json.load(open(out / "sft_eval.json"))["tasks"] == list(sft_tasks.TASKS)
     table = (out / "sft_eval.md").read_text()
-    assert all(f"| {t} |" in table for t in sft_tasks.TASKS)
+    assert all(f"| {t} |" in table for t in sft_tasks.TASKS) and "95% bootstrap interval, paired" in table
 
 
 def test_generate_cli_edits_with_three_stream_guidance(sft_run, tmp_path):
