@@ -34,6 +34,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -202,19 +203,21 @@ def _query_weighted_rows(sequences: Sequence[tuple[np.ndarray, tuple[int, int]]]
 
 
 def validation_loss(gen, documents: Sequence[dict], neighbour_counts: Sequence[int],
-                    batch_size: int = 16) -> dict[str, dict[str, float]]:
+                    batch_size: int = 16) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Mean loss per query token with k retrieved neighbours prepended, for each k: whether the
     model uses retrieved documents (lower with k > 0) is what this measures. Neighbours are found
-    as at inference: the document's caption queries the training bank (near duplicates skipped)."""
+    as at inference: the document's caption queries the training bank (near duplicates skipped).
+    Also returns each k's summed loss and tokens per document (`shapes_metrics.hit_totals` layout)
+    for the paired bootstrap."""
     model, mesh = gen.trainer.model, gen.mesh
     multiple = sharding.data_parallel_size(mesh)
     rows = -(-batch_size // multiple) * multiple
 
     @jax.jit
-    def summed_loss(params, batch):
+    def row_losses(params, batch):  # summed loss and token count per row: one row per document
         logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-        _, aux = losses.weighted_cross_entropy(logits, batch["targets"], batch["weights"])
-        return aux["loss"] * aux["num_tokens"], aux["num_tokens"]
+        token_ce, _ = losses.token_cross_entropy(logits, batch["targets"])
+        return jnp.sum(token_ce * batch["weights"], axis=-1), jnp.sum(batch["weights"], axis=-1)
 
     max_k = max(neighbour_counts)
     retrieved = []
@@ -232,21 +235,26 @@ def validation_loss(gen, documents: Sequence[dict], neighbour_counts: Sequence[i
     keep = [i for i in range(len(documents)) if all(len(layouts[k][i].tokens) - 1 <= limit for k in neighbour_counts)]
     if not keep:
         raise ValueError(f"no validation document fits max_length={limit} with {max_k} neighbours")
-    out = {}
+    out, per_document = {}, {}
     for k in neighbour_counts:
         seqs = [(layouts[k][i].tokens, layouts[k][i].query_span) for i in keep]
         longest = max(len(t) for t, _ in seqs) - 1
         length = min(-(-longest // 32) * 32, limit)
-        total, count = 0.0, 0.0
+        sums, counts = [], []
         with sharding.activate(mesh):
             for i in range(0, len(seqs), rows):
                 batch = sharding.global_batch_from_local(_query_weighted_rows(seqs[i:i + rows], rows, length), mesh)
-                s, c = summed_loss(gen.params, batch)
-                total, count = total + float(s), count + float(c)
-        out[str(k)] = {"loss": total / max(count, 1.0), "query_tokens": int(count), "documents": len(keep),
-                       "skipped_too_long": len(documents) - len(keep),
+                s, c = row_losses(gen.params, batch)
+                real = len(seqs[i:i + rows])  # the rest of the rows are padding
+                sums.append(np.asarray(s, np.float64)[:real])
+                counts.append(np.asarray(c, np.float64)[:real])
+        # per document, in the layout of shapes_metrics.hit_totals: the bootstrap's share is the loss
+        per_document[str(k)] = np.stack([np.concatenate(sums), np.concatenate(counts)], axis=-1)[:, None, :]
+        count = float(per_document[str(k)][..., 1].sum())
+        out[str(k)] = {"loss": float(per_document[str(k)][..., 0].sum()) / max(count, 1.0), "query_tokens": int(count),
+                       "documents": len(keep), "skipped_too_long": len(documents) - len(keep),
                        "neighbours_found": float(np.mean([min(len(retrieved[i]), k) for i in keep])) if k else 0.0}
-    return out
+    return out, per_document
 
 
 # ----------------------------------------------------------------------------- the whole evaluation
@@ -314,10 +322,15 @@ def _markdown(report: dict) -> str:
         lines += _bootstrap_lines(report.get("image_to_text_bootstrap"), "Overall caption accuracy", "captions", "images")
     val = report.get("validation_loss")
     if val:
+        boot = report.get("validation_loss_bootstrap") or {"differences": {}, "baseline": None}
         lines += ["## Validation loss of the query document with k retrieved neighbours", "",
-                  "| k | loss | neighbours found per document | query tokens |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['loss']:.4f} | {v.get('neighbours_found', 0.0):.2f} | {v['query_tokens']} |"
-                  for k, v in val.items()]
+                  f"| k | loss | minus k={boot['baseline']} [95% bootstrap interval, paired by document] | "
+                  "neighbours found per document | query tokens |", "|---|---|---|---|---|"]
+        for k, v in val.items():
+            d = boot["differences"].get(k)
+            diff = f"{d['difference']:+.4f} [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]" if d else ""
+            lines.append(f"| {k} | {v['loss']:.4f} | {diff} | {v.get('neighbours_found', 0.0):.2f} | "
+                         f"{v['query_tokens']} |")
         lines.append("")
     vq = report.get("vq")
     if vq:
@@ -452,7 +465,10 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
         counts = list(neighbour_counts) if gen.can_retrieve else [0]
         if not gen.can_retrieve:
             report["notes"].append("no retriever in the data dir: validation loss with 0 neighbours only")
-        report["validation_loss"] = validation_loss(gen, docs, counts)
+        report["validation_loss"], per_document = validation_loss(gen, docs, counts)
+        # do neighbours lower the loss beyond the noise of these documents? paired by document
+        report["validation_loss_bootstrap"] = shapes_metrics.bootstrap_comparison(
+            per_document, str(counts[0]) if len(counts) > 1 else None, seed=seed)
     elif num_val_documents:
         report["notes"].append("no data dir with a validation split: validation loss skipped")
 

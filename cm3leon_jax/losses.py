@@ -14,13 +14,17 @@ def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.A
     logits do not drift. Returns (total loss, metrics) with sums so callers can reduce across
     steps exactly.
     """
-    logits = logits.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    token_ce = log_z - target_logits
+    token_ce, log_z = token_cross_entropy(logits, targets)
     denom = jnp.maximum(jnp.sum(weights), 1.0)
     ce = jnp.sum(token_ce * weights) / denom
     z_loss = jnp.sum(jnp.square(log_z) * weights) / denom
     total = ce + z_loss_weight * z_loss
     return total, {"loss": ce, "z_loss": z_loss, "num_tokens": jnp.sum(weights)}
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each position's next-token cross-entropy and log-normaliser, in float32."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    return log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], log_z

@@ -149,6 +149,15 @@ def test_evaluation_of_the_validation_loss_alone(finished, tmp_path):
     assert report["text_to_image"] == {} and "image_to_text" not in report and "vq" not in report
     assert set(report["validation_loss"]) == {"0", "1"}
     assert report["validation_loss"]["1"]["neighbours_found"] == 1.0
+    # the paired bootstrap reads the same per-document sums: its point estimates are the losses
+    boot = report["validation_loss_bootstrap"]
+    assert boot["baseline"] == "0" and set(boot["differences"]) == {"1"}
+    for k in ("0", "1"):
+        assert boot["shares"][k]["share"] == pytest.approx(report["validation_loss"][k]["loss"], rel=1e-6)
+    assert boot["differences"]["1"]["difference"] == pytest.approx(
+        report["validation_loss"]["1"]["loss"] - report["validation_loss"]["0"]["loss"], rel=1e-6)
+    with open(tmp_path / "report.md") as f:
+        assert "minus k=0 [95% bootstrap interval, paired by document]" in f.read()
 
 
 def test_cd_k_settings_and_captions_with_retrieved_documents(finished, tmp_path):
