@@ -1,6 +1,7 @@
-"""Decoding speed: the compiled KV-cache decoder against a no-cache decode of the same model.
+"""Decoding speed: the compiled KV-cache decoder against a no-cache decode of the same model, and
+with int8 weight-only kernels (`quantization.py`) against float32 ones.
 
-    python bench/decode.py [--batches 1,8,32] [--new_tokens 64] [--prompt_length 32]
+    python bench/decode.py [--batches 1,8,32] [--new_tokens 64] [--prompt_length 32] [--noint8]
 
 Text -> image shaped work with CFG (two streams per prompt) on the small config of
 bench/train_step.py. The no-cache baseline recomputes the whole padded sequence for every token
@@ -25,13 +26,14 @@ flags.DEFINE_integer("new_tokens", 64, "tokens generated per prompt (an 8x8 imag
 flags.DEFINE_integer("prompt_length", 32, "prompt tokens")
 flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
 flags.DEFINE_bool("baseline", True, "also time the no-cache decode")
+flags.DEFINE_bool("int8", True, "also time the cached decode with int8 weight-only kernels (quantization.py)")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.train_step import small_config  # noqa: E402
-from cm3leon_jax import decoding, sampling, sharding, trainer  # noqa: E402
+from cm3leon_jax import decoding, quantization, sampling, sharding, trainer  # noqa: E402
 from cm3leon_jax.model import Transformer  # noqa: E402
 
 GUIDED = sampling.SamplingConfig(top_p=0.9, cfg_scale=3.0)
@@ -78,6 +80,10 @@ def main(argv):
     rng = np.random.default_rng(0)
     results = {"device": jax.devices()[0].device_kind, "config": "small (d=512, 8 layers, vocab 8192)",
                "new_tokens": f.new_tokens, "prompt_length": f.prompt_length}
+    params_int8 = quantization.quantize_params(params) if f.int8 else None
+    if f.int8:
+        results["weight_bytes"] = {"float32": quantization.weight_bytes(params),
+                                   "int8": quantization.weight_bytes(params_int8)}
     for batch in map(int, f.batches):
         cond = [list(rng.integers(8, 8192, f.prompt_length)) for _ in range(batch)]
         uncond = [[1, 4, 2]] * batch
@@ -90,8 +96,15 @@ def main(argv):
             jax.block_until_ready(call())
             wall = _median_time(call, f.repeats)
             device = _median_time(lambda: compiled(params, tokens, mask, key), f.repeats)
+            if f.int8:  # the same compiled decoder over the int8 tree, timed beside the float one
+                call_int8 = lambda: decoding.generate_fixed(params_int8, tokens, mask, key, **kw)  # noqa: E731
+                jax.block_until_ready(call_int8())
+                wall_int8 = _median_time(call_int8, f.repeats)
         r = {"cached_seconds": wall, "tokens_per_second": batch * f.new_tokens / wall,
              "seconds_per_image": wall / batch, "host_overhead_share": max(wall - device, 0.0) / wall}
+        if f.int8:
+            r.update(int8_seconds=wall_int8, int8_tokens_per_second=batch * f.new_tokens / wall_int8,
+                     int8_speedup=wall / wall_int8)
         if f.baseline:
             model = Transformer(model_config)
             jax.block_until_ready(no_cache_decode(model, params, tokens, mask, 1, jax.random.key(0)))  # compile
@@ -101,7 +114,8 @@ def main(argv):
         results[f"batch_{batch}"] = r
         print(f"batch {batch:3d}: {r['tokens_per_second']:8.1f} tokens/s, {r['seconds_per_image']:.3f} s/image, "
               f"host overhead {100 * r['host_overhead_share']:.1f}%"
-              + (f", {r['speedup_vs_no_cache']:.1f}x the no-cache decode" if f.baseline else ""), flush=True)
+              + (f", {r['speedup_vs_no_cache']:.1f}x the no-cache decode" if f.baseline else "")
+              + (f", int8 weights {r['int8_speedup']:.2f}x" if f.int8 else ""), flush=True)
     print(json.dumps(results))
 
 

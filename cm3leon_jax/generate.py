@@ -45,12 +45,13 @@ class Generator:
     """Everything needed to decode from one training workdir or params bundle, loaded once."""
 
     def __init__(self, workdir: str, *, step: int | None = None, vq_workdir: str | None = None,
-                 data_dir: str | None = None, mesh_config=None, clip_model: str | None = None):
+                 data_dir: str | None = None, mesh_config=None, clip_model: str | None = None, int8: bool = False):
         """`workdir`: a training workdir or a params bundle (export --format params, verified on
         load; it carries its VQ tokenizer). `data_dir` (retriever, ScaNN index, VQ tokenizer of
         a workdir) defaults to the config's; "" for none. `clip_model`: a local Hugging Face CLIP
         checkpoint that reranks text -> image samples (the paper's reranker) instead of the
-        retriever (`clip_metrics.ClipScorer`)."""
+        retriever (`clip_metrics.ClipScorer`). `int8`: decode with int8 weight-only kernels
+        (`quantization.quantize_params`: a quarter of the weight memory)."""
         from cm3leon_jax import retriever
         self.config = export.read_config(workdir)
         self.data_dir = self.config.data.get("data_dir", "") if data_dir is None else data_dir
@@ -67,6 +68,9 @@ class Generator:
         self.trainer = trainer_lib.Trainer(self.config, self.mesh)
         self.model_config = self.trainer.model_config
         self.params, self.step = export.restore_params(workdir, self.trainer.abstract_state.params, step)
+        if int8:
+            from cm3leon_jax import quantization
+            self.params = quantization.quantize_params(self.params)
         self.vocab = vocab_lib.Vocabulary.load(os.path.join(workdir, "vocab"))
         self.vq, vq_workdir = export.load_vq_tokenizer(workdir, vq_workdir, self.data_dir)
         if self.vq.tokens_per_image != self.vocab.image_tokens_per_image:
@@ -280,7 +284,8 @@ def main(argv):
     from cm3leon_jax import metrics
     f = flags.FLAGS
     metrics.quiet_library_logs()
-    gen = Generator(f.workdir, step=f.step, vq_workdir=f.vq_workdir, data_dir=f.data_dir, clip_model=f.clip_model)
+    gen = Generator(f.workdir, step=f.step, vq_workdir=f.vq_workdir, data_dir=f.data_dir, clip_model=f.clip_model,
+                    int8=f.int8)
     try:
         _run(gen, f)
     except vqgan.NoDecoderError as e:
@@ -353,6 +358,7 @@ def _define_flags():
                         "the paper does (needs the interop extra); default: the data's retriever")
     flags.DEFINE_integer("max_text_tokens", 48, "limit for generated text")
     flags.DEFINE_integer("seed", 0, "sampling seed")
+    flags.DEFINE_bool("int8", False, "int8 weight-only kernels (a quarter of the weight memory; quantization.py)")
     flags.DEFINE_string("out", None, "output directory (default WORKDIR/generate)")
     flags.DEFINE_enum("task", None, ["text_to_image", "caption", "vqa", "edit", "control", "segment", "infill"],
                       "an instruction-tuning task: --image fills its images, --prompt / --question its text")

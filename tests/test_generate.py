@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -151,3 +152,16 @@ def test_a_user_clip_checkpoint_as_the_retriever(tiny_pipeline, tmp_path):
     [sample] = gen.text_to_image([caption], num_samples=2, config=sampling.SamplingConfig(top_p=0.9),
                                  num_neighbours=1)
     assert sample.scores is not None and sample.images.shape[0] == 2   # reranked by the data's CLIP
+
+
+def test_int8_generator_decodes_with_quantized_kernels(tiny_pipeline, generator):
+    from cm3leon_jax import quantization
+    int8 = generate.Generator(tiny_pipeline["lm"], int8=True)
+    kernels = [x for x in jax.tree_util.tree_leaves(int8.params, is_leaf=lambda x: isinstance(x, quantization.Int8Kernel))
+               if isinstance(x, quantization.Int8Kernel)]
+    assert kernels and all(k.values.dtype == np.int8 for k in kernels)
+    assert quantization.weight_bytes(int8.params) < quantization.weight_bytes(generator.params)
+    samples = int8.text_to_image(["a small red circle at the top left"], num_samples=2, rerank=False, seed=0)
+    codes = samples[0].codes
+    assert codes.shape == (2, 4, 4) and codes.min() >= 0 and codes.max() < int8.vocab.num_image_codes
+    assert isinstance(int8.image_to_text(samples[0].images[:1])[0], str)
