@@ -1,7 +1,7 @@
 """Decoding speed: the compiled KV-cache decoder against a no-cache decode of the same model, and
-with int8 weight-only kernels (`quantization.py`) against float32 ones.
+with int8 weight-only kernels (`quantization.py`) or bfloat16 compute against float32.
 
-    python bench/decode.py [--batches 1,8,32] [--new_tokens 64] [--prompt_length 32] [--noint8]
+    python bench/decode.py [--batches 1,8,32] [--new_tokens 64] [--prompt_length 32] [--noint8] [--nobf16]
 
 Text -> image shaped work with CFG (two streams per prompt) on the small config of
 bench/train_step.py. The no-cache baseline recomputes the whole padded sequence for every token
@@ -11,6 +11,7 @@ line printed is one JSON object of the figures.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -27,6 +28,7 @@ flags.DEFINE_integer("prompt_length", 32, "prompt tokens")
 flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
 flags.DEFINE_bool("baseline", True, "also time the no-cache decode")
 flags.DEFINE_bool("int8", True, "also time the cached decode with int8 weight-only kernels (quantization.py)")
+flags.DEFINE_bool("bf16", True, "also time the cached decode in bfloat16 compute (activations and KV cache)")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -96,15 +98,21 @@ def main(argv):
             jax.block_until_ready(call())
             wall = _median_time(call, f.repeats)
             device = _median_time(lambda: compiled(params, tokens, mask, key), f.repeats)
-            if f.int8:  # the same compiled decoder over the int8 tree, timed beside the float one
-                call_int8 = lambda: decoding.generate_fixed(params_int8, tokens, mask, key, **kw)  # noqa: E731
-                jax.block_until_ready(call_int8())
-                wall_int8 = _median_time(call_int8, f.repeats)
+            variants = {}  # timed beside the float32 decode: int8 weights, bfloat16 compute
+            if f.int8:
+                variants["int8"] = lambda: decoding.generate_fixed(params_int8, tokens, mask, key, **kw)
+            if f.bf16:
+                kw_bf16 = dict(kw, model_config=dataclasses.replace(model_config, dtype="bfloat16"))
+                variants["bf16"] = lambda: decoding.generate_fixed(params, tokens, mask, key, **kw_bf16)
+            walls = {}
+            for name, fn in variants.items():
+                jax.block_until_ready(fn())
+                walls[name] = _median_time(fn, f.repeats)
         r = {"cached_seconds": wall, "tokens_per_second": batch * f.new_tokens / wall,
              "seconds_per_image": wall / batch, "host_overhead_share": max(wall - device, 0.0) / wall}
-        if f.int8:
-            r.update(int8_seconds=wall_int8, int8_tokens_per_second=batch * f.new_tokens / wall_int8,
-                     int8_speedup=wall / wall_int8)
+        for name, w in walls.items():
+            r.update({f"{name}_seconds": w, f"{name}_tokens_per_second": batch * f.new_tokens / w,
+                      f"{name}_speedup": wall / w})
         if f.baseline:
             model = Transformer(model_config)
             jax.block_until_ready(no_cache_decode(model, params, tokens, mask, 1, jax.random.key(0)))  # compile
@@ -115,7 +123,7 @@ def main(argv):
         print(f"batch {batch:3d}: {r['tokens_per_second']:8.1f} tokens/s, {r['seconds_per_image']:.3f} s/image, "
               f"host overhead {100 * r['host_overhead_share']:.1f}%"
               + (f", {r['speedup_vs_no_cache']:.1f}x the no-cache decode" if f.baseline else "")
-              + (f", int8 weights {r['int8_speedup']:.2f}x" if f.int8 else ""), flush=True)
+              + "".join(f", {name} {r[name + '_speedup']:.2f}x" for name in walls), flush=True)
     print(json.dumps(results))
 
 

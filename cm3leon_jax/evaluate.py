@@ -283,6 +283,7 @@ def _bootstrap_lines(boot: dict | None, what: str, row_name: str, unit: str) -> 
 
 def _markdown(report: dict) -> str:
     weights = "; int8 weight-only kernels" if report.get("int8") else ""
+    weights += f"; {report['compute_dtype']} compute" if report.get("compute_dtype", "float32") != "float32" else ""
     lines = [f"# Evaluation of {report['workdir']} (step {report['step']}{weights}; prompts and images from the "
              f"{report.get('prompt_split', 'test')} split)", ""]
     t2i = report.get("text_to_image", {})
@@ -353,12 +354,13 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
              image_neighbours: int = 0, cfg_scale: float | None = None, top_p: float | None = None,
              top_k: int | None = None, temperature: float | None = None, cd_k: int | None = None,
              cd_alpha: float | None = None, split: str = "test", caption_neighbours: int = 0,
-             int8: bool = False) -> dict:
+             int8: bool = False, compute_dtype: str | None = None) -> dict:
     """Runs (a)-(e) and writes report.json, report.md and PNG grids into `out_dir`. cfg_scale, top_p,
     top_k, temperature, cd_k and cd_alpha replace the strategies' own where they use them (`strategy_sampling`):
     tune them on the validation split, report test. `caption_neighbours` documents retrieved by each
     held-out image are prepended to its image -> text prompt. `int8`: the LM decodes and is scored
-    with int8 weight-only kernels (`quantization.py`), to see what quantization costs."""
+    with int8 weight-only kernels (`quantization.py`), to see what quantization costs;
+    `compute_dtype` ("bfloat16") decodes in that precision, to see what it costs."""
     from cm3leon_jax.generate import Generator
     from data_pipeline import prepare
     start = time.time()
@@ -384,7 +386,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
         clip_scorer = clip_metrics.ClipScorer(clip_model)
     out_dir = out_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    gen = Generator(workdir, step=step, int8=int8)
+    gen = Generator(workdir, step=step, int8=int8, compute_dtype=compute_dtype)
     for name, value, used in (("image_neighbours", image_neighbours, strategies),
                               ("caption_neighbours", caption_neighbours, num_captions)):
         if value and used and not gen.can_retrieve:  # before the classifier trains
@@ -395,7 +397,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
                                                        steps=classifier_steps, seed=seed)
     network = shapes_metrics.load_feature_network(feature_network) if feature_network else None
     report: dict[str, Any] = {"workdir": os.path.abspath(workdir), "step": int(gen.step), "notes": [],
-                              "int8": bool(int8),
+                              "int8": bool(int8), "compute_dtype": gen.model_config.dtype,
                               "classifier": attribute_classifier.classifier_info(
                                   attribute_classifier.classifier_dir(classifier_dir or workdir))}
 
@@ -501,7 +503,7 @@ def main(argv):
                       feature_network=f.feature_network, clip_model=f.clip_model, step=f.step, seed=f.seed,
                       image_neighbours=f.image_neighbours, cfg_scale=f.cfg_scale, top_p=f.top_p, top_k=f.top_k,
                       temperature=f.temperature, cd_k=f.cd_k, cd_alpha=f.cd_alpha, split=f.split,
-                      caption_neighbours=f.caption_neighbours, int8=f.int8)
+                      caption_neighbours=f.caption_neighbours, int8=f.int8, compute_dtype=f.compute_dtype)
     print(_markdown(report))
 
 
@@ -540,6 +542,9 @@ def _define_flags():
                         "the CLIP score and a Frechet distance in CLIP image features (needs the interop extra)")
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_bool("int8", False, "decode and score with int8 weight-only kernels (quantization.py)")
+    from cm3leon_jax.generate import COMPUTE_DTYPES
+    flags.DEFINE_enum("compute_dtype", None, list(COMPUTE_DTYPES), "decode and score in this "
+                      "activation dtype (default: the training config's)")
 
 
 if __name__ == "__main__":

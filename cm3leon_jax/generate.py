@@ -41,19 +41,29 @@ class ImageSamples:
     scores: np.ndarray | None = None  # [N] reranker similarity to the caption (CLIP's or the retriever's)
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 class Generator:
     """Everything needed to decode from one training workdir or params bundle, loaded once."""
 
     def __init__(self, workdir: str, *, step: int | None = None, vq_workdir: str | None = None,
-                 data_dir: str | None = None, mesh_config=None, clip_model: str | None = None, int8: bool = False):
+                 data_dir: str | None = None, mesh_config=None, clip_model: str | None = None, int8: bool = False,
+                 compute_dtype: str | None = None):
         """`workdir`: a training workdir or a params bundle (export --format params, verified on
         load; it carries its VQ tokenizer). `data_dir` (retriever, ScaNN index, VQ tokenizer of
         a workdir) defaults to the config's; "" for none. `clip_model`: a local Hugging Face CLIP
         checkpoint that reranks text -> image samples (the paper's reranker) instead of the
         retriever (`clip_metrics.ClipScorer`). `int8`: decode with int8 weight-only kernels
-        (`quantization.quantize_params`: a quarter of the weight memory)."""
+        (`quantization.quantize_params`: a quarter of the weight memory). `compute_dtype`: the
+        activations' and KV cache's dtype for decoding (e.g. "bfloat16" on an accelerator; default:
+        the training config's)."""
         from cm3leon_jax import retriever
         self.config = export.read_config(workdir)
+        if compute_dtype:
+            if compute_dtype not in COMPUTE_DTYPES:
+                raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+            self.config.model.dtype = compute_dtype
         self.data_dir = self.config.data.get("data_dir", "") if data_dir is None else data_dir
         # a data dir whose bank a user's CLIP embedded: queries (and, by default, reranking) use that CLIP
         self._clip_reference = retriever.load_clip_reference(self.data_dir)
@@ -285,7 +295,7 @@ def main(argv):
     f = flags.FLAGS
     metrics.quiet_library_logs()
     gen = Generator(f.workdir, step=f.step, vq_workdir=f.vq_workdir, data_dir=f.data_dir, clip_model=f.clip_model,
-                    int8=f.int8)
+                    int8=f.int8, compute_dtype=f.compute_dtype)
     try:
         _run(gen, f)
     except vqgan.NoDecoderError as e:
@@ -359,6 +369,8 @@ def _define_flags():
     flags.DEFINE_integer("max_text_tokens", 48, "limit for generated text")
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_bool("int8", False, "int8 weight-only kernels (a quarter of the weight memory; quantization.py)")
+    flags.DEFINE_enum("compute_dtype", None, list(COMPUTE_DTYPES), "activations and KV cache dtype for decoding "
+                      "(default: the training config's; bfloat16 on an accelerator)")
     flags.DEFINE_string("out", None, "output directory (default WORKDIR/generate)")
     flags.DEFINE_enum("task", None, ["text_to_image", "caption", "vqa", "edit", "control", "segment", "infill"],
                       "an instruction-tuning task: --image fills its images, --prompt / --question its text")

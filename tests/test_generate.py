@@ -165,3 +165,14 @@ def test_int8_generator_decodes_with_quantized_kernels(tiny_pipeline, generator)
     codes = samples[0].codes
     assert codes.shape == (2, 4, 4) and codes.min() >= 0 and codes.max() < int8.vocab.num_image_codes
     assert isinstance(int8.image_to_text(samples[0].images[:1])[0], str)
+
+
+def test_bfloat16_compute_decodes_and_bad_dtypes_are_refused(tiny_pipeline):
+    import jax.numpy as jnp
+    bf16 = generate.Generator(tiny_pipeline["lm"], compute_dtype="bfloat16")
+    assert bf16.model_config.compute_dtype == jnp.bfloat16
+    samples = bf16.text_to_image(["a small red circle at the top left"], num_samples=2, rerank=False, seed=0)
+    codes = samples[0].codes
+    assert codes.shape == (2, 4, 4) and codes.min() >= 0 and codes.max() < bf16.vocab.num_image_codes
+    with pytest.raises(ValueError, match="compute_dtype"):
+        generate.Generator(tiny_pipeline["lm"], compute_dtype="int4")

@@ -1,4 +1,4 @@
-"""Int8 weight-only inference: the kernels, the model's logits and decoding through them."""
+"""Inference precision: int8 weight-only kernels, bfloat16 compute, and decoding through them."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,3 +61,14 @@ def test_int8_logits_follow_the_float_model_and_decoding_runs_on_them(opts):
 def test_an_unknown_projection_is_refused():
     with pytest.raises(ValueError, match="no int8 rule"):
         quantization.quantize_params({"mystery": {"kernel": jnp.ones((4, 4))}})
+
+
+def test_bfloat16_compute_follows_float32_on_the_same_weights():
+    cfg, model, params = _model()
+    tokens = jax.random.randint(jax.random.key(3), (2, 24), 0, CFG["vocab_size"])
+    exact = model.apply({"params": params}, tokens)
+    bf16 = Transformer(TransformerConfig(**CFG, dtype="bfloat16"))
+    approx = bf16.apply({"params": params}, tokens)
+    assert approx.dtype == jnp.float32  # logits stay float32 for sampling
+    rms = float(jnp.sqrt(jnp.mean(jnp.square(approx - exact))))
+    assert 0 < rms < 0.05 * float(jnp.std(exact))  # changed, by bf16's ~3 significant digits
