@@ -354,13 +354,15 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
              image_neighbours: int = 0, cfg_scale: float | None = None, top_p: float | None = None,
              top_k: int | None = None, temperature: float | None = None, cd_k: int | None = None,
              cd_alpha: float | None = None, split: str = "test", caption_neighbours: int = 0,
-             int8: bool = False, compute_dtype: str | None = None) -> dict:
+             int8: bool = False, compute_dtype: str | None = None, baseline_strategy: str | None = None) -> dict:
     """Runs (a)-(e) and writes report.json, report.md and PNG grids into `out_dir`. cfg_scale, top_p,
     top_k, temperature, cd_k and cd_alpha replace the strategies' own where they use them (`strategy_sampling`):
     tune them on the validation split, report test. `caption_neighbours` documents retrieved by each
     held-out image are prepended to its image -> text prompt. `int8`: the LM decodes and is scored
     with int8 weight-only kernels (`quantization.py`), to see what quantization costs;
-    `compute_dtype` ("bfloat16") decodes in that precision, to see what it costs."""
+    `compute_dtype` ("bfloat16") decodes in that precision, to see what it costs.
+    `baseline_strategy`: what the paired bootstrap compares every strategy with (default TopP when
+    scored, else the first)."""
     from cm3leon_jax.generate import Generator
     from data_pipeline import prepare
     start = time.time()
@@ -379,6 +381,8 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
                      cd_alpha=cd_alpha)
     for name in strategies:  # bad settings fail here, before the model loads and the classifier trains
         strategy_sampling(name, **overrides)
+    if baseline_strategy and baseline_strategy not in strategies:
+        raise ValueError(f"baseline_strategy {baseline_strategy!r} is not among the strategies {strategies}")
     # a bad CLIP checkpoint fails here, before the model loads and the classifier trains
     clip_scorer = None
     if clip_model and strategies:
@@ -424,7 +428,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
         logging.info("text -> image %s: requested attributes %.1f%% (%.0fs)", name, 100 * scores["requested"],
                      scores["seconds"])
     if strategies:  # "clearly above" or within the noise of this many prompts: paired intervals
-        baseline = BASELINE_STRATEGY if BASELINE_STRATEGY in totals else strategies[0]
+        baseline = baseline_strategy or (BASELINE_STRATEGY if BASELINE_STRATEGY in totals else strategies[0])
         report["text_to_image_bootstrap"] = shapes_metrics.bootstrap_comparison(
             totals, baseline if len(totals) > 1 else None, seed=seed)
     if strategies and "topp_cdk_rerank" in strategies and not gen.can_rerank:
@@ -503,7 +507,8 @@ def main(argv):
                       feature_network=f.feature_network, clip_model=f.clip_model, step=f.step, seed=f.seed,
                       image_neighbours=f.image_neighbours, cfg_scale=f.cfg_scale, top_p=f.top_p, top_k=f.top_k,
                       temperature=f.temperature, cd_k=f.cd_k, cd_alpha=f.cd_alpha, split=f.split,
-                      caption_neighbours=f.caption_neighbours, int8=f.int8, compute_dtype=f.compute_dtype)
+                      caption_neighbours=f.caption_neighbours, int8=f.int8, compute_dtype=f.compute_dtype,
+                      baseline_strategy=f.baseline_strategy)
     print(_markdown(report))
 
 
@@ -542,6 +547,8 @@ def _define_flags():
                         "the CLIP score and a Frechet distance in CLIP image features (needs the interop extra)")
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_bool("int8", False, "decode and score with int8 weight-only kernels (quantization.py)")
+    flags.DEFINE_string("baseline_strategy", None, "the strategy the paired bootstrap compares the others with "
+                        f"(default {BASELINE_STRATEGY} when scored, else the first)")
     from cm3leon_jax.generate import COMPUTE_DTYPES
     flags.DEFINE_enum("compute_dtype", None, list(COMPUTE_DTYPES), "decode and score in this "
                       "activation dtype (default: the training config's)")

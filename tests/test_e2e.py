@@ -163,9 +163,12 @@ def test_evaluation_of_the_validation_loss_alone(finished, tmp_path):
 def test_cd_k_settings_and_captions_with_retrieved_documents(finished, tmp_path):
     from cm3leon_jax import evaluate
     _, workdir = finished
-    report = evaluate.evaluate(os.path.join(workdir, "lm"), out_dir=str(tmp_path), strategies=["topp_cdk_rerank"],
+    report = evaluate.evaluate(os.path.join(workdir, "lm"), out_dir=str(tmp_path),
+                               strategies=["topp", "topp_cdk_rerank"], baseline_strategy="topp_cdk_rerank",
                                num_prompts=2, num_samples=2, num_captions=2, num_val_documents=0, num_vq_images=0,
                                classifier_dir=workdir, cd_k=3, cd_alpha=0.5, top_p=0.8, caption_neighbours=2)
+    boot = report["text_to_image_bootstrap"]  # the named baseline, not TopP
+    assert boot["baseline"] == "topp_cdk_rerank" and set(boot["differences"]) == {"topp"}
     row = report["text_to_image"]["topp_cdk_rerank"]
     assert (row["cd_sampling"]["cd_k"], row["cd_sampling"]["cd_alpha"]) == (3, 0.5)
     assert (row["sampling"]["cd_k"], row["sampling"]["top_p"]) == (0, 0.8)  # the TopP half stays TopP
@@ -216,6 +219,8 @@ def test_evaluation_settings_are_checked_up_front():
         evaluate.evaluate("/nonexistent", caption_neighbours=-1)
     with pytest.raises(ValueError, match="num_prompts must be 0 or at least 2"):
         evaluate.evaluate("/nonexistent", num_prompts=1)
+    with pytest.raises(ValueError, match="baseline_strategy 'greedy' is not among"):
+        evaluate.evaluate("/nonexistent", strategies=["topp", "topp_cfg"], baseline_strategy="greedy")
 
 
 def test_the_gpu_config_is_e2e_tiny_with_bigger_budgets():
