@@ -154,25 +154,19 @@ def test_a_user_clip_checkpoint_as_the_retriever(tiny_pipeline, tmp_path):
     assert sample.scores is not None and sample.images.shape[0] == 2   # reranked by the data's CLIP
 
 
-def test_int8_generator_decodes_with_quantized_kernels(tiny_pipeline, generator):
+def test_int8_bfloat16_generator_decodes_and_bad_dtypes_are_refused(tiny_pipeline, generator):
+    """Both precision options in one Generator (each alone is tested on the model in test_quantization)."""
+    import jax.numpy as jnp
     from cm3leon_jax import quantization
-    int8 = generate.Generator(tiny_pipeline["lm"], int8=True)
-    kernels = [x for x in jax.tree_util.tree_leaves(int8.params, is_leaf=lambda x: isinstance(x, quantization.Int8Kernel))
+    low = generate.Generator(tiny_pipeline["lm"], int8=True, compute_dtype="bfloat16")
+    assert low.model_config.compute_dtype == jnp.bfloat16
+    kernels = [x for x in jax.tree_util.tree_leaves(low.params, is_leaf=lambda x: isinstance(x, quantization.Int8Kernel))
                if isinstance(x, quantization.Int8Kernel)]
     assert kernels and all(k.values.dtype == np.int8 for k in kernels)
-    assert quantization.weight_bytes(int8.params) < quantization.weight_bytes(generator.params)
-    samples = int8.text_to_image(["a small red circle at the top left"], num_samples=2, rerank=False, seed=0)
+    assert quantization.weight_bytes(low.params) < quantization.weight_bytes(generator.params)
+    samples = low.text_to_image(["a small red circle at the top left"], num_samples=2, rerank=False, seed=0)
     codes = samples[0].codes
-    assert codes.shape == (2, 4, 4) and codes.min() >= 0 and codes.max() < int8.vocab.num_image_codes
-    assert isinstance(int8.image_to_text(samples[0].images[:1])[0], str)
-
-
-def test_bfloat16_compute_decodes_and_bad_dtypes_are_refused(tiny_pipeline):
-    import jax.numpy as jnp
-    bf16 = generate.Generator(tiny_pipeline["lm"], compute_dtype="bfloat16")
-    assert bf16.model_config.compute_dtype == jnp.bfloat16
-    samples = bf16.text_to_image(["a small red circle at the top left"], num_samples=2, rerank=False, seed=0)
-    codes = samples[0].codes
-    assert codes.shape == (2, 4, 4) and codes.min() >= 0 and codes.max() < bf16.vocab.num_image_codes
+    assert codes.shape == (2, 4, 4) and codes.min() >= 0 and codes.max() < low.vocab.num_image_codes
+    assert isinstance(low.image_to_text(samples[0].images[:1])[0], str)
     with pytest.raises(ValueError, match="compute_dtype"):
         generate.Generator(tiny_pipeline["lm"], compute_dtype="int4")
