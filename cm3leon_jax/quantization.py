@@ -31,14 +31,6 @@ class Int8Kernel:
     values: jax.Array   # int8, the kernel's shape
     scale: jax.Array    # float32, the kernel's shape with the contracted axes of size 1
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.values.shape
-
-    @property
-    def dtype(self):
-        return self.values.dtype
-
     def astype(self, dtype) -> jax.Array:
         return self.values.astype(dtype) * self.scale.astype(dtype)
 
@@ -51,6 +43,9 @@ def quantize_kernel(kernel: jax.Array, contracted: tuple[int, ...]) -> Int8Kerne
     return Int8Kernel(values, scale.astype(jnp.float32))
 
 
+_quantize_kernel = jax.jit(quantize_kernel, static_argnums=1)
+
+
 def quantize_params(params: Any) -> Any:
     """The LM's params with every projection kernel as an `Int8Kernel`; everything else as it was."""
     flat = traverse_util.flatten_dict(params)
@@ -59,7 +54,7 @@ def quantize_params(params: Any) -> Any:
         if path[-1] == "kernel":
             if path[-2] not in CONTRACTED_AXES:
                 raise ValueError(f"no int8 rule for the projection {'/'.join(map(str, path))}")
-            leaf = jax.jit(quantize_kernel, static_argnums=1)(leaf, CONTRACTED_AXES[path[-2]])
+            leaf = _quantize_kernel(leaf, CONTRACTED_AXES[path[-2]])
         out[path] = leaf
     return traverse_util.unflatten_dict(out)
 

@@ -194,10 +194,13 @@ class PackedBatchIterator:
         if state["streams"] != self.stream_ids:
             raise ValueError(f"data state is for streams {state['streams']}, this process owns {self.stream_ids}; "
                              "resume with the same data.num_streams")
+        self._check_worker_count(state)
+        self._iterator.set_state(state["state"])
+
+    def _check_worker_count(self, state: dict) -> None:
         if state.get("worker_count") != self.worker_count:
             raise ValueError(f"data state was saved with data.worker_count={state.get('worker_count')}, this run has "
                              f"{self.worker_count}; the packing depends on it: resume with the same worker count")
-        self._iterator.set_state(state["state"])
 
     def set_state_from_processes(self, states: Sequence[bytes]) -> None:
         """Resumes from the positions that every process of a run with another process count saved.
@@ -213,9 +216,7 @@ class PackedBatchIterator:
         by_stream: dict[int, list] = {}
         skeletons = set()
         for state in saved:
-            if state.get("worker_count") != self.worker_count:
-                raise ValueError(f"data state was saved with data.worker_count={state.get('worker_count')}, this run "
-                                 f"has {self.worker_count}; the packing depends on it: resume with the same worker count")
+            self._check_worker_count(state)
             skeleton, per_worker = _split_zip_states(state["state"], self.worker_count)
             skeletons.add(json.dumps(skeleton, sort_keys=True))
             for i, stream in enumerate(state["streams"]):
