@@ -28,7 +28,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],
-        "bench": ["scikit-image>=0.22"],  # bench/vq.py: PSNR on its bundled photographs
+        "bench": ["scikit-image>=0.22"],
+        "gcs": ["gcsfs"],  # gs:// workdirs (cm3leon_jax.workdir_io: etils.epath through fsspec)  # bench/vq.py: PSNR on its bundled photographs
         # cm3leon_jax.hf_interop (tests/test_interop.py): Hugging Face OPT/Chameleon export and import.
         # The core never imports them; torch is pinned to the CPU wheel the CI uses.
         # tokenizers (a transformers dependency, named since hf_text_tokenizer uses it directly).

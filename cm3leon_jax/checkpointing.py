@@ -6,7 +6,6 @@ resumed run continues with exactly the batches the uninterrupted run would have 
 """
 from __future__ import annotations
 
-import os
 import re
 import signal
 import threading
@@ -16,6 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from cm3leon_jax import workdir_io
 
 
 _DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")  # grain's orbax handler: one file per process
@@ -33,7 +34,7 @@ class _StateSnapshot:
 
 class CheckpointManager:
     def __init__(self, workdir: str, *, save_every_steps: int, keep: int, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = workdir_io.join(workdir_io.resolve(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(int(save_every_steps), 1), max_to_keep=int(keep),
             enable_async_checkpointing=async_save, create=True)
@@ -134,7 +135,7 @@ class PreemptionWatcher:
 def restore_params(workdir: str, abstract_params, step: int | None = None):
     """Parameters only, straight into `abstract_params`' shardings: the optimizer state is never
     read (generation, evaluation, export and fine-tuning from a pretrained run)."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    directory = workdir_io.join(workdir_io.resolve(workdir), "checkpoints")
     manager = ocp.CheckpointManager(directory, item_names=("state",),
                                     options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
     step = manager.latest_step() if step is None else int(step)

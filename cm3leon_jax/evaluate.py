@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 
 from cm3leon_jax import attribute_classifier, image_grid, losses, sampling, sharding, shapes_metrics
-from cm3leon_jax import vq_tokenizer
+from cm3leon_jax import vq_tokenizer, workdir_io
 from data_pipeline import cm3, shapes_world
 
 REQUESTED = ("shape", "color", "position", "count")
@@ -388,6 +388,10 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     if clip_model and strategies:
         from cm3leon_jax import clip_metrics
         clip_scorer = clip_metrics.ClipScorer(clip_model)
+    if workdir_io.is_remote(workdir):  # the model is read from the bucket; the report is for people, here
+        if not out_dir:
+            raise ValueError(f"workdir {workdir} is an object-store URL: name a local --out for the report")
+        classifier_dir = classifier_dir or out_dir
     out_dir = out_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     gen = Generator(workdir, step=step, int8=int8, compute_dtype=compute_dtype)
@@ -400,7 +404,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     classifier = attribute_classifier.train_classifier(classifier_dir or workdir, image_size=size,
                                                        steps=classifier_steps, seed=seed)
     network = shapes_metrics.load_feature_network(feature_network) if feature_network else None
-    report: dict[str, Any] = {"workdir": os.path.abspath(workdir), "step": int(gen.step), "notes": [],
+    report: dict[str, Any] = {"workdir": workdir_io.resolve(workdir), "step": int(gen.step), "notes": [],
                               "int8": bool(int8), "compute_dtype": gen.model_config.dtype,
                               "classifier": attribute_classifier.classifier_info(
                                   attribute_classifier.classifier_dir(classifier_dir or workdir))}

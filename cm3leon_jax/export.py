@@ -50,7 +50,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from cm3leon_jax import checkpointing, hf_interop, hf_vq, model as model_lib, sharding
+from cm3leon_jax import checkpointing, hf_interop, hf_vq, model as model_lib, sharding, workdir_io
 
 BUNDLE_FORMAT = "cm3leon_jax.bundle/1"
 BUNDLE_JSON = "bundle.json"
@@ -65,11 +65,10 @@ FORMATS = ("params",) + hf_interop.FORMATS
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = workdir_io.join(workdir, "config.json")
+    if not workdir_io.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(workdir_io.read_text(path)))
 
 
 def default_mesh(config) -> jax.sharding.Mesh:
@@ -238,7 +237,7 @@ def export_params(workdir: str, out: str, step: int | None = None, vq_workdir: s
 
 
 def is_bundle(path: str) -> bool:
-    return os.path.exists(os.path.join(path, BUNDLE_JSON))
+    return not workdir_io.is_remote(path) and os.path.exists(os.path.join(path, BUNDLE_JSON))
 
 
 def read_manifest(directory: str, *, verify_checksums: bool = True, under: str | None = None) -> dict:

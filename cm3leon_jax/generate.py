@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from cm3leon_jax import decoding, export, image_grid, sampling, sharding, trainer as trainer_lib
-from cm3leon_jax import vocab as vocab_lib, vqgan
+from cm3leon_jax import vocab as vocab_lib, vqgan, workdir_io
 
 MASK0 = vocab_lib.sentinel_token(0)
 
@@ -81,7 +81,7 @@ class Generator:
         if int8:
             from cm3leon_jax import quantization
             self.params = quantization.quantize_params(self.params)
-        self.vocab = vocab_lib.Vocabulary.load(os.path.join(workdir, "vocab"))
+        self.vocab = vocab_lib.Vocabulary.load(workdir_io.join(workdir, "vocab"))
         self.vq, vq_workdir = export.load_vq_tokenizer(workdir, vq_workdir, self.data_dir)
         if self.vq.tokens_per_image != self.vocab.image_tokens_per_image:
             raise ValueError(f"VQ tokenizer in {vq_workdir} makes {self.vq.tokens_per_image} tokens per image, the "
@@ -313,9 +313,11 @@ def _run(gen, f):
     settings = {k: getattr(f, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cd_k", "cd_alpha",
                                            "cd_fraction", "num_samples", "neighbours", "seed")}
     settings["cd_k"] = cd_config.cd_k if f.cd_fraction else f.cd_k  # the k that drew the CD-K samples
-    settings.update(workdir=os.path.abspath(f.workdir), step=gen.step,
+    settings.update(workdir=workdir_io.resolve(f.workdir), step=gen.step,
                     reranker=(gen.clip_scorer.model_dir if gen.clip_scorer is not None
                               else "retriever" if gen.retriever is not None else None) if f.rerank else None)
+    if not f.out and workdir_io.is_remote(f.workdir):
+        raise ValueError(f"--workdir {f.workdir} is an object-store URL: name a local --out for the samples")
     out_dir = f.out or os.path.join(f.workdir, "generate")
     if f.task:  # instruction-tuned tasks (edit, vqa, control, ...): their templates and guidance
         from cm3leon_jax import sft_generate

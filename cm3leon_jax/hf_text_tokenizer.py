@@ -29,7 +29,7 @@ import json
 import os
 from typing import Iterable, Sequence
 
-from cm3leon_jax import text_tokenizer
+from cm3leon_jax import text_tokenizer, workdir_io
 
 KIND = "hf-tokenizer-json"
 TOKENIZER_JSON = "tokenizer.json"
@@ -85,12 +85,11 @@ class HFTextTokenizer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "HFTextTokenizer":
-        path = os.path.join(directory, TEXT_IDS_JSON)
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+        path = workdir_io.join(directory, TEXT_IDS_JSON)
+        meta = json.loads(workdir_io.read_bytes(path))
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise ValueError(f"{path}: not a {_FORMAT} file")
-        return cls(os.path.join(directory, TOKENIZER_JSON), meta["text_ids"])
+        return cls(workdir_io.read_bytes(workdir_io.join(directory, TOKENIZER_JSON)), meta["text_ids"])
 
     def files(self) -> dict[str, bytes]:
         """File name -> bytes, what `load` reads back from a directory."""

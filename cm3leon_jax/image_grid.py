@@ -1,11 +1,13 @@
 """PNG grids people can look at: rows of equally sized uint8 images."""
 from __future__ import annotations
 
-import os
+import io
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from cm3leon_jax import workdir_io
 
 
 def make_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, background: int = 255) -> np.ndarray:
@@ -26,6 +28,8 @@ def make_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, background: in
 
 
 def save_png(path: str, image: np.ndarray) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(np.asarray(image, np.uint8)).save(path)
+    """Local or object-store path (workdir_io)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+    workdir_io.write_bytes(path, buffer.getvalue())
     return path

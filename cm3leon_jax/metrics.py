@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import math
-import os
 import time
 
 import jax
 from absl import logging
+
+from cm3leon_jax import workdir_io
 
 
 def _format_duration(seconds: float) -> str:
@@ -45,32 +46,35 @@ class MetricsLogger:
     """Writes only on process 0 so a multi-host run produces one record per step.
 
     `stdout_keys` are the metrics shown on the stdout line (all go to TensorBoard and the JSONL);
-    `rate` is the (metric, label) of the throughput shown there.
+    `rate` is the (metric, label) of the throughput shown there. A remote workdir's files are
+    uploaded whole (workdir_io.AppendableFile), at most every `remote_flush_seconds` and at `flush()`.
     """
 
     def __init__(self, workdir: str, enabled: bool | None = None, *, stdout_keys=DEFAULT_STDOUT_KEYS,
-                 rate: tuple[str, str] = ("tokens_per_second", "tokens/s")):
+                 rate: tuple[str, str] = ("tokens_per_second", "tokens/s"),
+                 remote_flush_seconds: float = workdir_io.REMOTE_FLUSH_SECONDS):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._stdout_keys, self._rate = tuple(stdout_keys), rate
         self._jsonl = None
         self._tb = None
+        self._flush_every = float(remote_flush_seconds) if workdir_io.is_remote(workdir) else 0.0
+        self._flushed_at = time.monotonic()
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            workdir_io.makedirs(workdir)
+            self._jsonl = workdir_io.AppendableFile(workdir_io.join(workdir, "metrics.jsonl"))
+            self._tb = workdir_io.tensorboard_writer(workdir_io.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float], total_steps: int | None = None) -> None:
         if not self.enabled:
             return
         metrics = {k: float(v) for k, v in metrics.items()}
         record = {"step": int(step), **metrics}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write((json.dumps(record) + "\n").encode("utf-8"))
         for key, value in metrics.items():
             if math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
-        self._tb.flush()
+        if time.monotonic() - self._flushed_at >= self._flush_every:
+            self.flush()
         parts = [f"step {step}" + (f"/{total_steps}" if total_steps else "")]
         for key in self._stdout_keys:
             if key in metrics:
@@ -83,6 +87,14 @@ class MetricsLogger:
         if "eta_seconds" in metrics:
             parts.append(f"ETA {_format_duration(metrics['eta_seconds'])}")
         logging.info(" | ".join(parts))
+
+    def flush(self) -> None:
+        """Everything written so far reaches the workdir (the trainers call it after each
+        checkpoint save, so a resumed run finds every record up to its checkpoint)."""
+        if self.enabled:
+            self._jsonl.flush()
+            self._tb.flush()
+            self._flushed_at = time.monotonic()
 
     def close(self) -> None:
         if self.enabled:

@@ -7,15 +7,14 @@ Rerunning the same command resumes from the latest checkpoint in the workdir.
 """
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from cm3leon_jax import distributed, metrics, trainer
+from cm3leon_jax import distributed, metrics, trainer, workdir_io
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/*.py)", lock_config=True)
-flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl and TensorBoard events")
+flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl and TensorBoard events: a local "
+                    "path or a gs:// (s3://, az://) URL all hosts share")
 
 
 def run(train_fn) -> None:
@@ -24,8 +23,10 @@ def run(train_fn) -> None:
     distributed.initialize_from_flags()
     if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
-    os.makedirs(flags.FLAGS.workdir, exist_ok=True)
-    train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
+    workdir = workdir_io.resolve(flags.FLAGS.workdir)
+    workdir_io.check_backend(workdir)
+    workdir_io.makedirs(workdir)
+    train_fn(flags.FLAGS.config, workdir)
 
 
 def main(argv):

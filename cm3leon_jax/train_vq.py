@@ -15,7 +15,6 @@ The public API for later stages: `load_tokenizer(workdir) -> (params, VQGANConfi
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -26,9 +25,8 @@ import numpy as np
 import optax
 from absl import app, logging
 from flax import linen as nn
-from PIL import Image
 
-from cm3leon_jax import checkpointing, metrics, sharding, trainer as lm_trainer, vq_losses, vqgan
+from cm3leon_jax import checkpointing, image_grid, metrics, sharding, trainer as lm_trainer, vq_losses, vqgan, workdir_io
 from cm3leon_jax import train as _lm_cli  # its --config / --workdir flags and start-up serve both CLIs
 from cm3leon_jax.vq_tokenizer import VQ_CONFIG_FILE, VQTokenizer, load_tokenizer, load_vq_config, save_vq_config  # noqa: F401
 from data_pipeline import images as image_data
@@ -271,11 +269,8 @@ def sample_grid(originals: np.ndarray, reconstructions: np.ndarray, per_row: int
 
 
 def write_sample_grid(workdir: str, step: int, originals: np.ndarray, reconstructions: np.ndarray) -> str:
-    directory = os.path.join(workdir, "samples")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"step_{step:06d}.png")
-    Image.fromarray(sample_grid(originals, reconstructions)).save(path)
-    return path
+    path = workdir_io.join(workdir, "samples", f"step_{step:06d}.png")
+    return image_grid.save_png(path, sample_grid(originals, reconstructions))
 
 
 # ---------------------------------------------------------------------- the loop
@@ -344,7 +339,8 @@ def train(config, workdir: str) -> dict[str, float]:
             write_samples(step)
             sampled_at = step
             timer.restart(step)
-        ckpt.save(step, state, data_iter)
+        if ckpt.save(step, state, data_iter):
+            logger.flush()
         if preemption.should_stop(step):
             ckpt.save(step, state, data_iter, force=True)
             logging.warning("stopped for preemption at step %d after saving", step)

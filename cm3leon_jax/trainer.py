@@ -17,7 +17,7 @@ from absl import logging
 from flax import linen as nn
 
 import data_pipeline
-from cm3leon_jax import checkpointing, flops, losses, metrics, model as model_lib, optimizer, sharding
+from cm3leon_jax import checkpointing, flops, losses, metrics, model as model_lib, optimizer, sharding, workdir_io
 
 
 @flax.struct.dataclass
@@ -107,13 +107,12 @@ class Trainer:
 
 def _truncate_metrics(workdir: str, last_step: int) -> None:
     """On resume, drop records past the checkpoint so metrics.jsonl reads as one clean run."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.exists(path):
+    path = workdir_io.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not workdir_io.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(kept)
+    lines = workdir_io.read_text(path).splitlines(keepends=True)
+    workdir_io.write_text(path, "".join(line for line in lines
+                                        if line.strip() and json.loads(line)["step"] <= last_step))
 
 
 def _save_vocabulary(config, workdir: str) -> None:
@@ -124,8 +123,8 @@ def _save_vocabulary(config, workdir: str) -> None:
     from cm3leon_jax import vocab as vocab_lib
     from data_pipeline import prepare
     data_vocab = vocab_lib.Vocabulary.load(os.path.join(config.data.data_dir, prepare.VOCAB_DIR))
-    target = os.path.join(workdir, prepare.VOCAB_DIR)
-    if os.path.exists(target):
+    target = workdir_io.join(workdir, prepare.VOCAB_DIR)
+    if workdir_io.exists(workdir_io.join(target, vocab_lib.VOCAB_JSON)):
         vocab_lib.Vocabulary.load(target).check_compatible(data_vocab)
     else:
         data_vocab.save(target)
@@ -138,11 +137,10 @@ _RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_block_size")
 def pretrained_config(workdir: str) -> dict:
     """A training workdir's (or an `import_hf` workdir's) config.json as a dict, checked to have a
     model section: what a fine-tuning config takes its model from (experiments/sft_tiny.py:DIR)."""
-    path = os.path.join(os.path.abspath(workdir), "config.json")
-    if not os.path.exists(path):
+    path = workdir_io.join(workdir_io.resolve(workdir), "config.json")
+    if not workdir_io.exists(path):
         raise FileNotFoundError(f"{workdir!r} is not a training workdir (no config.json)")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = json.loads(workdir_io.read_text(path))
     if not isinstance(config.get("model"), dict) or not config["model"]:
         raise ValueError(f"{path} has no model section")
     return config
@@ -152,7 +150,7 @@ def init_from_pretrained(config, trainer, workdir: str):
     """Parameters of `config.init_from`'s latest checkpoint, sharded like this run's (the optimizer
     state and step stay fresh: fine-tuning starts at step 0). The architecture and the vocabulary
     must be the pretrained run's; any difference is a ValueError naming it."""
-    source = os.path.abspath(config.init_from)
+    source = workdir_io.resolve(config.init_from)
     try:
         theirs = pretrained_config(source)["model"]
     except FileNotFoundError:
@@ -168,8 +166,8 @@ def init_from_pretrained(config, trainer, workdir: str):
     if config.data.source in ("cm3", "sft"):
         from cm3leon_jax import vocab as vocab_lib
         from data_pipeline import prepare
-        pretrained_vocab = os.path.join(source, prepare.VOCAB_DIR)
-        if not os.path.exists(os.path.join(pretrained_vocab, vocab_lib.VOCAB_JSON)):
+        pretrained_vocab = workdir_io.join(source, prepare.VOCAB_DIR)
+        if not workdir_io.exists(workdir_io.join(pretrained_vocab, vocab_lib.VOCAB_JSON)):
             raise ValueError(f"config.init_from={config.init_from!r} has no vocabulary ({pretrained_vocab}): it was not "
                              "trained on tokenized data, so its ids cannot be matched with data.data_dir's")
         data_vocab = vocab_lib.Vocabulary.load(os.path.join(config.data.data_dir, prepare.VOCAB_DIR))
@@ -182,8 +180,8 @@ def init_from_pretrained(config, trainer, workdir: str):
     params, step = checkpointing.restore_params(source, trainer.abstract_state.params)
     logging.info("initialised parameters from %s step %d (optimizer fresh, step 0)", source, step)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "init_from.json"), "w", encoding="utf-8") as f:
-            json.dump({"workdir": source, "step": int(step)}, f, indent=2)
+        workdir_io.write_text(workdir_io.join(workdir, "init_from.json"),
+                              json.dumps({"workdir": source, "step": int(step)}, indent=2))
     return params
 
 
@@ -200,8 +198,7 @@ def restore_or_init(ckpt, trainer, data_iter, config, workdir: str):
         if config.get("init_from"):
             state = state.replace(params=init_from_pretrained(config, trainer, workdir))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workdir_io.write_text(workdir_io.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     return state
 
 
@@ -243,7 +240,8 @@ def train(config, workdir: str) -> dict[str, float]:
         if not timer.started or step % log_every == 0:
             jax.block_until_ready(step_metrics)
             timer.restart(step)
-        ckpt.save(step, state, data_iter)
+        if ckpt.save(step, state, data_iter):
+            logger.flush()
         if preemption.should_stop(step):
             ckpt.save(step, state, data_iter, force=True)
             logging.warning("stopped for preemption at step %d after saving", step)

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cm3leon_jax import hf_text_tokenizer
+from cm3leon_jax import hf_text_tokenizer, workdir_io
 from cm3leon_jax.text_tokenizer import TextTokenizer
 
 PAD_ID, EOS_ID, BREAK_ID, EOSS_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -409,21 +409,21 @@ class Vocabulary:
             raise ValueError(f"incompatible vocabularies ({detail})")
 
     def save(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
+        """A local directory or an object-store URL (workdir_io); vocab.json last, so a directory
+        holding it holds the tokenizer it names."""
+        workdir_io.makedirs(directory)
         meta = dict(self.layout(), fingerprint=self.fingerprint)
         files = self._tok.files() if _is_hf(self._tok) else {SPM_MODEL: self._tok.model_bytes}
         for name, data in files.items():
-            _atomic_write(os.path.join(directory, name), data)
-        _atomic_write(os.path.join(directory, VOCAB_JSON),
-                      (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+            workdir_io.write_bytes(workdir_io.join(directory, name), data)
+        workdir_io.write_text(workdir_io.join(directory, VOCAB_JSON), json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike, expected_fingerprint: str | None = None) -> "Vocabulary":
         """Loads and verifies a saved vocabulary; any mismatch is a ValueError, never a guess."""
-        json_path = os.path.join(directory, VOCAB_JSON)
-        spm_path = os.path.join(directory, SPM_MODEL)
-        with open(json_path, "rb") as f:
-            meta = json.loads(f.read())
+        json_path = workdir_io.join(directory, VOCAB_JSON)
+        spm_path = workdir_io.join(directory, SPM_MODEL)
+        meta = json.loads(workdir_io.read_bytes(json_path))
         if meta.get("format") != FORMAT:
             raise ValueError(f"{json_path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
         stored = meta.pop("fingerprint", None)
@@ -432,9 +432,9 @@ class Vocabulary:
                              f"({_digest(meta)}); the file was edited")
         if meta.get("text_tokenizer") == hf_text_tokenizer.KIND:
             tok, key = hf_text_tokenizer.HFTextTokenizer.load(directory), "hf_tokenizer_sha256"
-            what = os.path.join(directory, hf_text_tokenizer.TOKENIZER_JSON)
+            what = workdir_io.join(directory, hf_text_tokenizer.TOKENIZER_JSON)
         else:
-            tok, key, what = TextTokenizer(spm_path), "spm_sha256", spm_path
+            tok, key, what = TextTokenizer(workdir_io.read_bytes(spm_path)), "spm_sha256", spm_path
         if tok.sha256 != meta[key]:
             raise ValueError(f"{what} does not match {json_path}: sha256 {tok.sha256} != "
                              f"{meta[key]} (the text tokenizer was replaced)")
@@ -465,10 +465,3 @@ def _tokenizer_layout(tok) -> dict:
 
 def _digest(layout: dict) -> str:
     return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

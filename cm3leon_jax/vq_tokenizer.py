@@ -8,28 +8,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from cm3leon_jax import checkpointing, vqgan
+from cm3leon_jax import checkpointing, vqgan, workdir_io
 
 VQ_CONFIG_FILE = "vq_config.json"
 
 
 def save_vq_config(workdir: str, vq_config: vqgan.VQGANConfig) -> None:
-    with open(os.path.join(workdir, VQ_CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(vq_config), f, indent=2)
+    workdir_io.write_text(workdir_io.join(workdir, VQ_CONFIG_FILE), json.dumps(dataclasses.asdict(vq_config), indent=2))
 
 
 def load_vq_config(workdir: str) -> vqgan.VQGANConfig:
-    path = os.path.join(workdir, VQ_CONFIG_FILE)
-    if not os.path.exists(path):
+    path = workdir_io.join(workdir, VQ_CONFIG_FILE)
+    if not workdir_io.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a train_vq workdir?")
-    with open(path, encoding="utf-8") as f:
-        return vqgan.VQGANConfig.from_config(json.load(f))
+    return vqgan.VQGANConfig.from_config(json.loads(workdir_io.read_text(path)))
 
 
 def load_tokenizer(workdir: str, step: int | None = None) -> tuple[Any, vqgan.VQGANConfig]:

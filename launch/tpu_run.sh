@@ -268,7 +268,10 @@ ssh_all "mkdir -p $REPO_Q && tar -xzf $REMOTE_TARBALL -C $REPO_Q && rm -f $REMOT
 
 # ---------------------------------------------------------------- 3. install
 echo "# [3/4] installing jax[tpu] and cm3leon_jax on all workers"
-ssh_all "cd $REPO_Q && pip install -U \"jax[tpu]\" && pip install -e ."
+# a gs:// workdir is written through etils.epath + fsspec: gcsfs is the `gcs` extra
+EXTRAS=""
+[[ $WORKDIR == gs://* ]] && EXTRAS="[gcs]"
+ssh_all "cd $REPO_Q && pip install -U \"jax[tpu]\" && pip install -e \".$EXTRAS\""
 
 # ---------------------------------------------------------------- 4. train
 echo "# [4/4] training on all workers (log: $LOG_FILE)"

@@ -84,7 +84,7 @@ def test_dry_run_commands(tmp_path):
     assert len(ssh) == 3  # untar, install, train
     assert all("--worker=all" in l and "--zone us-west4-a" in l for l in ssh)
     assert "tar -xzf" in ssh[0] and "~/cm3leon_jax" in ssh[0]
-    assert "jax[tpu]" in ssh[1] and "pip install -e ." in ssh[1]
+    assert "jax[tpu]" in ssh[1] and 'pip install -e ".[gcs]"' in ssh[1]  # gcsfs for the gs:// workdir
 
     train = ssh[2]
     assert "cd ~/cm3leon_jax && python3 -m cm3leon_jax.train" in train
@@ -128,6 +128,12 @@ def test_dry_run_custom_flags_both_syntaxes(tmp_path):
     train = [l for l in lines if "cm3leon_jax.train" in l][0]
     assert "cd /opt/code &&" in train
     assert "--config experiments/other.py" in train
+
+
+def test_a_mounted_workdir_installs_no_gcs_backend(tmp_path):
+    out = dry(["--tpu_name", "leon-test", "--zone", "us-west4-a", "--workdir", "/mnt/bucket/run1"], tmp_path)
+    install = next(l for l in cmd_lines(out) if "jax[tpu]" in l)
+    assert 'pip install -e "."' in install and "[gcs]" not in install
 
 
 def test_dry_run_delete_after(tmp_path):

@@ -1,0 +1,153 @@
+"""Workdir files on a local disk or in an object store (gs://, s3://, az://), through etils.epath.
+
+A TPU pod's hosts share one workdir in a bucket: orbax writes checkpoints there natively, and the
+trainer's own files (config.json, vocab/, metrics.jsonl, TensorBoard events, VQ sample grids) go
+through this module, so a bucket URL is never taken for a relative local path
+(`os.path.abspath("gs://b/run")` is `./gs:/b/run`). epath reaches buckets through fsspec (gcsfs
+for gs://: `pip install -e '.[gcs]'`).
+
+Object stores cannot append to an object, so an appendable file (metrics.jsonl, an event file) is
+kept in memory and uploaded whole when flushed; `MetricsLogger` flushes a remote workdir at most
+every `REMOTE_FLUSH_SECONDS` and whenever a checkpoint is saved, so a resumed run never lacks a
+record before its checkpoint.
+"""
+from __future__ import annotations
+
+import io
+import os
+import threading
+
+from etils import epath
+
+REMOTE_SCHEMES = ("gs", "s3", "az")
+_FSSPEC_PROTOCOL = {"gs": "gcs", "s3": "s3", "az": "az"}
+_INSTALL_HINT = {"gs": "gcsfs (pip install -e '.[gcs]')", "s3": "s3fs", "az": "adlfs"}
+REMOTE_FLUSH_SECONDS = 30.0
+
+
+def scheme(path: str | os.PathLike) -> str | None:
+    """'gs' for gs://..., None for a local path; any other URL is a ValueError, up front."""
+    text = os.fspath(path)
+    if "://" not in text:
+        return None
+    name = text.split("://", 1)[0]
+    if name not in REMOTE_SCHEMES:
+        raise ValueError(f"{text!r}: only local paths and {', '.join(s + '://' for s in REMOTE_SCHEMES)} URLs "
+                         "are supported")
+    return name
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return scheme(path) is not None
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """An absolute local path, or the URL unchanged (what `os.path.abspath` would have mangled)."""
+    return os.fspath(path) if is_remote(path) else os.path.abspath(path)
+
+
+def check_backend(path: str | os.PathLike) -> None:
+    """Fails now, naming the package to install, rather than at the first write hours later."""
+    name = scheme(path)
+    if name is None:
+        return
+    import fsspec
+    try:
+        fsspec.get_filesystem_class(_FSSPEC_PROTOCOL[name])
+    except (ImportError, ValueError) as e:
+        raise ImportError(f"{os.fspath(path)!r} needs the fsspec backend for {name}://: install "
+                          f"{_INSTALL_HINT[name]} ({e})") from None
+
+
+def join(path: str | os.PathLike, *parts: str) -> str:
+    return os.fspath(epath.Path(path).joinpath(*parts)) if is_remote(path) else os.path.join(path, *parts)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    return epath.Path(path).exists()
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    """Object stores have no directories: nothing to make there."""
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    return epath.Path(path).read_bytes()
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Readers see the old file or the new one, never half of it: locally through a temporary file
+    and a rename; an object store's upload is already all or nothing."""
+    if is_remote(path):
+        epath.Path(path).write_bytes(bytes(data))
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+class AppendableFile:
+    """A file written by appending: appended to in place on a local disk; in an object store, held
+    in memory (starting from the object already there, so a resumed run keeps its records) and
+    uploaded whole by `flush`. Binary (`write(bytes)`), as tensorboardX's record writers are."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.remote = is_remote(self.path)
+        self._lock = threading.Lock()  # tensorboardX flushes from its own thread
+        if self.remote:
+            self._buffer = io.BytesIO()
+            if exists(self.path):
+                self._buffer.write(read_bytes(self.path))
+            self._uploaded = self._buffer.tell()
+        else:
+            makedirs(os.path.dirname(os.path.abspath(self.path)))
+            self._file = open(self.path, "ab")
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            (self._buffer if self.remote else self._file).write(data)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self.remote:
+                self._file.flush()
+            elif self._buffer.tell() != self._uploaded:
+                epath.Path(self.path).write_bytes(self._buffer.getvalue())
+                self._uploaded = self._buffer.tell()
+
+    def close(self) -> None:
+        self.flush()
+        if not self.remote:
+            self._file.close()
+
+
+class _RemoteEventFiles:
+    """tensorboardX's writer factory for object-store URLs: its own gs:// writer needs
+    google-cloud-storage; this one goes through epath like every other workdir file."""
+
+    def open(self, path):
+        return AppendableFile(path)
+
+    def directory_check(self, path):
+        check_backend(path)
+
+
+def tensorboard_writer(logdir: str, **kwargs):
+    """A tensorboardX SummaryWriter for a local or remote logdir."""
+    from tensorboardX import SummaryWriter, record_writer
+    if is_remote(logdir):
+        record_writer.register_writer_factory(scheme(logdir), _RemoteEventFiles())
+    return SummaryWriter(logdir, **kwargs)

@@ -1,0 +1,163 @@
+"""Workdirs in an object store (gs://): paths, metrics, TensorBoard events, vocabulary, resumed training.
+
+The bucket is fsspec's in-memory filesystem registered as the `gcs` protocol (what etils.epath uses
+for gs:// when gcsfs is installed), so every write goes through the same epath/fsspec calls it
+would make against GCS. Orbax writes gs:// through tensorstore's own GCS driver, which this
+machine cannot reach: the resume test maps the checkpoint directory to a local one and nothing
+else.
+"""
+import importlib
+import json
+import os
+import struct
+
+import pytest
+from etils.epath import backend as epath_backend
+from fsspec.implementations.memory import MemoryFileSystem
+from tensorboardX.proto import event_pb2
+
+from cm3leon_jax import checkpointing, metrics, trainer, workdir_io
+from cm3leon_jax import text_tokenizer as tt
+from cm3leon_jax import vocab as vb
+from tests.helpers import tiny_config
+
+
+class _MemoryBucket(MemoryFileSystem):
+    protocol = ("gcs", "gs")
+    store, pseudo_dirs = {}, [""]
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):  # epath passes gcsfs's option
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        for prefix in ("gs://", "gcs://"):
+            if path.startswith(prefix):
+                path = path[len(prefix):]
+        return super()._strip_protocol(path)
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    """gs:// served from memory; returns {object path: bytes} of what was written."""
+    registry = importlib.import_module("fsspec.registry")._registry
+    monkeypatch.setitem(registry, "gcs", _MemoryBucket)
+    monkeypatch.setitem(registry, "gs", _MemoryBucket)
+    _MemoryBucket.store.clear()
+    _MemoryBucket.pseudo_dirs[:] = [""]
+    _MemoryBucket.clear_instance_cache()
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    yield lambda: {path.lstrip("/"): f.getvalue() for path, f in _MemoryBucket.store.items()}
+    _MemoryBucket.store.clear()
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def _scalars(event_file: bytes) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in a TFRecord-framed event file."""
+    out, offset = [], 0
+    while offset < len(event_file):
+        (length,) = struct.unpack("<Q", event_file[offset:offset + 8])
+        event = event_pb2.Event.FromString(event_file[offset + 12:offset + 12 + length])
+        offset += 12 + length + 4
+        out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    return out
+
+
+def _records(data: bytes) -> list[dict]:
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def test_paths_keep_urls_and_reject_unknown_schemes(tmp_path):
+    assert workdir_io.resolve("gs://b/run") == "gs://b/run"
+    assert workdir_io.join("gs://b/run", "checkpoints") == "gs://b/run/checkpoints"
+    assert workdir_io.resolve("rel/dir") == os.path.abspath("rel/dir")
+    assert workdir_io.join(str(tmp_path), "a") == os.path.join(str(tmp_path), "a")
+    assert not workdir_io.is_remote(str(tmp_path))
+    with pytest.raises(ValueError, match="only local paths"):
+        workdir_io.resolve("ftp://host/run")
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:  # without a backend, the start-up check names the package to install
+        with pytest.raises(ImportError, match="gcsfs"):
+            workdir_io.check_backend("gs://b/run")
+    workdir_io.check_backend(str(tmp_path))
+
+
+def test_metrics_logger_uploads_on_flush_and_keeps_records_on_reopen(bucket):
+    logger = metrics.MetricsLogger("gs://b/run", enabled=True, remote_flush_seconds=3600)
+    for step in (1, 2, 3):
+        logger.write(step, {"loss": 1.0 / step})
+    assert "b/run/metrics.jsonl" not in bucket()  # held in memory until a flush (objects cannot be appended to)
+    logger.flush()
+    assert [r["step"] for r in _records(bucket()["b/run/metrics.jsonl"])] == [1, 2, 3]
+    logger.write(4, {"loss": 0.25})
+    logger.close()
+    files = bucket()
+    assert [r["loss"] for r in _records(files["b/run/metrics.jsonl"])] == [1.0, 0.5, 1.0 / 3, 0.25]
+    events = [k for k in files if k.startswith("b/run/tensorboard/events.out.tfevents")]
+    assert len(events) == 1
+    assert [(s, t) for s, t, _ in _scalars(files[events[0]])] == [(1, "loss"), (2, "loss"), (3, "loss"), (4, "loss")]
+    # a resumed run reopens the object and appends after what is there
+    reopened = metrics.MetricsLogger("gs://b/run", enabled=True, remote_flush_seconds=0)
+    reopened.write(5, {"loss": 0.2})
+    assert [r["step"] for r in _records(bucket()["b/run/metrics.jsonl"])] == [1, 2, 3, 4, 5]
+    reopened.close()
+
+
+def test_vocabulary_saves_to_and_loads_from_a_bucket(bucket, tiny_spm_model):
+    vocab = vb.Vocabulary(tt.TextTokenizer(tiny_spm_model), 64, 16, num_sentinels=4)
+    vocab.save("gs://b/run/vocab")
+    assert {"b/run/vocab/vocab.json", "b/run/vocab/spm.model"} <= set(bucket())
+    loaded = vb.Vocabulary.load("gs://b/run/vocab", expected_fingerprint=vocab.fingerprint)
+    assert loaded.layout() == vocab.layout()
+    text = "a small red circle at the top left"
+    assert loaded.text_tokenizer.encode(text) == vocab.text_tokenizer.encode(text)
+
+
+def test_training_in_a_bucket_writes_there_and_resumes(bucket, tmp_path, monkeypatch):
+    local_checkpoints = tmp_path / "checkpoints"
+    real_manager = checkpointing.ocp.CheckpointManager
+
+    def manager_on_local_disk(directory, *args, **kwargs):  # tensorstore's GCS driver is out of reach here
+        assert directory == "gs://b/run/checkpoints"  # not ./gs:/b/run/checkpoints
+        return real_manager(str(local_checkpoints), *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", manager_on_local_disk)
+    monkeypatch.chdir(tmp_path)
+    trainer.train(tiny_config(total_steps=4, checkpoint_every_steps=2), "gs://b/run")
+    files = bucket()
+    assert json.loads(files["b/run/config.json"])["total_steps"] == 4
+    assert [r["step"] for r in _records(files["b/run/metrics.jsonl"])] == [2, 4]
+    assert any(k.startswith("b/run/tensorboard/events.out.tfevents") for k in files)
+    assert {"2", "4"} <= set(os.listdir(local_checkpoints))
+    assert not os.path.exists(tmp_path / "gs:")  # nothing landed in a local directory named after the URL
+
+    trainer.train(tiny_config(total_steps=6, checkpoint_every_steps=2), "gs://b/run")
+    files = bucket()
+    assert [r["step"] for r in _records(files["b/run/metrics.jsonl"])] == [2, 4, 6]
+    assert json.loads(files["b/run/config.json"])["total_steps"] == 6
+    assert "6" in os.listdir(local_checkpoints)
+
+
+def test_vq_config_and_sample_grids_in_a_bucket(bucket):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cm3leon_jax import train_vq, vqgan, vq_tokenizer
+    config = vqgan.VQGANConfig(image_size=16, patch_size=4, channel_multipliers=(1, 2), codebook_size=32)
+    vq_tokenizer.save_vq_config("gs://b/vq", config)
+    assert vq_tokenizer.load_vq_config("gs://b/vq") == config
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    path = train_vq.write_sample_grid("gs://b/vq", 7, images, images[::-1])
+    assert path == "gs://b/vq/samples/step_000007.png"
+    grid = np.asarray(Image.open(io.BytesIO(bucket()["b/vq/samples/step_000007.png"])))
+    np.testing.assert_array_equal(grid, train_vq.sample_grid(images, images[::-1]))
+
+
+def test_evaluating_a_bucket_workdir_needs_a_local_report_dir(bucket):
+    from cm3leon_jax import evaluate
+    with pytest.raises(ValueError, match="local --out"):  # checked before any model is loaded
+        evaluate.evaluate("gs://b/run")
