@@ -51,6 +51,9 @@ flags.DEFINE_float("soar_lambda", 0.0, "SOAR spilling lambda (<= 0: no spilling;
                    "searched but costs more per leaf: no better here on random data)")
 flags.DEFINE_integer("dims_per_block", 4, "asymmetric hashing: dimensions per 4-bit block (2: twice the scan "
                      "cost, far fewer candidates to reorder)")
+flags.DEFINE_enum("hash_type", "lut16", ["lut16", "lut256"], "AH codes: 16 centres per block (4 bits, scored by "
+                  "in-register shuffles) or 256 (8 bits, table lookups): with --dims_per_block 8, lut256 spends the "
+                  "same bytes per point as lut16 over 4-d blocks")
 flags.DEFINE_enum("mode", "tree_ah", ["tree_ah", "ah"], "tree_ah: k-means tree + AH; ah: AH over every point "
                   "(no tree: --fractions and --leaves_per_sqrt are then ignored)")
 flags.DEFINE_float("anisotropic_threshold", 0.2, "AH anisotropic quantization threshold (< 0: none)")
@@ -119,7 +122,7 @@ def bench_size(n: int, rng: np.random.Generator) -> dict:
                                                                  if FLAGS.anisotropic_threshold >= 0 else None),
                              reorder_quantize=FLAGS.reorder_quantize,
                              rescore=FLAGS.rescore if FLAGS.rescore > k else 0,
-                             reorder=max(reorders(n)))
+                             reorder=max(reorders(n)), hash_type=FLAGS.hash_type)
     if FLAGS.mode == "ah":
         params["mode"] = "ah"
         leaves = 1
@@ -158,7 +161,7 @@ def bench_size(n: int, rng: np.random.Generator) -> dict:
         "size": n, "dim": d, "num_queries": int(queries.shape[0]), "k": k,
         "brute_force_qps": round(bf_qps, 1), "build_seconds": round(build_seconds, 1),
         "mode": params["mode"], "num_leaves": leaves if params["mode"] == "tree_ah" else None,
-        "soar_lambda": params["soar_lambda"], "dims_per_block": params["dims_per_block"],
+        "soar_lambda": params["soar_lambda"], "dims_per_block": params["dims_per_block"], "hash_type": params["hash_type"],
         "anisotropic_quantization_threshold": params["anisotropic_quantization_threshold"],
         "reorder_quantize": params["reorder_quantize"], "rescore": params["rescore"],
         "search_batch": FLAGS.search_batch,

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from absl import logging
 
-from cm3leon_jax import e2e
+from cm3leon_jax import e2e, workdir_io
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 SETS = {
@@ -92,7 +92,7 @@ def markdown(rows: Sequence[dict]) -> str:
 
 
 def run(workdir: str, paths: Sequence[str]) -> list[dict]:
-    workdir = os.path.abspath(workdir)
+    workdir = workdir_io.require_local(workdir, "the ablation workdir")
     rows = []
     for path in paths:
         name = os.path.basename(path)[:-3]

@@ -31,6 +31,8 @@ from typing import Any, Callable
 import ml_collections
 from absl import logging
 
+from cm3leon_jax import workdir_io
+
 STAGES = ("text_tokenizer", "vq", "data", "retrieval", "lm", "evaluate", "report")
 
 
@@ -59,7 +61,7 @@ class Pipeline:
     """The stages of one run, their directories and their cache markers."""
 
     def __init__(self, config, workdir: str):
-        self.config, self.workdir = config, os.path.abspath(workdir)
+        self.config, self.workdir = config, workdir_io.require_local(workdir, "the e2e workdir")
         self.cache_dir = os.path.abspath(config.cache_dir) if config.get("cache_dir") else ""
         self.marker_dir = os.path.join(self.workdir, "stages")
         self.fingerprints: dict[str, str] = {}

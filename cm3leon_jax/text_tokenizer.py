@@ -25,6 +25,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from cm3leon_jax import workdir_io
+
 # The vocabulary's own specials; cm3leon_jax.vocab maps these pieces to its reserved ids.
 DEFAULT_SPECIAL_TOKENS = ("<pad>", "<eos>", "<break>", "<eoss>", "<mask>")
 
@@ -241,7 +243,7 @@ def _main(argv):
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
-    os.makedirs(FLAGS.out, exist_ok=True)
+    os.makedirs(workdir_io.require_local(FLAGS.out, "--out"), exist_ok=True)
     prefix = os.path.join(FLAGS.out, "spm")
     stats = CorpusStats()
     if FLAGS.corpus:

@@ -59,6 +59,15 @@ def check_backend(path: str | os.PathLike) -> None:
                           f"{_INSTALL_HINT[name]} ({e})") from None
 
 
+def require_local(path: str | os.PathLike, what: str) -> str:
+    """The absolute local path, or a ValueError naming `what`: data directories are read by
+    ArrayRecord and ScaNN, which open local files only (mount a bucket to use one)."""
+    if is_remote(path):
+        raise ValueError(f"{what} {os.fspath(path)!r} must be a local or mounted directory: its files are read by "
+                         "local-only readers (ArrayRecord, ScaNN); only training workdirs may be object-store URLs")
+    return os.path.abspath(path)
+
+
 def join(path: str | os.PathLike, *parts: str) -> str:
     return os.fspath(epath.Path(path).joinpath(*parts)) if is_remote(path) else os.path.join(path, *parts)
 

@@ -108,9 +108,10 @@ def build(data_dir: str, *, embeddings_path: str | None = None, clip_model: str 
 def main(argv):
     del argv
     from absl import flags
-    from cm3leon_jax import metrics
+    from cm3leon_jax import metrics, workdir_io
     metrics.quiet_library_logs()
     f = flags.FLAGS
+    workdir_io.require_local(f.data, "--data")
     if os.path.exists(os.path.join(f.data, neighbours.NEIGHBOURS_JSON)) and not f.overwrite:
         logging.info("%s already has neighbours; pass --overwrite to rebuild", f.data)
         return

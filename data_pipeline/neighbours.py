@@ -72,7 +72,8 @@ def scann_params(num_points: int, *, k: int = 10, search_fraction: float = 0.15,
     tree), reorder_quantize ("float32" default, "int8", "bfloat16": ScaNN's reordering precision),
     rescore=C (ScaNN returns its top C after reordering and they are rescored exactly in float
     against a kept copy of the bank, saved as bank.npy: an exact final ranking after a quantized
-    reorder), ah_training_sample_size (default 100,000). bench/retrieval.py uses dims_per_block=4,
+    reorder), ah_training_sample_size (default 100,000), hash_type ("lut16" default: 4-bit codes;
+    "lut256": 8-bit). bench/retrieval.py uses dims_per_block=4,
     int8 reorder of 10,000-20,000 and rescore=50 on random vectors, where no partition helps."""
     n = int(num_points)
     params: dict[str, Any] = {"mode": "tree_ah" if n >= MIN_TREE_SIZE else "brute_force"}
@@ -206,7 +207,8 @@ class ScannIndex:
                     training_sample_size=params["training_sample_size"], soar_lambda=params.get("soar_lambda"))
             threshold = params["anisotropic_quantization_threshold"]
             builder = builder.score_ah(params["dims_per_block"], training_sample_size=params.get("ah_training_sample_size", 100_000),
-                                       anisotropic_quantization_threshold=float("nan") if threshold is None else threshold)
+                                       anisotropic_quantization_threshold=float("nan") if threshold is None else threshold,
+                                       hash_type=params.get("hash_type", "lut16"))
             builder = builder.reorder(params["reorder"], quantize=_reorder_type(params.get("reorder_quantize", "float32")))
         if threads:
             builder = builder.set_n_training_threads(threads)

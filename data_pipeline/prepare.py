@@ -29,7 +29,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from cm3leon_jax import metrics, vocab as vocab_lib
+from cm3leon_jax import metrics, vocab as vocab_lib, workdir_io
 
 BUILDER_NAME = "cm3_documents"
 REPORT_FILE = "ingest_report.json"
@@ -394,6 +394,7 @@ def run_cli(prepare_fn, load_fn=None) -> None:
     out = flags.FLAGS.out
     if out is None:
         raise app.UsageError("--out is required")
+    out = workdir_io.require_local(out, "--out")
     if os.path.exists(os.path.join(out, REPORT_FILE)) and not flags.FLAGS.overwrite:
         logging.info("%s already holds prepared documents; pass --overwrite to rebuild", out)
         return

@@ -161,3 +161,13 @@ def test_evaluating_a_bucket_workdir_needs_a_local_report_dir(bucket):
     from cm3leon_jax import evaluate
     with pytest.raises(ValueError, match="local --out"):  # checked before any model is loaded
         evaluate.evaluate("gs://b/run")
+
+
+def test_stages_that_read_local_files_refuse_a_bucket_up_front():
+    from cm3leon_jax import ablate, e2e
+    from experiments import e2e_tiny
+    with pytest.raises(ValueError, match="local or mounted"):
+        e2e.Pipeline(e2e_tiny.get_config(), "gs://b/e2e")
+    with pytest.raises(ValueError, match="local or mounted"):
+        ablate.run("gs://b/ablations", [])
+    assert workdir_io.require_local("rel", "--out") == os.path.abspath("rel")
