@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Callable
 
 import jax
@@ -190,8 +189,8 @@ def export_params(workdir: str, out: str, step: int | None = None, vq_workdir: s
     vq_workdir = vq_workdir or data_vq_workdir(config.data.get("data_dir", ""))
     vq_config = vq_tokenizer.load_vq_config(vq_workdir) if vq_workdir else None  # refuse before writing
     vocab = None
-    if os.path.isdir(os.path.join(workdir, VOCAB_DIR)):
-        vocab = vocab_lib.Vocabulary.load(os.path.join(workdir, VOCAB_DIR))
+    if _vocab_dir(workdir):
+        vocab = vocab_lib.Vocabulary.load(_vocab_dir(workdir))
         if vq_config is not None and (vq_config.tokens_per_image, vq_config.codebook_size) != \
                 (vocab.image_tokens_per_image, vocab.num_image_codes):
             raise ValueError(f"the VQ tokenizer in {vq_workdir} makes {vq_config.tokens_per_image} codes per image "
@@ -200,10 +199,10 @@ def export_params(workdir: str, out: str, step: int | None = None, vq_workdir: s
     _prepare_out(out)
     config, model_cfg, params, step = load_workdir_params(workdir, step)
     tensors, sha = _write_params(out, step, params, "layers/")
-    shutil.copyfile(os.path.join(workdir, "config.json"), os.path.join(out, "config.json"))
+    workdir_io.write_bytes(os.path.join(out, "config.json"), workdir_io.read_bytes(workdir_io.join(workdir, "config.json")))
     files = {SAFETENSORS: {"bytes": os.path.getsize(os.path.join(out, SAFETENSORS)), "sha256": sha}}
     if vocab is not None:
-        shutil.copytree(os.path.join(workdir, VOCAB_DIR), os.path.join(out, VOCAB_DIR))
+        vocab.save(os.path.join(out, VOCAB_DIR))
     vq_entry = None
     if vq_config is not None:
         vq_params, vq_step = checkpointing.restore_params(vq_workdir, vq_tokenizer.abstract_params(vq_config))
@@ -224,7 +223,7 @@ def export_params(workdir: str, out: str, step: int | None = None, vq_workdir: s
                 continue
             files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
     manifest = {
-        "format": BUNDLE_FORMAT, "step": step, "source_workdir": os.path.abspath(workdir),
+        "format": BUNDLE_FORMAT, "step": step, "source_workdir": workdir_io.resolve(workdir),
         "orbax": f"checkpoints/{step}", "safetensors": SAFETENSORS,
         "num_params": _num_params(tensors), "tensors": tensors,
         "vocab": VOCAB_DIR if vocab is not None else None, "vq": vq_entry, "retrieval": None,
@@ -234,6 +233,13 @@ def export_params(workdir: str, out: str, step: int | None = None, vq_workdir: s
         json.dump(manifest, f, indent=2)
         f.write("\n")
     return manifest
+
+
+def _vocab_dir(workdir: str) -> str | None:
+    """The workdir's vocab/ (local or in a bucket), None when it has none."""
+    from cm3leon_jax import vocab as vocab_lib
+    path = workdir_io.join(workdir, VOCAB_DIR)
+    return path if workdir_io.exists(workdir_io.join(path, vocab_lib.VOCAB_JSON)) else None
 
 
 def is_bundle(path: str) -> bool:
@@ -379,9 +385,9 @@ def _chameleon_vq(workdir: str, config, vq_workdir: str | None):
         return None, {"written": False, "reason": f"no VQ tokenizer: {e}"}
     try:
         hf_vq.hf_config(vq.config)
-        if os.path.isdir(os.path.join(workdir, VOCAB_DIR)):
+        if _vocab_dir(workdir):
             from cm3leon_jax import vocab as vocab_lib
-            vocab = vocab_lib.Vocabulary.load(os.path.join(workdir, VOCAB_DIR))
+            vocab = vocab_lib.Vocabulary.load(_vocab_dir(workdir))
             if (vq.tokens_per_image, vq.codebook_size) != (vocab.image_tokens_per_image, vocab.num_image_codes):
                 raise ValueError(f"the VQ tokenizer in {source} makes {vq.tokens_per_image} codes per image from "
                                  f"{vq.codebook_size}; the vocabulary expects {vocab.image_tokens_per_image} from "
@@ -410,9 +416,9 @@ def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: 
     _prepare_out(out)
     _, model_cfg, params, step = load_workdir_params(workdir, step)
     vocabulary_map = None
-    if fmt == hf_interop.CHAMELEON and os.path.isdir(os.path.join(workdir, VOCAB_DIR)):
+    if fmt == hf_interop.CHAMELEON and _vocab_dir(workdir):
         from cm3leon_jax import vocab as vocab_lib
-        vocabulary_map = hf_interop.our_vocabulary_map(vocab_lib.Vocabulary.load(os.path.join(workdir, VOCAB_DIR)),
+        vocabulary_map = hf_interop.our_vocabulary_map(vocab_lib.Vocabulary.load(_vocab_dir(workdir)),
                                                        model_cfg.vocab_size)
     hf_cfg = hf_interop.hf_config(model_cfg, fmt, vocabulary_map=vocabulary_map, dtype=dtype)
     if vq is not None:
@@ -434,7 +440,7 @@ def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: 
         json.dump(hf_cfg, f, indent=2)
         f.write("\n")
     with open(os.path.join(out, "cm3leon_export.json"), "w", encoding="utf-8") as f:
-        json.dump({"source_workdir": os.path.abspath(workdir), "step": step, "format": fmt, "dtype": dtype,
+        json.dump({"source_workdir": workdir_io.resolve(workdir), "step": step, "format": fmt, "dtype": dtype,
                    "model.safetensors_sha256": sha, "vqmodel": vq_note,
                    "training_config": config.to_dict()}, f, indent=2, default=str)
         f.write("\n")
@@ -442,13 +448,16 @@ def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: 
         with open(os.path.join(out, hf_vq.PREPROCESSOR_CONFIG), "w", encoding="utf-8") as f:
             json.dump(hf_vq.preprocessor_config(vq.config), f, indent=2)
             f.write("\n")
-    if os.path.isdir(os.path.join(workdir, VOCAB_DIR)):  # our SentencePiece vocabulary, for reference
-        shutil.copytree(os.path.join(workdir, VOCAB_DIR), os.path.join(out, "cm3leon_vocab"))
+    if _vocab_dir(workdir):  # our SentencePiece vocabulary, for reference
+        from cm3leon_jax import vocab as vocab_lib
+        vocab_lib.Vocabulary.load(_vocab_dir(workdir)).save(os.path.join(out, "cm3leon_vocab"))
     return hf_cfg
 
 
 def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32",
            vq_workdir: str | None = None) -> Any:
+    """`workdir` may be in a bucket (gs://); the bundle or HF checkpoint is written to a local `out`."""
+    workdir_io.require_local(out, "--out")
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: one of {FORMATS}")
     if fmt == "params":

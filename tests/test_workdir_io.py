@@ -120,6 +120,8 @@ def test_training_in_a_bucket_writes_there_and_resumes(bucket, tmp_path, monkeyp
     real_manager = checkpointing.ocp.CheckpointManager
 
     def manager_on_local_disk(directory, *args, **kwargs):  # tensorstore's GCS driver is out of reach here
+        if directory.startswith(str(tmp_path / "bundle")):  # the export's own local copy
+            return real_manager(directory, *args, **kwargs)
         assert directory == "gs://b/run/checkpoints"  # not ./gs:/b/run/checkpoints
         return real_manager(str(local_checkpoints), *args, **kwargs)
 
@@ -138,6 +140,14 @@ def test_training_in_a_bucket_writes_there_and_resumes(bucket, tmp_path, monkeyp
     assert [r["step"] for r in _records(files["b/run/metrics.jsonl"])] == [2, 4, 6]
     assert json.loads(files["b/run/config.json"])["total_steps"] == 6
     assert "6" in os.listdir(local_checkpoints)
+
+    # a params bundle exported from the bucket run, to a local directory
+    from cm3leon_jax import export
+    manifest = export.export("gs://b/run", str(tmp_path / "bundle"), "params")
+    assert manifest["source_workdir"] == "gs://b/run" and manifest["step"] == 6
+    assert (tmp_path / "bundle" / "config.json").read_bytes() == files["b/run/config.json"]
+    with pytest.raises(ValueError, match="local or mounted"):
+        export.export("gs://b/run", "gs://b/bundle", "params")
 
 
 def test_vq_config_and_sample_grids_in_a_bucket(bucket):
