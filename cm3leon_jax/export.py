@@ -353,8 +353,9 @@ def load_vq_tokenizer(model_dir: str, vq_workdir: str | None = None, data_dir: s
     from cm3leon_jax.vq_tokenizer import VQ_CONFIG_FILE, VQTokenizer
     if not vq_workdir and is_bundle(model_dir) and read_manifest(model_dir, verify_checksums=False).get("vq"):
         return load_bundle_vq(model_dir), os.path.join(model_dir, VQ_DIR)
-    if not vq_workdir and not is_bundle(model_dir) and os.path.exists(os.path.join(model_dir, VQ_DIR, VQ_CONFIG_FILE)):
-        return VQTokenizer.from_workdir(os.path.join(model_dir, VQ_DIR)), os.path.join(model_dir, VQ_DIR)
+    own_vq = workdir_io.join(model_dir, VQ_DIR)
+    if not vq_workdir and not is_bundle(model_dir) and workdir_io.exists(workdir_io.join(own_vq, VQ_CONFIG_FILE)):
+        return VQTokenizer.from_workdir(own_vq), own_vq
     vq_workdir = vq_workdir or data_vq_workdir(data_dir)
     if not vq_workdir:
         raise FileNotFoundError(f"no VQ tokenizer for {model_dir}: no vq/ in a params bundle and no ingest report "

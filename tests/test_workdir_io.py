@@ -11,6 +11,7 @@ import json
 import os
 import struct
 
+import numpy as np
 import pytest
 from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
@@ -181,3 +182,36 @@ def test_stages_that_read_local_files_refuse_a_bucket_up_front():
     with pytest.raises(ValueError, match="local or mounted"):
         ablate.run("gs://b/ablations", [])
     assert workdir_io.require_local("rel", "--out") == os.path.abspath("rel")
+
+
+def test_a_generator_reads_its_model_from_a_bucket(bucket, tiny_pipeline, monkeypatch):
+    from cm3leon_jax import generate, sampling
+    local = tiny_pipeline["lm"]
+    for root, _, names in os.walk(local):
+        rel = os.path.relpath(root, local)
+        if rel.split(os.sep)[0] == "checkpoints":
+            continue
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                workdir_io.write_bytes(workdir_io.join("gs://b/lm", *([] if rel == "." else rel.split(os.sep)), name),
+                                       f.read())
+    real_manager = checkpointing.ocp.CheckpointManager
+
+    opened = []
+
+    def manager_on_local_disk(directory, *args, **kwargs):  # tensorstore's GCS driver is out of reach here
+        opened.append(directory)
+        if directory == "gs://b/lm/checkpoints":
+            directory = os.path.join(local, "checkpoints")
+        return real_manager(directory, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", manager_on_local_disk)
+    remote = generate.Generator("gs://b/lm")
+    assert "gs://b/lm/checkpoints" in opened  # the LM came from the bucket (the VQ from the data's local workdir)
+    monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", real_manager)
+    here = generate.Generator(local)
+    assert remote.step == here.step and remote.vocab.fingerprint == here.vocab.fingerprint
+    config = sampling.SamplingConfig(top_p=0.9, cfg_scale=3.0)
+    a = remote.text_to_image(["a small red circle at the top left"], num_samples=2, config=config, seed=3)
+    b = here.text_to_image(["a small red circle at the top left"], num_samples=2, config=config, seed=3)
+    np.testing.assert_array_equal(a[0].codes, b[0].codes)
