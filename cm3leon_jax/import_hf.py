@@ -61,7 +61,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from cm3leon_jax import export as export_lib, hf_interop, hf_text_tokenizer, hf_vq, model as model_lib, sharding
+from cm3leon_jax import export as export_lib, hf_interop, hf_text_tokenizer, hf_vq, model as model_lib, sharding, workdir_io
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "tokenizer.model", "generation_config.json", hf_vq.PREPROCESSOR_CONFIG)
@@ -126,7 +126,9 @@ def check_tensors(ckpt: hf_interop.HFCheckpoint, specs, cfg: model_lib.Transform
 
 def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap_vocab: bool = False,
               num_sentinels: int | None = None, seq_len: int | None = None, mesh_config=None) -> dict:
-    """Writes the workdir (module docstring); returns a summary dict."""
+    """Writes the workdir (module docstring); returns a summary dict. A local directory: copy it to
+    a bucket afterwards (`gsutil -m cp -r`) to fine-tune from it on a pod."""
+    workdir_io.require_local(workdir, "--workdir")
     if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(os.path.join(workdir, "checkpoints")):
         raise FileExistsError(f"{workdir} already holds a workdir (config.json or checkpoints/); import into a new directory")
     with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:

@@ -181,6 +181,9 @@ def test_stages_that_read_local_files_refuse_a_bucket_up_front():
         e2e.Pipeline(e2e_tiny.get_config(), "gs://b/e2e")
     with pytest.raises(ValueError, match="local or mounted"):
         ablate.run("gs://b/ablations", [])
+    from cm3leon_jax import import_hf
+    with pytest.raises(ValueError, match="local or mounted"):
+        import_hf.import_hf("/nonexistent/hf", "gs://b/imported")
     assert workdir_io.require_local("rel", "--out") == os.path.abspath("rel")
 
 
