@@ -12,6 +12,8 @@ setup(
         "flax>=0.10",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        "etils[epath]",  # workdir_io: local paths and gs:// / s3:// through fsspec
+        "fsspec",
         "grain>=0.2.10",
         "array-record>=0.7",
         "tensorflow-datasets>=4.9.8",
