@@ -179,10 +179,11 @@ class ScannIndex:
     def build(cls, bank: np.ndarray, *, doc_ids: np.ndarray | None = None, offset: int = 0,
               params: dict[str, Any] | None = None, k: int = 10, threads: int = 1) -> "ScannIndex":
         """Builds over bank [n, d] (unit vectors, MIPS). doc_ids defaults to offset + arange(n).
-        One training thread by default: ScaNN's multi-threaded tree training is not deterministic
-        (on the e2e data two builds from identical embeddings gave different top-32 lists for 6.6% of
-        queries, and 0.9% of documents got other neighbours), and same seed must mean same batches.
-        `threads=0` uses every core for faster builds of huge banks."""
+        Same bank -> same index, since same seed must mean same batches: one training thread by
+        default (ScaNN's multi-threaded tree training is not deterministic) and a k-means++ start for
+        the tree (`random_init=False`: ScaNN's default random start differs from build to build; on
+        the e2e data it gave 9% of queries other top-32 lists and 2% of documents other neighbours,
+        even with one thread). `threads=0` uses every core for faster builds of huge banks."""
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise ValueError(f"cannot index a bank of shape {bank.shape}")
@@ -204,7 +205,8 @@ class ScannIndex:
             if params["mode"] == "tree_ah":
                 builder = builder.tree(
                     num_leaves=params["num_leaves"], num_leaves_to_search=params["leaves_to_search"],
-                    training_sample_size=params["training_sample_size"], soar_lambda=params.get("soar_lambda"))
+                    training_sample_size=params["training_sample_size"], soar_lambda=params.get("soar_lambda"),
+                    random_init=False)  # ScaNN's default random k-means start differs from build to build
             threshold = params["anisotropic_quantization_threshold"]
             builder = builder.score_ah(params["dims_per_block"], training_sample_size=params.get("ah_training_sample_size", 100_000),
                                        anisotropic_quantization_threshold=float("nan") if threshold is None else threshold,
