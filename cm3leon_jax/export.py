@@ -184,18 +184,16 @@ def _num_params(tensors: dict) -> int:
 def export_params(workdir: str, out: str, step: int | None = None, vq_workdir: str | None = None) -> dict:
     """Writes the params bundle (module docstring); returns the manifest. The VQ tokenizer is
     `vq_workdir`, else the one the data's ingest report names (none for text-only data)."""
-    from cm3leon_jax import vocab as vocab_lib, vq_tokenizer
+    from cm3leon_jax import vq_tokenizer
     config = read_config(workdir)
     vq_workdir = vq_workdir or data_vq_workdir(config.data.get("data_dir", ""))
     vq_config = vq_tokenizer.load_vq_config(vq_workdir) if vq_workdir else None  # refuse before writing
-    vocab = None
-    if _vocab_dir(workdir):
-        vocab = vocab_lib.Vocabulary.load(_vocab_dir(workdir))
-        if vq_config is not None and (vq_config.tokens_per_image, vq_config.codebook_size) != \
-                (vocab.image_tokens_per_image, vocab.num_image_codes):
-            raise ValueError(f"the VQ tokenizer in {vq_workdir} makes {vq_config.tokens_per_image} codes per image "
-                             f"from {vq_config.codebook_size}; the vocabulary of {workdir} expects "
-                             f"{vocab.image_tokens_per_image} from {vocab.num_image_codes}")
+    vocab = _workdir_vocab(workdir)
+    if vocab is not None and vq_config is not None and (vq_config.tokens_per_image, vq_config.codebook_size) != \
+            (vocab.image_tokens_per_image, vocab.num_image_codes):
+        raise ValueError(f"the VQ tokenizer in {vq_workdir} makes {vq_config.tokens_per_image} codes per image "
+                         f"from {vq_config.codebook_size}; the vocabulary of {workdir} expects "
+                         f"{vocab.image_tokens_per_image} from {vocab.num_image_codes}")
     _prepare_out(out)
     config, model_cfg, params, step = load_workdir_params(workdir, step)
     tensors, sha = _write_params(out, step, params, "layers/")
@@ -235,11 +233,11 @@ def export_params(workdir: str, out: str, step: int | None = None, vq_workdir: s
     return manifest
 
 
-def _vocab_dir(workdir: str) -> str | None:
-    """The workdir's vocab/ (local or in a bucket), None when it has none."""
+def _workdir_vocab(workdir: str):
+    """The workdir's vocab/ (local or in a bucket) loaded, None when it has none."""
     from cm3leon_jax import vocab as vocab_lib
     path = workdir_io.join(workdir, VOCAB_DIR)
-    return path if workdir_io.exists(workdir_io.join(path, vocab_lib.VOCAB_JSON)) else None
+    return vocab_lib.Vocabulary.load(path) if vocab_lib.Vocabulary.saved_in(path) else None
 
 
 def is_bundle(path: str) -> bool:
@@ -386,13 +384,12 @@ def _chameleon_vq(workdir: str, config, vq_workdir: str | None):
         return None, {"written": False, "reason": f"no VQ tokenizer: {e}"}
     try:
         hf_vq.hf_config(vq.config)
-        if _vocab_dir(workdir):
-            from cm3leon_jax import vocab as vocab_lib
-            vocab = vocab_lib.Vocabulary.load(_vocab_dir(workdir))
-            if (vq.tokens_per_image, vq.codebook_size) != (vocab.image_tokens_per_image, vocab.num_image_codes):
-                raise ValueError(f"the VQ tokenizer in {source} makes {vq.tokens_per_image} codes per image from "
-                                 f"{vq.codebook_size}; the vocabulary expects {vocab.image_tokens_per_image} from "
-                                 f"{vocab.num_image_codes}")
+        vocab = _workdir_vocab(workdir)
+        if vocab is not None and (vq.tokens_per_image, vq.codebook_size) != (vocab.image_tokens_per_image,
+                                                                              vocab.num_image_codes):
+            raise ValueError(f"the VQ tokenizer in {source} makes {vq.tokens_per_image} codes per image from "
+                             f"{vq.codebook_size}; the vocabulary expects {vocab.image_tokens_per_image} from "
+                             f"{vocab.num_image_codes}")
     except ValueError as e:
         if vq_workdir:
             raise
@@ -416,11 +413,10 @@ def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: 
     vq, vq_note = _chameleon_vq(workdir, config, vq_workdir) if fmt == hf_interop.CHAMELEON else (None, None)
     _prepare_out(out)
     _, model_cfg, params, step = load_workdir_params(workdir, step)
+    vocab = _workdir_vocab(workdir)
     vocabulary_map = None
-    if fmt == hf_interop.CHAMELEON and _vocab_dir(workdir):
-        from cm3leon_jax import vocab as vocab_lib
-        vocabulary_map = hf_interop.our_vocabulary_map(vocab_lib.Vocabulary.load(_vocab_dir(workdir)),
-                                                       model_cfg.vocab_size)
+    if fmt == hf_interop.CHAMELEON and vocab is not None:
+        vocabulary_map = hf_interop.our_vocabulary_map(vocab, model_cfg.vocab_size)
     hf_cfg = hf_interop.hf_config(model_cfg, fmt, vocabulary_map=vocabulary_map, dtype=dtype)
     if vq is not None:
         hf_cfg["vq_config"] = hf_vq.hf_config(vq.config)
@@ -449,9 +445,8 @@ def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: 
         with open(os.path.join(out, hf_vq.PREPROCESSOR_CONFIG), "w", encoding="utf-8") as f:
             json.dump(hf_vq.preprocessor_config(vq.config), f, indent=2)
             f.write("\n")
-    if _vocab_dir(workdir):  # our SentencePiece vocabulary, for reference
-        from cm3leon_jax import vocab as vocab_lib
-        vocab_lib.Vocabulary.load(_vocab_dir(workdir)).save(os.path.join(out, "cm3leon_vocab"))
+    if vocab is not None:  # our SentencePiece vocabulary, for reference
+        vocab.save(os.path.join(out, "cm3leon_vocab"))
     return hf_cfg
 
 

@@ -294,6 +294,8 @@ def main(argv):
     from cm3leon_jax import metrics
     f = flags.FLAGS
     metrics.quiet_library_logs()
+    if not f.out and workdir_io.is_remote(f.workdir):  # refused before the model loads
+        raise ValueError(f"--workdir {f.workdir} is an object-store URL: name a local --out for the samples")
     gen = Generator(f.workdir, step=f.step, vq_workdir=f.vq_workdir, data_dir=f.data_dir, clip_model=f.clip_model,
                     int8=f.int8, compute_dtype=f.compute_dtype)
     try:
@@ -316,8 +318,6 @@ def _run(gen, f):
     settings.update(workdir=workdir_io.resolve(f.workdir), step=gen.step,
                     reranker=(gen.clip_scorer.model_dir if gen.clip_scorer is not None
                               else "retriever" if gen.retriever is not None else None) if f.rerank else None)
-    if not f.out and workdir_io.is_remote(f.workdir):
-        raise ValueError(f"--workdir {f.workdir} is an object-store URL: name a local --out for the samples")
     out_dir = f.out or os.path.join(f.workdir, "generate")
     if f.task:  # instruction-tuned tasks (edit, vqa, control, ...): their templates and guidance
         from cm3leon_jax import sft_generate

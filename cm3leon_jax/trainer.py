@@ -124,7 +124,7 @@ def _save_vocabulary(config, workdir: str) -> None:
     from data_pipeline import prepare
     data_vocab = vocab_lib.Vocabulary.load(os.path.join(config.data.data_dir, prepare.VOCAB_DIR))
     target = workdir_io.join(workdir, prepare.VOCAB_DIR)
-    if workdir_io.exists(workdir_io.join(target, vocab_lib.VOCAB_JSON)):
+    if vocab_lib.Vocabulary.saved_in(target):
         vocab_lib.Vocabulary.load(target).check_compatible(data_vocab)
     else:
         data_vocab.save(target)
@@ -167,7 +167,7 @@ def init_from_pretrained(config, trainer, workdir: str):
         from cm3leon_jax import vocab as vocab_lib
         from data_pipeline import prepare
         pretrained_vocab = workdir_io.join(source, prepare.VOCAB_DIR)
-        if not workdir_io.exists(workdir_io.join(pretrained_vocab, vocab_lib.VOCAB_JSON)):
+        if not vocab_lib.Vocabulary.saved_in(pretrained_vocab):
             raise ValueError(f"config.init_from={config.init_from!r} has no vocabulary ({pretrained_vocab}): it was not "
                              "trained on tokenized data, so its ids cannot be matched with data.data_dir's")
         data_vocab = vocab_lib.Vocabulary.load(os.path.join(config.data.data_dir, prepare.VOCAB_DIR))

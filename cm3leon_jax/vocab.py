@@ -418,6 +418,12 @@ class Vocabulary:
             workdir_io.write_bytes(workdir_io.join(directory, name), data)
         workdir_io.write_text(workdir_io.join(directory, VOCAB_JSON), json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
+    @staticmethod
+    def saved_in(directory: str | os.PathLike) -> bool:
+        """Whether `directory` (local or in a bucket) holds a saved vocabulary (`save` writes
+        vocab.json last)."""
+        return workdir_io.exists(workdir_io.join(directory, VOCAB_JSON))
+
     @classmethod
     def load(cls, directory: str | os.PathLike, expected_fingerprint: str | None = None) -> "Vocabulary":
         """Loads and verifies a saved vocabulary; any mismatch is a ValueError, never a guess."""
