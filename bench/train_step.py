@@ -1,10 +1,12 @@
 """Train-step speed: tokens/s, model TFLOP/s and MFU for the tiny and a small config.
 
-    python bench/train_step.py [--configs tiny,small] [--steps 5] [--variants default,dense]
+    python bench/train_step.py [--configs tiny,small,long] [--steps 5] [--variants default,dense,flash,bf16_flash]
 
 MFU on CPU is against the host's float32 matmul peak measured in the same run (side by side, as
 timings swing with machine load); on accelerators against the device table in flops.py. The last
-line printed is one JSON object with every figure.
+line printed is one JSON object with every figure, each with `temp_bytes`: the compiled step's
+activations and temporaries per device (what the flash kernels save at `long`, 4,096 tokens a row).
+A variant the backend cannot run (flash on a CPU) is reported with its reason.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_list("configs", ["tiny", "small"], "which configs to time")
-flags.DEFINE_list("variants", ["default"], "model variants: default, dense (no blockwise attention), remat")
+flags.DEFINE_list("variants", ["default"], "model variants: " + ", ".join(
+    ["default", "dense (no blockwise attention)", "remat", "bf16", "flash (Pallas kernel: TPU/GPU)", "bf16_flash"]))
 flags.DEFINE_integer("steps", 5, "timed steps per config (after 2 warm-up steps)")
 
 import jax  # noqa: E402
@@ -39,17 +42,30 @@ def small_config():
     return config
 
 
-CONFIGS = {"tiny": tiny_cpu.get_config, "small": small_config}
+def long_config():
+    """small at Chameleon's row length: where the [b, h, l, l] attention scores dominate memory."""
+    config = small_config()
+    config.model.max_length = 4096
+    config.data.update(seq_len=4096, global_batch_size=1, max_doc_length=4096)
+    return config
+
+
+CONFIGS = {"tiny": tiny_cpu.get_config, "small": small_config, "long": long_config}
+FLASH = {"attention_block_size": 0, "attention_impl": "flash"}
 VARIANTS = {
     "default": {},
     "dense": {"attention_block_size": 0},
     "remat": {"remat_policy": "full"},
+    "bf16": {"dtype": "bfloat16"},
+    "flash": FLASH,
+    "bf16_flash": dict(FLASH, dtype="bfloat16"),
 }
 
 
 def time_config(config, steps: int) -> dict[str, float]:
     config.mesh.update(data=-1, fsdp=1, tensor=1)
     mesh = sharding.make_mesh(config.mesh)
+    trainer.validate_config(config, mesh, jax.process_count())
     t = trainer.Trainer(config, mesh)
     state = t.init_state(0)
     batch = sharding.global_batch_from_local(next(data_pipeline.make_train_iterator(config, 0, 1)), mesh)
@@ -63,8 +79,12 @@ def time_config(config, steps: int) -> dict[str, float]:
         jax.block_until_ready(m)
         times.append(time.perf_counter() - start)
     step_time = statistics.median(times)
-    return {"step_time_s": step_time, "tokens_per_second": t.tokens_per_step / step_time,
-            "model_tflops_per_second": t.flops_per_step / step_time / 1e12}
+    result = {"step_time_s": step_time, "tokens_per_second": t.tokens_per_step / step_time,
+              "model_tflops_per_second": t.flops_per_step / step_time / 1e12}
+    analysis = t.lower_train_step().compile().memory_analysis()  # the compiler's own account, per variant
+    if analysis is not None:
+        result["temp_bytes"] = int(analysis.temp_size_in_bytes)
+    return result
 
 
 def main(argv):
@@ -76,12 +96,18 @@ def main(argv):
         for variant in flags.FLAGS.variants:
             config = CONFIGS[name]()
             config.model.update(VARIANTS[variant])
-            r = time_config(config, flags.FLAGS.steps)
-            r["mfu"] = r["model_tflops_per_second"] * 1e12 / peak
             key = name if variant == "default" else f"{name}_{variant}"
+            try:
+                r = time_config(config, flags.FLAGS.steps)
+            except ValueError as e:  # checked up front (validate_config): this backend cannot run it
+                results[key] = {"skipped": str(e)}
+                print(f"{key:>14}: skipped: {e}", flush=True)
+                continue
+            r["mfu"] = r["model_tflops_per_second"] * 1e12 / peak
             results[key] = r
             print(f"{key:>14}: {r['tokens_per_second']:10,.0f} tokens/s  {r['model_tflops_per_second'] * 1e3:8.1f} "
-                  f"GFLOP/s  MFU {100 * r['mfu']:5.1f}%  (step {r['step_time_s'] * 1e3:.0f} ms)", flush=True)
+                  f"GFLOP/s  MFU {100 * r['mfu']:5.1f}%  (step {r['step_time_s'] * 1e3:.0f} ms, "
+                  f"temporaries {r.get('temp_bytes', 0) / 2**20:,.0f} MiB)", flush=True)
     # the peak again after the runs: a drift between the two shows the machine was not quiet
     flops.measured_cpu_matmul_flops.cache_clear()
     if jax.devices()[0].platform == "cpu":

@@ -83,3 +83,51 @@ def blockwise_causal_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positio
                               q_positions[:, start:stop], kv_positions[:, :stop])
         outputs.append(dot_product_attention(q[:, start:stop], k[:, :stop], v[:, :stop], mask))
     return jnp.concatenate(outputs, axis=1)
+
+
+# --- Flash kernels (Pallas): causal attention within packed documents without a [q, kv] matrix ---
+
+FLASH_KERNELS = ("splash", "triton")        # TPU (Mosaic) and GPU (Triton) Pallas kernels
+FLASH_BACKENDS = {"tpu": "splash", "gpu": "triton"}
+FLASH_SEQ_MULTIPLE = 128                     # both kernels tile the sequence in blocks of 128
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, kernel: str,
+                    interpret: bool = False) -> jax.Array:
+    """Causal attention within packed documents by a Pallas flash kernel. q, k, v: [b, l, h, d].
+
+    Memory is linear in the length: the scores never exist as a whole, so 4k-token Chameleon rows fit
+    where the XLA path's [b, h, l, l] float32 scores would not. Same result as `dot_product_attention`
+    with `attention_mask` on training rows (queries and keys are the same tokens and positions grow
+    along each document), except at padding (segment 0), which the kernels let attend to itself and
+    which no real token and no loss reads. `interpret` runs the kernel in Pallas's interpreter on any
+    backend: the numerics without the speed (tests on a CPU).
+    """
+    length, head_dim = q.shape[1], q.shape[-1]
+    if length % FLASH_SEQ_MULTIPLE:
+        raise ValueError(f"flash attention needs a length divisible by {FLASH_SEQ_MULTIPLE}, got {length}")
+    scale = head_dim ** -0.5
+    segment_ids = segment_ids.astype(jnp.int32)
+    if kernel == "triton":
+        from jax.experimental.pallas.ops.gpu import attention as triton_attention
+        return triton_attention.mha(q, k, v, segment_ids, sm_scale=scale, causal=True, interpret=interpret)
+    if kernel != "splash":
+        raise ValueError(f"unknown flash kernel {kernel!r}; known: {FLASH_KERNELS}")
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    splash_kernel = _splash_kernel(q.shape[2], length, interpret)
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # the kernel's layout: [h, l, d] per row
+    out = jax.vmap(splash_kernel)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v),
+                                  segment_ids=splash.SegmentIds(q=segment_ids, kv=segment_ids))
+    return heads_first(out)
+
+
+def _splash_kernel(num_heads: int, length: int, interpret: bool):
+    """The splash kernel for (heads, length). Built per trace (a layer scan traces once): a kernel
+    cached across traces carries its block tables in as tracers of the first one."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+    block = next(b for b in (512, 256, 128) if length % b == 0)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    causal = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(num_heads)])
+    return splash.make_splash_mha(causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)

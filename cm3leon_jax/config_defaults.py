@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
         qk_norm=False, mlp="relu", tie_embeddings=False, init_std=0.006, position_init_std=0.0002,
         dtype="float32", param_dtype="float32", remat_policy="none", scan_layers=True,
         attention_block_size=0,
+        attention_impl="xla",  # "flash": Pallas flash kernel (TPU splash / GPU Triton), memory linear in seq_len
     ))
 
     # AdamW (Chameleon's betas/eps/decay/clip), linear warmup then cosine decay.

@@ -10,6 +10,9 @@ stacked on a leading `layers` axis) and rematerialised by a named policy.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+import math
 from typing import Any, Callable
 
 import flax
@@ -19,6 +22,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from cm3leon_jax import attention as attn_lib
+from cm3leon_jax import sharding
 
 Dtype = Any
 
@@ -46,7 +50,8 @@ class TransformerConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"         # see REMAT_POLICIES
     scan_layers: bool = True
-    attention_block_size: int = 0      # >0: blockwise causal attention skipping the upper triangle
+    attention_block_size: int = 0      # >0: the XLA path's blockwise causal attention (skips the upper triangle)
+    attention_impl: str = "xla"        # see ATTENTION_IMPLS: xla, or a Pallas flash kernel for training rows
 
     @classmethod
     def from_config(cls, model_config) -> "TransformerConfig":
@@ -60,7 +65,7 @@ class TransformerConfig:
     def __post_init__(self):
         choices = {"positions": ("learned", "rotary"), "norm": ("layernorm", "rmsnorm"),
                    "norm_placement": ("pre", "swin"), "mlp": ("relu", "gelu", "swiglu"),
-                   "remat_policy": tuple(REMAT_POLICIES)}
+                   "remat_policy": tuple(REMAT_POLICIES), "attention_impl": ATTENTION_IMPLS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -78,6 +83,59 @@ class TransformerConfig:
     @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
+
+
+# How training rows (no KV cache) compute attention. The decoder's cached steps always use XLA.
+ATTENTION_IMPLS = (
+    "xla",               # dot_product_attention over attention_mask: any backend, [b, h, l, l] scores in memory
+    "flash",             # the backend's Pallas flash kernel: splash on TPU, Triton on NVIDIA GPUs
+    "splash_interpret",  # the TPU kernel run by Pallas's interpreter on any backend (numerics tests, slow)
+    "triton_interpret",  # the GPU kernel, likewise
+)
+
+
+def flash_kernel_for(attention_impl: str, backend: str | None = None) -> tuple[str, bool] | None:
+    """(kernel, interpret) for an attention_impl on a backend; None: the XLA path.
+
+    "flash" on a backend without a kernel (a CPU) takes the XLA path, which computes the same thing,
+    so a model trained on a TPU evaluates and generates anywhere; training refuses it up front
+    (trainer.validate_config), where a silent fallback would hide the memory the user asked for.
+    """
+    if attention_impl == "xla":
+        return None
+    if attention_impl == "flash":
+        backend = backend or jax.default_backend()
+        kernel = attn_lib.FLASH_BACKENDS.get(backend)
+        if kernel is None:
+            _warn_once(f"model.attention_impl='flash' has no kernel on {backend}; using the XLA attention")
+            return None
+        return kernel, False
+    return attention_impl.removesuffix("_interpret"), True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logging.warning(message)
+
+
+def sharded_flash_attention(q, k, v, segment_ids, kernel: str, interpret: bool) -> jax.Array:
+    """The flash kernel on each device's block of rows and heads (a Pallas call cannot be split by
+    the compiler): shard_map over the mesh set by `sharding.activate`, specs from the rules table."""
+    attend = functools.partial(attn_lib.flash_attention, kernel=kernel, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return attend(q, k, v, segment_ids)
+
+    def spec(x, logical_axes):  # a dimension the mesh does not divide (init's one row) stays whole
+        axes = sharding.logical_to_spec(logical_axes)
+        return jax.sharding.PartitionSpec(*(
+            a if a is None or size % math.prod(mesh.shape[n] for n in ((a,) if isinstance(a, str) else a)) == 0
+            else None for a, size in zip(axes, x.shape)))
+
+    heads = spec(q, ("batch", "activation_length", "activation_heads", "activation_kv"))
+    rows = spec(segment_ids, ("batch", "activation_length"))
+    return jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads, rows), out_specs=heads,
+                         check_vma=False)(q, k, v, segment_ids)
 
 
 # Named rematerialisation policies: what the backward pass may keep instead of recomputing.
@@ -180,6 +238,8 @@ class Attention(nn.Module):
             new_cache = (k_cache, v_cache)
             mask = attn_lib.attention_mask(segment_ids, cache_segments, positions, cache_positions)
             out = attn_lib.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        elif (flash := flash_kernel_for(cfg.attention_impl)) is not None:
+            out = sharded_flash_attention(q, k, v, segment_ids, *flash)
         elif cfg.attention_block_size:
             out = attn_lib.blockwise_causal_attention(q, k, v, segment_ids, segment_ids, positions, positions,
                                                       cfg.attention_block_size)

@@ -17,6 +17,7 @@ from absl import logging
 from flax import linen as nn
 
 import data_pipeline
+from cm3leon_jax import attention as attn_lib
 from cm3leon_jax import checkpointing, flops, losses, metrics, model as model_lib, optimizer, sharding, workdir_io
 
 
@@ -38,12 +39,28 @@ def validate_config(config, mesh, process_count: int) -> None:
         raise ValueError(f"data.global_batch_size={batch} is not divisible by the {process_count} processes")
     if m.positions == "learned" and d.seq_len > m.max_length:
         raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_length={m.max_length} (learned positions)")
+    _validate_attention(m.get("attention_impl", "xla"), int(d.seq_len), int(m.head_dim) or m.d_model // m.num_heads)
     rules = dict(sharding.LOGICAL_AXIS_RULES)
     for name, size, logical in (("model.num_heads", m.num_heads, "heads"), ("model.d_ff", m.d_ff, "mlp"),
                                 ("model.vocab_size", m.vocab_size, "vocab"), ("model.d_model", m.d_model, "embed")):
         sharding.check_divisible(name, int(size), mesh, rules[logical])
     if int(config.total_steps) <= 0:
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+
+
+def _validate_attention(impl: str, seq_len: int, head_dim: int, backend: str | None = None) -> None:
+    if impl == "xla":
+        return
+    backend = backend or jax.default_backend()
+    if impl == "flash" and backend not in attn_lib.FLASH_BACKENDS:
+        raise ValueError(f"model.attention_impl='flash' needs a TPU or an NVIDIA GPU; this backend is {backend}. "
+                         f"Use 'xla' here ('splash_interpret'/'triton_interpret' check the kernels' numerics, slowly)")
+    kernel = attn_lib.FLASH_BACKENDS.get(backend) if impl == "flash" else impl.removesuffix("_interpret")
+    if kernel == "triton" and head_dim < 16:
+        raise ValueError(f"the Triton flash kernel needs head_dim >= 16 (its smallest matrix tile); got {head_dim}")
+    if seq_len % attn_lib.FLASH_SEQ_MULTIPLE:
+        raise ValueError(f"model.attention_impl={impl!r} tiles the sequence in blocks of "
+                         f"{attn_lib.FLASH_SEQ_MULTIPLE}: data.seq_len={seq_len} is not a multiple")
 
 
 class Trainer:
@@ -131,7 +148,7 @@ def _save_vocabulary(config, workdir: str) -> None:
 
 
 # Model fields that change how the step runs, not the parameters: free to differ from init_from's.
-_RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_block_size")
+_RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_block_size", "attention_impl")
 
 
 def pretrained_config(workdir: str) -> dict:
