@@ -94,14 +94,20 @@ ATTENTION_IMPLS = (
 )
 
 
-def flash_kernel_for(attention_impl: str, backend: str | None = None) -> tuple[str, bool] | None:
-    """(kernel, interpret) for an attention_impl on a backend; None: the XLA path.
+def flash_kernel_for(attention_impl: str, backend: str | None = None,
+                     length: int | None = None) -> tuple[str, bool] | None:
+    """(kernel, interpret) for an attention_impl on a backend and row length; None: the XLA path.
 
-    "flash" on a backend without a kernel (a CPU) takes the XLA path, which computes the same thing,
-    so a model trained on a TPU evaluates and generates anywhere; training refuses it up front
+    "flash" on a backend without a kernel (a CPU), or on rows the kernels cannot tile (an
+    evaluation batch of 100 tokens), takes the XLA path, which computes the same thing: a model
+    trained with flash evaluates and generates anywhere. Training refuses both up front
     (trainer.validate_config), where a silent fallback would hide the memory the user asked for.
     """
     if attention_impl == "xla":
+        return None
+    if length is not None and length % attn_lib.FLASH_SEQ_MULTIPLE:
+        _warn_once(f"model.attention_impl={attention_impl!r}: rows of {length} tokens are not a multiple of "
+                   f"{attn_lib.FLASH_SEQ_MULTIPLE}; using the XLA attention for them")
         return None
     if attention_impl == "flash":
         backend = backend or jax.default_backend()
@@ -238,7 +244,7 @@ class Attention(nn.Module):
             new_cache = (k_cache, v_cache)
             mask = attn_lib.attention_mask(segment_ids, cache_segments, positions, cache_positions)
             out = attn_lib.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
-        elif (flash := flash_kernel_for(cfg.attention_impl)) is not None:
+        elif (flash := flash_kernel_for(cfg.attention_impl, length=x.shape[1])) is not None:
             out = sharded_flash_attention(q, k, v, segment_ids, *flash)
         elif cfg.attention_block_size:
             out = attn_lib.blockwise_causal_attention(q, k, v, segment_ids, segment_ids, positions, positions,

@@ -123,6 +123,8 @@ def test_attention_impl_choices_and_errors():
     assert model_lib.flash_kernel_for("flash", "gpu") == ("triton", False)
     assert model_lib.flash_kernel_for("flash", "cpu") is None  # evaluation of a TPU-trained model on a CPU
     assert model_lib.flash_kernel_for("triton_interpret", "cpu") == ("triton", True)
+    assert model_lib.flash_kernel_for("flash", "tpu", length=100) is None  # an evaluation row the kernels cannot tile
+    assert model_lib.flash_kernel_for("flash", "tpu", length=256) == ("splash", False)
     with pytest.raises(ValueError, match="attention_impl='fast' is not one of"):
         TransformerConfig(vocab_size=8, num_layers=1, d_model=8, num_heads=2, d_ff=8, max_length=8,
                           attention_impl="fast")
