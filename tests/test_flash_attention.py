@@ -54,8 +54,8 @@ def test_kernels_match_xla_attention_on_packed_rows(kernel):
         attention.flash_attention(q[:, :96], k[:, :96], v[:, :96], segment_ids[:, :96], kernel=kernel, interpret=True)
 
 
-@pytest.mark.parametrize("impl", ["splash_interpret", "triton_interpret"])
-def test_model_with_flash_attention_matches_xla(impl):
+def test_model_with_flash_attention_matches_xla(impl="triton_interpret"):
+    """(splash runs in the whole sharded step below: the interpreter is slow, the suite has a budget)"""
     base = dict(vocab_size=64, num_layers=2, d_model=64, num_heads=4, d_ff=128, max_length=LENGTH,
                 positions="rotary", qk_norm=True)
     segment_ids, positions = _packed_rows(2, LENGTH, seed=1)
@@ -84,7 +84,8 @@ def test_model_with_flash_attention_matches_xla(impl):
 
 
 def test_sharded_train_step_with_flash_attention_matches_xla(monkeypatch):
-    """On a 2x2x2 mesh the kernel runs per device (shard_map over rows and heads): same loss, same update."""
+    """On a 2x2x2 mesh the kernel runs per device (shard_map over rows and heads), rematerialised:
+    same loss, same update."""
     specs = []
     shard_map = jax.shard_map
 
@@ -97,7 +98,7 @@ def test_sharded_train_step_with_flash_attention_matches_xla(monkeypatch):
                  "model.max_length": LENGTH, "model.d_model": 64, "model.num_heads": 4}
     results = {}
     for impl in ("xla", "splash_interpret"):
-        config = tiny_config(**overrides, **{"model.attention_impl": impl})
+        config = tiny_config(**overrides, **{"model.attention_impl": impl, "model.remat_policy": "full"})
         mesh = sharding.make_mesh(config.mesh)
         trainer.validate_config(config, mesh, 1)
         t = trainer.Trainer(config, mesh)
