@@ -1,6 +1,7 @@
 """`e2e_tiny.py` with the budgets of one accelerator: the same 2.2M-parameter model, data world and
 recipe, with 6.4x the VQ steps, 3x the documents and 14.5x the LM steps, evaluated on 256 test
-captions (e2e_tiny: 64) so the report's paired bootstrap interval can resolve a ~1-point gap.
+captions x 8 samples (e2e_tiny: 64 x 4) so the report's paired bootstrap interval can resolve a
+~1-point gap.
 
     python -m cm3leon_jax.e2e --config experiments/e2e_gpu.py --workdir workdirs/e2e_gpu
 
@@ -21,7 +22,9 @@ def get_config():
     c.lm.total_steps = 32_000
     c.lm.checkpoint_every_steps = 4_000
     c.lm.log_every_steps = 500
-    # 256 test captions x 4: near the ceiling TopP+TopK+CFG and TopP lie ~1 point apart, so the
-    # report's paired bootstrap interval needs the larger sample to say whether that gap is real
+    # 256 test captions x 8 samples: near the ceiling TopP+TopK+CFG and TopP lie ~1 point apart, so
+    # the report's paired bootstrap interval needs the larger sample to say whether that gap is real
+    # (8 samples a caption average out more of each prompt's sampling noise than e2e_tiny's 4)
     c.evaluate.num_prompts = 256
+    c.evaluate.num_samples = 8
     return c

@@ -231,7 +231,8 @@ def test_the_gpu_config_is_e2e_tiny_with_bigger_budgets():
     assert gpu.keys() == tiny.keys()
     assert {k for k in gpu if gpu[k] != tiny[k]} == {
         "vq.total_steps", "vq.checkpoint_every_steps", "vq.sample_every_steps", "data.num_documents.train",
-        "lm.total_steps", "lm.checkpoint_every_steps", "lm.log_every_steps", "evaluate.num_prompts"}
+        "lm.total_steps", "lm.checkpoint_every_steps", "lm.log_every_steps", "evaluate.num_prompts",
+        "evaluate.num_samples"}
     assert gpu["lm.total_steps"] > tiny["lm.total_steps"] and gpu["vq.total_steps"] > tiny["vq.total_steps"]
 
 
