@@ -31,3 +31,14 @@ def test_cli_simulates_a_larger_slice_without_allocating():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["num_devices"] == 16 and result["mesh"] == {"data": 4, "fsdp": 4, "tensor": 1}
     assert result["fits"] is False and "NO" in out.stdout
+
+
+def test_flash_attention_is_planned_with_the_kernel_not_the_score_matrix():
+    """A flash config planned on a CPU: the interpreted splash kernel's buffers replace the [l, l] scores."""
+    overrides = {"data.seq_len": 1024, "model.max_length": 1024, "model.remat_policy": "full"}  # a row a device
+    dense = memory_plan.plan(tiny_config(**overrides))
+    flash = memory_plan.plan(tiny_config(**overrides, **{"model.attention_impl": "flash"}))
+    assert (dense["attention"], flash["attention"]) == ("xla", "splash_interpret")
+    assert flash["params_gib"] == dense["params_gib"]
+    # 4 heads x 1,024^2 float32 scores (16 MiB a layer) and their softmax dominate the dense plan
+    assert flash["activations_and_temporaries_gib"] < dense["activations_and_temporaries_gib"] / 3
