@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 

@@ -55,7 +55,7 @@ def _validate_attention(impl: str, seq_len: int, head_dim: int, backend: str | N
     if impl == "flash" and backend not in attn_lib.FLASH_BACKENDS:
         raise ValueError(f"model.attention_impl='flash' needs a TPU or an NVIDIA GPU; this backend is {backend}. "
                          f"Use 'xla' here ('splash_interpret'/'triton_interpret' check the kernels' numerics, slowly)")
-    kernel = attn_lib.FLASH_BACKENDS.get(backend) if impl == "flash" else impl.removesuffix("_interpret")
+    kernel, _ = model_lib.flash_kernel_for(impl, backend)
     if kernel == "triton" and head_dim < 16:
         raise ValueError(f"the Triton flash kernel needs head_dim >= 16 (its smallest matrix tile); got {head_dim}")
     if seq_len % attn_lib.FLASH_SEQ_MULTIPLE:
