@@ -54,6 +54,20 @@ def test_kernels_match_xla_attention_on_packed_rows(kernel):
         attention.flash_attention(q[:, :96], k[:, :96], v[:, :96], segment_ids[:, :96], kernel=kernel, interpret=True)
 
 
+@pytest.mark.skipif(jax.default_backend() not in attention.FLASH_BACKENDS, reason="needs a TPU or an NVIDIA GPU")
+def test_compiled_kernel_of_this_backend_matches_xla_attention():
+    """The real kernel (not the interpreter), in bf16 as accelerators train: run on the device machine."""
+    b, h, d = 2, 4, 64
+    segment_ids, positions = _packed_rows(b, 2 * LENGTH, seed=3)
+    q, k, v = (jax.random.normal(key, (b, 2 * LENGTH, h, d), jnp.bfloat16) for key in jax.random.split(jax.random.key(4), 3))
+    kernel, interpret = model_lib.flash_kernel_for("flash")
+    assert not interpret
+    got = jax.jit(lambda q, k, v: attention.flash_attention(q, k, v, segment_ids, kernel=kernel))(q, k, v)
+    want = attention.dot_product_attention(q, k, v, attention.attention_mask(segment_ids, segment_ids, positions, positions))
+    real = np.asarray(segment_ids != 0)
+    np.testing.assert_allclose(np.asarray(got, np.float32)[real], np.asarray(want, np.float32)[real], atol=3e-2)
+
+
 def test_model_with_flash_attention_matches_xla(impl="triton_interpret"):
     """(splash runs in the whole sharded step below: the interpreter is slow, the suite has a budget)"""
     base = dict(vocab_size=64, num_layers=2, d_model=64, num_heads=4, d_ff=128, max_length=LENGTH,
