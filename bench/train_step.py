@@ -28,7 +28,7 @@ flags.DEFINE_integer("steps", 5, "timed steps per config (after 2 warm-up steps)
 import jax  # noqa: E402
 
 import data_pipeline  # noqa: E402
-from cm3leon_jax import flops, sharding, trainer  # noqa: E402
+from cm3leon_jax import flops, memory_plan, sharding, trainer  # noqa: E402
 from cm3leon_jax.config_defaults import base_config  # noqa: E402
 from experiments import tiny_cpu  # noqa: E402
 
@@ -81,9 +81,7 @@ def time_config(config, steps: int) -> dict[str, float]:
     step_time = statistics.median(times)
     result = {"step_time_s": step_time, "tokens_per_second": t.tokens_per_step / step_time,
               "model_tflops_per_second": t.flops_per_step / step_time / 1e12}
-    analysis = t.lower_train_step().compile().memory_analysis()  # the compiler's own account, per variant
-    if analysis is not None:
-        result["temp_bytes"] = int(analysis.temp_size_in_bytes)
+    result["temp_bytes"] = memory_plan.step_temporaries_bytes(t)  # the compiler's own account, per variant
     return result
 
 

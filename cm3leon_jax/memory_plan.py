@@ -39,21 +39,25 @@ def _per_device_bytes(abstract_tree) -> int:
     return total
 
 
+def step_temporaries_bytes(trainer) -> int:
+    """Activations and other temporaries of the compiled train step per device (XLA's account)."""
+    analysis = trainer.lower_train_step().compile().memory_analysis()
+    return int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else 0
+
+
 def plan(config) -> dict[str, float]:
     import jax
-    from cm3leon_jax import sharding, trainer as trainer_lib
+    from cm3leon_jax import attention, sharding, trainer as trainer_lib
     planned_attention = config.model.get("attention_impl", "xla")
-    if planned_attention == "flash" and jax.default_backend() == "cpu":  # the planning host has no kernel
+    if planned_attention == "flash" and jax.default_backend() not in attention.FLASH_BACKENDS:  # no kernel here
         config = copy.deepcopy(config)
         config.model.attention_impl = planned_attention = "splash_interpret"
     mesh = sharding.make_mesh(config.mesh)
     trainer_lib.validate_config(config, mesh, process_count=1)
     trainer = trainer_lib.Trainer(config, mesh)
-    compiled = trainer.lower_train_step().compile()
-    analysis = compiled.memory_analysis()
     params = _per_device_bytes(trainer.abstract_state.params)
     opt_state = _per_device_bytes(trainer.abstract_state.opt_state)
-    temp = int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else 0
+    temp = step_temporaries_bytes(trainer)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
     return {"num_devices": len(mesh.devices.flat), "mesh": dict(mesh.shape), "num_params": int(n_params),
             "attention": planned_attention,

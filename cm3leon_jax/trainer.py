@@ -39,7 +39,8 @@ def validate_config(config, mesh, process_count: int) -> None:
         raise ValueError(f"data.global_batch_size={batch} is not divisible by the {process_count} processes")
     if m.positions == "learned" and d.seq_len > m.max_length:
         raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_length={m.max_length} (learned positions)")
-    _validate_attention(m.get("attention_impl", "xla"), int(d.seq_len), int(m.head_dim) or m.d_model // m.num_heads)
+    model_config = model_lib.TransformerConfig.from_config(m)  # also checks every model field
+    _validate_attention(model_config.attention_impl, int(d.seq_len), model_config.resolved_head_dim)
     rules = dict(sharding.LOGICAL_AXIS_RULES)
     for name, size, logical in (("model.num_heads", m.num_heads, "heads"), ("model.d_ff", m.d_ff, "mlp"),
                                 ("model.vocab_size", m.vocab_size, "vocab"), ("model.d_model", m.d_model, "embed")):
