@@ -189,6 +189,25 @@ def test_scann_recall_save_load_and_shards(tmp_path):
         NB.ShardedIndex.load(str(tmp_path / "missing"))
 
 
+def test_avq_leaf_centres_reach_the_searcher(tmp_path):
+    """params["avq"] is passed to ScaNN's tree (its saved config says so) and keeps the recall."""
+    bank = _clustered(12000)
+    queries = _clustered(200, seed=1)
+    truth, _ = NB.exact_search(bank, queries, 10)
+    index = NB.build_index(bank, str(tmp_path / "avq"), params=NB.scann_params(12000, avq=2.5))
+    assert _recall(index.search(queries, 10)[0], truth) >= 0.95
+    from scann.proto import scann_pb2
+
+    def saved_avq(name):
+        config = scann_pb2.ScannConfig()
+        config.ParseFromString((tmp_path / name / "scann" / "scann_config.pb").read_bytes())
+        return config.partitioning.avq
+
+    assert saved_avq("avq") == 2.5
+    NB.build_index(bank, str(tmp_path / "plain"))
+    assert saved_avq("plain") != 2.5
+
+
 def test_small_bank_uses_exact_scorer():
     bank = _clustered(300)
     index = NB.build_index(bank)
