@@ -8,11 +8,9 @@ import struct
 import sys
 import zlib
 
-import jax
 import numpy as np
 import pytest
 from absl import flags
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from cm3leon_jax import train_vq
@@ -59,22 +57,7 @@ def _run_cli(workdir, *extra):
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.reset_cache()  # decided once per process, possibly by an earlier test module
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, compile_cache):
+def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vq_run")
     config = _run_cli(workdir)
     return workdir, config
