@@ -50,6 +50,7 @@ import optax
 from absl import logging
 from flax import linen as nn
 
+from cm3leon_jax import workdir_io
 from data_pipeline import shapes_world as sw
 
 CLASSIFIER_SUBDIR = "attribute_classifier"
@@ -404,12 +405,7 @@ def load_classifier(workdir: str):
     """Params saved by `train_classifier`; `workdir` is the workdir or workdir/attribute_classifier."""
     from safetensors.numpy import load_file
     directory = _resolve_dir(workdir)
-    path = os.path.join(directory, CONFIG_JSON)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no trained attribute classifier in {directory} (missing {CONFIG_JSON})")
-    info = classifier_info(directory)
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {info.get('format')!r}, expected {FORMAT}")
+    workdir_io.read_format_json(os.path.join(directory, CONFIG_JSON), FORMAT, what="trained attribute classifier")
     params = _unflatten(load_file(os.path.join(directory, PARAMS_FILE)))
     expected = jax.eval_shape(lambda: init_params(0))
     got = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params)

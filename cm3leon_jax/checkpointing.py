@@ -96,6 +96,18 @@ class CheckpointManager:
             raise ValueError(f"{directory} lacks {missing}: the data position of step {step} is incomplete")
         return [(directory / name).read_bytes() for name in expected]
 
+    def save_or_stop(self, step: int, state, data_iterator, preemption: "PreemptionWatcher", logger) -> bool:
+        """End of a train step: a checkpoint when one is due (the logger flushed with it, so a resumed
+        run never lacks a record before its checkpoint); on a preemption notice, one now and True:
+        the loop must stop."""
+        if self.save(step, state, data_iterator):
+            logger.flush()
+        if preemption.should_stop(step):
+            self.save(step, state, data_iterator, force=True)
+            logging.warning("stopped for preemption at step %d after saving", step)
+            return True
+        return False
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -247,16 +247,9 @@ def is_bundle(path: str) -> bool:
 def read_manifest(directory: str, *, verify_checksums: bool = True, under: str | None = None) -> dict:
     """The bundle's manifest after checking every listed file (or those under `under`) exists
     with its size and sha256; a ValueError names the first file that does not."""
-    path = os.path.join(directory, BUNDLE_JSON)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: not a params bundle (python -m cm3leon_jax.export --format params)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupted manifest ({e})") from None
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    manifest = workdir_io.read_format_json(os.path.join(directory, BUNDLE_JSON), BUNDLE_FORMAT,
+                                           what="params bundle manifest",
+                                           hint="python -m cm3leon_jax.export --format params")
     for rel, info in manifest["files"].items():
         if under is not None and not rel.startswith(under + "/"):
             continue

@@ -86,9 +86,7 @@ class HFTextTokenizer:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "HFTextTokenizer":
         path = workdir_io.join(directory, TEXT_IDS_JSON)
-        meta = json.loads(workdir_io.read_bytes(path))
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-            raise ValueError(f"{path}: not a {_FORMAT} file")
+        meta = workdir_io.read_format_json(path, _FORMAT, what="Hugging Face text-id map")
         return cls(workdir_io.read_bytes(workdir_io.join(directory, TOKENIZER_JSON)), meta["text_ids"])
 
     def files(self) -> dict[str, bytes]:

@@ -42,6 +42,20 @@ class StepTimer:
         return (time.perf_counter() - self._start) / (step - self._step)
 
 
+def step_record(step_metrics, timer: StepTimer, step: int, total_steps: int, per_step: dict[str, float],
+                seconds_left: float | None = None) -> dict[str, float]:
+    """What a logged step writes: its metrics as floats and, once steps have been timed, the seconds
+    per step, each per-step amount as a rate (tokens or images per second; FLOPs / peak is MFU) and
+    the ETA, capped by `seconds_left` of a time budget."""
+    record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    step_time = timer.step_time(step)
+    if step_time is not None:
+        eta = (total_steps - step) * step_time
+        record.update(step_time=step_time, **{k: amount / step_time for k, amount in per_step.items()},
+                      eta_seconds=eta if seconds_left is None else min(eta, max(seconds_left, 0.0)))
+    return record
+
+
 class MetricsLogger:
     """Writes only on process 0 so a multi-host run produces one record per step.
 

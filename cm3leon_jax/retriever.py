@@ -40,7 +40,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cm3leon_jax import attention as attn_lib
-from cm3leon_jax import sharding
+from cm3leon_jax import sharding, workdir_io
 
 RETRIEVER_SUBDIR = "retriever"
 PARAMS_SUBDIR = "params"
@@ -701,8 +701,7 @@ def load_clip_reference(data_dir: str) -> dict | None:
     path = os.path.join(os.path.abspath(data_dir or ""), RETRIEVER_SUBDIR, CLIP_JSON)
     if not data_dir or not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = workdir_io.read_format_json(path, FORMAT + "+clip", what="CLIP embedding reference")
     return {"clip_model": saved["clip_model"], "embeddings": os.path.join(os.path.dirname(path), saved["embeddings"])}
 
 
@@ -712,13 +711,8 @@ def load_retriever(directory: str):
     directory = os.path.abspath(directory)
     if not os.path.exists(os.path.join(directory, CONFIG_JSON)) and os.path.isdir(os.path.join(directory, RETRIEVER_SUBDIR)):
         directory = os.path.join(directory, RETRIEVER_SUBDIR)
-    path = os.path.join(directory, CONFIG_JSON)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no trained retriever in {directory} (missing {CONFIG_JSON})")
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-    if saved.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {saved.get('format')!r}, expected {FORMAT}")
+    saved = workdir_io.read_format_json(os.path.join(directory, CONFIG_JSON), FORMAT, what="trained retriever",
+                                        hint="python -m data_pipeline.index trains one")
     config = _as_retriever_config(saved["config"])
     abstract = jax.eval_shape(lambda: init_params(config, 0))
     device = jax.local_devices()[0]

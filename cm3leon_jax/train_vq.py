@@ -324,13 +324,8 @@ def train(config, workdir: str) -> dict[str, float]:
         state, step_metrics = t.train_step(state, batch)
         step += 1
         if step % log_every == 0 or step == total_steps:
-            last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            step_time = timer.step_time(step)
-            if step_time is not None:
-                eta = (total_steps - step) * step_time
-                if budget > 0:
-                    eta = min(eta, max(budget - (time.perf_counter() - start), 0.0))
-                last.update(step_time=step_time, images_per_second=t.images_per_step / step_time, eta_seconds=eta)
+            last = metrics.step_record(step_metrics, timer, step, total_steps, {"images_per_second": t.images_per_step},
+                                       seconds_left=budget - (time.perf_counter() - start) if budget > 0 else None)
             logger.write(step, last, total_steps)
         if not timer.started or step % log_every == 0:
             jax.block_until_ready(step_metrics)
@@ -339,11 +334,7 @@ def train(config, workdir: str) -> dict[str, float]:
             write_samples(step)
             sampled_at = step
             timer.restart(step)
-        if ckpt.save(step, state, data_iter):
-            logger.flush()
-        if preemption.should_stop(step):
-            ckpt.save(step, state, data_iter, force=True)
-            logging.warning("stopped for preemption at step %d after saving", step)
+        if ckpt.save_or_stop(step, state, data_iter, preemption, logger):
             preempted = True
             break
         if _time_is_up(start, budget):

@@ -248,21 +248,13 @@ def train(config, workdir: str) -> dict[str, float]:
         state, step_metrics = trainer.train_step(state, batch)
         step += 1
         if step % log_every == 0 or step == total_steps:
-            last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            step_time = timer.step_time(step)
-            if step_time is not None:
-                last.update(step_time=step_time, tokens_per_second=trainer.tokens_per_step / step_time,
-                            mfu=trainer.flops_per_step / step_time / peak,
-                            eta_seconds=(total_steps - step) * step_time)
+            last = metrics.step_record(step_metrics, timer, step, total_steps,
+                                       {"tokens_per_second": trainer.tokens_per_step, "mfu": trainer.flops_per_step / peak})
             logger.write(step, last, total_steps)
         if not timer.started or step % log_every == 0:
             jax.block_until_ready(step_metrics)
             timer.restart(step)
-        if ckpt.save(step, state, data_iter):
-            logger.flush()
-        if preemption.should_stop(step):
-            ckpt.save(step, state, data_iter, force=True)
-            logging.warning("stopped for preemption at step %d after saving", step)
+        if ckpt.save_or_stop(step, state, data_iter, preemption, logger):
             preempted = True
             break
     ckpt.save(step, state, data_iter, force=True)

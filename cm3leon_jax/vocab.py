@@ -429,9 +429,7 @@ class Vocabulary:
         """Loads and verifies a saved vocabulary; any mismatch is a ValueError, never a guess."""
         json_path = workdir_io.join(directory, VOCAB_JSON)
         spm_path = workdir_io.join(directory, SPM_MODEL)
-        meta = json.loads(workdir_io.read_bytes(json_path))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{json_path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+        meta = workdir_io.read_format_json(json_path, FORMAT, what="saved vocabulary")
         stored = meta.pop("fingerprint", None)
         if stored is not None and stored != _digest(meta):
             raise ValueError(f"{json_path}: fingerprint {stored} does not match its contents "

@@ -14,6 +14,7 @@ record before its checkpoint.
 from __future__ import annotations
 
 import io
+import json
 import os
 import threading
 
@@ -88,6 +89,22 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode("utf-8")
+
+
+def read_format_json(path: str | os.PathLike, expected_format: str, *, what: str, hint: str = "") -> dict:
+    """A JSON file that names its own format (a manifest, a saved config): missing, corrupted or of
+    another format is a clear error naming the file up front, never a KeyError or a guess later.
+    `what` names the thing for the message ("vocabulary"); `hint` says how to make one."""
+    if not exists(path):
+        raise FileNotFoundError(f"{path} not found: no {what} there" + (f" ({hint})" if hint else ""))
+    try:
+        data = json.loads(read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupted {what} ({e})") from None
+    found = data.get("format") if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+    if found != expected_format:
+        raise ValueError(f"{path}: format {found!r}, expected {expected_format!r}: not a {what} this version reads")
+    return data
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from cm3leon_jax import workdir_io
+
 INDEX_FORMAT = "cm3leon_jax.scann_index/1"
 SHARDS_FORMAT = "cm3leon_jax.scann_shards/1"
 NEIGHBOURS_FORMAT = "cm3leon_jax.neighbours/1"
@@ -277,13 +279,7 @@ class ScannIndex:
     @classmethod
     def load(cls, directory: str) -> "ScannIndex":
         directory = os.path.abspath(directory)
-        path = os.path.join(directory, INDEX_JSON)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no ScaNN index in {directory} (missing {INDEX_JSON})")
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{path}: unknown format {meta.get('format')!r}")
+        meta = workdir_io.read_format_json(os.path.join(directory, INDEX_JSON), INDEX_FORMAT, what="ScaNN index")
         doc_ids = np.load(os.path.join(directory, "doc_ids.npy"))
         if doc_ids.shape != (meta["size"],):
             raise ValueError(f"{directory}: doc_ids.npy has {doc_ids.shape[0]} rows, index.json says {meta['size']}")
@@ -390,10 +386,8 @@ class ShardedIndex:
 
     @classmethod
     def load(cls, out_dir: str, shard_ids: Sequence[int] | None = None) -> "ShardedIndex":
-        with open(os.path.join(out_dir, SHARDS_JSON), encoding="utf-8") as f:
-            manifest = json.load(f)
-        if manifest.get("format") != SHARDS_FORMAT:
-            raise ValueError(f"{out_dir}: unknown shards format {manifest.get('format')!r}")
+        manifest = workdir_io.read_format_json(os.path.join(out_dir, SHARDS_JSON), SHARDS_FORMAT,
+                                               what="sharded ScaNN index")
         ids = range(manifest["num_shards"]) if shard_ids is None else shard_ids
         missing = [s for s in ids if not os.path.exists(os.path.join(shard_dir(out_dir, s), INDEX_JSON))]
         if missing:
@@ -681,10 +675,8 @@ def save_neighbours(data_dir: str, ids: np.ndarray, scores: np.ndarray, stats: d
 def load_neighbours(data_dir: str, num_documents: int | None = None, *, mmap: bool = True):
     """(ids [N, K] int32, scores [N, K] float32, meta) from the sidecar; memory-mapped by default
     (random access for the Grain join). Checks alignment with num_documents when given."""
-    with open(os.path.join(data_dir, NEIGHBOURS_JSON), encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != NEIGHBOURS_FORMAT:
-        raise ValueError(f"{data_dir}: unknown neighbours format {meta.get('format')!r}")
+    meta = workdir_io.read_format_json(os.path.join(data_dir, NEIGHBOURS_JSON), NEIGHBOURS_FORMAT,
+                                       what="neighbour sidecar", hint="python -m data_pipeline.index builds it")
     mode = "r" if mmap else None
     ids = np.load(os.path.join(data_dir, meta["ids"]), mmap_mode=mode)
     scores = np.load(os.path.join(data_dir, meta["scores"]), mmap_mode=mode)

@@ -264,6 +264,16 @@ def test_compute_neighbours_and_sidecar(tmp_path):
     np.testing.assert_array_equal(scores2, scores)
     with pytest.raises(ValueError, match="neighbours for 400 documents"):
         NB.load_neighbours(str(tmp_path), n + 1)
+    # a truncated or foreign sidecar manifest is a clear error naming the file, never a KeyError later
+    sidecar = tmp_path / "copy" / NB.NEIGHBOURS_JSON
+    sidecar.write_text(sidecar.read_text()[:40])
+    with pytest.raises(ValueError, match=r"neighbours\.json: corrupted neighbour sidecar"):
+        NB.load_neighbours(str(tmp_path / "copy"), n)
+    sidecar.write_text('{"format": "cm3leon_jax.neighbours/0"}')
+    with pytest.raises(ValueError, match="format 'cm3leon_jax.neighbours/0', expected 'cm3leon_jax.neighbours/1'"):
+        NB.load_neighbours(str(tmp_path / "copy"), n)
+    with pytest.raises(FileNotFoundError, match="no neighbour sidecar there .python -m data_pipeline.index"):
+        NB.load_neighbours(str(tmp_path / "missing"), n)
     # the sharded path gives the same neighbours (exact scorer on these small shards)
     NB.build_neighbours(str(tmp_path / "sharded"), doc, text_q, image_q, has_text, has_image,
                         num_candidates=16, num_shards=3)

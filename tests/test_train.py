@@ -12,7 +12,7 @@ import portpicker
 import pytest
 
 import data_pipeline
-from cm3leon_jax import sharding, trainer
+from cm3leon_jax import metrics, sharding, trainer
 from tests.helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,12 +61,26 @@ def test_train_writes_metrics_events_and_checkpoints(tmp_path):
     assert sorted(records) == [2, 4, 6]
     for key in ("loss", "z_loss", "grad_norm", "learning_rate", "tokens_per_second", "mfu", "eta_seconds"):
         assert np.isfinite(records[6][key]), key
+    timed = records[4]   # rates are the step's amounts over its measured seconds; the ETA counts steps left
+    assert timed["tokens_per_second"] == pytest.approx(8 * 32 / timed["step_time"])
+    assert timed["eta_seconds"] == pytest.approx(2 * timed["step_time"]) and records[6]["eta_seconds"] == 0
     assert last["loss"] == records[6]["loss"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
     assert "6" in os.listdir(tmp_path / "checkpoints")
     # rerunning a finished run resumes at the end and trains nothing more
     trainer.train(config, str(tmp_path))
     assert sorted(_read_metrics(tmp_path)) == [2, 4, 6]
+
+
+def test_step_record_rates_and_an_eta_capped_by_the_time_budget():
+    timer = metrics.StepTimer()
+    assert metrics.step_record({"loss": np.float32(1.5)}, timer, 2, 10, {"images_per_second": 8}) == {"loss": 1.5}
+    timer.restart(0)
+    time.sleep(0.02)
+    record = metrics.step_record({"loss": np.float32(1.5)}, timer, 2, 1000, {"images_per_second": 8}, seconds_left=0.5)
+    assert record["images_per_second"] == pytest.approx(8 / record["step_time"]) and record["step_time"] >= 0.01
+    assert record["eta_seconds"] == 0.5                      # 998 steps left would take longer than the budget
+    assert metrics.step_record({}, timer, 2, 1000, {}, seconds_left=-3.0)["eta_seconds"] == 0.0
 
 
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path):

@@ -106,6 +106,23 @@ def test_metrics_logger_uploads_on_flush_and_keeps_records_on_reopen(bucket):
     reopened.close()
 
 
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_format_tagged_json_is_checked_up_front(where, tmp_path, bucket):
+    root = str(tmp_path) if where == "local" else "gs://b/run"
+    path = workdir_io.join(root, "thing.json")
+    with pytest.raises(FileNotFoundError, match="thing.json not found: no saved thing there .make one."):
+        workdir_io.read_format_json(path, "thing/1", what="saved thing", hint="make one")
+    workdir_io.write_text(path, json.dumps({"format": "thing/1", "size": 3}))
+    assert workdir_io.read_format_json(path, "thing/1", what="saved thing") == {"format": "thing/1", "size": 3}
+    with pytest.raises(ValueError, match="format 'thing/1', expected 'thing/2': not a saved thing this version"):
+        workdir_io.read_format_json(path, "thing/2", what="saved thing")
+    for bad, message in [('{"format": "thing/1", "si', "corrupted saved thing"), ("[1, 2]", "format 'a JSON list'"),
+                         (b"\xff\xfe{}", "corrupted saved thing")]:
+        workdir_io.write_bytes(path, bad if isinstance(bad, bytes) else bad.encode())
+        with pytest.raises(ValueError, match=message):
+            workdir_io.read_format_json(path, "thing/1", what="saved thing")
+
+
 def test_vocabulary_saves_to_and_loads_from_a_bucket(bucket, tiny_spm_model):
     vocab = vb.Vocabulary(tt.TextTokenizer(tiny_spm_model), 64, 16, num_sentinels=4)
     vocab.save("gs://b/run/vocab")
