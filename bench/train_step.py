@@ -1,6 +1,6 @@
 """Train-step speed: tokens/s, model TFLOP/s and MFU for the tiny and a small config.
 
-    python bench/train_step.py [--configs tiny,small,long] [--steps 5] [--variants default,dense,flash,bf16_flash]
+    python bench/train_step.py [--configs tiny,small,long] [--steps 5] [--variants default,dense,flash,bf16_flash,accum4]
 
 MFU on CPU is against the host's float32 matmul peak measured in the same run (side by side, as
 timings swing with machine load); on accelerators against the device table in flops.py. The last
@@ -22,14 +22,15 @@ from absl import app, flags  # noqa: E402
 
 flags.DEFINE_list("configs", ["tiny", "small"], "which configs to time")
 flags.DEFINE_list("variants", ["default"], "model variants: " + ", ".join(
-    ["default", "dense (no blockwise attention)", "remat", "bf16", "flash (Pallas kernel: TPU/GPU)", "bf16_flash"]))
+    ["default", "dense (no blockwise attention)", "remat", "bf16", "flash (Pallas kernel: TPU/GPU)", "bf16_flash",
+     "accum4 (the global batch in 4 microbatches)"]))
 flags.DEFINE_integer("steps", 5, "timed steps per config (after 2 warm-up steps)")
 
 import jax  # noqa: E402
 
 import data_pipeline  # noqa: E402
 from cm3leon_jax import flops, memory_plan, sharding, trainer  # noqa: E402
-from cm3leon_jax.config_defaults import base_config  # noqa: E402
+from cm3leon_jax.config_defaults import base_config, set_field  # noqa: E402
 from experiments import tiny_cpu  # noqa: E402
 
 
@@ -51,14 +52,15 @@ def long_config():
 
 
 CONFIGS = {"tiny": tiny_cpu.get_config, "small": small_config, "long": long_config}
-FLASH = {"attention_block_size": 0, "attention_impl": "flash"}
-VARIANTS = {
+FLASH = {"model.attention_block_size": 0, "model.attention_impl": "flash"}
+VARIANTS = {   # config field -> value
     "default": {},
-    "dense": {"attention_block_size": 0},
-    "remat": {"remat_policy": "full"},
-    "bf16": {"dtype": "bfloat16"},
+    "dense": {"model.attention_block_size": 0},
+    "remat": {"model.remat_policy": "full"},
+    "bf16": {"model.dtype": "bfloat16"},
     "flash": FLASH,
-    "bf16_flash": dict(FLASH, dtype="bfloat16"),
+    "bf16_flash": dict(FLASH, **{"model.dtype": "bfloat16"}),
+    "accum4": {"gradient_accumulation_steps": 4},   # the same global batch in 4 microbatches, one update
 }
 
 
@@ -93,7 +95,8 @@ def main(argv):
     for name in flags.FLAGS.configs:
         for variant in flags.FLAGS.variants:
             config = CONFIGS[name]()
-            config.model.update(VARIANTS[variant])
+            for field, value in VARIANTS[variant].items():
+                set_field(config, field, value)
             key = name if variant == "default" else f"{name}_{variant}"
             try:
                 r = time_config(config, flags.FLAGS.steps)

@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cm3leon_jax import attribute_classifier, evaluate, metrics, train_vq, vq_tokenizer  # noqa: E402
+from cm3leon_jax.config_defaults import get_field, set_field  # noqa: E402
 from data_pipeline import images as image_data  # noqa: E402
 from experiments import vq_tiny  # noqa: E402
 
@@ -51,12 +52,8 @@ WRAP_UP_SECONDS = 30.0
 
 def _apply_override(config, item: str) -> None:
     key, value = item.split("=", 1)
-    *path, last = key.split(".")
-    target = config
-    for part in path:
-        target = target[part]
-    current = target[last]
-    target[last] = type(current)(ast.literal_eval(value) if isinstance(current, (tuple, bool)) else value)
+    current = get_field(config, key)
+    set_field(config, key, type(current)(ast.literal_eval(value) if isinstance(current, (tuple, bool)) else value))
 
 
 def photo_images(size: int) -> dict[str, np.ndarray]:

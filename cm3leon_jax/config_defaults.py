@@ -8,6 +8,28 @@ from __future__ import annotations
 import ml_collections
 
 
+def _parent(config: ml_collections.ConfigDict, dotted: str):
+    *path, last = dotted.split(".")
+    for part in path:
+        config = config[part]
+    if last not in config:
+        raise KeyError(f"config has no field {dotted!r}")
+    return config, last
+
+
+def get_field(config: ml_collections.ConfigDict, dotted: str):
+    """`config.a.b` from "a.b"; an unknown field is a KeyError naming it."""
+    parent, last = _parent(config, dotted)
+    return parent[last]
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+    """`config.a.b = value` from "a.b" (what `--config.a.b=` does on a command line); an unknown
+    field is a KeyError naming it, never a new field nobody reads."""
+    parent, last = _parent(config, dotted)
+    parent[last] = value
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -16,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 3
     c.async_checkpointing = True
+    # Each step's global batch runs as this many microbatches, one after another, their gradients
+    # summed before one optimizer update: the same update as one pass over the whole batch, with one
+    # microbatch's activations in memory (the paper's ~2k-row batches on fewer devices).
+    c.gradient_accumulation_steps = 1
 
     # Device mesh: product must equal the device count; one axis may be -1 (= the rest).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -24,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=512, num_layers=2, d_model=128, num_heads=4, d_ff=512, max_length=128,
         head_dim=0, positions="learned", rotary_base=10000.0, norm="layernorm", norm_placement="pre",
-        qk_norm=False, mlp="relu", tie_embeddings=False, init_std=0.006, position_init_std=0.0002,
+        qk_norm=False, qk_norm_params=False, mlp="relu", tie_embeddings=False, init_std=0.006, position_init_std=0.0002,
         dtype="float32", param_dtype="float32", remat_policy="none", scan_layers=True,
         attention_block_size=0,
         attention_impl="xla",  # "flash": Pallas flash kernel (TPU splash / GPU Triton), memory linear in seq_len

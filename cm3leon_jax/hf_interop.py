@@ -159,7 +159,7 @@ def training_config_from_hf(hf: dict, seq_len: int | None = None):
     from cm3leon_jax.config_defaults import base_config
     fmt, fields = model_fields_from_hf(hf)
     config = base_config()
-    config.model.update(fields)  # adds qk_norm_params where base_config does not list it
+    config.model.update(fields)
     length = int(seq_len or min(fields["max_length"], 4096))
     config.data.update(seq_len=length, max_doc_length=length)
     if fmt == CHAMELEON:

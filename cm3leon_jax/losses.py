@@ -6,17 +6,21 @@ import jax.numpy as jnp
 
 
 def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
-                           z_loss_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                           z_loss_weight: float = 0.0,
+                           denominator: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy over tokens with weight > 0, plus the optional z-loss.
 
     Per-token weights carry the objective: CM3 sentinels, SFT prompts and padding get weight 0.
     The z-loss (`weight * log(Z)^2`, Chameleon/PaLM) keeps the softmax normaliser near 1 so bf16
     logits do not drift. Returns (total loss, metrics) with sums so callers can reduce across
     steps exactly.
+
+    `denominator`: the whole batch's token weight when `weights` are one microbatch of it, so the
+    microbatches' losses, metrics and gradients add up to the whole batch's (gradient accumulation).
     """
     weights = weights.astype(jnp.float32)
     token_ce, log_z = token_cross_entropy(logits, targets)
-    denom = jnp.maximum(jnp.sum(weights), 1.0)
+    denom = jnp.maximum(jnp.sum(weights), 1.0) if denominator is None else denominator
     ce = jnp.sum(token_ce * weights) / denom
     z_loss = jnp.sum(jnp.square(log_z) * weights) / denom
     total = ce + z_loss_weight * z_loss

@@ -60,7 +60,9 @@ def plan(config) -> dict[str, float]:
     temp = step_temporaries_bytes(trainer)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
     return {"num_devices": len(mesh.devices.flat), "mesh": dict(mesh.shape), "num_params": int(n_params),
-            "attention": planned_attention,
+            "attention": planned_attention, "gradient_accumulation_steps": trainer.accumulation_steps,
+            "rows_per_device_per_microbatch": int(config.data.global_batch_size) // sharding.data_parallel_size(mesh)
+                                              // trainer.accumulation_steps,
             "params_gib": params / GIB, "optimizer_state_gib": opt_state / GIB,
             "activations_and_temporaries_gib": temp / GIB, "total_gib": (params + opt_state + temp) / GIB}
 
@@ -75,6 +77,8 @@ def main(argv):
     for key in ("params_gib", "optimizer_state_gib", "activations_and_temporaries_gib", "total_gib"):
         print(f"{key:>34}: {result[key]:10.3f} GiB per device")
     print(f"{'parameters':>34}: {result['num_params']:,} on mesh {result['mesh']}")
+    print(f"{'rows per device at a time':>34}: {result['rows_per_device_per_microbatch']} "
+          f"({result['gradient_accumulation_steps']} microbatch(es) a step)")
     if flags.FLAGS.device_memory_gib:
         result["fits"] = result["total_gib"] <= flags.FLAGS.device_memory_gib
         print(f"{'fits in':>34}: {flags.FLAGS.device_memory_gib} GiB -> {'yes' if result['fits'] else 'NO'}")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipeline
 from cm3leon_jax import attention as attn_lib
@@ -37,6 +38,11 @@ def validate_config(config, mesh, process_count: int) -> None:
                          f"mesh.data*mesh.fsdp={dp}")
     if batch % process_count:
         raise ValueError(f"data.global_batch_size={batch} is not divisible by the {process_count} processes")
+    accumulation = accumulation_steps(config)
+    if accumulation < 1 or batch % (accumulation * dp):
+        raise ValueError(f"gradient_accumulation_steps={accumulation} must be >= 1 and split "
+                         f"data.global_batch_size={batch} into microbatches whose rows divide over the "
+                         f"data-parallel size mesh.data*mesh.fsdp={dp}")
     if m.positions == "learned" and d.seq_len > m.max_length:
         raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_length={m.max_length} (learned positions)")
     model_config = model_lib.TransformerConfig.from_config(m)  # also checks every model field
@@ -47,6 +53,18 @@ def validate_config(config, mesh, process_count: int) -> None:
         sharding.check_divisible(name, int(size), mesh, rules[logical])
     if int(config.total_steps) <= 0:
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+
+
+def accumulation_steps(config) -> int:
+    """Microbatches per step; configs saved before the field existed mean 1."""
+    return int(config.get("gradient_accumulation_steps", 1))
+
+
+def split_microbatches(x: jax.Array, steps: int) -> jax.Array:
+    """[rows, ...] -> [steps, rows / steps, ...], microbatch j holding rows j, j + steps, ...: each
+    device's contiguous block of rows holds an equal share of every microbatch, so splitting the
+    sharded batch moves no data."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)
 
 
 def _validate_attention(impl: str, seq_len: int, head_dim: int, backend: str | None = None) -> None:
@@ -83,6 +101,8 @@ class Trainer:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             nn.meta.unbox(boxed), self.state_shardings)
         self.batch_sharding = sharding.batch_sharding(mesh)
+        self.accumulation_steps = accumulation_steps(config)
+        self.microbatch_sharding = NamedSharding(mesh, PartitionSpec(None, *self.batch_sharding.spec))
         self._init = jax.jit(lambda rng: nn.meta.unbox(self._init_boxed(rng)), out_shardings=self.state_shardings)
         self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                              out_shardings=(self.state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -98,13 +118,41 @@ class Trainer:
         with sharding.activate(self.mesh):
             return self._init(jax.random.key(seed))
 
-    def loss_fn(self, params, batch):
+    def loss_fn(self, params, batch, denominator=None):
         logits = self.model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
         return losses.weighted_cross_entropy(logits, batch["targets"], batch["weights"],
-                                             float(self.config.z_loss_weight))
+                                             float(self.config.z_loss_weight), denominator)
+
+    def _gradients(self, params, batch):
+        """(metrics, gradients) of the whole batch. With gradient accumulation a scan runs the
+        microbatches one after another, each loss divided by the whole batch's token weight, so the
+        float32 sums are the whole batch's metrics and gradients, up to rounding."""
+        grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+        steps = self.accumulation_steps
+        if steps == 1:
+            (_, aux), grads = grad_fn(params, batch)
+            return aux, grads
+        denominator = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+        micro = jax.lax.with_sharding_constraint(
+            jax.tree_util.tree_map(lambda x: split_microbatches(x, steps), batch),
+            jax.tree_util.tree_map(lambda _: self.microbatch_sharding, batch))
+        grad_shardings = self.state_shardings.params
+
+        def accumulate(total, microbatch):
+            (_, aux), grads = grad_fn(params, microbatch, denominator)
+            grads = jax.lax.with_sharding_constraint(
+                jax.tree_util.tree_map(lambda t, g: t + g.astype(jnp.float32), total[1], grads), grad_shardings)
+            return (jax.tree_util.tree_map(jnp.add, total[0], aux), grads), None
+
+        (_, aux_shape), _ = jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(lambda x: x[0], micro), denominator)
+        zero = (jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape),
+                jax.lax.with_sharding_constraint(
+                    jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params), grad_shardings))
+        (aux, grads), _ = jax.lax.scan(accumulate, zero, micro)
+        return aux, jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
 
     def _train_step(self, state: TrainState, batch):
-        (_, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch)
+        aux, grads = self._gradients(state.params, batch)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         aux = dict(aux, grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(state.step))
@@ -225,8 +273,9 @@ def train(config, workdir: str) -> dict[str, float]:
     mesh = sharding.make_mesh(config.mesh)
     validate_config(config, mesh, jax.process_count())
     trainer = Trainer(config, mesh)
-    logging.info("mesh %s; %s parameters", dict(mesh.shape),
-                 f"{sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params)):,}")
+    logging.info("mesh %s; %s parameters; %d rows a step in %d microbatch(es)", dict(mesh.shape),
+                 f"{sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params)):,}",
+                 int(config.data.global_batch_size), trainer.accumulation_steps)
     data_iter = data_pipeline.make_train_iterator(config, jax.process_index(), jax.process_count())
     ckpt = checkpointing.CheckpointManager(workdir, save_every_steps=int(config.checkpoint_every_steps),
                                            keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))

@@ -2,7 +2,8 @@
 from cm3leon_jax.config_defaults import base_config
 
 SEQ_LEN = 4096
-GLOBAL_BATCH = 2048          # x 4096 tokens ~ 8.4M tokens per step, as the paper's ~8M
+GLOBAL_BATCH = 2048          # x 4096 tokens ~ 8.4M tokens per step, as the paper's ~8M; on a slice too small for
+                             # it in one pass, --config.gradient_accumulation_steps=N (memory_plan shows the fit)
 VOCAB = 65536                # 56,320 BPE + 8192 image codes + specials, rounded for sharding
 SIZES = {
     # name: (layers, d_model, heads, peak_lr, training tokens)

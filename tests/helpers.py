@@ -1,7 +1,7 @@
 """Tiny configs and files shared by the tests."""
 import json
 
-from cm3leon_jax.config_defaults import base_config
+from cm3leon_jax.config_defaults import base_config, set_field
 
 
 def tiny_config(**overrides):
@@ -13,11 +13,7 @@ def tiny_config(**overrides):
     config.optimizer.update(peak_lr=1e-2, warmup_steps=2)
     config.data.update(seq_len=32, global_batch_size=8, min_doc_length=4, max_doc_length=20, num_documents=1000)
     for key, value in overrides.items():
-        target = config
-        *path, last = key.split(".")
-        for part in path:
-            target = target[part]
-        target[last] = value
+        set_field(config, key, value)
     return config
 
 

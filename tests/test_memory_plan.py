@@ -31,6 +31,7 @@ def test_cli_simulates_a_larger_slice_without_allocating():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["num_devices"] == 16 and result["mesh"] == {"data": 4, "fsdp": 4, "tensor": 1}
     assert result["fits"] is False and "NO" in out.stdout
+    assert result["gradient_accumulation_steps"] == 1 and result["rows_per_device_per_microbatch"] == 1   # 16 rows, 16 devices
 
 
 def test_flash_attention_is_planned_with_the_kernel_not_the_score_matrix():

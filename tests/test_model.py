@@ -23,6 +23,16 @@ def _random_params(params, seed=1):
     return jax.tree_util.tree_unflatten(treedef, [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
+def test_every_model_option_has_a_default_the_command_line_can_override():
+    """Configs are locked on the command line: a field base_config lacks cannot be set there."""
+    import dataclasses
+    from cm3leon_jax.config_defaults import base_config
+    defaults = base_config().model
+    fields = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+    assert set(defaults) == set(fields)
+    assert all(defaults[k] == v for k, v in fields.items() if v is not dataclasses.MISSING)
+
+
 def test_shapes_and_cm3leon_init():
     cfg = TransformerConfig(**BASE)
     tokens = jnp.zeros((2, 16), jnp.int32)

@@ -71,6 +71,11 @@ def test_invalid_configs_fail_up_front():
         trainer.validate_config(tiny_config(), mesh, 1)
     with pytest.raises(ValueError, match="seq_len=64 exceeds model.max_length=32"):
         trainer.validate_config(tiny_config(**{"data.seq_len": 64}), _mesh(-1, 1, 1), 1)
+    for steps in (0, 3):   # 8 rows cannot make 3 microbatches; with 4 of 2 rows, 2 rows cannot cover 4 data shards
+        with pytest.raises(ValueError, match=f"gradient_accumulation_steps={steps} must be >= 1 and split"):
+            trainer.validate_config(tiny_config(gradient_accumulation_steps=steps), _mesh(-1, 1, 1), 1)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=4 .* data-parallel size mesh.data.mesh.fsdp=8"):
+        trainer.validate_config(tiny_config(gradient_accumulation_steps=4), _mesh(4, 2, 1), 1)
 
 
 def test_batch_is_split_over_data_and_fsdp():
@@ -80,3 +85,39 @@ def test_batch_is_split_over_data_and_fsdp():
     assert batch.sharding.spec == P(("data", "fsdp"), None)
     assert batch.addressable_shards[0].data.shape == (2, 4)
     np.testing.assert_array_equal(np.asarray(batch), local["inputs"])
+
+
+def test_microbatches_take_strided_rows_so_each_device_keeps_its_own():
+    rows = np.arange(8 * 3).reshape(8, 3)
+    micro = np.asarray(trainer.split_microbatches(rows, 4))
+    assert micro.shape == (4, 2, 3)
+    np.testing.assert_array_equal(micro[1], rows[[1, 5]])
+    # with 2 data shards of 4 rows each, every microbatch takes one row from each shard
+    assert all(sorted(r // 4 for r in micro[j][:, 0] // 3) == [0, 1] for j in range(4))
+
+
+def test_gradient_accumulation_is_the_same_update_in_less_memory():
+    import data_pipeline
+
+    def run(steps):
+        config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "data.global_batch_size": 16,
+                                "gradient_accumulation_steps": steps, "z_loss_weight": 1e-2})
+        mesh = sharding.make_mesh(config.mesh)
+        trainer.validate_config(config, mesh, 1)
+        t = trainer.Trainer(config, mesh)
+        state, data = t.init_state(0), data_pipeline.make_train_iterator(config, 0, 1)
+        history = []
+        for _ in range(2):
+            state, step_metrics = t.train_step(state, sharding.global_batch_from_local(next(data), mesh))
+            history.append(jax.device_get(step_metrics))
+        temp_bytes = t.lower_train_step().compile().memory_analysis().temp_size_in_bytes
+        return history, jax.device_get(state.params), temp_bytes
+
+    whole, whole_params, whole_bytes = run(1)
+    micro, micro_params, micro_bytes = run(4)
+    for a, b in zip(whole, micro):   # loss, z-loss, token count and gradient norm of the whole batch
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=key)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, atol=2e-6), whole_params, micro_params)
+    assert micro_bytes < 0.6 * whole_bytes     # one microbatch's activations live at a time
