@@ -57,8 +57,10 @@ def cm3_config(data_config, vocab: vocab_lib.Vocabulary) -> cm3.CM3Config:
         max_length=int(data_config.seq_len) + 1)
 
 
-def training_source(config, split: str = "train"):
-    """(documents MapDataset, per-document transform, vocabulary) for the trainer."""
+def training_source(config):
+    """(documents MapDataset, per-document transform, vocabulary) for the trainer: the train split
+    only, as the neighbour sidecar's rows are train documents (held-out documents get neighbours by
+    retrieval: evaluate.validation_loss)."""
     data = config.data
     if not data.data_dir:
         raise ValueError("data.source='cm3' needs data.data_dir: a directory made by `python -m data_pipeline.prepare`")
@@ -66,8 +68,8 @@ def training_source(config, split: str = "train"):
     if vocab.size > int(config.model.vocab_size):
         raise ValueError(f"the data's vocabulary has {vocab.size} ids but model.vocab_size={config.model.vocab_size}; "
                          f"set --config.model.vocab_size={vocab.padded_size()}")
-    source = prepare.load_tokens(data.data_dir, split)
+    source = prepare.load_tokens(data.data_dir, "train")
     ids = None
     if int(data.num_neighbours) > 0:
-        ids, _, _ = neighbours.load_neighbours(data.data_dir, len(source) if split == "train" else None)
+        ids, _, _ = neighbours.load_neighbours(data.data_dir, len(source))
     return grain.MapDataset.source(source), RetrievalAugmentedTransform(source, ids, cm3_config(data, vocab)), vocab
