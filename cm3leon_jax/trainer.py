@@ -299,6 +299,7 @@ def train(config, workdir: str) -> dict[str, float]:
         if step % log_every == 0 or step == total_steps:
             last = metrics.step_record(step_metrics, timer, step, total_steps,
                                        {"tokens_per_second": trainer.tokens_per_step, "mfu": trainer.flops_per_step / peak})
+            last["tokens_seen"] = float(step * trainer.tokens_per_step)   # the x-axis to compare runs of other batch sizes
             logger.write(step, last, total_steps)
         if not timer.started or step % log_every == 0:
             jax.block_until_ready(step_metrics)

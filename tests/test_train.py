@@ -64,6 +64,7 @@ def test_train_writes_metrics_events_and_checkpoints(tmp_path):
     timed = records[4]   # rates are the step's amounts over its measured seconds; the ETA counts steps left
     assert timed["tokens_per_second"] == pytest.approx(8 * 32 / timed["step_time"])
     assert timed["eta_seconds"] == pytest.approx(2 * timed["step_time"]) and records[6]["eta_seconds"] == 0
+    assert [records[s]["tokens_seen"] for s in (2, 4, 6)] == [2 * 8 * 32, 4 * 8 * 32, 6 * 8 * 32]
     assert last["loss"] == records[6]["loss"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
     assert "6" in os.listdir(tmp_path / "checkpoints")
