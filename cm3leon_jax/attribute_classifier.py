@@ -390,8 +390,7 @@ def save_classifier(workdir: str, params, info: Mapping[str, Any]) -> str:
 def classifier_info(workdir: str) -> dict:
     """The classifier.json saved beside the params (settings, training time, held-out accuracy)."""
     directory = _resolve_dir(workdir)
-    with open(os.path.join(directory, CONFIG_JSON), encoding="utf-8") as f:
-        return json.load(f)
+    return workdir_io.read_format_json(os.path.join(directory, CONFIG_JSON), FORMAT, what="trained attribute classifier")
 
 
 def _resolve_dir(workdir: str) -> str:
@@ -405,7 +404,7 @@ def load_classifier(workdir: str):
     """Params saved by `train_classifier`; `workdir` is the workdir or workdir/attribute_classifier."""
     from safetensors.numpy import load_file
     directory = _resolve_dir(workdir)
-    workdir_io.read_format_json(os.path.join(directory, CONFIG_JSON), FORMAT, what="trained attribute classifier")
+    classifier_info(directory)   # checks the format before the params are read
     params = _unflatten(load_file(os.path.join(directory, PARAMS_FILE)))
     expected = jax.eval_shape(lambda: init_params(0))
     got = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params)
