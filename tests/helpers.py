@@ -1,7 +1,33 @@
-"""Tiny configs and files shared by the tests."""
+"""Tiny configs, files and CLI runs shared by the tests."""
 import json
+import os
+import subprocess
+import sys
 
 from cm3leon_jax.config_defaults import base_config, set_field
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli_env(num_devices: int | None = 8, **extra: str) -> dict[str, str]:
+    """This process's environment for a CLI subprocess: the repo put first on PYTHONPATH, not put in
+    its place (packages may live there: a `pip install --target` directory), and `num_devices` fake
+    CPU devices (None: no XLA_FLAGS at all, so the CLI chooses)."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+    env.pop("XLA_FLAGS", None)
+    if num_devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    return env
+
+
+def run_cli(module: str, *args, num_devices: int | None = 1, timeout: float = 600, **extra_env: str):
+    """`python -m module args` from the repo root; a failure shows the command's own stderr."""
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env=cli_env(num_devices, **extra_env), timeout=timeout)
+    assert proc.returncode == 0, f"python -m {module} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return proc
 
 
 def tiny_config(**overrides):

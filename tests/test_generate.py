@@ -1,8 +1,6 @@
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -10,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cm3leon_jax import generate, sampling
-from tests.test_train import REPO, _env
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +77,8 @@ def test_image_to_text_and_infilling_write_text_only(generator):
 
 def test_cli_writes_a_png_grid_and_the_settings(tiny_pipeline, tmp_path):
     out = tmp_path / "gen"
-    subprocess.run([sys.executable, "-m", "cm3leon_jax.generate", "--workdir", tiny_pipeline["lm"], "--prompt",
-                    "a small red circle", "--prompt", "a large green star", "--num_samples", "3", "--cfg_scale", "2",
-                    "--cd_fraction", "0.34", "--out", str(out)], cwd=REPO, env=_env(1), check=True, capture_output=True)
+    run_cli("cm3leon_jax.generate", "--workdir", tiny_pipeline["lm"], "--prompt", "a small red circle", "--prompt",
+            "a large green star", "--num_samples", "3", "--cfg_scale", "2", "--cd_fraction", "0.34", "--out", out)
     grid = np.asarray(Image.open(out / "samples.png"))
     assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 3)
     record = json.loads((out / "samples.json").read_text())

@@ -18,7 +18,7 @@ import pytest
 from flax import linen as nn
 
 from cm3leon_jax import checkpointing, export, hf_interop, import_hf, model as model_lib
-from tests.helpers import tiny_config
+from tests.helpers import REPO, cli_env, run_cli, tiny_config
 
 needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None or
                               importlib.util.find_spec("torch") is None,
@@ -291,18 +291,11 @@ def test_cli_and_no_torch_in_core(tmp_path):
             "import cm3leon_jax.export, cm3leon_jax.import_hf, cm3leon_jax.hf_interop, cm3leon_jax.trainer\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
             "assert 'workdir' not in absl.flags.FLAGS and 'hf_dir' not in absl.flags.FLAGS, 'flags defined'\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
-    out = subprocess.run([sys.executable, "-m", "cm3leon_jax.export", "--workdir", str(wd), "--format", "hf-opt",
-                          "--out", str(tmp_path / "hf"), "--dtype", "bfloat16"],
-                         cwd=root, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=cli_env(1))
+    run_cli("cm3leon_jax.export", "--workdir", wd, "--format", "hf-opt", "--out", tmp_path / "hf", "--dtype", "bfloat16")
     st = hf_interop.SafetensorsFile(str(tmp_path / "hf" / "model.safetensors"))
     assert str(st.dtype("lm_head.weight")) == "bfloat16"
-    out = subprocess.run([sys.executable, "-m", "cm3leon_jax.import_hf", "--hf_dir", str(tmp_path / "hf"),
-                          "--workdir", str(tmp_path / "back")], cwd=root, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_cli("cm3leon_jax.import_hf", "--hf_dir", tmp_path / "hf", "--workdir", tmp_path / "back")
     assert json.loads(out.stdout.strip().splitlines()[-1])["format"] == "hf-opt"
     assert (tmp_path / "back" / "checkpoints" / "0").is_dir()
 
@@ -314,11 +307,7 @@ def test_cli_and_no_torch_in_core(tmp_path):
 def pipeline_bundle(tiny_pipeline, tmp_path_factory):
     """The tiny pipeline's LM exported by the CLI to a params bundle in a directory of its own."""
     out = str(tmp_path_factory.mktemp("bundle") / "lm_bundle")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    run = subprocess.run([sys.executable, "-m", "cm3leon_jax.export", "--workdir", tiny_pipeline["lm"], "--step", "4",
-                          "--format", "params", "--out", out], cwd=root, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run_cli("cm3leon_jax.export", "--workdir", tiny_pipeline["lm"], "--step", "4", "--format", "params", "--out", out)
     return out
 
 

@@ -1,12 +1,9 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 
 from cm3leon_jax import memory_plan
-from tests.helpers import tiny_config
-from tests.test_train import REPO
+from tests.helpers import run_cli, tiny_config
 
 
 def test_plan_counts_sharded_bytes_exactly():
@@ -24,10 +21,9 @@ def test_plan_counts_sharded_bytes_exactly():
 
 
 def test_cli_simulates_a_larger_slice_without_allocating():
-    out = subprocess.run([sys.executable, "-m", "cm3leon_jax.memory_plan", "--config", "experiments/tiny_cpu.py",
-                          "--num_devices", "16", "--config.mesh.data=4", "--config.mesh.fsdp=4",
-                          "--device_memory_gib", "0.001"],
-                         cwd=REPO, capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": REPO})
+    # no XLA_FLAGS from the test session: the 16 devices are the tool's own
+    out = run_cli("cm3leon_jax.memory_plan", "--config", "experiments/tiny_cpu.py", "--num_devices", "16",
+                  "--config.mesh.data=4", "--config.mesh.fsdp=4", "--device_memory_gib", "0.001", num_devices=None)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["num_devices"] == 16 and result["mesh"] == {"data": 4, "fsdp": 4, "tensor": 1}
     assert result["fits"] is False and "NO" in out.stdout

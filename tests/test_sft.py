@@ -2,8 +2,6 @@
 task with its evaluation, and the generate CLI's --task."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -16,7 +14,7 @@ from cm3leon_jax import checkpointing, sampling, sharding, sft_eval, sft_generat
 from cm3leon_jax import vocab as vocab_lib
 from data_pipeline import cm3, prepare, sft_pipeline, sft_prepare, sft_tasks
 from tests import pipeline_fixture
-from tests.test_train import REPO, _env
+from tests.helpers import run_cli
 
 IMAGE_SIZE = 16  # the fixture's VQ: 16x16 -> 4x4 codes
 
@@ -276,9 +274,8 @@ def test_minuscule_sft_run_evaluates_every_task_against_the_baseline(tiny_pipeli
 def test_generate_cli_edits_with_three_stream_guidance(sft_run, tmp_path):
     ex = sft_tasks.shapes_example("edit", "validation", 0, image_size=IMAGE_SIZE)
     Image.fromarray(ex["source"]).save(tmp_path / "in.png")
-    subprocess.run([sys.executable, "-m", "cm3leon_jax.generate", "--workdir", sft_run["sft"], "--task", "edit",
-                    "--image", str(tmp_path / "in.png"), "--prompt", "make the circle blue", "--num_samples", "2",
-                    "--out", str(tmp_path)], cwd=REPO, env=_env(1), check=True, capture_output=True)
+    run_cli("cm3leon_jax.generate", "--workdir", sft_run["sft"], "--task", "edit", "--image", tmp_path / "in.png",
+            "--prompt", "make the circle blue", "--num_samples", "2", "--out", tmp_path)
     record = json.load(open(tmp_path / "edit.json"))
     assert record["settings"]["cfg_scale"] == 7.5 and record["settings"]["image_cfg_scale"] == 1.5
     grid = np.asarray(Image.open(tmp_path / "edit.png"))

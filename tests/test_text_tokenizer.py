@@ -1,14 +1,12 @@
 """SentencePiece BPE: lossless round trips, whole special tokens, the CLI and bad corpora."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
 from cm3leon_jax import text_tokenizer as tt
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, cli_env
 
 TEXTS = [
     "a small red circle at the top left",
@@ -78,9 +76,8 @@ def test_corpus_reader_skips_and_counts_bad_lines(tmp_path):
 
 
 def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "cm3leon_jax.text_tokenizer", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+                          cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=60)
 
 
 def test_cli_trains_on_a_corpus_file_with_bad_lines(tmp_path):

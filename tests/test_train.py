@@ -13,9 +13,8 @@ import pytest
 
 import data_pipeline
 from cm3leon_jax import metrics, sharding, trainer
-from tests.helpers import tiny_config
+from tests.helpers import REPO, cli_env, run_cli, tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ["--config.model.vocab_size=64", "--config.model.num_layers=2", "--config.model.d_model=32",
               "--config.model.num_heads=4", "--config.model.d_ff=64", "--config.model.max_length=32",
               "--config.data.seq_len=32", "--config.data.global_batch_size=8", "--config.data.max_doc_length=20",
@@ -27,16 +26,14 @@ def _read_metrics(workdir):
         return {r["step"]: r for r in map(json.loads, f)}
 
 
-def _train_cmd(workdir, *extra):
-    return [sys.executable, "-m", "cm3leon_jax.train", "--config", "experiments/tiny_cpu.py", "--workdir", str(workdir),
-            *TINY_FLAGS, *extra]
+def _train_args(workdir, *extra):
+    return ["--config", "experiments/tiny_cpu.py", "--workdir", str(workdir), *TINY_FLAGS, *extra]
 
 
-def _env(num_devices=8):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
-    env["PYTHONPATH"] = REPO
-    return env
+def _start_training(workdir, *extra, num_devices=8):
+    """A training process left running (to be signalled, or one of several)."""
+    return subprocess.Popen([sys.executable, "-m", "cm3leon_jax.train", *_train_args(workdir, *extra)], cwd=REPO,
+                            env=cli_env(num_devices), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def test_tiny_model_memorises_a_fixed_batch():
@@ -87,10 +84,9 @@ def test_step_record_rates_and_an_eta_capped_by_the_time_budget():
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     steps = "--config.total_steps=120"
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    subprocess.run(_train_cmd(straight, steps), cwd=REPO, env=_env(), check=True, capture_output=True)
+    run_cli("cm3leon_jax.train", *_train_args(straight, steps), num_devices=8)
 
-    proc = subprocess.Popen(_train_cmd(interrupted, steps, "--config.checkpoint_every_steps=1000"), cwd=REPO,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _start_training(interrupted, steps, "--config.checkpoint_every_steps=1000")
     metrics = interrupted / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
@@ -103,7 +99,7 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     stopped_at = saved[-1]
     assert 3 <= stopped_at < 120, saved
 
-    subprocess.run(_train_cmd(interrupted, steps), cwd=REPO, env=_env(), check=True, capture_output=True)
+    run_cli("cm3leon_jax.train", *_train_args(interrupted, steps), num_devices=8)
     reference, resumed = _read_metrics(straight), _read_metrics(interrupted)
     assert sorted(resumed) == sorted(reference) == list(range(1, 121))
     for step in range(stopped_at + 1, 121):
@@ -115,14 +111,12 @@ def test_two_processes_match_one_process_and_resume_on_one(tmp_path):
     steps = ["--config.total_steps=8", "--config.checkpoint_every_steps=5", "--config.mesh.data=2",
              "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
     single = tmp_path / "single"
-    subprocess.run(_train_cmd(single, *steps), cwd=REPO, env=_env(8), check=True, capture_output=True)
+    run_cli("cm3leon_jax.train", *_train_args(single, *steps), num_devices=8)
 
     port = portpicker.pick_unused_port()
     multi = tmp_path / "multi"
-    procs = [subprocess.Popen(_train_cmd(multi, *steps, f"--coordinator_address=127.0.0.1:{port}",
-                                         "--num_processes=2", f"--process_id={i}"),
-                              cwd=REPO, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for i in range(2)]
+    procs = [_start_training(multi, *steps, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                             f"--process_id={i}", num_devices=4) for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err.decode()[-3000:]
@@ -139,10 +133,9 @@ def test_two_processes_match_one_process_and_resume_on_one(tmp_path):
     # mesh; the model state is resharded and the data positions redistributed, so steps 6-8 are the
     # uninterrupted run's (to float reassociation: the reductions run over another mesh)
     shutil.rmtree(multi / "checkpoints" / "8")
-    resumed = subprocess.run(_train_cmd(multi, *steps[:2], "--config.mesh.data=2", "--config.mesh.fsdp=2",
-                                        "--config.mesh.tensor=1"), cwd=REPO, env=_env(4), capture_output=True)
-    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
-    assert "data positions saved by 2 processes, resumed on 1" in resumed.stderr.decode()
+    resumed = run_cli("cm3leon_jax.train", *_train_args(multi, *steps[:2], "--config.mesh.data=2",
+                                                        "--config.mesh.fsdp=2", "--config.mesh.tensor=1"), num_devices=4)
+    assert "data positions saved by 2 processes, resumed on 1" in resumed.stderr
     again = _read_metrics(multi)
     assert sorted(again) == list(range(1, 9))
     for step in (6, 7, 8):

@@ -16,8 +16,8 @@ from PIL import Image
 from cm3leon_jax import train_vq
 from data_pipeline import images as image_data
 from experiments import vq_tiny
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = [
     "--config.total_steps=6", "--config.log_every_steps=2", "--config.checkpoint_every_steps=3",
     "--config.sample_every_steps=3", "--config.num_sample_images=4", "--config.mesh.data=4", "--config.mesh.fsdp=2",
