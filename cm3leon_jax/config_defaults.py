@@ -42,6 +42,12 @@ def base_config() -> ml_collections.ConfigDict:
     # summed before one optimizer update: the same update as one pass over the whole batch, with one
     # microbatch's activations in memory (the paper's ~2k-row batches on fewer devices).
     c.gradient_accumulation_steps = 1
+    # Held-out loss every this many steps (and at the last), logged as eval_loss beside the training
+    # loss: `eval_batches` fixed global batches of held-out documents built once at start-up (the
+    # synthetic source: walks the training set never draws; cm3 and sft: the data's validation
+    # split), scored with the training objective but no condition dropout. 0: off.
+    c.eval_every_steps = 0
+    c.eval_batches = 4
 
     # Device mesh: product must equal the device count; one axis may be -1 (= the rest).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

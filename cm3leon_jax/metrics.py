@@ -19,7 +19,7 @@ def _format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-DEFAULT_STDOUT_KEYS = ("loss", "z_loss", "grad_norm", "learning_rate")
+DEFAULT_STDOUT_KEYS = ("loss", "eval_loss", "z_loss", "grad_norm", "learning_rate")
 
 
 class StepTimer:

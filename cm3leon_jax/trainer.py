@@ -53,6 +53,10 @@ def validate_config(config, mesh, process_count: int) -> None:
         sharding.check_divisible(name, int(size), mesh, rules[logical])
     if int(config.total_steps) <= 0:
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+    eval_every, eval_batches = int(config.get("eval_every_steps", 0)), int(config.get("eval_batches", 1))
+    if eval_every < 0 or (eval_every and eval_batches < 1):
+        raise ValueError(f"eval_every_steps={eval_every} must be >= 0 (0: no held-out loss) and "
+                         f"eval_batches={eval_batches} >= 1 when it is on")
 
 
 def accumulation_steps(config) -> int:
@@ -106,6 +110,8 @@ class Trainer:
         self._init = jax.jit(lambda rng: nn.meta.unbox(self._init_boxed(rng)), out_shardings=self.state_shardings)
         self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                              out_shardings=(self.state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+        self._eval_sums = jax.jit(self._loss_sums, in_shardings=(self.state_shardings.params, self.batch_sharding),
+                                  out_shardings=sharding.replicated(mesh))
 
     def _init_boxed(self, rng) -> TrainState:
         length = int(self.config.data.seq_len)
@@ -133,9 +139,7 @@ class Trainer:
             (_, aux), grads = grad_fn(params, batch)
             return aux, grads
         denominator = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
-        micro = jax.lax.with_sharding_constraint(
-            jax.tree_util.tree_map(lambda x: split_microbatches(x, steps), batch),
-            jax.tree_util.tree_map(lambda _: self.microbatch_sharding, batch))
+        micro = self._microbatches(batch)
         grad_shardings = self.state_shardings.params
 
         def accumulate(total, microbatch):
@@ -150,6 +154,31 @@ class Trainer:
                     jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params), grad_shardings))
         (aux, grads), _ = jax.lax.scan(accumulate, zero, micro)
         return aux, jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+
+    def _microbatches(self, batch):
+        """The batch as [N, rows / N, ...] microbatches (strided rows: no data moves)."""
+        return jax.lax.with_sharding_constraint(
+            jax.tree_util.tree_map(lambda x: split_microbatches(x, self.accumulation_steps), batch),
+            jax.tree_util.tree_map(lambda _: self.microbatch_sharding, batch))
+
+    def _loss_sums(self, params, batch):
+        """(summed cross-entropy, token weight) of a batch, forward only, a microbatch at a time
+        (the whole batch's logits may not fit where its gradients needed accumulation)."""
+        def add(total, microbatch):
+            _, aux = self.loss_fn(params, microbatch, denominator=1.0)
+            return (total[0] + aux["loss"], total[1] + aux["num_tokens"]), None
+
+        zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        return jax.lax.scan(add, zero, self._microbatches(batch))[0]
+
+    def evaluate(self, params, batches) -> dict[str, float]:
+        """Mean held-out loss per token over `batches` (global arrays on the mesh)."""
+        total, tokens = 0.0, 0.0
+        with sharding.activate(self.mesh):
+            for batch in batches:
+                loss_sum, weight = jax.device_get(self._eval_sums(params, batch))
+                total, tokens = total + float(loss_sum), tokens + float(weight)
+        return {"eval_loss": total / max(tokens, 1.0), "eval_tokens": tokens}
 
     def _train_step(self, state: TrainState, batch):
         aux, grads = self._gradients(state.params, batch)
@@ -277,6 +306,9 @@ def train(config, workdir: str) -> dict[str, float]:
                  f"{sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params)):,}",
                  int(config.data.global_batch_size), trainer.accumulation_steps)
     data_iter = data_pipeline.make_train_iterator(config, jax.process_index(), jax.process_count())
+    eval_every = int(config.get("eval_every_steps", 0))
+    eval_batches = [sharding.global_batch_from_local(b, mesh) for b in
+                    data_pipeline.make_eval_batches(config, jax.process_index(), jax.process_count())] if eval_every else []
     ckpt = checkpointing.CheckpointManager(workdir, save_every_steps=int(config.checkpoint_every_steps),
                                            keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
     state = restore_or_init(ckpt, trainer, data_iter, config, workdir)
@@ -296,12 +328,15 @@ def train(config, workdir: str) -> dict[str, float]:
         batch = sharding.global_batch_from_local(next(data_iter), mesh)
         state, step_metrics = trainer.train_step(state, batch)
         step += 1
-        if step % log_every == 0 or step == total_steps:
+        evaluating = bool(eval_every) and (step % eval_every == 0 or step == total_steps)
+        if step % log_every == 0 or step == total_steps or evaluating:
             last = metrics.step_record(step_metrics, timer, step, total_steps,
                                        {"tokens_per_second": trainer.tokens_per_step, "mfu": trainer.flops_per_step / peak})
             last["tokens_seen"] = float(step * trainer.tokens_per_step)   # the x-axis to compare runs of other batch sizes
+            if evaluating:   # after the step's timing, and the timer restarts after it: not counted as training
+                last.update(trainer.evaluate(state.params, eval_batches))
             logger.write(step, last, total_steps)
-        if not timer.started or step % log_every == 0:
+        if not timer.started or step % log_every == 0 or evaluating:
             jax.block_until_ready(step_metrics)
             timer.restart(step)
         if ckpt.save_or_stop(step, state, data_iter, preemption, logger):

@@ -7,6 +7,7 @@ random access (tokens only: `prepare.TokenDocuments`), condition dropout, `<eos>
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import grain
@@ -57,19 +58,36 @@ def cm3_config(data_config, vocab: vocab_lib.Vocabulary) -> cm3.CM3Config:
         max_length=int(data_config.seq_len) + 1)
 
 
+def data_vocabulary(config, maker: str = "data_pipeline.prepare") -> vocab_lib.Vocabulary:
+    """The prepared data's vocabulary, checked against the model's embedding size."""
+    data = config.data
+    if not data.data_dir:
+        raise ValueError(f"data.source={data.source!r} needs data.data_dir: a directory made by `python -m {maker}`")
+    vocab = vocab_lib.Vocabulary.load(os.path.join(data.data_dir, prepare.VOCAB_DIR))
+    if vocab.size > int(config.model.vocab_size):
+        raise ValueError(f"the data's vocabulary has {vocab.size} ids but model.vocab_size={config.model.vocab_size}; "
+                         f"set --config.model.vocab_size={vocab.padded_size()}")
+    return vocab
+
+
 def training_source(config):
     """(documents MapDataset, per-document transform, vocabulary) for the trainer: the train split
     only, as the neighbour sidecar's rows are train documents (held-out documents get neighbours by
     retrieval: evaluate.validation_loss)."""
     data = config.data
-    if not data.data_dir:
-        raise ValueError("data.source='cm3' needs data.data_dir: a directory made by `python -m data_pipeline.prepare`")
-    vocab = vocab_lib.Vocabulary.load(os.path.join(data.data_dir, prepare.VOCAB_DIR))
-    if vocab.size > int(config.model.vocab_size):
-        raise ValueError(f"the data's vocabulary has {vocab.size} ids but model.vocab_size={config.model.vocab_size}; "
-                         f"set --config.model.vocab_size={vocab.padded_size()}")
+    vocab = data_vocabulary(config)
     source = prepare.load_tokens(data.data_dir, "train")
     ids = None
     if int(data.num_neighbours) > 0:
         ids, _, _ = neighbours.load_neighbours(data.data_dir, len(source))
     return grain.MapDataset.source(source), RetrievalAugmentedTransform(source, ids, cm3_config(data, vocab)), vocab
+
+
+def heldout_source(config):
+    """(documents, transform) for the trainer's periodic held-out loss: the validation split under
+    the training objective (layout, CM3 masking) with no condition dropout and no neighbours, which
+    the sidecar holds for train documents only: with retrieved ones it is `evaluate.validation_loss`."""
+    vocab = data_vocabulary(config)
+    source = prepare.load_tokens(config.data.data_dir, "validation")
+    settings = dataclasses.replace(cm3_config(config.data, vocab), retrieval=False, condition_dropout_rate=0.0)
+    return grain.MapDataset.source(source), RetrievalAugmentedTransform(source, None, settings)

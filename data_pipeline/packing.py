@@ -31,24 +31,30 @@ class FirstFitPackDataset(grain.IterDataset):
     packing without its per-element tree machinery, which cost more than the CM3 transforms in
     bench/pipeline.py's profile). Documents that
     fit no row (longer than seq_len after the shift, or empty) are skipped and counted in
-    `skips`. State: the parent's position before the document carried into the next batch.
+    `skips`. More than `max_consecutive_skips` of them in a row is an error, not an endless loop
+    over a stream none of whose documents fits. State: the parent's position before the document
+    carried into the next batch.
     """
 
-    def __init__(self, parent: grain.IterDataset, *, seq_len: int, rows: int, skips: "_Skips"):
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, rows: int, skips: "_Skips",
+                 max_consecutive_skips: int = 10_000):
         super().__init__(parent)
         self.seq_len, self.rows, self.skips = int(seq_len), int(rows), skips
+        self.max_consecutive_skips = max_consecutive_skips
 
     def __iter__(self) -> "_FirstFitPackIterator":
-        return _FirstFitPackIterator(self._parent.__iter__(), self.seq_len, self.rows, self.skips)
+        return _FirstFitPackIterator(self._parent.__iter__(), self.seq_len, self.rows, self.skips,
+                                     self.max_consecutive_skips)
 
     def __str__(self) -> str:
         return f"FirstFitPackDataset(seq_len={self.seq_len}, rows={self.rows})"
 
 
 class _FirstFitPackIterator(grain.DatasetIterator):
-    def __init__(self, parent, seq_len: int, rows: int, skips: "_Skips"):
+    def __init__(self, parent, seq_len: int, rows: int, skips: "_Skips", max_consecutive_skips: int):
         super().__init__(parent)
         self._seq_len, self._rows, self._skips = seq_len, rows, skips
+        self._max_consecutive_skips, self._consecutive_skips = max_consecutive_skips, 0
         self._positions = np.arange(seq_len, dtype=np.int32)
         self._carry = None
         self._carry_state = None
@@ -79,7 +85,13 @@ class _FirstFitPackIterator(grain.DatasetIterator):
             n = len(tokens) - 1
             if n <= 0 or n > length:
                 self._skips.count(n)
+                self._consecutive_skips += 1
+                if self._consecutive_skips > self._max_consecutive_skips:
+                    raise ValueError(f"{self._consecutive_skips} documents in a row fit no row of data.seq_len={length} "
+                                     "(longer after the next-token shift, or empty): this stream has none that "
+                                     "does; raise data.seq_len or drop the long documents at ingestion")
                 continue
+            self._consecutive_skips = 0
             row = next((r for r in range(rows) if used[r] + n <= length), None)
             if row is None:
                 self._carry = doc
@@ -128,9 +140,12 @@ class PackedBatchIterator:
     def __init__(self, documents: grain.MapDataset, *, seq_len: int, global_batch_size: int,
                  num_streams: int, seed: int, process_index: int = 0, process_count: int = 1,
                  shuffle: bool = True, transform: Callable[[Any, np.random.Generator], dict] | None = None,
-                 worker_count: int = 0, worker_buffer_size: int = 4):
+                 worker_count: int = 0, worker_buffer_size: int = 4, max_consecutive_skips: int = 10_000):
         """`transform(document, rng)` (neighbour join, condition dropout, CM3 masking) runs per
-        document per epoch with a generator Grain seeds from (seed, stream, position)."""
+        document per epoch with a generator Grain seeds from (seed, stream, position). Whether a
+        transformed document fits a row can be a matter of chance (its sampled neighbours and
+        spans), so a stream fails only after `max_consecutive_skips` misses in a row: data that
+        broken (under 0.01% usable at the default) gets an error, not an endless loop."""
         if worker_count < 0:
             raise ValueError(f"data.worker_count must be >= 0, got {worker_count}")
         if num_streams <= 0:
@@ -144,6 +159,7 @@ class PackedBatchIterator:
         self.rows_per_stream = global_batch_size // num_streams
         self.stream_ids = list(stream_ranges(num_streams, process_index, process_count))
         self.worker_count = int(worker_count)
+        self.max_consecutive_skips = int(max_consecutive_skips)
         self.skipped = collections.Counter()
         self._transform = transform
         self._skips = _Skips(seq_len)
@@ -173,7 +189,8 @@ class PackedBatchIterator:
             ds = ds.random_map(self._transform, seed=(seed * 1_000_003 + stream + 7919) % 2 ** 32)
         # no reader threads: the transforms hold the GIL, threads would only contend for it
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        return FirstFitPackDataset(ds, seq_len=self.seq_len, rows=self.rows_per_stream, skips=self._skips)
+        return FirstFitPackDataset(ds, seq_len=self.seq_len, rows=self.rows_per_stream, skips=self._skips,
+                                   max_consecutive_skips=self.max_consecutive_skips)
 
     def __iter__(self):
         return self

@@ -12,13 +12,10 @@ rows and skips (and counts, `document_longer_than_seq_len`) any longer than a ro
 """
 from __future__ import annotations
 
-import os
-
 import grain
 import numpy as np
 
-from cm3leon_jax import vocab as vocab_lib
-from data_pipeline import cm3, prepare, sft_prepare, sft_tasks
+from data_pipeline import cm3, cm3_pipeline, sft_prepare, sft_tasks
 
 LOSSES = ("output", "cm3")
 
@@ -99,18 +96,23 @@ def mixture(data_config, data_dir: str, split: str = "train"):
     return MixedTaskDocuments(source, ranges, counts), counts
 
 
-def training_source(config, split: str = "train"):
-    """(documents MapDataset, per-document transform, vocabulary) for the trainer."""
-    data = config.data
-    if not data.data_dir:
-        raise ValueError("data.source='sft' needs data.data_dir: a directory made by "
-                         "`python -m data_pipeline.sft_prepare`")
-    vocab = vocab_lib.Vocabulary.load(os.path.join(data.data_dir, prepare.VOCAB_DIR))
-    if vocab.size > int(config.model.vocab_size):
-        raise ValueError(f"the data's vocabulary has {vocab.size} ids but model.vocab_size={config.model.vocab_size}; "
-                         f"set --config.model.vocab_size={vocab.padded_size()}")
-    docs, _ = mixture(data, data.data_dir, split)
+def _transform(config, vocab, condition_dropout: float) -> SftTransform:
     cm3_config = cm3.CM3Config.from_vocab(vocab, retrieval=False, condition_dropout_rate=0.0,
-                                          cm3_lambda=float(data.cm3_lambda))
-    transform = SftTransform(str(data.sft_loss), float(data.sft_condition_dropout), cm3_config)
-    return grain.MapDataset.source(docs), transform, vocab
+                                          cm3_lambda=float(config.data.cm3_lambda))
+    return SftTransform(str(config.data.sft_loss), condition_dropout, cm3_config)
+
+
+def training_source(config):
+    """(documents MapDataset, per-document transform, vocabulary) for the trainer: the train split,
+    mixed by the task weights."""
+    vocab = cm3_pipeline.data_vocabulary(config, "data_pipeline.sft_prepare")
+    docs, _ = mixture(config.data, config.data.data_dir, "train")
+    return grain.MapDataset.source(docs), _transform(config, vocab, float(config.data.sft_condition_dropout)), vocab
+
+
+def heldout_source(config):
+    """(documents, transform) for the trainer's periodic held-out loss: the validation split as
+    prepared (no task mixing) under the training loss, without condition dropout."""
+    vocab = cm3_pipeline.data_vocabulary(config, "data_pipeline.sft_prepare")
+    docs = sft_prepare.load_sft_documents(config.data.data_dir, "validation")
+    return grain.MapDataset.source(docs), _transform(config, vocab, 0.0)

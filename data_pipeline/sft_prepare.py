@@ -56,7 +56,10 @@ def load_sft_documents(data_dir: str, split: str):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{data_dir} holds no SFT documents ({path} missing); make them with "
                                 "`python -m data_pipeline.sft_prepare`")
-    return tfds.builder_from_directory(path).as_data_source(split)
+    builder = tfds.builder_from_directory(path)
+    if split not in builder.info.splits:
+        raise ValueError(f"{data_dir} has no {split!r} split; it has {sorted(builder.info.splits)}")
+    return builder.as_data_source(split)
 
 
 def load_report(data_dir: str) -> dict:

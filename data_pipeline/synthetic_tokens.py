@@ -16,16 +16,18 @@ FIRST_TOKEN_ID = 8  # ids below are reserved for specials, as in the real vocabu
 
 
 class MarkovDocuments:
-    """Random-access source; document i is a pure function of (seed, i)."""
+    """Random-access source; document i is a pure function of (seed, first_index + i): sources with
+    disjoint index ranges share the chain but never a walk (training and held-out documents)."""
 
     def __init__(self, vocab_size: int, num_documents: int, min_length: int, max_length: int, seed: int,
-                 branching: int = 4):
+                 branching: int = 4, first_index: int = 0):
         if vocab_size <= FIRST_TOKEN_ID + branching:
             raise ValueError(f"vocab_size={vocab_size} leaves no room for synthetic tokens")
         if not 2 <= min_length <= max_length:
             raise ValueError(f"need 2 <= min_length <= max_length, got {min_length}, {max_length}")
         self.num_states = vocab_size - FIRST_TOKEN_ID
         self.num_documents, self.min_length, self.max_length, self.seed = num_documents, min_length, max_length, seed
+        self.first_index = int(first_index)
         table_rng = np.random.default_rng([seed, 0xC0FFEE])
         self.successors = np.stack([table_rng.choice(self.num_states, branching, replace=False)
                                     for _ in range(self.num_states)])
@@ -41,7 +43,9 @@ class MarkovDocuments:
         return self.num_documents
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, int(index)])
+        if not 0 <= index < self.num_documents:
+            raise IndexError(f"document {index} of {self.num_documents}")
+        rng = np.random.default_rng([self.seed, self.first_index + int(index)])
         length = int(rng.integers(self.min_length, self.max_length + 1))
         states = np.empty(length - 1, np.int64)
         states[0] = rng.integers(self.num_states)
@@ -53,7 +57,9 @@ class MarkovDocuments:
         return {"tokens": tokens, "weights": np.ones(length, np.float32)}
 
 
-def documents(data_config, vocab_size: int) -> grain.MapDataset:
-    source = MarkovDocuments(vocab_size, int(data_config.num_documents), int(data_config.min_doc_length),
-                             int(data_config.max_doc_length), int(data_config.source_seed))
+def documents(data_config, vocab_size: int, heldout: bool = False) -> grain.MapDataset:
+    """The training documents, or as many held-out ones: the walks just past the training range."""
+    n = int(data_config.num_documents)
+    source = MarkovDocuments(vocab_size, n, int(data_config.min_doc_length), int(data_config.max_doc_length),
+                             int(data_config.source_seed), first_index=n if heldout else 0)
     return grain.MapDataset.source(source)

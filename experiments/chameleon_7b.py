@@ -30,6 +30,7 @@ def get_config():
     config.total_steps = int(TRAINING_TOKENS // (GLOBAL_BATCH * SEQ_LEN))
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
+    config.eval_every_steps, config.eval_batches = 1000, 2
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     config.model.update(vocab_size=65536, num_layers=32, d_model=4096, num_heads=32, d_ff=11008,
                         max_length=SEQ_LEN, dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch")

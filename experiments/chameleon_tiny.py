@@ -9,6 +9,7 @@ def get_config():
     config.total_steps = 300
     config.log_every_steps = 20
     config.checkpoint_every_steps = 100
+    config.eval_every_steps = 100
     config.model.update(vocab_size=512, num_layers=2, d_model=128, num_heads=4, d_ff=352, max_length=128)
     chameleon_model(config)
     config.optimizer.update(peak_lr=3e-3, warmup_steps=30)

@@ -7,6 +7,7 @@ def get_config():
     config.total_steps = 300
     config.log_every_steps = 20
     config.checkpoint_every_steps = 100
+    config.eval_every_steps = 100   # held-out loss (eval_loss) on 4 fixed batches of unseen documents
     config.model.update(vocab_size=512, num_layers=2, d_model=128, num_heads=4, d_ff=512, max_length=128)
     config.optimizer.update(peak_lr=3e-3, warmup_steps=30)
     config.data.update(seq_len=128, global_batch_size=16)

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -115,6 +116,42 @@ def test_training_rows_join_stored_neighbours_in_the_cm3leon_layout(tiny_pipelin
         assert i not in used and len(used) == min(2, len(valid))
         checked += bool(used)
     assert checked > 50
+
+
+def test_held_out_rows_are_validation_documents_under_the_objective_without_neighbours(tiny_pipeline, tmp_path):
+    config = pipeline_fixture.lm_config(tiny_pipeline["data"], tiny_pipeline["vocab_size"])
+    config.data.update(condition_dropout_rate=0.5, cm3_masking=False, num_neighbours=2, seq_len=512)
+    docs, transform = cm3_pipeline.heldout_source(config)
+    validation = prepare.load_tokens(tiny_pipeline["data"], "validation")
+    assert len(docs) == len(validation) > 0
+    vocab = vocab_lib.Vocabulary.load(os.path.join(tiny_pipeline["data"], prepare.VOCAB_DIR))
+    rng = np.random.default_rng(0)
+    for i in range(len(docs)):   # `<eos> query <eos>`: no neighbour, and the caption never dropped
+        np.testing.assert_array_equal(transform(docs[i], rng)["tokens"],
+                                      [vocab.eos_id, *validation[i]["tokens"], vocab.eos_id])
+    # the trainer's eval batches are those rows, packed
+    config.data.update(seq_len=128, global_batch_size=4)
+    config.eval_batches = 2
+    batches = data_pipeline.make_eval_batches(config, 0, 1)
+    layouts = {tuple([vocab.eos_id, *validation[i]["tokens"]]) for i in range(len(validation))}
+    segments = 0
+    for batch in batches:
+        assert batch["inputs"].shape == (4, 128)
+        for row, seg in zip(batch["inputs"], batch["segment_ids"]):
+            for s in set(seg[seg > 0].tolist()):
+                assert tuple(row[seg == s].tolist()) in layouts   # inputs: the layout less its last token
+                segments += 1
+    assert segments > 4
+    # data prepared without a validation split: refused at start-up, saying how to turn it off
+    data = tmp_path / "data"
+    shutil.copytree(tiny_pipeline["data"], data)
+    info_path = next(data.rglob("dataset_info.json"))
+    info = json.loads(info_path.read_text())
+    info["splits"] = [split for split in info["splits"] if split["name"] != "validation"]
+    info_path.write_text(json.dumps(info))
+    config.data.data_dir = str(data)
+    with pytest.raises(ValueError, match="eval_every_steps=0 turns it off.*no 'validation' split"):
+        data_pipeline.make_eval_batches(config, 0, 1)
 
 
 def test_cm3_batches_are_deterministic_and_split_between_processes(tiny_pipeline):

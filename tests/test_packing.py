@@ -129,6 +129,21 @@ def test_oversize_and_empty_documents_are_skipped_and_counted():
     assert max(seen) < 8 + 16
 
 
+def test_a_stream_with_no_document_that_fits_is_an_error_not_an_endless_loop():
+    def packed(lengths, **kwargs):
+        docs = grain.MapDataset.source([{"tokens": np.arange(n, dtype=np.int32) + 8} for n in lengths])
+        return PackedBatchIterator(docs, seq_len=16, global_batch_size=2, num_streams=2, seed=0, **kwargs)
+
+    # two streams: documents 0, 2 (both fit) and 1, 3 (neither fits a 16-token row); the default
+    # allows 10,000 misses in a row (a fitting document can be a rare draw of the transform)
+    with pytest.raises(ValueError, match="5 documents in a row fit no row of data.seq_len=16"):
+        next(packed((5, 40, 6, 50), max_consecutive_skips=4))
+    # one fitting document in four per stream is enough
+    it = packed((5, 40, 40, 40, 40, 6, 40, 50), max_consecutive_skips=6)   # it recurs within two passes
+    for _ in range(6):
+        assert (next(it)["segment_ids"] > 0).any(axis=1).all()
+
+
 def test_markov_documents_are_deterministic():
     a, b = MarkovDocuments(64, 100, 4, 20, seed=3), MarkovDocuments(64, 100, 4, 20, seed=3)
     for i in (0, 7, 99):

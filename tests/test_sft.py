@@ -142,7 +142,7 @@ def sft_run(tiny_pipeline, tmp_path_factory):
     vocab, encode = sft_prepare.load_vocab_and_encoder(cfg)
     data = str(root / "data")
     report = sft_prepare.prepare_sft(cfg, data, vocab, encode)
-    config = sft_config(tiny_pipeline, data, str(root / "sft"))
+    config = sft_config(tiny_pipeline, data, str(root / "sft"), eval_every_steps=2, eval_batches=1)
     trainer.train(config, str(root / "sft"))
     return {"data": data, "report": report, "sft": str(root / "sft"), "config": config, "root": root}
 
@@ -168,6 +168,22 @@ def test_sft_ingestion_keeps_tasks_contiguous(sft_run):
         assert task == sft_tasks.TASKS[i // 4]
         fields = sft_tasks.parse_sequence(task, d["tokens"], vocab)
         assert set(fields) == set(sft_tasks.template(task).text_fields + sft_tasks.template(task).image_fields)
+
+
+def test_held_out_loss_scores_the_validation_split_without_condition_dropout(sft_run):
+    config = ml_collections.ConfigDict(sft_run["config"].to_dict())
+    config.data.sft_condition_dropout = 1 / 3
+    docs, transform = sft_pipeline.heldout_source(config)
+    validation = sft_prepare.load_sft_documents(sft_run["data"], "validation")
+    assert len(docs) == len(validation) == len(sft_tasks.TASKS)   # as prepared: one a task, no mixing
+    rng = np.random.default_rng(0)
+    for i in range(len(docs)):   # every slot kept, though training drops one in three here
+        np.testing.assert_array_equal(transform(docs[i], rng)["tokens"], validation[i]["tokens"])
+    # the run logged it at steps 2 and 4 (7 documents, cycled to fill the 8 streams of a batch)
+    with open(os.path.join(sft_run["sft"], "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    held_out = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in held_out] == [2, 4] and all(np.isfinite(r["eval_loss"]) for r in held_out)
 
 
 def test_sft_jsonl_ingestion_counts_bad_lines(tiny_pipeline, tmp_path):

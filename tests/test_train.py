@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import portpicker
 import pytest
 
 import data_pipeline
+from data_pipeline import synthetic_tokens
 from cm3leon_jax import metrics, sharding, trainer
 from tests.helpers import REPO, cli_env, run_cli, tiny_config
 
@@ -68,6 +70,76 @@ def test_train_writes_metrics_events_and_checkpoints(tmp_path):
     # rerunning a finished run resumes at the end and trains nothing more
     trainer.train(config, str(tmp_path))
     assert sorted(_read_metrics(tmp_path)) == [2, 4, 6]
+
+
+def test_held_out_batches_are_fixed_unseen_walks_split_between_processes():
+    config = tiny_config(eval_batches=3)
+    one = data_pipeline.make_eval_batches(config, 0, 1)
+    assert len(one) == 3 and one[0]["inputs"].shape == (8, 32)
+    for a, b in zip(one, data_pipeline.make_eval_batches(config, 0, 1)):   # built again: the same tokens
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    halves = [data_pipeline.make_eval_batches(config, p, 2) for p in range(2)]
+    for batch, *parts in zip(one, *halves):   # each process its own rows of the same global batches
+        for key in data_pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(batch[key], np.concatenate([p[key] for p in parts]))
+    # the held-out documents are the chain's walks past the training range, which training never reads
+    n = int(config.data.num_documents)
+    chain = synthetic_tokens.MarkovDocuments(64, 2 * n, 4, 20, int(config.data.source_seed))
+    heldout = synthetic_tokens.documents(config.data, 64, heldout=True)
+    for i in (0, 7):
+        np.testing.assert_array_equal(heldout[i]["tokens"], chain[n + i]["tokens"])
+    with pytest.raises(IndexError):   # a source never reads past its range (Grain's MapDataset wraps around)
+        synthetic_tokens.MarkovDocuments(64, n, 4, 20, int(config.data.source_seed))[n]
+
+
+def test_held_out_documents_that_fit_no_row_are_left_out_and_counted(caplog):
+    long_docs = {"data.min_doc_length": 30, "data.max_doc_length": 40}   # rows of 32: lengths 30-33 fit
+    with caplog.at_level(logging.WARNING):
+        batches = data_pipeline.make_eval_batches(tiny_config(eval_batches=2, **long_docs), 0, 1)
+    assert len(batches) == 2 and all((b["segment_ids"] > 0).any(axis=1).all() for b in batches)
+    assert "fit no row of 32 tokens, left out" in caplog.text
+    too_long = {"data.min_doc_length": 34, "data.max_doc_length": 40}
+    with pytest.raises(ValueError, match="eval_every_steps=0 turns it off.*none of the 1000 held-out documents fits"):
+        data_pipeline.make_eval_batches(tiny_config(**too_long), 0, 1)
+
+
+def test_held_out_loss_is_the_exact_token_mean_in_one_pass_or_microbatches():
+    config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "eval_batches": 2})
+    mesh = sharding.make_mesh(config.mesh)
+    t = trainer.Trainer(config, mesh)
+    state = t.init_state(0)
+    batches = [sharding.global_batch_from_local(b, mesh) for b in data_pipeline.make_eval_batches(config, 0, 1)]
+    got = t.evaluate(state.params, batches)
+    with sharding.activate(mesh):
+        sums = [jax.device_get(t.loss_fn(state.params, b)[1]) for b in batches]
+    tokens = sum(float(s["num_tokens"]) for s in sums)
+    assert got["eval_tokens"] == tokens == sum(float(np.sum(jax.device_get(b["weights"]))) for b in batches)
+    np.testing.assert_allclose(got["eval_loss"], sum(float(s["loss"] * s["num_tokens"]) for s in sums) / tokens,
+                               rtol=1e-5)
+    accumulating = trainer.Trainer(tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                                  "gradient_accumulation_steps": 2}), mesh)
+    np.testing.assert_allclose(accumulating.evaluate(state.params, batches)["eval_loss"], got["eval_loss"], rtol=1e-5)
+
+
+def test_held_out_loss_is_logged_at_its_steps_and_leaves_training_unchanged(tmp_path):
+    plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
+    trainer.train(tiny_config(total_steps=6), str(plain))
+    trainer.train(tiny_config(total_steps=6, eval_every_steps=3, eval_batches=2), str(evaluated))
+    reference, records = _read_metrics(plain), _read_metrics(evaluated)
+    assert sorted(records) == [2, 3, 4, 6]          # the log steps, and step 3 for its evaluation
+    assert [s for s in records if "eval_loss" in records[s]] == [3, 6]   # and the last step
+    assert records[3]["eval_tokens"] == records[6]["eval_tokens"] > 0    # the same fixed batches each time
+    assert np.isfinite(records[3]["eval_loss"]) and records[6]["eval_loss"] != records[3]["eval_loss"]
+    for step in (2, 4, 6):
+        assert records[step]["loss"] == reference[step]["loss"], step
+
+
+def test_invalid_held_out_settings_are_refused_up_front():
+    mesh = sharding.make_mesh(tiny_config().mesh)
+    for overrides, field in (({"eval_every_steps": -1}, "eval_every_steps=-1"),
+                             ({"eval_every_steps": 5, "eval_batches": 0}, "eval_batches=0")):
+        with pytest.raises(ValueError, match=field):
+            trainer.validate_config(tiny_config(**overrides), mesh, 1)
 
 
 def test_step_record_rates_and_an_eta_capped_by_the_time_budget():
