@@ -7,7 +7,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from data_pipeline.packing import BATCH_KEYS, PackedBatchIterator
+from data_pipeline.packing import BATCH_KEYS, PackedBatchIterator, fits_a_row, stream_count
 
 SOURCES = ("synthetic", "cm3", "sft")
 
@@ -54,7 +54,7 @@ def _heldout_examples(config, docs, transform) -> tuple[list[dict], int, int]:
         document = docs[int(index)]
         example = transform(document, np.random.default_rng([seed, int(index)])) if transform else document
         read += 1
-        if 0 < len(example["tokens"]) - 1 <= seq_len:   # the packer's own test (after the next-token shift)
+        if fits_a_row(example["tokens"], seq_len):
             examples.append(example)
             tokens += len(example["tokens"]) - 1
             if tokens >= budget:
@@ -78,7 +78,7 @@ def make_eval_batches(config, process_index: int, process_count: int) -> list[di
         logging.warning("held-out loss: %d of %d held-out documents read fit no row of %d tokens, left out",
                         unfit, read, int(config.data.seq_len))
     source = grain.MapDataset.source(examples)
-    streams = int(config.data.num_streams) if int(config.data.num_streams) > 0 else int(config.data.global_batch_size)
+    streams = stream_count(config.data.num_streams, config.data.global_batch_size)
     if len(source) < streams:
         source = source.repeat(-(-streams // len(source)))
     # in-process: a few batches do not pay for worker start-up

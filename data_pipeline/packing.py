@@ -19,6 +19,18 @@ from grain import experimental as grain_exp
 
 # One packed row: the model reads inputs/positions/segment_ids, the loss targets/weights.
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+# Documents in a row that fit no row before a stream is an error (see FirstFitPackDataset).
+MAX_CONSECUTIVE_SKIPS = 10_000
+
+
+def fits_a_row(tokens, seq_len: int) -> bool:
+    """Whether a document packs: its next-token shift (one token shorter) is non-empty and fits."""
+    return 0 < len(tokens) - 1 <= seq_len
+
+
+def stream_count(num_streams: int, global_batch_size: int) -> int:
+    """`data.num_streams`, where <= 0 means one stream per row."""
+    return int(num_streams) if int(num_streams) > 0 else int(global_batch_size)
 
 
 class FirstFitPackDataset(grain.IterDataset):
@@ -37,7 +49,7 @@ class FirstFitPackDataset(grain.IterDataset):
     """
 
     def __init__(self, parent: grain.IterDataset, *, seq_len: int, rows: int, skips: "_Skips",
-                 max_consecutive_skips: int = 10_000):
+                 max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS):
         super().__init__(parent)
         self.seq_len, self.rows, self.skips = int(seq_len), int(rows), skips
         self.max_consecutive_skips = max_consecutive_skips
@@ -83,7 +95,7 @@ class _FirstFitPackIterator(grain.DatasetIterator):
                 raise
             tokens = np.asarray(doc["tokens"])
             n = len(tokens) - 1
-            if n <= 0 or n > length:
+            if not fits_a_row(tokens, length):
                 self._skips.count(n)
                 self._consecutive_skips += 1
                 if self._consecutive_skips > self._max_consecutive_skips:
@@ -140,7 +152,7 @@ class PackedBatchIterator:
     def __init__(self, documents: grain.MapDataset, *, seq_len: int, global_batch_size: int,
                  num_streams: int, seed: int, process_index: int = 0, process_count: int = 1,
                  shuffle: bool = True, transform: Callable[[Any, np.random.Generator], dict] | None = None,
-                 worker_count: int = 0, worker_buffer_size: int = 4, max_consecutive_skips: int = 10_000):
+                 worker_count: int = 0, worker_buffer_size: int = 4, max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS):
         """`transform(document, rng)` (neighbour join, condition dropout, CM3 masking) runs per
         document per epoch with a generator Grain seeds from (seed, stream, position). Whether a
         transformed document fits a row can be a matter of chance (its sampled neighbours and
@@ -148,8 +160,7 @@ class PackedBatchIterator:
         broken (under 0.01% usable at the default) gets an error, not an endless loop."""
         if worker_count < 0:
             raise ValueError(f"data.worker_count must be >= 0, got {worker_count}")
-        if num_streams <= 0:
-            num_streams = global_batch_size
+        num_streams = stream_count(num_streams, global_batch_size)
         if global_batch_size % num_streams:
             raise ValueError(f"global batch {global_batch_size} is not divisible by data.num_streams={num_streams}")
         if len(documents) < num_streams:
