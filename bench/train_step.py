@@ -1,6 +1,6 @@
 """Train-step speed: tokens/s, model TFLOP/s and MFU for the tiny and a small config.
 
-    python bench/train_step.py [--configs tiny,small,long] [--steps 5] [--variants default,dense,flash,bf16_flash,accum4]
+    python bench/train_step.py [--configs tiny,small,long] [--steps 5] [--variants default,dense,flash,bf16_flash,accum4,noguard]
 
 MFU on CPU is against the host's float32 matmul peak measured in the same run (side by side, as
 timings swing with machine load); on accelerators against the device table in flops.py. The last
@@ -23,7 +23,7 @@ from absl import app, flags  # noqa: E402
 flags.DEFINE_list("configs", ["tiny", "small"], "which configs to time")
 flags.DEFINE_list("variants", ["default"], "model variants: " + ", ".join(
     ["default", "dense (no blockwise attention)", "remat", "bf16", "flash (Pallas kernel: TPU/GPU)", "bf16_flash",
-     "accum4 (the global batch in 4 microbatches)"]))
+     "accum4 (the global batch in 4 microbatches)", "noguard (no non-finite update guard)"]))
 flags.DEFINE_integer("steps", 5, "timed steps per config (after 2 warm-up steps)")
 
 import jax  # noqa: E402
@@ -61,6 +61,7 @@ VARIANTS = {   # config field -> value
     "flash": FLASH,
     "bf16_flash": dict(FLASH, **{"model.dtype": "bfloat16"}),
     "accum4": {"gradient_accumulation_steps": 4},   # the same global batch in 4 microbatches, one update
+    "noguard": {"optimizer.skip_nonfinite": 0},     # without the NaN/inf update guard (default: on)
 }
 
 

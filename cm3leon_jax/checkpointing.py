@@ -62,6 +62,17 @@ class CheckpointManager:
         """Restores into `abstract_state`'s shardings (ShapeDtypeStructs carrying NamedShardings), so
         the mesh may differ from the one that saved. A data position saved by another process count
         is redistributed (`saved_data_states`, the iterator's `set_state_from_processes`)."""
+        try:
+            return self._restore(step, abstract_state, data_iterator)
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            raise ValueError(f"the checkpoint of step {step} in {self.directory} holds a state of another shape than "
+                             "this run's: the model or the optimizer changed since it was saved (for instance "
+                             "optimizer.skip_nonfinite turned on or off, which adds or drops the non-finite guard's "
+                             f"counters). Resume with the saved run's config.json settings. Orbax: {e}") from None
+
+    def _restore(self, step: int, abstract_state, data_iterator):
         other_states = self.saved_data_states(step)
         if other_states is None:
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),

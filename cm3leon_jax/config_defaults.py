@@ -48,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
     # split), scored with the training objective but no condition dropout. 0: off.
     c.eval_every_steps = 0
     c.eval_batches = 4
+    # A profiler trace of steps profile_first_step .. + profile_steps - 1 under DIR/tensorboard
+    # (TensorBoard's profile plugin, XProf, Perfetto). 0: off; step 1 compiles, so start later.
+    c.profile_first_step = 0
+    c.profile_steps = 3
 
     # Device mesh: product must equal the device count; one axis may be -1 (= the rest).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -66,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         peak_lr=3e-4, warmup_steps=100, end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-5,
         weight_decay=0.1, grad_clip=1.0,
+        # A step whose gradients hold a NaN or an inf is skipped (no update, counted as skipped_steps);
+        # more than this many in a row stop the run with an error while the parameters are still
+        # finite. 0: no guard (a NaN reaches the parameters)
+        skip_nonfinite=10,
     ))
     c.z_loss_weight = 0.0  # Chameleon: 1e-5
     # Fine-tuning: a pretrained LM workdir whose parameters (only) start a fresh run; the
@@ -105,6 +113,8 @@ def vq_base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.async_checkpointing = True
+    c.profile_first_step = 0  # > 0: profiler trace of this step and the next profile_steps - 1 (as the LM's)
+    c.profile_steps = 3
     c.sample_every_steps = 1000  # PNG grid of held-out originals beside reconstructions, DIR/samples/
     c.num_sample_images = 8
 

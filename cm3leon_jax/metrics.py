@@ -56,6 +56,43 @@ def step_record(step_metrics, timer: StepTimer, step: int, total_steps: int, per
     return record
 
 
+class TraceWindow:
+    """A profiler trace of steps `first` .. `first + count - 1` (numbered as logged, from 1) for
+    TensorBoard's profile plugin or XProf: `log_dir/plugins/profile/<time>/<host>.xplane.pb`, one
+    file a process. first=0: off; a run resumed past `first` takes none. Step 1 compiles: trace later."""
+
+    def __init__(self, log_dir: str, first: int, count: int):
+        if first < 0 or (first and count < 1):
+            raise ValueError(f"profile_first_step={first} must be >= 0 (0: no trace) and profile_steps={count} "
+                             ">= 1 when it is on")
+        self.log_dir, self.first, self.last = log_dir, first, first + count - 1
+        self._tracing = False
+
+    @classmethod
+    def from_config(cls, config, log_dir: str) -> "TraceWindow":
+        return cls(log_dir, int(config.get("profile_first_step", 0)), int(config.get("profile_steps", 1)))
+
+    def step(self, step: int):
+        """Context for running step `step` (1-based): starts the trace at the window's first step
+        and names the step in it (the profile's step view)."""
+        if self.first and step == self.first:
+            jax.profiler.start_trace(self.log_dir)
+            self._tracing = True
+        return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+    def step_done(self, step: int, outputs) -> None:
+        """Stops the trace once the window's last step has finished on the device."""
+        if self._tracing and step >= self.last:
+            jax.block_until_ready(outputs)
+            self.close()
+            logging.info("profile of steps %d-%d written under %s/plugins/profile", self.first, self.last, self.log_dir)
+
+    def close(self) -> None:
+        if self._tracing:
+            jax.profiler.stop_trace()
+            self._tracing = False
+
+
 class MetricsLogger:
     """Writes only on process 0 so a multi-host run produces one record per step.
 

@@ -1,8 +1,15 @@
-"""optax AdamW with linear warmup, cosine decay, gradient clipping and masked weight decay."""
+"""optax AdamW with linear warmup, cosine decay, gradient clipping and masked weight decay, and a
+guard that skips an update whose gradients hold a NaN or an inf."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
+
+# optax.apply_if_finite gives up after this many skipped updates in a row and applies the next one:
+# never, here. The training loop stops the run itself after `skip_nonfinite` in a row (a clear error
+# while the parameters are still finite), so no NaN ever reaches them.
+_NEVER_GIVE_UP = 2**31 - 1
 
 
 def learning_rate_schedule(opt_config, total_steps: int) -> optax.Schedule:
@@ -29,4 +36,21 @@ def make_optimizer(opt_config, total_steps: int) -> tuple[optax.GradientTransfor
         optax.adamw(schedule, b1=float(opt_config.b1), b2=float(opt_config.b2), eps=float(opt_config.eps),
                     weight_decay=float(opt_config.weight_decay), mask=_decay_mask),
     )
+    if skip_nonfinite_limit(opt_config):
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_GIVE_UP)
     return tx, schedule
+
+
+def skip_nonfinite_limit(opt_config) -> int:
+    """Consecutive non-finite updates a run tolerates (skipped) before it stops; 0: no guard (configs
+    saved before the field existed)."""
+    return int(opt_config.get("skip_nonfinite", 0))
+
+
+def skipped_updates(opt_state) -> tuple[jax.Array, jax.Array]:
+    """(updates skipped in a row up to now, updates skipped in all) by the non-finite guard; zeros
+    without it."""
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+        return opt_state.notfinite_count, opt_state.total_notfinite
+    zero = jnp.zeros((), jnp.int32)
+    return zero, zero

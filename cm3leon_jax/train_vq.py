@@ -292,6 +292,7 @@ def train(config, workdir: str) -> dict[str, float]:
     start = time.perf_counter()
     mesh = sharding.make_mesh(config.mesh)
     validate_config(config, mesh, jax.process_count())
+    trace = metrics.TraceWindow.from_config(config, workdir_io.join(workdir, "tensorboard"))
     t = VQTrainer(config, mesh)
     logging.info("mesh %s; %s VQGAN parameters, %d tokens per image", dict(mesh.shape),
                  f"{sum(x.size for x in jax.tree_util.tree_leaves(t.abstract_state.params)):,}",
@@ -321,8 +322,10 @@ def train(config, workdir: str) -> dict[str, float]:
     timer = metrics.StepTimer()
     while step < total_steps:
         batch = sharding.global_batch_from_local(next(data_iter), mesh)
-        state, step_metrics = t.train_step(state, batch)
+        with trace.step(step + 1):
+            state, step_metrics = t.train_step(state, batch)
         step += 1
+        trace.step_done(step, step_metrics)
         if step % log_every == 0 or step == total_steps:
             last = metrics.step_record(step_metrics, timer, step, total_steps, {"images_per_second": t.images_per_step},
                                        seconds_left=budget - (time.perf_counter() - start) if budget > 0 else None)
@@ -343,6 +346,7 @@ def train(config, workdir: str) -> dict[str, float]:
     if step > first_step and sampled_at != step:
         write_samples(step)
     ckpt.save(step, state, data_iter, force=True)
+    trace.close()
     ckpt.close()
     logger.close()
     if data_iter.skipped:

@@ -57,6 +57,9 @@ def validate_config(config, mesh, process_count: int) -> None:
     if eval_every < 0 or (eval_every and eval_batches < 1):
         raise ValueError(f"eval_every_steps={eval_every} must be >= 0 (0: no held-out loss) and "
                          f"eval_batches={eval_batches} >= 1 when it is on")
+    if optimizer.skip_nonfinite_limit(config.optimizer) < 0:
+        raise ValueError(f"optimizer.skip_nonfinite={config.optimizer.skip_nonfinite} must be >= 0 "
+                         "(0: no guard against NaN/inf gradients)")
 
 
 def accumulation_steps(config) -> int:
@@ -182,9 +185,13 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch):
         aux, grads = self._gradients(state.params, batch)
+        _, skipped_before = optimizer.skipped_updates(state.opt_state)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        aux = dict(aux, grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(state.step))
+        params = optax.apply_updates(state.params, updates)   # a skipped update is zeros: params unchanged
+        streak, skipped = optimizer.skipped_updates(opt_state)
+        # the optimizer's schedule counts applied updates only
+        aux = dict(aux, grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(state.step - skipped_before),
+                   nonfinite_streak=streak, skipped_steps=skipped)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), aux
 
     def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -297,10 +304,28 @@ def restore_or_init(ckpt, trainer, data_iter, config, workdir: str):
     return state
 
 
+def _check_nonfinite(record: dict, step: int, limit: int, skipped_before: float, ckpt) -> float:
+    """At a logged step: a warning when the non-finite guard skipped updates since the last log; a
+    FloatingPointError (the parameters still finite) once more than `limit` were skipped in a row.
+    Returns the skipped total, for the next call."""
+    skipped = record.get("skipped_steps", 0.0)
+    if limit and record.get("nonfinite_streak", 0.0) > limit:
+        raise FloatingPointError(
+            f"the gradients were NaN or inf for the last {int(record['nonfinite_streak'])} steps, up to step {step} "
+            f"(more than optimizer.skip_nonfinite={limit}; loss {record.get('loss')}): their updates were skipped and the "
+            f"run stops here. The last checkpoint is step {ckpt.latest_step()}; resume from it with a lower "
+            "optimizer.peak_lr, a longer optimizer.warmup_steps or a z_loss_weight, or check the data")
+    if skipped > skipped_before:
+        logging.warning("step %d: %d update(s) with NaN/inf gradients skipped since the last log (%d in all)",
+                        step, int(skipped - skipped_before), int(skipped))
+    return skipped
+
+
 def train(config, workdir: str) -> dict[str, float]:
     """Trains (or resumes) to config.total_steps; returns the last logged metrics."""
     mesh = sharding.make_mesh(config.mesh)
     validate_config(config, mesh, jax.process_count())
+    trace = metrics.TraceWindow.from_config(config, workdir_io.join(workdir, "tensorboard"))
     trainer = Trainer(config, mesh)
     logging.info("mesh %s; %s parameters; %d rows a step in %d microbatch(es)", dict(mesh.shape),
                  f"{sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params)):,}",
@@ -321,31 +346,38 @@ def train(config, workdir: str) -> dict[str, float]:
     preemption = checkpointing.PreemptionWatcher()
     preempted = False
     total_steps, log_every = int(config.total_steps), int(config.log_every_steps)
+    nonfinite_limit = optimizer.skip_nonfinite_limit(config.optimizer)
     step = int(jax.device_get(state.step))
-    last = {}
+    last, skipped_logged = {}, float(jax.device_get(optimizer.skipped_updates(state.opt_state)[1]))
     timer = metrics.StepTimer()
-    while step < total_steps:
-        batch = sharding.global_batch_from_local(next(data_iter), mesh)
-        state, step_metrics = trainer.train_step(state, batch)
-        step += 1
-        evaluating = bool(eval_every) and (step % eval_every == 0 or step == total_steps)
-        if step % log_every == 0 or step == total_steps or evaluating:
-            last = metrics.step_record(step_metrics, timer, step, total_steps,
-                                       {"tokens_per_second": trainer.tokens_per_step, "mfu": trainer.flops_per_step / peak})
-            last["tokens_seen"] = float(step * trainer.tokens_per_step)   # the x-axis to compare runs of other batch sizes
-            if evaluating:   # after the step's timing, and the timer restarts after it: not counted as training
-                last.update(trainer.evaluate(state.params, eval_batches))
-            logger.write(step, last, total_steps)
-        if not timer.started or step % log_every == 0 or evaluating:
-            jax.block_until_ready(step_metrics)
-            timer.restart(step)
-        if ckpt.save_or_stop(step, state, data_iter, preemption, logger):
-            preempted = True
-            break
-    ckpt.save(step, state, data_iter, force=True)
-    ckpt.close()
-    logger.close()
-    data_iter.close()
+    try:
+        while step < total_steps:
+            batch = sharding.global_batch_from_local(next(data_iter), mesh)
+            with trace.step(step + 1):
+                state, step_metrics = trainer.train_step(state, batch)
+            step += 1
+            trace.step_done(step, step_metrics)
+            evaluating = bool(eval_every) and (step % eval_every == 0 or step == total_steps)
+            if step % log_every == 0 or step == total_steps or evaluating:
+                last = metrics.step_record(step_metrics, timer, step, total_steps,
+                                           {"tokens_per_second": trainer.tokens_per_step, "mfu": trainer.flops_per_step / peak})
+                last["tokens_seen"] = float(step * trainer.tokens_per_step)   # the x-axis to compare runs of other batch sizes
+                if evaluating:   # after the step's timing, and the timer restarts after it: not counted as training
+                    last.update(trainer.evaluate(state.params, eval_batches))
+                logger.write(step, last, total_steps)
+                skipped_logged = _check_nonfinite(last, step, nonfinite_limit, skipped_logged, ckpt)
+            if not timer.started or step % log_every == 0 or evaluating:
+                jax.block_until_ready(step_metrics)
+                timer.restart(step)
+            if ckpt.save_or_stop(step, state, data_iter, preemption, logger):
+                preempted = True
+                break
+        ckpt.save(step, state, data_iter, force=True)
+    finally:   # also on an error: pending checkpoint writes finish, records and the trace reach the workdir
+        trace.close()
+        ckpt.close()
+        logger.close()
+        data_iter.close()
     if data_iter.skipped:
         logging.warning("documents skipped by the packer: %s", dict(data_iter.skipped))
     return dict(last, final_step=int(step), preempted=preempted)  # callers (e2e) must not take a stop for an end

@@ -46,7 +46,7 @@ def test_parameters_and_optimizer_state_follow_the_rules():
         seen += 1
     assert seen == len(EXPECTED_LOGICAL)
     # Adam moments are sharded exactly like their parameters
-    mu = state.opt_state[1][0].mu
+    mu = state.opt_state.inner_state[1][0].mu    # inside the non-finite guard, AdamW after the clip
     for (kp, p), (_, m) in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree_util.tree_leaves_with_path(mu)):
         assert m.sharding.spec == p.sharding.spec, _path(kp)
     assert state.params["token_embedding"].sharding.spec == P("tensor", "fsdp")

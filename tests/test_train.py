@@ -142,6 +142,91 @@ def test_invalid_held_out_settings_are_refused_up_front():
             trainer.validate_config(tiny_config(**overrides), mesh, 1)
 
 
+def _poisoned(batch):
+    """The batch with one NaN loss weight: its loss and every gradient become NaN."""
+    weights = np.array(jax.device_get(batch["weights"]))
+    weights[0, 0] = np.nan
+    return dict(batch, weights=jax.device_put(weights, batch["weights"].sharding))
+
+
+def test_a_step_with_nan_gradients_is_skipped_and_counted_and_training_goes_on_unchanged():
+    config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    mesh = sharding.make_mesh(config.mesh)
+    t = trainer.Trainer(config, mesh)
+    batches = data_pipeline.make_train_iterator(config, 0, 1)
+    a, b = (sharding.global_batch_from_local(next(batches), mesh) for _ in range(2))
+
+    after_a, _ = t.train_step(t.init_state(0), a)
+    before = jax.device_get(after_a.params)
+    skipped, m = t.train_step(after_a, _poisoned(a))
+    assert not np.isfinite(float(m["grad_norm"]))
+    assert (int(skipped.step), float(m["nonfinite_streak"]), float(m["skipped_steps"])) == (2, 1.0, 1.0)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(skipped.params), before)
+
+    resumed, m = t.train_step(skipped, b)
+    assert (float(m["nonfinite_streak"]), float(m["skipped_steps"])) == (0.0, 1.0)
+    # the skipped step left no trace: [a, NaN, b] gives the parameters of [a, b], at [a, b]'s learning rate
+    straight, m_straight = t.train_step(t.train_step(t.init_state(0), a)[0], b)
+    assert float(m["learning_rate"]) == float(m_straight["learning_rate"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(resumed.params), jax.device_get(straight.params))
+
+    # without the guard the same NaN reaches the parameters
+    unguarded = trainer.Trainer(tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                               "optimizer.skip_nonfinite": 0}), mesh)
+    state, m = unguarded.train_step(unguarded.train_step(unguarded.init_state(0), a)[0], _poisoned(a))
+    assert float(m["skipped_steps"]) == 0.0
+    assert not np.isfinite(jax.device_get(state.params["token_embedding"])).all()
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_finite_checkpoints(tmp_path, caplog):
+    # a learning rate of 1e30 blows the parameters up at the first update: every later gradient is inf/NaN
+    config = tiny_config(total_steps=40, log_every_steps=2, checkpoint_every_steps=2,
+                         **{"optimizer.peak_lr": 1e30, "optimizer.warmup_steps": 0, "optimizer.skip_nonfinite": 3})
+    with caplog.at_level(logging.WARNING), pytest.raises(FloatingPointError, match=r"skip_nonfinite=3.*last checkpoint is step 4"):
+        trainer.train(config, str(tmp_path))
+    records = _read_metrics(tmp_path)
+    assert max(records) == 6                       # the streak passed 3 at the log of step 6, its record written
+    assert [records[s]["skipped_steps"] for s in (2, 4, 6)] == [1.0, 3.0, 5.0]
+    assert "update(s) with NaN/inf gradients skipped" in caplog.text
+    mesh = sharding.make_mesh(config.mesh)
+    t = trainer.Trainer(config, mesh)
+    from cm3leon_jax import checkpointing
+    params, step = checkpointing.restore_params(str(tmp_path), t.abstract_state.params)
+    assert step == 4 and all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(jax.device_get(params)))
+
+
+def test_resuming_with_the_guard_toggled_names_the_setting(tmp_path):
+    trainer.train(tiny_config(total_steps=2, **{"optimizer.skip_nonfinite": 0}), str(tmp_path))
+    with pytest.raises(ValueError, match="checkpoint of step 2 .* optimizer.skip_nonfinite turned on or off"):
+        trainer.train(tiny_config(total_steps=4), str(tmp_path))
+
+
+def test_invalid_guard_and_profile_settings_are_refused_up_front(tmp_path):
+    mesh = sharding.make_mesh(tiny_config().mesh)
+    with pytest.raises(ValueError, match="skip_nonfinite=-1"):
+        trainer.validate_config(tiny_config(**{"optimizer.skip_nonfinite": -1}), mesh, 1)
+    for overrides, field in (({"profile_first_step": -2}, "profile_first_step=-2"),
+                             ({"profile_first_step": 3, "profile_steps": 0}, "profile_steps=0")):
+        with pytest.raises(ValueError, match=field):
+            trainer.train(tiny_config(**overrides), str(tmp_path))
+        assert not os.listdir(tmp_path)                       # refused before anything is written
+
+
+def test_a_profile_trace_of_the_chosen_steps_is_written_for_tensorboard(tmp_path):
+    import gzip
+    trainer.train(tiny_config(total_steps=5, profile_first_step=2, profile_steps=2), str(tmp_path))
+    runs = os.listdir(tmp_path / "tensorboard" / "plugins" / "profile")
+    assert len(runs) == 1
+    files = os.listdir(tmp_path / "tensorboard" / "plugins" / "profile" / runs[0])
+    assert any(f.endswith(".xplane.pb") for f in files), files
+    trace_file = next(f for f in files if f.endswith(".trace.json.gz"))
+    with gzip.open(tmp_path / "tensorboard" / "plugins" / "profile" / runs[0] / trace_file) as f:
+        events = json.load(f)["traceEvents"]
+    steps = sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train" and "step_num" in e.get("args", {}))
+    assert steps == [2, 3]
+    assert sorted(_read_metrics(tmp_path)) == [2, 4, 5]       # training and its records are unaffected
+
+
 def test_step_record_rates_and_an_eta_capped_by_the_time_budget():
     timer = metrics.StepTimer()
     assert metrics.step_record({"loss": np.float32(1.5)}, timer, 2, 10, {"images_per_second": 8}) == {"loss": 1.5}
