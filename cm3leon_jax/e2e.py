@@ -31,9 +31,13 @@ from typing import Any, Callable
 import ml_collections
 from absl import logging
 
-from cm3leon_jax import workdir_io
+from cm3leon_jax import metrics, workdir_io
 
 STAGES = ("text_tokenizer", "vq", "data", "retrieval", "lm", "evaluate", "report")
+# What the report takes from each training stage's metrics.jsonl: eval_loss is the LM's held-out loss
+# (validation split, no neighbours), val_psnr the tokenizer's on held-out images.
+TRAINING_SUMMARY = {"vq": ("loss", "val_psnr", "codebook_usage"),
+                    "lm": ("loss", "eval_loss", "tokens_per_second")}
 
 
 def _plain(value: Any) -> Any:
@@ -201,15 +205,22 @@ class Pipeline:
         with open(os.path.join(self.dirs["evaluate"], "report.md"), encoding="utf-8") as f:
             evaluation_md = f.read()
         total = sum(t["seconds"] for name, t in self.timings.items())
+        training = {stage: metrics.last_values(metrics.read_records(self.dirs[stage]), keys)
+                    for stage, keys in TRAINING_SUMMARY.items()}
         report = {"workdir": self.workdir, "config": self.config.to_dict(), "stages": self.timings,
-                  "stage_dirs": self.dirs, "total_seconds": round(total, 1), "evaluation": evaluation}
+                  "stage_dirs": self.dirs, "total_seconds": round(total, 1), "training": training,
+                  "evaluation": evaluation}
         with open(os.path.join(self.workdir, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, default=str)
         lines = [f"# End-to-end run: {self.workdir}", "", "| stage | seconds | |", "|---|---|---|"]
         notes = lambda t: ", ".join(([f"{t['runs']} runs (resumed)"] if t.get("runs", 1) > 1 else [])  # noqa: E731
                                     + (["cached"] if t["cached"] else []))
         lines += [f"| {n} | {t['seconds']:.0f} | {notes(t)} |" for n, t in self.timings.items()]
-        lines += [f"| total | {total:.0f} | |", "", evaluation_md]
+        lines += [f"| total | {total:.0f} | |", "", "## Training (last logged values)", "",
+                  "| stage | metric | value | at step |", "|---|---|---|---|"]
+        lines += [f"| {stage} | {key} | {v['value']:.4g} | {v['step']} |"
+                  for stage, found in training.items() for key, v in found.items()]
+        lines += ["", evaluation_md]
         with open(os.path.join(self.workdir, "report.md"), "w", encoding="utf-8") as f:
             f.write("\n".join(lines))
         return {"report": os.path.join(self.workdir, "report.md")}

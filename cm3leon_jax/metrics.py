@@ -153,6 +153,25 @@ class MetricsLogger:
             self._tb.close()
 
 
+def read_records(workdir: str) -> list[dict]:
+    """A workdir's metrics.jsonl as its records, in order ([] when it has none)."""
+    path = workdir_io.join(workdir, "metrics.jsonl")
+    if not workdir_io.exists(path):
+        return []
+    return [json.loads(line) for line in workdir_io.read_text(path).splitlines() if line.strip()]
+
+
+def last_values(records: list[dict], keys) -> dict[str, dict[str, float]]:
+    """For each key, the step and value of the last record holding it (keys no record holds are left
+    out): a run's final loss beside its last held-out loss, which is logged less often."""
+    found = {}
+    for record in records:
+        for key in keys:
+            if key in record:
+                found[key] = {"step": int(record["step"]), "value": float(record[key])}
+    return found
+
+
 class _QuietLibraries(std_logging.Filter):
     """Orbax and grain log every save step at INFO; keep their warnings, drop the chatter."""
 

@@ -50,7 +50,12 @@ def test_every_stage_runs_and_the_report_is_complete(finished):
     assert 0.0 <= ev["image_to_text"]["overall"] <= 1.0
     assert set(ev["validation_loss"]) == {"0", "1"} and all(v["loss"] > 0 for v in ev["validation_loss"].values())
     assert ev["vq"]["num_images"] == 8 and ev["vq"]["psnr_db"] > 0
+    # the training stages' last logged values (this LM's rows are too short for a held-out loss)
+    lm, vq = report["training"]["lm"], report["training"]["vq"]
+    assert set(lm) == {"loss", "tokens_per_second"} and lm["loss"]["step"] == pipeline_fixture.LM_STEPS
+    assert vq["val_psnr"]["step"] == 4 and vq["val_psnr"]["value"] > 0
     md = open(os.path.join(workdir, "report.md")).read()
+    assert f"| lm | loss | {lm['loss']['value']:.4g} | {pipeline_fixture.LM_STEPS} |" in md
     for heading in ("Text -> image", "| topp_topk_cfg, 1 retrieved |", "ceiling: the real images through the VQ",
                     "percentile-bootstrap intervals over the 2 prompts", "| greedy |",
                     "Image -> text", "Validation loss", "VQ tokenizer", "| total |"):

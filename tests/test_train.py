@@ -132,6 +132,12 @@ def test_held_out_loss_is_logged_at_its_steps_and_leaves_training_unchanged(tmp_
     assert np.isfinite(records[3]["eval_loss"]) and records[6]["eval_loss"] != records[3]["eval_loss"]
     for step in (2, 4, 6):
         assert records[step]["loss"] == reference[step]["loss"], step
+    # what the e2e report takes: each key's last logged value and its step
+    assert metrics.last_values(metrics.read_records(str(evaluated)), ("eval_loss", "loss", "absent")) == {
+        "eval_loss": {"step": 6, "value": records[6]["eval_loss"]}, "loss": {"step": 6, "value": records[6]["loss"]}}
+    assert metrics.read_records(str(tmp_path / "nowhere")) == []
+    assert metrics.last_values([{"step": 5, "loss": 2.0, "eval_loss": 3.0}, {"step": 7, "loss": 1.0}], ("eval_loss",)) == {
+        "eval_loss": {"step": 5, "value": 3.0}}
 
 
 def test_invalid_held_out_settings_are_refused_up_front():
