@@ -139,6 +139,7 @@ def vq_base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-4, disc_lr=1e-4, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0, disc_weight_decay=0.0,
         warmup_steps=0, schedule="constant", end_lr_ratio=0.1, grad_clip=0.0,
+        skip_nonfinite=10,  # as the LM's: NaN/inf updates of either network skipped, a longer streak stops the run
     ))
 
     # Codebook bookkeeping: usage EMA of each code's share of the tokens; every reseed_every_steps

@@ -36,15 +36,24 @@ def make_optimizer(opt_config, total_steps: int) -> tuple[optax.GradientTransfor
         optax.adamw(schedule, b1=float(opt_config.b1), b2=float(opt_config.b2), eps=float(opt_config.eps),
                     weight_decay=float(opt_config.weight_decay), mask=_decay_mask),
     )
+    return with_nonfinite_guard(tx, opt_config), schedule
+
+
+def with_nonfinite_guard(tx: optax.GradientTransformation, opt_config) -> optax.GradientTransformation:
+    """`tx` skipping (a zero update, its state kept) any update whose gradients are not all finite,
+    when `opt_config.skip_nonfinite` > 0; the training loop decides when a streak ends the run."""
     if skip_nonfinite_limit(opt_config):
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_GIVE_UP)
-    return tx, schedule
+        return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_GIVE_UP)
+    return tx
 
 
 def skip_nonfinite_limit(opt_config) -> int:
     """Consecutive non-finite updates a run tolerates (skipped) before it stops; 0: no guard (configs
-    saved before the field existed)."""
-    return int(opt_config.get("skip_nonfinite", 0))
+    saved before the field existed). A negative value is a ValueError (both trainers check it first)."""
+    limit = int(opt_config.get("skip_nonfinite", 0))
+    if limit < 0:
+        raise ValueError(f"optimizer.skip_nonfinite={limit} must be >= 0 (0: no guard against NaN/inf gradients)")
+    return limit
 
 
 def skipped_updates(opt_state) -> tuple[jax.Array, jax.Array]:

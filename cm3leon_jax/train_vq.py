@@ -26,7 +26,7 @@ import optax
 from absl import app, logging
 from flax import linen as nn
 
-from cm3leon_jax import checkpointing, image_grid, metrics, sharding, trainer as lm_trainer, vq_losses, vqgan, workdir_io
+from cm3leon_jax import checkpointing, image_grid, metrics, optimizer, sharding, trainer as lm_trainer, vq_losses, vqgan, workdir_io
 from cm3leon_jax import train as _lm_cli  # its --config / --workdir flags and start-up serve both CLIs
 from cm3leon_jax.vq_tokenizer import VQ_CONFIG_FILE, VQTokenizer, load_tokenizer, load_vq_config, save_vq_config  # noqa: F401
 from data_pipeline import images as image_data
@@ -63,6 +63,7 @@ def validate_config(config, mesh, process_count: int) -> None:
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
     if config.optimizer.schedule not in ("constant", "cosine"):
         raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
+    optimizer.skip_nonfinite_limit(config.optimizer)
     vqgan.VQGANConfig.from_config(config.vq)  # unknown keys, image size vs downsampling
     vq_losses.VQLossConfig.from_config(config.loss)
 
@@ -81,7 +82,7 @@ def _adamw(schedule, ocfg, weight_decay: float):
     parts = [optax.clip_by_global_norm(float(ocfg.grad_clip))] if float(ocfg.grad_clip) > 0 else []
     parts.append(optax.adamw(schedule, b1=float(ocfg.b1), b2=float(ocfg.b2), eps=float(ocfg.eps),
                              weight_decay=weight_decay))
-    return optax.chain(*parts)
+    return optimizer.with_nonfinite_guard(optax.chain(*parts), ocfg)
 
 
 def _box(tree, fsdp: int):
@@ -187,13 +188,14 @@ class VQTrainer:
         (_, aux), grads = jax.value_and_grad(vq_losses.vq_loss_fn, has_aux=True)(
             state.params, state.disc_params if self.use_disc else None, images, None, step, mcfg, lcfg,
             perceptual_weights)
+        _, skipped_before = optimizer.skipped_updates(state.opt_state)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = optax.apply_updates(state.params, updates)   # a skipped update is zeros: params unchanged
         m = dict(aux["metrics"])
         m["batch_codebook_usage"] = m.pop("codebook_usage")
         m["recon_loss"] = (lcfg.l1_weight * m["recon_l1"] + lcfg.l2_weight * m["recon_l2"]
                            + lcfg.perceptual_weight * m["perceptual"])
-        m.update(grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(step))
+        m.update(grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(step - skipped_before))
 
         disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
         if self.use_disc:
@@ -213,6 +215,9 @@ class VQTrainer:
             (disc_params, disc_opt_state), dm = jax.lax.cond(
                 step >= lcfg.disc_start, disc_update, disc_idle, (disc_params, disc_opt_state))
             m.update(dm)
+        streak, skipped = optimizer.skipped_updates(opt_state)
+        disc_streak, disc_skipped = optimizer.skipped_updates(disc_opt_state)
+        m.update(nonfinite_streak=jnp.maximum(streak, disc_streak), skipped_steps=skipped, disc_skipped_steps=disc_skipped)
 
         counts = aux["counts"]
         usage = vqgan.update_usage(state.usage, counts / jnp.maximum(jnp.sum(counts), 1.0), float(ccfg.usage_decay))
@@ -319,36 +324,41 @@ def train(config, workdir: str) -> dict[str, float]:
 
     step = first_step = int(jax.device_get(state.step))
     last, sampled_at = {}, None
+    nonfinite_limit = optimizer.skip_nonfinite_limit(config.optimizer)
+    skipped_logged = float(jax.device_get(optimizer.skipped_updates(state.opt_state)[1]))
     timer = metrics.StepTimer()
-    while step < total_steps:
-        batch = sharding.global_batch_from_local(next(data_iter), mesh)
-        with trace.step(step + 1):
-            state, step_metrics = t.train_step(state, batch)
-        step += 1
-        trace.step_done(step, step_metrics)
-        if step % log_every == 0 or step == total_steps:
-            last = metrics.step_record(step_metrics, timer, step, total_steps, {"images_per_second": t.images_per_step},
-                                       seconds_left=budget - (time.perf_counter() - start) if budget > 0 else None)
-            logger.write(step, last, total_steps)
-        if not timer.started or step % log_every == 0:
-            jax.block_until_ready(step_metrics)
-            timer.restart(step)
-        if sample_every > 0 and step % sample_every == 0:
+    try:
+        while step < total_steps:
+            batch = sharding.global_batch_from_local(next(data_iter), mesh)
+            with trace.step(step + 1):
+                state, step_metrics = t.train_step(state, batch)
+            step += 1
+            trace.step_done(step, step_metrics)
+            if step % log_every == 0 or step == total_steps:
+                last = metrics.step_record(step_metrics, timer, step, total_steps, {"images_per_second": t.images_per_step},
+                                           seconds_left=budget - (time.perf_counter() - start) if budget > 0 else None)
+                logger.write(step, last, total_steps)
+                skipped_logged = lm_trainer.check_nonfinite(last, step, nonfinite_limit, skipped_logged, ckpt)
+            if not timer.started or step % log_every == 0:
+                jax.block_until_ready(step_metrics)
+                timer.restart(step)
+            if sample_every > 0 and step % sample_every == 0:
+                write_samples(step)
+                sampled_at = step
+                timer.restart(step)
+            if ckpt.save_or_stop(step, state, data_iter, preemption, logger):
+                preempted = True
+                break
+            if _time_is_up(start, budget):
+                logging.info("max_train_seconds=%g reached at step %d", budget, step)
+                break
+        if step > first_step and sampled_at != step:
             write_samples(step)
-            sampled_at = step
-            timer.restart(step)
-        if ckpt.save_or_stop(step, state, data_iter, preemption, logger):
-            preempted = True
-            break
-        if _time_is_up(start, budget):
-            logging.info("max_train_seconds=%g reached at step %d", budget, step)
-            break
-    if step > first_step and sampled_at != step:
-        write_samples(step)
-    ckpt.save(step, state, data_iter, force=True)
-    trace.close()
-    ckpt.close()
-    logger.close()
+        ckpt.save(step, state, data_iter, force=True)
+    finally:   # also on an error: pending checkpoint writes finish, records and the trace reach the workdir
+        trace.close()
+        ckpt.close()
+        logger.close()
     if data_iter.skipped:
         logging.warning("images skipped: %s", dict(data_iter.skipped))
     return dict(last, final_step=int(step), preempted=preempted)  # callers (e2e) must not take a stop for an end

@@ -57,9 +57,7 @@ def validate_config(config, mesh, process_count: int) -> None:
     if eval_every < 0 or (eval_every and eval_batches < 1):
         raise ValueError(f"eval_every_steps={eval_every} must be >= 0 (0: no held-out loss) and "
                          f"eval_batches={eval_batches} >= 1 when it is on")
-    if optimizer.skip_nonfinite_limit(config.optimizer) < 0:
-        raise ValueError(f"optimizer.skip_nonfinite={config.optimizer.skip_nonfinite} must be >= 0 "
-                         "(0: no guard against NaN/inf gradients)")
+    optimizer.skip_nonfinite_limit(config.optimizer)
 
 
 def accumulation_steps(config) -> int:
@@ -304,10 +302,10 @@ def restore_or_init(ckpt, trainer, data_iter, config, workdir: str):
     return state
 
 
-def _check_nonfinite(record: dict, step: int, limit: int, skipped_before: float, ckpt) -> float:
-    """At a logged step: a warning when the non-finite guard skipped updates since the last log; a
-    FloatingPointError (the parameters still finite) once more than `limit` were skipped in a row.
-    Returns the skipped total, for the next call."""
+def check_nonfinite(record: dict, step: int, limit: int, skipped_before: float, ckpt) -> float:
+    """At a logged step (after its record is written): a warning when the non-finite guard skipped
+    updates since the last log; a FloatingPointError (the parameters still finite) once more than
+    `limit` were skipped in a row. Returns the skipped total, for the next call. Both trainers."""
     skipped = record.get("skipped_steps", 0.0)
     if limit and record.get("nonfinite_streak", 0.0) > limit:
         raise FloatingPointError(
@@ -365,7 +363,7 @@ def train(config, workdir: str) -> dict[str, float]:
                 if evaluating:   # after the step's timing, and the timer restarts after it: not counted as training
                     last.update(trainer.evaluate(state.params, eval_batches))
                 logger.write(step, last, total_steps)
-                skipped_logged = _check_nonfinite(last, step, nonfinite_limit, skipped_logged, ckpt)
+                skipped_logged = check_nonfinite(last, step, nonfinite_limit, skipped_logged, ckpt)
             if not timer.started or step % log_every == 0 or evaluating:
                 jax.block_until_ready(step_metrics)
                 timer.restart(step)

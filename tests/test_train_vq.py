@@ -76,6 +76,7 @@ def test_cli_trains_logs_samples_and_checkpoints(trained):
     assert train[2]["disc_factor"] == 0 and train[2]["disc_loss"] == 0  # the GAN starts at step 3
     assert train[6]["disc_factor"] == 1 and train[6]["adaptive_weight"] > 0 and train[6]["disc_loss"] > 0
     assert train[6]["reseeded_total"] > 0  # dead codes were re-seeded
+    assert train[6]["skipped_steps"] == train[6]["disc_skipped_steps"] == train[6]["nonfinite_streak"] == 0
     assert np.isfinite(val[6]["val_psnr"])
 
     grid = Image.open(workdir / "samples" / "step_000006.png")
@@ -102,6 +103,20 @@ def test_resume_continues_from_saved_step(trained):
     it = image_data.make_train_iterator(config, 0, 1)
     it.set_state(open(workdir / "checkpoints" / "6" / "data" / "process_0-of-1.json", "rb").read())
     assert json.loads(it.get_state())["state"]["next_index"] == 6
+
+
+def test_a_diverging_tokenizer_run_skips_its_nan_updates_then_stops_clearly(trained, tmp_path):
+    _, config = trained
+    config = config.copy_and_resolve_references()
+    # the first update at a learning rate of 1e30 overflows every later forward pass
+    config.update(total_steps=12, log_every_steps=2, checkpoint_every_steps=2, sample_every_steps=1000)
+    config.optimizer.update(lr=1e30, skip_nonfinite=2)
+    with pytest.raises(FloatingPointError, match=r"skip_nonfinite=2.*last checkpoint is step 2"):
+        train_vq.train(config, str(tmp_path))
+    records = {r["step"]: r for r in _records(tmp_path) if "loss" in r}
+    assert sorted(records) == [2, 4] and [records[s]["skipped_steps"] for s in (2, 4)] == [1, 3]
+    assert records[4]["nonfinite_streak"] == 3
+    assert max(int(d) for d in os.listdir(tmp_path / "checkpoints")) == 2   # none saved inside the streak
 
 
 def test_tokenizer_loads_from_workdir(trained):
