@@ -66,9 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
         attention_impl="xla",  # "flash": Pallas flash kernel (TPU splash / GPU Triton), memory linear in seq_len
     ))
 
-    # AdamW (Chameleon's betas/eps/decay/clip), linear warmup then cosine decay.
+    # AdamW (Chameleon's betas/eps/decay/clip), linear warmup then `schedule`: "cosine" (the paper's) or
+    # "linear" decay to end_lr_ratio * peak_lr; "wsd" holds the peak, then decays linearly over the
+    # last decay_fraction of the steps; "constant".
     c.optimizer = ml_collections.ConfigDict(dict(
-        peak_lr=3e-4, warmup_steps=100, end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-5,
+        peak_lr=3e-4, warmup_steps=100, end_lr_ratio=0.1, schedule="cosine", decay_fraction=0.2, b1=0.9, b2=0.95, eps=1e-5,
         weight_decay=0.1, grad_clip=1.0,
         # A step whose gradients hold a NaN or an inf is skipped (no update, counted as skipped_steps);
         # more than this many in a row stop the run with an error while the parameters are still

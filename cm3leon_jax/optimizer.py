@@ -12,12 +12,36 @@ import optax
 _NEVER_GIVE_UP = 2**31 - 1
 
 
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+
+
 def learning_rate_schedule(opt_config, total_steps: int) -> optax.Schedule:
-    warmup = int(opt_config.warmup_steps)
-    decay_steps = max(int(total_steps), warmup + 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=float(opt_config.peak_lr), warmup_steps=warmup,
-        decay_steps=decay_steps, end_value=float(opt_config.peak_lr) * float(opt_config.end_lr_ratio))
+    """Linear warmup to peak_lr, then by `schedule`: "cosine" (the paper's) or "linear" decay to
+    end_lr_ratio * peak_lr at total_steps; "wsd" (warmup-stable-decay) holds the peak and decays
+    linearly over the last `decay_fraction` of the steps, so one run's stable phase can be branched
+    into decays at several lengths; "constant" holds the peak."""
+    kind = str(opt_config.get("schedule", "cosine"))
+    warmup, total = int(opt_config.warmup_steps), int(total_steps)
+    peak = float(opt_config.peak_lr)
+    end = peak * float(opt_config.end_lr_ratio)
+    decay_steps = max(total, warmup + 1)
+    if kind not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule={kind!r} is not one of {SCHEDULES}")
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup,
+                                                  decay_steps=decay_steps, end_value=end)
+    warm = optax.linear_schedule(0.0, peak, warmup)
+    if kind == "constant":
+        return optax.join_schedules([warm, optax.constant_schedule(peak)], [warmup])
+    if kind == "linear":
+        return optax.join_schedules([warm, optax.linear_schedule(peak, end, decay_steps - warmup)], [warmup])
+    fraction = float(opt_config.get("decay_fraction", 0.2))
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"optimizer.decay_fraction={fraction} must be in (0, 1] for schedule='wsd'")
+    decay_start = max(warmup, total - int(round(fraction * total)))
+    return optax.join_schedules(
+        [warm, optax.constant_schedule(peak), optax.linear_schedule(peak, end, max(total - decay_start, 1))],
+        [warmup, decay_start])
 
 
 def _decay_mask(params):

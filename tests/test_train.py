@@ -207,6 +207,37 @@ def test_resuming_with_the_guard_toggled_names_the_setting(tmp_path):
         trainer.train(tiny_config(total_steps=4), str(tmp_path))
 
 
+def test_learning_rate_schedules():
+    from cm3leon_jax import optimizer
+    def schedule(kind, **fields):
+        config = tiny_config(total_steps=100, **{"optimizer.schedule": kind, "optimizer.warmup_steps": 10,
+                                                 "optimizer.peak_lr": 1.0, "optimizer.end_lr_ratio": 0.1,
+                                                 **{f"optimizer.{k}": v for k, v in fields.items()}})
+        fn = optimizer.learning_rate_schedule(config.optimizer, 100)
+        return {step: float(fn(step)) for step in (0, 5, 10, 55, 80, 90, 100)}
+    for kind in ("cosine", "linear", "wsd", "constant"):
+        got = schedule(kind)
+        assert (got[0], got[5], got[10]) == pytest.approx((0.0, 0.5, 1.0)), kind   # the same warmup
+    assert schedule("cosine")[55] == pytest.approx(0.55) and schedule("cosine")[100] == pytest.approx(0.1)
+    assert schedule("linear")[55] == pytest.approx(0.55) and schedule("linear")[100] == pytest.approx(0.1)
+    wsd = schedule("wsd")                                   # stable until the last 20%, then linear to the end
+    assert (wsd[55], wsd[80], wsd[90], wsd[100]) == pytest.approx((1.0, 1.0, 0.55, 0.1))
+    assert schedule("wsd", decay_fraction=0.5)[55] == pytest.approx(0.91)
+    longer = optimizer.learning_rate_schedule(tiny_config(total_steps=300, **{
+        "optimizer.schedule": "wsd", "optimizer.warmup_steps": 10, "optimizer.peak_lr": 1.0}).optimizer, 300)
+    assert all(float(longer(step)) == value for step, value in wsd.items() if step <= 80)   # a branch point
+    assert set(schedule("constant").values()) == {0.0, 0.5, 1.0}
+    # the trainer runs on it: its logged learning rate is the schedule's
+    t = trainer.Trainer(tiny_config(total_steps=10, **{"optimizer.schedule": "wsd", "optimizer.warmup_steps": 0}),
+                        sharding.make_mesh(tiny_config().mesh))
+    assert float(t.schedule(5)) == pytest.approx(1e-2) and float(t.schedule(9)) == pytest.approx(1e-2 * (1 - 0.9 / 2))
+    mesh = sharding.make_mesh(tiny_config().mesh)
+    for overrides, field in (({"optimizer.schedule": "step"}, "optimizer.schedule='step'"),
+                             ({"optimizer.schedule": "wsd", "optimizer.decay_fraction": 0.0}, "decay_fraction=0.0")):
+        with pytest.raises(ValueError, match=field):
+            trainer.validate_config(tiny_config(**overrides), mesh, 1)
+
+
 def test_invalid_guard_and_profile_settings_are_refused_up_front(tmp_path):
     mesh = sharding.make_mesh(tiny_config().mesh)
     with pytest.raises(ValueError, match="skip_nonfinite=-1"):
