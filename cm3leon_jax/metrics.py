@@ -72,20 +72,20 @@ class TraceWindow:
     def from_config(cls, config, log_dir: str) -> "TraceWindow":
         return cls(log_dir, int(config.get("profile_first_step", 0)), int(config.get("profile_steps", 1)))
 
-    def step(self, step: int):
-        """Context for running step `step` (1-based): starts the trace at the window's first step
-        and names the step in it (the profile's step view)."""
+    def run(self, step: int, train_step, state, batch):
+        """`train_step(state, batch)` run as step `step` (1-based) and named so in the trace (the
+        profile's step view); the trace starts before the window's first step and stops once its
+        last has finished on the device."""
         if self.first and step == self.first:
             jax.profiler.start_trace(self.log_dir)
             self._tracing = True
-        return jax.profiler.StepTraceAnnotation("train", step_num=step)
-
-    def step_done(self, step: int, outputs) -> None:
-        """Stops the trace once the window's last step has finished on the device."""
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            outputs = train_step(state, batch)
         if self._tracing and step >= self.last:
             jax.block_until_ready(outputs)
             self.close()
             logging.info("profile of steps %d-%d written under %s/plugins/profile", self.first, self.last, self.log_dir)
+        return outputs
 
     def close(self) -> None:
         if self._tracing:

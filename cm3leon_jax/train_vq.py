@@ -330,10 +330,8 @@ def train(config, workdir: str) -> dict[str, float]:
     try:
         while step < total_steps:
             batch = sharding.global_batch_from_local(next(data_iter), mesh)
-            with trace.step(step + 1):
-                state, step_metrics = t.train_step(state, batch)
+            state, step_metrics = trace.run(step + 1, t.train_step, state, batch)
             step += 1
-            trace.step_done(step, step_metrics)
             if step % log_every == 0 or step == total_steps:
                 last = metrics.step_record(step_metrics, timer, step, total_steps, {"images_per_second": t.images_per_step},
                                            seconds_left=budget - (time.perf_counter() - start) if budget > 0 else None)

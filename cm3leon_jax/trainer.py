@@ -352,10 +352,8 @@ def train(config, workdir: str) -> dict[str, float]:
     try:
         while step < total_steps:
             batch = sharding.global_batch_from_local(next(data_iter), mesh)
-            with trace.step(step + 1):
-                state, step_metrics = trainer.train_step(state, batch)
+            state, step_metrics = trace.run(step + 1, trainer.train_step, state, batch)
             step += 1
-            trace.step_done(step, step_metrics)
             evaluating = bool(eval_every) and (step % eval_every == 0 or step == total_steps)
             if step % log_every == 0 or step == total_steps or evaluating:
                 last = metrics.step_record(step_metrics, timer, step, total_steps,
