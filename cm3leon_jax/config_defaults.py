@@ -95,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
         data_dir="", num_neighbours=3, condition_dropout_rate=0.1, cm3_masking=True, cm3_lambda=1.0,
         # share of documents whose whole caption is one CM3 span, after the image (teaches captioning)
         caption_span_rate=0.0,
+        # more prepared datasets (same vocabulary, each with its own neighbours) whose train splits are
+        # mixed with data_dir's: "DIR=WEIGHT,DIR=WEIGHT", data_dir weighing data_dir_weight. Shares
+        # follow the weights; held-out loss, generation and export use data_dir alone
+        mix_with="", data_dir_weight=1.0,
         # source="sft": documents from `python -m data_pipeline.sft_prepare` (data_dir), mixed by task
         # weight ("edit=2,vqa=1"; "" = equal) with the paper's 3x / 0.3x up/down-sampling limits; loss
         # on the output only ("output") or the full CM3 objective ("cm3"); InstructPix2Pix-style

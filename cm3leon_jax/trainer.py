@@ -43,6 +43,9 @@ def validate_config(config, mesh, process_count: int) -> None:
         raise ValueError(f"gradient_accumulation_steps={accumulation} must be >= 1 and split "
                          f"data.global_batch_size={batch} into microbatches whose rows divide over the "
                          f"data-parallel size mesh.data*mesh.fsdp={dp}")
+    if d.get("mix_with") and d.source != "cm3":
+        raise ValueError(f"data.mix_with mixes prepared cm3 datasets; data.source={d.source!r} has none "
+                         "(SFT data is mixed by task: data.sft_task_weights)")
     if m.positions == "learned" and d.seq_len > m.max_length:
         raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_length={m.max_length} (learned positions)")
     model_config = model_lib.TransformerConfig.from_config(m)  # also checks every model field

@@ -12,9 +12,10 @@ import os
 
 import grain
 import numpy as np
+from absl import logging
 
 from cm3leon_jax import vocab as vocab_lib
-from data_pipeline import cm3, neighbours, prepare
+from data_pipeline import cm3, mixture, neighbours, prepare
 
 
 class RetrievalAugmentedTransform:
@@ -70,17 +71,72 @@ def data_vocabulary(config, maker: str = "data_pipeline.prepare") -> vocab_lib.V
     return vocab
 
 
+PART_KEY = "mixture_part"   # which dataset of a mixture a document came from (MixtureTransform's switch)
+
+
+class MixtureTransform:
+    """document, rng -> the transform of the dataset the document came from: each dataset joins
+    neighbours from its own sidecar (its ids are its own documents'). Picklable for Grain workers."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, document, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return self.transforms[int(document[PART_KEY])](document, rng)
+
+
+def mixture_parts(data) -> list[tuple[str, float]]:
+    """[(data.data_dir, data.data_dir_weight), (DIR, WEIGHT) of each `data.mix_with` item]: the
+    prepared datasets whose train splits the training documents are drawn from, by weight."""
+    extra = mixture.parse_weights(data.get("mix_with", ""), what="DIR")
+    return [(str(data.data_dir), float(data.get("data_dir_weight", 1.0)))] + extra
+
+
+def _train_part(data, data_dir: str, settings: cm3.CM3Config):
+    """(train documents, their transform) of one prepared dataset."""
+    source = prepare.load_tokens(data_dir, "train")
+    ids = None
+    if int(data.num_neighbours) > 0:
+        ids, _, _ = neighbours.load_neighbours(data_dir, len(source))
+    return source, RetrievalAugmentedTransform(source, ids, settings)
+
+
+def _check_same_vocabulary(vocab: vocab_lib.Vocabulary, data_dir: str, primary: str) -> None:
+    if not vocab_lib.Vocabulary.saved_in(os.path.join(data_dir, prepare.VOCAB_DIR)):
+        raise ValueError(f"data.mix_with: {data_dir!r} is not a directory made by `python -m data_pipeline.prepare` "
+                         "(no vocabulary)")
+    try:
+        vocab.check_compatible(vocab_lib.Vocabulary.load(os.path.join(data_dir, prepare.VOCAB_DIR)))
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"data.mix_with: {data_dir} was not prepared with the vocabulary of data.data_dir={primary} "
+                         f"({e}); prepare it with --config.vocab_dir={os.path.join(primary, prepare.VOCAB_DIR)}") from None
+
+
 def training_source(config):
     """(documents MapDataset, per-document transform, vocabulary) for the trainer: the train split
     only, as the neighbour sidecar's rows are train documents (held-out documents get neighbours by
-    retrieval: evaluate.validation_loss)."""
+    retrieval: evaluate.validation_loss). With `data.mix_with`, the train splits of several
+    prepared datasets (one vocabulary) mixed by weight (`mixture.MixedDocuments`)."""
     data = config.data
     vocab = data_vocabulary(config)
-    source = prepare.load_tokens(data.data_dir, "train")
-    ids = None
-    if int(data.num_neighbours) > 0:
-        ids, _, _ = neighbours.load_neighbours(data.data_dir, len(source))
-    return grain.MapDataset.source(source), RetrievalAugmentedTransform(source, ids, cm3_config(data, vocab)), vocab
+    settings = cm3_config(data, vocab)
+    parts = mixture_parts(data)
+    if len(parts) == 1:
+        source, transform = _train_part(data, data.data_dir, settings)
+        return grain.MapDataset.source(source), transform, vocab
+    loaded = []
+    for data_dir, _ in parts:
+        if data_dir != data.data_dir:
+            _check_same_vocabulary(vocab, data_dir, data.data_dir)
+        loaded.append(_train_part(data, data_dir, settings))
+    counts = mixture.mixing_counts({str(i): len(source) for i, (source, _) in enumerate(loaded)},
+                                   {str(i): weight for i, (_, weight) in enumerate(parts)})
+    kept = [i for i in range(len(parts)) if counts[str(i)] > 0]
+    logging.info("training mixture, documents per mixture epoch: %s", ", ".join(
+        f"{parts[i][0]} {counts[str(i)]:,} of {len(loaded[i][0]):,}" for i in range(len(parts))))
+    docs = mixture.MixedDocuments([mixture.Part(loaded[i][0], 0, len(loaded[i][0])) for i in kept],
+                                  [counts[str(i)] for i in kept], part_key=PART_KEY)
+    return grain.MapDataset.source(docs), MixtureTransform([loaded[i][1] for i in kept]), vocab
 
 
 def heldout_source(config):

@@ -1,8 +1,8 @@
 """The instruction-tuning training source (`data.source="sft"`): SFT documents mixed by task.
 
-Documents from `python -m data_pipeline.sft_prepare` -> a mixture view (`MixedTaskDocuments`: each
-mixture epoch draws `sft_tasks.mixing_counts` documents per task, cycling through a task's
-documents across epochs) -> per-process streams, seeded shuffle and packing (packing.py) -> per
+Documents from `python -m data_pipeline.sft_prepare` -> a mixture view (`MixedTaskDocuments`, a
+`mixture.MixedDocuments`: each mixture epoch draws `sft_tasks.mixing_counts` documents per task,
+cycling through a task's documents across epochs) -> per-process streams, seeded shuffle and packing (packing.py) -> per
 document, with Grain's per-element generator (`SftTransform`): condition dropout, then the loss
 mask: weight 1 on the output only (`data.sft_loss="output"`, Chameleon's choice) or the full CM3
 objective over the whole sequence (`"cm3"`: all tokens weighted, CM3 spans, sentinels 0).
@@ -15,44 +15,19 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from data_pipeline import cm3, cm3_pipeline, sft_prepare, sft_tasks
+from data_pipeline import cm3, cm3_pipeline, mixture, sft_prepare, sft_tasks
 
 LOSSES = ("output", "cm3")
 
 
-class MixedTaskDocuments:
-    """Random access to a task mixture: index i -> a document id, by pure arithmetic.
-
-    One mixture epoch holds `counts[t]` slots of task t (contiguous; the packer shuffles). Slot j
-    of task t in epoch e reads the task's document (e * counts[t] + j) mod size[t], so a
-    down-sampled task moves on through all its documents epoch after epoch, and an up-sampled one
-    repeats each about counts/size times per epoch. `epochs` mixture epochs make one pass of the
-    view (the packer repeats the view after that).
-    """
+class MixedTaskDocuments(mixture.MixedDocuments):
+    """The task mixture as one view: task t's documents are ids task_ranges[t] of `source`, drawn
+    `counts[t]` times a mixture epoch (`mixture.MixedDocuments`: arithmetic on the index)."""
 
     def __init__(self, source, task_ranges: dict[str, tuple[int, int]], counts: dict[str, int], epochs: int = 1000):
-        self.source = source
         self.tasks = [t for t in sft_tasks.TASKS if counts.get(t, 0) > 0]
-        self.starts = np.asarray([task_ranges[t][0] for t in self.tasks], np.int64)
-        self.sizes = np.asarray([task_ranges[t][1] - task_ranges[t][0] for t in self.tasks], np.int64)
-        self.counts = np.asarray([counts[t] for t in self.tasks], np.int64)
-        self.bounds = np.cumsum(self.counts)
-        self.per_epoch = int(self.bounds[-1])
-        self.epochs = int(epochs)
-
-    def __len__(self) -> int:
-        return self.per_epoch * self.epochs
-
-    def document_id(self, index: int) -> int:
-        epoch, slot = divmod(int(index), self.per_epoch)
-        t = int(np.searchsorted(self.bounds, slot, side="right"))
-        j = slot - (int(self.bounds[t - 1]) if t else 0)
-        return int(self.starts[t] + (epoch * int(self.counts[t]) + j) % int(self.sizes[t]))
-
-    def __getitem__(self, index):
-        if not 0 <= int(index) < len(self):
-            raise IndexError(f"index {index} outside [0, {len(self)})")
-        return self.source[self.document_id(index)]
+        super().__init__([mixture.Part(source, task_ranges[t][0], task_ranges[t][1] - task_ranges[t][0])
+                          for t in self.tasks], [counts[t] for t in self.tasks], epochs)
 
 
 class SftTransform:

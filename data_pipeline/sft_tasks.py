@@ -38,7 +38,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from cm3leon_jax.vocab import BREAK_ID, EOS_ID, MASK_ID
-from data_pipeline import shapes_world as sw
+from data_pipeline import mixture, shapes_world as sw
 
 TASKS = ("text_to_image", "caption", "vqa", "edit", "control", "segment", "infill")
 CONTROL_TYPES = ("edge", "segmentation")
@@ -281,45 +281,14 @@ def drop_slots(seq: SftSequence, drop: Sequence[int]) -> SftSequence:
 
 def mixing_counts(sizes: Mapping[str, int], weights: Mapping[str, float] | None = None, *,
                   max_upsample: float = 3.0, min_downsample: float = 0.3) -> dict[str, int]:
-    """Documents of each task per mixture epoch (the paper's task balance).
-
-    A task's sampling rate is its requested share (weight / total weight; equal weights when none
-    are given) over its natural share (its documents / all documents), clamped to
-    [min_downsample, max_upsample] (paper: 0.3 and 3), so a small task is repeated at most 3x and
-    a large one keeps at least 30% of its documents per epoch. count = round(size * rate), >= 1.
-    Tasks with weight 0 or no documents get 0.
-    """
-    sizes = {k: int(v) for k, v in sizes.items()}
-    weights = {k: 1.0 for k in sizes} if not weights else {k: float(weights.get(k, 0.0)) for k in sizes}
-    if any(w < 0 for w in weights.values()):
-        raise ValueError(f"task weights must be >= 0, got {weights}")
-    if not 0 < min_downsample <= 1 <= max_upsample:
-        raise ValueError(f"need 0 < min_downsample <= 1 <= max_upsample, got {min_downsample}, {max_upsample}")
-    live = {k for k in sizes if sizes[k] > 0 and weights[k] > 0}
-    if not live:
-        raise ValueError(f"no task has both documents and a positive weight: sizes {sizes}, weights {weights}")
-    total_size = sum(sizes[k] for k in live)
-    total_weight = sum(weights[k] for k in live)
-    counts = {}
-    for k in sizes:
-        if k not in live:
-            counts[k] = 0
-            continue
-        rate = (weights[k] / total_weight) / (sizes[k] / total_size)
-        rate = min(max(rate, min_downsample), max_upsample)
-        counts[k] = max(1, int(round(sizes[k] * rate)))
-    return counts
+    """Documents of each task per mixture epoch: the paper's task balance, a task repeated at most
+    3x and keeping at least 30% of its documents an epoch (`mixture.mixing_counts`)."""
+    return mixture.mixing_counts(sizes, weights, max_upsample=max_upsample, min_downsample=min_downsample)
 
 
 def parse_weights(spec: str) -> dict[str, float]:
     """"edit=2,vqa=0.5" -> {"edit": 2.0, "vqa": 0.5}; "" -> {} (equal weights)."""
-    out = {}
-    for item in filter(None, (x.strip() for x in str(spec).split(","))):
-        name, sep, value = item.partition("=")
-        if not sep or name.strip() not in TASKS:
-            raise ValueError(f"bad task weight {item!r}: expected TASK=WEIGHT with TASK in {TASKS}")
-        out[name.strip()] = float(value)
-    return out
+    return dict(mixture.parse_weights(spec, TASKS, "TASK"))
 
 
 # ------------------------------------------------------------------------ shapes-world examples

@@ -154,6 +154,54 @@ def test_held_out_rows_are_validation_documents_under_the_objective_without_neig
         data_pipeline.make_eval_batches(config, 0, 1)
 
 
+def test_training_mixes_prepared_datasets_by_weight_each_with_its_own_neighbours(tiny_pipeline, tmp_path):
+    a = tiny_pipeline["data"]
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    ids_a, _, _ = neighbours.load_neighbours(a, mmap=False)
+    n = len(ids_a)
+    ids_b = np.full_like(ids_a, -1)                   # b's sidecar: each document's only candidate is the next one
+    ids_b[:, 0] = (np.arange(n) + 1) % n
+    np.save(b / json.loads((b / neighbours.NEIGHBOURS_JSON).read_text())["ids"], ids_b)
+    config = pipeline_fixture.lm_config(a, tiny_pipeline["vocab_size"])
+    config.data.update(condition_dropout_rate=0.0, cm3_masking=False, num_neighbours=1, seq_len=512,
+                       mix_with=f"{b}=3", data_dir_weight=1.0)
+    docs, transform, vocab = cm3_pipeline.training_source(config)
+    tokens = prepare.load_tokens(a, "train")
+    epoch = [docs[i] for i in range(2 * n)]           # one mixture epoch: as many slots as both datasets' documents
+    parts = [int(d[cm3_pipeline.PART_KEY]) for d in epoch]
+    assert parts == [0] * (n // 2) + [1] * (3 * n // 2)  # a:b = 1:3, by the weights
+    assert [int(d["id"]) for d in epoch[n // 2:]] == list(range(n)) + list(range(n // 2))   # b cycles on
+    assert [int(d["id"]) for d in docs[2 * n: 2 * n + n // 2]] == list(range(n // 2, n))   # a's next epoch moves on
+    rng = np.random.default_rng(0)
+    for d in epoch[::7]:
+        out, query = transform(d, rng)["tokens"], np.asarray(d["tokens"])
+        own = ids_b if d[cm3_pipeline.PART_KEY] else ids_a   # neighbours from the document's own dataset
+        candidates = [np.asarray(tokens[int(j)]["tokens"]) for j in own[int(d["id"])] if j >= 0]
+        assert any(np.array_equal(out[1:-1 - len(query)], c) for c in candidates), int(d["id"])
+        np.testing.assert_array_equal(out[-1 - len(query):-1], query)
+    # the packed batches are deterministic like any others
+    first = [next(data_pipeline.make_train_iterator(config, 0, 1))["inputs"] for _ in range(2)]
+    np.testing.assert_array_equal(*first)
+    # refused clearly: malformed, not prepared data, another vocabulary, a non-cm3 source
+    for mix_with, match in (("nonsense", "expected DIR=WEIGHT"), (f"{b}=-1", "weights must be >= 0"),
+                            (f"{tmp_path}=1", "not a directory made by")):
+        config.data.mix_with = mix_with
+        with pytest.raises(ValueError, match=match):
+            cm3_pipeline.training_source(config)
+    theirs = vocab_lib.Vocabulary.load(os.path.join(a, prepare.VOCAB_DIR))
+    shutil.rmtree(b / prepare.VOCAB_DIR)
+    vocab_lib.Vocabulary(theirs.text_tokenizer, theirs.num_image_codes, theirs.image_tokens_per_image,
+                         num_sentinels=8).save(str(b / prepare.VOCAB_DIR))
+    config.data.mix_with = f"{b}=1"
+    with pytest.raises(ValueError, match="not prepared with the vocabulary of data.data_dir.*vocab_dir"):
+        cm3_pipeline.training_source(config)
+    from cm3leon_jax import sharding, trainer
+    synthetic = pipeline_fixture.tiny_config(**{"data.mix_with": f"{b}=1"})
+    with pytest.raises(ValueError, match="data.mix_with mixes prepared cm3 datasets"):
+        trainer.validate_config(synthetic, sharding.make_mesh(synthetic.mesh), 1)
+
+
 def test_cm3_batches_are_deterministic_and_split_between_processes(tiny_pipeline):
     config = pipeline_fixture.lm_config(tiny_pipeline["data"], tiny_pipeline["vocab_size"])
     a = data_pipeline.make_train_iterator(config, 0, 1)
