@@ -1,7 +1,7 @@
 """Packed sequences/s of the full retrieval-augmented CM3 training pipeline, per Grain worker count.
 
     python bench/pipeline.py [--num_documents 20000] [--image_side 16] [--seq_len 1024]
-                             [--worker_counts 0,1,2] [--seconds 15] [--profile]
+                             [--worker_counts 0,1,2] [--seconds 15] [--profile] [--mix]
 
 The data is built here through the real path: shapes-world captions (a BPE model trained on
 them) and random VQ codes (no trained VQ needed for throughput) go through `prepare.prepare`'s
@@ -26,6 +26,7 @@ import cProfile
 import json
 import os
 import pstats
+import shutil
 import sys
 import time
 
@@ -44,6 +45,8 @@ flags.DEFINE_float("seconds", 15.0, "timed seconds per worker count (after warm-
 flags.DEFINE_integer("warmup_batches", 5, "untimed batches first (worker start-up included)")
 flags.DEFINE_bool("profile", False, "print cProfile of the in-process pipeline")
 flags.DEFINE_integer("seed", 0, "data seed")
+flags.DEFINE_bool("mix", False, "also time the in-process pipeline on a two-dataset mixture (the data and a copy of "
+                  "it, data.mix_with weight 1:1), alternating with the plain pipeline: the mixture's cost as a ratio")
 
 FLAGS = flags.FLAGS
 
@@ -149,6 +152,27 @@ def time_pipeline(config, seconds: float, profile: bool = False) -> dict:
             "skipped": dict(it.skipped)}
 
 
+def time_mixture(shape: dict, rounds: int = 2) -> dict:
+    """In-process rows/s of the plain pipeline and of a 1:1 mixture of the data with a copy of it
+    (`data.mix_with`), alternated `rounds` times so both see the same machine; best of each."""
+    copy = FLAGS.workdir.rstrip("/") + "_mix_copy"
+    if not os.path.exists(os.path.join(copy, "bench_data.json")):
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(FLAGS.workdir, copy)
+    plain = pipeline_config(FLAGS.workdir, shape["vocab_size"], 0)
+    mixed = pipeline_config(FLAGS.workdir, shape["vocab_size"], 0)
+    mixed.data.mix_with = f"{copy}=1"
+    best = {"plain": 0.0, "mixed": 0.0}
+    for _ in range(rounds):
+        for name, config in (("plain", plain), ("mixed", mixed)):
+            best[name] = max(best[name], time_pipeline(config, FLAGS.seconds)["sequences_per_second"])
+    ratio = best["mixed"] / best["plain"]
+    print(f"mixture of 2 datasets: {best['mixed']:,.1f} rows/s against {best['plain']:,.1f} plain ({ratio:.3f}x)",
+          flush=True)
+    return {"plain_sequences_per_second": best["plain"], "mixed_sequences_per_second": best["mixed"],
+            "ratio": round(ratio, 3)}
+
+
 def main(argv):
     del argv
     os.makedirs(FLAGS.workdir, exist_ok=True)
@@ -165,10 +189,12 @@ def main(argv):
         print(f"workers={workers}: {r['sequences_per_second']:8,.1f} rows/s of {FLAGS.seq_len}  "
               f"({r['sequences_per_second_per_worker']:,.1f} per worker, {r['real_tokens_per_second']:,} "
               f"non-pad tokens/s, fill {r['fill']:.2f}, warm-up {r['warmup_seconds']}s)", flush=True)
+    mixture = time_mixture(shape) if FLAGS.mix else None
     summary = {
         "bench": "pipeline", "seq_len": FLAGS.seq_len, "global_batch_size": FLAGS.global_batch_size,
         "data": shape, "target": {"sequences_per_second_per_worker": 1000},
         "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0], "worker_counts": results,
+        **({"mixture": mixture} if mixture else {}),
     }
     print(json.dumps(summary))
 
