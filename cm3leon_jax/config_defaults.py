@@ -97,7 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
         caption_span_rate=0.0,
         # more prepared datasets (same vocabulary, each with its own neighbours) whose train splits are
         # mixed with data_dir's: "DIR=WEIGHT,DIR=WEIGHT", data_dir weighing data_dir_weight. Shares
-        # follow the weights; held-out loss, generation and export use data_dir alone
+        # follow the weights; each dataset's held-out loss is logged (eval_loss_DIRNAME); generation
+        # and export use data_dir alone
         mix_with="", data_dir_weight=1.0,
         # source="sft": documents from `python -m data_pipeline.sft_prepare` (data_dir), mixed by task
         # weight ("edit=2,vqa=1"; "" = equal) with the paper's 3x / 0.3x up/down-sampling limits; loss

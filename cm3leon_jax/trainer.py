@@ -334,8 +334,9 @@ def train(config, workdir: str) -> dict[str, float]:
                  int(config.data.global_batch_size), trainer.accumulation_steps)
     data_iter = data_pipeline.make_train_iterator(config, jax.process_index(), jax.process_count())
     eval_every = int(config.get("eval_every_steps", 0))
-    eval_batches = [sharding.global_batch_from_local(b, mesh) for b in
-                    data_pipeline.make_eval_batches(config, jax.process_index(), jax.process_count())] if eval_every else []
+    eval_sets = {suffix: [sharding.global_batch_from_local(b, mesh) for b in
+                          data_pipeline.make_eval_batches(set_config, jax.process_index(), jax.process_count())]
+                 for suffix, set_config in data_pipeline.heldout_sets(config)} if eval_every else {}
     ckpt = checkpointing.CheckpointManager(workdir, save_every_steps=int(config.checkpoint_every_steps),
                                            keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
     state = restore_or_init(ckpt, trainer, data_iter, config, workdir)
@@ -363,7 +364,8 @@ def train(config, workdir: str) -> dict[str, float]:
                                            {"tokens_per_second": trainer.tokens_per_step, "mfu": trainer.flops_per_step / peak})
                 last["tokens_seen"] = float(step * trainer.tokens_per_step)   # the x-axis to compare runs of other batch sizes
                 if evaluating:   # after the step's timing, and the timer restarts after it: not counted as training
-                    last.update(trainer.evaluate(state.params, eval_batches))
+                    for suffix, batches in eval_sets.items():
+                        last.update({k + suffix: v for k, v in trainer.evaluate(state.params, batches).items()})
                 logger.write(step, last, total_steps)
                 skipped_logged = check_nonfinite(last, step, nonfinite_limit, skipped_logged, ckpt)
             if not timer.started or step % log_every == 0 or evaluating:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import grain
 import numpy as np
@@ -89,4 +90,25 @@ def make_eval_batches(config, process_index: int, process_count: int) -> list[di
         batches.close()
 
 
-__all__ = ["BATCH_KEYS", "PackedBatchIterator", "make_eval_batches", "make_train_iterator"]
+def heldout_sets(config) -> list[tuple[str, object]]:
+    """(metric suffix, config) of each held-out set the trainer scores: data.data_dir's ("", logged
+    as eval_loss) and, for a cm3 mixture (`data.mix_with`), each mixed dataset's validation split
+    under its directory's name (eval_loss_NAME), so a mixture's datasets are watched one by one."""
+    sets = [("", config)]
+    if config.data.source != "cm3" or not config.data.get("mix_with"):
+        return sets
+    from data_pipeline import cm3_pipeline
+    taken = {""}
+    for data_dir, _ in cm3_pipeline.mixture_parts(config.data)[1:]:
+        name = "_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(os.path.normpath(data_dir)))
+        base, n = name, 2
+        while name in taken:   # two directories of one name: numbered in mix_with's order
+            name, n = f"{base}_{n}", n + 1
+        taken.add(name)
+        other = config.copy_and_resolve_references()
+        other.data.update(data_dir=data_dir, mix_with="")
+        sets.append((name, other))
+    return sets
+
+
+__all__ = ["BATCH_KEYS", "PackedBatchIterator", "heldout_sets", "make_eval_batches", "make_train_iterator"]

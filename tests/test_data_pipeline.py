@@ -202,6 +202,24 @@ def test_training_mixes_prepared_datasets_by_weight_each_with_its_own_neighbours
         trainer.validate_config(synthetic, sharding.make_mesh(synthetic.mesh), 1)
 
 
+def test_a_mixture_logs_each_datasets_held_out_loss(tiny_pipeline, tmp_path):
+    from cm3leon_jax import trainer
+    b = tmp_path / "shapes b"
+    shutil.copytree(tiny_pipeline["data"], b)      # the same validation split as data_dir: the same loss
+    config = pipeline_fixture.lm_config(tiny_pipeline["data"], tiny_pipeline["vocab_size"], total_steps=2,
+                                        eval_every_steps=2, eval_batches=1)
+    config.data.update(seq_len=256, mix_with=f"{b}=1")
+    trainer.train(config, str(tmp_path / "run"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        record = [json.loads(line) for line in f][-1]
+    assert record["step"] == 2 and record["eval_tokens"] > 0
+    assert (record["eval_loss_shapes_b"], record["eval_tokens_shapes_b"]) == (record["eval_loss"], record["eval_tokens"])
+    # metric names: the directory's name, numbered when two directories share one
+    config.data.mix_with = "x/data=1,y/data=2,z/other/=1"
+    assert [name for name, _ in data_pipeline.heldout_sets(config)] == ["", "_data", "_data_2", "_other"]
+    assert data_pipeline.heldout_sets(config)[2][1].data.data_dir == "y/data"
+
+
 def test_cm3_batches_are_deterministic_and_split_between_processes(tiny_pipeline):
     config = pipeline_fixture.lm_config(tiny_pipeline["data"], tiny_pipeline["vocab_size"])
     a = data_pipeline.make_train_iterator(config, 0, 1)
