@@ -48,7 +48,7 @@ class SkipRecord(Exception):
 @dataclasses.dataclass
 class RawRecord:
     key: str                 # where it came from (path, index), for the report
-    image: Any               # encoded bytes, a path, a PIL image or a uint8 array
+    image: Any               # encoded bytes, a path, a PIL image or a uint8 array; None: text only
     caption: Any             # str or bytes
     meta: dict | None = None  # ground truth kept with the document (shapes attributes)
 
@@ -92,11 +92,13 @@ def jsonl_records(cfg, split: str) -> Iterator[RawRecord]:
                 continue
             try:
                 row = json.loads(line)
-                image, caption = row["image"], row["text"]
-            except (ValueError, KeyError, TypeError) as e:
-                yield RawRecord(key, None, None, {"error": f"bad manifest line: {e}"})
+                image, caption = row.get("image"), row["text"]
+                if image is not None and not isinstance(image, str):
+                    raise TypeError(f"image must be a path, got {type(image).__name__}")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                yield RawRecord(key, None, None, {"error": f"bad manifest line: {e!r}"})
                 continue
-            path = image if os.path.isabs(image) else os.path.join(base, image)
+            path = None if image is None else image if os.path.isabs(image) else os.path.join(base, image)
             yield RawRecord(key, path, caption if isinstance(caption, str) else b"")
 
 
@@ -105,7 +107,8 @@ def tfds_records(cfg, split: str) -> Iterator[RawRecord]:
     source = tfds.data_source(cfg.tfds_name, split=tfds_split, data_dir=cfg.tfds_data_dir or None)
     for i in range(min(len(source), int(cfg.num_documents[split]) or len(source))):
         row = source[i]
-        yield RawRecord(f"{cfg.tfds_name}:{tfds_split}:{i}", row[cfg.tfds_image_key], row[cfg.tfds_text_key])
+        image = row[cfg.tfds_image_key] if cfg.tfds_image_key else None   # "": a text-only dataset
+        yield RawRecord(f"{cfg.tfds_name}:{tfds_split}:{i}", image, row[cfg.tfds_text_key])
 
 
 SOURCES: dict[str, Callable[[Any, str], Iterator[RawRecord]]] = {
@@ -193,7 +196,7 @@ class _Ingest:
 
     def __init__(self, cfg, vocab: vocab_lib.Vocabulary, encode_images: Callable[[np.ndarray], np.ndarray], split: str):
         self.cfg, self.vocab, self.encode_images, self.split = cfg, vocab, encode_images, split
-        self.kept = 0
+        self.kept = self.text_only = 0
         self.skipped = collections.Counter()
         self.skipped_examples: list[tuple[str, str, str]] = []
 
@@ -202,19 +205,26 @@ class _Ingest:
         if len(self.skipped_examples) < 50:
             self.skipped_examples.append((key, reason, detail))
 
-    def _documents(self, batch: list[tuple[RawRecord, str, np.ndarray]]):
-        codes = np.asarray(self.encode_images(np.stack([image for _, _, image in batch])))
-        for (record, caption, _), image_codes in zip(batch, codes.reshape(len(batch), -1)):
+    def _documents(self, batch: list[tuple[RawRecord, str, np.ndarray | None]]):
+        images = [image for _, _, image in batch if image is not None]
+        codes = iter(np.asarray(self.encode_images(np.stack(images))).reshape(len(images), -1) if images else [])
+        for record, caption, image in batch:
             text_ids = self.vocab.encode_text(caption)
-            tokens = self.vocab.encode_document([caption, image_codes.astype(np.int32)])
+            if image is None:   # a text-only document: its text alone, no image part
+                image_codes = np.zeros((0,), np.int32)
+                tokens = self.vocab.encode_document([caption])
+            else:
+                image_codes = next(codes)
+                tokens = self.vocab.encode_document([caption, image_codes.astype(np.int32)])
             if len(tokens) > int(self.cfg.max_document_length):
                 self._skip(record.key, "document_too_long", f"{len(tokens)} tokens")
                 continue
             meta = dict(record.meta or {}, source=record.key)
             yield {"id": self.kept, "tokens": tokens.astype(np.int32), "text_ids": text_ids.astype(np.int32),
-                   "image_codes": image_codes.astype(np.int32),  # raw VQ codes [h*w], not vocabulary ids
+                   "image_codes": image_codes.astype(np.int32),  # raw VQ codes [h*w], not vocabulary ids; [] text-only
                    "caption": caption, "meta": json.dumps(meta)}
             self.kept += 1
+            self.text_only += image is None
 
     def _records(self) -> Iterator[RawRecord]:
         return SOURCES[self.cfg.source](self.cfg, self.split)
@@ -224,6 +234,10 @@ class _Ingest:
         if record.meta and "error" in record.meta:
             raise SkipRecord("bad_manifest_line", record.meta["error"])
         caption = decode_caption(record.caption)
+        if record.image is None:
+            if not self.cfg.get("text_only", False):
+                raise SkipRecord("no_image", "text_only=True keeps text-only documents")
+            return record, caption, None
         image = load_image(record.image, int(self.cfg.image_size), int(self.cfg.min_image_size))
         return record, caption, image
 
@@ -252,7 +266,8 @@ class _Ingest:
                                f"{seen} read, skipped by reason {dict(self.skipped)}{hint}")
 
     def report(self) -> dict:
-        return {"kept": self.kept, "skipped": dict(self.skipped), "skipped_examples": self.skipped_examples}
+        return {"kept": self.kept, "text_only": self.text_only, "skipped": dict(self.skipped),
+                "skipped_examples": self.skipped_examples}
 
 
 def splits_of(cfg) -> tuple[str, ...]:
@@ -352,7 +367,8 @@ def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Calla
     with open(os.path.join(out_dir, REPORT_FILE), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     for split, r in report["splits"].items():
-        logging.info("%s: kept %d documents, skipped %s", split, r["kept"], r["skipped"] or "none")
+        logging.info("%s: kept %d documents (%d text-only), skipped %s", split, r["kept"], r["text_only"],
+                     r["skipped"] or "none")
     return report
 
 

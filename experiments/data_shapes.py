@@ -23,6 +23,10 @@ def get_config():
     c.tfds_data_dir = ""
     c.tfds_train_split = "train"
     c.tfds_validation_split = "validation"
-    c.tfds_image_key = "image"
+    c.tfds_image_key = "image"       # "": a text-only TFDS dataset (needs text_only)
     c.tfds_text_key = "text"
+    # Text-only documents (Chameleon's text data, to mix with image-text data: the LM's
+    # data.mix_with): jsonl rows without "image" (or null) and tfds_image_key="" become documents of
+    # text alone. Off: such rows are skipped and counted as no_image
+    c.text_only = False
     return c

@@ -79,6 +79,48 @@ def test_ingesting_a_folder_skips_each_bad_file_with_its_reason(tiny_pipeline, t
     assert docs[0]["caption"].decode() == "a red square number 0"
 
 
+def test_text_only_documents_are_kept_on_request_and_index_and_train_beside_image_documents(
+        tiny_pipeline, tiny_spm_model, tmp_path):
+    rows = []
+    for i in range(6):
+        _write_png(tmp_path / f"im{i}.png", size=20, color=(40 * i, 100, 50))
+        rows.append({"image": f"im{i}.png", "text": f"a red square number {i}"})
+    texts = ["the sky is blue today", "a long story about circles and squares", "no picture here at all"]
+    rows += [{"text": t} for t in texts[:2]] + [{"image": None, "text": texts[2]}]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n" + json.dumps({"image": 3, "text": "x"}) + "\n")
+    cfg = pipeline_fixture.data_config(tiny_spm_model, tiny_pipeline["vq"], source="jsonl", jsonl=str(manifest),
+                                       validation_fraction=0.0)
+    vocab, encode = prepare.load_vocab_and_encoder(cfg)
+    # off (the default): text-only rows are skipped and counted, never silently turned into documents
+    report = prepare.prepare(cfg, str(tmp_path / "images_only"), vocab, encode)["splits"]["train"]
+    assert (report["kept"], report["text_only"], report["skipped"]) == (6, 0, {"no_image": 3, "bad_manifest_line": 1})
+    cfg.text_only = True
+    report = prepare.prepare(cfg, str(tmp_path / "out"), vocab, encode)["splits"]["train"]
+    assert (report["kept"], report["text_only"], report["skipped"]) == (9, 3, {"bad_manifest_line": 1})
+    docs = prepare.load_documents(str(tmp_path / "out"), "train")
+    text_docs = [docs[i] for i in range(len(docs)) if len(docs[i]["image_codes"]) == 0]
+    assert sorted(d["caption"].decode() for d in text_docs) == sorted(texts)
+    for d in text_docs:                               # the text alone: no <break>, no image ids
+        np.testing.assert_array_equal(d["tokens"], vocab.encode_text(d["caption"].decode()))
+    # the retrieval stage embeds them by their text (the retriever trains on the 6 pairs)
+    from data_pipeline import index
+    stats = index.build(str(tmp_path / "out"), steps=2, batch_size=8, width=16, embed_dim=16, text_layers=1,
+                        image_layers=1, num_heads=2)
+    assert stats["image_queries"] == 6 and stats["text_queries"] == 9
+    # condition dropout leaves a text-only query whole (it has no image to guide): only captions go
+    config = pipeline_fixture.lm_config(str(tmp_path / "out"), tiny_pipeline["vocab_size"])
+    config.data.update(condition_dropout_rate=1.0, cm3_masking=False, num_neighbours=0, seq_len=512)
+    source, transform, _ = cm3_pipeline.training_source(config)
+    rng = np.random.default_rng(0)
+    for i in range(len(source)):
+        out, query = transform(source[i], rng)["tokens"], np.asarray(source[i]["tokens"])
+        if len(docs[i]["image_codes"]):
+            assert out[1] == vocab_lib.MASK_ID and len(out) < len(query) + 2
+        else:
+            np.testing.assert_array_equal(out, [vocab.eos_id, *query, vocab.eos_id])
+
+
 def test_a_source_with_nothing_usable_fails_clearly(tiny_pipeline, tiny_spm_model, tmp_path):
     src = tmp_path / "bad"
     src.mkdir()
