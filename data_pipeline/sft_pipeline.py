@@ -56,7 +56,7 @@ class SftTransform:
         return {"tokens": tokens, "weights": weights}
 
 
-def mixture(data_config, data_dir: str, split: str = "train"):
+def task_mixture(data_config, data_dir: str, split: str = "train"):
     """(MixedTaskDocuments, counts per task) from the data's report and the config's weights."""
     report = sft_prepare.load_report(data_dir)
     ranges = report["splits"][split].get("tasks")
@@ -81,7 +81,7 @@ def training_source(config):
     """(documents MapDataset, per-document transform, vocabulary) for the trainer: the train split,
     mixed by the task weights."""
     vocab = cm3_pipeline.data_vocabulary(config, "data_pipeline.sft_prepare")
-    docs, _ = mixture(config.data, config.data.data_dir, "train")
+    docs, _ = task_mixture(config.data, config.data.data_dir, "train")
     return grain.MapDataset.source(docs), _transform(config, vocab, float(config.data.sft_condition_dropout)), vocab
 
 
