@@ -278,9 +278,12 @@ def init_from_pretrained(config, trainer, workdir: str):
         try:
             vocab_lib.Vocabulary.load(pretrained_vocab).check_compatible(data_vocab)
         except ValueError as e:
+            how = (f"--config.vocab_dir={pretrained_vocab}" if config.data.source == "sft" else
+                   f"--config.spm_model={os.path.join(pretrained_vocab, 'spm.model')} and the pretrained data's "
+                   "--config.vq_workdir")
             raise ValueError(f"the vocabulary of data.data_dir={config.data.data_dir!r} is not the one of "
                              f"config.init_from={config.init_from!r}: {e}. Prepare the data with that run's vocabulary "
-                             f"(--config.vocab_dir={pretrained_vocab})") from None
+                             f"({how})") from None
     params, step = checkpointing.restore_params(source, trainer.abstract_state.params)
     logging.info("initialised parameters from %s step %d (optimizer fresh, step 0)", source, step)
     if jax.process_index() == 0:

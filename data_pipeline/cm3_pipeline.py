@@ -109,7 +109,9 @@ def _check_same_vocabulary(vocab: vocab_lib.Vocabulary, data_dir: str, primary: 
         vocab.check_compatible(vocab_lib.Vocabulary.load(os.path.join(data_dir, prepare.VOCAB_DIR)))
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"data.mix_with: {data_dir} was not prepared with the vocabulary of data.data_dir={primary} "
-                         f"({e}); prepare it with --config.vocab_dir={os.path.join(primary, prepare.VOCAB_DIR)}") from None
+                         f"({e}); prepare it with data_dir's SentencePiece model and VQ tokenizer: "
+                         f"--config.spm_model={os.path.join(primary, prepare.VOCAB_DIR, 'spm.model')} and the same "
+                         "--config.vq_workdir and num_sentinels") from None
 
 
 def training_source(config):

@@ -236,7 +236,7 @@ def test_training_mixes_prepared_datasets_by_weight_each_with_its_own_neighbours
     vocab_lib.Vocabulary(theirs.text_tokenizer, theirs.num_image_codes, theirs.image_tokens_per_image,
                          num_sentinels=8).save(str(b / prepare.VOCAB_DIR))
     config.data.mix_with = f"{b}=1"
-    with pytest.raises(ValueError, match="not prepared with the vocabulary of data.data_dir.*vocab_dir"):
+    with pytest.raises(ValueError, match="not prepared with the vocabulary of data.data_dir.*spm_model=.*spm.model"):
         cm3_pipeline.training_source(config)
     from cm3leon_jax import sharding, trainer
     synthetic = pipeline_fixture.tiny_config(**{"data.mix_with": f"{b}=1"})
