@@ -135,6 +135,8 @@ class MetricsLogger:
             parts.append(f"{rate_label} {metrics[rate_key]:,.0f}")
         if "mfu" in metrics and math.isfinite(metrics["mfu"]):
             parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+        if metrics.get("skipped_steps", 0) > 0:   # the NaN/inf guard's skips: shown once there are any
+            parts.append(f"skipped {int(metrics['skipped_steps'])}")
         if "eta_seconds" in metrics:
             parts.append(f"ETA {_format_duration(metrics['eta_seconds'])}")
         logging.info(" | ".join(parts))

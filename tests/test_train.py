@@ -188,12 +188,13 @@ def test_a_diverged_run_stops_with_a_clear_error_and_finite_checkpoints(tmp_path
     # a learning rate of 1e30 blows the parameters up at the first update: every later gradient is inf/NaN
     config = tiny_config(total_steps=40, log_every_steps=2, checkpoint_every_steps=2,
                          **{"optimizer.peak_lr": 1e30, "optimizer.warmup_steps": 0, "optimizer.skip_nonfinite": 3})
-    with caplog.at_level(logging.WARNING), pytest.raises(FloatingPointError, match=r"skip_nonfinite=3.*last checkpoint is step 4"):
+    with caplog.at_level(logging.INFO), pytest.raises(FloatingPointError, match=r"skip_nonfinite=3.*last checkpoint is step 4"):
         trainer.train(config, str(tmp_path))
     records = _read_metrics(tmp_path)
     assert max(records) == 6                       # the streak passed 3 at the log of step 6, its record written
     assert [records[s]["skipped_steps"] for s in (2, 4, 6)] == [1.0, 3.0, 5.0]
     assert "update(s) with NaN/inf gradients skipped" in caplog.text
+    assert "step 6/40 | loss" in caplog.text and "| skipped 5 |" in caplog.text   # on the progress line too
     mesh = sharding.make_mesh(config.mesh)
     t = trainer.Trainer(config, mesh)
     from cm3leon_jax import checkpointing
