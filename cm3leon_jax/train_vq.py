@@ -226,7 +226,7 @@ class VQTrainer:
         every = int(ccfg.reseed_every_steps)
         if every > 0:
             params, opt_state, usage, reseeded = jax.lax.cond(
-                (step + 1) % every == 0,
+                ((step + 1) % every == 0) & (streak == 0),   # never onto a skipped (non-finite) step's encodings
                 lambda p, o, u: self._reseed(p, o, u, aux["encodings"], step),
                 lambda p, o, u: (p, o, u, jnp.zeros((), jnp.int32)),
                 params, opt_state, usage)

@@ -8,6 +8,7 @@ import struct
 import sys
 import zlib
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -116,7 +117,12 @@ def test_a_diverging_tokenizer_run_skips_its_nan_updates_then_stops_clearly(trai
     records = {r["step"]: r for r in _records(tmp_path) if "loss" in r}
     assert sorted(records) == [2, 4] and [records[s]["skipped_steps"] for s in (2, 4)] == [1, 3]
     assert records[4]["nonfinite_streak"] == 3
-    assert max(int(d) for d in os.listdir(tmp_path / "checkpoints")) == 2   # none saved inside the streak
+    assert max(int(d) for d in os.listdir(tmp_path / "checkpoints")) == 2   # the stopping step saves none
+    # the checkpoint inside the streak holds finite parameters: skipped steps re-seed no codes either
+    from cm3leon_jax import checkpointing, sharding
+    t = train_vq.VQTrainer(config, sharding.make_mesh(config.mesh))
+    params, _ = checkpointing.restore_params(str(tmp_path), t.abstract_state.params)
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(jax.device_get(params)))
 
 
 def test_tokenizer_loads_from_workdir(trained):
