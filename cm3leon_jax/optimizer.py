@@ -15,14 +15,14 @@ _NEVER_GIVE_UP = 2**31 - 1
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 
 
-def learning_rate_schedule(opt_config, total_steps: int) -> optax.Schedule:
-    """Linear warmup to peak_lr, then by `schedule`: "cosine" (the paper's) or "linear" decay to
-    end_lr_ratio * peak_lr at total_steps; "wsd" (warmup-stable-decay) holds the peak and decays
-    linearly over the last `decay_fraction` of the steps, so one run's stable phase can be branched
-    into decays at several lengths; "constant" holds the peak."""
+def learning_rate_schedule(opt_config, total_steps: int, peak: float | None = None) -> optax.Schedule:
+    """Linear warmup to the peak (`peak`, else peak_lr), then by `schedule`: "cosine" (the paper's)
+    or "linear" decay to end_lr_ratio * peak at total_steps; "wsd" (warmup-stable-decay) holds the
+    peak and decays linearly over the last `decay_fraction` of the steps, so one run's stable phase
+    can be branched into decays at several lengths; "constant" holds the peak. Both trainers."""
     kind = str(opt_config.get("schedule", "cosine"))
     warmup, total = int(opt_config.warmup_steps), int(total_steps)
-    peak = float(opt_config.peak_lr)
+    peak = float(opt_config.peak_lr if peak is None else peak)
     end = peak * float(opt_config.end_lr_ratio)
     decay_steps = max(total, warmup + 1)
     if kind not in SCHEDULES:
@@ -30,6 +30,8 @@ def learning_rate_schedule(opt_config, total_steps: int) -> optax.Schedule:
     if kind == "cosine":
         return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup,
                                                   decay_steps=decay_steps, end_value=end)
+    if kind == "constant" and warmup <= 0:
+        return optax.constant_schedule(peak)
     warm = optax.linear_schedule(0.0, peak, warmup)
     if kind == "constant":
         return optax.join_schedules([warm, optax.constant_schedule(peak)], [warmup])

@@ -68,16 +68,6 @@ def validate_config(config, mesh, process_count: int) -> None:
     vq_losses.VQLossConfig.from_config(config.loss)
 
 
-def _schedule(lr: float, ocfg, total_steps: int):
-    warmup = int(ocfg.warmup_steps)
-    if ocfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
-                                                  end_value=lr * float(ocfg.end_lr_ratio))
-    if warmup <= 0:
-        return optax.constant_schedule(lr)
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
-
-
 def _adamw(schedule, ocfg, weight_decay: float):
     parts = [optax.clip_by_global_norm(float(ocfg.grad_clip))] if float(ocfg.grad_clip) > 0 else []
     parts.append(optax.adamw(schedule, b1=float(ocfg.b1), b2=float(ocfg.b2), eps=float(ocfg.eps),
@@ -118,8 +108,8 @@ class VQTrainer:
         if self.loss_config.perceptual_weights_path and self.loss_config.perceptual_weight > 0:
             self.perceptual_weights = vq_losses.load_perceptual_weights(self.loss_config.perceptual_weights_path)
         ocfg, total = config.optimizer, int(config.total_steps)
-        self.schedule = _schedule(float(ocfg.lr), ocfg, total)
-        self.disc_schedule = _schedule(float(ocfg.disc_lr), ocfg, total)
+        self.schedule = optimizer.learning_rate_schedule(ocfg, total, peak=float(ocfg.lr))
+        self.disc_schedule = optimizer.learning_rate_schedule(ocfg, total, peak=float(ocfg.disc_lr))
         self.tx = _adamw(self.schedule, ocfg, float(ocfg.weight_decay))
         self.disc_tx = _adamw(self.disc_schedule, ocfg, float(ocfg.disc_weight_decay))
         self.images_per_step = int(config.data.global_batch_size)

@@ -51,9 +51,6 @@ class MixedDocuments:
         j = slot - (int(self.bounds[p - 1]) if p else 0)
         return p, int(self.starts[p] + (epoch * int(self.counts[p]) + j) % int(self.sizes[p]))
 
-    def document_id(self, index: int) -> int:
-        return self.locate(index)[1]
-
     def __getitem__(self, index):
         if not 0 <= int(index) < len(self):
             raise IndexError(f"index {index} outside [0, {len(self)})")
