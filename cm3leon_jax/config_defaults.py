@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32", param_dtype="float32", remat_policy="none", scan_layers=True,
         attention_block_size=0,
         attention_impl="xla",  # "flash": Pallas flash kernel (TPU splash / GPU Triton), memory linear in seq_len
+        # Low-rank adapters (LoRA, cm3leon_jax/lora.py): > 0 trains only rank-`lora_rank` updates of the
+        # `lora_targets` projections, scaled by lora_alpha / lora_rank; everything else stays frozen
+        lora_rank=0, lora_alpha=16.0, lora_targets="query,key,value,out,up,gate,down",
     ))
 
     # AdamW (Chameleon's betas/eps/decay/clip), linear warmup then `schedule`: "cosine" (the paper's) or

@@ -49,7 +49,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from cm3leon_jax import checkpointing, hf_interop, hf_vq, model as model_lib, sharding, workdir_io
+from cm3leon_jax import checkpointing, hf_interop, hf_vq, lora, model as model_lib, sharding, workdir_io
 
 BUNDLE_FORMAT = "cm3leon_jax.bundle/1"
 BUNDLE_JSON = "bundle.json"
@@ -118,11 +118,25 @@ def save_params_checkpoint(workdir: str, step: int, params) -> str:
 
 
 def load_workdir_params(workdir: str, step: int | None = None, mesh=None):
-    """(config, model config, params, step) of a workdir's checkpoint, optimizer state unread."""
+    """(config, model config, params, step) of a workdir's checkpoint, optimizer state unread; a
+    LoRA run's adapters merged into its kernels (`merge_adapters`)."""
     config = read_config(workdir)
     model_cfg, abstract = abstract_params(config, mesh)
     params, step = checkpointing.restore_params(workdir, abstract, step)
+    if model_cfg.lora_rank:
+        config, model_cfg, params = merge_adapters(config, params, mesh)
     return config, model_cfg, params, int(step)
+
+
+def merge_adapters(config, params, mesh=None):
+    """A LoRA run's (config, model config, params) as the plain model's: each adapter folded into
+    its kernel (lora.merge_params), model.lora_rank 0, the params in that model's shardings.
+    Export and decoding go through this, so an adapted model costs exactly what its base does."""
+    merged = lora.merge_params(params, int(config.model.lora_rank), float(config.model.lora_alpha))
+    config = config.copy_and_resolve_references()
+    config.model.lora_rank = 0
+    model_cfg, abstract = abstract_params(config, mesh)
+    return config, model_cfg, jax.tree_util.tree_map(lambda x, a: jax.device_put(x, a.sharding), merged, abstract)
 
 
 def _sha256(path: str) -> str:
@@ -197,7 +211,10 @@ def export_params(workdir: str, out: str, step: int | None = None, vq_workdir: s
     _prepare_out(out)
     config, model_cfg, params, step = load_workdir_params(workdir, step)
     tensors, sha = _write_params(out, step, params, "layers/")
-    workdir_io.write_bytes(os.path.join(out, "config.json"), workdir_io.read_bytes(workdir_io.join(workdir, "config.json")))
+    if read_config(workdir).model.get("lora_rank", 0):   # adapters merged: the plain model's config
+        workdir_io.write_text(os.path.join(out, "config.json"), config.to_json_best_effort(indent=2))
+    else:
+        workdir_io.write_bytes(os.path.join(out, "config.json"), workdir_io.read_bytes(workdir_io.join(workdir, "config.json")))
     files = {SAFETENSORS: {"bytes": os.path.getsize(os.path.join(out, SAFETENSORS)), "sha256": sha}}
     if vocab is not None:
         vocab.save(os.path.join(out, VOCAB_DIR))

@@ -4,7 +4,8 @@ Model FLOPs per trained token (forward + backward = 3x forward; remat recompute 
     6 * (L * (4 * d * H * Dh + M * d * F) + d * V)   the matmuls (M = 2, or 3 for SwiGLU)
   + 6 * L * T * H * Dh                                causal attention scores and values
 where the attention term is the full T x T score matrix (12 * L * T * H * Dh) halved for
-causality, as MaxText counts it. MFU = model FLOPs per step / step time / summed device peak.
+causality, as MaxText counts it. With LoRA adapters (model.lora_rank > 0) the frozen matmuls count
+4x forward (no weight gradients) and the adapters' own 6x. MFU = model FLOPs per step / step time / summed device peak.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cm3leon_jax import lora
 
 # Dense bf16 peak FLOP/s per chip (vendor figures). Matched as substrings of `device.device_kind`.
 PEAK_FLOPS_BY_DEVICE_KIND = {
@@ -34,7 +37,16 @@ def flops_per_token(model_config, seq_len: int) -> float:
     attn_width = c.num_heads * head_dim
     mlp_matrices = 3 if c.mlp == "swiglu" else 2
     matmul_params = c.num_layers * (4 * c.d_model * attn_width + mlp_matrices * c.d_model * c.d_ff) + c.d_model * c.vocab_size
-    return 6.0 * matmul_params + 6.0 * c.num_layers * seq_len * attn_width
+    attention = 6.0 * c.num_layers * seq_len * attn_width
+    rank = getattr(c, "lora_rank", 0)
+    if not rank:
+        return 6.0 * matmul_params + attention
+    # LoRA: frozen weights get no weight gradients (forward + input gradients: 4x), the adapters all three
+    widths = {"query": (c.d_model, attn_width), "key": (c.d_model, attn_width), "value": (c.d_model, attn_width),
+              "out": (attn_width, c.d_model), "up": (c.d_model, c.d_ff), "down": (c.d_ff, c.d_model),
+              "gate": (c.d_model, c.d_ff) if c.mlp == "swiglu" else (0, 0)}
+    adapter_params = c.num_layers * sum(rank * sum(widths[t]) for t in lora.parse_targets(c.lora_targets))
+    return 4.0 * matmul_params + 6.0 * adapter_params + attention
 
 
 @functools.lru_cache(maxsize=None)

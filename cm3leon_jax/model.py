@@ -22,7 +22,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from cm3leon_jax import attention as attn_lib
-from cm3leon_jax import sharding
+from cm3leon_jax import lora, sharding
 
 Dtype = Any
 
@@ -52,6 +52,9 @@ class TransformerConfig:
     scan_layers: bool = True
     attention_block_size: int = 0      # >0: the XLA path's blockwise causal attention (skips the upper triangle)
     attention_impl: str = "xla"        # see ATTENTION_IMPLS: xla, or a Pallas flash kernel for training rows
+    lora_rank: int = 0                 # >0: low-rank adapters on lora_targets, the only trained parameters (lora.py)
+    lora_alpha: float = 16.0           # the adapter's output is scaled by lora_alpha / lora_rank
+    lora_targets: str = "query,key,value,out,up,gate,down"   # comma-separated projection names (lora.TARGETS)
 
     @classmethod
     def from_config(cls, model_config) -> "TransformerConfig":
@@ -75,6 +78,10 @@ class TransformerConfig:
             raise ValueError("model.qk_norm_params=True needs model.qk_norm=True")
         if self.positions == "rotary" and self.resolved_head_dim % 2:
             raise ValueError("rotary positions need an even head_dim")
+        lora.validate(self.lora_rank, self.lora_alpha, self.lora_targets)
+        if self.lora_rank and self.mlp != "swiglu" and set(lora.parse_targets(self.lora_targets)) == {"gate"}:
+            raise ValueError(f"model.lora_targets={self.lora_targets!r}: only 'gate', which model.mlp={self.mlp!r} has not "
+                             "(SwiGLU's): no adapter would be trained")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -83,6 +90,13 @@ class TransformerConfig:
     @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
+
+    def projection_kwargs(self, name: str) -> dict:
+        """Projection's dtype, init and adapter arguments for the projection called `name`."""
+        kw = dict(init_std=self.init_std, dtype=self.compute_dtype, param_dtype=jnp.dtype(self.param_dtype))
+        if self.lora_rank and name in lora.parse_targets(self.lora_targets):
+            kw.update(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+        return kw
 
 
 # How training rows (no KV cache) compute attention. The decoder's cached steps always use XLA.
@@ -164,7 +178,8 @@ def _constrain(x, logical_axes):
 
 
 class Projection(nn.Module):
-    """A bias-free einsum projection whose kernel carries logical axis names for sharding."""
+    """A bias-free einsum projection whose kernel carries logical axis names for sharding, with an
+    optional low-rank adapter (lora.py): A [inputs, rank] ~ N(0, 1/fan_in), B [rank, outputs] = 0."""
     shape: tuple[int, ...]
     logical_axes: tuple[str, ...]
     equation: str
@@ -172,13 +187,26 @@ class Projection(nn.Module):
     zero_init: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     @nn.compact
     def __call__(self, x):
         init = nn.initializers.zeros if self.zero_init else _init(self.init_std)
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.logical_axes),
                             self.shape, self.param_dtype)
-        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.einsum(self.equation, x, kernel.astype(self.dtype))
+        if not self.lora_rank:
+            return y
+        down, up, n_in = lora.adapter_equations(self.equation)
+        a_init = _init(1.0 / math.sqrt(math.prod(self.shape[:n_in])))
+        a = self.param("lora_a", nn.with_logical_partitioning(a_init, self.logical_axes[:n_in] + ("lora_rank",)),
+                       self.shape[:n_in] + (self.lora_rank,), self.param_dtype)
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + self.logical_axes[n_in:]),
+                       (self.lora_rank,) + self.shape[n_in:], self.param_dtype)
+        low = jnp.einsum(down, x, a.astype(self.dtype))
+        return y + jnp.einsum(up, low, (b * lora.scale(self.lora_rank, self.lora_alpha)).astype(self.dtype))
 
 
 class Norm(nn.Module):
@@ -218,10 +246,10 @@ class Attention(nn.Module):
     def __call__(self, x, positions, segment_ids, kv_cache=None, cache_meta=None):
         cfg = self.config
         h, d = cfg.num_heads, cfg.resolved_head_dim
-        kw = dict(init_std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
 
         def project(name):
-            y = Projection((cfg.d_model, h, d), ("embed", "heads", "kv"), "bld,dhk->blhk", name=name, **kw)(x)
+            y = Projection((cfg.d_model, h, d), ("embed", "heads", "kv"), "bld,dhk->blhk", name=name,
+                           **cfg.projection_kwargs(name))(x)
             return checkpoint_name(_constrain(y, ("batch", "activation_length", "activation_heads", "activation_kv")), name)
 
         q, k, v = project("query"), project("key"), project("value")
@@ -253,7 +281,7 @@ class Attention(nn.Module):
             mask = attn_lib.attention_mask(segment_ids, segment_ids, positions, positions)
             out = attn_lib.dot_product_attention(q, k, v, mask)
         out = Projection((h, d, cfg.d_model), ("heads", "kv", "embed"), "blhk,hkd->bld", zero_init=True,
-                         name="out", **kw)(out)
+                         name="out", **cfg.projection_kwargs("out"))(out)
         return checkpoint_name(out, "attention_out"), new_cache
 
 
@@ -263,16 +291,17 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        kw = dict(init_std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
-        up = Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "bld,df->blf", name="up", **kw)(x)
+        up = Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "bld,df->blf", name="up",
+                        **cfg.projection_kwargs("up"))(x)
         if cfg.mlp == "swiglu":
-            gate = Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "bld,df->blf", name="gate", **kw)(x)
+            gate = Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "bld,df->blf", name="gate",
+                              **cfg.projection_kwargs("gate"))(x)
             hidden = jax.nn.silu(gate) * up
         else:
             hidden = jax.nn.relu(up) if cfg.mlp == "relu" else jax.nn.gelu(up)
         hidden = _constrain(hidden, ("batch", "activation_length", "activation_mlp"))
         out = Projection((cfg.d_ff, cfg.d_model), ("mlp", "embed"), "blf,fd->bld", zero_init=True,
-                         name="down", **kw)(hidden)
+                         name="down", **cfg.projection_kwargs("down"))(hidden)
         return checkpoint_name(out, "mlp_out")
 
 

@@ -31,6 +31,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("position", None),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),   # a low-rank adapter's inner axis (lora.py): small, kept whole
     # activations
     ("batch", BATCH_AXES),
     ("activation_length", None),

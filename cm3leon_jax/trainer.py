@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipeline
 from cm3leon_jax import attention as attn_lib
-from cm3leon_jax import checkpointing, flops, losses, metrics, model as model_lib, optimizer, sharding, workdir_io
+from cm3leon_jax import checkpointing, flops, lora, losses, metrics, model as model_lib, optimizer, sharding, workdir_io
 
 
 @flax.struct.dataclass
@@ -98,6 +98,8 @@ class Trainer:
         self.config, self.mesh = config, mesh
         self.model_config = model_lib.TransformerConfig.from_config(config.model)
         self.model = model_lib.Transformer(self.model_config)
+        # with adapters (model.lora_rank > 0) they are all the optimizer sees and all that is differentiated
+        self.adapters_only = self.model_config.lora_rank > 0
         self.tx, self.schedule = optimizer.make_optimizer(config.optimizer, int(config.total_steps))
         seq_len = int(config.data.seq_len)
         self.tokens_per_step = int(config.data.global_batch_size) * seq_len
@@ -122,7 +124,15 @@ class Trainer:
         length = int(self.config.data.seq_len)
         tokens = jnp.zeros((1, length), jnp.int32)
         params = self.model.init(rng, tokens)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(self.trainable(params)[0]))
+
+    def trainable(self, tree) -> tuple[Any, Any]:
+        """(what is trained, what is frozen) of params or a tree shaped like them: the adapters and
+        the rest with LoRA, else everything and nothing; `whole` joins them again."""
+        return lora.split(tree) if self.adapters_only else (tree, {})
+
+    def whole(self, trained, frozen):
+        return lora.join(trained, frozen) if self.adapters_only else trained
 
     def init_state(self, seed: int) -> TrainState:
         """Created already sharded: each device computes only its own shard of every parameter."""
@@ -134,18 +144,19 @@ class Trainer:
         return losses.weighted_cross_entropy(logits, batch["targets"], batch["weights"],
                                              float(self.config.z_loss_weight), denominator)
 
-    def _gradients(self, params, batch):
-        """(metrics, gradients) of the whole batch. With gradient accumulation a scan runs the
-        microbatches one after another, each loss divided by the whole batch's token weight, so the
-        float32 sums are the whole batch's metrics and gradients, up to rounding."""
-        grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+    def _gradients(self, params, frozen, batch):
+        """(metrics, gradients of `params`) of the whole batch, `frozen` (the rest of the model)
+        held constant. With gradient accumulation a scan runs the microbatches one after another,
+        each loss divided by the whole batch's token weight, so the float32 sums are the whole
+        batch's metrics and gradients, up to rounding."""
+        grad_fn = jax.value_and_grad(lambda p, b, d=None: self.loss_fn(self.whole(p, frozen), b, d), has_aux=True)
         steps = self.accumulation_steps
         if steps == 1:
             (_, aux), grads = grad_fn(params, batch)
             return aux, grads
         denominator = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
         micro = self._microbatches(batch)
-        grad_shardings = self.state_shardings.params
+        grad_shardings = self.trainable(self.state_shardings.params)[0]
 
         def accumulate(total, microbatch):
             (_, aux), grads = grad_fn(params, microbatch, denominator)
@@ -186,10 +197,11 @@ class Trainer:
         return {"eval_loss": total / max(tokens, 1.0), "eval_tokens": tokens}
 
     def _train_step(self, state: TrainState, batch):
-        aux, grads = self._gradients(state.params, batch)
+        trained, frozen = self.trainable(state.params)
+        aux, grads = self._gradients(trained, frozen, batch)
         _, skipped_before = optimizer.skipped_updates(state.opt_state)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)   # a skipped update is zeros: params unchanged
+        updates, opt_state = self.tx.update(grads, state.opt_state, trained)
+        params = self.whole(optax.apply_updates(trained, updates), frozen)   # a skipped update is zeros: params unchanged
         streak, skipped = optimizer.skipped_updates(opt_state)
         # the optimizer's schedule counts applied updates only
         aux = dict(aux, grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(state.step - skipped_before),
@@ -236,6 +248,9 @@ def _save_vocabulary(config, workdir: str) -> None:
 
 # Model fields that change how the step runs, not the parameters: free to differ from init_from's.
 _RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_block_size", "attention_impl")
+# Adapters come and go on top of the same base weights: fine-tune with LoRA from a full run, or from
+# a LoRA run (its adapters are merged into its kernels first).
+_ADAPTER_MODEL_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 
 
 def pretrained_config(workdir: str) -> dict:
@@ -250,10 +265,11 @@ def pretrained_config(workdir: str) -> dict:
     return config
 
 
-def init_from_pretrained(config, trainer, workdir: str):
+def init_from_pretrained(config, trainer, workdir: str, fresh_params=None):
     """Parameters of `config.init_from`'s latest checkpoint, sharded like this run's (the optimizer
-    state and step stay fresh: fine-tuning starts at step 0). The architecture and the vocabulary
-    must be the pretrained run's; any difference is a ValueError naming it."""
+    state and step stay fresh: fine-tuning starts at step 0), with this run's adapters, if any,
+    from `fresh_params`. The architecture and the vocabulary must be the pretrained run's; any
+    difference is a ValueError naming it."""
     source = workdir_io.resolve(config.init_from)
     try:
         theirs = pretrained_config(source)["model"]
@@ -261,7 +277,8 @@ def init_from_pretrained(config, trainer, workdir: str):
         raise FileNotFoundError(f"config.init_from={config.init_from!r} is not a training workdir (no config.json)") from None
     mine = config.model.to_dict()
     diff = sorted(k for k in set(mine) | set(theirs)
-                  if k not in _RUNTIME_MODEL_FIELDS and json.dumps(mine.get(k)) != json.dumps(theirs.get(k)))
+                  if k not in _RUNTIME_MODEL_FIELDS + _ADAPTER_MODEL_FIELDS
+                  and json.dumps(mine.get(k)) != json.dumps(theirs.get(k)))
     if diff:
         raise ValueError("config.init_from: the model differs from the pretrained one in " + "; ".join(
             f"model.{k}={mine.get(k)!r} vs {theirs.get(k)!r}" for k in diff) + ". To fine-tune with the pretrained "
@@ -284,7 +301,21 @@ def init_from_pretrained(config, trainer, workdir: str):
             raise ValueError(f"the vocabulary of data.data_dir={config.data.data_dir!r} is not the one of "
                              f"config.init_from={config.init_from!r}: {e}. Prepare the data with that run's vocabulary "
                              f"({how})") from None
-    params, step = checkpointing.restore_params(source, trainer.abstract_state.params)
+    abstract = trainer.abstract_state.params
+    base_abstract = lora.split(abstract)[1] if trainer.adapters_only else abstract
+    if int(theirs.get("lora_rank", 0)):   # a LoRA run: its adapters too, merged into its kernels
+        theirs_config = config.copy_and_resolve_references()
+        theirs_config.model.update({k: theirs[k] for k in _ADAPTER_MODEL_FIELDS})
+        params, step = checkpointing.restore_params(source, Trainer(theirs_config, trainer.mesh).abstract_state.params)
+        params = lora.merge_params(params, int(theirs["lora_rank"]), float(theirs["lora_alpha"]))
+        params = jax.tree_util.tree_map(lambda x, a: jax.device_put(x, a.sharding), params, base_abstract)
+        logging.info("merged the LoRA adapters of %s (rank %d) into its kernels", source, int(theirs["lora_rank"]))
+    else:
+        params, step = checkpointing.restore_params(source, base_abstract)
+    if trainer.adapters_only:   # this run's adapters start fresh (B = 0: the pretrained model's outputs)
+        fresh_params = trainer.init_state(int(config.seed)).params if fresh_params is None else fresh_params
+        params = lora.join(lora.split(fresh_params)[0], params)
+        logging.info("LoRA: training %s adapter parameters of %s", *(f"{n:,}" for n in lora.count(params)))
     logging.info("initialised parameters from %s step %d (optimizer fresh, step 0)", source, step)
     if jax.process_index() == 0:
         workdir_io.write_text(workdir_io.join(workdir, "init_from.json"),
@@ -303,7 +334,10 @@ def restore_or_init(ckpt, trainer, data_iter, config, workdir: str):
     else:
         state = trainer.init_state(int(config.seed))
         if config.get("init_from"):
-            state = state.replace(params=init_from_pretrained(config, trainer, workdir))
+            state = state.replace(params=init_from_pretrained(config, trainer, workdir, state.params))
+        elif getattr(trainer, "adapters_only", False):   # (the VQ trainer has none)
+            logging.warning("model.lora_rank=%d without config.init_from: adapters on a frozen, randomly "
+                            "initialised model", trainer.model_config.lora_rank)
     if jax.process_index() == 0:
         workdir_io.write_text(workdir_io.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     return state
@@ -332,8 +366,9 @@ def train(config, workdir: str) -> dict[str, float]:
     validate_config(config, mesh, jax.process_count())
     trace = metrics.TraceWindow.from_config(config, workdir_io.join(workdir, "tensorboard"))
     trainer = Trainer(config, mesh)
-    logging.info("mesh %s; %s parameters; %d rows a step in %d microbatch(es)", dict(mesh.shape),
-                 f"{sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params)):,}",
+    adapter_count, param_count = lora.count(trainer.abstract_state.params)
+    logging.info("mesh %s; %s parameters%s; %d rows a step in %d microbatch(es)", dict(mesh.shape), f"{param_count:,}",
+                 f" ({adapter_count:,} in LoRA adapters, the only ones trained)" if trainer.adapters_only else "",
                  int(config.data.global_batch_size), trainer.accumulation_steps)
     data_iter = data_pipeline.make_train_iterator(config, jax.process_index(), jax.process_count())
     eval_every = int(config.get("eval_every_steps", 0))

@@ -18,8 +18,7 @@ Chameleon's 1024-token images need it) and sets init_from to it:
     python -m cm3leon_jax.train --config experiments/sft_tiny.py:IMPORTED --workdir W/sft \\
         --config.data.data_dir=W/sft_data
 """
-import ml_collections
-
+from cm3leon_jax import config_defaults
 from experiments import tiny_cpu
 
 
@@ -37,7 +36,8 @@ def get_config(init_from: str = ""):
         from cm3leon_jax import trainer
         config.init_from = init_from
         pretrained = trainer.pretrained_config(init_from)
-        config.model = ml_collections.ConfigDict(pretrained["model"])
+        config.model = config_defaults.base_config().model   # defaults for fields the pretrained run predates
+        config.model.update(pretrained["model"])
         seq_len = int(pretrained.get("data", {}).get("seq_len") or config.data.seq_len)
         config.data.seq_len = min(seq_len, int(config.model.max_length))
     return config

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import data_pipeline
-from cm3leon_jax import checkpointing, sampling, sharding, sft_eval, sft_generate, trainer
+from cm3leon_jax import checkpointing, export, generate, lora, sampling, sharding, sft_eval, sft_generate, trainer
 from cm3leon_jax import vocab as vocab_lib
 from data_pipeline import cm3, prepare, sft_pipeline, sft_prepare, sft_tasks
 from tests import pipeline_fixture
@@ -250,6 +250,47 @@ def test_init_from_loads_params_and_resets_the_optimizer(tiny_pipeline, sft_run,
     assert checkpointing.restore_params(sft_run["sft"], t.abstract_state.params)[1] == 4
     with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 999 .* holds steps \[.*4\]"):
         checkpointing.restore_params(sft_run["sft"], t.abstract_state.params, step=999)
+
+
+def test_lora_fine_tuning_trains_adapters_only_and_is_merged_for_decoding_export_and_init_from(
+        tiny_pipeline, sft_run, tmp_path):
+    config = sft_config(tiny_pipeline, sft_run["data"], "")
+    config.model.update(lora_rank=4, lora_alpha=8.0)
+    config.optimizer.peak_lr = 1e-2
+    run = str(tmp_path / "lora")
+    last = trainer.train(config, run)
+    assert np.isfinite(last["loss"]) and last["final_step"] == 4
+    mesh = sharding.make_mesh(config.mesh)
+    t = trainer.Trainer(config, mesh)
+    params, step = checkpointing.restore_params(run, t.abstract_state.params)
+    adapters, base = lora.split(params)
+    pretrained, _ = checkpointing.restore_params(tiny_pipeline["lm"], lora.split(t.abstract_state.params)[1])
+    for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(pretrained)):  # frozen, bit for bit
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree_util.tree_leaves(adapters))   # B moved off zero
+    merged = jax.device_get(lora.merge_params(params, 4, 8.0))
+    tokens = np.asarray(next(data_pipeline.make_train_iterator(config, 0, 1))["inputs"][:2])
+    adapted_logits = t.model.apply({"params": params}, tokens)
+    assert not np.allclose(adapted_logits, t.model.apply({"params": lora.join(jax.tree_util.tree_map(
+        np.zeros_like, jax.device_get(adapters)), base)}, tokens), atol=1e-4)   # the adapters change the model
+    # decoding loads the merged model: rank 0, the same logits
+    gen = generate.Generator(run)
+    assert gen.model_config.lora_rank == 0 and gen.config.model.lora_rank == 0
+    np.testing.assert_allclose(gen.trainer.model.apply({"params": gen.params}, tokens), adapted_logits,
+                               rtol=1e-4, atol=1e-5)
+    # a params bundle holds the merged model and its rank-0 config
+    bundle = str(tmp_path / "bundle")
+    export.export(run, bundle, "params")
+    bundle_config, bundle_params = export.load_bundle(bundle)
+    assert bundle_config.model.lora_rank == 0 and bundle_config.model.d_model == config.model.d_model
+    for a, b in zip(jax.tree_util.tree_leaves(bundle_params), jax.tree_util.tree_leaves(merged)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # fine-tuning on from a LoRA run (here without adapters) starts from its merged weights
+    plain = sft_config(tiny_pipeline, sft_run["data"], "")
+    plain.init_from = run
+    started = trainer.init_from_pretrained(plain, trainer.Trainer(plain, mesh), str(tmp_path / "next"))
+    for a, b in zip(jax.tree_util.tree_leaves(started), jax.tree_util.tree_leaves(merged)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_init_from_rejects_another_model_or_vocabulary(tiny_pipeline, sft_run, tmp_path):

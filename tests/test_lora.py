@@ -1,0 +1,129 @@
+"""LoRA adapters: a fresh adapter changes nothing, merging is exact, training touches adapters only."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import traverse_util
+
+import data_pipeline
+from cm3leon_jax import flops, lora, model as model_lib, optimizer, sharding, trainer
+from tests.helpers import tiny_config
+
+BASE = dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=48, max_length=32)
+
+
+def _model(**fields):
+    return model_lib.Transformer(model_lib.TransformerConfig(**dict(BASE, **fields)))
+
+
+def _tokens():
+    return jax.random.randint(jax.random.key(1), (2, 16), 0, BASE["vocab_size"])
+
+
+def _randomise_adapters(params, seed=2):
+    """Non-zero B (a fresh one is zero) so the adapters change the outputs."""
+    flat = traverse_util.flatten_dict(params)
+    keys = jax.random.split(jax.random.key(seed), len(flat))
+    for key, path in zip(keys, sorted(flat)):
+        if path[-1] == "lora_b":
+            flat[path] = 0.05 * jax.random.normal(key, flat[path].shape)
+    return traverse_util.unflatten_dict(flat)
+
+
+ARCHITECTURES = [dict(), dict(mlp="swiglu", scan_layers=False, positions="rotary", norm="rmsnorm", norm_placement="swin")]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fresh_adapters_leave_the_model_exactly_as_it_was_and_merging_is_exact(arch):
+    tokens = _tokens()
+    adapted = _model(lora_rank=4, lora_alpha=8.0, **arch)
+    plain = _model(**arch)
+    params = nn.meta.unbox(adapted.init(jax.random.key(0), tokens)["params"])
+    adapters, base = lora.split(params)
+    targets = {p[-2] for p in traverse_util.flatten_dict(adapters)}
+    assert targets == ({"query", "key", "value", "out", "up", "down"} | ({"gate"} if arch else set()))
+    assert jax.tree_util.tree_structure(base) == jax.tree_util.tree_structure(
+        nn.meta.unbox(plain.init(jax.random.key(0), tokens)["params"]))
+    # B = 0: exactly the plain model's logits with the same base weights
+    np.testing.assert_array_equal(adapted.apply({"params": params}, tokens), plain.apply({"params": base}, tokens))
+    # trained adapters change the logits; merged into the kernels (a reshape-and-matmul, not the
+    # model's einsums) they give the plain model the same logits
+    trained = _randomise_adapters(params)
+    logits = adapted.apply({"params": trained}, tokens)
+    assert float(jnp.max(jnp.abs(logits - plain.apply({"params": base}, tokens)))) > 1e-3
+    merged = lora.merge_params(trained, rank=4, alpha=8.0)
+    assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(base)
+    np.testing.assert_allclose(plain.apply({"params": merged}, tokens), logits, rtol=1e-4, atol=1e-5)
+    # a lone adapter of rank 1 on `out`: merge by hand, W + (alpha / r) a b
+    one = _model(lora_rank=1, lora_alpha=3.0, lora_targets="out", **arch)
+    p1 = _randomise_adapters(nn.meta.unbox(one.init(jax.random.key(0), tokens)["params"]))
+    path = ("layers", "layer", "attention", "out") if arch == {} else ("layer_1", "layer", "attention", "out")
+    flat = traverse_util.flatten_dict(p1)
+    a, b, w = (np.asarray(flat[path + (n,)]) for n in ("lora_a", "lora_b", "kernel"))
+    by_hand = w + 3.0 * np.einsum("...hkr,...rd->...hkd", a, b)
+    np.testing.assert_allclose(traverse_util.flatten_dict(lora.merge_params(p1, 1, 3.0))[path + ("kernel",)], by_hand,
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(plain.apply({"params": lora.merge_params(p1, 1, 3.0)}, tokens),
+                               one.apply({"params": p1}, tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_equations():
+    assert lora.adapter_equations("bld,dhk->blhk") == ("bld,dr->blr", "blr,rhk->blhk", 1)
+    assert lora.adapter_equations("blhk,hkd->bld") == ("blhk,hkr->blr", "blr,rd->bld", 2)
+    assert lora.adapter_equations("blf,fd->bld") == ("blf,fr->blr", "blr,rd->bld", 1)
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(lora_rank=-1), "lora_rank=-1"),
+    (dict(lora_rank=4, lora_targets="query,embedding"), r"\['embedding'\]"),
+    (dict(lora_rank=4, lora_targets=""), "at least one projection"),
+    (dict(lora_rank=4, lora_alpha=0.0), "lora_alpha=0.0"),
+    (dict(lora_rank=4, lora_targets="gate"), "only 'gate'"),
+])
+def test_invalid_adapter_settings_are_refused(fields, match):
+    with pytest.raises(ValueError, match=match):
+        model_lib.TransformerConfig(**dict(BASE, **fields))
+
+
+def test_model_flops_count_no_weight_gradients_for_frozen_matmuls():
+    full = model_lib.TransformerConfig(**BASE)
+    adapted = model_lib.TransformerConfig(**dict(BASE, lora_rank=2, lora_targets="query,down"))
+    d, f, layers, t = BASE["d_model"], BASE["d_ff"], BASE["num_layers"], 16
+    matmuls = layers * (4 * d * d + 2 * d * f) + d * BASE["vocab_size"]
+    attention = 6 * layers * t * d
+    assert flops.flops_per_token(full, t) == 6 * matmuls + attention
+    adapter = layers * 2 * ((d + d) + (f + d))   # rank x (in + out) per adapted projection
+    assert flops.flops_per_token(adapted, t) == 4 * matmuls + 6 * adapter + attention
+
+
+def test_lora_training_on_a_mesh_updates_the_adapters_only():
+    # init_std 0.2: with the default 0.006 a frozen random output head gives logits too small for
+    # adapters alone to move (fine-tuning starts from a trained model: tests/test_sft.py)
+    config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "optimizer.peak_lr": 1e-2,
+                            "optimizer.warmup_steps": 2, "total_steps": 40, "model.lora_rank": 4,
+                            "model.lora_alpha": 8.0, "model.init_std": 0.2})
+    mesh = sharding.make_mesh(config.mesh)
+    t = trainer.Trainer(config, mesh)
+    state = t.init_state(0)
+    adapters, base = lora.split(jax.device_get(state.params))
+    n_adapters, n_all = lora.count(state.params)
+    assert 0 < n_adapters < n_all // 5
+    # Adam's moments cover the adapters and nothing else
+    moments = [x for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0]
+    assert sum(x.size for x in moments) == 2 * n_adapters
+    # the adapters' parameters are laid out over the mesh by the logical rules (A's d_model over fsdp)
+    a_query = state.params["layers"]["layer"]["attention"]["query"]["lora_a"]
+    assert a_query.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    batch = sharding.global_batch_from_local(next(data_pipeline.make_train_iterator(config, 0, 1)), mesh)
+    losses = []
+    for _ in range(40):
+        state, m = t.train_step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.8 * losses[0], losses[::5]
+    trained_adapters, trained_base = lora.split(jax.device_get(state.params))
+    for path, x in traverse_util.flatten_dict(base).items():   # frozen, bit for bit
+        np.testing.assert_array_equal(traverse_util.flatten_dict(trained_base)[path], x, err_msg=str(path))
+    assert all(np.abs(np.asarray(x)).max() > 0 for p, x in traverse_util.flatten_dict(trained_adapters).items()
+               if p[-1] == "lora_b")
+    assert int(optimizer.skipped_updates(state.opt_state)[1]) == 0
