@@ -168,6 +168,26 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "save_out_proj": jax.checkpoint_policies.save_only_these_names("attention_out", "mlp_out"),
 }
 
+# Every projection's output, by its checkpoint name.
+PROJECTION_OUTPUTS = ("query", "key", "value", "attention_out", "mlp_up", "mlp_gate", "mlp_out")
+
+
+def _batched_dots_saveable(prim, *_, **params) -> bool:
+    return prim is jax.lax.dot_general_p and any(params["dimension_numbers"][1])
+
+
+def remat_policy(cfg: TransformerConfig) -> Callable | None:
+    """REMAT_POLICIES[cfg.remat_policy]. With LoRA adapters a projection is two dots summed (base and
+    adapter), so a dot policy would keep both and recompute the sum: twice the projections'
+    memory. There the dot policies keep each projection's summed output by name instead, which is
+    what they keep of the plain model (its projections are its dots without batch dims)."""
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if cfg.lora_rank and cfg.remat_policy in ("dots", "dots_no_batch"):
+        policy = jax.checkpoint_policies.save_only_these_names(*PROJECTION_OUTPUTS)
+        if cfg.remat_policy == "dots":   # and attention's dots, which have batch dims
+            policy = jax.checkpoint_policies.save_from_both_policies(policy, _batched_dots_saveable)
+    return policy
+
 
 def _init(std: float):
     return nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
@@ -291,11 +311,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        up = Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "bld,df->blf", name="up",
-                        **cfg.projection_kwargs("up"))(x)
+        up = checkpoint_name(Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "bld,df->blf", name="up",
+                                        **cfg.projection_kwargs("up"))(x), "mlp_up")
         if cfg.mlp == "swiglu":
-            gate = Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "bld,df->blf", name="gate",
-                              **cfg.projection_kwargs("gate"))(x)
+            gate = checkpoint_name(Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "bld,df->blf", name="gate",
+                                              **cfg.projection_kwargs("gate"))(x), "mlp_gate")
             hidden = jax.nn.silu(gate) * up
         else:
             hidden = jax.nn.relu(up) if cfg.mlp == "relu" else jax.nn.gelu(up)
@@ -352,7 +372,7 @@ class Transformer(nn.Module):
             self.output_head = Projection((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "bld,dv->blv",
                                           init_std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=pdt)
         layer = _ScannedLayer
-        policy = REMAT_POLICIES[cfg.remat_policy]
+        policy = remat_policy(cfg)
         if cfg.remat_policy != "none":
             layer = nn.remat(layer, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:

@@ -127,3 +127,22 @@ def test_lora_training_on_a_mesh_updates_the_adapters_only():
     assert all(np.abs(np.asarray(x)).max() > 0 for p, x in traverse_util.flatten_dict(trained_adapters).items()
                if p[-1] == "lora_b")
     assert int(optimizer.skipped_updates(state.opt_state)[1]) == 0
+
+
+def _saved_layer_residuals(capsys, rank, policy):
+    """Shapes of what the scanned layers keep for the backward pass (print_saved_residuals' lines)."""
+    from jax.ad_checkpoint import print_saved_residuals
+    m = _model(lora_rank=rank, remat_policy=policy)
+    tokens = _tokens()
+    params = nn.meta.unbox(m.init(jax.random.key(0), tokens)["params"])
+    trained, frozen = lora.split(params) if rank else (params, {})
+    capsys.readouterr()
+    print_saved_residuals(lambda t: m.apply({"params": lora.join(t, frozen) if rank else t}, tokens).sum(), trained)
+    return sorted(line.split()[0] for line in capsys.readouterr().out.splitlines() if "output of scan" in line)
+
+
+@pytest.mark.parametrize("policy", ["dots_no_batch", "dots"])
+def test_remat_with_adapters_keeps_what_it_keeps_of_the_plain_model(capsys, policy):
+    # a projection with an adapter is two dots summed: a dot policy would keep both (twice the memory)
+    plain = _saved_layer_residuals(capsys, 0, policy)
+    assert plain and _saved_layer_residuals(capsys, 4, policy) == plain
