@@ -1,11 +1,12 @@
 """Train-step speed: tokens/s, model TFLOP/s and MFU for the tiny and a small config.
 
-    python bench/train_step.py [--configs tiny,small,long] [--steps 5] [--variants default,dense,flash,bf16_flash,accum4,noguard]
+    python bench/train_step.py [--configs tiny,small,long] [--steps 5] [--variants default,dense,flash,bf16_flash,accum4,noguard,lora16]
 
 MFU on CPU is against the host's float32 matmul peak measured in the same run (side by side, as
 timings swing with machine load); on accelerators against the device table in flops.py. The last
 line printed is one JSON object with every figure, each with `temp_bytes`: the compiled step's
-activations and temporaries per device (what the flash kernels save at `long`, 4,096 tokens a row).
+activations and temporaries per device (what the flash kernels save at `long`, 4,096 tokens a row),
+and `state_bytes`: parameters and optimizer state per device (what LoRA saves).
 A variant the backend cannot run (flash on a CPU) is reported with its reason.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from absl import app, flags  # noqa: E402
 flags.DEFINE_list("configs", ["tiny", "small"], "which configs to time")
 flags.DEFINE_list("variants", ["default"], "model variants: " + ", ".join(
     ["default", "dense (no blockwise attention)", "remat", "bf16", "flash (Pallas kernel: TPU/GPU)", "bf16_flash",
-     "accum4 (the global batch in 4 microbatches)", "noguard (no non-finite update guard)"]))
+     "accum4 (the global batch in 4 microbatches)", "noguard (no non-finite update guard)",
+     "lora16 (LoRA rank 16: adapters trained, the model frozen)"]))
 flags.DEFINE_integer("steps", 5, "timed steps per config (after 2 warm-up steps)")
 
 import jax  # noqa: E402
@@ -62,6 +64,7 @@ VARIANTS = {   # config field -> value
     "bf16_flash": dict(FLASH, **{"model.dtype": "bfloat16"}),
     "accum4": {"gradient_accumulation_steps": 4},   # the same global batch in 4 microbatches, one update
     "noguard": {"optimizer.skip_nonfinite": 0},     # without the NaN/inf update guard (default: on)
+    "lora16": {"model.lora_rank": 16},              # rank-16 LoRA adapters on every projection, the rest frozen
 }
 
 
@@ -85,6 +88,7 @@ def time_config(config, steps: int) -> dict[str, float]:
     result = {"step_time_s": step_time, "tokens_per_second": t.tokens_per_step / step_time,
               "model_tflops_per_second": t.flops_per_step / step_time / 1e12}
     result["temp_bytes"] = memory_plan.step_temporaries_bytes(t)  # the compiler's own account, per variant
+    result["state_bytes"] = memory_plan.per_device_bytes(t.abstract_state)
     return result
 
 
@@ -109,7 +113,7 @@ def main(argv):
             results[key] = r
             print(f"{key:>14}: {r['tokens_per_second']:10,.0f} tokens/s  {r['model_tflops_per_second'] * 1e3:8.1f} "
                   f"GFLOP/s  MFU {100 * r['mfu']:5.1f}%  (step {r['step_time_s'] * 1e3:.0f} ms, "
-                  f"temporaries {r.get('temp_bytes', 0) / 2**20:,.0f} MiB)", flush=True)
+                  f"temporaries {r.get('temp_bytes', 0) / 2**20:,.0f} MiB, state {r['state_bytes'] / 2**20:,.0f} MiB)", flush=True)
     # the peak again after the runs: a drift between the two shows the machine was not quiet
     flops.measured_cpu_matmul_flops.cache_clear()
     if jax.devices()[0].platform == "cpu":

@@ -30,7 +30,7 @@ def _define_flags() -> None:
 GIB = 1024 ** 3
 
 
-def _per_device_bytes(abstract_tree) -> int:
+def per_device_bytes(abstract_tree) -> int:
     import jax
     total = 0
     for leaf in jax.tree_util.tree_leaves(abstract_tree):
@@ -55,8 +55,8 @@ def plan(config) -> dict[str, float]:
     mesh = sharding.make_mesh(config.mesh)
     trainer_lib.validate_config(config, mesh, process_count=1)
     trainer = trainer_lib.Trainer(config, mesh)
-    params = _per_device_bytes(trainer.abstract_state.params)
-    opt_state = _per_device_bytes(trainer.abstract_state.opt_state)
+    params = per_device_bytes(trainer.abstract_state.params)
+    opt_state = per_device_bytes(trainer.abstract_state.opt_state)
     temp = step_temporaries_bytes(trainer)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
     return {"num_devices": len(mesh.devices.flat), "mesh": dict(mesh.shape), "num_params": int(n_params),
