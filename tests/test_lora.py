@@ -146,3 +146,15 @@ def test_remat_with_adapters_keeps_what_it_keeps_of_the_plain_model(capsys, poli
     # a projection with an adapter is two dots summed: a dot policy would keep both (twice the memory)
     plain = _saved_layer_residuals(capsys, 0, policy)
     assert plain and _saved_layer_residuals(capsys, 4, policy) == plain
+
+
+def test_lora_sft_config_takes_a_pretrained_model_that_predates_the_adapter_fields(tmp_path):
+    import json
+    from experiments import sft_lora_tiny
+    model = dict(BASE, max_length=128)   # an older run's config.json: no lora_* fields
+    (tmp_path / "config.json").write_text(json.dumps({"model": model, "data": {"seq_len": 128}}))
+    config = sft_lora_tiny.get_config(str(tmp_path))
+    assert config.init_from == str(tmp_path) and config.data.seq_len == 128
+    assert config.model.lora_rank == 16 and config.optimizer.weight_decay == 0.0
+    cfg = model_lib.TransformerConfig.from_config(config.model)
+    assert (cfg.d_model, cfg.max_length, cfg.lora_alpha) == (BASE["d_model"], 128, 16.0)
