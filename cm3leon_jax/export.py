@@ -121,10 +121,13 @@ def load_workdir_params(workdir: str, step: int | None = None, mesh=None):
     """(config, model config, params, step) of a workdir's checkpoint, optimizer state unread; a
     LoRA run's adapters merged into its kernels (`merge_adapters`)."""
     config = read_config(workdir)
-    model_cfg, abstract = abstract_params(config, mesh)
-    params, step = checkpointing.restore_params(workdir, abstract, step)
-    if model_cfg.lora_rank:
+    if config.model.get("lora_rank", 0):   # its checkpoints hold the adapters; merged into the weights it started from
+        from cm3leon_jax import trainer as trainer_lib
+        params, step = trainer_lib.restore_run_params(workdir, config, mesh or default_mesh(config), step)
         config, model_cfg, params = merge_adapters(config, params, mesh)
+    else:
+        model_cfg, abstract = abstract_params(config, mesh)
+        params, step = checkpointing.restore_params(workdir, abstract, step)
     return config, model_cfg, params, int(step)
 
 

@@ -77,10 +77,12 @@ class Generator:
         self.mesh = sharding.make_mesh(mesh_config)
         self.trainer = trainer_lib.Trainer(self.config, self.mesh)
         self.model_config = self.trainer.model_config
-        self.params, self.step = export.restore_params(workdir, self.trainer.abstract_state.params, step)
         if self.model_config.lora_rank:   # LoRA adapters folded into the kernels: decoding pays nothing for them
-            self.config, self.model_config, self.params = export.merge_adapters(self.config, self.params, self.mesh)
+            params, self.step = trainer_lib.restore_run_params(workdir, self.config, self.mesh, step)
+            self.config, self.model_config, self.params = export.merge_adapters(self.config, params, self.mesh)
             self.trainer = trainer_lib.Trainer(self.config, self.mesh)
+        else:
+            self.params, self.step = export.restore_params(workdir, self.trainer.abstract_state.params, step)
         if int8:
             from cm3leon_jax import quantization
             self.params = quantization.quantize_params(self.params)

@@ -12,6 +12,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from absl import logging
 from flax import linen as nn
@@ -133,6 +134,11 @@ class Trainer:
 
     def whole(self, trained, frozen):
         return lora.join(trained, frozen) if self.adapters_only else trained
+
+    def saved_state(self, state: TrainState) -> TrainState:
+        """What a checkpoint holds: with LoRA the adapters and their optimizer state only (a 7B
+        model's frozen weights are 28 GB; they are re-read from init_from on resume), else all."""
+        return state.replace(params=self.trainable(state.params)[0]) if self.adapters_only else state
 
     def init_state(self, seed: int) -> TrainState:
         """Created already sharded: each device computes only its own shard of every parameter."""
@@ -301,41 +307,80 @@ def init_from_pretrained(config, trainer, workdir: str, fresh_params=None):
             raise ValueError(f"the vocabulary of data.data_dir={config.data.data_dir!r} is not the one of "
                              f"config.init_from={config.init_from!r}: {e}. Prepare the data with that run's vocabulary "
                              f"({how})") from None
-    abstract = trainer.abstract_state.params
-    base_abstract = lora.split(abstract)[1] if trainer.adapters_only else abstract
-    if int(theirs.get("lora_rank", 0)):   # a LoRA run: its adapters too, merged into its kernels
-        theirs_config = config.copy_and_resolve_references()
-        theirs_config.model.update({k: theirs[k] for k in _ADAPTER_MODEL_FIELDS})
-        params, step = checkpointing.restore_params(source, Trainer(theirs_config, trainer.mesh).abstract_state.params)
-        params = lora.merge_params(params, int(theirs["lora_rank"]), float(theirs["lora_alpha"]))
-        params = jax.tree_util.tree_map(lambda x, a: jax.device_put(x, a.sharding), params, base_abstract)
-        logging.info("merged the LoRA adapters of %s (rank %d) into its kernels", source, int(theirs["lora_rank"]))
-    else:
-        params, step = checkpointing.restore_params(source, base_abstract)
+    params, step = pretrained_weights(source, None, trainer)
     if trainer.adapters_only:   # this run's adapters start fresh (B = 0: the pretrained model's outputs)
         fresh_params = trainer.init_state(int(config.seed)).params if fresh_params is None else fresh_params
         params = lora.join(lora.split(fresh_params)[0], params)
         logging.info("LoRA: training %s adapter parameters of %s", *(f"{n:,}" for n in lora.count(params)))
     logging.info("initialised parameters from %s step %d (optimizer fresh, step 0)", source, step)
     if jax.process_index() == 0:
-        workdir_io.write_text(workdir_io.join(workdir, "init_from.json"),
+        workdir_io.write_text(workdir_io.join(workdir, INIT_FROM_FILE),
                               json.dumps({"workdir": source, "step": int(step)}, indent=2))
     return params
+
+
+INIT_FROM_FILE = "init_from.json"   # where a fine-tuning run started: {"workdir": ..., "step": ...}
+
+
+def pretrained_weights(source: str, step: int | None, trainer):
+    """(params, step) of the training workdir `source` at `step` (None: its latest), as `trainer`'s
+    frozen (non-adapter) parameters in its shardings; a LoRA run's adapters merged into its weights."""
+    abstract = trainer.abstract_state.params
+    base_abstract = lora.split(abstract)[1] if trainer.adapters_only else abstract
+    theirs = ml_collections.ConfigDict(pretrained_config(source))
+    if not int(theirs.model.get("lora_rank", 0)):
+        return checkpointing.restore_params(source, base_abstract, step)
+    params, step = restore_run_params(source, theirs, trainer.mesh, step)
+    params = lora.merge_params(params, int(theirs.model.lora_rank), float(theirs.model.lora_alpha))
+    logging.info("merged the LoRA adapters of %s (rank %d) into its weights", source, int(theirs.model.lora_rank))
+    return jax.tree_util.tree_map(lambda x, a: jax.device_put(x, a.sharding), params, base_abstract), step
+
+
+def restore_run_params(workdir: str, config, mesh, step: int | None = None):
+    """(params, step) of a training run's checkpoint, whole, in `config`'s shardings on `mesh`. A
+    LoRA run's checkpoints hold its adapters only; its frozen weights are re-read from where it
+    started (`frozen_weights`). Generation, export and init_from read LoRA runs through this."""
+    t = Trainer(config, mesh)
+    if not t.adapters_only:
+        return checkpointing.restore_params(workdir, t.abstract_state.params, step)
+    adapters, step = checkpointing.restore_params(workdir, lora.split(t.abstract_state.params)[0], step)
+    return lora.join(adapters, frozen_weights(config, t, workdir)), step
+
+
+def frozen_weights(config, trainer, workdir: str):
+    """A LoRA run's frozen weights: its init_from.json's workdir at that step (a LoRA run's merged
+    in turn, so fine-tuning stages stack), else its seed's initialisation."""
+    record_path = workdir_io.join(workdir, INIT_FROM_FILE)
+    if not workdir_io.exists(record_path):
+        return lora.split(trainer.init_state(int(config.seed)).params)[1]
+    record = json.loads(workdir_io.read_text(record_path))
+    try:
+        return pretrained_weights(record["workdir"], int(record["step"]), trainer)[0]
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{workdir} is a LoRA run: its checkpoints hold the adapters only, on top of the frozen weights of "
+            f"{record['workdir']} at step {record['step']} ({record_path}), which cannot be read: {e}. Restore that "
+            f"checkpoint, or point {INIT_FROM_FILE} at a copy of it") from None
 
 
 def restore_or_init(ckpt, trainer, data_iter, config, workdir: str):
     """The workdir's latest checkpoint (model and data position) if any, else fresh sharded state;
     config.json is (re)written either way. Shared by the LM and VQ trainers."""
     latest = ckpt.latest_step()
+    adapters_only = getattr(trainer, "adapters_only", False)   # (the VQ trainer has none)
     if latest is not None:
         logging.info("resuming from step %d in %s", latest, ckpt.directory)
-        state = ckpt.restore(latest, trainer.abstract_state, data_iter)
+        if adapters_only:   # the checkpoint holds the adapters and their optimizer; the frozen weights are re-read
+            state = ckpt.restore(latest, trainer.saved_state(trainer.abstract_state), data_iter)
+            state = state.replace(params=lora.join(state.params, frozen_weights(config, trainer, workdir)))
+        else:
+            state = ckpt.restore(latest, trainer.abstract_state, data_iter)
         _truncate_metrics(workdir, latest)
     else:
         state = trainer.init_state(int(config.seed))
         if config.get("init_from"):
             state = state.replace(params=init_from_pretrained(config, trainer, workdir, state.params))
-        elif getattr(trainer, "adapters_only", False):   # (the VQ trainer has none)
+        elif adapters_only:
             logging.warning("model.lora_rank=%d without config.init_from: adapters on a frozen, randomly "
                             "initialised model", trainer.model_config.lora_rank)
     if jax.process_index() == 0:
@@ -409,10 +454,10 @@ def train(config, workdir: str) -> dict[str, float]:
             if not timer.started or step % log_every == 0 or evaluating:
                 jax.block_until_ready(step_metrics)
                 timer.restart(step)
-            if ckpt.save_or_stop(step, state, data_iter, preemption, logger):
+            if ckpt.save_or_stop(step, trainer.saved_state(state), data_iter, preemption, logger):
                 preempted = True
                 break
-        ckpt.save(step, state, data_iter, force=True)
+        ckpt.save(step, trainer.saved_state(state), data_iter, force=True)
     finally:   # also on an error: pending checkpoint writes finish, records and the trace reach the workdir
         trace.close()
         ckpt.close()

@@ -158,3 +158,38 @@ def test_lora_sft_config_takes_a_pretrained_model_that_predates_the_adapter_fiel
     assert config.model.lora_rank == 16 and config.optimizer.weight_decay == 0.0
     cfg = model_lib.TransformerConfig.from_config(config.model)
     assert (cfg.d_model, cfg.max_length, cfg.lora_alpha) == (BASE["d_model"], 128, 16.0)
+
+
+def test_a_lora_run_checkpoints_its_adapters_only_and_resumes_exactly(tmp_path):
+    import json
+    import shutil
+    from cm3leon_jax import checkpointing
+    pretrained = str(tmp_path / "pretrained")
+    trainer.train(tiny_config(total_steps=4), pretrained)
+    config = tiny_config(**{"total_steps": 6, "checkpoint_every_steps": 2, "keep_checkpoints": 5,
+                            "async_checkpointing": False, "model.lora_rank": 2, "optimizer.peak_lr": 3e-2})
+    config.init_from = pretrained
+    run = str(tmp_path / "lora")
+    trainer.train(config, run)
+    assert json.load(open(tmp_path / "lora" / trainer.INIT_FROM_FILE))["step"] == 4
+    mesh = sharding.make_mesh(config.mesh)
+    t = trainer.Trainer(config, mesh)
+    first, step = trainer.restore_run_params(run, config, mesh)
+    assert step == 6
+    base, _ = checkpointing.restore_params(pretrained, lora.split(t.abstract_state.params)[1])
+    for path, x in traverse_util.flatten_dict(lora.split(first)[1]).items():   # the pretrained weights, re-read
+        np.testing.assert_array_equal(x, traverse_util.flatten_dict(base)[path])
+    records = [json.loads(line) for line in open(tmp_path / "lora" / "metrics.jsonl")]
+    # lose the last checkpoint: the rerun resumes at step 4 (adapters, Adam state, data position) on
+    # the re-read frozen weights and ends where the first run did, bit for bit
+    shutil.rmtree(tmp_path / "lora" / "checkpoints" / "6")
+    trainer.train(config, run)
+    again, _ = trainer.restore_run_params(run, config, mesh)
+    for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(first)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    resumed = [json.loads(line) for line in open(tmp_path / "lora" / "metrics.jsonl")]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in records]
+    # the frozen weights must stay readable: a LoRA run whose init_from lost that step says so
+    shutil.rmtree(tmp_path / "pretrained" / "checkpoints" / "4")
+    with pytest.raises(FileNotFoundError, match=r"LoRA run: its checkpoints hold the adapters only.*step 4"):
+        trainer.restore_run_params(run, config, mesh)

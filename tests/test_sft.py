@@ -262,7 +262,15 @@ def test_lora_fine_tuning_trains_adapters_only_and_is_merged_for_decoding_export
     assert np.isfinite(last["loss"]) and last["final_step"] == 4
     mesh = sharding.make_mesh(config.mesh)
     t = trainer.Trainer(config, mesh)
-    params, step = checkpointing.restore_params(run, t.abstract_state.params)
+    # the checkpoint holds the adapters (and their Adam state) only: the frozen weights stay in init_from's
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(run, "checkpoints", "4", "state"))
+    meta = getattr(meta, "item_metadata", meta)
+    saved_paths = set(traverse_util.flatten_dict(getattr(meta, "tree", meta)["params"]))
+    assert saved_paths and all(p[-1] in lora.ADAPTER_PARAMS for p in saved_paths), sorted(saved_paths)[:5]
+    params, step = trainer.restore_run_params(run, config, mesh)
+    assert step == 4
     adapters, base = lora.split(params)
     pretrained, _ = checkpointing.restore_params(tiny_pipeline["lm"], lora.split(t.abstract_state.params)[1])
     for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(pretrained)):  # frozen, bit for bit
