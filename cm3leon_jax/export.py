@@ -139,7 +139,8 @@ def merge_adapters(config, params, mesh=None):
     config = config.copy_and_resolve_references()
     config.model.lora_rank = 0
     model_cfg, abstract = abstract_params(config, mesh)
-    return config, model_cfg, jax.tree_util.tree_map(lambda x, a: jax.device_put(x, a.sharding), merged, abstract)
+    return config, model_cfg, jax.tree_util.tree_map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding),
+                                                      merged, abstract)
 
 
 def _sha256(path: str) -> str:

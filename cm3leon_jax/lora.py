@@ -81,8 +81,9 @@ def join(adapters: Any, frozen: Any) -> Any:
 
 
 def merge_params(params: Any, rank: int, alpha: float) -> Any:
-    """The tree with every adapter folded into its kernel (W + alpha / rank * A B) and removed: the
-    parameters of the same model without adapters (model.lora_rank = 0)."""
+    """The tree with every adapter folded into its kernel (W + alpha / rank * A B, computed in float32,
+    in the wider of the two dtypes) and removed: the parameters of the same model without adapters
+    (model.lora_rank = 0)."""
     flat = traverse_util.flatten_dict(params)
     out = {k: v for k, v in flat.items() if not is_adapter(k)}
     for path in [k for k in flat if k[-1] == "lora_a"]:
@@ -101,7 +102,8 @@ def _merged_kernel(kernel, a, b, factor):
     a2 = a.reshape(*lead_shape, -1, a.shape[-1]).astype(jnp.float32)
     b2 = b.reshape(*lead_shape, b.shape[lead], -1).astype(jnp.float32)
     delta = jnp.matmul(a2, b2).reshape(*lead_shape, *in_shape, *out_shape)
-    return (kernel.astype(jnp.float32) + factor * delta).astype(kernel.dtype)
+    # the wider of the kernel's and the adapters' dtypes: a LoRA run keeps a bfloat16 copy of float32 weights
+    return (kernel.astype(jnp.float32) + factor * delta).astype(jnp.promote_types(kernel.dtype, a.dtype))
 
 
 def count(params: Any) -> tuple[int, int]:

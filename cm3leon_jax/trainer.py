@@ -101,6 +101,10 @@ class Trainer:
         self.model = model_lib.Transformer(self.model_config)
         # with adapters (model.lora_rank > 0) they are all the optimizer sees and all that is differentiated
         self.adapters_only = self.model_config.lora_rank > 0
+        # ... and the frozen weights are kept in the compute dtype when it is narrower: every parameter is
+        # cast to it where it is used, so no number changes and their memory halves (bfloat16 over float32)
+        compute, stored = jnp.dtype(self.model_config.dtype), jnp.dtype(self.model_config.param_dtype)
+        self.frozen_dtype = compute if self.adapters_only and compute.itemsize < stored.itemsize else None
         self.tx, self.schedule = optimizer.make_optimizer(config.optimizer, int(config.total_steps))
         seq_len = int(config.data.seq_len)
         self.tokens_per_step = int(config.data.global_batch_size) * seq_len
@@ -125,7 +129,10 @@ class Trainer:
         length = int(self.config.data.seq_len)
         tokens = jnp.zeros((1, length), jnp.int32)
         params = self.model.init(rng, tokens)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(self.trainable(params)[0]))
+        trained, frozen = self.trainable(params)
+        if self.frozen_dtype is not None:
+            params = self.whole(trained, jax.tree_util.tree_map(lambda x: x.astype(self.frozen_dtype), frozen))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(trained))
 
     def trainable(self, tree) -> tuple[Any, Any]:
         """(what is trained, what is frozen) of params or a tree shaped like them: the adapters and
@@ -333,7 +340,7 @@ def pretrained_weights(source: str, step: int | None, trainer):
     params, step = restore_run_params(source, theirs, trainer.mesh, step)
     params = lora.merge_params(params, int(theirs.model.lora_rank), float(theirs.model.lora_alpha))
     logging.info("merged the LoRA adapters of %s (rank %d) into its weights", source, int(theirs.model.lora_rank))
-    return jax.tree_util.tree_map(lambda x, a: jax.device_put(x, a.sharding), params, base_abstract), step
+    return jax.tree_util.tree_map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params, base_abstract), step
 
 
 def restore_run_params(workdir: str, config, mesh, step: int | None = None):

@@ -160,14 +160,16 @@ def test_lora_sft_config_takes_a_pretrained_model_that_predates_the_adapter_fiel
     assert (cfg.d_model, cfg.max_length, cfg.lora_alpha) == (BASE["d_model"], 128, 16.0)
 
 
-def test_a_lora_run_checkpoints_its_adapters_only_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_lora_run_checkpoints_its_adapters_only_and_resumes_exactly(tmp_path, dtype):
     import json
     import shutil
     from cm3leon_jax import checkpointing
     pretrained = str(tmp_path / "pretrained")
     trainer.train(tiny_config(total_steps=4), pretrained)
     config = tiny_config(**{"total_steps": 6, "checkpoint_every_steps": 2, "keep_checkpoints": 5,
-                            "async_checkpointing": False, "model.lora_rank": 2, "optimizer.peak_lr": 3e-2})
+                            "async_checkpointing": False, "model.lora_rank": 2, "optimizer.peak_lr": 3e-2,
+                            "model.dtype": dtype})
     config.init_from = pretrained
     run = str(tmp_path / "lora")
     trainer.train(config, run)
@@ -176,9 +178,14 @@ def test_a_lora_run_checkpoints_its_adapters_only_and_resumes_exactly(tmp_path):
     t = trainer.Trainer(config, mesh)
     first, step = trainer.restore_run_params(run, config, mesh)
     assert step == 6
-    base, _ = checkpointing.restore_params(pretrained, lora.split(t.abstract_state.params)[1])
-    for path, x in traverse_util.flatten_dict(lora.split(first)[1]).items():   # the pretrained weights, re-read
-        np.testing.assert_array_equal(x, traverse_util.flatten_dict(base)[path])
+    adapters, frozen = lora.split(first)
+    # the frozen weights are kept in the compute dtype (bfloat16 halves them), the adapters in float32
+    assert {x.dtype for x in jax.tree_util.tree_leaves(frozen)} == {jnp.dtype(dtype)}
+    assert {x.dtype for x in jax.tree_util.tree_leaves(adapters)} == {jnp.dtype("float32")}
+    base, _ = checkpointing.restore_params(pretrained, jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), lora.split(t.abstract_state.params)[1]))
+    for path, x in traverse_util.flatten_dict(frozen).items():   # the pretrained weights, re-read
+        np.testing.assert_array_equal(x, traverse_util.flatten_dict(base)[path].astype(dtype))
     records = [json.loads(line) for line in open(tmp_path / "lora" / "metrics.jsonl")]
     # lose the last checkpoint: the rerun resumes at step 4 (adapters, Adam state, data position) on
     # the re-read frozen weights and ends where the first run did, bit for bit
@@ -193,3 +200,15 @@ def test_a_lora_run_checkpoints_its_adapters_only_and_resumes_exactly(tmp_path):
     shutil.rmtree(tmp_path / "pretrained" / "checkpoints" / "4")
     with pytest.raises(FileNotFoundError, match=r"LoRA run: its checkpoints hold the adapters only.*step 4"):
         trainer.restore_run_params(run, config, mesh)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES + [dict(qk_norm=True, qk_norm_params=True, tie_embeddings=True)])
+def test_every_parameter_is_used_in_the_compute_dtype_so_storing_frozen_ones_in_it_changes_nothing(arch):
+    # why a LoRA run may keep its frozen weights in bfloat16 when it computes in bfloat16
+    m = _model(dtype="bfloat16", **arch)
+    tokens = _tokens()
+    params = nn.meta.unbox(m.init(jax.random.key(0), tokens)["params"])
+    leaves, tree = jax.tree_util.tree_flatten(params)   # off their inits (norm scales of 1 are exact in bfloat16)
+    params = tree.unflatten([x + 0.01 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
+    narrow = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    np.testing.assert_array_equal(m.apply({"params": narrow}, tokens), m.apply({"params": params}, tokens))
