@@ -96,12 +96,14 @@ def test_microbatches_take_strided_rows_so_each_device_keeps_its_own():
     assert all(sorted(r // 4 for r in micro[j][:, 0] // 3) == [0, 1] for j in range(4))
 
 
-def test_gradient_accumulation_is_the_same_update_in_less_memory():
+@pytest.mark.parametrize("lora_rank", [0, 4])   # 4: LoRA adapters, the only parameters differentiated
+def test_gradient_accumulation_is_the_same_update_in_less_memory(lora_rank):
     import data_pipeline
 
     def run(steps):
         config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "data.global_batch_size": 16,
-                                "gradient_accumulation_steps": steps, "z_loss_weight": 1e-2})
+                                "gradient_accumulation_steps": steps, "z_loss_weight": 1e-2,
+                                "model.lora_rank": lora_rank, "model.init_std": 0.02 if lora_rank else 0.006})
         mesh = sharding.make_mesh(config.mesh)
         trainer.validate_config(config, mesh, 1)
         t = trainer.Trainer(config, mesh)
