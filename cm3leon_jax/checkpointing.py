@@ -65,12 +65,13 @@ class CheckpointManager:
         try:
             return self._restore(step, abstract_state, data_iterator)
         except ValueError as e:
-            if "tree structures do not match" not in str(e):
+            if not any(m in str(e) for m in ("tree structures do not match", "is not compatible with the stored shape")):
                 raise
             raise ValueError(f"the checkpoint of step {step} in {self.directory} holds a state of another shape than "
                              "this run's: the model or the optimizer changed since it was saved (for instance "
                              "optimizer.skip_nonfinite turned on or off, which adds or drops the non-finite guard's "
-                             f"counters). Resume with the saved run's config.json settings. Orbax: {e}") from None
+                             "counters, or model.lora_rank / lora_targets changed, which reshapes the adapters). "
+                             f"Resume with the saved run's config.json settings. Orbax: {e}") from None
 
     def _restore(self, step: int, abstract_state, data_iterator):
         other_states = self.saved_data_states(step)

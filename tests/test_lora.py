@@ -212,3 +212,9 @@ def test_every_parameter_is_used_in_the_compute_dtype_so_storing_frozen_ones_in_
     params = tree.unflatten([x + 0.01 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
     narrow = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
     np.testing.assert_array_equal(m.apply({"params": narrow}, tokens), m.apply({"params": params}, tokens))
+
+
+def test_resuming_with_another_adapter_rank_names_the_setting(tmp_path):
+    trainer.train(tiny_config(**{"total_steps": 2, "model.lora_rank": 2}), str(tmp_path))
+    with pytest.raises(ValueError, match=r"another shape than this run's.*model.lora_rank"):
+        trainer.train(tiny_config(**{"total_steps": 4, "model.lora_rank": 4}), str(tmp_path))
