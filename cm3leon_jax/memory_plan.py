@@ -47,7 +47,7 @@ def step_temporaries_bytes(trainer) -> int:
 
 def plan(config) -> dict[str, float]:
     import jax
-    from cm3leon_jax import attention, sharding, trainer as trainer_lib
+    from cm3leon_jax import attention, lora, sharding, trainer as trainer_lib
     planned_attention = config.model.get("attention_impl", "xla")
     if planned_attention == "flash" and jax.default_backend() not in attention.FLASH_BACKENDS:  # no kernel here
         config = copy.deepcopy(config)
@@ -58,8 +58,9 @@ def plan(config) -> dict[str, float]:
     params = per_device_bytes(trainer.abstract_state.params)
     opt_state = per_device_bytes(trainer.abstract_state.opt_state)
     temp = step_temporaries_bytes(trainer)
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
+    n_trained, n_params = lora.count(trainer.abstract_state.params)
     return {"num_devices": len(mesh.devices.flat), "mesh": dict(mesh.shape), "num_params": int(n_params),
+            "num_trained_params": int(n_trained if trainer.adapters_only else n_params),
             "attention": planned_attention, "gradient_accumulation_steps": trainer.accumulation_steps,
             "rows_per_device_per_microbatch": int(config.data.global_batch_size) // sharding.data_parallel_size(mesh)
                                               // trainer.accumulation_steps,
@@ -76,7 +77,9 @@ def main(argv):
     result = plan(flags.FLAGS.config)
     for key in ("params_gib", "optimizer_state_gib", "activations_and_temporaries_gib", "total_gib"):
         print(f"{key:>34}: {result[key]:10.3f} GiB per device")
-    print(f"{'parameters':>34}: {result['num_params']:,} on mesh {result['mesh']}")
+    print(f"{'parameters':>34}: {result['num_params']:,} on mesh {result['mesh']}"
+          + (f" ({result['num_trained_params']:,} trained: LoRA adapters)"
+             if result['num_trained_params'] < result['num_params'] else ""))
     print(f"{'rows per device at a time':>34}: {result['rows_per_device_per_microbatch']} "
           f"({result['gradient_accumulation_steps']} microbatch(es) a step)")
     if flags.FLAGS.device_memory_gib:

@@ -39,3 +39,19 @@ def test_flash_attention_is_planned_with_the_kernel_not_the_score_matrix():
     assert flash["params_gib"] == dense["params_gib"]
     # 4 heads x 1,024^2 float32 scores (16 MiB a layer) and their softmax dominate the dense plan
     assert flash["activations_and_temporaries_gib"] < dense["activations_and_temporaries_gib"] / 3
+
+
+def test_a_lora_plan_holds_adam_state_for_the_adapters_and_frozen_weights_in_the_compute_dtype():
+    from cm3leon_jax import lora, sharding, trainer
+    overrides = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.dtype": "bfloat16"}
+    full = memory_plan.plan(tiny_config(**overrides))
+    config = tiny_config(**overrides, **{"model.lora_rank": 2})
+    adapted = memory_plan.plan(config)
+    assert full["num_trained_params"] == full["num_params"]
+    assert adapted["num_trained_params"] == adapted["num_params"] - full["num_params"] > 0   # the adapters, alone
+    adapters, frozen = lora.split(trainer.Trainer(config, sharding.make_mesh(config.mesh)).abstract_state.params)
+    gib = lambda tree: memory_plan.per_device_bytes(tree) / 2 ** 30
+    # Adam's mu + nu, and a few scalar counters (step count, the non-finite guard's)
+    np.testing.assert_allclose(adapted["optimizer_state_gib"], 2 * gib(adapters), rtol=0, atol=64 / 2 ** 30)
+    np.testing.assert_allclose(adapted["params_gib"], gib(adapters) + gib(frozen), rtol=1e-9)
+    np.testing.assert_allclose(gib(frozen), (full["params_gib"]) / 2, rtol=1e-9)   # frozen in bfloat16
