@@ -133,14 +133,13 @@ def load_workdir_params(workdir: str, step: int | None = None, mesh=None):
 
 def merge_adapters(config, params, mesh=None):
     """A LoRA run's (config, model config, params) as the plain model's: each adapter folded into
-    its kernel (lora.merge_params), model.lora_rank 0, the params in that model's shardings.
+    its kernel (lora.merge_params_like), model.lora_rank 0, the params in that model's shardings.
     Export and decoding go through this, so an adapted model costs exactly what its base does."""
-    merged = lora.merge_params(params, int(config.model.lora_rank), float(config.model.lora_alpha))
+    rank, alpha = int(config.model.lora_rank), float(config.model.lora_alpha)
     config = config.copy_and_resolve_references()
     config.model.lora_rank = 0
     model_cfg, abstract = abstract_params(config, mesh)
-    return config, model_cfg, jax.tree_util.tree_map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding),
-                                                      merged, abstract)
+    return config, model_cfg, lora.merge_params_like(params, rank, alpha, abstract)
 
 
 def _sha256(path: str) -> str:

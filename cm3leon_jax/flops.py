@@ -38,7 +38,7 @@ def flops_per_token(model_config, seq_len: int) -> float:
     mlp_matrices = 3 if c.mlp == "swiglu" else 2
     matmul_params = c.num_layers * (4 * c.d_model * attn_width + mlp_matrices * c.d_model * c.d_ff) + c.d_model * c.vocab_size
     attention = 6.0 * c.num_layers * seq_len * attn_width
-    rank = getattr(c, "lora_rank", 0)
+    rank = c.lora_rank
     if not rank:
         return 6.0 * matmul_params + attention
     # LoRA: frozen weights get no weight gradients (forward + input gradients: 4x), the adapters all three

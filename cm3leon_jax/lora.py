@@ -93,6 +93,13 @@ def merge_params(params: Any, rank: int, alpha: float) -> Any:
     return traverse_util.unflatten_dict(out)
 
 
+def merge_params_like(params: Any, rank: int, alpha: float, abstract: Any) -> Any:
+    """`merge_params`, each array given the dtype and sharding of its `abstract` counterpart
+    (ShapeDtypeStructs): the plain model's parameters laid out as a run holds them."""
+    return jax.tree_util.tree_map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding),
+                                  merge_params(params, rank, alpha), abstract)
+
+
 @jax.jit
 def _merged_kernel(kernel, a, b, factor):
     # kernel [lead..., in..., out...], a [lead..., in..., r], b [lead..., r, out...] (lead: a scanned stack's layers)

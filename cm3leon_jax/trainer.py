@@ -338,9 +338,8 @@ def pretrained_weights(source: str, step: int | None, trainer):
     if not int(theirs.model.get("lora_rank", 0)):
         return checkpointing.restore_params(source, base_abstract, step)
     params, step = restore_run_params(source, theirs, trainer.mesh, step)
-    params = lora.merge_params(params, int(theirs.model.lora_rank), float(theirs.model.lora_alpha))
     logging.info("merged the LoRA adapters of %s (rank %d) into its weights", source, int(theirs.model.lora_rank))
-    return jax.tree_util.tree_map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params, base_abstract), step
+    return lora.merge_params_like(params, int(theirs.model.lora_rank), float(theirs.model.lora_alpha), base_abstract), step
 
 
 def restore_run_params(workdir: str, config, mesh, step: int | None = None):
