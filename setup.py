@@ -35,6 +35,7 @@ setup(
         # cm3leon_jax.hf_interop (tests/test_interop.py): Hugging Face OPT/Chameleon export and import.
         # The core never imports them; torch is pinned to the CPU wheel the CI uses.
         # tokenizers (a transformers dependency, named since hf_text_tokenizer uses it directly).
-        "interop": ["torch==2.13.0", "transformers>=4.44", "tokenizers"],
+        # peft: LoRA adapters to and from Hugging Face PEFT (export --adapters_only, import_hf of an adapter).
+        "interop": ["torch==2.13.0", "transformers>=4.44", "tokenizers", "peft>=0.13"],
     },
 )

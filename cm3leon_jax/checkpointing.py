@@ -156,12 +156,24 @@ class PreemptionWatcher:
         return self._event.is_set()
 
 
+def _read_only_manager(workdir: str):
+    directory = workdir_io.join(workdir_io.resolve(workdir), "checkpoints")
+    return ocp.CheckpointManager(directory, item_names=("state",), options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0)), directory
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The checkpoint steps a workdir holds, in order."""
+    manager, _ = _read_only_manager(workdir)
+    steps = sorted(int(s) for s in manager.all_steps())
+    manager.close()
+    return steps
+
+
 def restore_params(workdir: str, abstract_params, step: int | None = None):
     """Parameters only, straight into `abstract_params`' shardings: the optimizer state is never
     read (generation, evaluation, export and fine-tuning from a pretrained run)."""
-    directory = workdir_io.join(workdir_io.resolve(workdir), "checkpoints")
-    manager = ocp.CheckpointManager(directory, item_names=("state",),
-                                    options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
+    manager, directory = _read_only_manager(workdir)
     step = manager.latest_step() if step is None else int(step)
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")

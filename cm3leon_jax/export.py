@@ -3,6 +3,8 @@
     python -m cm3leon_jax.export --workdir DIR [--step N] --format params --out OUT [--vq_workdir VQ]
     python -m cm3leon_jax.export --workdir DIR [--step N] --format hf-opt --out OUT [--dtype bfloat16]
     python -m cm3leon_jax.export --workdir DIR [--step N] --format hf-chameleon --out OUT
+    python -m cm3leon_jax.export --workdir LORA_RUN --format hf-chameleon|hf-opt --adapters_only --out OUT
+                                 [--base_model BASE_HF] [--dtype bfloat16]
 
 Formats:
   params        a self-describing bundle, parameters only (no optimizer state):
@@ -31,6 +33,10 @@ Formats:
                 `vqmodel` says why. A --vq_workdir that does not fit is refused. With the
                 vqmodel goes preprocessor_config.json (Chameleon's image processor with our
                 pixel_scale), so transformers' processor feeds it the pixels ours does.
+  --adapters_only  a LoRA run's adapters alone as a Hugging Face PEFT LoRA adapter
+                (adapter_config.json + adapter_model.safetensors) for the hf-* export of the
+                checkpoint the run fine-tuned (its init_from.json; cm3leon_export.json gives the
+                command that exports that base): `PeftModel.from_pretrained(base, OUT)`.
 See hf_interop.py for what each HF format can hold; a config it cannot hold exactly is refused
 before anything is read. Parameters move one tensor (one layer) at a time. Run it as one process.
 
@@ -463,18 +469,80 @@ def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: 
     return hf_cfg
 
 
+def export_hf_adapters(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32",
+                       base_model: str | None = None) -> dict:
+    """A LoRA run's adapters alone as a PEFT LoRA adapter (OUT/adapter_config.json +
+    OUT/adapter_model.safetensors) for the `fmt` export of the checkpoint it fine-tuned (its
+    init_from.json): megabytes instead of the whole model, loaded in transformers with
+    `PeftModel.from_pretrained(base, OUT)`. Returns the adapter config."""
+    from cm3leon_jax import trainer as trainer_lib
+    config = read_config(workdir)
+    rank, alpha = int(config.model.get("lora_rank", 0)), float(config.model.get("lora_alpha", 0.0))
+    if not rank:
+        raise ValueError(f"--adapters_only: {workdir} is not a LoRA run (model.lora_rank = 0); export it whole")
+    model_cfg = model_lib.TransformerConfig.from_config(config.model)
+    hf_interop.check_exportable(model_cfg, fmt)
+    base = trainer_lib.init_from_record(workdir)
+    if base is None:
+        raise ValueError(f"--adapters_only: {workdir} has no {trainer_lib.INIT_FROM_FILE}: its frozen weights are its "
+                         "seed's random initialisation, which no checkpoint holds, so its adapters alone apply to "
+                         "nothing; export it without --adapters_only (merged into the weights)")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype!r}: one of float32, bfloat16, float16")
+    targets = lora.parse_targets(config.model.lora_targets)
+    adapter_cfg = hf_interop.peft_config(model_cfg, fmt, rank, alpha, targets, base_model)
+    _prepare_out(out)
+    _, abstract = abstract_params(config)
+    adapters, step = checkpointing.restore_params(workdir, lora.split(abstract)[0], step)
+
+    def peft_tensor(spec, layer, which):   # PEFT's lora_A/lora_B of one layer, read from the (sharded) adapters
+        name = lora.ADAPTER_PARAMS["AB".index(which)]
+        x = hf_interop.layer_param(adapters, model_cfg, spec.path + (name,), layer)
+        return hf_interop.adapter_to_hf(np.asarray(jax.device_get(x)), which)
+
+    entries = []
+    for spec in hf_interop.adapter_specs(model_cfg, fmt):
+        if spec.target not in targets:
+            continue
+        for which in "AB":
+            shape = peft_tensor(spec, 0, which).shape
+            entries += [(spec.name(layer, which), shape, dtype, lambda spec=spec, layer=layer, which=which:
+                         [peft_tensor(spec, layer, which)]) for layer in range(model_cfg.num_layers)]
+    sha = hf_interop.write_safetensors(os.path.join(out, hf_interop.PEFT_WEIGHTS), entries, metadata={"format": "pt"})
+    with open(os.path.join(out, hf_interop.PEFT_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(adapter_cfg, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(out, "cm3leon_export.json"), "w", encoding="utf-8") as f:
+        json.dump({"source_workdir": workdir_io.resolve(workdir), "step": step, "format": fmt, "dtype": dtype,
+                   "adapters_only": True, f"{hf_interop.PEFT_WEIGHTS}_sha256": sha,
+                   "base": {"workdir": base["workdir"], "step": int(base["step"]),
+                            "export": f"python -m cm3leon_jax.export --workdir {base['workdir']} --step {base['step']} "
+                                      f"--format {fmt} --out BASE_DIR"},
+                   "training_config": config.to_dict()}, f, indent=2, default=str)
+        f.write("\n")
+    return adapter_cfg
+
+
 def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32",
-           vq_workdir: str | None = None) -> Any:
+           vq_workdir: str | None = None, adapters_only: bool = False, base_model: str | None = None) -> Any:
     """`workdir` may be in a bucket (gs://); the bundle or HF checkpoint is written to a local `out`."""
     workdir_io.require_local(out, "--out")
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: one of {FORMATS}")
+    if (adapters_only or base_model) and fmt == "params":
+        raise ValueError("--adapters_only/--base_model write a PEFT adapter for an hf-* format: add --format "
+                         f"{' or '.join(hf_interop.FORMATS)}")
+    if base_model and not adapters_only:
+        raise ValueError("--base_model names the base of a PEFT adapter: it goes with --adapters_only")
     if fmt == "params":
         if dtype != "float32":
             raise ValueError("--dtype applies to the hf-* formats; params bundles keep the training dtype")
         return export_params(workdir, out, step, vq_workdir)
-    if vq_workdir and fmt != hf_interop.CHAMELEON:
-        raise ValueError("--vq_workdir applies to params bundles and hf-chameleon; hf-opt holds the language model only")
+    if vq_workdir and (fmt != hf_interop.CHAMELEON or adapters_only):
+        raise ValueError("--vq_workdir applies to params bundles and hf-chameleon; hf-opt and adapters hold the "
+                         "language model only")
+    if adapters_only:
+        return export_hf_adapters(workdir, out, fmt, step, dtype, base_model)
     return export_hf(workdir, out, fmt, step, dtype, vq_workdir)
 
 
@@ -489,6 +557,10 @@ def _define_flags():
     flags.DEFINE_string("out", None, "output directory (new or empty)", required=True)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "tensor dtype of hf-* exports")
     flags.DEFINE_string("vq_workdir", None, "VQ tokenizer put in a params bundle or hf-chameleon vqmodel (default: the data's)")
+    flags.DEFINE_bool("adapters_only", False, "a LoRA run's adapters alone, as a PEFT adapter for the hf-* export of "
+                      "the checkpoint it fine-tuned (default: merged into the weights)")
+    flags.DEFINE_string("base_model", None, "with --adapters_only: adapter_config.json's base_model_name_or_path "
+                        "(the base's HF export directory or hub name)")
     return flags.FLAGS
 
 
@@ -496,7 +568,8 @@ def main(argv):
     del argv
     FLAGS = _FLAGS
     try:
-        export(FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step, FLAGS.dtype, FLAGS.vq_workdir)
+        export(FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step, FLAGS.dtype, FLAGS.vq_workdir,
+               FLAGS.adapters_only, FLAGS.base_model)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"export failed: {e}") from None
     with open(os.path.join(FLAGS.out, BUNDLE_JSON if FLAGS.format == "params" else "cm3leon_export.json")) as f:

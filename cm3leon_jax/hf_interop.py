@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from cm3leon_jax import model as model_lib
+from cm3leon_jax import lora, model as model_lib
 
 OPT, CHAMELEON = "hf-opt", "hf-chameleon"
 FORMATS = (OPT, CHAMELEON)
@@ -303,6 +303,87 @@ def layer_param(params: dict, cfg: model_lib.TransformerConfig, path: Sequence[s
     for key in path:
         node = node[key]
     return node
+
+
+# ----------------------------------------------------------------------------- LoRA adapters (PEFT)
+# A LoRA run's adapters alone, in the layout Hugging Face PEFT reads on top of the model our hf-*
+# export writes: per layer and projection `base_model.model.<module>.lora_A.weight` [rank, in] and
+# `.lora_B.weight` [out, rank], where in/out are the torch Linear's flattened input/output axes
+# (ours: A [in..., rank], B [rank, out...]), and PEFT's scale lora_alpha / r is ours (alpha / rank).
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """A projection an adapter attaches to: its transformers module (`{i}`: the layer), our
+    `lora.TARGETS` name for it and its path inside one of our layers."""
+    module: str
+    target: str
+    path: tuple[str, ...]
+
+    def name(self, layer: int, which: str) -> str:
+        """PEFT's tensor name for lora_A ("A") or lora_B ("B") of `layer`."""
+        return f"{PEFT_PREFIX}{self.module.format(i=layer)}.lora_{which}.weight"
+
+
+def adapter_specs(cfg: model_lib.TransformerConfig, fmt: str) -> list[AdapterSpec]:
+    """The projections of `fmt`'s layers an adapter may attach to, from its tensor map."""
+    return [AdapterSpec(spec.hf_name[:-len(".weight")], spec.ours[-2], spec.ours[:-1])
+            for spec in tensor_specs(cfg, fmt)
+            if spec.layered and spec.ours and spec.ours[-1] == "kernel" and spec.ours[-2] in lora.TARGETS]
+
+
+def adapter_to_hf(x: np.ndarray, which: str) -> np.ndarray:
+    """One layer's A [in..., r] ("A") or B [r, out...] ("B") -> PEFT's lora_A [r, in] or lora_B [out, r]."""
+    return (x.reshape(-1, x.shape[-1]) if which == "A" else x.reshape(x.shape[0], -1)).T
+
+
+def adapter_from_hf(t: np.ndarray, shape) -> np.ndarray:
+    """PEFT's lora_A or lora_B of one layer -> our A or B of that per-layer `shape`."""
+    return t.T.reshape(shape)
+
+
+def peft_config(cfg: model_lib.TransformerConfig, fmt: str, rank: int, alpha: float, targets: Sequence[str],
+                base_model: str | None = None) -> dict:
+    """PEFT's adapter_config.json for adapters on `targets`. target_modules is a regular expression
+    naming exactly the language model's projections (PEFT matches it against whole module names),
+    so no other module that happens to share a short name (Chameleon's VQ model) gets an adapter."""
+    modules = sorted({re.escape(s.module).replace(re.escape("{i}"), r"\d+")
+                      for s in adapter_specs(cfg, fmt) if s.target in targets})
+    if not modules:
+        raise ValueError(f"model.lora_targets={','.join(targets)!r} names no projection {fmt} has")
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank), "lora_alpha": float(alpha),
+            "target_modules": "(?:" + "|".join(modules) + ")", "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+            "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base_model or None}
+
+
+# PEFT settings our adapters (x W + alpha / r (x A) B on whole projections, every layer) cannot hold,
+# each with the value that means "not used"
+_PEFT_UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None,
+                     "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False, "layer_replication": None,
+                     "lora_bias": False, "trainable_token_indices": None, "target_parameters": None}
+
+
+def adapter_fields_from_peft(peft: dict) -> tuple[int, float]:
+    """(rank, our alpha) of a PEFT adapter_config.json; ValueError naming every setting our
+    adapters cannot hold exactly. rsLoRA's scale alpha / sqrt(r) is converted to ours exactly."""
+    problems = []
+    if peft.get("peft_type") != "LORA":
+        problems.append(f"peft_type={peft.get('peft_type')!r} (only LORA)")
+    for key, unused in _PEFT_UNSUPPORTED.items():
+        value = peft.get(key, unused)
+        if value != unused and not (unused in ({}, None) and not value):
+            problems.append(f"{key}={value!r}")
+    if problems:
+        raise ValueError("this PEFT adapter cannot be imported exactly: " + "; ".join(problems))
+    rank, alpha = int(peft["r"]), float(peft["lora_alpha"])
+    if peft.get("use_rslora"):
+        alpha *= math.sqrt(rank)   # rsLoRA scales by alpha / sqrt(r); ours by alpha / r
+    return rank, alpha
 
 
 # ----------------------------------------------------------------------------- safetensors

@@ -2,6 +2,10 @@
 
     python -m cm3leon_jax.import_hf --hf_dir DIR --workdir OUT [--vocab FILE] [--remap_vocab]
         [--num_sentinels N] [--seq_len N] [--mesh_data 1 --mesh_fsdp -1 --mesh_tensor 1]
+    python -m cm3leon_jax.import_hf --hf_dir PEFT_ADAPTER --base WORKDIR --workdir OUT [--base_step N]
+
+A PEFT LoRA adapter dir (adapter_config.json) becomes a LoRA run of ours on top of WORKDIR
+(`import_peft_adapter`): the model it was trained on, as our workdir.
 
 The format comes from DIR/config.json's model_type (opt | chameleon). Writes
   OUT/config.json            a full training config (base_config + the HF architecture; Chameleon:
@@ -52,7 +56,9 @@ What is left out is listed in the summary's `not_carried`, with the reason.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 
 import jax
@@ -61,7 +67,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from cm3leon_jax import export as export_lib, hf_interop, hf_text_tokenizer, hf_vq, model as model_lib, sharding, workdir_io
+from cm3leon_jax import checkpointing, export as export_lib, hf_interop, hf_text_tokenizer, hf_vq, model as model_lib, sharding, workdir_io
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "tokenizer.model", "generation_config.json", hf_vq.PREPROCESSOR_CONFIG)
@@ -194,6 +200,131 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
             "vq": VQ_DIR if vq_params is not None else None, "not_carried": not_carried}
 
 
+def is_peft_adapter(hf_dir: str) -> bool:
+    return os.path.exists(os.path.join(hf_dir, hf_interop.PEFT_CONFIG))
+
+
+def import_peft_adapter(adapter_dir: str, base: str, workdir: str, *, base_step: int | None = None,
+                        mesh_config=None) -> dict:
+    """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors), trained in transformers
+    on the hf-* export of our workdir `base` (or on the checkpoint `base` was imported from), as a
+    LoRA run of ours: OUT/config.json is base's with the adapter's rank, alpha and targets and
+    init_from = base, OUT/init_from.json names base's step, OUT/checkpoints/0 holds the adapters.
+    `Generator`, `evaluate` and `export` read it like any LoRA run (merged into base's weights);
+    `config.init_from = OUT` fine-tunes on from the merged model. Anything PEFT holds that our
+    adapters cannot (DoRA, biases, other modules, per-layer ranks, some layers only) is refused."""
+    from cm3leon_jax import lora, trainer as trainer_lib
+    workdir_io.require_local(workdir, "--workdir")
+    if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(os.path.join(workdir, "checkpoints")):
+        raise FileExistsError(f"{workdir} already holds a workdir (config.json or checkpoints/); import into a new directory")
+    with open(os.path.join(adapter_dir, hf_interop.PEFT_CONFIG), encoding="utf-8") as f:
+        peft_cfg = json.load(f)
+    rank, alpha = hf_interop.adapter_fields_from_peft(peft_cfg)
+    weights = os.path.join(adapter_dir, hf_interop.PEFT_WEIGHTS)
+    if not os.path.exists(weights):
+        pickled = [n for n in ("adapter_model.bin", "adapter_model.pt") if os.path.exists(os.path.join(adapter_dir, n))]
+        raise FileNotFoundError(f"{adapter_dir} has no {hf_interop.PEFT_WEIGHTS}" + (
+            f" ({pickled[0]} is a pickle, which is never loaded: save the adapter with safe_serialization=True)"
+            if pickled else ""))
+    base = workdir_io.resolve(base)
+    config = export_lib.read_config(base)
+    steps = checkpointing.saved_steps(base)
+    if not steps or (base_step is not None and int(base_step) not in steps):
+        raise FileNotFoundError(f"--base {base} holds no checkpoint" + (f" of step {base_step} (it holds {steps})"
+                                                                         if steps else ""))
+    base_step = steps[-1] if base_step is None else int(base_step)
+    base_cfg = model_lib.TransformerConfig.from_config(config.model)
+    formats = [fmt for fmt in hf_interop.FORMATS if _fits(base_cfg, fmt)]
+    if not formats:
+        raise ValueError(f"the model of {base} has no Hugging Face format (hf_interop.check_exportable), so no PEFT "
+                         "adapter names its modules")
+    specs = hf_interop.adapter_specs(base_cfg, formats[0])
+    st = hf_interop.SafetensorsFile(weights)
+    found, unmatched = {}, []
+    for key in st.keys():
+        hit = next(((spec, m) for spec in specs for m in [_peft_key(spec).match(key)] if m), None)
+        if hit is None:
+            unmatched.append(key)
+            continue
+        spec, m = hit
+        found[(spec.target, int(m.group(1)), m.group(2))] = key
+    if unmatched:
+        raise ValueError(f"{weights}: tensors that are not LoRA A/B of a {formats[0]} layer projection, which our "
+                         f"adapters cannot hold: {unmatched[:10]}" + (f" ... {len(unmatched) - 10} more" if len(unmatched) > 10 else ""))
+    targets = [t for t in lora.TARGETS if any(k[0] == t for k in found)]
+    if not targets:
+        raise ValueError(f"{weights} holds no LoRA tensor")
+    missing = [f"{t} layer {i} lora_{w}" for t in targets for i in range(base_cfg.num_layers) for w in "AB"
+               if (t, i, w) not in found]
+    extra = sorted({i for _, i, _ in found if i >= base_cfg.num_layers})
+    if missing or extra:
+        raise ValueError(f"{weights}: adapters must cover every layer of every projection they touch (ours are stacked "
+                         f"per layer): missing {missing[:10]}" + (f"; layers beyond the base's {base_cfg.num_layers}: "
+                                                                   f"{extra}" if extra else ""))
+    config.model.update(lora_rank=rank, lora_alpha=alpha, lora_targets=",".join(targets))
+    config.init_from = base
+    mesh = export_lib.default_mesh(config) if mesh_config is None else \
+        sharding.make_mesh(ml_collections.ConfigDict(dict(mesh_config)))
+    cfg, abstract = export_lib.abstract_params(config, mesh)
+    by_path = {spec.path: spec for spec in specs}
+    flat = {}
+    for key, a in traverse_util.flatten_dict(lora.split(abstract)[0]).items():
+        layered = key[:2] == ("layers", "layer")
+        spec = by_path[key[2:-1]]
+        layer = None if layered else int(key[0].split("_")[-1])
+        flat[key] = export_lib.make_sharded(a, _adapter_reader(st, found, spec, key[-1], a.shape, layered, layer))
+    adapters = traverse_util.unflatten_dict(flat)
+    export_lib.save_params_checkpoint(workdir, 0, adapters)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        with open(os.path.join(workdir, trainer_lib.INIT_FROM_FILE), "w", encoding="utf-8") as f:
+            json.dump({"workdir": base, "step": int(base_step)}, f, indent=2)
+        shutil.copyfile(os.path.join(adapter_dir, hf_interop.PEFT_CONFIG), os.path.join(workdir, hf_interop.PEFT_CONFIG))
+        for name in (VOCAB_DIR, VQ_DIR):   # what Generator reads beside the params
+            if os.path.isdir(os.path.join(base, name)):
+                shutil.copytree(os.path.join(base, name), os.path.join(workdir, name))
+    return {"format": formats[0], "workdir": workdir, "adapter": adapter_dir, "base": base, "base_step": int(base_step),
+            "lora_rank": rank, "lora_alpha": alpha, "lora_targets": targets,
+            "num_adapter_params": int(sum(x.size for x in flat.values()))}
+
+
+def _fits(cfg, fmt: str) -> bool:
+    try:
+        hf_interop.check_exportable(cfg, fmt)
+        return True
+    except ValueError:
+        return False
+
+
+def _peft_key(spec) -> "re.Pattern":
+    """PEFT's name of `spec`'s lora_A/B in any wrapper (CausalLM or bare model): (layer, A|B)."""
+    suffix = spec.module.split("{i}.", 1)[1]
+    return re.compile(r"^(?:.*\.)?layers\.(\d+)\." + re.escape(suffix) + r"\.lora_([AB])\.weight$")
+
+
+def _adapter_reader(st, found, spec, name: str, shape, layered: bool, layer: int | None):
+    """read(index) -> this shard of our adapter `name` (lora_a | lora_b), from PEFT's tensors."""
+    per_layer = tuple(shape[1:] if layered else shape)
+    which = "A" if name == "lora_a" else "B"
+    # PEFT's lora_A is [r, in], lora_B [out, r]
+    want = (per_layer[-1], math.prod(per_layer[:-1])) if which == "A" else (math.prod(per_layer[1:]), per_layer[0])
+
+    def one(i):
+        key = found[(spec.target, i, which)]
+        if tuple(st.shape(key)) != want:
+            raise ValueError(f"{st.path}: {key} has shape {tuple(st.shape(key))}, expected {want} for the base model "
+                             f"at the adapter's r")
+        return hf_interop.adapter_from_hf(np.asarray(st.get(key), np.float32), per_layer)
+
+    def read(index):
+        if not layered:
+            return one(layer)[index]
+        return np.stack([one(i)[index[1:]] for i in range(shape[0])[index[0]]])
+
+    return read
+
+
 def _vq(ckpt, hf_cfg: dict, fmt: str, not_carried: list) -> tuple:
     """(VQGANConfig, params) of Chameleon's converted VQ; (config or None, None) when it is not
     carried (the reason goes to `not_carried`). Tensors that contradict vq_config raise."""
@@ -290,7 +421,11 @@ def _reader(ckpt, spec, cfg, layered: bool, perm):
 
 def _define_flags():
     from absl import flags
-    flags.DEFINE_string("hf_dir", None, "transformers folder (config.json + safetensors)", required=True)
+    flags.DEFINE_string("hf_dir", None, "transformers folder (config.json + safetensors), or a PEFT LoRA adapter "
+                        "folder (adapter_config.json + adapter_model.safetensors) with --base", required=True)
+    flags.DEFINE_string("base", None, "with a PEFT adapter: our workdir of the model it was trained on (imported "
+                        "with this command, or the run whose hf-* export it was trained on)")
+    flags.DEFINE_integer("base_step", None, "with --base: its checkpoint step (default: the latest)")
     flags.DEFINE_string("workdir", None, "new workdir to write", required=True)
     flags.DEFINE_string("vocab", None, "vocab.json / tokenizer.json / {token: id} mapping of the HF vocabulary")
     flags.DEFINE_bool("remap_vocab", False, "permute embedding/head rows into our id layout")
@@ -309,8 +444,17 @@ def main(argv):
     if any(v is not None for v in (FLAGS.mesh_data, FLAGS.mesh_fsdp, FLAGS.mesh_tensor)):
         mesh = dict(data=FLAGS.mesh_data or 1, fsdp=FLAGS.mesh_fsdp or 1, tensor=FLAGS.mesh_tensor or 1)
     try:
-        summary = import_hf(FLAGS.hf_dir, FLAGS.workdir, vocab_file=FLAGS.vocab, remap_vocab=FLAGS.remap_vocab,
-                            num_sentinels=FLAGS.num_sentinels, seq_len=FLAGS.seq_len, mesh_config=mesh)
+        if is_peft_adapter(FLAGS.hf_dir):
+            if not FLAGS.base:
+                raise ValueError(f"{FLAGS.hf_dir} is a PEFT adapter: name the workdir of the model it adapts (--base)")
+            summary = import_peft_adapter(FLAGS.hf_dir, FLAGS.base, FLAGS.workdir, base_step=FLAGS.base_step,
+                                          mesh_config=mesh)
+        elif FLAGS.base or FLAGS.base_step is not None:
+            raise ValueError(f"--base/--base_step go with a PEFT adapter; {FLAGS.hf_dir} has no "
+                             f"{hf_interop.PEFT_CONFIG}")
+        else:
+            summary = import_hf(FLAGS.hf_dir, FLAGS.workdir, vocab_file=FLAGS.vocab, remap_vocab=FLAGS.remap_vocab,
+                                num_sentinels=FLAGS.num_sentinels, seq_len=FLAGS.seq_len, mesh_config=mesh)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"import failed: {e}") from None
     print(json.dumps(summary))

@@ -329,6 +329,12 @@ def init_from_pretrained(config, trainer, workdir: str, fresh_params=None):
 INIT_FROM_FILE = "init_from.json"   # where a fine-tuning run started: {"workdir": ..., "step": ...}
 
 
+def init_from_record(workdir: str) -> dict | None:
+    """{"workdir": ..., "step": ...}: the checkpoint a fine-tuning run started from, or None."""
+    path = workdir_io.join(workdir, INIT_FROM_FILE)
+    return json.loads(workdir_io.read_text(path)) if workdir_io.exists(path) else None
+
+
 def pretrained_weights(source: str, step: int | None, trainer):
     """(params, step) of the training workdir `source` at `step` (None: its latest), as `trainer`'s
     frozen (non-adapter) parameters in its shardings; a LoRA run's adapters merged into its weights."""
@@ -356,10 +362,10 @@ def restore_run_params(workdir: str, config, mesh, step: int | None = None):
 def frozen_weights(config, trainer, workdir: str):
     """A LoRA run's frozen weights: its init_from.json's workdir at that step (a LoRA run's merged
     in turn, so fine-tuning stages stack), else its seed's initialisation."""
-    record_path = workdir_io.join(workdir, INIT_FROM_FILE)
-    if not workdir_io.exists(record_path):
+    record = init_from_record(workdir)
+    if record is None:
         return lora.split(trainer.init_state(int(config.seed)).params)[1]
-    record = json.loads(workdir_io.read_text(record_path))
+    record_path = workdir_io.join(workdir, INIT_FROM_FILE)
     try:
         return pretrained_weights(record["workdir"], int(record["step"]), trainer)[0]
     except FileNotFoundError as e:
