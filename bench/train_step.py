@@ -1,6 +1,6 @@
 """Train-step speed: tokens/s, model TFLOP/s and MFU for the tiny and a small config.
 
-    python bench/train_step.py [--configs tiny,small,long] [--steps 5] [--variants default,dense,flash,bf16_flash,accum4,noguard,lora16]
+    python bench/train_step.py [--configs tiny,small,long] [--steps 5] [--variants default,dense,flash,bf16_flash,accum4,noguard,lora16,lora16_int8,...]
 
 MFU on CPU is against the host's float32 matmul peak measured in the same run (side by side, as
 timings swing with machine load); on accelerators against the device table in flops.py. The last
@@ -25,7 +25,8 @@ flags.DEFINE_list("configs", ["tiny", "small"], "which configs to time")
 flags.DEFINE_list("variants", ["default"], "model variants: " + ", ".join(
     ["default", "dense (no blockwise attention)", "remat", "bf16", "flash (Pallas kernel: TPU/GPU)", "bf16_flash",
      "accum4 (the global batch in 4 microbatches)", "noguard (no non-finite update guard)",
-     "lora16 (LoRA rank 16: adapters trained, the model frozen)"]))
+     "lora16 (LoRA rank 16: adapters trained, the model frozen)", "lora16_int8 (its frozen kernels in int8)",
+     "bf16_lora16", "bf16_lora16_int8"]))
 flags.DEFINE_integer("steps", 5, "timed steps per config (after 2 warm-up steps)")
 
 import jax  # noqa: E402
@@ -65,6 +66,9 @@ VARIANTS = {   # config field -> value
     "accum4": {"gradient_accumulation_steps": 4},   # the same global batch in 4 microbatches, one update
     "noguard": {"optimizer.skip_nonfinite": 0},     # without the NaN/inf update guard (default: on)
     "lora16": {"model.lora_rank": 16},              # rank-16 LoRA adapters on every projection, the rest frozen
+    "lora16_int8": {"model.lora_rank": 16, "model.lora_base_int8": True},   # ... the frozen kernels in int8
+    "bf16_lora16": {"model.dtype": "bfloat16", "model.lora_rank": 16},
+    "bf16_lora16_int8": {"model.dtype": "bfloat16", "model.lora_rank": 16, "model.lora_base_int8": True},
 }
 
 

@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
         # Low-rank adapters (LoRA, cm3leon_jax/lora.py): > 0 trains only rank-`lora_rank` updates of the
         # `lora_targets` projections, scaled by lora_alpha / lora_rank; everything else stays frozen
         lora_rank=0, lora_alpha=16.0, lora_targets="query,key,value,out,up,gate,down",
+        # QLoRA-style: the frozen projection kernels held as int8 + a per-output-channel scale (a quarter
+        # of float32's memory); the adapters train on the dequantized kernels
+        lora_base_int8=False,
     ))
 
     # AdamW (Chameleon's betas/eps/decay/clip), linear warmup then `schedule`: "cosine" (the paper's) or

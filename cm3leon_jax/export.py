@@ -144,6 +144,7 @@ def merge_adapters(config, params, mesh=None):
     rank, alpha = int(config.model.lora_rank), float(config.model.lora_alpha)
     config = config.copy_and_resolve_references()
     config.model.lora_rank = 0
+    config.model.lora_base_int8 = False
     model_cfg, abstract = abstract_params(config, mesh)
     return config, model_cfg, lora.merge_params_like(params, rank, alpha, abstract)
 

@@ -261,7 +261,7 @@ def import_peft_adapter(adapter_dir: str, base: str, workdir: str, *, base_step:
         raise ValueError(f"{weights}: adapters must cover every layer of every projection they touch (ours are stacked "
                          f"per layer): missing {missing[:10]}" + (f"; layers beyond the base's {base_cfg.num_layers}: "
                                                                    f"{extra}" if extra else ""))
-    config.model.update(lora_rank=rank, lora_alpha=alpha, lora_targets=",".join(targets))
+    config.model.update(lora_rank=rank, lora_alpha=alpha, lora_targets=",".join(targets), lora_base_int8=False)
     config.init_from = base
     mesh = export_lib.default_mesh(config) if mesh_config is None else \
         sharding.make_mesh(ml_collections.ConfigDict(dict(mesh_config)))

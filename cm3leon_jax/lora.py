@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from cm3leon_jax.quantization import is_int8
+
 # Projections an adapter may attach to (`model.lora_targets`, comma-separated): the attention's
 # query/key/value/out and the MLP's up/gate/down. Embeddings, norms and the output head stay frozen.
 TARGETS = ("query", "key", "value", "out", "up", "gate", "down")
@@ -114,7 +116,9 @@ def _merged_kernel(kernel, a, b, factor):
 
 
 def count(params: Any) -> tuple[int, int]:
-    """(adapter parameters, all parameters) of a tree (arrays or ShapeDtypeStructs)."""
+    """(adapter parameters, all parameters) of a tree (arrays or ShapeDtypeStructs; an int8 kernel
+    counts its weights, not its scales)."""
     adapters, _ = split(params)
-    size = lambda tree: int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+    size = lambda tree: int(sum((x.values if is_int8(x) else x).size
+                                for x in jax.tree_util.tree_leaves(tree, is_leaf=is_int8)))
     return size(adapters), size(params)

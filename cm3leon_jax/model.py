@@ -55,6 +55,7 @@ class TransformerConfig:
     lora_rank: int = 0                 # >0: low-rank adapters on lora_targets, the only trained parameters (lora.py)
     lora_alpha: float = 16.0           # the adapter's output is scaled by lora_alpha / lora_rank
     lora_targets: str = "query,key,value,out,up,gate,down"   # comma-separated projection names (lora.TARGETS)
+    lora_base_int8: bool = False       # QLoRA-style: the frozen projection kernels held in int8 (quantization.py)
 
     @classmethod
     def from_config(cls, model_config) -> "TransformerConfig":
@@ -79,6 +80,8 @@ class TransformerConfig:
         if self.positions == "rotary" and self.resolved_head_dim % 2:
             raise ValueError("rotary positions need an even head_dim")
         lora.validate(self.lora_rank, self.lora_alpha, self.lora_targets)
+        if self.lora_base_int8 and not self.lora_rank:
+            raise ValueError("model.lora_base_int8=True quantizes the frozen weights of a LoRA run: it needs model.lora_rank > 0")
         if self.lora_rank and self.mlp != "swiglu" and set(lora.parse_targets(self.lora_targets)) == {"gate"}:
             raise ValueError(f"model.lora_targets={self.lora_targets!r}: only 'gate', which model.mlp={self.mlp!r} has not "
                              "(SwiGLU's): no adapter would be trained")

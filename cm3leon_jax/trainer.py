@@ -20,7 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipeline
 from cm3leon_jax import attention as attn_lib
-from cm3leon_jax import checkpointing, flops, lora, losses, metrics, model as model_lib, optimizer, sharding, workdir_io
+from cm3leon_jax import (checkpointing, flops, lora, losses, metrics, model as model_lib, optimizer, quantization,
+                         sharding, workdir_io)
 
 
 @flax.struct.dataclass
@@ -105,6 +106,8 @@ class Trainer:
         # cast to it where it is used, so no number changes and their memory halves (bfloat16 over float32)
         compute, stored = jnp.dtype(self.model_config.dtype), jnp.dtype(self.model_config.param_dtype)
         self.frozen_dtype = compute if self.adapters_only and compute.itemsize < stored.itemsize else None
+        # ... and with model.lora_base_int8 (QLoRA-style) their projection kernels as int8 + scales
+        self.frozen_int8 = self.adapters_only and self.model_config.lora_base_int8
         self.tx, self.schedule = optimizer.make_optimizer(config.optimizer, int(config.total_steps))
         seq_len = int(config.data.seq_len)
         self.tokens_per_step = int(config.data.global_batch_size) * seq_len
@@ -124,15 +127,45 @@ class Trainer:
                              out_shardings=(self.state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
         self._eval_sums = jax.jit(self._loss_sums, in_shardings=(self.state_shardings.params, self.batch_sharding),
                                   out_shardings=sharding.replicated(mesh))
+        if self.adapters_only:
+            frozen_shardings = lora.split(self.state_shardings.params)[1]
+            self._store_frozen = jax.jit(self.stored_frozen, out_shardings=frozen_shardings, donate_argnums=(0,))
 
     def _init_boxed(self, rng) -> TrainState:
         length = int(self.config.data.seq_len)
         tokens = jnp.zeros((1, length), jnp.int32)
         params = self.model.init(rng, tokens)["params"]
         trained, frozen = self.trainable(params)
-        if self.frozen_dtype is not None:
-            params = self.whole(trained, jax.tree_util.tree_map(lambda x: x.astype(self.frozen_dtype), frozen))
+        if self.adapters_only:
+            params = self.whole(trained, self.stored_frozen(frozen))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(trained))
+
+    def stored_frozen(self, frozen):
+        """The frozen weights as this run holds them: in the compute dtype when it is narrower, then
+        (lora_base_int8) the projection kernels quantized to int8 from that. Boxed or not."""
+        if self.frozen_dtype is not None:
+            frozen = jax.tree_util.tree_map(lambda x: x.astype(self.frozen_dtype), frozen)
+        return quantization.quantize_params(frozen) if self.frozen_int8 else frozen
+
+    @property
+    def frozen_float_abstract(self):
+        """The frozen weights' ShapeDtypeStructs before int8 quantization (what a checkpoint is
+        restored into before `store_frozen`): a kernel's dtype is the other frozen weights'."""
+        frozen = lora.split(self.abstract_state.params)[1]
+        dtype = self.frozen_dtype or jnp.dtype(self.model_config.param_dtype)
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.values.shape, dtype, sharding=x.values.sharding)
+            if quantization.is_int8(x) else x, frozen, is_leaf=quantization.is_int8)
+
+    def store_frozen(self, frozen):
+        """`stored_frozen` of restored float weights, in this run's frozen shardings (the float
+        tree is donated: with int8 its memory is freed as the kernels are quantized)."""
+        with sharding.activate(self.mesh):
+            return self._store_frozen(frozen)
+
+    def float_frozen(self, frozen):
+        """The frozen weights as float arrays (int8 kernels dequantized: what the adapters trained on)."""
+        return quantization.dequantize_params(frozen, self.frozen_dtype or jnp.dtype(self.model_config.param_dtype))
 
     def trainable(self, tree) -> tuple[Any, Any]:
         """(what is trained, what is frozen) of params or a tree shaped like them: the adapters and
@@ -263,7 +296,7 @@ def _save_vocabulary(config, workdir: str) -> None:
 _RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_block_size", "attention_impl")
 # Adapters come and go on top of the same base weights: fine-tune with LoRA from a full run, or from
 # a LoRA run (its adapters are merged into its kernels first).
-_ADAPTER_MODEL_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
+_ADAPTER_MODEL_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_base_int8")
 
 
 def pretrained_config(workdir: str) -> dict:
@@ -339,13 +372,15 @@ def pretrained_weights(source: str, step: int | None, trainer):
     """(params, step) of the training workdir `source` at `step` (None: its latest), as `trainer`'s
     frozen (non-adapter) parameters in its shardings; a LoRA run's adapters merged into its weights."""
     abstract = trainer.abstract_state.params
-    base_abstract = lora.split(abstract)[1] if trainer.adapters_only else abstract
+    base_abstract = trainer.frozen_float_abstract if trainer.adapters_only else abstract
     theirs = ml_collections.ConfigDict(pretrained_config(source))
     if not int(theirs.model.get("lora_rank", 0)):
-        return checkpointing.restore_params(source, base_abstract, step)
-    params, step = restore_run_params(source, theirs, trainer.mesh, step)
-    logging.info("merged the LoRA adapters of %s (rank %d) into its weights", source, int(theirs.model.lora_rank))
-    return lora.merge_params_like(params, int(theirs.model.lora_rank), float(theirs.model.lora_alpha), base_abstract), step
+        params, step = checkpointing.restore_params(source, base_abstract, step)
+    else:
+        params, step = restore_run_params(source, theirs, trainer.mesh, step)
+        logging.info("merged the LoRA adapters of %s (rank %d) into its weights", source, int(theirs.model.lora_rank))
+        params = lora.merge_params_like(params, int(theirs.model.lora_rank), float(theirs.model.lora_alpha), base_abstract)
+    return (trainer.store_frozen(params) if trainer.frozen_int8 else params), step
 
 
 def restore_run_params(workdir: str, config, mesh, step: int | None = None):
@@ -356,7 +391,7 @@ def restore_run_params(workdir: str, config, mesh, step: int | None = None):
     if not t.adapters_only:
         return checkpointing.restore_params(workdir, t.abstract_state.params, step)
     adapters, step = checkpointing.restore_params(workdir, lora.split(t.abstract_state.params)[0], step)
-    return lora.join(adapters, frozen_weights(config, t, workdir)), step
+    return lora.join(adapters, t.float_frozen(frozen_weights(config, t, workdir))), step
 
 
 def frozen_weights(config, trainer, workdir: str):

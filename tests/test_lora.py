@@ -7,7 +7,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 import data_pipeline
-from cm3leon_jax import flops, lora, model as model_lib, optimizer, sharding, trainer
+from cm3leon_jax import flops, lora, model as model_lib, optimizer, quantization, sharding, trainer
 from tests.helpers import tiny_config
 
 BASE = dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=48, max_length=32)
@@ -97,12 +97,13 @@ def test_model_flops_count_no_weight_gradients_for_frozen_matmuls():
     assert flops.flops_per_token(adapted, t) == 4 * matmuls + 6 * adapter + attention
 
 
-def test_lora_training_on_a_mesh_updates_the_adapters_only():
+@pytest.mark.parametrize("int8_base", [False, True])
+def test_lora_training_on_a_mesh_updates_the_adapters_only(int8_base):
     # init_std 0.2: with the default 0.006 a frozen random output head gives logits too small for
     # adapters alone to move (fine-tuning starts from a trained model: tests/test_sft.py)
     config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "optimizer.peak_lr": 1e-2,
                             "optimizer.warmup_steps": 2, "total_steps": 40, "model.lora_rank": 4,
-                            "model.lora_alpha": 8.0, "model.init_std": 0.2})
+                            "model.lora_alpha": 8.0, "model.init_std": 0.2, "model.lora_base_int8": int8_base})
     mesh = sharding.make_mesh(config.mesh)
     t = trainer.Trainer(config, mesh)
     state = t.init_state(0)
@@ -115,6 +116,13 @@ def test_lora_training_on_a_mesh_updates_the_adapters_only():
     # the adapters' parameters are laid out over the mesh by the logical rules (A's d_model over fsdp)
     a_query = state.params["layers"]["layer"]["attention"]["query"]["lora_a"]
     assert a_query.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    kernel = state.params["layers"]["layer"]["attention"]["query"]["kernel"]   # [layers, d, heads, head_dim]
+    if int8_base:   # int8 values laid out like the kernel; the per-output-channel scale has no d_model axis
+        assert kernel.values.dtype == jnp.int8 and kernel.scale.shape == (2, 1, 4, 8)
+        assert kernel.values.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+        assert kernel.scale.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+    else:
+        assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     batch = sharding.global_batch_from_local(next(data_pipeline.make_train_iterator(config, 0, 1)), mesh)
     losses = []
     for _ in range(40):
@@ -122,8 +130,8 @@ def test_lora_training_on_a_mesh_updates_the_adapters_only():
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.8 * losses[0], losses[::5]
     trained_adapters, trained_base = lora.split(jax.device_get(state.params))
-    for path, x in traverse_util.flatten_dict(base).items():   # frozen, bit for bit
-        np.testing.assert_array_equal(traverse_util.flatten_dict(trained_base)[path], x, err_msg=str(path))
+    for (path, x), (_, y) in zip(*(jax.tree_util.tree_flatten_with_path(t)[0] for t in (base, trained_base))):
+        np.testing.assert_array_equal(y, x, err_msg=jax.tree_util.keystr(path))   # frozen, bit for bit
     assert all(np.abs(np.asarray(x)).max() > 0 for p, x in traverse_util.flatten_dict(trained_adapters).items()
                if p[-1] == "lora_b")
     assert int(optimizer.skipped_updates(state.opt_state)[1]) == 0
@@ -160,8 +168,8 @@ def test_lora_sft_config_takes_a_pretrained_model_that_predates_the_adapter_fiel
     assert (cfg.d_model, cfg.max_length, cfg.lora_alpha) == (BASE["d_model"], 128, 16.0)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_lora_run_checkpoints_its_adapters_only_and_resumes_exactly(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,int8_base", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_a_lora_run_checkpoints_its_adapters_only_and_resumes_exactly(tmp_path, dtype, int8_base):
     import json
     import shutil
     from cm3leon_jax import checkpointing
@@ -169,7 +177,7 @@ def test_a_lora_run_checkpoints_its_adapters_only_and_resumes_exactly(tmp_path, 
     trainer.train(tiny_config(total_steps=4), pretrained)
     config = tiny_config(**{"total_steps": 6, "checkpoint_every_steps": 2, "keep_checkpoints": 5,
                             "async_checkpointing": False, "model.lora_rank": 2, "optimizer.peak_lr": 3e-2,
-                            "model.dtype": dtype})
+                            "model.dtype": dtype, "model.lora_base_int8": int8_base})
     config.init_from = pretrained
     run = str(tmp_path / "lora")
     trainer.train(config, run)
@@ -183,9 +191,14 @@ def test_a_lora_run_checkpoints_its_adapters_only_and_resumes_exactly(tmp_path, 
     assert {x.dtype for x in jax.tree_util.tree_leaves(frozen)} == {jnp.dtype(dtype)}
     assert {x.dtype for x in jax.tree_util.tree_leaves(adapters)} == {jnp.dtype("float32")}
     base, _ = checkpointing.restore_params(pretrained, jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), lora.split(t.abstract_state.params)[1]))
+        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), t.frozen_float_abstract))
+    base = jax.tree_util.tree_map(lambda x: x.astype(dtype), base)
+    if int8_base:   # what the adapters trained on: the int8 kernels, dequantized in the compute dtype
+        base = quantization.dequantize_params(quantization.quantize_params(base), dtype)
+        held = lora.split(t.init_state(0).params)[1]["layers"]["layer"]["mlp"]["up"]["kernel"]
+        assert held.values.dtype == jnp.int8
     for path, x in traverse_util.flatten_dict(frozen).items():   # the pretrained weights, re-read
-        np.testing.assert_array_equal(x, traverse_util.flatten_dict(base)[path].astype(dtype))
+        np.testing.assert_array_equal(x, traverse_util.flatten_dict(base)[path], err_msg=str(path))
     records = [json.loads(line) for line in open(tmp_path / "lora" / "metrics.jsonl")]
     # lose the last checkpoint: the rerun resumes at step 4 (adapters, Adam state, data position) on
     # the re-read frozen weights and ends where the first run did, bit for bit
@@ -218,3 +231,29 @@ def test_resuming_with_another_adapter_rank_names_the_setting(tmp_path):
     trainer.train(tiny_config(**{"total_steps": 2, "model.lora_rank": 2}), str(tmp_path))
     with pytest.raises(ValueError, match=r"another shape than this run's.*model.lora_rank"):
         trainer.train(tiny_config(**{"total_steps": 4, "model.lora_rank": 4}), str(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_int8_base_is_a_quarter_of_the_memory_and_computes_what_its_dequantized_weights_do(dtype):
+    config = tiny_config(**{"model.lora_rank": 2, "model.lora_base_int8": True, "model.dtype": dtype,
+                            "model.init_std": 0.2})
+    plain = tiny_config(**{"model.lora_rank": 2, "model.dtype": dtype, "model.init_std": 0.2})
+    mesh = sharding.make_mesh(config.mesh)
+    t, t_plain = trainer.Trainer(config, mesh), trainer.Trainer(plain, mesh)
+    kernels = lambda tree: {p: x for p, x in traverse_util.flatten_dict(lora.split(tree)[1]).items() if p[-1] == "kernel"}
+    # a byte per weight plus a float32 scale per output channel (the kernel over its contracted axes)
+    expected = sum(x.size + 4 * x.size // int(np.prod([x.shape[a] for a in quantization.CONTRACTED_AXES[p[-2]]]))
+                   for p, x in kernels(t_plain.abstract_state.params).items())
+    assert quantization.weight_bytes(list(kernels(t.abstract_state.params).values())) == expected
+    assert expected < 0.6 * quantization.weight_bytes(list(kernels(t_plain.abstract_state.params).values())) / (
+        2 if dtype == "float32" else 1)
+    params = t.init_state(0).params
+    adapters, frozen = lora.split(params)
+    tokens = _tokens()
+    held = t.model.apply({"params": params}, tokens)
+    # the float weights generation and export merge the adapters into are exactly what training computed with
+    dequantized = t.model.apply({"params": lora.join(adapters, t.float_frozen(frozen))}, tokens)
+    np.testing.assert_array_equal(np.asarray(held), np.asarray(dequantized))
+    # ... and the quantization did happen: the plain run's weights (same seed) give other logits
+    unquantized = t_plain.model.apply({"params": t_plain.init_state(0).params}, tokens)
+    assert 0 < float(jnp.max(jnp.abs(held.astype(jnp.float32) - unquantized.astype(jnp.float32))))

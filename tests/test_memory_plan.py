@@ -55,3 +55,21 @@ def test_a_lora_plan_holds_adam_state_for_the_adapters_and_frozen_weights_in_the
     np.testing.assert_allclose(adapted["optimizer_state_gib"], 2 * gib(adapters), rtol=0, atol=64 / 2 ** 30)
     np.testing.assert_allclose(adapted["params_gib"], gib(adapters) + gib(frozen), rtol=1e-9)
     np.testing.assert_allclose(gib(frozen), (full["params_gib"]) / 2, rtol=1e-9)   # frozen in bfloat16
+
+
+def test_an_int8_base_plan_holds_a_byte_per_frozen_kernel_weight_plus_its_scales():
+    from cm3leon_jax import quantization
+    # replicated over 8 devices, so a device's bytes are the whole model's
+    overrides = {"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1, "model.dtype": "bfloat16", "model.lora_rank": 2}
+    plain = memory_plan.plan(tiny_config(**overrides))
+    int8 = memory_plan.plan(tiny_config(**overrides, **{"model.lora_base_int8": True}))
+    assert int8["num_params"] == plain["num_params"] and int8["num_trained_params"] == plain["num_trained_params"]
+    cfg = tiny_config().model   # a frozen kernel: 2 bytes a weight in bfloat16 -> 1 byte + 4 per output channel
+    d, f, v, layers = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.num_layers
+    kernels = {"query": (d, d, layers), "key": (d, d, layers), "value": (d, d, layers), "out": (d, d, layers),
+               "up": (d, f, layers), "down": (f, d, layers)}
+    if not cfg.tie_embeddings:
+        kernels["output_head"] = (d, v, 1)
+    assert cfg.mlp != "swiglu" and set(quantization.CONTRACTED_AXES) >= set(kernels)
+    saved = sum(n * (2 * i * o - (i * o + 4 * o)) for i, o, n in kernels.values())
+    np.testing.assert_allclose((plain["params_gib"] - int8["params_gib"]) * 2 ** 30, saved, rtol=0, atol=0.5)
