@@ -1,0 +1,118 @@
+"""launch/slurm_run.sh: the sbatch script it writes, and that script run for real on this machine.
+
+No Slurm here: a fake `sbatch` records what is submitted, a fake `srun` runs the task command
+itself (one node: one process), and a fake `scontrol` records requeues. The batch script then
+trains a tiny model, and on Slurm's time-limit signal (USR1 to the batch shell) checkpoints,
+requeues, and the rerun (what Slurm's requeue does) resumes and finishes.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import REPO, cli_env
+from tests.test_train import TINY_FLAGS
+
+SCRIPT = Path(REPO) / "launch" / "slurm_run.sh"
+BASH = shutil.which("bash") or "/bin/bash"
+
+
+def _fake_bin(tmp_path) -> Path:
+    """sbatch/scontrol that record their arguments; srun that drops its options and runs the task."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    for name in ("sbatch", "scontrol"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n')
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+def _env(tmp_path, **extra):
+    env = cli_env(1, **extra)
+    env["PATH"] = f"{_fake_bin(tmp_path)}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def _launch(args, env, cwd):
+    return subprocess.run([BASH, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=60)
+
+
+def test_dry_run_prints_the_batch_script_and_submits_nothing(tmp_path):
+    env = _env(tmp_path)
+    res = _launch(["--nodes", "4", "--gpus_per_node=8", "--partition", "gpu", "--time", "12:00:00", "--setup",
+                   "source /opt/venv/bin/activate", "--workdir", "/shared/run", "--config", "experiments/tiny_cpu.py",
+                   "--dry_run", "--", "--config.total_steps=1000", "--config.model.lora_targets=query, value"],
+                  env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=12:00:00", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@300", f"cd {REPO}", "source /opt/venv/bin/activate"):
+        assert line in out.splitlines(), line
+    # one process per node running the train CLI, its arguments quoted for the shell
+    assert ("srun --kill-on-bad-exit=1 --ntasks-per-node=1 python -m cm3leon_jax.train --config "
+            "experiments/tiny_cpu.py --workdir /shared/run --config.total_steps=1000 "
+            "'--config.model.lora_targets=query, value' &") in out
+    assert not (tmp_path / "calls.log").exists() and not list(tmp_path.glob("*.sbatch"))
+    plain = _launch(["--workdir", "/shared/run", "--no_requeue", "--dry_run"], env, tmp_path).stdout
+    assert "--requeue" not in plain and "USR1" not in plain and "scontrol" not in plain
+
+
+def test_bad_flags_are_refused_before_anything_is_written(tmp_path):
+    env = _env(tmp_path)
+    for args, message in [([], "missing required flag --workdir"),
+                          (["--workdir", "runs/x"], "must be absolute"),
+                          (["--workdir", "/r", "--nodes", "two"], "--nodes must be a positive integer"),
+                          (["--workdir", "/r", "--gpus_per_node", "0"], "--gpus_per_node must be a positive integer"),
+                          (["--workdir", "/r", "--bogus", "1"], "unknown flag: --bogus"),
+                          (["--workdir", "/r", "--config", "experiments/nope.py"], "no such file"),
+                          (["--workdir", "/r", "--job_name", "a b"], "--job_name may hold")]:
+        res = _launch(args, env, tmp_path)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+    assert not (tmp_path / "calls.log").exists() and not list(tmp_path.glob("*.sbatch"))
+
+
+def _metrics_steps(workdir: Path) -> list[int]:
+    path = workdir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_the_submitted_script_trains_checkpoints_at_the_time_limit_requeues_and_resumes(tmp_path):
+    env = _env(tmp_path, SLURM_JOB_ID="7")
+    workdir = tmp_path / "run"
+    steps = 60
+    res = _launch(["--workdir", workdir, "--python", sys.executable, "--signal_seconds", "120", "--", *TINY_FLAGS,
+                   f"--config.total_steps={steps}", "--config.checkpoint_every_steps=1000"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    (batch,) = tmp_path.glob("slurm_cm3leon_*.sbatch")
+    assert (tmp_path / "calls.log").read_text() == f"sbatch {batch.name}\n"
+
+    # the job starts; Slurm's time-limit warning (USR1 to the batch shell) arrives mid-run
+    job = subprocess.Popen([BASH, str(batch)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while len(_metrics_steps(workdir)) < 3:
+        assert job.poll() is None and time.time() < deadline, "training ended before the signal"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err.decode()[-3000:]
+    assert "time limit in 120s: checkpointing, then requeueing job 7" in out.decode()
+    assert (tmp_path / "calls.log").read_text().splitlines()[-1] == "scontrol requeue 7"
+    saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert saved and 3 <= saved[-1] < steps, saved   # the tasks checkpointed where they stopped
+
+    # the requeued job runs the same script: it resumes from that checkpoint and finishes
+    again = subprocess.run([BASH, str(batch)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from step" in again.stderr
+    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())[-1] == steps
+    logged = _metrics_steps(workdir)
+    assert sorted(set(logged)) == list(range(1, steps + 1))
