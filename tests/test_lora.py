@@ -163,6 +163,11 @@ def test_lora_sft_config_takes_a_pretrained_model_that_predates_the_adapter_fiel
     (tmp_path / "config.json").write_text(json.dumps({"model": model, "data": {"seq_len": 128}}))
     config = sft_lora_tiny.get_config(str(tmp_path))
     assert config.init_from == str(tmp_path) and config.data.seq_len == 128
+    from experiments import sft_qlora_tiny   # the same recipe on an int8 frozen base
+    qlora = sft_qlora_tiny.get_config(str(tmp_path))
+    assert qlora.model.lora_base_int8 and not config.model.lora_base_int8
+    assert qlora.model.to_dict() == dict(config.model.to_dict(), lora_base_int8=True)
+    model_lib.TransformerConfig.from_config(qlora.model)
     assert config.model.lora_rank == 16 and config.optimizer.weight_decay == 0.0
     cfg = model_lib.TransformerConfig.from_config(config.model)
     assert (cfg.d_model, cfg.max_length, cfg.lora_alpha) == (BASE["d_model"], 128, 16.0)

@@ -95,6 +95,9 @@ def hf_base(tmp_path_factory):
     hf_dir, base = str(root / "hf"), str(root / "base")
     hf_interop.random_hf_model(hf_interop.CHAMELEON, hf_interop.hf_config(cfg, hf_interop.CHAMELEON), hf_dir)
     import_hf.import_hf(hf_dir, base)
+    os.makedirs(os.path.join(base, "vocab"))   # what Generator reads beside the params: the import copies it
+    with open(os.path.join(base, "vocab", "vocab.json"), "w") as f:
+        f.write("{}")
     return hf_dir, base
 
 
@@ -118,6 +121,7 @@ def test_an_adapter_made_by_peft_imports_with_peft_logits(tmp_path, hf_base, lor
     adapter = _peft_adapter(hf_dir, str(tmp_path / "adapter"), **lora_config)
     out = run_cli("cm3leon_jax.import_hf", "--hf_dir", adapter, "--base", base, "--workdir", tmp_path / "ours")
     assert json.loads(out.stdout.strip().splitlines()[-1])["lora_rank"] == lora_config["r"]
+    assert (tmp_path / "ours" / "vocab" / "vocab.json").read_text() == "{}"
     theirs = _peft_logits(hf_dir, adapter)
     np.testing.assert_allclose(_our_logits(str(tmp_path / "ours")), theirs, atol=ATOL, rtol=0)
     assert np.abs(theirs - _peft_logits(hf_dir, None)).max() > 100 * ATOL
