@@ -71,8 +71,8 @@ def main(argv):
     del argv
     data = FLAGS.data
     documents = prepare.load_documents(data, "train")
-    texts, images = index_lib.document_columns(documents)
     vocab = vocab_lib.Vocabulary.load(os.path.join(data, prepare.VOCAB_DIR))
+    texts, images = index_lib.document_columns(documents, vocab.image_tokens_per_image)
     scenes = [scene_keys(vocab, t) for t in texts]
     queries = np.sort(np.random.default_rng(FLAGS.seed).choice(len(texts), min(FLAGS.num_queries, len(texts)),
                                                                replace=False))

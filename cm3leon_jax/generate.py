@@ -124,7 +124,7 @@ class Generator:
         from data_pipeline import index as index_lib, neighbours, prepare
         if self._retrieval is None:
             documents = prepare.load_documents(self.data_dir, "train")
-            texts, images = index_lib.document_columns(documents)
+            texts, images = index_lib.document_columns(documents, self.vocab.image_tokens_per_image)
             if self._clip_reference is not None:  # the bank as the retrieval stage embedded it
                 bank = np.load(self._clip_reference["embeddings"])
                 scorer = self.clip_scorer

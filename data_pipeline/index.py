@@ -20,14 +20,21 @@ from cm3leon_jax import vocab as vocab_lib
 from data_pipeline import neighbours, prepare
 
 
-def document_columns(documents) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Every document's text ids and image codes, as the retriever takes them."""
+def document_columns(documents, image_tokens: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every document's text ids and image codes, as the retriever takes them. An interleaved
+    document (several images' codes, `image_tokens` each) is represented by all its text and its
+    first image, as the paper's bi-encoder embeds one text and one image per document."""
     texts, images = [], []
     for i in range(len(documents)):
         doc = documents[i]
         texts.append(np.asarray(doc["text_ids"], np.int32))
-        images.append(np.asarray(doc["image_codes"], np.int32))
+        codes = np.asarray(doc["image_codes"], np.int32)
+        images.append(codes[:image_tokens] if image_tokens else codes)
     return texts, images
+
+
+def image_tokens_of(data_dir: str) -> int:
+    return vocab_lib.Vocabulary.load(os.path.join(data_dir, prepare.VOCAB_DIR)).image_tokens_per_image
 
 
 def retriever_config_for(data_dir: str, **overrides):
@@ -81,7 +88,7 @@ def build(data_dir: str, *, embeddings_path: str | None = None, clip_model: str 
     if embeddings_path and clip_model:
         raise ValueError("give --embeddings or --clip_model, not both")
     documents = prepare.load_documents(data_dir, "train")
-    texts, images = document_columns(documents)
+    texts, images = document_columns(documents, image_tokens_of(data_dir))
     has_text = np.array([len(t) > 0 for t in texts])
     has_image = np.array([len(c) > 0 for c in images])
     if clip_model:

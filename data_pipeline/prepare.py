@@ -6,7 +6,9 @@
 Sources: the built-in shapes world (default), a folder of images with `.txt` sidecars (first line),
 a JSONL manifest `{"image": path, "text": caption}`, or any TFDS dataset with image and text
 features. Images are VQ-encoded in batches; each document is `caption <break> image <break>` in
-the unified vocabulary. Bad records are skipped and counted by reason in `ingest_report.json`
+the unified vocabulary. A manifest row may instead be an interleaved document (Chameleon's
+mixed-modal data), `{"segments": [{"text": ...}, {"image": path}, {"text": ...}, ...]}`: its parts in
+order, each image between `<break>`s (`text1 <break> image1 <break> text2 <break> image2 <break>`). Bad records are skipped and counted by reason in `ingest_report.json`
 beside the data; the run fails only if a split keeps nothing. Record i of a split is document i
 (TFDS shuffling is off), which is what the neighbour sidecars index.
 """
@@ -51,6 +53,7 @@ class RawRecord:
     image: Any               # encoded bytes, a path, a PIL image or a uint8 array; None: text only
     caption: Any             # str or bytes
     meta: dict | None = None  # ground truth kept with the document (shapes attributes)
+    segments: list | None = None   # an interleaved document: [("text" | "image", value), ...] in order
 
 
 # ---------------------------------------------------------------- sources
@@ -90,16 +93,36 @@ def jsonl_records(cfg, split: str) -> Iterator[RawRecord]:
             key = f"{cfg.jsonl}:{line_no}"
             if _split_of(key, cfg.validation_fraction) != split or not line.strip():
                 continue
+            resolve = lambda image: image if os.path.isabs(image) else os.path.join(base, image)
             try:
                 row = json.loads(line)
+                if isinstance(row, dict) and "segments" in row:
+                    segments = _manifest_segments(row["segments"])
+                    yield RawRecord(key, None, None, segments=[(kind, resolve(v) if kind == "image" else v)
+                                                               for kind, v in segments])
+                    continue
                 image, caption = row.get("image"), row["text"]
                 if image is not None and not isinstance(image, str):
                     raise TypeError(f"image must be a path, got {type(image).__name__}")
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 yield RawRecord(key, None, None, {"error": f"bad manifest line: {e!r}"})
                 continue
-            path = None if image is None else image if os.path.isabs(image) else os.path.join(base, image)
-            yield RawRecord(key, path, caption if isinstance(caption, str) else b"")
+            yield RawRecord(key, None if image is None else resolve(image), caption if isinstance(caption, str) else b"")
+
+
+def _manifest_segments(segments) -> list[tuple[str, Any]]:
+    """A manifest's `segments` list -> [("text" | "image", value)]; TypeError/ValueError when malformed."""
+    if not isinstance(segments, list) or not segments:
+        raise ValueError("segments must be a non-empty list")
+    out = []
+    for k, seg in enumerate(segments):
+        if not isinstance(seg, dict) or len(seg) != 1 or next(iter(seg)) not in ("text", "image"):
+            raise ValueError(f"segment {k} must be {{\"text\": ...}} or {{\"image\": path}}, got {seg!r}")
+        kind, value = next(iter(seg.items()))
+        if kind == "image" and not isinstance(value, str):
+            raise TypeError(f"segment {k}: image must be a path, got {type(value).__name__}")
+        out.append((kind, value if isinstance(value, str) else b""))
+    return out
 
 
 def tfds_records(cfg, split: str) -> Iterator[RawRecord]:
@@ -196,7 +219,7 @@ class _Ingest:
 
     def __init__(self, cfg, vocab: vocab_lib.Vocabulary, encode_images: Callable[[np.ndarray], np.ndarray], split: str):
         self.cfg, self.vocab, self.encode_images, self.split = cfg, vocab, encode_images, split
-        self.kept = self.text_only = 0
+        self.kept = self.text_only = self.interleaved = 0
         self.skipped = collections.Counter()
         self.skipped_examples: list[tuple[str, str, str]] = []
 
@@ -205,26 +228,31 @@ class _Ingest:
         if len(self.skipped_examples) < 50:
             self.skipped_examples.append((key, reason, detail))
 
-    def _documents(self, batch: list[tuple[RawRecord, str, np.ndarray | None]]):
-        images = [image for _, _, image in batch if image is not None]
-        codes = iter(np.asarray(self.encode_images(np.stack(images))).reshape(len(images), -1) if images else [])
-        for record, caption, image in batch:
-            text_ids = self.vocab.encode_text(caption)
-            if image is None:   # a text-only document: its text alone, no image part
-                image_codes = np.zeros((0,), np.int32)
-                tokens = self.vocab.encode_document([caption])
-            else:
-                image_codes = next(codes)
-                tokens = self.vocab.encode_document([caption, image_codes.astype(np.int32)])
+    def _documents(self, batch: list[tuple[RawRecord, str, list]]):
+        """(record, its text, its parts: str text / uint8 images in order) -> documents. Every image
+        of the batch is VQ-encoded in one call."""
+        images = [part for _, _, parts in batch for part in parts if isinstance(part, np.ndarray)]
+        codes = iter(np.asarray(self.encode_images(np.stack(images))).reshape(len(images), -1).astype(np.int32)
+                     if images else [])
+        for record, caption, parts in batch:
+            parts = [next(codes) if isinstance(part, np.ndarray) else part for part in parts]
+            image_parts = [part for part in parts if not isinstance(part, str)]
+            tokens = self.vocab.encode_document(parts)   # a text-only document: its text alone, no <break>
             if len(tokens) > int(self.cfg.max_document_length):
                 self._skip(record.key, "document_too_long", f"{len(tokens)} tokens")
                 continue
             meta = dict(record.meta or {}, source=record.key)
-            yield {"id": self.kept, "tokens": tokens.astype(np.int32), "text_ids": text_ids.astype(np.int32),
-                   "image_codes": image_codes.astype(np.int32),  # raw VQ codes [h*w], not vocabulary ids; [] text-only
+            if len(image_parts) > 1 or (record.segments and len(parts) > 2):
+                meta["parts"] = ["image" if not isinstance(part, str) else "text" for part in parts]
+            yield {"id": self.kept, "tokens": tokens.astype(np.int32),
+                   "text_ids": self.vocab.encode_text(caption).astype(np.int32),
+                   # raw VQ codes, not vocabulary ids: [h*w] a pair's image, [n*h*w] an interleaved document's
+                   # n images in order, [] text-only
+                   "image_codes": (np.concatenate(image_parts) if image_parts else np.zeros((0,), np.int32)),
                    "caption": caption, "meta": json.dumps(meta)}
             self.kept += 1
-            self.text_only += image is None
+            self.text_only += not image_parts
+            self.interleaved += "parts" in meta
 
     def _records(self) -> Iterator[RawRecord]:
         return SOURCES[self.cfg.source](self.cfg, self.split)
@@ -233,13 +261,34 @@ class _Ingest:
         """A record -> the batch item `_documents` encodes; SkipRecord when unusable."""
         if record.meta and "error" in record.meta:
             raise SkipRecord("bad_manifest_line", record.meta["error"])
+        size, min_size = int(self.cfg.image_size), int(self.cfg.min_image_size)
+        if record.segments is not None:
+            return self._validate_segments(record, size, min_size)
         caption = decode_caption(record.caption)
         if record.image is None:
             if not self.cfg.get("text_only", False):
                 raise SkipRecord("no_image", "text_only=True keeps text-only documents")
-            return record, caption, None
-        image = load_image(record.image, int(self.cfg.image_size), int(self.cfg.min_image_size))
-        return record, caption, image
+            return record, caption, [caption]
+        return record, caption, [caption, load_image(record.image, size, min_size)]
+
+    def _validate_segments(self, record: RawRecord, size: int, min_size: int):
+        """An interleaved document: every part must be usable, or the document is skipped whole
+        (a document with a hole would teach the model text that refers to a missing image).
+        Adjacent text segments are joined with a space."""
+        parts: list = []
+        for k, (kind, value) in enumerate(record.segments):
+            try:
+                if kind == "image":
+                    parts.append(load_image(value, size, min_size))
+                elif parts and isinstance(parts[-1], str):
+                    parts[-1] += " " + decode_caption(value)
+                else:
+                    parts.append(decode_caption(value))
+            except SkipRecord as e:
+                raise SkipRecord(e.reason, f"segment {k}: {e.detail}") from None
+        if not any(isinstance(part, np.ndarray) for part in parts) and not self.cfg.get("text_only", False):
+            raise SkipRecord("no_image", "text_only=True keeps text-only documents")
+        return record, " ".join(part for part in parts if isinstance(part, str)), parts
 
     def examples(self) -> Iterator[tuple[int, dict]]:
         start, seen, batch = time.time(), 0, []
@@ -266,7 +315,8 @@ class _Ingest:
                                f"{seen} read, skipped by reason {dict(self.skipped)}{hint}")
 
     def report(self) -> dict:
-        return {"kept": self.kept, "text_only": self.text_only, "skipped": dict(self.skipped),
+        return {"kept": self.kept, "text_only": self.text_only, "interleaved": self.interleaved,
+                "skipped": dict(self.skipped),
                 "skipped_examples": self.skipped_examples}
 
 

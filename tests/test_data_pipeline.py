@@ -79,6 +79,18 @@ def test_ingesting_a_folder_skips_each_bad_file_with_its_reason(tiny_pipeline, t
     assert docs[0]["caption"].decode() == "a red square number 0"
 
 
+def _index_and_dropout_source(data_dir: str, vocab_size: int):
+    """The retrieval stage on a tiny retriever, then the training source and transform with every
+    condition dropped and no masking or neighbours (the query's layout, seen directly)."""
+    from data_pipeline import index
+    stats = index.build(data_dir, steps=2, batch_size=8, width=16, embed_dim=16, text_layers=1, image_layers=1,
+                        num_heads=2)
+    config = pipeline_fixture.lm_config(data_dir, vocab_size)
+    config.data.update(condition_dropout_rate=1.0, cm3_masking=False, num_neighbours=0, seq_len=512)
+    source, transform, _ = cm3_pipeline.training_source(config)
+    return stats, source, transform
+
+
 def test_text_only_documents_are_kept_on_request_and_index_and_train_beside_image_documents(
         tiny_pipeline, tiny_spm_model, tmp_path):
     rows = []
@@ -104,14 +116,9 @@ def test_text_only_documents_are_kept_on_request_and_index_and_train_beside_imag
     for d in text_docs:                               # the text alone: no <break>, no image ids
         np.testing.assert_array_equal(d["tokens"], vocab.encode_text(d["caption"].decode()))
     # the retrieval stage embeds them by their text (the retriever trains on the 6 pairs)
-    from data_pipeline import index
-    stats = index.build(str(tmp_path / "out"), steps=2, batch_size=8, width=16, embed_dim=16, text_layers=1,
-                        image_layers=1, num_heads=2)
+    stats, source, transform = _index_and_dropout_source(str(tmp_path / "out"), tiny_pipeline["vocab_size"])
     assert stats["image_queries"] == 6 and stats["text_queries"] == 9
     # condition dropout leaves a text-only query whole (it has no image to guide): only captions go
-    config = pipeline_fixture.lm_config(str(tmp_path / "out"), tiny_pipeline["vocab_size"])
-    config.data.update(condition_dropout_rate=1.0, cm3_masking=False, num_neighbours=0, seq_len=512)
-    source, transform, _ = cm3_pipeline.training_source(config)
     rng = np.random.default_rng(0)
     for i in range(len(source)):
         out, query = transform(source[i], rng)["tokens"], np.asarray(source[i]["tokens"])
@@ -119,6 +126,67 @@ def test_text_only_documents_are_kept_on_request_and_index_and_train_beside_imag
             assert out[1] == vocab_lib.MASK_ID and len(out) < len(query) + 2
         else:
             np.testing.assert_array_equal(out, [vocab.eos_id, *query, vocab.eos_id])
+
+
+def test_interleaved_documents_keep_their_parts_in_order_and_index_and_train(tiny_pipeline, tiny_spm_model, tmp_path):
+    colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (90, 90, 90)]
+    for i, color in enumerate(colors):
+        _write_png(tmp_path / f"im{i}.png", size=20, color=color)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    interleaved = [
+        [{"text": "a red square"}, {"image": "im0.png"}, {"text": "then a green one"}, {"image": "im1.png"}],
+        [{"image": "im2.png"}, {"text": "a blue square after its picture"}],
+        [{"text": "yellow"}, {"text": "and more yellow"}, {"image": "im3.png"}, {"text": "the end"}],
+    ]
+    rows = [{"segments": segs} for segs in interleaved] + [{"image": "im4.png", "text": "a plain pair"}]
+    rows += [{"segments": [{"text": "has a hole"}, {"image": "im5.png"}, {"image": "broken.png"}]},   # skipped whole
+             {"segments": [{"text": "  "}, {"image": "im5.png"}]},                                    # empty text part
+             {"segments": [{"text": "x", "image": "im5.png"}]}, {"segments": []}]                     # malformed
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = pipeline_fixture.data_config(tiny_spm_model, tiny_pipeline["vq"], source="jsonl", jsonl=str(manifest),
+                                       validation_fraction=0.0)
+    vocab, encode = prepare.load_vocab_and_encoder(cfg)
+    report = prepare.prepare(cfg, str(tmp_path / "out"), vocab, encode)["splits"]["train"]
+    assert (report["kept"], report["interleaved"], report["text_only"]) == (4, 2, 0)
+    assert report["skipped"] == {"unreadable_image": 1, "empty_caption": 1, "bad_manifest_line": 2}
+    assert any(reason == "unreadable_image" and detail.startswith("segment 2:")
+               for _, reason, detail in report["skipped_examples"])
+    docs = prepare.load_documents(str(tmp_path / "out"), "train")
+    by_source = {json.loads(docs[i]["meta"])["source"].rsplit(":", 1)[1]: docs[i] for i in range(len(docs))}
+    codes = lambda *names: [np.asarray(encode(np.stack([prepare.load_image(str(tmp_path / n), cfg.image_size, 1)])))
+                            .reshape(vocab.image_grid) for n in names]
+    expected = {"1": ["a red square", *codes("im0.png"), "then a green one", *codes("im1.png")],
+                "2": [*codes("im2.png"), "a blue square after its picture"],
+                "3": ["yellow and more yellow", *codes("im3.png"), "the end"],
+                "4": ["a plain pair", *codes("im4.png")]}
+    tpi = vocab.image_tokens_per_image
+    for line, parts in expected.items():
+        doc = by_source[line]
+        got = vocab.decode_document(doc["tokens"])   # the parts, in order, each image between <break>s
+        assert [type(p) for p in got] == [type(p) for p in parts], line
+        for a, b in zip(got, parts):
+            if isinstance(b, str):
+                assert a == b, line
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=line)
+        images = [p for p in parts if isinstance(p, np.ndarray)]
+        np.testing.assert_array_equal(doc["image_codes"], np.concatenate([g.reshape(-1) for g in images]))
+        text = " ".join(p for p in parts if isinstance(p, str))
+        assert doc["caption"].decode() == text
+        np.testing.assert_array_equal(doc["text_ids"], vocab.encode_text(text))
+        assert ("parts" in json.loads(doc["meta"])) == (line in ("1", "3"))
+    # retrieval: each document by its text and first image
+    from data_pipeline import index
+    texts, images = index.document_columns(docs, tpi)
+    assert {len(c) for c in images} == {tpi}
+    stats, source, transform = _index_and_dropout_source(str(tmp_path / "out"), tiny_pipeline["vocab_size"])
+    assert stats["image_queries"] == 4 and stats["text_queries"] == 4
+    # training: condition dropout replaces the text before the first image; the rest stays in order
+    i = next(j for j in range(len(source)) if np.array_equal(source[j]["tokens"], by_source["1"]["tokens"]))
+    out, query = transform(source[i], np.random.default_rng(0))["tokens"], np.asarray(source[i]["tokens"])
+    first_break = int(np.flatnonzero(query == vocab_lib.BREAK_ID)[0])
+    np.testing.assert_array_equal(out, [vocab.eos_id, vocab_lib.MASK_ID, *query[first_break:], vocab.eos_id])
 
 
 def test_a_source_with_nothing_usable_fails_clearly(tiny_pipeline, tiny_spm_model, tmp_path):
