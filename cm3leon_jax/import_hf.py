@@ -265,7 +265,7 @@ def import_peft_adapter(adapter_dir: str, base: str, workdir: str, *, base_step:
     config.init_from = base
     mesh = export_lib.default_mesh(config) if mesh_config is None else \
         sharding.make_mesh(ml_collections.ConfigDict(dict(mesh_config)))
-    cfg, abstract = export_lib.abstract_params(config, mesh)
+    _, abstract = export_lib.abstract_params(config, mesh)
     by_path = {spec.path: spec for spec in specs}
     flat = {}
     for key, a in traverse_util.flatten_dict(lora.split(abstract)[0]).items():

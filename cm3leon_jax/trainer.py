@@ -386,7 +386,8 @@ def pretrained_weights(source: str, step: int | None, trainer):
 def restore_run_params(workdir: str, config, mesh, step: int | None = None):
     """(params, step) of a training run's checkpoint, whole, in `config`'s shardings on `mesh`. A
     LoRA run's checkpoints hold its adapters only; its frozen weights are re-read from where it
-    started (`frozen_weights`). Generation, export and init_from read LoRA runs through this."""
+    started (`frozen_weights`); an int8 frozen base comes back dequantized, as its adapters saw it.
+    Generation, export and init_from read LoRA runs through this."""
     t = Trainer(config, mesh)
     if not t.adapters_only:
         return checkpointing.restore_params(workdir, t.abstract_state.params, step)
