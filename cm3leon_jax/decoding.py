@@ -121,15 +121,16 @@ def generate_fixed(params, tokens, mask, rng, *, model_config: TransformerConfig
 @functools.partial(jax.jit, static_argnames=("model_config", "streams", "max_tokens", "config", "allowed"))
 def generate_until(params, tokens, mask, rng, stop_id, *, model_config: TransformerConfig, streams: int,
                    max_tokens: int, config: sampling.SamplingConfig, allowed: tuple[tuple[int, int], ...] | None = None):
-    """Up to `max_tokens` per prompt, stopping each row at `stop_id` (kept) and the whole batch when
-    every row has stopped. Returns (tokens [rows / streams, max_tokens] with pad 0 after the stop,
-    lengths [rows / streams])."""
+    """Up to `max_tokens` per prompt, stopping each row at `stop_id` (kept; an id or a sequence of
+    ids) and the whole batch when every row has stopped. Returns (tokens [rows / streams, max_tokens]
+    with pad 0 after the stop, lengths [rows / streams])."""
     model = Transformer(model_config)
     logits, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + max_tokens)
     rows = tokens.shape[0] // streams
     out = jnp.zeros((rows, max_tokens), jnp.int32)
     done = jnp.zeros((rows,), bool)
     lengths = jnp.zeros((rows,), jnp.int32)
+    stop_ids = jnp.atleast_1d(jnp.asarray(stop_id, jnp.int32))
 
     def cond(carry):
         t, _, _, _, _, done, _ = carry
@@ -141,7 +142,7 @@ def generate_until(params, tokens, mask, rng, stop_id, *, model_config: Transfor
         own = jnp.where(done, 0, token[:rows])
         out = jax.lax.dynamic_update_slice(out, own[:, None], (0, t))
         lengths = lengths + (~done).astype(jnp.int32)
-        done = done | (own == stop_id)
+        done = done | jnp.any(own[:, None] == stop_ids[None, :], axis=1)
         logits, cache = _step(model, params, cache, token, position)
         return t + 1, logits, cache, position + 1, out, done, lengths
 

@@ -230,18 +230,71 @@ class Generator:
         layout) until `<eoss>`, drawing only text ids."""
         s0 = self.vocab.sentinel(0)
         rows = [[*p, self.vocab.eos_id, s0] for p in prompts]
-        tokens, mask = decoding.stream_rows([rows], multiple=sharding.data_parallel_size(self.mesh))
         allowed = ((self.vocab.eoss_id, self.vocab.eoss_id + 1), *self.vocab.emittable_text_ranges())
+        texts = []
+        for ids in self._decode_until(rows, (self.vocab.eoss_id,), max_tokens, config, allowed, seed):
+            ids = [t for t in ids if t != self.vocab.eoss_id]
+            texts.append(self.vocab.decode_text(np.asarray(ids, np.int32)))
+        return texts
+
+    def _decode_until(self, prompts: Sequence[list[int]], stop_ids: tuple[int, ...], max_tokens: int,
+                      config: sampling.SamplingConfig, allowed, seed: int) -> list[list[int]]:
+        """Each prompt's continuation (one stream), up to and including the first of `stop_ids`."""
+        tokens, mask = decoding.stream_rows([list(prompts)], multiple=sharding.data_parallel_size(self.mesh))
         decoding.check_fits(self.model_config, int(mask.sum(1).max()), max_tokens)
         with sharding.activate(self.mesh):
             out, lengths = decoding.generate_until(
-                self.params, tokens, mask, jax.random.key(seed), self.vocab.eoss_id, model_config=self.model_config,
+                self.params, tokens, mask, jax.random.key(seed), stop_ids, model_config=self.model_config,
                 streams=1, max_tokens=max_tokens, config=config, allowed=allowed)
-        texts = []
-        for row, n in zip(np.asarray(out)[:len(prompts)], np.asarray(lengths)[:len(prompts)]):
-            ids = [int(t) for t in row[:n] if t != self.vocab.eoss_id]
-            texts.append(self.vocab.decode_text(np.asarray(ids, np.int32)))
-        return texts
+        return [[int(t) for t in row[:n]] for row, n in zip(np.asarray(out)[:len(prompts)],
+                                                            np.asarray(lengths)[:len(prompts)])]
+
+    def interleaved(self, prompt: str, *, max_images: int = 2, max_text_tokens: int = 48,
+                    text_config: sampling.SamplingConfig = sampling.SamplingConfig(temperature=0.0),
+                    image_config: sampling.SamplingConfig = sampling.SamplingConfig(top_p=0.9),
+                    image_first: bool = True, seed: int = 0) -> dict:
+        """Mixed-modal continuation (Chameleon's interleaved generation) of `<eos> prompt`: the model
+        writes text (text ids, `<break>` or `<eos>` only) until it opens an image with `<break>`; then
+        exactly one image's codes are drawn from the image ids and closed with `<break>`, and text
+        resumes; the document ends at `<eos>`, at `max_images` images, or when a text phase fills
+        `max_text_tokens`. A `<break>` opens an image only after text (the training layout never
+        has two images in a row). `image_first`: the prompt is followed by `<break>` at once, as in
+        text_to_image. No CFG: training defines no unconditional stream for a mid-document image.
+        Each phase prefills the document so far. Returns {"parts": str or [h, w] codes in order,
+        "images": uint8 [n, H, W, 3], "tokens": the whole document}."""
+        v = self.vocab
+        self.vq.require_decoder()
+        if not prompt.strip():
+            raise ValueError("interleaved generation needs a non-empty text prompt")
+        tokens = [v.eos_id, *v.encode_text(prompt).tolist()]
+        text_allowed = (*v.emittable_text_ranges(), (v.break_id, v.break_id + 1), (v.eos_id, v.eos_id + 1))
+        image_range = ((v.image_offset, v.image_offset + v.num_image_codes),)
+        open_image, num_images, after_text, phase = image_first, 0, True, 0
+        while True:
+            if open_image:
+                if num_images == max_images:
+                    break
+                tokens.append(v.break_id)
+                codes, _ = self._decode_fixed([[tokens]], v.image_tokens_per_image, image_config, image_range,
+                                              seed * 1000 + phase)
+                tokens += [*codes[0].tolist(), v.break_id]
+                num_images, after_text, phase = num_images + 1, False, phase + 1
+            new = self._decode_until([tokens], (v.break_id, v.eos_id), max_text_tokens, text_config, text_allowed,
+                                     seed * 1000 + phase)[0]
+            phase += 1
+            stop = new[-1] if new and new[-1] in (v.break_id, v.eos_id) else None
+            text = new[:-1] if stop is not None else new
+            if text:
+                tokens += text
+                after_text = True
+            if stop != v.break_id or not after_text:
+                break
+            open_image = True
+        parts = v.decode_document(np.asarray(tokens[1:], np.int32))
+        codes = [p for p in parts if not isinstance(p, str)]
+        images = (self.vq.decode(np.stack(codes)) if codes else
+                  np.zeros((0, self.vq.image_size, self.vq.image_size, 3), np.uint8))
+        return {"parts": parts, "images": images, "tokens": tokens}
 
     def caption_prompt(self, codes: np.ndarray, neighbour_docs: Sequence[np.ndarray] = (),
                        question: str | None = None) -> list[int]:
@@ -278,6 +331,30 @@ class Generator:
             raise ValueError(f"an infilling prompt needs {MASK0}")
         prompt = [self.vocab.eos_id, *self.vocab.encode_text(text_with_mask).tolist()]
         return self._infill([prompt], max_tokens, config, seed)[0]
+
+
+def write_interleaved(gen: Generator, prompts: Sequence[str], out_dir: str, settings: dict, **kwargs) -> str:
+    """Each prompt's interleaved document: printed with [image k] markers, its images as one PNG
+    row per prompt (interleaved.png) and its parts in interleaved.json."""
+    documents = [gen.interleaved(p, **kwargs) for p in prompts]
+    os.makedirs(out_dir, exist_ok=True)
+    rows = [list(d["images"]) for d in documents if len(d["images"])]
+    png = image_grid.save_png(os.path.join(out_dir, "interleaved.png"), image_grid.make_grid(rows)) if rows else None
+    record = {"settings": settings, "documents": []}
+    for prompt, doc in zip(prompts, documents):
+        k, parts = 0, []
+        for part in doc["parts"]:
+            if isinstance(part, str):
+                parts.append({"text": part})
+            else:
+                parts.append({"image": k, "codes": part.tolist()})
+                k += 1
+        record["documents"].append({"prompt": prompt, "parts": parts})
+        print(" ".join(p["text"] if "text" in p else f"[image {p['image']}]" for p in parts))
+    path = os.path.join(out_dir, "interleaved.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    return png or path
 
 
 def write_image_samples(samples: Sequence[ImageSamples], out_dir: str, settings: dict) -> tuple[str, str]:
@@ -339,6 +416,10 @@ def _run(gen, f):
         return
     if not f.prompt:
         raise ValueError("give --prompt (text -> image or infilling) or --image (image -> text)")
+    if f.interleaved:
+        write_interleaved(gen, f.prompt, out_dir, settings, max_images=f.max_images, max_text_tokens=f.max_text_tokens,
+                          image_config=dataclasses.replace(config, cfg_scale=1.0, cd_k=0), seed=f.seed)
+        return
     if all(MASK0 in p for p in f.prompt):
         for p in f.prompt:
             print(f"{p} -> {gen.infill_text(p, max_tokens=f.max_text_tokens, config=config, seed=f.seed)}")
@@ -374,6 +455,9 @@ def _define_flags():
     flags.DEFINE_string("clip_model", None, "local Hugging Face CLIP checkpoint dir (safetensors) to rerank with, as "
                         "the paper does (needs the interop extra); default: the data's retriever")
     flags.DEFINE_integer("max_text_tokens", 48, "limit for generated text")
+    flags.DEFINE_bool("interleaved", False, "mixed-modal continuation of --prompt: text and images in turn "
+                      "(Generator.interleaved; images by --top_p/--top_k/--temperature, text greedy)")
+    flags.DEFINE_integer("max_images", 2, "--interleaved: images at most")
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_bool("int8", False, "int8 weight-only kernels (a quarter of the weight memory; quantization.py)")
     flags.DEFINE_enum("compute_dtype", None, list(COMPUTE_DTYPES), "activations and KV cache dtype for decoding "

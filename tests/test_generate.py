@@ -75,6 +75,70 @@ def test_image_to_text_and_infilling_write_text_only(generator):
     assert isinstance(filled, str) and "<" not in filled
 
 
+def _check_interleaved_layout(vocab, out):
+    """The training layout: `prompt <break> image <break> text ...`, never two images in a row, every
+    image exactly one grid of image ids between <break>s, nothing else but text ids."""
+    parts, tokens = out["parts"], np.asarray(out["tokens"])
+    assert tokens[0] == vocab.eos_id and isinstance(parts[0], str)
+    kinds = ["text" if isinstance(p, str) else "image" for p in parts]
+    assert "image image" not in " ".join(kinds)
+    images = [p for p in parts if not isinstance(p, str)]
+    for codes in images:
+        assert codes.shape == tuple(vocab.image_grid) and 0 <= codes.min() and codes.max() < vocab.num_image_codes
+    assert out["images"].shape == (len(images), 16, 16, 3)
+    body = tokens[1:]
+    assert int(np.sum(vocab.is_image(body))) == len(images) * vocab.image_tokens_per_image
+    assert int(np.sum(body == vocab.break_id)) == 2 * len(images)
+    assert not np.isin(body, [vocab.eos_id, vocab.eoss_id, vocab.mask_id]).any()
+    return kinds
+
+
+def test_interleaved_generation_writes_text_and_images_in_the_training_layout(generator):
+    v = generator.vocab
+    kwargs = dict(max_images=2, max_text_tokens=6, text_config=sampling.SamplingConfig(temperature=1.0), seed=3)
+    out = generator.interleaved("a small red circle at the top left", **kwargs)
+    kinds = _check_interleaved_layout(v, out)
+    assert kinds[:2] == ["text", "image"] and kinds.count("image") <= 2   # image_first: the prompt's image
+    again = generator.interleaved("a small red circle at the top left", **kwargs)
+    assert again["tokens"] == out["tokens"]
+    with pytest.raises(ValueError, match="non-empty text prompt"):
+        generator.interleaved("  ")
+
+
+def test_interleaved_generation_opens_an_image_after_text_and_stops_as_told(generator, monkeypatch):
+    # the text phases scripted (the tiny model's own choices are not under test here): text then
+    # <break> opens an image; <break> right after an image (two images in a row) or <eos> ends it
+    v = generator.vocab
+    word = v.encode_text("blue").tolist()
+    script = iter([word + [v.break_id], word + [v.break_id], [v.break_id]])
+    real = generator._decode_until
+    monkeypatch.setattr(generator, "_decode_until", lambda *a, **k: [next(script)])
+    out = generator.interleaved("a circle", max_images=3, image_first=False)
+    assert _check_interleaved_layout(v, out) == ["text", "image", "text", "image"]
+    prompt_then_word = v.decode_text(np.asarray(v.encode_text("a circle").tolist() + word, np.int32))
+    assert out["parts"][0] == prompt_then_word and out["parts"][2] == v.decode_text(np.asarray(word, np.int32))
+    script = iter([word + [v.break_id]] * 3)
+    assert _check_interleaved_layout(v, generator.interleaved("a circle", max_images=1, image_first=False)) == \
+        ["text", "image", "text"]   # max_images: the second <break> ends the document
+    script = iter([word + [v.eos_id]])
+    assert _check_interleaved_layout(v, generator.interleaved("a circle", image_first=False)) == ["text"]
+    monkeypatch.setattr(generator, "_decode_until", real)
+
+
+def test_cli_writes_an_interleaved_document(tiny_pipeline, tmp_path):
+    out = tmp_path / "gen"
+    proc = run_cli("cm3leon_jax.generate", "--workdir", tiny_pipeline["lm"], "--prompt", "a small red circle",
+                   "--interleaved", "--max_images", "2", "--max_text_tokens", "6", "--out", out)
+    record = json.loads((out / "interleaved.json").read_text())
+    (doc,) = record["documents"]
+    assert doc["prompt"] == "a small red circle" and doc["parts"][0] == {"text": "a small red circle"}
+    images = [p for p in doc["parts"] if "image" in p]
+    assert [p["image"] for p in images] == list(range(len(images))) and 1 <= len(images) <= 2
+    grid = np.asarray(Image.open(out / "interleaved.png"))
+    assert grid.shape == (18 + 2, len(images) * 18 + 2, 3)
+    assert "[image 0]" in proc.stdout
+
+
 def test_cli_writes_a_png_grid_and_the_settings(tiny_pipeline, tmp_path):
     out = tmp_path / "gen"
     run_cli("cm3leon_jax.generate", "--workdir", tiny_pipeline["lm"], "--prompt", "a small red circle", "--prompt",
