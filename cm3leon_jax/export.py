@@ -421,6 +421,11 @@ def _chameleon_vq(workdir: str, config, vq_workdir: str | None):
     return vq, {"written": True, "source": os.path.abspath(source), "what": note}
 
 
+def _check_hf_dtype(dtype: str) -> None:
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype!r}: one of float32, bfloat16, float16")
+
+
 def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32",
               vq_workdir: str | None = None) -> dict:
     """Writes OUT/config.json + OUT/model.safetensors for transformers; returns the HF config.
@@ -428,8 +433,7 @@ def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: 
     config = read_config(workdir)
     model_cfg = model_lib.TransformerConfig.from_config(config.model)
     hf_interop.check_exportable(model_cfg, fmt)  # refuse before reading anything
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype!r}: one of float32, bfloat16, float16")
+    _check_hf_dtype(dtype)
     vq, vq_note = _chameleon_vq(workdir, config, vq_workdir) if fmt == hf_interop.CHAMELEON else (None, None)
     _prepare_out(out)
     _, model_cfg, params, step = load_workdir_params(workdir, step)
@@ -488,8 +492,7 @@ def export_hf_adapters(workdir: str, out: str, fmt: str, step: int | None = None
         raise ValueError(f"--adapters_only: {workdir} has no {trainer_lib.INIT_FROM_FILE}: its frozen weights are its "
                          "seed's random initialisation, which no checkpoint holds, so its adapters alone apply to "
                          "nothing; export it without --adapters_only (merged into the weights)")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype!r}: one of float32, bfloat16, float16")
+    _check_hf_dtype(dtype)
     targets = lora.parse_targets(config.model.lora_targets)
     adapter_cfg = hf_interop.peft_config(model_cfg, fmt, rank, alpha, targets, base_model)
     _prepare_out(out)

@@ -56,11 +56,8 @@ Flags accept both `--flag=value` and `--flag value`.
 EOF
 }
 
-usage_error() {
-  echo "error: $*" >&2
-  echo "run '$0 --help' for usage" >&2
-  exit 2
-}
+# usage_error, shell_quote, quote_cmd
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 # ---------------------------------------------------------------- flags
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -141,17 +138,6 @@ if [[ $DRY_RUN -eq 0 ]] && ! command -v sbatch >/dev/null 2>&1; then
 fi
 
 # ---------------------------------------------------------------- the sbatch script
-shell_quote() {  # one word for a POSIX shell: as-is when safe, else single-quoted. Sets REPLY.
-  local q
-  printf -v q '%q' "$1"
-  if [[ $q == "$1" ]]; then REPLY=$1; else REPLY="'${1//\'/\'\\\'\'}'"; fi
-}
-quote_cmd() {
-  local out="" a
-  for a in "$@"; do shell_quote "$a"; out+="$REPLY "; done
-  REPLY=${out% }
-}
-
 quote_cmd "$PYTHON" -m cm3leon_jax.train --config "$CONFIG" --workdir "$WORKDIR" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
 TRAIN_CMD=$REPLY
 shell_quote "$REPO_DIR"; REPO_Q=$REPLY

@@ -47,11 +47,8 @@ Flags accept both `--flag=value` and `--flag value`.
 EOF
 }
 
-usage_error() {
-  echo "error: $*" >&2
-  echo "run '$0 --help' for usage" >&2
-  exit 2
-}
+# usage_error, shell_quote, quote_cmd
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 # ---------------------------------------------------------------- flags
 TPU_NAME=""
@@ -111,28 +108,6 @@ if [[ $DRY_RUN -eq 0 ]] && ! command -v gcloud >/dev/null 2>&1; then
 fi
 
 # ---------------------------------------------------------------- helpers
-# Quote one word for a POSIX shell: as-is when printf %q leaves it unchanged,
-# otherwise in single quotes (more readable than %q's backslashes). Sets REPLY.
-shell_quote() {
-  local q
-  printf -v q '%q' "$1"
-  if [[ $q == "$1" ]]; then
-    REPLY=$1
-  else
-    REPLY="'${1//\'/\'\\\'\'}'"
-  fi
-}
-
-# Quote a whole command line (one word per argument). Sets REPLY.
-quote_cmd() {
-  local out="" a
-  for a in "$@"; do
-    shell_quote "$a"
-    out+="$REPLY "
-  done
-  REPLY=${out% }
-}
-
 # A path for the remote shell: keeps a leading ~/ unquoted so it expands there.
 remote_path() {
   if [[ $1 == "~" ]]; then

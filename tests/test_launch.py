@@ -221,6 +221,7 @@ def fake_env(tmp_path):
     (repo / "cm3leon_jax").mkdir()
     (repo / "cm3leon_jax" / "__init__.py").write_text("")
     shutil.copy(SCRIPT, repo / "launch" / "tpu_run.sh")
+    shutil.copy(SCRIPT.parent / "common.sh", repo / "launch" / "common.sh")
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     gcloud = fake_bin / "gcloud"
