@@ -8,8 +8,9 @@ exactly as they would alone.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -148,4 +149,104 @@ def generate_until(params, tokens, mask, rng, stop_id, *, model_config: Transfor
 
     carry = (jnp.zeros((), jnp.int32), logits, cache, position, out, done, lengths)
     _, _, _, _, out, _, lengths = jax.lax.while_loop(cond, body, carry)
+    return out, lengths
+
+
+@dataclasses.dataclass(frozen=True)
+class InterleaveRules:
+    """The mixed-modal layout a document must keep (`text <break> image <break> text ...`):
+    every image exactly `image_tokens` image ids opened and closed by `<break>`, never two images
+    in a row, at most `max_images`, at most `max_text_tokens` per text phase."""
+    break_id: int
+    eos_id: int
+    image_tokens: int
+    max_images: int
+    max_text_tokens: int
+
+    def budget(self) -> int:
+        """Most new tokens a document can take: every image with its two `<break>`s, and a full
+        text phase before, between and after them."""
+        return self.max_images * (self.image_tokens + 2) + (self.max_images + 1) * self.max_text_tokens
+
+
+class InterleaveState(NamedTuple):
+    """Per row: in an image or not, image ids drawn in the current image, images opened, text ids
+    in the current text phase, whether text came since the last image, and finished."""
+    in_image: jax.Array
+    image_pos: jax.Array
+    num_images: jax.Array
+    text_run: jax.Array
+    after_text: jax.Array
+    done: jax.Array
+
+    @classmethod
+    def start(cls, rows: int, in_image: bool, done: jax.Array | None = None) -> "InterleaveState":
+        zeros = jnp.zeros((rows,), jnp.int32)
+        return cls(in_image=jnp.full((rows,), in_image), image_pos=zeros, num_images=zeros + int(in_image),
+                   text_run=zeros, after_text=jnp.full((rows,), not in_image),
+                   done=jnp.zeros((rows,), bool) if done is None else done)
+
+
+def interleave_transition(state: InterleaveState, text_token: jax.Array, image_token: jax.Array,
+                          rules: InterleaveRules) -> tuple[jax.Array, jax.Array, InterleaveState]:
+    """One decoding step of the layout's state machine, given the token drawn from the text ids
+    (plus `<break>`, `<eos>`) and the one drawn from the image ids. Returns (the token to emit,
+    whether one is emitted, the next state). In an image: its ids, then a forced closing `<break>`.
+    In text: a text id is kept (the phase's budget full ends the document); `<break>` opens an
+    image after text while `max_images` allows, else ends the document, as `<eos>` does (neither
+    kept)."""
+    image_full = state.image_pos >= rules.image_tokens
+    is_break = text_token == rules.break_id
+    opens = ~state.in_image & is_break & state.after_text & (state.num_images < rules.max_images)
+    ends_text = ~state.in_image & ((text_token == rules.eos_id) | (is_break & ~opens))
+    emit = jnp.where(state.in_image, jnp.where(image_full, rules.break_id, image_token), text_token)
+    emitted = ~state.done & ~ends_text
+    is_text = emitted & ~state.in_image & ~opens
+    closes = emitted & state.in_image & image_full
+    text_run = jnp.where(closes | opens, 0, state.text_run + is_text)
+    new = InterleaveState(
+        in_image=jnp.where(emitted, (state.in_image & ~image_full) | opens, state.in_image),
+        image_pos=jnp.where(emitted & state.in_image, state.image_pos + 1, 0),
+        num_images=state.num_images + (emitted & opens),
+        text_run=text_run,
+        after_text=jnp.where(closes, False, state.after_text | is_text),
+        done=state.done | ends_text | (is_text & (text_run >= rules.max_text_tokens)))
+    return jnp.where(emitted, emit, 0), emitted, new
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "rules", "text_config", "image_config", "text_allowed",
+                                             "image_allowed", "in_image"))
+def generate_interleaved(params, tokens, mask, rng, *, model_config: TransformerConfig, rules: InterleaveRules,
+                         text_config: sampling.SamplingConfig, image_config: sampling.SamplingConfig,
+                         text_allowed: tuple[tuple[int, int], ...], image_allowed: tuple[tuple[int, int], ...],
+                         in_image: bool):
+    """Mixed-modal documents, every row on its own through `interleave_transition`, in one prefill
+    and one `lax.while_loop` over one KV cache: a phase change costs nothing (no new prefill, no
+    recompilation for the longer prompt). `in_image`: the prompts end with an opening `<break>`.
+    Empty (padding) rows start finished. Returns (tokens [rows, rules.budget()], pad 0 after each
+    row's end; lengths [rows])."""
+    model = Transformer(model_config)
+    max_new = rules.budget()
+    logits, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + max_new)
+    rows = tokens.shape[0]
+    state = InterleaveState.start(rows, in_image, done=mask.sum(axis=1) == 0)
+    out = jnp.zeros((rows, max_new), jnp.int32)
+    lengths = jnp.zeros((rows,), jnp.int32)
+
+    def cond(carry):
+        t, _, _, _, _, _, state = carry
+        return (t < max_new) & ~jnp.all(state.done)
+
+    def body(carry):
+        t, logits, cache, position, out, lengths, state = carry
+        rng_text, rng_image = jax.random.split(jax.random.fold_in(rng, t))
+        text_token = _choose(rng_text, logits, 1, text_config, text_allowed)
+        image_token = _choose(rng_image, logits, 1, image_config, image_allowed)
+        token, emitted, state = interleave_transition(state, text_token, image_token, rules)
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, t))
+        logits, cache = _step(model, params, cache, token, position)
+        return t + 1, logits, cache, position + 1, out, lengths + emitted, state
+
+    carry = (jnp.zeros((), jnp.int32), logits, cache, position, out, lengths, state)
+    _, _, _, _, out, lengths, _ = jax.lax.while_loop(cond, body, carry)
     return out, lengths

@@ -249,52 +249,52 @@ class Generator:
         return [[int(t) for t in row[:n]] for row, n in zip(np.asarray(out)[:len(prompts)],
                                                             np.asarray(lengths)[:len(prompts)])]
 
-    def interleaved(self, prompt: str, *, max_images: int = 2, max_text_tokens: int = 48,
+    def interleaved(self, prompts: Sequence[str], *, num_samples: int = 1, max_images: int = 2,
+                    max_text_tokens: int = 48,
                     text_config: sampling.SamplingConfig = sampling.SamplingConfig(temperature=0.0),
                     image_config: sampling.SamplingConfig = sampling.SamplingConfig(top_p=0.9),
-                    image_first: bool = True, seed: int = 0) -> dict:
-        """Mixed-modal continuation (Chameleon's interleaved generation) of `<eos> prompt`: the model
-        writes text (text ids, `<break>` or `<eos>` only) until it opens an image with `<break>`; then
-        exactly one image's codes are drawn from the image ids and closed with `<break>`, and text
-        resumes; the document ends at `<eos>`, at `max_images` images, or when a text phase fills
-        `max_text_tokens`. A `<break>` opens an image only after text (the training layout never
-        has two images in a row). `image_first`: the prompt is followed by `<break>` at once, as in
-        text_to_image. No CFG: training defines no unconditional stream for a mid-document image.
-        Each phase prefills the document so far. Returns {"parts": str or [h, w] codes in order,
-        "images": uint8 [n, H, W, 3], "tokens": the whole document}."""
+                    image_first: bool = True, seed: int = 0) -> list[dict]:
+        """Mixed-modal continuations (Chameleon's interleaved generation) of `<eos> prompt`,
+        `num_samples` documents per prompt, all drawn together (`decoding.generate_interleaved`:
+        one prefill, one compiled loop). The model writes text (text ids, `<break>` or `<eos>` only)
+        until it opens an image with `<break>`; then exactly one image's codes are drawn from the
+        image ids and closed with `<break>`, and text resumes; a document ends at `<eos>`, at
+        `max_images` images, or when a text phase fills `max_text_tokens`. A `<break>` opens an
+        image only after text (the training layout never has two images in a row). `image_first`:
+        the prompt is followed by `<break>` at once, as in text_to_image. No CFG: training defines no
+        unconditional stream for a mid-document image. Returns, prompt-major, {"prompt", "parts": str
+        or [h, w] codes in order, "images": uint8 [n, H, W, 3], "tokens": the whole document}."""
         v = self.vocab
         self.vq.require_decoder()
-        if not prompt.strip():
-            raise ValueError("interleaved generation needs a non-empty text prompt")
-        tokens = [v.eos_id, *v.encode_text(prompt).tolist()]
-        text_allowed = (*v.emittable_text_ranges(), (v.break_id, v.break_id + 1), (v.eos_id, v.eos_id + 1))
-        image_range = ((v.image_offset, v.image_offset + v.num_image_codes),)
-        open_image, num_images, after_text, phase = image_first, 0, True, 0
-        while True:
-            if open_image:
-                if num_images == max_images:
-                    break
-                tokens.append(v.break_id)
-                codes, _ = self._decode_fixed([[tokens]], v.image_tokens_per_image, image_config, image_range,
-                                              seed * 1000 + phase)
-                tokens += [*codes[0].tolist(), v.break_id]
-                num_images, after_text, phase = num_images + 1, False, phase + 1
-            new = self._decode_until([tokens], (v.break_id, v.eos_id), max_text_tokens, text_config, text_allowed,
-                                     seed * 1000 + phase)[0]
-            phase += 1
-            stop = new[-1] if new and new[-1] in (v.break_id, v.eos_id) else None
-            text = new[:-1] if stop is not None else new
-            if text:
-                tokens += text
-                after_text = True
-            if stop != v.break_id or not after_text:
-                break
-            open_image = True
-        parts = v.decode_document(np.asarray(tokens[1:], np.int32))
-        codes = [p for p in parts if not isinstance(p, str)]
-        images = (self.vq.decode(np.stack(codes)) if codes else
-                  np.zeros((0, self.vq.image_size, self.vq.image_size, 3), np.uint8))
-        return {"parts": parts, "images": images, "tokens": tokens}
+        if isinstance(prompts, str):
+            raise TypeError("interleaved takes a list of prompts")
+        if not prompts or any(not p.strip() for p in prompts):
+            raise ValueError("interleaved generation needs non-empty text prompts")
+        if num_samples < 1 or max_images < 0 or max_text_tokens < 1:
+            raise ValueError(f"need num_samples >= 1, max_images >= 0, max_text_tokens >= 1; got {num_samples}, "
+                             f"{max_images}, {max_text_tokens}")
+        in_image = image_first and max_images > 0
+        rows = [[v.eos_id, *v.encode_text(p).tolist(), *([v.break_id] if in_image else [])]
+                for p in prompts for _ in range(num_samples)]
+        rules = decoding.InterleaveRules(break_id=v.break_id, eos_id=v.eos_id, image_tokens=v.image_tokens_per_image,
+                                         max_images=max_images, max_text_tokens=max_text_tokens)
+        tokens, mask = decoding.stream_rows([rows], multiple=sharding.data_parallel_size(self.mesh))
+        decoding.check_fits(self.model_config, int(mask.sum(1).max()), rules.budget())
+        with sharding.activate(self.mesh):
+            out, lengths = decoding.generate_interleaved(
+                self.params, tokens, mask, jax.random.key(seed), model_config=self.model_config, rules=rules,
+                text_config=text_config, image_config=image_config,
+                text_allowed=(*v.emittable_text_ranges(), (v.break_id, v.break_id + 1), (v.eos_id, v.eos_id + 1)),
+                image_allowed=((v.image_offset, v.image_offset + v.num_image_codes),), in_image=in_image)
+        documents = []
+        for i, (row, new, n) in enumerate(zip(rows, np.asarray(out), np.asarray(lengths))):
+            doc = [*row, *new[:n].tolist()]
+            parts = v.decode_document(np.asarray(doc[1:], np.int32))
+            codes = [p for p in parts if not isinstance(p, str)]
+            images = (self.vq.decode(np.stack(codes)) if codes else
+                      np.zeros((0, self.vq.image_size, self.vq.image_size, 3), np.uint8))
+            documents.append({"prompt": prompts[i // num_samples], "parts": parts, "images": images, "tokens": doc})
+        return documents
 
     def caption_prompt(self, codes: np.ndarray, neighbour_docs: Sequence[np.ndarray] = (),
                        question: str | None = None) -> list[int]:
@@ -334,14 +334,14 @@ class Generator:
 
 
 def write_interleaved(gen: Generator, prompts: Sequence[str], out_dir: str, settings: dict, **kwargs) -> str:
-    """Each prompt's interleaved document: printed with [image k] markers, its images as one PNG
-    row per prompt (interleaved.png) and its parts in interleaved.json."""
-    documents = [gen.interleaved(p, **kwargs) for p in prompts]
+    """Every interleaved document (`num_samples` per prompt): printed with [image k] markers, its
+    images as one PNG row per document (interleaved.png) and its parts in interleaved.json."""
+    documents = gen.interleaved(prompts, **kwargs)
     os.makedirs(out_dir, exist_ok=True)
-    rows = [list(d["images"]) for d in documents if len(d["images"])]
-    png = image_grid.save_png(os.path.join(out_dir, "interleaved.png"), image_grid.make_grid(rows)) if rows else None
+    rows = [list(d["images"]) for d in documents]   # row i = document i (blank if it has no image)
+    png = image_grid.save_png(os.path.join(out_dir, "interleaved.png"), image_grid.make_grid(rows)) if any(rows) else None
     record = {"settings": settings, "documents": []}
-    for prompt, doc in zip(prompts, documents):
+    for doc in documents:
         k, parts = 0, []
         for part in doc["parts"]:
             if isinstance(part, str):
@@ -349,7 +349,7 @@ def write_interleaved(gen: Generator, prompts: Sequence[str], out_dir: str, sett
             else:
                 parts.append({"image": k, "codes": part.tolist()})
                 k += 1
-        record["documents"].append({"prompt": prompt, "parts": parts})
+        record["documents"].append({"prompt": doc["prompt"], "parts": parts})
         print(" ".join(p["text"] if "text" in p else f"[image {p['image']}]" for p in parts))
     path = os.path.join(out_dir, "interleaved.json")
     with open(path, "w", encoding="utf-8") as f:
@@ -417,8 +417,8 @@ def _run(gen, f):
     if not f.prompt:
         raise ValueError("give --prompt (text -> image or infilling) or --image (image -> text)")
     if f.interleaved:
-        write_interleaved(gen, f.prompt, out_dir, settings, max_images=f.max_images, max_text_tokens=f.max_text_tokens,
-                          image_config=dataclasses.replace(config, cfg_scale=1.0, cd_k=0), seed=f.seed)
+        write_interleaved(gen, f.prompt, out_dir, settings, num_samples=f.num_samples, max_images=f.max_images,
+                          max_text_tokens=f.max_text_tokens, image_config=dataclasses.replace(config, cfg_scale=1.0, cd_k=0), seed=f.seed)
         return
     if all(MASK0 in p for p in f.prompt):
         for p in f.prompt:
@@ -441,7 +441,7 @@ def _define_flags():
     flags.DEFINE_multi_string("prompt", [], "caption(s) for text -> image, or text with <mask:0> to infill")
     flags.DEFINE_multi_string("image", [], "image path(s) for image -> text")
     flags.DEFINE_string("question", None, "a question about the image (image -> text)")
-    flags.DEFINE_integer("num_samples", 8, "images per prompt")
+    flags.DEFINE_integer("num_samples", 8, "images per prompt (--interleaved: documents per prompt)")
     flags.DEFINE_float("cfg_scale", 3.0, "classifier-free guidance scale (1 = off)")
     flags.DEFINE_float("temperature", 1.0, "0 = greedy")
     flags.DEFINE_integer("top_k", 0, "0 = off")

@@ -118,3 +118,100 @@ def test_prompts_longer_than_learned_positions_fail_up_front():
     with pytest.raises(ValueError, match="exceeds the model's max_length=48"):
         decoding.check_fits(cfg, 40, 9)
     decoding.check_fits(TransformerConfig(**dict(CFG, positions="rotary")), 40, 9)  # rotary has no table
+
+
+# a toy mixed-modal layout over CFG's 64 ids: <break> 1, <eos> 2, text 3..31, images 32..63
+RULES = decoding.InterleaveRules(break_id=1, eos_id=2, image_tokens=4, max_images=2, max_text_tokens=3)
+TEXT_IDS, IMAGE_IDS = ((3, 32), (1, 2), (2, 3)), ((32, 64),)
+
+
+def _run_transitions(text_script, image_script, rules=RULES, in_image=False):
+    """Drives the state machine with scripted draws (one row); returns the emitted tokens."""
+    state, out = decoding.InterleaveState.start(1, in_image), []
+    for text_token, image_token in zip(text_script, image_script):
+        token, emitted, state = decoding.interleave_transition(state, jnp.array([text_token]),
+                                                               jnp.array([image_token]), rules)
+        if bool(emitted[0]):
+            out.append(int(token[0]))
+        if bool(state.done[0]):
+            return out
+    raise AssertionError("the script ran out before the document ended")
+
+
+def test_interleave_transition_keeps_the_layout_with_scripted_draws():
+    img = [40] * 40
+    # text, <break> opens an image of exactly 4 ids (the text draws ignored inside it), the closing
+    # <break> is forced; text again; <eos> ends without being kept
+    assert _run_transitions([5, 6, 1, 7, 7, 7, 7, 7, 8, 2], img) == [5, 6, 1, 40, 40, 40, 40, 1, 8]
+    # <break> right after an image (no text between) ends the document
+    assert _run_transitions([1, 9, 9, 9, 9, 9, 1], img, in_image=False) == [1, 40, 40, 40, 40, 1]
+    # the prompt ended with an opening <break>: an image first, then text
+    assert _run_transitions([9] * 5 + [10, 2], img, in_image=True) == [40, 40, 40, 40, 1, 10]
+    # max_images: the third <break> ends the document unkept
+    script = [5, 1, 0, 0, 0, 0, 0, 6, 1, 0, 0, 0, 0, 0, 7, 1]
+    assert _run_transitions(script, img) == [5, 1, 40, 40, 40, 40, 1, 6, 1, 40, 40, 40, 40, 1, 7]
+    # a text phase filling max_text_tokens ends the document with its last token kept
+    assert _run_transitions([5, 6, 7, 8], img) == [5, 6, 7]
+    assert _run_transitions([5, 6, 7], img, rules=decoding.InterleaveRules(1, 2, 4, 2, 2)) == [5, 6]
+    # max_images=0: a <break> never opens an image
+    assert _run_transitions([5, 1], img, rules=decoding.InterleaveRules(1, 2, 4, 0, 3)) == [5]
+
+
+def _reference_interleaved(forward, prompt, in_image, rules=RULES):
+    """The layout's rules written out on the host over full (uncached) forward passes, greedy.
+    `forward`: [1, max_length] tokens -> logits; right padding leaves earlier (causal) logits alone."""
+    doc = list(prompt)
+    images, pos, after_text, run, new = int(in_image), 0, not in_image, 0, []
+    inside = in_image
+    text_ok = np.zeros(CFG["vocab_size"], bool)
+    for a, b in TEXT_IDS:
+        text_ok[a:b] = True
+    while len(new) < rules.budget():
+        padded = np.zeros((1, CFG["max_length"]), np.int32)
+        padded[0, :len(doc)] = doc
+        logits = np.asarray(forward(padded))[0, len(doc) - 1]
+        if inside:
+            token = rules.break_id if pos == rules.image_tokens else 32 + int(np.argmax(logits[32:]))
+            pos += 1
+            if token == rules.break_id:
+                inside, after_text, run = False, False, 0
+        else:
+            token = int(np.argmax(np.where(text_ok, logits, -np.inf)))
+            if token == rules.eos_id:
+                break
+            if token == rules.break_id:
+                if not after_text or images == rules.max_images:
+                    break
+                inside, pos, images = True, 0, images + 1
+            else:
+                after_text, run = True, run + 1
+        doc.append(token)
+        new.append(token)
+        if not inside and token != rules.break_id and run == rules.max_text_tokens:
+            break
+    return new
+
+
+@pytest.mark.parametrize("in_image", [False, True])
+def test_generate_interleaved_matches_the_rules_on_full_forward_passes(in_image):
+    cfg, model, params = _model()
+    # <break> and <eos> take the head columns of two ids the random model often prefers (ties go to
+    # the lower id), so its documents open images, end early and fill text phases
+    head = params["output_head"]["kernel"]
+    params["output_head"]["kernel"] = head.at[:, 1].set(head[:, 29]).at[:, 2].set(head[:, 24])
+    rng = np.random.default_rng(0)
+    prompts = [[2, *rng.integers(3, 32, size=n).tolist(), *([1] if in_image else [])] for n in (3, 7, 5, 4, 9, 6)]
+    tokens, mask = decoding.left_pad(prompts, rows=8)   # two empty rows: they start finished
+    out, lengths = decoding.generate_interleaved(
+        params, tokens, mask, jax.random.key(0), model_config=cfg, rules=RULES, text_config=GREEDY,
+        image_config=GREEDY, text_allowed=TEXT_IDS, image_allowed=IMAGE_IDS, in_image=in_image)
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    assert out.shape == (8, RULES.budget()) and list(lengths[6:]) == [0, 0]
+    documents, forward = [], jax.jit(lambda t: model.apply({"params": params}, t))
+    for i, p in enumerate(prompts):
+        expected = _reference_interleaved(forward, p, in_image)
+        assert out[i, :lengths[i]].tolist() == expected and not out[i, lengths[i]:].any()
+        documents.append(expected)
+    # the documents reach max_images, and some end before (a ruled-out case would make this test weak)
+    image_counts = [int(np.isin(d, range(32, 64)).sum()) // RULES.image_tokens for d in documents]
+    assert max(image_counts) == RULES.max_images and min(image_counts) < RULES.max_images

@@ -95,47 +95,51 @@ def _check_interleaved_layout(vocab, out):
 
 def test_interleaved_generation_writes_text_and_images_in_the_training_layout(generator):
     v = generator.vocab
-    kwargs = dict(max_images=2, max_text_tokens=6, text_config=sampling.SamplingConfig(temperature=1.0), seed=3)
-    out = generator.interleaved("a small red circle at the top left", **kwargs)
-    kinds = _check_interleaved_layout(v, out)
-    assert kinds[:2] == ["text", "image"] and kinds.count("image") <= 2   # image_first: the prompt's image
-    again = generator.interleaved("a small red circle at the top left", **kwargs)
-    assert again["tokens"] == out["tokens"]
-    with pytest.raises(ValueError, match="non-empty text prompt"):
-        generator.interleaved("  ")
+    prompts = ["a small red circle at the top left", "a blue square"]
+    kwargs = dict(num_samples=3, max_images=2, max_text_tokens=6, text_config=sampling.SamplingConfig(temperature=1.0),
+                  seed=3)
+    documents = generator.interleaved(prompts, **kwargs)
+    assert [d["prompt"] for d in documents] == [prompts[0]] * 3 + [prompts[1]] * 3
+    for doc in documents:
+        kinds = _check_interleaved_layout(v, doc)
+        assert kinds[:2] == ["text", "image"] and kinds.count("image") <= 2   # image_first: the prompt's image
+    assert len({tuple(d["tokens"]) for d in documents}) > 2   # samples differ
+    again = generator.interleaved(prompts, **kwargs)
+    assert [d["tokens"] for d in again] == [d["tokens"] for d in documents]
+    with pytest.raises(ValueError, match="non-empty text prompts"):
+        generator.interleaved(["  "])
+    with pytest.raises(TypeError, match="list of prompts"):
+        generator.interleaved("a circle")
 
 
-def test_interleaved_generation_opens_an_image_after_text_and_stops_as_told(generator, monkeypatch):
-    # the text phases scripted (the tiny model's own choices are not under test here): text then
-    # <break> opens an image; <break> right after an image (two images in a row) or <eos> ends it
-    v = generator.vocab
-    word = v.encode_text("blue").tolist()
-    script = iter([word + [v.break_id], word + [v.break_id], [v.break_id]])
-    real = generator._decode_until
-    monkeypatch.setattr(generator, "_decode_until", lambda *a, **k: [next(script)])
-    out = generator.interleaved("a circle", max_images=3, image_first=False)
-    assert _check_interleaved_layout(v, out) == ["text", "image", "text", "image"]
-    prompt_then_word = v.decode_text(np.asarray(v.encode_text("a circle").tolist() + word, np.int32))
-    assert out["parts"][0] == prompt_then_word and out["parts"][2] == v.decode_text(np.asarray(word, np.int32))
-    script = iter([word + [v.break_id]] * 3)
-    assert _check_interleaved_layout(v, generator.interleaved("a circle", max_images=1, image_first=False)) == \
-        ["text", "image", "text"]   # max_images: the second <break> ends the document
-    script = iter([word + [v.eos_id]])
-    assert _check_interleaved_layout(v, generator.interleaved("a circle", image_first=False)) == ["text"]
-    monkeypatch.setattr(generator, "_decode_until", real)
+def test_interleaved_documents_drawn_together_equal_those_drawn_alone(generator):
+    # greedy text and images: left padding and batching change nothing, with or without the image first
+    greedy = sampling.SamplingConfig(temperature=0.0)
+    prompts = ["a circle", "a large green triangle at the bottom right"]
+    for image_first in (True, False):
+        kwargs = dict(max_images=2, max_text_tokens=5, text_config=greedy, image_config=greedy, image_first=image_first)
+        together = generator.interleaved(prompts, **kwargs)
+        for prompt, doc in zip(prompts, together):
+            _check_interleaved_layout(generator.vocab, doc)
+            assert generator.interleaved([prompt], **kwargs)[0]["tokens"] == doc["tokens"]
+        if not image_first:
+            assert all(isinstance(d["parts"][0], str) for d in together)
 
 
 def test_cli_writes_an_interleaved_document(tiny_pipeline, tmp_path):
     out = tmp_path / "gen"
     proc = run_cli("cm3leon_jax.generate", "--workdir", tiny_pipeline["lm"], "--prompt", "a small red circle",
-                   "--interleaved", "--max_images", "2", "--max_text_tokens", "6", "--out", out)
+                   "--interleaved", "--num_samples", "2", "--max_images", "2", "--max_text_tokens", "6", "--out", out)
     record = json.loads((out / "interleaved.json").read_text())
-    (doc,) = record["documents"]
-    assert doc["prompt"] == "a small red circle" and doc["parts"][0] == {"text": "a small red circle"}
-    images = [p for p in doc["parts"] if "image" in p]
-    assert [p["image"] for p in images] == list(range(len(images))) and 1 <= len(images) <= 2
-    grid = np.asarray(Image.open(out / "interleaved.png"))
-    assert grid.shape == (18 + 2, len(images) * 18 + 2, 3)
+    assert len(record["documents"]) == 2
+    widths = []
+    for doc in record["documents"]:
+        assert doc["prompt"] == "a small red circle" and doc["parts"][0] == {"text": "a small red circle"}
+        images = [p for p in doc["parts"] if "image" in p]
+        assert [p["image"] for p in images] == list(range(len(images))) and 1 <= len(images) <= 2
+        widths.append(len(images))
+    grid = np.asarray(Image.open(out / "interleaved.png"))   # one row per document
+    assert grid.shape == (2 * 18 + 2, max(widths) * 18 + 2, 3)
     assert "[image 0]" in proc.stdout
 
 
