@@ -90,10 +90,46 @@ def _step(model, params, cache, token, position):
     return logits[:, 0], _constrain_cache(cache)
 
 
-def _choose(rng, logits, streams, config: sampling.SamplingConfig, allowed: tuple[tuple[int, int], ...] | None):
-    """[streams * batch, vocab] logits -> one token per prompt, shared by all its streams."""
+def row_keys(rng: jax.Array, rows: int) -> jax.Array:
+    """A PRNG key per prompt row. One key is split over the rows; an array of `rows` keys is used as
+    given, so a row's draws depend on its own key alone, not on which other prompts share the batch
+    (`Generator` keys each prompt by its index: a resumed or re-batched run draws the same)."""
+    if rng.ndim == 0:
+        return jax.random.split(rng, rows)
+    if rng.shape != (rows,):
+        raise ValueError(f"{rng.shape[0]} keys for {rows} prompt rows")
+    return rng
+
+
+def prompt_keys(seed: int, ids: Sequence[Sequence[int]], rows: int) -> jax.Array:
+    """A key per prompt: key(seed) folded with each of the prompt's ids (e.g. caption index, strategy,
+    sample), so its draws are the same whatever batch it lands in; rows past len(ids) (padding to
+    the mesh) repeat the last key."""
+    ids = np.asarray(ids, np.uint32).reshape(len(ids), -1)
+    if len(ids) == 0 or len(ids) > rows:
+        raise ValueError(f"{len(ids)} prompt ids for {rows} rows")
+    ids = np.concatenate([ids, np.repeat(ids[-1:], rows - len(ids), axis=0)])
+    base = jax.random.key(seed)
+
+    def one(row_ids):
+        key = base
+        for j in range(ids.shape[1]):
+            key = jax.random.fold_in(key, row_ids[j])
+        return key
+
+    return jax.vmap(one)(jnp.asarray(ids))
+
+
+def _step_keys(keys: jax.Array, t) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
+
+
+def _choose(keys, logits, streams, config: sampling.SamplingConfig, allowed: tuple[tuple[int, int], ...] | None):
+    """[streams * batch, vocab] logits -> one token per prompt (drawn with its own key), shared by
+    all its streams."""
     per_stream = logits.reshape(streams, -1, logits.shape[-1])
-    token = sampling.draw(rng, sampling.next_token_logits(per_stream, config, allowed), config.temperature)
+    filtered = sampling.next_token_logits(per_stream, config, allowed)
+    token = jax.vmap(lambda key, row: sampling.draw(key, row, config.temperature))(keys, filtered)
     return jnp.tile(token, streams)
 
 
@@ -101,21 +137,23 @@ def _choose(rng, logits, streams, config: sampling.SamplingConfig, allowed: tupl
 def generate_fixed(params, tokens, mask, rng, *, model_config: TransformerConfig, streams: int, num_tokens: int,
                    config: sampling.SamplingConfig, allowed: tuple[tuple[int, int], ...] | None = None):
     """Exactly `num_tokens` new tokens per prompt (an image: its token count). tokens/mask hold
-    `streams` blocks of rows (conditional first). Returns (tokens [rows / streams, num_tokens],
-    the conditional stream's log-probabilities of the drawn tokens, same shape)."""
+    `streams` blocks of rows (conditional first). `rng`: one key, or a key per prompt (`row_keys`).
+    Returns (tokens [rows / streams, num_tokens], the conditional stream's log-probabilities of the
+    drawn tokens, same shape)."""
     model = Transformer(model_config)
     logits, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + num_tokens)
 
     rows = tokens.shape[0] // streams
+    keys = row_keys(rng, rows)
 
-    def body(carry, rng_t):
+    def body(carry, t):
         logits, cache, position = carry
-        token = _choose(rng_t, logits, streams, config, allowed)
+        token = _choose(_step_keys(keys, t), logits, streams, config, allowed)
         logprob = jnp.take_along_axis(jax.nn.log_softmax(logits[:rows]), token[:rows, None], axis=-1)[:, 0]
         logits, cache = _step(model, params, cache, token, position)
         return (logits, cache, position + 1), (token[:rows], logprob)
 
-    _, (out, logprobs) = jax.lax.scan(body, (logits, cache, position), jax.random.split(rng, num_tokens))
+    _, (out, logprobs) = jax.lax.scan(body, (logits, cache, position), jnp.arange(num_tokens))
     return out.T, logprobs.T
 
 
@@ -123,11 +161,12 @@ def generate_fixed(params, tokens, mask, rng, *, model_config: TransformerConfig
 def generate_until(params, tokens, mask, rng, stop_id, *, model_config: TransformerConfig, streams: int,
                    max_tokens: int, config: sampling.SamplingConfig, allowed: tuple[tuple[int, int], ...] | None = None):
     """Up to `max_tokens` per prompt, stopping each row at `stop_id` (kept; an id or a sequence of
-    ids) and the whole batch when every row has stopped. Returns (tokens [rows / streams, max_tokens]
-    with pad 0 after the stop, lengths [rows / streams])."""
+    ids) and the whole batch when every row has stopped. `rng`: one key, or a key per prompt.
+    Returns (tokens [rows / streams, max_tokens] with pad 0 after the stop, lengths [rows / streams])."""
     model = Transformer(model_config)
     logits, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + max_tokens)
     rows = tokens.shape[0] // streams
+    keys = row_keys(rng, rows)
     out = jnp.zeros((rows, max_tokens), jnp.int32)
     done = jnp.zeros((rows,), bool)
     lengths = jnp.zeros((rows,), jnp.int32)
@@ -139,7 +178,7 @@ def generate_until(params, tokens, mask, rng, stop_id, *, model_config: Transfor
 
     def body(carry):
         t, logits, cache, position, out, done, lengths = carry
-        token = _choose(jax.random.fold_in(rng, t), logits, streams, config, allowed)
+        token = _choose(_step_keys(keys, t), logits, streams, config, allowed)
         own = jnp.where(done, 0, token[:rows])
         out = jax.lax.dynamic_update_slice(out, own[:, None], (0, t))
         lengths = lengths + (~done).astype(jnp.int32)
@@ -223,12 +262,14 @@ def generate_interleaved(params, tokens, mask, rng, *, model_config: Transformer
     """Mixed-modal documents, every row on its own through `interleave_transition`, in one prefill
     and one `lax.while_loop` over one KV cache: a phase change costs nothing (no new prefill, no
     recompilation for the longer prompt). `in_image`: the prompts end with an opening `<break>`.
-    Empty (padding) rows start finished. Returns (tokens [rows, rules.budget()], pad 0 after each
-    row's end; lengths [rows])."""
+    Empty (padding) rows start finished. `rng`: one key, or a key per prompt. Returns (tokens
+    [rows, rules.budget()], pad 0 after each row's end; lengths [rows])."""
     model = Transformer(model_config)
     max_new = rules.budget()
     logits, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + max_new)
     rows = tokens.shape[0]
+    pairs = jax.vmap(jax.random.split)(row_keys(rng, rows))   # [rows, 2]: text draws, image draws
+    text_keys, image_keys = pairs[:, 0], pairs[:, 1]
     state = InterleaveState.start(rows, in_image, done=mask.sum(axis=1) == 0)
     out = jnp.zeros((rows, max_new), jnp.int32)
     lengths = jnp.zeros((rows,), jnp.int32)
@@ -239,9 +280,8 @@ def generate_interleaved(params, tokens, mask, rng, *, model_config: Transformer
 
     def body(carry):
         t, logits, cache, position, out, lengths, state = carry
-        rng_text, rng_image = jax.random.split(jax.random.fold_in(rng, t))
-        text_token = _choose(rng_text, logits, 1, text_config, text_allowed)
-        image_token = _choose(rng_image, logits, 1, image_config, image_allowed)
+        text_token = _choose(_step_keys(text_keys, t), logits, 1, text_config, text_allowed)
+        image_token = _choose(_step_keys(image_keys, t), logits, 1, image_config, image_allowed)
         token, emitted, state = interleave_transition(state, text_token, image_token, rules)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, t))
         logits, cache = _step(model, params, cache, token, position)

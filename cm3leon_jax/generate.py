@@ -6,6 +6,8 @@
     python -m cm3leon_jax.generate --workdir DIR --prompt "a <mask:0> circle at the top left"
     python -m cm3leon_jax.generate --workdir SFT_DIR --task edit --image in.png --prompt "make the circle blue"
         (instruction-tuned tasks: cm3leon_jax/sft_generate.py)
+    python -m cm3leon_jax.generate --workdir DIR --prompts_file captions.txt --num_samples 1 --out DIR/coco
+        (one PNG per sample, for FID and the like; resumable, shardable over processes)
 
 Loads the latest checkpoint's parameters, the vocabulary saved beside them, the VQ tokenizer the
 data was made with and, when the data has them, the retriever and its ScaNN index (for
@@ -20,7 +22,6 @@ import json
 import os
 from typing import Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -166,14 +167,17 @@ class Generator:
 
     # ------------------------------------------------------------ decoding
 
-    def _decode_fixed(self, streams_prompts, num_tokens, config, allowed, seed):
+    def _decode_fixed(self, streams_prompts, num_tokens, config, allowed, seed, ids=None):
+        """`ids`: each prompt's key ids (`decoding.prompt_keys`; default its index)."""
         tokens, mask = decoding.stream_rows(streams_prompts, multiple=sharding.data_parallel_size(self.mesh))
         decoding.check_fits(self.model_config, int(mask.sum(1).max()), num_tokens)
+        n = len(streams_prompts[0])
+        keys = decoding.prompt_keys(seed, [[i] for i in range(n)] if ids is None else ids,
+                                    tokens.shape[0] // len(streams_prompts))
         with sharding.activate(self.mesh):
             out, logprobs = decoding.generate_fixed(
-                self.params, tokens, mask, jax.random.key(seed), model_config=self.model_config,
+                self.params, tokens, mask, keys, model_config=self.model_config,
                 streams=len(streams_prompts), num_tokens=num_tokens, config=config, allowed=allowed)
-        n = len(streams_prompts[0])
         return np.asarray(out)[:n], np.asarray(logprobs)[:n]
 
     def image_prompt(self, caption: str, neighbour_docs: Sequence[np.ndarray] = ()) -> list[int]:
@@ -188,11 +192,21 @@ class Generator:
     def text_to_image(self, captions: Sequence[str], *, num_samples: int = 8,
                       config: sampling.SamplingConfig = sampling.SamplingConfig(top_p=0.9, cfg_scale=3.0),
                       cd_fraction: float = 0.0, cd_config: sampling.SamplingConfig | None = None,
-                      num_neighbours: int = 0, rerank: bool = True, seed: int = 0) -> list[ImageSamples]:
+                      num_neighbours: int = 0, rerank: bool = True, seed: int = 0, batch_size: int = 16,
+                      indices: Sequence[int] | None = None) -> list[ImageSamples]:
         """num_samples images per caption; a `cd_fraction` of them by CD-K, the rest by `config`
         (the paper's best: half TopP, half CD-K, reranked). `cd_config` draws the CD-K share (default:
-        CD-K with `sampling.DEFAULT_CD_K` at `config`'s temperature)."""
+        CD-K with `sampling.DEFAULT_CD_K` at `config`'s temperature). Every caption's samples of a
+        strategy are decoded together, `batch_size` images per call (with their guidance streams).
+        Sample j of caption i by strategy s is drawn with its own key, (seed, indices[i], s, j), so
+        it does not depend on batch_size or on the other captions of the call (`indices`: the
+        captions' places in a longer list, as in `generate_many`; default 0, 1, ...)."""
         self.vq.require_decoder()  # before any sampling: an encoder-only (imported) VQ cannot show images
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        indices = list(range(len(captions))) if indices is None else [int(i) for i in indices]
+        if len(indices) != len(captions):
+            raise ValueError(f"{len(indices)} indices for {len(captions)} captions")
         n_cd = int(round(cd_fraction * num_samples))
         plans = [("topp", num_samples - n_cd, config)]
         if n_cd:
@@ -200,26 +214,32 @@ class Generator:
                                                                              cd_k=sampling.DEFAULT_CD_K)))
         image_range = ((self.vocab.image_offset, self.vocab.image_offset + self.vocab.num_image_codes),)
         h, w = self.vocab.image_grid
+        conds = [self.image_prompt(c, self.retrieve(c, num_neighbours)) for c in captions]
+        codes = [[] for _ in captions]
+        logprobs = [[] for _ in captions]
+        strategies = [[] for _ in captions]
+        for p_index, (name, count, cfg) in enumerate(plans):
+            guided = cfg.cfg_scale != 1.0 or cfg.cd_k > 0
+            rows = [(i, j) for i in range(len(captions)) for j in range(count)]
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                streams = [[conds[i] for i, _ in chunk]]
+                if guided:
+                    streams.append([self.unconditional_image_prompt()] * len(chunk))
+                out, lp = self._decode_fixed(streams, self.vocab.image_tokens_per_image, cfg, image_range, seed,
+                                             ids=[(indices[i], p_index, j) for i, j in chunk])
+                for (i, _), c, l in zip(chunk, out, lp):
+                    codes[i].append(c - self.vocab.image_offset)
+                    logprobs[i].append(l.sum())
+                    strategies[i].append(name)
         results = []
-        for c_index, caption in enumerate(captions):
-            cond = self.image_prompt(caption, self.retrieve(caption, num_neighbours))
-            codes, logprobs, strategies = [], [], []
-            for p_index, (name, count, cfg) in enumerate(plans):
-                if count == 0:
-                    continue
-                guided = cfg.cfg_scale != 1.0 or cfg.cd_k > 0
-                streams = [[cond] * count] + ([[self.unconditional_image_prompt()] * count] if guided else [])
-                out, lp = self._decode_fixed(streams, self.vocab.image_tokens_per_image, cfg, image_range,
-                                             seed * 1000 + c_index * 10 + p_index)
-                codes.append(out - self.vocab.image_offset)
-                logprobs.append(lp.sum(axis=1))
-                strategies += [name] * count
-            codes = np.concatenate(codes).reshape(-1, h, w).astype(np.int32)
-            sample = ImageSamples(caption, self.vq.decode(codes), codes, strategies, np.concatenate(logprobs))
+        for caption, c, lp, names in zip(captions, codes, logprobs, strategies):
+            c = np.stack(c).reshape(-1, h, w).astype(np.int32)
+            sample = ImageSamples(caption, self.vq.decode(c), c, names, np.asarray(lp, np.float32))
             if rerank and self.can_rerank:
-                sample.scores = self.rerank_scores(caption, codes, sample.images)
+                sample.scores = self.rerank_scores(caption, c, sample.images)
                 order = np.argsort(-sample.scores, kind="stable")
-                sample = ImageSamples(caption, sample.images[order], codes[order], [strategies[i] for i in order],
+                sample = ImageSamples(caption, sample.images[order], c[order], [names[k] for k in order],
                                       sample.logprobs[order], sample.scores[order])
             results.append(sample)
         return results
@@ -242,9 +262,10 @@ class Generator:
         """Each prompt's continuation (one stream), up to and including the first of `stop_ids`."""
         tokens, mask = decoding.stream_rows([list(prompts)], multiple=sharding.data_parallel_size(self.mesh))
         decoding.check_fits(self.model_config, int(mask.sum(1).max()), max_tokens)
+        keys = decoding.prompt_keys(seed, [[i] for i in range(len(prompts))], tokens.shape[0])
         with sharding.activate(self.mesh):
             out, lengths = decoding.generate_until(
-                self.params, tokens, mask, jax.random.key(seed), stop_ids, model_config=self.model_config,
+                self.params, tokens, mask, keys, stop_ids, model_config=self.model_config,
                 streams=1, max_tokens=max_tokens, config=config, allowed=allowed)
         return [[int(t) for t in row[:n]] for row, n in zip(np.asarray(out)[:len(prompts)],
                                                             np.asarray(lengths)[:len(prompts)])]
@@ -280,9 +301,11 @@ class Generator:
                                          max_images=max_images, max_text_tokens=max_text_tokens)
         tokens, mask = decoding.stream_rows([rows], multiple=sharding.data_parallel_size(self.mesh))
         decoding.check_fits(self.model_config, int(mask.sum(1).max()), rules.budget())
+        keys = decoding.prompt_keys(seed, [(i, j) for i in range(len(prompts)) for j in range(num_samples)],
+                                    tokens.shape[0])
         with sharding.activate(self.mesh):
             out, lengths = decoding.generate_interleaved(
-                self.params, tokens, mask, jax.random.key(seed), model_config=self.model_config, rules=rules,
+                self.params, tokens, mask, keys, model_config=self.model_config, rules=rules,
                 text_config=text_config, image_config=image_config,
                 text_allowed=(*v.emittable_text_ranges(), (v.break_id, v.break_id + 1), (v.eos_id, v.eos_id + 1)),
                 image_allowed=((v.image_offset, v.image_offset + v.num_image_codes),), in_image=in_image)
@@ -357,6 +380,94 @@ def write_interleaved(gen: Generator, prompts: Sequence[str], out_dir: str, sett
     return png or path
 
 
+def read_prompts_file(path: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
+    """Captions for `generate --prompts_file`: a .txt file (one per line) or .jsonl (a "caption" or
+    "text" field per line). Returns ([(line index, caption)], skipped counts by reason): an empty
+    or malformed line is skipped and counted, never silently; its index is not reused, so output
+    i always belongs to line i. A file that is not UTF-8, or holds no caption, is refused."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts_file {path} is not UTF-8 text ({e})") from None
+    jsonl = path.endswith(".jsonl")
+    prompts, skipped = [], {}
+    for index, line in enumerate(lines):
+        caption, reason = line, None
+        if jsonl:
+            try:
+                row = json.loads(line) if line.strip() else {}
+                caption = row.get("caption", row.get("text", "")) if isinstance(row, dict) else None
+            except json.JSONDecodeError:
+                caption, reason = None, "malformed_json"
+            if caption is not None and not isinstance(caption, str):
+                caption, reason = None, "caption_not_a_string"
+            elif caption is None and reason is None:
+                reason = "malformed_json"
+        if reason is None and not caption.strip():
+            reason = "empty_caption"
+        if reason is None:
+            prompts.append((index, caption.strip()))
+        else:
+            skipped[reason] = skipped.get(reason, 0) + 1
+    if not prompts:
+        raise ValueError(f"--prompts_file {path} holds no caption ({len(lines)} lines, skipped {skipped})")
+    return prompts, skipped
+
+
+def generate_many(gen: Generator, prompts: Sequence[tuple[int, str]], out_dir: str, settings: dict, *,
+                  batch_size: int = 16, num_shards: int = 1, shard_index: int = 0, **kwargs) -> dict:
+    """Text -> image for a long list of captions (e.g. 30,000 for a zero-shot FID): every caption's
+    samples as `images/{index:06d}_{k}.png` (k = 0 best when reranked) and one `manifest*.jsonl`
+    line (caption, files, strategies, log-probabilities, scores). Resumable: captions already in a
+    manifest with all their files are skipped; a caption's images depend only on the seed and its
+    index (`text_to_image(indices=)`), so a resumed or resharded run writes what an
+    uninterrupted one would. Shard `shard_index` of `num_shards` (one per process or host) takes
+    the captions whose index is `shard_index` mod `num_shards`. Logs progress with an ETA."""
+    import time
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} must be in [0, num_shards={num_shards})")
+    num_samples = kwargs.get("num_samples", 8)
+    image_dir = os.path.join(out_dir, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    done = set()
+    for name in sorted(os.listdir(out_dir)):
+        if name.startswith("manifest") and name.endswith(".jsonl"):
+            with open(os.path.join(out_dir, name), encoding="utf-8") as f:
+                for line in f:
+                    row = json.loads(line)
+                    if all(os.path.exists(os.path.join(out_dir, p)) for p in row["files"]):
+                        done.add(row["index"])
+    todo = [(i, c) for i, c in prompts if i % num_shards == shard_index and i not in done]
+    manifest = os.path.join(out_dir, "manifest.jsonl" if num_shards == 1 else
+                            f"manifest.{shard_index}-of-{num_shards}.jsonl")
+    with open(os.path.join(out_dir, "settings.json"), "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2)
+    per_call = max(1, batch_size // max(1, num_samples))   # captions per text_to_image call
+    start, written = time.perf_counter(), 0
+    logging.info("%d captions to draw (%d already done, shard %d of %d)", len(todo),
+                 len(done), shard_index, num_shards)
+    for a in range(0, len(todo), per_call):
+        chunk = todo[a:a + per_call]
+        samples = gen.text_to_image([c for _, c in chunk], batch_size=batch_size, indices=[i for i, _ in chunk],
+                                    **kwargs)
+        with open(manifest, "a", encoding="utf-8") as f:
+            for (index, caption), s in zip(chunk, samples):
+                files = []
+                for k, image in enumerate(s.images):
+                    files.append(os.path.join("images", f"{index:06d}_{k}.png"))
+                    image_grid.save_png(os.path.join(out_dir, files[-1]), image)
+                f.write(json.dumps({"index": index, "caption": caption, "files": files, "strategies": s.strategies,
+                                    "logprobs": s.logprobs.tolist(),
+                                    "scores": None if s.scores is None else s.scores.tolist()}) + "\n")
+        written += len(chunk)
+        elapsed = time.perf_counter() - start
+        rate = written / elapsed
+        logging.info("captions %d/%d, %.2f captions/s (%.1f images/s), ETA %.0f s", written, len(todo), rate,
+                     rate * num_samples, (len(todo) - written) / rate)
+    return {"captions": len(todo), "skipped_as_done": len(done), "manifest": manifest}
+
+
 def write_image_samples(samples: Sequence[ImageSamples], out_dir: str, settings: dict) -> tuple[str, str]:
     """One grid row per caption (best first) and a JSON of settings, scores and strategies."""
     grid = image_grid.make_grid([list(s.images) for s in samples])
@@ -387,7 +498,7 @@ def main(argv):
 
 
 def _run(gen, f):
-    """main's body: SFT tasks, image -> text, text infilling or text -> image."""
+    """main's body: a prompts file, SFT tasks, image -> text, text infilling or text -> image."""
     from PIL import Image
     # --cd_k draws every sample by CD-K, or with --cd_fraction only that share (the rest by TopP/TopK/CFG)
     config = sampling.SamplingConfig(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale,
@@ -401,6 +512,19 @@ def _run(gen, f):
                     reranker=(gen.clip_scorer.model_dir if gen.clip_scorer is not None
                               else "retriever" if gen.retriever is not None else None) if f.rerank else None)
     out_dir = f.out or os.path.join(f.workdir, "generate")
+    if f.prompts_file:  # many captions -> one PNG per sample, resumable
+        if f.prompt or f.image or f.task or f.interleaved:
+            raise ValueError("--prompts_file draws text -> image alone: drop --prompt/--image/--task/--interleaved")
+        prompts, skipped = read_prompts_file(f.prompts_file)
+        if skipped:
+            logging.warning("--prompts_file: skipped %s", skipped)
+        settings.update(prompts_file=os.path.abspath(f.prompts_file), skipped_lines=skipped, batch_size=f.batch_size)
+        summary = generate_many(gen, prompts, out_dir, settings, batch_size=f.batch_size, num_shards=f.num_shards,
+                                shard_index=f.shard_index, num_samples=f.num_samples, config=config,
+                                cd_fraction=f.cd_fraction, cd_config=cd_config, num_neighbours=f.neighbours,
+                                rerank=f.rerank, seed=f.seed)
+        print(json.dumps(summary))
+        return
     if f.task:  # instruction-tuned tasks (edit, vqa, control, ...): their templates and guidance
         from cm3leon_jax import sft_generate
         sft_generate.run_cli(gen, f)
@@ -425,7 +549,8 @@ def _run(gen, f):
             print(f"{p} -> {gen.infill_text(p, max_tokens=f.max_text_tokens, config=config, seed=f.seed)}")
         return
     samples = gen.text_to_image(f.prompt, num_samples=f.num_samples, config=config, cd_fraction=f.cd_fraction,
-                                cd_config=cd_config, num_neighbours=f.neighbours, rerank=f.rerank, seed=f.seed)
+                                cd_config=cd_config, num_neighbours=f.neighbours, rerank=f.rerank, seed=f.seed,
+                                batch_size=f.batch_size)
     png, path = write_image_samples(samples, out_dir, settings)
     logging.info("wrote %s and %s", png, path)
     print(png)
@@ -458,6 +583,12 @@ def _define_flags():
     flags.DEFINE_bool("interleaved", False, "mixed-modal continuation of --prompt: text and images in turn "
                       "(Generator.interleaved; images by --top_p/--top_k/--temperature, text greedy)")
     flags.DEFINE_integer("max_images", 2, "--interleaved: images at most")
+    flags.DEFINE_string("prompts_file", None, "captions, one per line (.txt) or {\"caption\": ...} per line (.jsonl): "
+                        "every sample written as OUT/images/INDEX_K.png with a manifest.jsonl; rerun to resume")
+    flags.DEFINE_integer("batch_size", 16, "images decoded together per call, with their guidance streams (16 suits a CPU; "
+                         "raise it on a GPU or TPU: bench/text_to_image.py)")
+    flags.DEFINE_integer("num_shards", 1, "--prompts_file: split the captions over this many processes")
+    flags.DEFINE_integer("shard_index", 0, "--prompts_file: this process's shard (captions with index % num_shards)")
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_bool("int8", False, "int8 weight-only kernels (a quarter of the weight memory; quantization.py)")
     flags.DEFINE_enum("compute_dtype", None, list(COMPUTE_DTYPES), "activations and KV cache dtype for decoding "

@@ -19,10 +19,9 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
 
-from cm3leon_jax import decoding, image_grid, sampling, sharding
+from cm3leon_jax import image_grid, sampling
 from data_pipeline import sft_tasks
 
 EDIT_SAMPLING = sampling.SamplingConfig(top_p=0.9, cfg_scale=7.5, image_cfg_scale=1.5)
@@ -94,20 +93,11 @@ class TaskGenerator:
         return self._text(streams[0], config, seed, max_text_tokens)
 
     def _text(self, prompts, config, seed, max_tokens) -> list[str]:
-        """Text ids until `<eos>` (the SFT sequences' end), the same loop as the Generator's."""
-        v, gen = self.vocab, self.gen
-        tokens, mask = decoding.stream_rows([prompts], multiple=sharding.data_parallel_size(gen.mesh))
-        decoding.check_fits(gen.model_config, int(mask.sum(1).max()), max_tokens)
+        """Text ids until `<eos>` (the SFT sequences' end), through the Generator's loop."""
+        v = self.vocab
         allowed = ((v.eos_id, v.eos_id + 1), *v.emittable_text_ranges())
-        with sharding.activate(gen.mesh):
-            out, lengths = decoding.generate_until(
-                gen.params, tokens, mask, jax.random.key(seed), v.eos_id, model_config=gen.model_config, streams=1,
-                max_tokens=max_tokens, config=config, allowed=allowed)
-        texts = []
-        for row, n in zip(np.asarray(out)[:len(prompts)], np.asarray(lengths)[:len(prompts)]):
-            ids = np.asarray([int(t) for t in row[:n] if t != v.eos_id], np.int32)
-            texts.append(v.decode_text(ids).strip())
-        return texts
+        outputs = self.gen._decode_until(list(prompts), (v.eos_id,), max_tokens, config, allowed, seed)
+        return [v.decode_text(np.asarray([t for t in ids if t != v.eos_id], np.int32)).strip() for ids in outputs]
 
 
 def _resize(image, size: int) -> np.ndarray:

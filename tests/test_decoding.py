@@ -215,3 +215,24 @@ def test_generate_interleaved_matches_the_rules_on_full_forward_passes(in_image)
     # the documents reach max_images, and some end before (a ruled-out case would make this test weak)
     image_counts = [int(np.isin(d, range(32, 64)).sum()) // RULES.image_tokens for d in documents]
     assert max(image_counts) == RULES.max_images and min(image_counts) < RULES.max_images
+
+
+def test_prompt_keys_make_a_prompts_samples_independent_of_its_batch():
+    cfg, model, params = _model()
+    prompts = [[5, 9, 3], [7, 1, 4, 4, 8, 2, 6], [11, 12]]
+    sampled = sampling.SamplingConfig(temperature=1.0)
+    tokens, mask = decoding.left_pad(prompts, rows=4)
+    keys = decoding.prompt_keys(7, [[10], [11], [12]], rows=4)
+    batched, _ = decoding.generate_fixed(params, tokens, mask, keys, model_config=cfg, streams=1, num_tokens=8,
+                                         config=sampled)
+    for i, p in enumerate(prompts):
+        t, m = decoding.left_pad([p], length_multiple=1)
+        alone, _ = decoding.generate_fixed(params, t, m, decoding.prompt_keys(7, [[10 + i]], rows=1), model_config=cfg,
+                                           streams=1, num_tokens=8, config=sampled)
+        np.testing.assert_array_equal(batched[i], alone[0])
+    other_seed, _ = decoding.generate_fixed(params, tokens, mask, decoding.prompt_keys(8, [[10], [11], [12]], rows=4),
+                                            model_config=cfg, streams=1, num_tokens=8, config=sampled)
+    assert not np.array_equal(np.asarray(other_seed)[:3], np.asarray(batched)[:3])
+    with pytest.raises(ValueError, match="2 keys for 4 prompt rows"):
+        decoding.generate_fixed(params, tokens, mask, decoding.prompt_keys(7, [[1], [2]], rows=2), model_config=cfg,
+                                streams=1, num_tokens=8, config=sampled)

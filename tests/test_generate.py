@@ -32,6 +32,74 @@ def test_text_to_image_mixes_strategies_reranks_and_is_seeded(generator):
     np.testing.assert_array_equal(again[0].codes, samples[0].codes)
 
 
+def test_text_to_image_samples_depend_on_their_caption_index_not_the_batch(generator):
+    kwargs = dict(num_samples=3, config=sampling.SamplingConfig(top_p=0.9, cfg_scale=3.0), cd_fraction=1 / 3,
+                  rerank=False, seed=2)
+    captions = ["a small red circle at the top left", "a large blue square", "a green triangle"]
+    wide = generator.text_to_image(captions, batch_size=32, **kwargs)
+    narrow = generator.text_to_image(captions, batch_size=2, **kwargs)
+    for a, b in zip(wide, narrow):
+        np.testing.assert_array_equal(a.codes, b.codes)
+        assert a.strategies == b.strategies == ["topp", "topp", "cdk"]
+    alone = generator.text_to_image([captions[2]], indices=[2], batch_size=5, **kwargs)[0]
+    np.testing.assert_array_equal(alone.codes, wide[2].codes)
+    np.testing.assert_allclose(alone.logprobs, wide[2].logprobs, rtol=1e-5)
+    assert not np.array_equal(generator.text_to_image([captions[2]], **kwargs)[0].codes, wide[2].codes)  # index 0
+    with pytest.raises(ValueError, match="1 indices for 2 captions"):
+        generator.text_to_image(captions[:2], indices=[0], **kwargs)
+
+
+def test_prompts_file_lines_are_read_or_skipped_and_counted(tmp_path):
+    txt = tmp_path / "captions.txt"
+    txt.write_text("a red circle\n\n  a blue square  \n", encoding="utf-8")
+    assert generate.read_prompts_file(str(txt)) == ([(0, "a red circle"), (2, "a blue square")], {"empty_caption": 1})
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text("\n".join(['{"caption": "a red circle"}', '{"text": "a star"}', "{broken", '{"caption": 3}',
+                                '{"caption": ""}', '[1, 2]']), encoding="utf-8")
+    assert generate.read_prompts_file(str(jsonl)) == (
+        [(0, "a red circle"), (1, "a star")], {"malformed_json": 2, "caption_not_a_string": 1, "empty_caption": 1})
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("un cercle rouge \u00e0 gauche".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        generate.read_prompts_file(str(latin))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds no caption"):
+        generate.read_prompts_file(str(empty))
+
+
+def _written(out):
+    return {p.name: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
+
+
+def test_generate_many_writes_every_sample_resumes_and_shards(generator, tmp_path):
+    prompts = [(0, "a red circle"), (2, "a blue square"), (3, "a green triangle at the bottom")]
+    kwargs = dict(num_samples=2, config=sampling.SamplingConfig(top_p=0.9, cfg_scale=3.0), seed=1)
+    out = tmp_path / "many"
+    summary = generate.generate_many(generator, prompts, str(out), {"seed": 1}, batch_size=3, **kwargs)
+    assert summary["captions"] == 3 and summary["skipped_as_done"] == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 2, 3] and [r["caption"] for r in rows] == [c for _, c in prompts]
+    assert all(r["files"] == [f"images/{r['index']:06d}_{k}.png" for k in range(2)] for r in rows)
+    assert all(r["scores"][0] >= r["scores"][1] for r in rows)   # reranked: best first
+    first = _written(out)
+    assert len(first) == 6
+    assert np.asarray(Image.open(out / "images" / "000003_1.png")).shape == (16, 16, 3)
+    # an interrupted run (a sample missing): only that caption is drawn again, identically
+    os.remove(out / "images" / "000002_1.png")
+    again = generate.generate_many(generator, prompts, str(out), {"seed": 1}, batch_size=3, **kwargs)
+    assert again["captions"] == 1 and again["skipped_as_done"] == 2 and _written(out) == first
+    # two shards (two processes), one caption a call: the same images
+    sharded = tmp_path / "sharded"
+    for shard in (0, 1):
+        generate.generate_many(generator, prompts, str(sharded), {}, batch_size=1, num_shards=2, shard_index=shard,
+                               **kwargs)
+    assert _written(sharded) == first
+    assert sorted(p.name for p in sharded.glob("manifest*")) == ["manifest.0-of-2.jsonl", "manifest.1-of-2.jsonl"]
+    with pytest.raises(ValueError, match="shard_index 2"):
+        generate.generate_many(generator, prompts, str(sharded), {}, num_shards=2, shard_index=2, **kwargs)
+
+
 def test_retrieval_augmented_prompt_prepends_bank_documents(generator):
     neighbours = generator.retrieve("a small red circle at the top left", 2)
     assert 1 <= len(neighbours) <= 2
@@ -235,3 +303,14 @@ def test_int8_bfloat16_generator_decodes_and_bad_dtypes_are_refused(tiny_pipelin
     assert isinstance(low.image_to_text(samples[0].images[:1])[0], str)
     with pytest.raises(ValueError, match="compute_dtype"):
         generate.Generator(tiny_pipeline["lm"], compute_dtype="int4")
+
+
+def test_cli_draws_a_prompts_file(tiny_pipeline, tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a small red circle\n\na large blue square\n", encoding="utf-8")
+    out = tmp_path / "gen"
+    proc = run_cli("cm3leon_jax.generate", "--workdir", tiny_pipeline["lm"], "--prompts_file", captions,
+                   "--num_samples", "1", "--batch_size", "4", "--out", out)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["captions"] == 2
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000_0.png", "000002_0.png"]
+    assert json.loads((out / "settings.json").read_text())["skipped_lines"] == {"empty_caption": 1}
