@@ -12,6 +12,15 @@ only then.
 - Frechet distance in CLIP image features (FD_CLIP; Kynkaenniemi et al. 2023 find it tracks human
   judgement better than Inception's): `shapes_metrics.frechet_distance` of the image embeddings.
   It is not FID, and is comparable only with numbers from the same checkpoint.
+
+Samples written by `generate --prompts_file` are scored from the command line:
+
+    python -m cm3leon_jax.clip_metrics --samples DIR --clip_model CLIP [--reference REAL_IMAGES_DIR]
+
+CLIP score of every sample with its caption and of each caption's first (best, when reranked)
+sample; with `--reference`, FD_CLIP between the first samples and a folder of real images (e.g.
+MS-COCO val2014, the paper's zero-shot setting). Writes DIR/clip_metrics.json; the last line
+printed is that JSON.
 """
 from __future__ import annotations
 
@@ -98,3 +107,110 @@ class ClipScorer:
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
         return clip_score_from_features(self.image_features(images), self.text_features(captions))
+
+
+def read_manifests(samples_dir: str) -> list[dict]:
+    """`generate --prompts_file` rows of every manifest*.jsonl in the directory, one per caption
+    index (a caption drawn again appends a line: the last one is current), by index."""
+    rows = {}
+    names = sorted(n for n in os.listdir(samples_dir) if n.startswith("manifest") and n.endswith(".jsonl"))
+    if not names:
+        raise ValueError(f"{samples_dir!r} has no manifest*.jsonl: write samples with generate --prompts_file")
+    for name in names:
+        with open(os.path.join(samples_dir, name), encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                rows[int(row["index"])] = row
+    return [rows[i] for i in sorted(rows)]
+
+
+def _features_of_files(scorer: ClipScorer, paths: Sequence[str], size: int | None,
+                       chunk: int = 256) -> tuple[np.ndarray, list[bool]]:
+    """CLIP image features of image files, `chunk` at a time (30,000 images never sit in memory
+    at once); a file that cannot be decoded is left out and marked False."""
+    from PIL import Image
+    from data_pipeline.images import center_crop_resize
+    features, ok = [], []
+    for start in range(0, len(paths), chunk):
+        images = []
+        for path in paths[start:start + chunk]:
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                    images.append(center_crop_resize(image, size) if size else np.asarray(image.convert("RGB")))
+                ok.append(True)
+            except Exception:  # noqa: BLE001 -- any undecodable file is counted, whatever PIL raises
+                ok.append(False)
+        if images:
+            features.append(scorer.image_features(np.stack(images)))
+    return (np.concatenate(features) if features else np.zeros((0, 0), np.float32)), ok
+
+
+def score_samples(scorer: ClipScorer, samples_dir: str, reference_dir: str | None = None,
+                  reference_size: int = 256) -> dict:
+    """CLIP score of all samples and of each caption's first; FD_CLIP of the first samples
+    against the reference folder's images (resized and centre-cropped to `reference_size`).
+    Missing or undecodable files are counted, never silently dropped."""
+    rows = read_manifests(samples_dir)
+    paths, captions, first = [], [], []
+    missing = 0
+    for row in rows:
+        for k, rel in enumerate(row["files"]):
+            path = os.path.join(samples_dir, rel)
+            if not os.path.isfile(path):
+                missing += 1
+                continue
+            paths.append(path)
+            captions.append(row["caption"])
+            first.append(k == 0)
+    if not paths:
+        raise ValueError(f"none of the files named in {samples_dir!r}'s manifests exists")
+    features, ok = _features_of_files(scorer, paths, None)
+    captions = [c for c, good in zip(captions, ok) if good]
+    first = np.asarray([f for f, good in zip(first, ok) if good], bool)
+    text = scorer.text_features(captions)
+    report = {"clip_model": scorer.model_dir, "samples_dir": os.path.abspath(samples_dir), "captions": len(rows),
+              "samples": int(len(captions)), "missing_files": missing, "undecodable_files": ok.count(False),
+              "clip_score": clip_score_from_features(features, text),
+              "clip_score_first": clip_score_from_features(features[first], text[first])}
+    if reference_dir is not None:
+        from cm3leon_jax import shapes_metrics
+        from data_pipeline.images import list_image_files
+        ref_paths = list_image_files(reference_dir)
+        ref_features, ref_ok = _features_of_files(scorer, ref_paths, reference_size)
+        if len(ref_features) < 2 or int(first.sum()) < 2:
+            raise ValueError(f"FD_CLIP needs at least 2 images a side: {int(first.sum())} samples, "
+                             f"{len(ref_features)} readable reference images in {reference_dir!r}")
+        report.update(reference_dir=os.path.abspath(reference_dir), reference_images=int(len(ref_features)),
+                      reference_undecodable=ref_ok.count(False),
+                      fd_clip=shapes_metrics.frechet_distance(features[first], ref_features))
+    return report
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    f = flags.FLAGS
+    scorer = ClipScorer(f.clip_model, batch_size=f.batch_size)
+    report = score_samples(scorer, f.samples, f.reference, f.reference_size)
+    out = f.out or os.path.join(f.samples, "clip_metrics.json")
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2)
+    print(json.dumps(report))
+
+
+def _define_flags():
+    from absl import flags
+    flags.DEFINE_string("samples", None, "a `generate --prompts_file` output directory", required=True)
+    flags.DEFINE_string("clip_model", None, "local Hugging Face CLIP checkpoint directory (safetensors)",
+                        required=True)
+    flags.DEFINE_string("reference", None, "folder of real images (PNG/JPEG, searched recursively) for FD_CLIP")
+    flags.DEFINE_integer("reference_size", 256, "reference images are resized and centre-cropped to this first")
+    flags.DEFINE_integer("batch_size", 64, "images per CLIP forward")
+    flags.DEFINE_string("out", None, "report path (default SAMPLES/clip_metrics.json)")
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main)

@@ -66,3 +66,54 @@ def test_evaluate_checks_the_clip_checkpoint_before_anything_loads(tmp_path):
     from cm3leon_jax import evaluate
     with pytest.raises(ValueError, match="not a Hugging Face CLIP checkpoint"):
         evaluate.evaluate("/nonexistent", clip_model=str(tmp_path))
+
+
+@needs_hf
+def test_prompts_file_samples_are_scored_against_a_reference_folder(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from tests.helpers import run_cli
+    model_dir = write_tiny_clip(str(tmp_path / "clip"))
+    rng = np.random.default_rng(1)
+    samples, reference = tmp_path / "samples", tmp_path / "reference"
+    (samples / "images").mkdir(parents=True)
+    (reference / "sub").mkdir(parents=True)
+    captions = {0: "a red star", 2: "a blue circle", 3: "two green squares"}
+    drawn = {}
+    with open(samples / "manifest.jsonl", "w") as f:
+        for index, caption in captions.items():
+            files = [f"images/{index:06d}_{k}.png" for k in range(2)]
+            for rel in files:
+                drawn[rel] = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(drawn[rel]).save(samples / rel)
+            f.write(json.dumps({"index": index, "caption": "stale" if index == 2 else caption, "files": files}) + "\n")
+        # caption 2 drawn again by a resumed run: its last line is current
+        f.write(json.dumps({"index": 2, "caption": captions[2], "files": [f"images/{2:06d}_{k}.png" for k in range(2)]})
+                + "\n")
+    os.remove(samples / "images" / "000003_1.png")   # a missing sample is counted
+    real = [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8) for _ in range(4)]
+    for i, image in enumerate(real):
+        Image.fromarray(image).save(reference / ("sub" if i % 2 else "") / f"r{i}.png")
+    (reference / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (reference / "notes.txt").write_text("not an image")
+
+    proc = run_cli("cm3leon_jax.clip_metrics", "--samples", samples, "--clip_model", model_dir, "--reference",
+                   reference, "--reference_size", "32", "--batch_size", "2")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == json.loads((samples / "clip_metrics.json").read_text())
+    assert (report["captions"], report["samples"], report["missing_files"]) == (3, 5, 1)
+    assert (report["reference_images"], report["reference_undecodable"]) == (4, 1)
+
+    scorer = clip_metrics.ClipScorer(model_dir)
+    kept = [(rel, captions[int(rel[7:13])]) for rel in sorted(drawn) if rel != "images/000003_1.png"]
+    images = np.stack([drawn[rel] for rel, _ in kept])
+    assert report["clip_score"] == pytest.approx(scorer.clip_score(images, [c for _, c in kept]), abs=1e-3)
+    firsts = [i for i, (rel, _) in enumerate(kept) if rel.endswith("_0.png")]
+    assert report["clip_score_first"] == pytest.approx(
+        scorer.clip_score(images[firsts], [kept[i][1] for i in firsts]), abs=1e-3)
+    from data_pipeline.images import center_crop_resize
+    want_fd = shapes_metrics.frechet_distance(scorer.image_features(images[firsts]), scorer.image_features(
+        np.stack([center_crop_resize(Image.fromarray(r), 32) for r in real])))
+    assert report["fd_clip"] == pytest.approx(want_fd, rel=1e-4)
