@@ -35,6 +35,7 @@ from cm3leon_jax import metrics, vocab as vocab_lib, workdir_io
 
 BUILDER_NAME = "cm3_documents"
 REPORT_FILE = "ingest_report.json"
+MAX_SKIPPED_EXAMPLES = 50     # skipped records named in the report (the counts cover every one)
 VOCAB_DIR = "vocab"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
@@ -54,6 +55,28 @@ class RawRecord:
     caption: Any             # str or bytes
     meta: dict | None = None  # ground truth kept with the document (shapes attributes)
     segments: list | None = None   # an interleaved document: [("text" | "image", value), ...] in order
+    position: int = -1       # its place in the source's order (set by the ingest loop; a part's merge key)
+
+
+class Shard:
+    """Which raw records one ingestion run owns: every `count`-th from `index` in the source's
+    order (round robin keeps the parts balanced whatever the order, and the merge restores the
+    single-run order from the positions). A source calls `owns()` once per raw record it would
+    yield, before any costly decode, so a part never decodes another part's images; `position`
+    is then that record's place in the source."""
+
+    def __init__(self, index: int = 0, count: int = 1):
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"shard {index} of {count}: need num_shards >= 1 and 0 <= shard_index < num_shards")
+        self.index, self.count, self.position = index, count, -1
+
+    def owns(self) -> bool:
+        self.position += 1
+        return self.position % self.count == self.index
+
+    @property
+    def is_part(self) -> bool:
+        return self.count > 1
 
 
 # ---------------------------------------------------------------- sources
@@ -63,20 +86,24 @@ def _split_of(key: str, validation_fraction: float) -> str:
     return "validation" if (zlib.crc32(key.encode()) % 10_000) < validation_fraction * 10_000 else "train"
 
 
-def shapes_records(cfg, split: str) -> Iterator[RawRecord]:
+def shapes_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
     from data_pipeline import shapes_world
     world = shapes_world.ShapesWorld(shapes_world.ShapesWorldConfig(image_size=int(cfg.image_size), seed=int(cfg.seed)),
                                      split)
     for i in range(int(cfg.num_documents[split])):
+        if not shard.owns():
+            continue
         ex = world[i]
         meta = {"objects": ex["objects"], "background": ex["background"]}
         yield RawRecord(f"shapes:{split}:{i}", ex["image"], ex["caption"], meta)
 
 
-def folder_records(cfg, split: str) -> Iterator[RawRecord]:
+def folder_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
     root = cfg.folder
     for name in sorted(os.listdir(root)):
         if not name.lower().endswith(IMAGE_EXTENSIONS) or _split_of(name, cfg.validation_fraction) != split:
+            continue
+        if not shard.owns():
             continue
         sidecar = os.path.join(root, os.path.splitext(name)[0] + ".txt")
         caption = b""
@@ -86,12 +113,12 @@ def folder_records(cfg, split: str) -> Iterator[RawRecord]:
         yield RawRecord(os.path.join(root, name), os.path.join(root, name), caption)
 
 
-def jsonl_records(cfg, split: str) -> Iterator[RawRecord]:
+def jsonl_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
     base = os.path.dirname(os.path.abspath(cfg.jsonl))
     with open(cfg.jsonl, "rb") as f:
         for line_no, line in enumerate(f, 1):
             key = f"{cfg.jsonl}:{line_no}"
-            if _split_of(key, cfg.validation_fraction) != split or not line.strip():
+            if _split_of(key, cfg.validation_fraction) != split or not line.strip() or not shard.owns():
                 continue
             resolve = lambda image: image if os.path.isabs(image) else os.path.join(base, image)
             try:
@@ -125,16 +152,18 @@ def _manifest_segments(segments) -> list[tuple[str, Any]]:
     return out
 
 
-def tfds_records(cfg, split: str) -> Iterator[RawRecord]:
+def tfds_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
     tfds_split = {"train": cfg.tfds_train_split, "validation": cfg.tfds_validation_split}[split]
     source = tfds.data_source(cfg.tfds_name, split=tfds_split, data_dir=cfg.tfds_data_dir or None)
     for i in range(min(len(source), int(cfg.num_documents[split]) or len(source))):
+        if not shard.owns():
+            continue
         row = source[i]
         image = row[cfg.tfds_image_key] if cfg.tfds_image_key else None   # "": a text-only dataset
         yield RawRecord(f"{cfg.tfds_name}:{tfds_split}:{i}", image, row[cfg.tfds_text_key])
 
 
-SOURCES: dict[str, Callable[[Any, str], Iterator[RawRecord]]] = {
+SOURCES: dict[str, Callable[[Any, str, Shard], Iterator[RawRecord]]] = {
     "shapes": shapes_records, "folder": folder_records, "jsonl": jsonl_records, "tfds": tfds_records}
 
 
@@ -188,8 +217,10 @@ def decode_caption(raw: Any) -> str:
 
 # ---------------------------------------------------------------- documents
 
-class Cm3Documents(tfds.core.GeneratorBasedBuilder):
-    """Tokenized documents. Built by `prepare`; read with `tfds.builder_from_directory`."""
+class Cm3Documents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Tokenized documents. Built by `prepare`; read with `tfds.builder_from_directory`. Not in
+    TFDS's registry (nothing looks it up by name), so `python -m data_pipeline.prepare` may import
+    its own module again (`ingest_parts` does) without a duplicate-name error."""
     VERSION = tfds.core.Version("1.0.0")
 
     def __init__(self, *, split_examples: dict[str, Callable[[], Iterator]] | None = None, **kwargs):
@@ -217,16 +248,27 @@ class Cm3Documents(tfds.core.GeneratorBasedBuilder):
 class _Ingest:
     """Validates, VQ-encodes in batches and tokenizes one split, counting every skip."""
 
-    def __init__(self, cfg, vocab: vocab_lib.Vocabulary, encode_images: Callable[[np.ndarray], np.ndarray], split: str):
+    def __init__(self, cfg, vocab: vocab_lib.Vocabulary, encode_images: Callable[[np.ndarray], np.ndarray], split: str,
+                 shard: Shard | None = None):
         self.cfg, self.vocab, self.encode_images, self.split = cfg, vocab, encode_images, split
+        self.shard = shard or Shard()
         self.kept = self.text_only = self.interleaved = 0
         self.skipped = collections.Counter()
         self.skipped_examples: list[tuple[str, str, str]] = []
+        self.skipped_positions: list[int] = []   # the examples' source positions (a part's merge keeps the first 50)
+        self.positions: list[int] = []           # source position of each kept document, in id order
 
-    def _skip(self, key: str, reason: str, detail: str = "") -> None:
+    def _skip(self, record: RawRecord, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
-        if len(self.skipped_examples) < 50:
-            self.skipped_examples.append((key, reason, detail))
+        if len(self.skipped_examples) < MAX_SKIPPED_EXAMPLES:
+            self.skipped_examples.append((record.key, reason, detail))
+            self.skipped_positions.append(record.position)
+
+    def _keep(self, record: RawRecord) -> int:
+        """The next document id, for `record`."""
+        self.positions.append(record.position)
+        self.kept += 1
+        return self.kept - 1
 
     def _documents(self, batch: list[tuple[RawRecord, str, list]]):
         """(record, its text, its parts: str text / uint8 images in order) -> documents. Every image
@@ -239,23 +281,22 @@ class _Ingest:
             image_parts = [part for part in parts if not isinstance(part, str)]
             tokens = self.vocab.encode_document(parts)   # a text-only document: its text alone, no <break>
             if len(tokens) > int(self.cfg.max_document_length):
-                self._skip(record.key, "document_too_long", f"{len(tokens)} tokens")
+                self._skip(record, "document_too_long", f"{len(tokens)} tokens")
                 continue
             meta = dict(record.meta or {}, source=record.key)
             if len(image_parts) > 1 or (record.segments and len(parts) > 2):
                 meta["parts"] = ["image" if not isinstance(part, str) else "text" for part in parts]
-            yield {"id": self.kept, "tokens": tokens.astype(np.int32),
+            yield {"id": self._keep(record), "tokens": tokens.astype(np.int32),
                    "text_ids": self.vocab.encode_text(caption).astype(np.int32),
                    # raw VQ codes, not vocabulary ids: [h*w] a pair's image, [n*h*w] an interleaved document's
                    # n images in order, [] text-only
                    "image_codes": (np.concatenate(image_parts) if image_parts else np.zeros((0,), np.int32)),
                    "caption": caption, "meta": json.dumps(meta)}
-            self.kept += 1
             self.text_only += not image_parts
             self.interleaved += "parts" in meta
 
     def _records(self) -> Iterator[RawRecord]:
-        return SOURCES[self.cfg.source](self.cfg, self.split)
+        return SOURCES[self.cfg.source](self.cfg, self.split, self.shard)
 
     def _validate(self, record: RawRecord):
         """A record -> the batch item `_documents` encodes; SkipRecord when unusable."""
@@ -293,11 +334,12 @@ class _Ingest:
     def examples(self) -> Iterator[tuple[int, dict]]:
         start, seen, batch = time.time(), 0, []
         for record in self._records():
+            record.position = self.shard.position
             seen += 1
             try:
                 batch.append(self._validate(record))
             except SkipRecord as e:
-                self._skip(record.key, e.reason, e.detail)
+                self._skip(record, e.reason, e.detail)
             if len(batch) == int(self.cfg.encode_batch_size):
                 for doc in self._documents(batch):
                     yield doc["id"], doc
@@ -308,7 +350,7 @@ class _Ingest:
         if batch:
             for doc in self._documents(batch):
                 yield doc["id"], doc
-        if self.kept == 0:
+        if self.kept == 0 and not self.shard.is_part:   # a part may own none: the merge checks the whole split
             hint = " (set validation_fraction=0 / num_documents.validation=0 for no validation split)" \
                 if self.split == "validation" else ""
             raise RuntimeError(f"no usable record in the {self.split} split of source {self.cfg.source!r}: "
@@ -401,11 +443,19 @@ def load_tokens(data_dir: str, split: str) -> TokenDocuments:
 
 
 def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Callable[[np.ndarray], np.ndarray], *,
-            ingest_cls=_Ingest, builder_cls=Cm3Documents, sources=SOURCES) -> dict:
+            ingest_cls=_Ingest, builder_cls=Cm3Documents, sources=SOURCES, shard_index: int = 0,
+            num_shards: int = 1) -> dict:
     """Writes the documents, the vocabulary and the report; returns the report. The SFT ingestion
-    (`sft_prepare`) passes its own ingest (validation, tokenization) and builder (features)."""
+    (`sft_prepare`) passes its own ingest (validation, tokenization) and builder (features).
+    With num_shards > 1 this run ingests only part `shard_index` of the source, into
+    `out_dir/parts/` (`ingest_parts`); `ingest_parts.merge_parts` then writes the dataset."""
     if cfg.source not in sources:
         raise ValueError(f"unknown source {cfg.source!r}; choose one of {sorted(sources)}")
+    Shard(shard_index, num_shards)   # checked before any work
+    if num_shards > 1:
+        from data_pipeline import ingest_parts
+        return ingest_parts.write_part(cfg, out_dir, vocab, encode_images, Shard(shard_index, num_shards),
+                                       ingest_cls=ingest_cls, builder_cls=builder_cls)
     os.makedirs(out_dir, exist_ok=True)
     ingests = {split: ingest_cls(cfg, vocab, encode_images, split) for split in splits_of(cfg)}
     builder = builder_cls(split_examples={s: i.examples for s, i in ingests.items()}, data_dir=out_dir,
@@ -414,12 +464,19 @@ def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Calla
     vocab.save(os.path.join(out_dir, VOCAB_DIR))
     report = {"source": cfg.source, "vq_workdir": os.path.abspath(cfg.vq_workdir) if cfg.vq_workdir else "",
               "splits": {s: i.report() for s, i in ingests.items()}}
-    with open(os.path.join(out_dir, REPORT_FILE), "w", encoding="utf-8") as f:
+    write_report(out_dir, report)
+    return report
+
+
+def write_report(out_dir: str, report: dict, name: str = REPORT_FILE) -> None:
+    """Written last, through a rename: its presence marks finished data (reruns skip it)."""
+    path = os.path.join(out_dir, name)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
     for split, r in report["splits"].items():
         logging.info("%s: kept %d documents (%d text-only), skipped %s", split, r["kept"], r["text_only"],
                      r["skipped"] or "none")
-    return report
 
 
 # ---------------------------------------------------------------- command line
@@ -427,8 +484,20 @@ def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Calla
 def _define_flags() -> None:
     """Only when run as a program, so importing `prepare` never clashes with another CLI's flags."""
     config_flags.DEFINE_config_file("config", None, "ingestion config (experiments/data_*.py)", lock_config=True)
+    define_output_flags()
+
+
+def define_output_flags() -> None:
+    """--out, --overwrite and the parts flags, shared by the ingestion CLIs (documents, SFT)."""
     flags.DEFINE_string("out", None, "output data directory")
     flags.DEFINE_bool("overwrite", False, "rebuild even if the directory already holds prepared documents")
+    flags.DEFINE_integer("num_shards", 1, "ingest the source in this many parts (one per host or job, each run with "
+                         "its --shard_index, all with the same --out on shared storage), then --merge")
+    flags.DEFINE_integer("shard_index", 0, "the part this run ingests: every num_shards-th record of the source, "
+                         "from this one")
+    flags.DEFINE_bool("merge", False, "join the finished parts under OUT/parts into OUT's dataset (no --config "
+                      "needed); record i is then the document a single run would have made i")
+    flags.DEFINE_bool("remove_parts", False, "with --merge: delete OUT/parts once the dataset is written")
 
 
 def check_image_size(cfg, vq) -> None:
@@ -453,20 +522,36 @@ def load_vocab_and_encoder(cfg) -> tuple[vocab_lib.Vocabulary, Callable[[np.ndar
     return vocab, vq.encode
 
 
-def run_cli(prepare_fn, load_fn=None) -> None:
-    """The ingestion CLIs' shared body (documents and SFT tasks): --out, --overwrite, --config;
-    `load_fn(cfg) -> (vocab, encode)` defaults to `load_vocab_and_encoder`."""
+def run_cli(prepare_fn, load_fn=None, builder_cls=Cm3Documents) -> None:
+    """The ingestion CLIs' shared body (documents and SFT tasks): --out, --overwrite, --config, the
+    parts flags; `load_fn(cfg) -> (vocab, encode)` defaults to `load_vocab_and_encoder`."""
+    from data_pipeline import ingest_parts
     metrics.quiet_library_logs()
-    out = flags.FLAGS.out
-    if out is None:
+    F = flags.FLAGS
+    if F.out is None:
         raise app.UsageError("--out is required")
-    out = workdir_io.require_local(out, "--out")
-    if os.path.exists(os.path.join(out, REPORT_FILE)) and not flags.FLAGS.overwrite:
+    out = workdir_io.require_local(F.out, "--out")
+    if os.path.exists(os.path.join(out, REPORT_FILE)) and not F.overwrite:
         logging.info("%s already holds prepared documents; pass --overwrite to rebuild", out)
         return
-    cfg = flags.FLAGS.config
+    if F.merge:
+        ingest_parts.merge_parts(out, builder_cls, remove_parts=F.remove_parts)
+        return
+    try:
+        Shard(F.shard_index, F.num_shards)
+    except ValueError as e:
+        raise app.UsageError(f"--shard_index={F.shard_index} --num_shards={F.num_shards}: {e}") from None
+    if F.num_shards > 1:
+        done = os.path.join(ingest_parts.part_dir(out, F.shard_index, F.num_shards), ingest_parts.PART_REPORT)
+        if os.path.exists(done) and not F.overwrite:
+            logging.info("part %d of %d is already in %s; pass --overwrite to redo it", F.shard_index, F.num_shards,
+                         os.path.dirname(done))
+            return
+    if F.config is None:
+        raise app.UsageError("--config is required (only --merge runs without one)")
+    cfg = F.config
     vocab, encode = (load_fn or load_vocab_and_encoder)(cfg)
-    prepare_fn(cfg, out, vocab, encode)
+    prepare_fn(cfg, out, vocab, encode, shard_index=F.shard_index, num_shards=F.num_shards)
 
 
 def main(argv):

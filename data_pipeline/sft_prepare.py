@@ -30,7 +30,7 @@ from data_pipeline import prepare, sft_tasks
 REPORT_FILE = prepare.REPORT_FILE
 
 
-class SftDocuments(prepare.Cm3Documents):
+class SftDocuments(prepare.Cm3Documents, skip_registration=True):
     """SFT sequences; read with `load_sft_documents`."""
     VERSION = tfds.core.Version("1.0.0")
 
@@ -78,15 +78,17 @@ def configured_tasks(cfg) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- sources
 
-def shapes_records(cfg, split: str, task: str) -> Iterator[prepare.RawRecord]:
+def shapes_records(cfg, split: str, task: str, shard: prepare.Shard) -> Iterator[prepare.RawRecord]:
     for i in range(int(cfg.num_documents[split])):
+        if not shard.owns():
+            continue
         ex = sft_tasks.shapes_example(task, split, i, image_size=int(cfg.image_size), seed=int(cfg.seed))
         yield prepare.RawRecord(f"shapes:{task}:{split}:{i}", None, None, {"task": task, "example": ex})
 
 
-def jsonl_records(cfg, split: str, task: str, first_task: bool) -> Iterator[prepare.RawRecord]:
+def jsonl_records(cfg, split: str, task: str, first_task: bool, shard: prepare.Shard) -> Iterator[prepare.RawRecord]:
     """The file's lines of one task in this split; bad lines and unknown tasks are reported once
-    (on the first task's pass), so every line is counted exactly once."""
+    (on the first task's pass), so every line is counted exactly once (and owned by one shard)."""
     base = os.path.dirname(os.path.abspath(cfg.jsonl))
     known = configured_tasks(cfg)
     with open(cfg.jsonl, "rb") as f:
@@ -100,14 +102,14 @@ def jsonl_records(cfg, split: str, task: str, first_task: bool) -> Iterator[prep
                 if not isinstance(row, dict):
                     raise TypeError("a line must be a JSON object")
             except (ValueError, KeyError, TypeError) as e:
-                if first_task:
+                if first_task and shard.owns():
                     yield prepare.RawRecord(key, None, None, {"error": f"bad manifest line: {e}"})
                 continue
             if row_task not in known:
-                if first_task:
+                if first_task and shard.owns():
                     yield prepare.RawRecord(key, None, None, {"unknown_task": str(row_task)[:40]})
                 continue
-            if row_task != task:
+            if row_task != task or not shard.owns():
                 continue
             tmpl = sft_tasks.template(task)
             ex = {"task": task, "meta": {k: v for k, v in row.items() if k not in tmpl.image_fields}}
@@ -124,16 +126,16 @@ def jsonl_records(cfg, split: str, task: str, first_task: bool) -> Iterator[prep
 class _SftIngest(prepare._Ingest):
     """prepare's ingest loop (batching, VQ encoding, skip counting) with SFT validation and records."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.task_ranges: dict[str, list[int]] = {}
 
     def _records(self):
         for k, task in enumerate(configured_tasks(self.cfg)):
             if self.cfg.source == "shapes":
-                yield from shapes_records(self.cfg, self.split, task)
+                yield from shapes_records(self.cfg, self.split, task, self.shard)
             else:
-                yield from jsonl_records(self.cfg, self.split, task, first_task=k == 0)
+                yield from jsonl_records(self.cfg, self.split, task, first_task=k == 0, shard=self.shard)
 
     def _validate(self, record: prepare.RawRecord):
         meta = record.meta
@@ -167,7 +169,7 @@ class _SftIngest(prepare._Ingest):
             offset += len(imgs)
             seq = sft_tasks.encode_example(task, fields, self.vocab)
             if len(seq.tokens) > int(self.cfg.max_document_length):
-                self._skip(record.key, "document_too_long", f"{len(seq.tokens)} tokens")
+                self._skip(record, "document_too_long", f"{len(seq.tokens)} tokens")
                 continue
             try:
                 back = sft_tasks.parse_sequence(task, seq.tokens, self.vocab)
@@ -176,14 +178,13 @@ class _SftIngest(prepare._Ingest):
             except ValueError:
                 same = False
             if not same:  # e.g. a question that spells " Answer:": the template would be ambiguous
-                self._skip(record.key, "template_round_trip_failed", task)
+                self._skip(record, "template_round_trip_failed", task)
                 continue
             meta = dict(_jsonable(ex.get("meta") or {}), source=record.key,
                         **{f: fields[f] for f in tmpl.text_fields})
             self.task_ranges.setdefault(task, [self.kept, self.kept])[1] = self.kept + 1
-            yield {"id": self.kept, "task": task, "tokens": seq.tokens, "slots": seq.slots,
+            yield {"id": self._keep(record), "task": task, "tokens": seq.tokens, "slots": seq.slots,
                    "output_start": seq.output_start, "meta": json.dumps(meta)}
-            self.kept += 1
 
     def report(self) -> dict:
         return dict(super().report(), tasks=self.task_ranges)
@@ -199,11 +200,12 @@ def _jsonable(x):
     return x
 
 
-def prepare_sft(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images) -> dict:
-    """Writes the SFT documents, the vocabulary and the report; returns the report."""
+def prepare_sft(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images, **parts) -> dict:
+    """Writes the SFT documents, the vocabulary and the report; returns the report. `parts`:
+    prepare's shard_index / num_shards."""
     configured_tasks(cfg)
     return prepare.prepare(cfg, out_dir, vocab, encode_images, ingest_cls=_SftIngest, builder_cls=SftDocuments,
-                           sources=("shapes", "jsonl"))
+                           sources=("shapes", "jsonl"), **parts)
 
 
 def load_vocab_and_encoder(cfg):
@@ -229,13 +231,12 @@ def load_vocab_and_encoder(cfg):
 def _define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "SFT ingestion config (experiments/data_sft_*.py)",
                                     lock_config=True)
-    flags.DEFINE_string("out", None, "output data directory")
-    flags.DEFINE_bool("overwrite", False, "rebuild even if the directory already holds prepared documents")
+    prepare.define_output_flags()
 
 
 def main(argv):
     del argv
-    prepare.run_cli(prepare_sft, load_vocab_and_encoder)
+    prepare.run_cli(prepare_sft, load_vocab_and_encoder, SftDocuments)
 
 
 if __name__ == "__main__":

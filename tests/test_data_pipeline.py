@@ -201,6 +201,97 @@ def test_a_source_with_nothing_usable_fails_clearly(tiny_pipeline, tiny_spm_mode
         prepare.prepare(cfg, str(tmp_path / "out"), vocab, encode)
 
 
+def _manifest_with_every_kind_of_row(tmp_path):
+    """Pairs, text-only rows, an interleaved document and planted bad rows of every reason."""
+    rows = []
+    for i in range(14):
+        _write_png(tmp_path / f"im{i}.png", size=18 + i % 5, color=(17 * i, 255 - 11 * i, 60))
+        rows.append({"image": f"im{i}.png", "text": f"a square of colour number {i}"})
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not an image")
+    rows[3:3] = [{"image": "broken.png", "text": "unreadable"}, {"text": "no picture, kept as text"}]
+    rows[8:8] = [{"image": "im1.png", "text": "   "}, {"image": "missing.png", "text": "gone"},
+                 {"segments": [{"text": "an interleaved one"}, {"image": "im2.png"}, {"text": "and on"}]}]
+    rows.append({"image": "im4.png", "text": " ".join(["far too long"] * 40)})
+    rows.append({"text": "another text-only row"})
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(5, "{not json")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def _assert_same_documents(a_dir, b_dir, split):
+    a, b = prepare.load_documents(a_dir, split), prepare.load_documents(b_dir, split)
+    assert len(a) == len(b) > 0
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(np.asarray(x[key]), np.asarray(y[key]), err_msg=f"{split} {i} {key}")
+    tokens = prepare.load_tokens(b_dir, split)   # the training reader: id = record index
+    assert [tokens[i]["id"] for i in range(len(tokens))] == list(range(len(a)))
+
+
+def test_ingestion_in_parts_merges_into_the_dataset_a_single_run_makes(tiny_pipeline, tiny_spm_model, tmp_path):
+    from data_pipeline import ingest_parts
+    from tests import helpers
+    manifest = _manifest_with_every_kind_of_row(tmp_path)
+    cfg = pipeline_fixture.data_config(tiny_spm_model, tiny_pipeline["vq"], source="jsonl", jsonl=str(manifest),
+                                       validation_fraction=0.25, text_only=True, max_document_length=60)
+    vocab, encode = prepare.load_vocab_and_encoder(cfg)
+    single = prepare.prepare(cfg, str(tmp_path / "single"), vocab, encode)
+    splits = single["splits"].values()
+    assert {reason for r in splits for reason in r["skipped"]} == {
+        "unreadable_image", "empty_caption", "missing_image", "document_too_long", "bad_manifest_line"}
+    assert sum(r["text_only"] for r in splits) == 2 and sum(r["interleaved"] for r in splits) == 1
+    out = str(tmp_path / "sharded")
+    for i in (2, 0, 1):   # any order, any host
+        prepare.prepare(cfg, out, vocab, encode, shard_index=i, num_shards=3)
+    # every raw record read by exactly one part: round robin over the source's order
+    for split, whole in single["splits"].items():
+        positions = [np.load(os.path.join(ingest_parts.part_dir(out, i, 3), f"{split}.positions.npy"))
+                     for i in range(3)]
+        assert all((ps % 3 == i).all() and (np.diff(ps) > 0).all() for i, ps in enumerate(positions))
+        reports = []
+        for i in range(3):
+            with open(os.path.join(ingest_parts.part_dir(out, i, 3), ingest_parts.PART_REPORT)) as f:
+                reports.append(json.load(f))
+        assert sum(r["splits"][split]["kept"] for r in reports) == whole["kept"]
+        assert sum(sum(r["splits"][split]["skipped"].values()) for r in reports) == sum(whole["skipped"].values())
+    helpers.run_cli("data_pipeline.prepare", "--out", out, "--merge", "--remove_parts")
+    with open(os.path.join(out, prepare.REPORT_FILE)) as f:
+        merged = json.load(f)
+    assert merged["parts"] == 3 and merged["splits"] == json.loads(json.dumps(single["splits"]))
+    for split in single["splits"]:
+        _assert_same_documents(str(tmp_path / "single"), out, split)
+    assert not os.path.exists(os.path.join(out, ingest_parts.PARTS_DIR))
+    assert vocab_lib.Vocabulary.load(os.path.join(out, prepare.VOCAB_DIR)).size == vocab.size
+
+
+def test_merge_refuses_unfinished_mixed_or_mismatched_parts(tiny_pipeline, tiny_spm_model, tmp_path):
+    from data_pipeline import ingest_parts
+    with pytest.raises(ValueError, match="0 <= shard_index < num_shards"):
+        prepare.Shard(2, 2)
+    cfg = pipeline_fixture.data_config(tiny_spm_model, tiny_pipeline["vq"])
+    cfg.num_documents = {"train": 6, "validation": 0}
+    vocab, encode = prepare.load_vocab_and_encoder(cfg)
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="does not exist"):
+        ingest_parts.merge_parts(out)
+    for i in (0, 2):
+        prepare.prepare(cfg, out, vocab, encode, shard_index=i, num_shards=3)
+    with pytest.raises(ValueError, match="1 of 3 parts have not finished.*--shard_index 1"):
+        ingest_parts.merge_parts(out)
+    cfg.seed = 1   # another world: not the same source
+    prepare.prepare(cfg, out, vocab, encode, shard_index=1, num_shards=3)
+    with pytest.raises(ValueError, match=r"part 1 was ingested with a different config.*\['seed'\]"):
+        ingest_parts.merge_parts(out)
+    prepare.prepare(cfg, out, vocab, encode, shard_index=0, num_shards=2)
+    with pytest.raises(ValueError, match=r"parts of \[2, 3\] shards"):
+        ingest_parts.merge_parts(out)
+    assert not os.path.exists(os.path.join(out, prepare.REPORT_FILE))
+
+
 def test_training_rows_join_stored_neighbours_in_the_cm3leon_layout(tiny_pipeline):
     config = pipeline_fixture.lm_config(tiny_pipeline["data"], tiny_pipeline["vocab_size"])
     config.data.update(condition_dropout_rate=0.0, cm3_masking=False, num_neighbours=2, seq_len=512)

@@ -208,6 +208,17 @@ def test_sft_jsonl_ingestion_counts_bad_lines(tiny_pipeline, tmp_path):
     assert report["kept"] == 2 and report["tasks"] == {"vqa": [0, 1], "edit": [1, 2]}
     assert report["skipped"] == {"empty_caption": 1, "missing_image": 1, "missing_field": 1, "unknown_task": 1,
                                  "bad_manifest_line": 1}
+    # in 2 parts (each line, bad ones too, owned by one) and merged: the same documents, counts and task ranges
+    from data_pipeline import ingest_parts
+    for i in range(2):
+        sft_prepare.prepare_sft(cfg, str(tmp_path / "parts"), vocab, encode, shard_index=i, num_shards=2)
+    merged = ingest_parts.merge_parts(str(tmp_path / "parts"), sft_prepare.SftDocuments)["splits"]["train"]
+    assert merged == json.loads(json.dumps(report))
+    single, parts = (sft_prepare.load_sft_documents(str(tmp_path / d), "train") for d in ("out", "parts"))
+    assert len(single) == len(parts) == 2
+    for i in range(2):
+        for key in single[i]:
+            np.testing.assert_array_equal(np.asarray(single[i][key]), np.asarray(parts[i][key]))
     assert sw.CLASS_PALETTE.shape == (8, 3)
 
 
