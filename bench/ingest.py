@@ -7,8 +7,9 @@ written here once; the text tokenizer is a BPE model trained on shapes captions 
 encoder is `experiments/vq_tiny.py`'s architecture at random weights (the same compute as a
 trained one, no training needed). Each timed run is a fresh process, as a host would run it:
 one run of the whole source (`prepare.prepare`), then `--parts` processes at once, each ingesting
-its part (`--num_shards P --shard_index I`), then `ingest_parts.merge_parts`; the merged dataset is
-checked equal to the single run's, document by document. On one machine the parts share its
+its part (`--num_shards P --shard_index I`), then `ingest_parts.merge_parts` in one process and in
+P (`--merge_workers`, files of --merge_file_mb); the merged dataset is checked equal to the single
+run's, document by document. On one machine the parts share its
 cores, so their speed-up is bounded by the cores the single run left idle (PNG decoding and
 tokenization are single-threaded; the VQ encoder is not); on P hosts each part has its own. The
 last line printed is one JSON object with every figure.
@@ -31,6 +32,8 @@ flags.DEFINE_integer("num_documents", 4000, "manifest rows (images)")
 flags.DEFINE_integer("parts", 2, "parts ingested at once")
 flags.DEFINE_integer("repeats", 1, "timed rounds (single run, then parts + merge, each round)")
 flags.DEFINE_integer("seed", 0, "data seed")
+flags.DEFINE_float("merge_file_mb", 1.0, "merged file size (MB of stored records; the CLI's is 256): small here so "
+                   "this bench's few MB make several files, written by 1 and then by --parts processes")
 
 FLAGS = flags.FLAGS
 
@@ -114,7 +117,8 @@ def _same_documents(a: str, b: str) -> bool:
 
 def main(argv):
     del argv
-    from data_pipeline import ingest_parts
+    from data_pipeline import ingest_parts, prepare
+    ingest_parts.FILE_BYTES = int(FLAGS.merge_file_mb * (1 << 20))
     root = FLAGS.workdir
     t0 = time.perf_counter()
     manifest, spm = build_source(os.path.join(root, "source"), FLAGS.num_documents, FLAGS.seed)
@@ -126,20 +130,27 @@ def main(argv):
         shutil.rmtree(parts_out, ignore_errors=True)
         single_wall, (single_inside,) = _run([(manifest, spm, single_out, 0, 1)])
         parts_wall, parts_inside = _run([(manifest, spm, parts_out, i, FLAGS.parts) for i in range(FLAGS.parts)])
-        start = time.perf_counter()
-        ingest_parts.merge_parts(parts_out)
-        merge_s = time.perf_counter() - start
+        merge_s = {}
+        for workers in (1, FLAGS.parts):
+            start = time.perf_counter()
+            ingest_parts.merge_parts(parts_out, workers=workers)
+            merge_s[workers] = time.perf_counter() - start
+        num_files = len([f for f in os.listdir(prepare.documents_dir(parts_out)) if ".array_record-" in f])
         same = _same_documents(single_out, parts_out)
+        merge = min(merge_s.values())
         row = {"round": r, "single_docs_per_s": n / single_inside, "parts_docs_per_s": n / max(parts_inside),
-               "parts_with_merge_docs_per_s": n / (max(parts_inside) + merge_s),
+               "parts_with_merge_docs_per_s": n / (max(parts_inside) + merge),
                "speedup_parts": single_inside / max(parts_inside),
-               "speedup_parts_with_merge": single_inside / (max(parts_inside) + merge_s),
-               "merge_docs_per_s": n / merge_s, "single_wall_s": single_wall, "parts_wall_s": parts_wall,
+               "speedup_parts_with_merge": single_inside / (max(parts_inside) + merge),
+               "merge_files": num_files, "merge_docs_per_s_1_worker": n / merge_s[1],
+               f"merge_docs_per_s_{FLAGS.parts}_workers": n / merge_s[FLAGS.parts],
+               "single_wall_s": single_wall, "parts_wall_s": parts_wall,
                "same_documents": same, "load_average": os.getloadavg()[0]}
         print(f"round {r}: single {row['single_docs_per_s']:.0f} docs/s; {FLAGS.parts} parts at once "
               f"{row['parts_docs_per_s']:.0f} docs/s ({row['speedup_parts']:.2f}x), with the merge "
-              f"{row['parts_with_merge_docs_per_s']:.0f} ({row['speedup_parts_with_merge']:.2f}x); merge alone "
-              f"{row['merge_docs_per_s']:.0f} docs/s; merged == single run: {same}", flush=True)
+              f"{row['parts_with_merge_docs_per_s']:.0f} ({row['speedup_parts_with_merge']:.2f}x); merge of "
+              f"{num_files} files: {n / merge_s[1]:.0f} docs/s in 1 process, {n / merge_s[FLAGS.parts]:.0f} in "
+              f"{FLAGS.parts}; merged == single run: {same}", flush=True)
         rounds.append(row)
     best = max(rounds, key=lambda x: x["speedup_parts_with_merge"])
     print(json.dumps({"bench": "ingest", "num_documents": n, "parts": FLAGS.parts, "cpu_count": os.cpu_count(),

@@ -1,29 +1,29 @@
 """Ingestion over many machines: each run ingests one part of the source, one merge joins them.
 
     python -m data_pipeline.prepare --config C --out DIR --num_shards N --shard_index I   # N runs, any hosts
-    python -m data_pipeline.prepare --out DIR --merge [--remove_parts]                    # once, after all N
+    python -m data_pipeline.prepare --out DIR --merge [--remove_parts] [--merge_workers W] # once, after all N
 
-The paper's memory bank is 340M image-text pairs: decoding and VQ-encoding them is hours of
-accelerator time per million, so it must run on many hosts at once (`data_pipeline.sft_prepare`
-takes the same flags). Part I owns every N-th raw record of the source from I (`prepare.Shard`),
-decodes only those, and writes to `DIR/parts/part-I-of-N/`:
+The paper's memory bank is 340M image-text pairs: at ~1,000 documents a second (image decoding,
+VQ encoding, tokenization), four days of one host, so it must run on many at once
+(`data_pipeline.sft_prepare` takes the same flags). Part I owns every N-th raw record of the
+source from I (`prepare.Shard`), decodes only those, and writes to `DIR/parts/part-I-of-N/`:
 - `SPLIT.array_record`: its documents, serialized with the dataset's own TFDS features, ids local;
 - `SPLIT.positions.npy`: each document's place in the source;
 - `vocab/`, and `part_report.json` last (the part's skip counts, config and shard: a finished part).
 
-The merge checks that every part finished with the same config and vocabulary, then streams the
-parts' records in source order (a k-way merge on the positions), renumbers the ids, writes them as
-the TFDS dataset a single run would have written (`record i = document i`, the same documents, ids,
-report counts and first skipped examples; files named and described by TFDS's own metadata, so
-`tfds.builder_from_directory` and every reader of ours take it as is) and the merged report. It
-copies records without decoding them: ~6 us a record for the id rewrite. Parts must share a file
-system with the merge (or be copied under DIR/parts first).
+The merge checks that every part finished with the same config and vocabulary, orders the
+parts' documents by source position, renumbers the ids and writes them as the TFDS dataset a
+single run would have written (`record i = document i`, the same documents, ids, report counts
+and first skipped examples; files named and described by TFDS's own metadata, so
+`tfds.builder_from_directory` and every reader of ours take it as is) and the merged report.
+Records are copied without decoding a feature (~50 us each, ArrayRecord's read and write
+included), each output file by its own process. Parts must share a file system with the merge
+(or be copied under DIR/parts first).
 """
 from __future__ import annotations
 
 import collections
 import filecmp
-import heapq
 import json
 import os
 import re
@@ -57,6 +57,8 @@ def write_part(cfg, out_dir: str, vocab, encode_images, shard: prepare.Shard, *,
     from array_record.python import array_record_module
     directory = part_dir(out_dir, shard.index, shard.count)
     os.makedirs(directory, exist_ok=True)
+    if os.path.exists(os.path.join(directory, PART_REPORT)):   # redone (--overwrite): unfinished until it ends
+        os.remove(os.path.join(directory, PART_REPORT))
     serialize = _serializer(builder_cls(data_dir=directory, file_format="array_record"))
     splits = {}
     for split in prepare.splits_of(cfg):
@@ -117,39 +119,31 @@ def _finished_parts(out_dir: str) -> tuple[list[str], list[dict]]:
     return dirs, reports
 
 
-def _merged_order(positions: list[np.ndarray]):
-    """(position, part, local id) of every document of every part, in source order."""
-    def stream(part: int, ps: np.ndarray):
-        return ((int(pos), part, j) for j, pos in enumerate(ps))
-    return heapq.merge(*(stream(p, ps) for p, ps in enumerate(positions)))
+def _merged_order(dirs: list[str], positions: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(part, local id) of every document, in source order: global id g is part[g]'s document local[g]."""
+    part = np.concatenate([np.full(len(ps), p, np.int32) for p, ps in enumerate(positions)])
+    local = np.concatenate([np.arange(len(ps), dtype=np.int64) for ps in positions])
+    order = np.argsort(np.concatenate(positions), kind="stable")
+    merged = np.concatenate(positions)[order]
+    if len(merged) > 1 and not (np.diff(merged) > 0).all():
+        raise ValueError(f"two parts under {os.path.dirname(dirs[0])} hold the same source record: they were not "
+                         f"ingested as shards of one --num_shards")
+    return part[order], local[order]
 
 
-def _merge_split(dirs: list[str], split: str, reports: list[dict], docs_dir: str, builder_name: str):
-    """Writes the split's TFDS files in source order; returns (shard lengths, bytes, global id of
-    each part's local ids)."""
+def _write_file(path: str, dirs: list[str], split: str, parts: np.ndarray, locals_: np.ndarray, first_id: int) -> int:
+    """One merged file: documents first_id, first_id + 1, ... read from their parts (each part's
+    run of local ids is increasing, so every reader seeks once and then reads on); returns its bytes."""
     from array_record.python import array_record_module
     from tensorflow_datasets.proto import tf_example_pb2
-    positions = [np.load(os.path.join(d, f"{split}.positions.npy")) for d in dirs]
-    for d, ps, r in zip(dirs, positions, reports):
-        if len(ps) != r["splits"][split]["kept"]:
-            raise ValueError(f"{d}: {len(ps)} positions for {r['splits'][split]['kept']} {split} documents")
-    total = int(sum(len(ps) for ps in positions))
-    stored = sum(os.path.getsize(os.path.join(d, f"{split}.array_record")) for d in dirs)
-    num_files = max(1, min(total, -(-stored // FILE_BYTES)))
-    bounds = [total * k // num_files for k in range(num_files + 1)]
-    readers = [array_record_module.ArrayRecordReader(os.path.join(d, f"{split}.array_record")) for d in dirs]
-    global_ids = [np.empty(len(ps), np.int64) for ps in positions]
-    shard_lengths, num_bytes, writer, file_index = [], 0, None, -1
+    readers, num_bytes = {}, 0
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
     try:
-        for g, (_, p, j) in enumerate(_merged_order(positions)):
-            if g == bounds[file_index + 1]:
-                if writer is not None:
-                    writer.close()
-                file_index += 1
-                name = f"{builder_name}-{split}.array_record-{file_index:05d}-of-{num_files:05d}"
-                writer = array_record_module.ArrayRecordWriter(os.path.join(docs_dir, name), "group_size:1")
-                shard_lengths.append(bounds[file_index + 1] - bounds[file_index])
-            example = tf_example_pb2.Example.FromString(readers[p].read())   # each part is read front to back
+        for g, (p, j) in enumerate(zip(parts.tolist(), locals_.tolist()), first_id):
+            if p not in readers:
+                readers[p] = array_record_module.ArrayRecordReader(os.path.join(dirs[p], f"{split}.array_record"))
+                readers[p].seek(j)
+            example = tf_example_pb2.Example.FromString(readers[p].read())
             ids = example.features.feature["id"].int64_list.value
             if list(ids) != [j]:
                 raise ValueError(f"{dirs[p]}/{split}.array_record: record {j} has id {list(ids)}; the part is corrupt")
@@ -157,13 +151,39 @@ def _merge_split(dirs: list[str], split: str, reports: list[dict], docs_dir: str
             record = example.SerializeToString()
             writer.write(record)
             num_bytes += len(record)
-            global_ids[p][j] = g
     finally:
-        if writer is not None:
-            writer.close()
-        for reader in readers:
+        writer.close()
+        for reader in readers.values():
             reader.close()
-    return shard_lengths, num_bytes, global_ids
+    return num_bytes
+
+
+def _merge_split(dirs: list[str], split: str, reports: list[dict], docs_dir: str, builder_name: str, workers: int):
+    """Writes the split's TFDS files in source order, `workers` files at a time; returns (shard
+    lengths, bytes, global id of each part's local ids)."""
+    positions = [np.load(os.path.join(d, f"{split}.positions.npy")) for d in dirs]
+    for d, ps, r in zip(dirs, positions, reports):
+        if len(ps) != r["splits"][split]["kept"]:
+            raise ValueError(f"{d}: {len(ps)} positions for {r['splits'][split]['kept']} {split} documents")
+    parts, locals_ = _merged_order(dirs, positions)
+    total = len(parts)
+    stored = sum(os.path.getsize(os.path.join(d, f"{split}.array_record")) for d in dirs)
+    num_files = max(1, min(total, -(-stored // FILE_BYTES)))
+    bounds = [total * k // num_files for k in range(num_files + 1)]
+    jobs = [(os.path.join(docs_dir, f"{builder_name}-{split}.array_record-{k:05d}-of-{num_files:05d}"), dirs, split,
+             parts[bounds[k]:bounds[k + 1]], locals_[bounds[k]:bounds[k + 1]], bounds[k]) for k in range(num_files)]
+    workers = min(workers, num_files)
+    if workers > 1:
+        import concurrent.futures
+        import multiprocessing
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            num_bytes = sum(pool.map(_write_file, *zip(*jobs)))
+    else:
+        num_bytes = sum(_write_file(*job) for job in jobs)
+    global_ids = [np.empty(len(ps), np.int64) for ps in positions]
+    for p, ids in enumerate(global_ids):
+        ids[locals_[parts == p]] = np.flatnonzero(parts == p)
+    return [bounds[k + 1] - bounds[k] for k in range(num_files)], num_bytes, global_ids
 
 
 def _merged_split_report(split_reports: list[dict], global_ids: list[np.ndarray]) -> dict:
@@ -184,8 +204,10 @@ def _merged_split_report(split_reports: list[dict], global_ids: list[np.ndarray]
     return merged
 
 
-def merge_parts(out_dir: str, builder_cls=prepare.Cm3Documents, *, remove_parts: bool = False) -> dict:
-    """Joins the finished parts under `out_dir/parts` into `out_dir`'s dataset; returns its report."""
+def merge_parts(out_dir: str, builder_cls=prepare.Cm3Documents, *, remove_parts: bool = False,
+                workers: int = 1) -> dict:
+    """Joins the finished parts under `out_dir/parts` into `out_dir`'s dataset, writing `workers`
+    files at a time (processes); returns its report."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core import naming
     dirs, reports = _finished_parts(out_dir)
@@ -204,7 +226,7 @@ def merge_parts(out_dir: str, builder_cls=prepare.Cm3Documents, *, remove_parts:
             skipped = sum((collections.Counter(r["skipped"]) for r in parts), collections.Counter())
             raise RuntimeError(f"no usable record in the {split} split of source {reports[0]['source']!r} across "
                                f"{len(dirs)} parts: skipped by reason {dict(skipped)}")
-        lengths, num_bytes, global_ids = _merge_split(dirs, split, reports, staging, builder.name)
+        lengths, num_bytes, global_ids = _merge_split(dirs, split, reports, staging, builder.name, workers)
         template = naming.ShardedFileTemplate(data_dir=docs_dir, dataset_name=builder.name, split=split,
                                               filetype_suffix="array_record")
         split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes,

@@ -498,6 +498,8 @@ def define_output_flags() -> None:
     flags.DEFINE_bool("merge", False, "join the finished parts under OUT/parts into OUT's dataset (no --config "
                       "needed); record i is then the document a single run would have made i")
     flags.DEFINE_bool("remove_parts", False, "with --merge: delete OUT/parts once the dataset is written")
+    flags.DEFINE_integer("merge_workers", 0, "with --merge: files written at once, each by its own process (files "
+                         "hold ~256 MB; 0 = one per CPU core)")
 
 
 def check_image_size(cfg, vq) -> None:
@@ -535,7 +537,8 @@ def run_cli(prepare_fn, load_fn=None, builder_cls=Cm3Documents) -> None:
         logging.info("%s already holds prepared documents; pass --overwrite to rebuild", out)
         return
     if F.merge:
-        ingest_parts.merge_parts(out, builder_cls, remove_parts=F.remove_parts)
+        ingest_parts.merge_parts(out, builder_cls, remove_parts=F.remove_parts,
+                                 workers=F.merge_workers or os.cpu_count() or 1)
         return
     try:
         Shard(F.shard_index, F.num_shards)

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
 
 from cm3leon_jax import vocab as vocab_lib

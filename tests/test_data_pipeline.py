@@ -232,9 +232,9 @@ def _assert_same_documents(a_dir, b_dir, split):
     assert [tokens[i]["id"] for i in range(len(tokens))] == list(range(len(a)))
 
 
-def test_ingestion_in_parts_merges_into_the_dataset_a_single_run_makes(tiny_pipeline, tiny_spm_model, tmp_path):
+def test_ingestion_in_parts_merges_into_the_dataset_a_single_run_makes(tiny_pipeline, tiny_spm_model, tmp_path,
+                                                                       monkeypatch):
     from data_pipeline import ingest_parts
-    from tests import helpers
     manifest = _manifest_with_every_kind_of_row(tmp_path)
     cfg = pipeline_fixture.data_config(tiny_spm_model, tiny_pipeline["vq"], source="jsonl", jsonl=str(manifest),
                                        validation_fraction=0.25, text_only=True, max_document_length=60)
@@ -258,9 +258,10 @@ def test_ingestion_in_parts_merges_into_the_dataset_a_single_run_makes(tiny_pipe
                 reports.append(json.load(f))
         assert sum(r["splits"][split]["kept"] for r in reports) == whole["kept"]
         assert sum(sum(r["splits"][split]["skipped"].values()) for r in reports) == sum(whole["skipped"].values())
-    helpers.run_cli("data_pipeline.prepare", "--out", out, "--merge", "--remove_parts")
-    with open(os.path.join(out, prepare.REPORT_FILE)) as f:
-        merged = json.load(f)
+    monkeypatch.setattr(ingest_parts, "FILE_BYTES", 1)   # a file a document, written by 2 processes
+    merged = ingest_parts.merge_parts(out, workers=2, remove_parts=True)
+    assert len(os.listdir(prepare.documents_dir(out))) == 2 + single["splits"]["train"]["kept"] + single["splits"][
+        "validation"]["kept"]   # + dataset_info.json, features.json
     assert merged["parts"] == 3 and merged["splits"] == json.loads(json.dumps(single["splits"]))
     for split in single["splits"]:
         _assert_same_documents(str(tmp_path / "single"), out, split)

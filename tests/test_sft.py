@@ -212,8 +212,10 @@ def test_sft_jsonl_ingestion_counts_bad_lines(tiny_pipeline, tmp_path):
     from data_pipeline import ingest_parts
     for i in range(2):
         sft_prepare.prepare_sft(cfg, str(tmp_path / "parts"), vocab, encode, shard_index=i, num_shards=2)
-    merged = ingest_parts.merge_parts(str(tmp_path / "parts"), sft_prepare.SftDocuments)["splits"]["train"]
-    assert merged == json.loads(json.dumps(report))
+    run_cli("data_pipeline.sft_prepare", "--out", str(tmp_path / "parts"), "--merge")
+    with open(os.path.join(tmp_path / "parts", prepare.REPORT_FILE)) as f:
+        assert json.load(f)["splits"]["train"] == json.loads(json.dumps(report))
+    assert os.path.isdir(ingest_parts.part_dir(str(tmp_path / "parts"), 1, 2))   # kept without --remove_parts
     single, parts = (sft_prepare.load_sft_documents(str(tmp_path / d), "train") for d in ("out", "parts"))
     assert len(single) == len(parts) == 2
     for i in range(2):
