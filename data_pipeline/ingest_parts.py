@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 from absl import logging
@@ -172,14 +173,25 @@ def _merge_split(dirs: list[str], split: str, reports: list[dict], docs_dir: str
     bounds = [total * k // num_files for k in range(num_files + 1)]
     jobs = [(os.path.join(docs_dir, f"{builder_name}-{split}.array_record-{k:05d}-of-{num_files:05d}"), dirs, split,
              parts[bounds[k]:bounds[k + 1]], locals_[bounds[k]:bounds[k + 1]], bounds[k]) for k in range(num_files)]
-    workers = min(workers, num_files)
+    workers, start, num_bytes = min(workers, num_files), time.time(), 0
+
+    def progress(done: int) -> None:
+        elapsed = time.time() - start
+        logging.info("merge %s: %d of %d files, %d documents, %.0f documents/s, ETA %.0f s", split, done, num_files,
+                     bounds[done], bounds[done] / max(elapsed, 1e-9),
+                     elapsed * (total - bounds[done]) / max(bounds[done], 1))
+
     if workers > 1:
         import concurrent.futures
         import multiprocessing
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            num_bytes = sum(pool.map(_write_file, *zip(*jobs)))
+            for done, written in enumerate(pool.map(_write_file, *zip(*jobs)), 1):   # in file order
+                num_bytes += written
+                progress(done)
     else:
-        num_bytes = sum(_write_file(*job) for job in jobs)
+        for done, job in enumerate(jobs, 1):
+            num_bytes += _write_file(*job)
+            progress(done)
     global_ids = [np.empty(len(ps), np.int64) for ps in positions]
     for p, ids in enumerate(global_ids):
         ids[locals_[parts == p]] = np.flatnonzero(parts == p)

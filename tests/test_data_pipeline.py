@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -291,6 +292,36 @@ def test_merge_refuses_unfinished_mixed_or_mismatched_parts(tiny_pipeline, tiny_
     with pytest.raises(ValueError, match=r"parts of \[2, 3\] shards"):
         ingest_parts.merge_parts(out)
     assert not os.path.exists(os.path.join(out, prepare.REPORT_FILE))
+
+
+def test_slurm_ingest_submits_parts_then_a_dependent_merge_whose_scripts_build_the_dataset(
+        tiny_pipeline, tiny_spm_model, tmp_path):
+    """launch/slurm_ingest.sh for real, without Slurm (a fake sbatch; test_slurm_launch.py has its
+    dry run): here because it needs the pipeline fixture's tokenizers, which this file builds anyway."""
+    from tests.helpers import cli_env
+    from tests.test_slurm_launch import BASH, _fake_sbatch_bin, _ingest
+    env = cli_env(1)
+    env["PATH"] = f"{_fake_sbatch_bin(tmp_path)}{os.pathsep}{env['PATH']}"
+    out = tmp_path / "data"
+    res = _ingest(["--parts", "2", "--out", out, "--config", "experiments/data_shapes.py", "--remove_parts", "--",
+                   f"--config.spm_model={tiny_spm_model}", f"--config.vq_workdir={tiny_pipeline['vq']}",
+                   "--config.image_size=16", "--config.min_image_size=8", "--config.num_documents.train=10",
+                   "--config.num_documents.validation=3"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    parts_file, merge_file = sorted(tmp_path.glob("*.parts.sbatch")), sorted(tmp_path.glob("*.merge.sbatch"))
+    assert calls == [f"sbatch --parsable {parts_file[0].name}", f"sbatch --dependency=afterok:4242 {merge_file[0].name}"]
+    # what Slurm would do: every array task, then the merge
+    for task in range(2):
+        run = subprocess.run([BASH, str(parts_file[0])], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                             env=dict(env, SLURM_ARRAY_TASK_ID=str(task)))
+        assert run.returncode == 0, run.stderr[-3000:]
+    run = subprocess.run([BASH, str(merge_file[0])], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out / prepare.REPORT_FILE) as f:
+        report = json.load(f)
+    assert report["parts"] == 2 and {s: r["kept"] for s, r in report["splits"].items()} == {"train": 10, "validation": 3}
+    assert len(prepare.load_documents(str(out), "train")) == 10 and not (out / "parts").exists()
 
 
 def test_training_rows_join_stored_neighbours_in_the_cm3leon_layout(tiny_pipeline):

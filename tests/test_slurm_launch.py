@@ -116,3 +116,48 @@ def test_the_submitted_script_trains_checkpoints_at_the_time_limit_requeues_and_
     assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())[-1] == steps
     logged = _metrics_steps(workdir)
     assert sorted(set(logged)) == list(range(1, steps + 1))
+
+
+INGEST = Path(REPO) / "launch" / "slurm_ingest.sh"
+
+
+def _fake_sbatch_bin(tmp_path) -> Path:
+    """An sbatch that records its arguments and, like `sbatch --parsable`, prints a job id."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "sbatch $*" >> {tmp_path / "calls.log"}\necho "4242;cluster"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    return bin_dir
+
+
+def _ingest(args, env, cwd):
+    return subprocess.run([BASH, str(INGEST), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=60)
+
+
+def test_ingest_dry_run_prints_the_array_and_merge_scripts(tmp_path):
+    env = cli_env(1)
+    env["PATH"] = f"{_fake_sbatch_bin(tmp_path)}{os.pathsep}{env['PATH']}"
+    res = _ingest(["--parts", "64", "--max_running=16", "--gpus_per_task", "1", "--partition", "gpu",
+                   "--out", "/shared/data", "--config", "experiments/data_shapes.py", "--remove_parts",
+                   "--merge_workers", "8", "--dry_run", "--", "--config.source=jsonl",
+                   "--config.jsonl=/shared/my manifest.jsonl"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    for line in ("#SBATCH --array=0-63%16", "#SBATCH --gpus-per-task=1", "#SBATCH --partition=gpu",
+                 "#SBATCH --job-name=cm3leon_ingest", "#SBATCH --job-name=cm3leon_ingest_merge", f"cd {REPO}",
+                 "python -m data_pipeline.prepare --config experiments/data_shapes.py --out /shared/data --num_shards 64 "
+                 "--config.source=jsonl '--config.jsonl=/shared/my manifest.jsonl' --shard_index \"$SLURM_ARRAY_TASK_ID\"",
+                 "python -m data_pipeline.prepare --out /shared/data --merge --remove_parts --merge_workers 8"):
+        assert line in lines, line
+    assert not (tmp_path / "calls.log").exists() and not list(tmp_path.glob("*.sbatch"))
+    for args, message in [(["--out", "/d", "--config", "experiments/data_shapes.py"], "missing required flag --parts"),
+                          (["--parts", "1", "--out", "/d", "--config", "experiments/data_shapes.py"], "at least 2"),
+                          (["--parts", "4", "--out", "d", "--config", "experiments/data_shapes.py"], "must be absolute"),
+                          (["--parts", "4", "--out", "/d", "--config", "experiments/nope.py"], "no such file"),
+                          (["--parts", "4", "--out", "/d", "--config", "experiments/data_shapes.py", "--module", "x"],
+                           "--module must be"),
+                          (["--parts", "4", "--out", "/d", "--config", "experiments/data_shapes.py", "--max_running",
+                            "0"], "--max_running must be a positive integer")]:
+        res = _ingest(args, env, tmp_path)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
