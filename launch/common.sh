@@ -1,4 +1,5 @@
-# Shell helpers the launchers share (sourced by launch/tpu_run.sh and launch/slurm_run.sh).
+# Shell helpers the launchers share (sourced by launch/tpu_run.sh, launch/slurm_run.sh and
+# launch/slurm_ingest.sh).
 
 usage_error() {  # a bad flag: say so, point at --help, exit 2
   echo "error: $*" >&2
@@ -26,4 +27,30 @@ quote_cmd() {
     out+="$REPLY "
   done
   REPLY=${out% }
+}
+
+# The launchers' flag loop: `--flag value` and `--flag=value` for the flags in VALUED (a regex
+# alternation the caller sets), each passed to the caller's `set_flag NAME VALUE`; any other
+# `--flag` to the caller's `bool_flag NAME`, which returns non-zero for an unknown one; everything
+# after a literal `--` into EXTRA_ARGS.
+parse_flags() {
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --) shift; EXTRA_ARGS=("$@"); break ;;
+      -h|--help) usage; exit 0 ;;
+      --*=*)
+        [[ ${1%%=*} =~ ^($VALUED)$ ]] || usage_error "unknown flag: ${1%%=*}"
+        set_flag "${1%%=*}" "${1#*=}" ;;
+      --*)
+        if [[ $1 =~ ^($VALUED)$ ]]; then
+          if [[ $# -lt 2 || $2 == --* ]]; then usage_error "flag $1 requires a value"; fi
+          set_flag "$1" "$2"
+          shift
+        else
+          bool_flag "$1" || usage_error "unknown flag: $1"
+        fi ;;
+      *) usage_error "unknown argument: $1" ;;
+    esac
+    shift
+  done
 }

@@ -56,7 +56,7 @@ Flags accept both `--flag=value` and `--flag value`.
 EOF
 }
 
-# usage_error, shell_quote, quote_cmd
+# usage_error, shell_quote, quote_cmd, parse_flags
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 # ---------------------------------------------------------------- flags
@@ -101,24 +101,15 @@ set_flag() {  # set_flag --name value
   esac
 }
 
-while [[ $# -gt 0 ]]; do
+bool_flag() {  # bool_flag --name: 1 when unknown
   case "$1" in
-    --) shift; EXTRA_ARGS=("$@"); break ;;
-    -h|--help) usage; exit 0 ;;
     --dry_run) DRY_RUN=1 ;;
     --no_requeue) REQUEUE=0 ;;
-    --*=*)
-      [[ ${1%%=*} =~ ^($VALUED)$ ]] || usage_error "unknown flag: ${1%%=*}"
-      set_flag "${1%%=*}" "${1#*=}" ;;
-    --*)
-      [[ $1 =~ ^($VALUED)$ ]] || usage_error "unknown flag: $1"
-      if [[ $# -lt 2 || $2 == --* ]]; then usage_error "flag $1 requires a value"; fi
-      set_flag "$1" "$2"
-      shift ;;
-    *) usage_error "unknown argument: $1" ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+
+parse_flags "$@"
 
 [[ -n $WORKDIR ]] || usage_error "missing required flag --workdir"
 for pair in "nodes:$NODES" "gpus_per_node:$GPUS_PER_NODE" "cpus_per_task:$CPUS_PER_TASK" \

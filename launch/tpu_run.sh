@@ -47,7 +47,7 @@ Flags accept both `--flag=value` and `--flag value`.
 EOF
 }
 
-# usage_error, shell_quote, quote_cmd
+# usage_error, shell_quote, quote_cmd, parse_flags
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 # ---------------------------------------------------------------- flags
@@ -64,6 +64,8 @@ DRY_RUN=0
 DELETE_AFTER=0
 EXTRA_ARGS=()
 
+VALUED="--tpu_name|--zone|--project|--accelerator_type|--runtime_version|--config|--workdir|--repo_dir"
+
 set_flag() {  # set_flag --name value
   case "$1" in
     --tpu_name) TPU_NAME=$2 ;;
@@ -77,25 +79,16 @@ set_flag() {  # set_flag --name value
   esac
 }
 
-while [[ $# -gt 0 ]]; do
+bool_flag() {  # bool_flag --name: 1 when unknown
   case "$1" in
-    --) shift; EXTRA_ARGS=("$@"); break ;;
-    -h|--help) usage; exit 0 ;;
     --spot) SPOT=1 ;;
     --dry_run) DRY_RUN=1 ;;
     --delete_after) DELETE_AFTER=1 ;;
-    --tpu_name=*|--zone=*|--project=*|--accelerator_type=*|--runtime_version=*|\
-    --config=*|--workdir=*|--repo_dir=*)
-      set_flag "${1%%=*}" "${1#*=}" ;;
-    --tpu_name|--zone|--project|--accelerator_type|--runtime_version|\
-    --config|--workdir|--repo_dir)
-      if [[ $# -lt 2 || $2 == --* ]]; then usage_error "flag $1 requires a value"; fi
-      set_flag "$1" "$2"
-      shift ;;
-    *) usage_error "unknown flag: $1" ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+
+parse_flags "$@"
 
 [[ -n $TPU_NAME ]] || usage_error "missing required flag --tpu_name"
 [[ -n $ZONE ]] || usage_error "missing required flag --zone"
