@@ -331,15 +331,45 @@ class _Ingest:
             raise SkipRecord("no_image", "text_only=True keeps text-only documents")
         return record, " ".join(part for part in parts if isinstance(part, str)), parts
 
+    def _try_validate(self, record: RawRecord):
+        try:
+            return self._validate(record)
+        except SkipRecord as e:
+            return e
+
+    def _validated(self) -> Iterator[tuple[RawRecord, Any]]:
+        """(record, batch item or its SkipRecord), in source order. `decode_threads` threads decode
+        up to two encode batches ahead of the VQ encoder (PIL decodes with the GIL released, and
+        jitted encoding releases it too), so image decoding is neither serial nor idle while the
+        encoder runs."""
+        threads = int(self.cfg.get("decode_threads", 0)) or min(8, os.cpu_count() or 1)
+        records = self._records()
+        if threads == 1:
+            for record in records:
+                record.position = self.shard.position
+                yield record, self._try_validate(record)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        window: collections.deque = collections.deque()
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+            for record in records:
+                record.position = self.shard.position   # read on this thread, as the source advances
+                window.append((record, pool.submit(self._try_validate, record)))
+                if len(window) > 2 * int(self.cfg.encode_batch_size):
+                    record, item = window.popleft()
+                    yield record, item.result()
+            while window:
+                record, item = window.popleft()
+                yield record, item.result()
+
     def examples(self) -> Iterator[tuple[int, dict]]:
         start, seen, batch = time.time(), 0, []
-        for record in self._records():
-            record.position = self.shard.position
+        for record, item in self._validated():
             seen += 1
-            try:
-                batch.append(self._validate(record))
-            except SkipRecord as e:
-                self._skip(record, e.reason, e.detail)
+            if isinstance(item, SkipRecord):
+                self._skip(record, item.reason, item.detail)
+            else:
+                batch.append(item)
             if len(batch) == int(self.cfg.encode_batch_size):
                 for doc in self._documents(batch):
                     yield doc["id"], doc

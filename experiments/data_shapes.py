@@ -12,6 +12,7 @@ def get_config():
     c.max_document_length = 1100     # longer documents are skipped (counted as document_too_long)
     c.validation_fraction = 0.02     # folder / jsonl sources: share of files hashed into validation
     c.encode_batch_size = 64
+    c.decode_threads = 0             # image decoding threads, running ahead of the VQ encoder (0: min(8, cores))
     c.log_every = 2000
     c.spm_model = ""                 # SentencePiece model (python -m cm3leon_jax.text_tokenizer)
     c.vq_workdir = ""                # VQ tokenizer workdir (python -m cm3leon_jax.train_vq)

@@ -240,7 +240,9 @@ def test_ingestion_in_parts_merges_into_the_dataset_a_single_run_makes(tiny_pipe
     cfg = pipeline_fixture.data_config(tiny_spm_model, tiny_pipeline["vq"], source="jsonl", jsonl=str(manifest),
                                        validation_fraction=0.25, text_only=True, max_document_length=60)
     vocab, encode = prepare.load_vocab_and_encoder(cfg)
+    cfg.decode_threads = 1   # serial here, decoding threads ahead in the parts: the same documents either way
     single = prepare.prepare(cfg, str(tmp_path / "single"), vocab, encode)
+    cfg.decode_threads = 3
     splits = single["splits"].values()
     assert {reason for r in splits for reason in r["skipped"]} == {
         "unreadable_image", "empty_caption", "missing_image", "document_too_long", "bad_manifest_line"}
