@@ -40,6 +40,9 @@ TRAINING_SUMMARY = {"vq": ("loss", "val_psnr", "codebook_usage"),
                     "lm": ("loss", "eval_loss", "tokens_per_second")}
 
 
+SPEED_ONLY_DATA_FIELDS = ("decode_threads",)   # ingestion settings that never change the documents
+
+
 def _plain(value: Any) -> Any:
     return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
@@ -79,8 +82,11 @@ class Pipeline:
             self.dirs[name] = self._stage_dir(name)
 
     def stage_settings(self, name: str) -> Any:
+        """What a stage's output depends on (its fingerprint's input): settings that change only its
+        speed are left out, so adding or retuning one reuses finished stages."""
         c = self.config
-        return {"text_tokenizer": c.text_tokenizer, "vq": c.vq, "data": c.data, "retrieval": c.retrieval,
+        data = {k: v for k, v in _plain(c.data).items() if k not in SPEED_ONLY_DATA_FIELDS}
+        return {"text_tokenizer": c.text_tokenizer, "vq": c.vq, "data": data, "retrieval": c.retrieval,
                 "lm": c.lm, "evaluate": c.evaluate, "report": {}}[name]
 
     def _stage_dir(self, name: str) -> str:

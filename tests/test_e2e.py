@@ -78,6 +78,9 @@ def test_fingerprints_chain_through_upstream_stages():
     pa, pb = e2e.Pipeline(a, "/tmp/unused_a"), e2e.Pipeline(b, "/tmp/unused_b")
     assert pa.fingerprints["vq"] == pb.fingerprints["vq"]
     assert all(pa.fingerprints[s] != pb.fingerprints[s] for s in ("data", "retrieval", "lm", "evaluate"))
+    b.data.seed, b.data.decode_threads = 0, 5   # a speed-only setting: the same stages
+    assert e2e.Pipeline(b, "/tmp/unused_b").fingerprints == pa.fingerprints
+    assert "decode_threads" in a.data
 
 
 def test_cli_runs_a_stage_and_resumes(tmp_path):
