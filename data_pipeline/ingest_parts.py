@@ -39,7 +39,7 @@ PARTS_DIR = "parts"
 PART_REPORT = "part_report.json"
 _PART_NAME = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 _SUMMED = ("kept", "text_only", "interleaved")
-FILE_BYTES = 256 << 20   # merged files of about this size (stored bytes): few files, each split over many hosts' reads
+FILE_BYTES = 256 << 20   # merged files of about this size (stored bytes): each one a merge worker's task
 
 
 def part_dir(out_dir: str, index: int, count: int) -> str:
@@ -192,9 +192,9 @@ def _merge_split(dirs: list[str], split: str, reports: list[dict], docs_dir: str
         for done, job in enumerate(jobs, 1):
             num_bytes += _write_file(*job)
             progress(done)
-    global_ids = [np.empty(len(ps), np.int64) for ps in positions]
-    for p, ids in enumerate(global_ids):
-        ids[locals_[parts == p]] = np.flatnonzero(parts == p)
+    # each part's documents keep their order in the merge: its j-th global id is its document j's
+    by_part = np.argsort(parts, kind="stable")
+    global_ids = np.split(by_part.astype(np.int64), np.cumsum([len(ps) for ps in positions])[:-1])
     return [bounds[k + 1] - bounds[k] for k in range(num_files)], num_bytes, global_ids
 
 
