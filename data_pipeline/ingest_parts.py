@@ -124,8 +124,9 @@ def _merged_order(dirs: list[str], positions: list[np.ndarray]) -> tuple[np.ndar
     """(part, local id) of every document, in source order: global id g is part[g]'s document local[g]."""
     part = np.concatenate([np.full(len(ps), p, np.int32) for p, ps in enumerate(positions)])
     local = np.concatenate([np.arange(len(ps), dtype=np.int64) for ps in positions])
-    order = np.argsort(np.concatenate(positions), kind="stable")
-    merged = np.concatenate(positions)[order]
+    every = np.concatenate(positions)
+    order = np.argsort(every, kind="stable")
+    merged = every[order]
     if len(merged) > 1 and not (np.diff(merged) > 0).all():
         raise ValueError(f"two parts under {os.path.dirname(dirs[0])} hold the same source record: they were not "
                          f"ingested as shards of one --num_shards")
@@ -146,7 +147,7 @@ def _write_file(path: str, dirs: list[str], split: str, parts: np.ndarray, local
                 readers[p].seek(j)
             example = tf_example_pb2.Example.FromString(readers[p].read())
             ids = example.features.feature["id"].int64_list.value
-            if list(ids) != [j]:
+            if len(ids) != 1 or ids[0] != j:
                 raise ValueError(f"{dirs[p]}/{split}.array_record: record {j} has id {list(ids)}; the part is corrupt")
             ids[0] = g
             record = example.SerializeToString()

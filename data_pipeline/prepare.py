@@ -481,11 +481,11 @@ def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Calla
     `out_dir/parts/` (`ingest_parts`); `ingest_parts.merge_parts` then writes the dataset."""
     if cfg.source not in sources:
         raise ValueError(f"unknown source {cfg.source!r}; choose one of {sorted(sources)}")
-    Shard(shard_index, num_shards)   # checked before any work
-    if num_shards > 1:
+    shard = Shard(shard_index, num_shards)   # checked before any work
+    if shard.is_part:
         from data_pipeline import ingest_parts
-        return ingest_parts.write_part(cfg, out_dir, vocab, encode_images, Shard(shard_index, num_shards),
-                                       ingest_cls=ingest_cls, builder_cls=builder_cls)
+        return ingest_parts.write_part(cfg, out_dir, vocab, encode_images, shard, ingest_cls=ingest_cls,
+                                       builder_cls=builder_cls)
     os.makedirs(out_dir, exist_ok=True)
     ingests = {split: ingest_cls(cfg, vocab, encode_images, split) for split in splits_of(cfg)}
     builder = builder_cls(split_examples={s: i.examples for s, i in ingests.items()}, data_dir=out_dir,

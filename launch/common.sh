@@ -54,3 +54,14 @@ parse_flags() {
     shift
   done
 }
+
+# The #SBATCH lines for the Slurm options the Slurm launchers share, when given (PARTITION,
+# ACCOUNT, QOS, TIME_LIMIT). Sets REPLY: empty, or those lines, each after a newline.
+slurm_option_lines() {
+  REPLY=""
+  [[ -n $PARTITION ]] && REPLY+=$'\n'"#SBATCH --partition=$PARTITION"
+  [[ -n $ACCOUNT ]] && REPLY+=$'\n'"#SBATCH --account=$ACCOUNT"
+  [[ -n $QOS ]] && REPLY+=$'\n'"#SBATCH --qos=$QOS"
+  [[ -n $TIME_LIMIT ]] && REPLY+=$'\n'"#SBATCH --time=$TIME_LIMIT"
+  return 0
+}

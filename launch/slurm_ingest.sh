@@ -55,7 +55,7 @@ Flags accept both `--flag=value` and `--flag value`.
 EOF
 }
 
-# usage_error, shell_quote, quote_cmd, parse_flags
+# usage_error, shell_quote, quote_cmd, parse_flags, slurm_option_lines
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 # ---------------------------------------------------------------- flags
@@ -150,11 +150,8 @@ common_header() {  # common_header NAME: the #SBATCH lines both jobs share
   local h="#SBATCH --job-name=$1
 #SBATCH --ntasks=1
 #SBATCH --cpus-per-task=$CPUS_PER_TASK"
-  [[ -n $PARTITION ]] && h+=$'\n'"#SBATCH --partition=$PARTITION"
-  [[ -n $ACCOUNT ]] && h+=$'\n'"#SBATCH --account=$ACCOUNT"
-  [[ -n $QOS ]] && h+=$'\n'"#SBATCH --qos=$QOS"
-  [[ -n $TIME_LIMIT ]] && h+=$'\n'"#SBATCH --time=$TIME_LIMIT"
-  REPLY=$h
+  slurm_option_lines
+  REPLY=$h$REPLY
 }
 
 common_header "$JOB_NAME"

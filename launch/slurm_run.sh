@@ -56,7 +56,7 @@ Flags accept both `--flag=value` and `--flag value`.
 EOF
 }
 
-# usage_error, shell_quote, quote_cmd, parse_flags
+# usage_error, shell_quote, quote_cmd, parse_flags, slurm_option_lines
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 # ---------------------------------------------------------------- flags
@@ -140,10 +140,8 @@ HEADER="#SBATCH --job-name=$JOB_NAME
 #SBATCH --cpus-per-task=$CPUS_PER_TASK
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append"
-[[ -n $PARTITION ]] && HEADER+=$'\n'"#SBATCH --partition=$PARTITION"
-[[ -n $ACCOUNT ]] && HEADER+=$'\n'"#SBATCH --account=$ACCOUNT"
-[[ -n $QOS ]] && HEADER+=$'\n'"#SBATCH --qos=$QOS"
-[[ -n $TIME_LIMIT ]] && HEADER+=$'\n'"#SBATCH --time=$TIME_LIMIT"
+slurm_option_lines
+HEADER+=$REPLY
 if [[ $REQUEUE -eq 1 ]]; then
   HEADER+=$'\n'"#SBATCH --requeue"$'\n'"#SBATCH --signal=B:USR1@$SIGNAL_SECONDS"
 fi
