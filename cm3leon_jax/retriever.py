@@ -453,22 +453,24 @@ def embed_documents(params, config, text_ids_list: Sequence[Any], image_codes_li
 
 
 def embed_queries(params, config, text_ids_list: Sequence[Any], image_codes_list: Sequence[Any],
-                  batch_size: int | None = None, *, dropout: float | None = None, seed: int = 0):
+                  batch_size: int | None = None, *, dropout: float | None = None, seed: int = 0,
+                  first_id: int = 0):
     """Retrieval queries per document, after query-token dropout (config.query_dropout, 20%).
 
     Returns (text_queries [N, D], image_queries [N, D], has_text [N], has_image [N]); the text of
-    document i loses tokens drawn from (seed, i), its image has the same fraction of grid cells
-    replaced by the dropped-token code. Rows of absent modalities are zero."""
+    document i (id first_id + i: a host embedding a range of the bank passes its start) loses
+    tokens drawn from (seed, id), its image has the same fraction of grid cells replaced by the
+    dropped-token code. Rows of absent modalities are zero."""
     config = _as_retriever_config(config)
     cfg = EncoderConfig.from_config(config)
     rate = float(config.query_dropout if dropout is None else dropout)
     offset = int(config.image_code_offset)
     texts = [query_token_dropout(np.asarray(t if t is not None else (), np.int64).reshape(-1)[: cfg.max_text_len],
-                                 rate, seed, i) for i, t in enumerate(text_ids_list)]
+                                 rate, seed, first_id + i) for i, t in enumerate(text_ids_list)]
     images = []
     for i, c in enumerate(image_codes_list):
         c = np.asarray(c if c is not None else (), np.int64).reshape(-1)
-        images.append(query_token_dropout(c, rate, seed + 1, i, fill=cfg.dropped_image_code + offset) if c.size else c)
+        images.append(query_token_dropout(c, rate, seed + 1, first_id + i, fill=cfg.dropped_image_code + offset) if c.size else c)
     text_q = embed_text(params, config, texts, batch_size)
     image_q = embed_images(params, config, images, batch_size, allow_dropped=True)
     return text_q, image_q, _present(text_ids_list), _present(image_codes_list)
@@ -476,11 +478,14 @@ def embed_queries(params, config, text_ids_list: Sequence[Any], image_codes_list
 
 # --------------------------------------------------------------------------- user embeddings
 
-def load_embeddings(npy_path: str, num_documents: int | None, *, allow_zero_rows: bool = False) -> np.ndarray:
+def load_embeddings(npy_path: str, num_documents: int | None, *, allow_zero_rows: bool = False,
+                    start: int = 0, stop: int | None = None) -> np.ndarray:
     """Embeddings computed elsewhere: a [N, D] float .npy aligned with document ids.
 
     Checks the shape (N must equal num_documents), finiteness and non-zero rows (zero rows are
-    accepted with allow_zero_rows: documents with nothing to embed), and l2-normalises each row."""
+    accepted with allow_zero_rows: documents with nothing to embed), and l2-normalises each row.
+    Returns rows [start, stop) (default all; the file is memory-mapped, so a host of a multi-host
+    run reads only its own range)."""
     try:
         array = np.load(npy_path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -492,14 +497,18 @@ def load_embeddings(npy_path: str, num_documents: int | None, *, allow_zero_rows
                          "(rows must be aligned with document ids)")
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{npy_path}: embeddings must be floating point, got {array.dtype}")
-    out = np.asarray(array, dtype=np.float32).copy()
+    stop = array.shape[0] if stop is None else int(stop)
+    if not 0 <= start <= stop <= array.shape[0]:
+        raise ValueError(f"{npy_path}: rows [{start}, {stop}) are not within its {array.shape[0]} rows")
+    out = np.asarray(array[start:stop], dtype=np.float32).copy()
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
-        raise ValueError(f"{npy_path}: {int(bad.sum())} rows hold NaN or inf (first: row {int(np.flatnonzero(bad)[0])})")
+        raise ValueError(f"{npy_path}: {int(bad.sum())} rows hold NaN or inf "
+                         f"(first: row {start + int(np.flatnonzero(bad)[0])})")
     norms = np.linalg.norm(out, axis=1)
     zero = norms == 0
     if zero.any() and not allow_zero_rows:
-        raise ValueError(f"{npy_path}: {int(zero.sum())} all-zero rows (first: row {int(np.flatnonzero(zero)[0])}); "
+        raise ValueError(f"{npy_path}: {int(zero.sum())} all-zero rows (first: row {start + int(np.flatnonzero(zero)[0])}); "
                          "pass allow_zero_rows=True if those documents have nothing to embed")
     return l2_normalize(out)
 
@@ -687,10 +696,10 @@ CLIP_EMBEDDINGS = "document_embeddings.npy"
 
 def save_clip_reference(data_dir: str, clip_model: str, document_embeddings: np.ndarray) -> None:
     """Records that DATA_DIR's bank was embedded by the CLIP checkpoint `clip_model` (the paper's
-    frozen bi-encoder), with the embeddings beside it: queries must go through the same model."""
+    frozen bi-encoder), with the embeddings beside it: queries must go through the same model.
+    The embeddings are written in chunks: a multi-host run passes its parts read as one."""
     out = os.path.join(os.path.abspath(data_dir), RETRIEVER_SUBDIR)
-    os.makedirs(out, exist_ok=True)
-    np.save(os.path.join(out, CLIP_EMBEDDINGS), np.asarray(document_embeddings, np.float32))
+    workdir_io.write_npy_rows(os.path.join(out, CLIP_EMBEDDINGS), document_embeddings, np.float32)
     with open(os.path.join(out, CLIP_JSON), "w", encoding="utf-8") as f:
         json.dump({"format": FORMAT + "+clip", "clip_model": os.path.abspath(clip_model),
                    "embeddings": CLIP_EMBEDDINGS, "shape": list(np.shape(document_embeddings))}, f, indent=1)

@@ -18,6 +18,7 @@ import json
 import os
 import threading
 
+import numpy as np
 from etils import epath
 
 REMOTE_SCHEMES = ("gs", "s3", "az")
@@ -122,6 +123,21 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def write_npy_rows(path: str | os.PathLike, rows, dtype, *, chunk: int = 65536) -> None:
+    """Writes an [N, ...] array-like (anything with .shape and row slicing: an array, a memory map,
+    parts read as one) to a local .npy, `chunk` rows at a time, so a bank larger than memory can
+    be written; atomically, through a temporary file and a rename."""
+    path = os.fspath(require_local(path, "a .npy file"))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(rows.shape))
+    for a in range(0, rows.shape[0], chunk):
+        out[a:a + chunk] = np.asarray(rows[a:a + chunk], dtype)
+    out.flush()
+    del out
+    os.replace(tmp, path)
 
 
 class AppendableFile:

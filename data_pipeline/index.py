@@ -2,6 +2,8 @@
 
     python -m data_pipeline.index --data DIR [--embeddings my_embeddings.npy | --clip_model CLIP_DIR]
         [--steps 2000] [--num_shards 1]
+    python -m data_pipeline.index --data DIR --stage train|embed|search|select|finish [--num_hosts H --host_index h]
+        (the same over many hosts: data_pipeline/index_parts.py)
 
 Trains the CLIP-style retriever on the data's train split (or embeds with a user's local CLIP
 checkpoint, the paper's frozen retriever, or takes embeddings computed elsewhere, a `.npy` [N, D]
@@ -20,12 +22,14 @@ from cm3leon_jax import vocab as vocab_lib
 from data_pipeline import neighbours, prepare
 
 
-def document_columns(documents, image_tokens: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Every document's text ids and image codes, as the retriever takes them. An interleaved
-    document (several images' codes, `image_tokens` each) is represented by all its text and its
-    first image, as the paper's bi-encoder embeds one text and one image per document."""
+def document_columns(documents, image_tokens: int | None = None, *, start: int = 0,
+                     stop: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The text ids and image codes of documents [start, stop) (default all), as the retriever
+    takes them. An interleaved document (several images' codes, `image_tokens` each) is
+    represented by all its text and its first image, as the paper's bi-encoder embeds one text and
+    one image per document."""
     texts, images = [], []
-    for i in range(len(documents)):
+    for i in range(start, len(documents) if stop is None else stop):
         doc = documents[i]
         texts.append(np.asarray(doc["text_ids"], np.int32))
         codes = np.asarray(doc["image_codes"], np.int32)
@@ -43,11 +47,13 @@ def retriever_config_for(data_dir: str, **overrides):
                                       image_grid=tuple(vocab.image_grid), **overrides)
 
 
-def clip_embeddings(data_dir: str, clip_model: str, texts, images, *, seed: int = 0, batch_size: int = 256):
+def clip_embeddings(data_dir: str, clip_model: str, texts, images, *, seed: int = 0, batch_size: int = 256,
+                    first_id: int = 0):
     """The paper's retriever with a user's CLIP checkpoint: each document's caption (its text ids
     decoded) and image (its codes through the data's VQ decoder) embedded by CLIP, combined by
-    the paper's rule. Text queries lose 20% of their tokens first (the query dropout); image
-    queries are the image embeddings. Returns (doc_emb, text_queries, image_queries)."""
+    the paper's rule. Text queries lose 20% of their tokens first (the query dropout, drawn from
+    the seed and the document id: texts[i] is document first_id + i); image queries are the image
+    embeddings. Returns (doc_emb, text_queries, image_queries)."""
     from cm3leon_jax import clip_metrics, export, vq_tokenizer
     scorer = clip_metrics.ClipScorer(clip_model)
     vocab = vocab_lib.Vocabulary.load(os.path.join(data_dir, prepare.VOCAB_DIR))
@@ -57,7 +63,7 @@ def clip_embeddings(data_dir: str, clip_model: str, texts, images, *, seed: int 
     dropout = float(retriever.retriever_config().query_dropout)
 
     def embed_captions(rows, drop: bool):
-        return scorer.embed_text([vocab.decode_text(retriever.query_token_dropout(texts[i], dropout, seed, int(i))
+        return scorer.embed_text([vocab.decode_text(retriever.query_token_dropout(texts[i], dropout, seed, first_id + int(i))
                                                     if drop else texts[i]) for i in rows])
 
     text_rows, image_rows = np.flatnonzero(has_text), np.flatnonzero(has_image)
@@ -81,6 +87,15 @@ def clip_embeddings(data_dir: str, clip_model: str, texts, images, *, seed: int 
     return retriever.combine_document_embeddings(text, image, has_text, has_image), text_query, image
 
 
+def train_or_load_retriever(data_dir: str, texts, images, *, seed: int = 0, **retriever_overrides):
+    """(params, config) of DATA_DIR's retriever, trained on the given columns unless already there."""
+    if os.path.exists(os.path.join(data_dir, retriever.RETRIEVER_SUBDIR, retriever.CONFIG_JSON)):
+        logging.info("using the retriever already trained in %s", data_dir)
+        return retriever.load_retriever(data_dir)
+    config = retriever_config_for(data_dir, seed=seed, **retriever_overrides)
+    return retriever.train_retriever(config, {"text_ids": texts, "image_codes": images}, data_dir)["params"], config
+
+
 def build(data_dir: str, *, embeddings_path: str | None = None, clip_model: str | None = None, num_shards: int = 1,
           seed: int = 0, **retriever_overrides) -> dict:
     """Trains (or loads) the retriever, or embeds with a user's CLIP, indexes the train split and
@@ -98,12 +113,7 @@ def build(data_dir: str, *, embeddings_path: str | None = None, clip_model: str 
         doc_emb = retriever.load_embeddings(embeddings_path, len(documents))
         text_q = image_q = doc_emb  # user embeddings: one vector per document serves both queries
     else:
-        if os.path.exists(os.path.join(data_dir, retriever.RETRIEVER_SUBDIR, retriever.CONFIG_JSON)):
-            params, config = retriever.load_retriever(data_dir)
-            logging.info("using the retriever already trained in %s", data_dir)
-        else:
-            config = retriever_config_for(data_dir, seed=seed, **retriever_overrides)
-            params = retriever.train_retriever(config, {"text_ids": texts, "image_codes": images}, data_dir)["params"]
+        params, config = train_or_load_retriever(data_dir, texts, images, seed=seed, **retriever_overrides)
         doc_emb = retriever.embed_documents(params, config, texts, images)
         text_q, image_q, _, _ = retriever.embed_queries(params, config, texts, images, seed=seed)
     stats = neighbours.build_neighbours(data_dir, doc_emb, text_q, image_q, has_text, has_image,
@@ -116,15 +126,32 @@ def main(argv):
     del argv
     from absl import flags
     from cm3leon_jax import metrics, workdir_io
+    from data_pipeline import index_parts
     metrics.quiet_library_logs()
     f = flags.FLAGS
-    workdir_io.require_local(f.data, "--data")
-    if os.path.exists(os.path.join(f.data, neighbours.NEIGHBOURS_JSON)) and not f.overwrite:
-        logging.info("%s already has neighbours; pass --overwrite to rebuild", f.data)
-        return
+    data = workdir_io.require_local(f.data, "--data")
     overrides = {"steps": f.steps} if f.steps else {}
-    build(f.data, embeddings_path=f.embeddings, clip_model=f.clip_model, num_shards=f.num_shards, seed=f.seed,
-          **overrides)
+    stage = f.stage
+    if stage in ("embed", "search", "select") and (f.num_hosts is None or f.host_index is None):
+        raise app.UsageError(f"--stage {stage} needs --num_hosts and --host_index")
+    if os.path.exists(os.path.join(data, neighbours.NEIGHBOURS_JSON)) and not f.overwrite:
+        logging.info("%s already has neighbours; pass --overwrite to rebuild", data)
+        return
+    if stage == "all":
+        build(data, embeddings_path=f.embeddings, clip_model=f.clip_model, num_shards=f.num_shards or 1,
+              seed=f.seed, **overrides)
+    elif stage == "train":
+        index_parts.train(data, seed=f.seed, **overrides)
+    elif stage == "embed":
+        index_parts.embed_part(data, f.num_hosts, f.host_index, embeddings_path=f.embeddings,
+                               clip_model=f.clip_model, seed=f.seed, overwrite=f.overwrite)
+    elif stage == "search":
+        index_parts.search_part(data, f.num_hosts, f.host_index, num_shards=f.num_shards, candidates=f.candidates,
+                                overwrite=f.overwrite)
+    elif stage == "select":
+        index_parts.select_part(data, f.num_hosts, f.host_index, overwrite=f.overwrite)
+    else:
+        index_parts.finish(data, remove_parts=f.remove_parts)
 
 
 if __name__ == "__main__":
@@ -134,7 +161,16 @@ if __name__ == "__main__":
     flags.DEFINE_string("clip_model", None, "optional local Hugging Face CLIP checkpoint dir (safetensors): the "
                         "paper's frozen retriever instead of training ours; generation then queries it too")
     flags.DEFINE_integer("steps", None, "retriever training steps (default: the retriever config's)")
-    flags.DEFINE_integer("num_shards", 1, "index shards (one per host's memory, see WORKSPACE.md)")
+    flags.DEFINE_integer("num_shards", None, "index shards (one per host's memory, see WORKSPACE.md); default 1, "
+                         "or --num_hosts with --stage search")
     flags.DEFINE_integer("seed", 0, "seed for retriever training and query dropout")
-    flags.DEFINE_bool("overwrite", False, "rebuild even if neighbours exist")
+    flags.DEFINE_bool("overwrite", False, "rebuild even if neighbours exist (a host stage: redo its part even if "
+                      "finished)")
+    flags.DEFINE_enum("stage", "all", ["all", "train", "embed", "search", "select", "finish"],
+                      "all: the whole stage on this host; the others split it over hosts (data_pipeline/index_parts.py)")
+    flags.DEFINE_integer("num_hosts", None, "hosts the embed / search / select stages are split over")
+    flags.DEFINE_integer("host_index", None, "this host's part, in [0, --num_hosts)")
+    flags.DEFINE_integer("candidates", 128, "--stage search: candidates kept per document and query "
+                         "(the widest the select stage can search)")
+    flags.DEFINE_bool("remove_parts", False, "--stage finish: delete DIR/index_parts once joined")
     app.run(main)

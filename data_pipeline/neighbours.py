@@ -316,16 +316,66 @@ def shard_bounds(num_documents: int, num_shards: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+class ConcatenatedRows:
+    """Several [n_i, ...] arrays (memory-mapped part files) read as one [sum n_i, ...] array without
+    loading them: row slices and integer-array gathers, which is all the shard builds and the
+    neighbour selection read. A multi-host run's bank is its hosts' embedding parts read this way
+    (no host ever holds, or writes, the whole bank)."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        if not parts:
+            raise ValueError("ConcatenatedRows needs at least one part")
+        self.parts = list(parts)
+        trailing = {tuple(p.shape[1:]) for p in self.parts}
+        dtypes = {np.dtype(p.dtype) for p in self.parts}
+        if len(trailing) != 1 or len(dtypes) != 1:
+            raise ValueError(f"parts disagree: row shapes {sorted(trailing)}, dtypes {sorted(map(str, dtypes))}")
+        self.starts = np.cumsum([0] + [p.shape[0] for p in self.parts]).astype(np.int64)
+        self.shape = (int(self.starts[-1]),) + trailing.pop()
+        self.dtype = dtypes.pop()
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            if step != 1:
+                raise IndexError("ConcatenatedRows slices take step 1 only")
+            pieces = [p[max(start - a, 0):max(min(stop, b) - a, 0)]
+                      for p, a, b in zip(self.parts, self.starts[:-1], self.starts[1:]) if a < stop and b > start]
+            return (np.concatenate(pieces) if pieces else np.empty((0,) + self.shape[1:], self.dtype))
+        idx = np.asarray(key)
+        if idx.dtype.kind not in "iu":
+            raise IndexError(f"ConcatenatedRows takes row slices or integer arrays, got {idx.dtype}")
+        flat = idx.reshape(-1).astype(np.int64)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.shape[0]):
+            raise IndexError(f"row ids must be in [0, {self.shape[0]}), got [{flat.min()}, {flat.max()}]")
+        out = np.empty((flat.size,) + self.shape[1:], self.dtype)
+        part = np.searchsorted(self.starts, flat, side="right") - 1
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p][flat[sel] - self.starts[p]]
+        return out.reshape(idx.shape + self.shape[1:])
+
+
+def _rows(x):
+    """An array of rows as the selection reads it: parts stay parts, anything else an ndarray."""
+    return x if isinstance(x, ConcatenatedRows) else np.asarray(x)
+
+
 def _embedding_reader(source, num_documents: int | None):
-    """(num_documents, read(start, stop) -> float32 array) for an array, a .npy path (memory-mapped:
-    only the requested rows are read) or a callable(start, stop) with num_documents given."""
+    """(num_documents, read(start, stop) -> float32 array) for an array (or `ConcatenatedRows`), a
+    .npy path (memory-mapped: only the requested rows are read) or a callable(start, stop) with
+    num_documents given."""
     if callable(source):
         if num_documents is None:
             raise ValueError("a callable embeddings source needs num_documents")
         return int(num_documents), lambda a, b: np.asarray(source(a, b), np.float32)
     if isinstance(source, (str, os.PathLike)):
         source = np.load(source, mmap_mode="r")
-    if source.ndim != 2:
+    if len(source.shape) != 2:
         raise ValueError(f"embeddings must be [N, D], got {source.shape}")
     return int(source.shape[0]), lambda a, b: np.asarray(source[a:b], np.float32)
 
@@ -430,7 +480,7 @@ def select_neighbours(query_ids: np.ndarray, candidate_ids: Sequence[np.ndarray]
     bank (a caption at inference) has id -1 and its own embedding in `query_embeddings` [Q, D]
     (default: the bank's row of each query id). `per_row_counts`: each count an int array [Q]."""
     query_ids = np.asarray(query_ids, np.int64)
-    embeddings = np.asarray(embeddings)
+    embeddings = _rows(embeddings)
     is_multimodal = np.asarray(is_multimodal, bool)
     n = embeddings.shape[0]
     valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
@@ -512,15 +562,15 @@ def select_neighbours(query_ids: np.ndarray, candidate_ids: Sequence[np.ndarray]
     return result()
 
 
-def _select_widening(search_fn: Callable, query_ids: np.ndarray, query_lists: Sequence[np.ndarray],
+def _select_widening(search_fns: Sequence[Callable], query_ids: np.ndarray, query_lists: Sequence[np.ndarray],
                      query_masks: Sequence[np.ndarray], quotas: Sequence[int], embeddings: np.ndarray,
                      is_multimodal: np.ndarray, *, num_candidates: int, max_candidates: int,
                      query_embeddings: np.ndarray | None = None, **select_kw):
-    """`select_neighbours` over each list's `num_candidates` searched candidates (list j: queries
-    query_lists[j] where query_masks[j]); rows still short of sum(quotas) are searched again 4x
-    wider, up to `max_candidates` or the whole bank. Returns (ids, scores, skip counts from each
-    row's last search, rows searched again)."""
-    n, q = np.shape(embeddings)[0], len(query_ids)
+    """`select_neighbours` over each list's `num_candidates` candidates (list j: search_fns[j](
+    query_lists[j][rows], width) where query_masks[j]: vectors searched, or document ids looked up);
+    rows still short of sum(quotas) are searched again 4x wider, up to `max_candidates` or the
+    whole bank. Returns (ids, scores, skip counts from each row's last search, rows searched again)."""
+    n, q = embeddings.shape[0], len(query_ids)
     k_total = int(sum(quotas))
     ids = np.full((q, k_total), -1, np.int32)
     scores = np.full((q, k_total), -np.inf, np.float32)
@@ -530,16 +580,17 @@ def _select_widening(search_fn: Callable, query_ids: np.ndarray, query_lists: Se
     width = min(int(num_candidates), widest)
     rows, widened = np.arange(q), 0
 
-    def retrieve(queries, mask):
+    def retrieve(search_fn, queries, mask):
         out_i = np.full((mask.shape[0], width), -1, np.int64)
         out_s = np.full((mask.shape[0], width), -np.inf, np.float32)
         if mask.any():
-            i, sc = search_fn(np.asarray(queries[mask], np.float32), width)
+            i, sc = search_fn(queries[mask], width)
             out_i[mask, :np.shape(i)[1]], out_s[mask, :np.shape(sc)[1]] = i, sc   # a lookup may hold fewer
         return out_i, out_s
 
     while rows.size and k_total:
-        found = [retrieve(qs[rows], np.asarray(m, bool)[rows]) for qs, m in zip(query_lists, query_masks)]
+        found = [retrieve(fn, qs[rows], np.asarray(m, bool)[rows])
+                 for fn, qs, m in zip(search_fns, query_lists, query_masks)]
         chosen, chosen_scores, c = select_neighbours(
             query_ids[rows], [f[0] for f in found], [f[1] for f in found], quotas, embeddings, is_multimodal,
             query_embeddings=None if query_embeddings is None else query_embeddings[rows], per_row_counts=True,
@@ -554,6 +605,12 @@ def _select_widening(search_fn: Callable, query_ids: np.ndarray, query_lists: Se
     return ids, scores, counts, widened
 
 
+def _vector_search(search: Callable | Any) -> Callable:
+    """callable(query vectors, k) -> (ids, scores) from an index (anything with .search) or a callable."""
+    fn = search.search if hasattr(search, "search") else search
+    return lambda queries, k: fn(np.asarray(queries, np.float32), k)
+
+
 def neighbours_of_queries(search: Callable | Any, queries: np.ndarray, k: int, embeddings: np.ndarray,
                           is_multimodal: np.ndarray, *, num_candidates: int = 64,
                           max_candidates: int = MAX_CANDIDATES, max_score: float = NEAR_DUPLICATE_SCORE,
@@ -564,18 +621,18 @@ def neighbours_of_queries(search: Callable | Any, queries: np.ndarray, k: int, e
     (shapes captions repeat), its top candidates all score above `max_score`: with a fixed 8
     candidates, evaluation found a neighbour for 19% of the e2e validation captions (report.json's
     neighbours_found). Returns (ids int32 [Q, k], scores float32 [Q, k]), -1 / -inf padding."""
-    search_fn = search.search if hasattr(search, "search") else search
     queries = np.asarray(queries, np.float32)
     everyone = np.ones(queries.shape[0], bool)
     ids, scores, _, _ = _select_widening(
-        search_fn, np.full(queries.shape[0], -1), [queries], [everyone], [k], embeddings, is_multimodal,
+        [_vector_search(search)], np.full(queries.shape[0], -1), [queries], [everyone], [k], embeddings, is_multimodal,
         num_candidates=max(int(num_candidates), k), max_candidates=max(int(max_candidates), k),
         max_score=max_score, diversity_threshold=diversity_threshold, query_embeddings=queries)
     return ids, scores
 
 
-def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray, image_queries: np.ndarray,
-                       has_text: np.ndarray, has_image: np.ndarray, *, search: Callable | Any,
+def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray | None, image_queries: np.ndarray | None,
+                       has_text: np.ndarray, has_image: np.ndarray, *, search: Callable | Any = None,
+                       candidate_lookups: Sequence[Callable] | None = None,
                        k_text: int = 2, k_image: int = 2, num_candidates: int = 32,
                        max_candidates: int = MAX_CANDIDATES, max_score: float = NEAR_DUPLICATE_SCORE,
                        diversity_threshold: float = 0.9, query_batch: int = 16384, progress: bool = False,
@@ -585,22 +642,32 @@ def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray, ima
     (k_text, k_image); a document still short of k_text + k_image is searched again 4x wider, up
     to `max_candidates` (denser corpora hold more near duplicates: on 30,000 shapes documents a
     fixed 32 left 5,008 without any neighbour). Skips are counted in each document's last search.
-    `search` is a ScannIndex / ShardedIndex or a callable(queries, k) -> (ids, scores); a lookup of
-    precomputed top-C candidates should come with max_candidates=C. Returns (ids int32 [M, K],
-    scores float32 [M, K], stats) for documents [start, stop) (default all; a host of a multi-host run takes its own range), rows aligned
-    with those ids. The arrays may be memory-mapped. Nothing is dropped silently: documents
-    left without any neighbour keep -1 rows and are counted."""
-    doc_embeddings = np.asarray(doc_embeddings, np.float32)
+    `search` is a ScannIndex / ShardedIndex or a callable(queries, k) -> (ids, scores). Instead, a
+    multi-host run gives `candidate_lookups` (text, image): callables(document ids, width) -> the
+    first `width` of those documents' candidates searched earlier (no queries needed then), with
+    max_candidates = the number stored, since it cannot widen past them. Returns (ids int32 [M, K],
+    scores float32 [M, K], stats) for documents [start, stop) (default all; a host of a multi-host
+    run takes its own range), rows aligned with those ids. The arrays may be memory-mapped, the
+    embeddings also `ConcatenatedRows`. Nothing is dropped silently: documents left without any
+    neighbour keep -1 rows and are counted."""
+    doc_embeddings = _rows(doc_embeddings)
     n = doc_embeddings.shape[0]
     has_text = np.asarray(has_text, bool)
     has_image = np.asarray(has_image, bool)
-    for name, a in (("text_queries", text_queries), ("image_queries", image_queries)):
-        if np.shape(a) != doc_embeddings.shape:
-            raise ValueError(f"{name} has shape {np.shape(a)}, expected {doc_embeddings.shape} (aligned with documents)")
+    if (search is None) == (candidate_lookups is None):
+        raise ValueError("give either search or candidate_lookups")
+    if candidate_lookups is None:
+        for name, a in (("text_queries", text_queries), ("image_queries", image_queries)):
+            if np.shape(a) != doc_embeddings.shape:
+                raise ValueError(f"{name} has shape {np.shape(a)}, expected {doc_embeddings.shape} (aligned with documents)")
+        search_fns = [_vector_search(search)] * 2
+    elif len(candidate_lookups) != 2:
+        raise ValueError(f"candidate_lookups takes (text, image) lookups, got {len(candidate_lookups)}")
+    else:
+        search_fns = list(candidate_lookups)
     for name, a in (("has_text", has_text), ("has_image", has_image)):
         if a.shape != (n,):
             raise ValueError(f"{name} has shape {a.shape}, expected ({n},)")
-    search_fn = search.search if hasattr(search, "search") else search
     valid = has_text | has_image
     multimodal = has_text & has_image
     k_total = k_text + k_image
@@ -615,8 +682,10 @@ def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray, ima
     widened = 0
     for lo in range(start, stop, query_batch):
         hi = min(lo + query_batch, stop)
+        rows = np.arange(lo, hi)
+        query_lists = ([rows, rows] if candidate_lookups is not None else [text_queries[lo:hi], image_queries[lo:hi]])
         batch_ids, batch_scores, c, w = _select_widening(
-            search_fn, np.arange(lo, hi), [text_queries[lo:hi], image_queries[lo:hi]],
+            search_fns, rows, query_lists,
             [has_text[lo:hi], has_image[lo:hi]], [k_text, k_image], doc_embeddings, multimodal,
             num_candidates=num_candidates, max_candidates=widest, valid=valid, max_score=max_score,
             diversity_threshold=diversity_threshold)
@@ -654,16 +723,13 @@ def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray, ima
 def save_neighbours(data_dir: str, ids: np.ndarray, scores: np.ndarray, stats: dict[str, Any] | None = None,
                     extra: dict[str, Any] | None = None) -> None:
     """Writes DATA_DIR/neighbours_ids.npy (int32 [N, K], -1 = none), neighbours_scores.npy
-    (float32 [N, K], -inf = none) and neighbours.json (shapes, stats), row i = document i."""
-    ids = np.asarray(ids, np.int32)
-    scores = np.asarray(scores, np.float32)
-    if ids.ndim != 2 or ids.shape != scores.shape:
+    (float32 [N, K], -inf = none) and neighbours.json (shapes, stats), row i = document i. The
+    arrays are written in chunks: a multi-host run passes its hosts' parts read as one."""
+    ids, scores = _rows(ids), _rows(scores)
+    if len(ids.shape) != 2 or tuple(ids.shape) != tuple(scores.shape):
         raise ValueError(f"ids {ids.shape} and scores {scores.shape} must be the same [N, K]")
-    os.makedirs(data_dir, exist_ok=True)
-    for name, array in ((NEIGHBOURS_IDS, ids), (NEIGHBOURS_SCORES, scores)):
-        tmp = os.path.join(data_dir, name + ".tmp.npy")
-        np.save(tmp, array)
-        os.replace(tmp, os.path.join(data_dir, name))
+    for name, array, dtype in ((NEIGHBOURS_IDS, ids, np.int32), (NEIGHBOURS_SCORES, scores, np.float32)):
+        workdir_io.write_npy_rows(os.path.join(data_dir, name), array, dtype)
     meta = {"format": NEIGHBOURS_FORMAT, "num_documents": int(ids.shape[0]), "k": int(ids.shape[1]),
             "ids": NEIGHBOURS_IDS, "scores": NEIGHBOURS_SCORES, "stats": stats or {}, **(extra or {})}
     tmp = os.path.join(data_dir, NEIGHBOURS_JSON + ".tmp")

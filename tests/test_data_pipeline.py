@@ -493,3 +493,68 @@ def test_trainer_refuses_a_model_smaller_than_the_vocabulary(tiny_pipeline):
     config = pipeline_fixture.lm_config(tiny_pipeline["data"], 64)
     with pytest.raises(ValueError, match="model.vocab_size=64"):
         data_pipeline.make_train_iterator(config, 0, 1)
+
+
+def _data_without_neighbours(tiny_pipeline, dest):
+    """A copy of the fixture's prepared data with its retriever but no index or neighbours."""
+    shutil.copytree(tiny_pipeline["data"], dest, ignore=shutil.ignore_patterns("neighbours*", "scann_index"))
+    return str(dest)
+
+
+def test_retrieval_split_over_hosts_equals_the_one_host_run_and_resumes(tiny_pipeline, tmp_path):
+    from data_pipeline import index, index_parts
+    single = _data_without_neighbours(tiny_pipeline, tmp_path / "single")
+    multi = _data_without_neighbours(tiny_pipeline, tmp_path / "multi")
+    hosts, shards = 2, 3
+    index.build(single, num_shards=shards)
+    with pytest.raises(ValueError, match=r"2 of 2 hosts have not finished the embed stage .*--host_index h` for h in 0, 1"):
+        index_parts.search_part(multi, hosts, 0, num_shards=shards)
+    for h in range(hosts):
+        index_parts.embed_part(multi, hosts, h)
+    with pytest.raises(ValueError, match="fewer than --num_hosts"):
+        index_parts.search_part(multi, hosts, 0, num_shards=1)
+    index_parts.search_part(multi, hosts, 0, num_shards=shards, candidates=96)   # C = N: as wide as the single run
+    with pytest.raises(ValueError, match=r"1 of 2 hosts have not finished the search stage .* for h in 1$"):
+        index_parts.select_part(multi, hosts, 0)
+    index_parts.search_part(multi, hosts, 1, num_shards=shards, candidates=96)
+    for h in range(hosts):
+        index_parts.select_part(multi, hosts, h)
+    stats = index_parts.finish(multi)
+
+    expected_ids, expected_scores, expected_meta = neighbours.load_neighbours(single)
+    ids, scores, meta = neighbours.load_neighbours(multi)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(scores, expected_scores)
+    for key, value in expected_meta["stats"].items():
+        if "seconds" not in key:
+            assert stats[key] == value == meta["stats"][key], key
+    assert (stats["num_hosts"], stats["candidates"]) == (hosts, 96)
+    # the shards the hosts built are the index generation loads
+    query = np.load(os.path.join(index_parts.part_dir(multi, "embed", 1, hosts), "text_query.npy"))[:4]
+    for a, b in zip(neighbours.load_index(os.path.join(multi, "scann_index")).search(query, 8),
+                    neighbours.load_index(os.path.join(single, "scann_index")).search(query, 8)):
+        np.testing.assert_array_equal(a, b)
+
+    # a finished part is not redone; --overwrite redoes it; another host's different flags are refused
+    embed_json = os.path.join(index_parts.part_dir(multi, "embed", 0, hosts), index_parts.PART_JSON)
+    stamp = os.stat(embed_json).st_mtime_ns
+    index_parts.embed_part(multi, hosts, 0)
+    assert os.stat(embed_json).st_mtime_ns == stamp
+    index_parts.search_part(multi, hosts, 1, num_shards=shards, candidates=8, overwrite=True)
+    with pytest.raises(ValueError, match=r"host 1's search part differs from host 0's in \['candidates'\]"):
+        index_parts.select_part(multi, hosts, 0, overwrite=True)
+    # fewer candidates than the single run's widest search: fewer neighbours, never the document itself
+    index_parts.search_part(multi, hosts, 0, num_shards=shards, candidates=8, overwrite=True)
+    for h in range(hosts):
+        index_parts.select_part(multi, hosts, h, overwrite=True)
+    narrow = index_parts.finish(multi, remove_parts=True)
+    ids, _, _ = neighbours.load_neighbours(multi)
+    assert narrow["max_candidates"] == 8 and narrow["mean_neighbours"] <= stats["mean_neighbours"]
+    assert not (ids == np.arange(len(ids))[:, None]).any() and (ids >= 0).any()
+    assert not os.path.exists(os.path.join(multi, index_parts.WORK_DIR))
+
+    shutil.rmtree(os.path.join(multi, "retriever"))
+    with pytest.raises(ValueError, match="--stage train"):
+        index_parts.embed_part(multi, hosts, 0)
+    with pytest.raises(ValueError, match=r"--host_index must be in \[0, 2\)"):
+        index_parts.embed_part(multi, hosts, 2)

@@ -300,3 +300,30 @@ def test_two_builds_of_one_bank_give_the_same_neighbours():
         time.sleep(1.1)
         again, _ = NB.ScannIndex.build(bank, params=params).search(bank[:1000], 10)
         np.testing.assert_array_equal(first, again)
+
+
+def test_concatenated_rows_read_parts_as_one_array(tmp_path):
+    rng = np.random.default_rng(0)
+    whole = rng.standard_normal((23, 5)).astype(np.float32)
+    for i, (a, b) in enumerate([(0, 7), (7, 8), (8, 23)]):
+        np.save(tmp_path / f"p{i}.npy", whole[a:b])
+    rows = NB.ConcatenatedRows([np.load(tmp_path / f"p{i}.npy", mmap_mode="r") for i in range(3)])
+    assert rows.shape == (23, 5) and len(rows) == 23 and rows.dtype == np.float32
+    for a, b in [(0, 23), (3, 9), (7, 8), (8, 8), (20, 40), (-5, None)]:
+        np.testing.assert_array_equal(rows[a:b], whole[a:b])
+    idx = np.array([[22, 0, 7], [7, 8, 3]])
+    np.testing.assert_array_equal(rows[idx], whole[idx])   # gathers keep the index's shape, in its order
+    np.testing.assert_array_equal(rows[np.int64(9)], whole[9])
+    for bad in (np.array([23]), np.array([-1]), np.array([0.5]), slice(0, 10, 2)):
+        with pytest.raises(IndexError):
+            rows[bad]
+    with pytest.raises(ValueError, match="disagree"):
+        NB.ConcatenatedRows([whole, whole[:, :4]])
+    # what the selection reads: the same choice from parts as from the array
+    ids = rng.integers(0, 23, (4, 6))
+    args = (np.arange(4), [ids], [np.sort(rng.random((4, 6)))[:, ::-1] * 0.8], [3])
+    multimodal = np.ones(23, bool)
+    expected = NB.select_neighbours(*args, whole, multimodal)
+    got = NB.select_neighbours(*args, rows, multimodal)
+    for e, g in zip(expected[:2], got[:2]):
+        np.testing.assert_array_equal(e, g)
