@@ -558,3 +558,34 @@ def test_retrieval_split_over_hosts_equals_the_one_host_run_and_resumes(tiny_pip
         index_parts.embed_part(multi, hosts, 0)
     with pytest.raises(ValueError, match=r"--host_index must be in \[0, 2\)"):
         index_parts.embed_part(multi, hosts, 2)
+
+
+def test_slurm_index_chain_of_stage_scripts_builds_the_one_host_sidecar_from_user_embeddings(tiny_pipeline, tmp_path):
+    """launch/slurm_index.sh for real, without Slurm (a fake sbatch; test_slurm_launch.py has its
+    dry run), through the `python -m data_pipeline.index --stage` CLI, on embeddings of the user's."""
+    from data_pipeline import index
+    from tests.helpers import cli_env
+    from tests.test_slurm_launch import BASH, _fake_sbatch_bin, _index
+    single = _data_without_neighbours(tiny_pipeline, tmp_path / "single")
+    multi = _data_without_neighbours(tiny_pipeline, tmp_path / "multi")
+    embeddings = str(tmp_path / "mine.npy")
+    np.save(embeddings, np.random.default_rng(0).standard_normal((96, 16)).astype(np.float32))
+    index.build(single, embeddings_path=embeddings, num_shards=2)
+    env = cli_env(1)
+    env["PATH"] = f"{_fake_sbatch_bin(tmp_path)}{os.pathsep}{env['PATH']}"
+    res = _index(["--hosts", "2", "--data", multi, "--embeddings", embeddings, "--candidates", "96", "--remove_parts"],
+                 env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    files = {p.name.split(".")[-2]: p for p in tmp_path.glob("*.sbatch")}
+    assert sorted(files) == ["embed", "finish", "search", "select"]   # user embeddings: no retriever to train
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert calls == [f"sbatch --parsable {files['embed'].name}"] + [
+        f"sbatch --parsable --dependency=afterok:4242 {files[s].name}" for s in ("search", "select", "finish")]
+    for stage in ("embed", "search", "select", "finish"):   # what Slurm would do: each stage's tasks in turn
+        for task in (range(2) if stage != "finish" else [None]):
+            run = subprocess.run([BASH, str(files[stage])], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                                 env=dict(env, **({} if task is None else {"SLURM_ARRAY_TASK_ID": str(task)})))
+            assert run.returncode == 0, (stage, run.stderr[-3000:])
+    for a, b in zip(neighbours.load_neighbours(single)[:2], neighbours.load_neighbours(multi)[:2]):
+        np.testing.assert_array_equal(a, b)
+    assert not os.path.exists(os.path.join(multi, "index_parts"))

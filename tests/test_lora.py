@@ -173,7 +173,10 @@ def test_lora_sft_config_takes_a_pretrained_model_that_predates_the_adapter_fiel
     assert (cfg.d_model, cfg.max_length, cfg.lora_alpha) == (BASE["d_model"], 128, 16.0)
 
 
-@pytest.mark.parametrize("dtype,int8_base", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+# bfloat16 without int8 is left out: its frozen weights are stored as the int8 run's dequantized
+# ones are, and test_every_parameter_is_used_in_the_compute_dtype... shows storing them in
+# bfloat16 changes nothing (the suite's time budget)
+@pytest.mark.parametrize("dtype,int8_base", [("float32", False), ("bfloat16", True)])
 def test_a_lora_run_checkpoints_its_adapters_only_and_resumes_exactly(tmp_path, dtype, int8_base):
     import json
     import shutil

@@ -161,3 +161,46 @@ def test_ingest_dry_run_prints_the_array_and_merge_scripts(tmp_path):
                             "0"], "--max_running must be a positive integer")]:
         res = _ingest(args, env, tmp_path)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+
+
+INDEX = Path(REPO) / "launch" / "slurm_index.sh"
+
+
+def _index(args, env, cwd):
+    return subprocess.run([BASH, str(INDEX), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=60)
+
+
+def test_index_dry_run_prints_a_chain_of_stage_scripts(tmp_path):
+    env = cli_env(1)
+    env["PATH"] = f"{_fake_sbatch_bin(tmp_path)}{os.pathsep}{env['PATH']}"
+    res = _index(["--hosts", "4", "--data", "/shared/data", "--num_shards=8", "--candidates", "64", "--steps", "500",
+                  "--gpus_per_task", "1", "--max_running", "2", "--remove_parts", "--dry_run"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    host = ' --num_hosts 4 --host_index "$SLURM_ARRAY_TASK_ID"'
+    for line in ("python -m data_pipeline.index --data /shared/data --stage train --steps 500",
+                 "python -m data_pipeline.index --data /shared/data --stage embed" + host,
+                 "python -m data_pipeline.index --data /shared/data --stage search --num_shards 8 --candidates 64" + host,
+                 "python -m data_pipeline.index --data /shared/data --stage select" + host,
+                 "python -m data_pipeline.index --data /shared/data --stage finish --remove_parts",
+                 "#SBATCH --array=0-3%2", f"cd {REPO}"):
+        assert line in lines, line
+    submits = [line for line in lines if line.startswith("+ sbatch")]
+    assert [s.split()[-1].split(".")[-2] for s in submits] == ["train", "embed", "search", "select", "finish"]
+    assert [s.split("afterok:")[1].split()[0] if "afterok" in s else None for s in submits] == [
+        None, "TRAIN_JOB_ID", "EMBED_JOB_ID", "SEARCH_JOB_ID", "SELECT_JOB_ID"]
+    # GPUs go to the jobs that run an encoder
+    scripts = res.stdout.split("# dry run: the ")[1:]
+    assert [("--gpus-per-task=1" in s) for s in scripts] == [True, True, False, False, False]
+    assert not (tmp_path / "calls.log").exists() and not list(tmp_path.glob("*.sbatch"))
+    for args, message in [(["--data", "/d"], "missing required flag --hosts"),
+                          (["--hosts", "1", "--data", "/d"], "at least 2"),
+                          (["--hosts", "4", "--data", "d"], "must be absolute"),
+                          (["--hosts", "4", "--data", "/d", "--num_shards", "3"], "at least --hosts"),
+                          (["--hosts", "4", "--data", "/d", "--embeddings", "/e.npy", "--clip_model", "/c"], "not both"),
+                          (["--hosts", "4", "--data", "/d", "--candidates", "0"], "--candidates must be a positive"),
+                          (["--hosts", "4", "--data", "/d", "--", "--x"], "no arguments after"),
+                          (["--hosts", "4", "--data", "/d", "--bogus"], "unknown flag: --bogus")]:
+        res = _index(args, env, tmp_path)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
