@@ -1,5 +1,5 @@
-# Shell helpers the launchers share (sourced by launch/tpu_run.sh, launch/slurm_run.sh and
-# launch/slurm_ingest.sh).
+# Shell helpers the launchers share (sourced by launch/tpu_run.sh, launch/slurm_run.sh,
+# launch/slurm_ingest.sh and launch/slurm_index.sh).
 
 usage_error() {  # a bad flag: say so, point at --help, exit 2
   echo "error: $*" >&2
@@ -64,4 +64,30 @@ slurm_option_lines() {
   [[ -n $QOS ]] && REPLY+=$'\n'"#SBATCH --qos=$QOS"
   [[ -n $TIME_LIMIT ]] && REPLY+=$'\n'"#SBATCH --time=$TIME_LIMIT"
   return 0
+}
+
+# The valued flags every Slurm launcher takes (a regex alternation for the caller's VALUED), set by
+# `set_slurm_flag NAME VALUE`, which returns non-zero for any other flag.
+SLURM_VALUED="--cpus_per_task|--partition|--account|--qos|--time|--job_name|--repo_dir|--setup|--python"
+set_slurm_flag() {
+  case "$1" in
+    --cpus_per_task) CPUS_PER_TASK=$2 ;;
+    --partition) PARTITION=$2 ;;
+    --account) ACCOUNT=$2 ;;
+    --qos) QOS=$2 ;;
+    --time) TIME_LIMIT=$2 ;;
+    --job_name) JOB_NAME=$2 ;;
+    --repo_dir) REPO_DIR=$2 ;;
+    --setup) SETUP=$2 ;;
+    --python) PYTHON=$2 ;;
+    *) return 1 ;;
+  esac
+}
+
+# Exits with a clear error when a real submission (DRY_RUN=0) has no sbatch to call.
+require_sbatch() {
+  if [[ $DRY_RUN -eq 0 ]] && ! command -v sbatch >/dev/null 2>&1; then
+    echo "error: sbatch not found on PATH; run this on a Slurm login node, or use --dry_run" >&2
+    exit 1
+  fi
 }

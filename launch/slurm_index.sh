@@ -56,7 +56,7 @@ Flags accept both `--flag=value` and `--flag value`.
 EOF
 }
 
-# usage_error, shell_quote, quote_cmd, parse_flags, slurm_option_lines
+# usage_error, shell_quote, quote_cmd, parse_flags, slurm_option_lines, set_slurm_flag, require_sbatch
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 # ---------------------------------------------------------------- flags
@@ -85,9 +85,10 @@ PYTHON="python"
 DRY_RUN=0
 EXTRA_ARGS=()
 
-VALUED="--hosts|--data|--num_shards|--candidates|--embeddings|--clip_model|--steps|--seed|--max_running|--gpus_per_task|--cpus_per_task|--partition|--account|--qos|--time|--job_name|--repo_dir|--setup|--python"
+VALUED="$SLURM_VALUED|--hosts|--data|--num_shards|--candidates|--embeddings|--clip_model|--steps|--seed|--max_running|--gpus_per_task"
 
 set_flag() {  # set_flag --name value
+  set_slurm_flag "$1" "$2" && return
   case "$1" in
     --hosts) HOSTS=$2 ;;
     --data) DATA=$2 ;;
@@ -99,15 +100,6 @@ set_flag() {  # set_flag --name value
     --seed) SEED=$2 ;;
     --max_running) MAX_RUNNING=$2 ;;
     --gpus_per_task) GPUS_PER_TASK=$2 ;;
-    --cpus_per_task) CPUS_PER_TASK=$2 ;;
-    --partition) PARTITION=$2 ;;
-    --account) ACCOUNT=$2 ;;
-    --qos) QOS=$2 ;;
-    --time) TIME_LIMIT=$2 ;;
-    --job_name) JOB_NAME=$2 ;;
-    --repo_dir) REPO_DIR=$2 ;;
-    --setup) SETUP=$2 ;;
-    --python) PYTHON=$2 ;;
     *) usage_error "unknown flag: $1" ;;
   esac
 }
@@ -142,10 +134,7 @@ done
 for pair in "data:$DATA" ${EMBEDDINGS:+"embeddings:$EMBEDDINGS"} ${CLIP_MODEL:+"clip_model:$CLIP_MODEL"}; do
   [[ ${pair#*:} == /* ]] || usage_error "--${pair%%:*} '${pair#*:}' must be absolute (a shared path every node sees)"
 done
-if [[ $DRY_RUN -eq 0 ]] && ! command -v sbatch >/dev/null 2>&1; then
-  echo "error: sbatch not found on PATH; run this on a Slurm login node, or use --dry_run" >&2
-  exit 1
-fi
+require_sbatch
 
 # ---------------------------------------------------------------- the sbatch scripts
 shell_quote "$REPO_DIR"; REPO_Q=$REPLY

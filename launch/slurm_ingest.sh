@@ -55,7 +55,7 @@ Flags accept both `--flag=value` and `--flag value`.
 EOF
 }
 
-# usage_error, shell_quote, quote_cmd, parse_flags, slurm_option_lines
+# usage_error, shell_quote, quote_cmd, parse_flags, slurm_option_lines, set_slurm_flag, require_sbatch
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 # ---------------------------------------------------------------- flags
@@ -80,9 +80,10 @@ PYTHON="python"
 DRY_RUN=0
 EXTRA_ARGS=()
 
-VALUED="--parts|--out|--config|--module|--max_running|--gpus_per_task|--cpus_per_task|--merge_workers|--partition|--account|--qos|--time|--job_name|--repo_dir|--setup|--python"
+VALUED="$SLURM_VALUED|--parts|--out|--config|--module|--max_running|--gpus_per_task|--merge_workers"
 
 set_flag() {  # set_flag --name value
+  set_slurm_flag "$1" "$2" && return
   case "$1" in
     --parts) PARTS=$2 ;;
     --out) OUT=$2 ;;
@@ -90,16 +91,7 @@ set_flag() {  # set_flag --name value
     --module) MODULE=$2 ;;
     --max_running) MAX_RUNNING=$2 ;;
     --gpus_per_task) GPUS_PER_TASK=$2 ;;
-    --cpus_per_task) CPUS_PER_TASK=$2 ;;
     --merge_workers) MERGE_WORKERS=$2 ;;
-    --partition) PARTITION=$2 ;;
-    --account) ACCOUNT=$2 ;;
-    --qos) QOS=$2 ;;
-    --time) TIME_LIMIT=$2 ;;
-    --job_name) JOB_NAME=$2 ;;
-    --repo_dir) REPO_DIR=$2 ;;
-    --setup) SETUP=$2 ;;
-    --python) PYTHON=$2 ;;
     *) usage_error "unknown flag: $1" ;;
   esac
 }
@@ -130,10 +122,7 @@ if [[ -d $REPO_DIR && ! -f $REPO_DIR/$CONFIG ]]; then
   usage_error "--config $CONFIG: no such file in $REPO_DIR"
 fi
 [[ $OUT == /* ]] || usage_error "--out '$OUT' must be absolute (a shared path every node sees)"
-if [[ $DRY_RUN -eq 0 ]] && ! command -v sbatch >/dev/null 2>&1; then
-  echo "error: sbatch not found on PATH; run this on a Slurm login node, or use --dry_run" >&2
-  exit 1
-fi
+require_sbatch
 
 # ---------------------------------------------------------------- the sbatch scripts
 quote_cmd "$PYTHON" -m "$MODULE" --config "$CONFIG" --out "$OUT" --num_shards "$PARTS" \

@@ -56,7 +56,7 @@ Flags accept both `--flag=value` and `--flag value`.
 EOF
 }
 
-# usage_error, shell_quote, quote_cmd, parse_flags, slurm_option_lines
+# usage_error, shell_quote, quote_cmd, parse_flags, slurm_option_lines, set_slurm_flag, require_sbatch
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 # ---------------------------------------------------------------- flags
@@ -79,23 +79,15 @@ REQUEUE=1
 DRY_RUN=0
 EXTRA_ARGS=()
 
-VALUED="--nodes|--gpus_per_node|--cpus_per_task|--partition|--account|--qos|--time|--job_name|--config|--workdir|--repo_dir|--setup|--python|--signal_seconds"
+VALUED="$SLURM_VALUED|--nodes|--gpus_per_node|--config|--workdir|--signal_seconds"
 
 set_flag() {  # set_flag --name value
+  set_slurm_flag "$1" "$2" && return
   case "$1" in
     --nodes) NODES=$2 ;;
     --gpus_per_node) GPUS_PER_NODE=$2 ;;
-    --cpus_per_task) CPUS_PER_TASK=$2 ;;
-    --partition) PARTITION=$2 ;;
-    --account) ACCOUNT=$2 ;;
-    --qos) QOS=$2 ;;
-    --time) TIME_LIMIT=$2 ;;
-    --job_name) JOB_NAME=$2 ;;
     --config) CONFIG=$2 ;;
     --workdir) WORKDIR=$2 ;;
-    --repo_dir) REPO_DIR=$2 ;;
-    --setup) SETUP=$2 ;;
-    --python) PYTHON=$2 ;;
     --signal_seconds) SIGNAL_SECONDS=$2 ;;
     *) usage_error "unknown flag: $1" ;;
   esac
@@ -123,10 +115,7 @@ fi
 if [[ $WORKDIR != /* && $WORKDIR != *://* ]]; then
   usage_error "--workdir '$WORKDIR' must be absolute (a shared path every node sees) or a gs:// URL"
 fi
-if [[ $DRY_RUN -eq 0 ]] && ! command -v sbatch >/dev/null 2>&1; then
-  echo "error: sbatch not found on PATH; run this on a Slurm login node, or use --dry_run" >&2
-  exit 1
-fi
+require_sbatch
 
 # ---------------------------------------------------------------- the sbatch script
 quote_cmd "$PYTHON" -m cm3leon_jax.train --config "$CONFIG" --workdir "$WORKDIR" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}

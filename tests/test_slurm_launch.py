@@ -130,9 +130,13 @@ def _fake_sbatch_bin(tmp_path) -> Path:
     return bin_dir
 
 
-def _ingest(args, env, cwd):
-    return subprocess.run([BASH, str(INGEST), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
+def _launch(script, args, env, cwd):
+    return subprocess.run([BASH, str(script), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=60)
+
+
+def _ingest(args, env, cwd):
+    return _launch(INGEST, args, env, cwd)
 
 
 def test_ingest_dry_run_prints_the_array_and_merge_scripts(tmp_path):
@@ -167,8 +171,7 @@ INDEX = Path(REPO) / "launch" / "slurm_index.sh"
 
 
 def _index(args, env, cwd):
-    return subprocess.run([BASH, str(INDEX), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=60)
+    return _launch(INDEX, args, env, cwd)
 
 
 def test_index_dry_run_prints_a_chain_of_stage_scripts(tmp_path):
