@@ -40,9 +40,13 @@ def _env(tmp_path, **extra):
     return env
 
 
-def _launch(args, env, cwd):
-    return subprocess.run([BASH, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
+def _run_launcher(script, args, env, cwd):
+    return subprocess.run([BASH, str(script), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=60)
+
+
+def _launch(args, env, cwd):
+    return _run_launcher(SCRIPT, args, env, cwd)
 
 
 def test_dry_run_prints_the_batch_script_and_submits_nothing(tmp_path):
@@ -130,13 +134,8 @@ def _fake_sbatch_bin(tmp_path) -> Path:
     return bin_dir
 
 
-def _launch(script, args, env, cwd):
-    return subprocess.run([BASH, str(script), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=60)
-
-
 def _ingest(args, env, cwd):
-    return _launch(INGEST, args, env, cwd)
+    return _run_launcher(INGEST, args, env, cwd)
 
 
 def test_ingest_dry_run_prints_the_array_and_merge_scripts(tmp_path):
@@ -171,7 +170,7 @@ INDEX = Path(REPO) / "launch" / "slurm_index.sh"
 
 
 def _index(args, env, cwd):
-    return _launch(INDEX, args, env, cwd)
+    return _run_launcher(INDEX, args, env, cwd)
 
 
 def test_index_dry_run_prints_a_chain_of_stage_scripts(tmp_path):
