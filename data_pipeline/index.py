@@ -134,6 +134,8 @@ def main(argv):
     stage = f.stage
     if stage in ("embed", "search", "select") and (f.num_hosts is None or f.host_index is None):
         raise app.UsageError(f"--stage {stage} needs --num_hosts and --host_index")
+    if stage not in ("embed", "search", "select") and (f.num_hosts is not None or f.host_index is not None):
+        raise app.UsageError("--num_hosts and --host_index go with --stage embed, search or select")
     if os.path.exists(os.path.join(data, neighbours.NEIGHBOURS_JSON)) and not f.overwrite:
         logging.info("%s already has neighbours; pass --overwrite to rebuild", data)
         return
