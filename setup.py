@@ -29,7 +29,7 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "filelock>=3"],
         "bench": ["scikit-image>=0.22"],
         "gcs": ["gcsfs"],  # gs:// workdirs (cm3leon_jax.workdir_io: etils.epath through fsspec)  # bench/vq.py: PSNR on its bundled photographs
         # cm3leon_jax.hf_interop (tests/test_interop.py): Hugging Face OPT/Chameleon export and import.

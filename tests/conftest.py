@@ -11,7 +11,21 @@ def tiny_spm_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory, tiny_spm_model):
-    """Every stage once, at minuscule size (see tests/pipeline_fixture.py)."""
+def tiny_pipeline(tmp_path_factory, worker_id):
+    """Every stage once, at minuscule size (see tests/pipeline_fixture.py), for the whole session:
+    the first pytest-xdist worker that needs it builds it (~70 s on 2 cores) under a file lock in
+    the session's shared temporary directory, and the others read it. Tests only read it (or copy
+    it), and the build is deterministic, so which worker built it changes nothing."""
+    import json
+
+    import filelock
+
     from tests import pipeline_fixture
-    return pipeline_fixture.build(tmp_path_factory.mktemp("pipeline"), tiny_spm_model)
+    if worker_id == "master":   # not under xdist
+        return pipeline_fixture.build(tmp_path_factory.mktemp("pipeline"))
+    shared = tmp_path_factory.getbasetemp().parent
+    paths_file = shared / "tiny_pipeline.json"
+    with filelock.FileLock(str(paths_file) + ".lock"):
+        if not paths_file.exists():
+            paths_file.write_text(json.dumps(pipeline_fixture.build(shared / "tiny_pipeline")))
+        return json.loads(paths_file.read_text())
