@@ -129,8 +129,8 @@ def write_npy_rows(path: str | os.PathLike, rows, dtype, *, chunk: int = 65536) 
     """Writes an [N, ...] array-like (anything with .shape and row slicing: an array, a memory map,
     parts read as one) to a local .npy, `chunk` rows at a time, so a bank larger than memory can
     be written; atomically, through a temporary file and a rename."""
-    path = os.fspath(require_local(path, "a .npy file"))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    path = require_local(path, "a .npy file")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp.npy"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(rows.shape))
     for a in range(0, rows.shape[0], chunk):

@@ -87,9 +87,13 @@ def clip_embeddings(data_dir: str, clip_model: str, texts, images, *, seed: int 
     return retriever.combine_document_embeddings(text, image, has_text, has_image), text_query, image
 
 
+def has_retriever(data_dir: str) -> bool:
+    return os.path.exists(os.path.join(data_dir, retriever.RETRIEVER_SUBDIR, retriever.CONFIG_JSON))
+
+
 def train_or_load_retriever(data_dir: str, texts, images, *, seed: int = 0, **retriever_overrides):
     """(params, config) of DATA_DIR's retriever, trained on the given columns unless already there."""
-    if os.path.exists(os.path.join(data_dir, retriever.RETRIEVER_SUBDIR, retriever.CONFIG_JSON)):
+    if has_retriever(data_dir):
         logging.info("using the retriever already trained in %s", data_dir)
         return retriever.load_retriever(data_dir)
     config = retriever_config_for(data_dir, seed=seed, **retriever_overrides)

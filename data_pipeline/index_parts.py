@@ -117,6 +117,15 @@ def _finished(data_dir: str, stage: str, num_hosts: int, agree: tuple[str, ...])
     return metas
 
 
+def _check_ranges(data_dir: str, stage: str, metas: list[dict[str, Any]]) -> None:
+    """Host h's part of `stage` must hold host h's documents (its `start`, `stop`)."""
+    bounds = neighbours.shard_bounds(metas[0]["num_documents"], len(metas))
+    for h, meta in enumerate(metas):
+        if (meta["start"], meta["stop"]) != bounds[h]:
+            raise ValueError(f"{data_dir}: {stage} part {h} holds documents [{meta['start']}, {meta['stop']}), "
+                             f"not host {h}'s of {len(metas)}")
+
+
 def num_hosts_of(data_dir: str, stage: str) -> int:
     """The host count a stage ran with, from its part directories' names (one count only)."""
     stage_dir = os.path.join(data_dir, WORK_DIR, stage)
@@ -171,7 +180,7 @@ def embed_part(data_dir: str, num_hosts: int, host_index: int, *, embeddings_pat
         text_q = image_q = None   # one vector per document serves both queries
         source = {"embeddings": os.path.abspath(embeddings_path)}
     else:
-        if not os.path.exists(os.path.join(data_dir, retriever.RETRIEVER_SUBDIR, retriever.CONFIG_JSON)):
+        if not index_lib.has_retriever(data_dir):
             raise ValueError(f"{data_dir} has no trained retriever: run `python -m data_pipeline.index --data {data_dir} "
                              f"--stage train` on one host first (or give --embeddings / --clip_model)")
         params, config = retriever.load_retriever(data_dir)
@@ -201,10 +210,7 @@ class Bank:
     def __init__(self, data_dir: str, num_hosts: int):
         self.metas = _finished(data_dir, "embed", num_hosts, ("num_documents", "dim", "seed", "source",
                                                               "separate_queries"))
-        for h, meta in enumerate(self.metas):
-            if (meta["start"], meta["stop"]) != neighbours.shard_bounds(meta["num_documents"], num_hosts)[h]:
-                raise ValueError(f"{data_dir}: embed part {h} holds documents [{meta['start']}, {meta['stop']}), "
-                                 f"not host {h}'s of {num_hosts}")
+        _check_ranges(data_dir, "embed", self.metas)
         dirs = [part_dir(data_dir, "embed", h, num_hosts) for h in range(num_hosts)]
 
         def rows(name, mmap=True):
@@ -360,10 +366,7 @@ def finish(data_dir: str, *, remove_parts: bool = False) -> dict[str, Any]:
     selected = _finished(data_dir, "select", num_hosts, ("num_documents",))
     searched = _finished(data_dir, "search", num_hosts, ("num_shards", "candidates"))
     bank = Bank(data_dir, num_hosts)
-    for h, meta in enumerate(selected):
-        if (meta["start"], meta["stop"]) != neighbours.shard_bounds(bank.num_documents, num_hosts)[h]:
-            raise ValueError(f"{data_dir}: select part {h} holds documents [{meta['start']}, {meta['stop']}), "
-                             f"not host {h}'s of {num_hosts}")
+    _check_ranges(data_dir, "select", selected)
     dirs = [part_dir(data_dir, "select", h, num_hosts) for h in range(num_hosts)]
     ids = neighbours.ConcatenatedRows([np.load(os.path.join(d, "ids.npy"), mmap_mode="r") for d in dirs])
     scores = neighbours.ConcatenatedRows([np.load(os.path.join(d, "scores.npy"), mmap_mode="r") for d in dirs])
