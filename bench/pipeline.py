@@ -50,14 +50,13 @@ flags.DEFINE_bool("mix", False, "also time the in-process pipeline on a two-data
 
 FLAGS = flags.FLAGS
 
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import synthetic_documents  # noqa: E402
+
 import data_pipeline  # noqa: E402
-from cm3leon_jax import text_tokenizer, vocab as vocab_lib  # noqa: E402
 from cm3leon_jax.config_defaults import base_config  # noqa: E402
 from data_pipeline import neighbours, prepare  # noqa: E402
-from experiments import data_shapes  # noqa: E402
 
 
 def build_data(data_dir: str, num_documents: int, image_side: int, num_image_codes: int, seed: int) -> dict:
@@ -71,23 +70,9 @@ def build_data(data_dir: str, num_documents: int, image_side: int, num_image_cod
         if shape["config"] == wanted:
             print(f"reusing bench data in {data_dir}", flush=True)
             return shape
-    t0 = time.perf_counter()
-    spm = text_tokenizer.train_sentencepiece(text_tokenizer.shapes_captions(5000, seed=seed),
-                                             os.path.join(data_dir, "spm", "spm"), vocab_size=1000)
-    vocab = vocab_lib.Vocabulary(text_tokenizer.TextTokenizer(spm), num_image_codes=num_image_codes,
-                                 image_tokens_per_image=image_side * image_side)
-    rng = np.random.default_rng(seed)
-
-    def random_codes(images: np.ndarray) -> np.ndarray:
-        return rng.integers(0, num_image_codes, (len(images), image_side, image_side), dtype=np.int32)
-
-    cfg = data_shapes.get_config()
-    cfg.num_documents = ml_collections.ConfigDict({"train": num_documents, "validation": 0})
-    cfg.update(image_size=16, min_image_size=16, encode_batch_size=256, seed=seed, log_every=10 ** 9,
-               max_document_length=10 ** 6)
-    prepare.prepare(cfg, data_dir, vocab, random_codes)
-    print(f"ingested {num_documents} documents in {time.perf_counter() - t0:.1f}s", flush=True)
-
+    vocab = synthetic_documents.ingest_random_code_documents(data_dir, num_documents, image_side, num_image_codes,
+                                                             seed)
+    rng = np.random.default_rng(seed + 1)
     t0 = time.perf_counter()
     emb = rng.standard_normal((num_documents, 64), dtype=np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)

@@ -53,7 +53,6 @@ PART_FORMAT = "cm3leon_jax.index_part/1"
 STAGES = ("train", "embed", "search", "select", "finish")
 DEFAULT_CANDIDATES = 128   # per list and document: 4x the first search's 32, the single run's first widening
 _HOST_NAME = re.compile(r"^host-(\d{5})-of-(\d{5})$")
-_CANDIDATE_LISTS = ("text", "image")
 
 
 def part_dir(data_dir: str, stage: str, host_index: int, num_hosts: int) -> str:
@@ -224,6 +223,9 @@ class Bank:
         self.image_query = rows("image_query") if separate else self.doc
         self.has_text = rows("has_text", mmap=False)[:]
         self.has_image = rows("has_image", mmap=False)[:]
+        # the lists searched and stored: a user's embeddings are one query for both (searched once)
+        self.query_lists = ({"text": (self.text_query, self.has_text), "image": (self.image_query, self.has_image)}
+                            if separate else {"query": (self.doc, self.has_text | self.has_image)})
         if self.doc.shape[0] != self.num_documents:
             raise ValueError(f"{data_dir}: the embed parts hold {self.doc.shape[0]} rows for "
                              f"{self.num_documents} documents")
@@ -236,7 +238,8 @@ def search_part(data_dir: str, num_hosts: int, host_index: int, *, num_shards: i
                 query_batch: int = 16384, overwrite: bool = False) -> dict[str, Any]:
     """Builds this host's ScaNN shards and writes every document's top-`candidates` over them:
     DIR/index_parts/search/host-h-of-H/{text,image}_{ids,scores}.npy, [N, C] each (-1 / -inf
-    where a document has no such query). Shard parameters come from the shard size and
+    where a document has no such query; a user's embeddings, one query for both lists: a single
+    query_{ids,scores}.npy, half the search and the storage). Shard parameters come from the shard size and
     `num_candidates` (as a single run's), unless `params` is given. Returns the part's part.json."""
     _check_host(num_hosts, host_index)
     num_shards = int(num_shards or num_hosts)
@@ -261,11 +264,11 @@ def search_part(data_dir: str, num_hosts: int, host_index: int, *, num_shards: i
                              valid=valid, params=params, k=num_candidates)
     build_seconds = time.time() - t0
     index = neighbours.ShardedIndex.load(index_dir, shard_ids=mine)
-    lists = {"text": (bank.text_query, bank.has_text), "image": (bank.image_query, bank.has_image)}
+    lists = bank.query_lists
 
     def fill(tmp):
         out = {}
-        for name in _CANDIDATE_LISTS:
+        for name in lists:
             out[name] = (np.lib.format.open_memmap(os.path.join(tmp, f"{name}_ids.npy"), "w+", np.int32, (n, candidates)),
                          np.lib.format.open_memmap(os.path.join(tmp, f"{name}_scores.npy"), "w+", np.float32,
                                                    (n, candidates)))
@@ -288,7 +291,7 @@ def search_part(data_dir: str, num_hosts: int, host_index: int, *, num_shards: i
     return _write_part(directory, fill, {
         "stage": "search", "num_hosts": num_hosts, "host_index": host_index, "num_documents": n,
         "num_shards": num_shards, "shards": mine, "candidates": int(candidates), "num_candidates": int(num_candidates),
-        "index_build_seconds": round(build_seconds, 3)})
+        "lists": list(lists), "index_build_seconds": round(build_seconds, 3)})
 
 
 # --------------------------------------------------------------------------- select
@@ -319,9 +322,10 @@ def select_part(data_dir: str, num_hosts: int, host_index: int, *, k_text: int =
         raise ValueError(f"{data_dir}: the search parts cover {searched[0]['num_documents']} documents, the embed "
                          f"parts {bank.num_documents}: rerun the search stage")
     dirs = [part_dir(data_dir, "search", h, num_hosts) for h in range(num_hosts)]
-    lookups = [_lookup([(np.load(os.path.join(d, f"{name}_ids.npy"), mmap_mode="r"),
-                         np.load(os.path.join(d, f"{name}_scores.npy"), mmap_mode="r")) for d in dirs])
-               for name in _CANDIDATE_LISTS]
+    lookups = {name: _lookup([(np.load(os.path.join(d, f"{name}_ids.npy"), mmap_mode="r"),
+                               np.load(os.path.join(d, f"{name}_scores.npy"), mmap_mode="r")) for d in dirs])
+               for name in bank.query_lists}
+    lookups = [lookups["query"]] * 2 if "query" in lookups else [lookups["text"], lookups["image"]]   # one is searched once
     start, stop = neighbours.shard_bounds(bank.num_documents, num_hosts)[host_index]
     stored = int(searched[0]["candidates"])
     ids, scores, stats = neighbours.compute_neighbours(

@@ -565,11 +565,14 @@ def select_neighbours(query_ids: np.ndarray, candidate_ids: Sequence[np.ndarray]
 def _select_widening(search_fns: Sequence[Callable], query_ids: np.ndarray, query_lists: Sequence[np.ndarray],
                      query_masks: Sequence[np.ndarray], quotas: Sequence[int], embeddings: np.ndarray,
                      is_multimodal: np.ndarray, *, num_candidates: int, max_candidates: int,
-                     query_embeddings: np.ndarray | None = None, **select_kw):
+                     query_embeddings: np.ndarray | None = None, one_query: bool = False, **select_kw):
     """`select_neighbours` over each list's `num_candidates` candidates (list j: search_fns[j](
     query_lists[j][rows], width) where query_masks[j]: vectors searched, or document ids looked up);
     rows still short of sum(quotas) are searched again 4x wider, up to `max_candidates` or the
-    whole bank. Returns (ids, scores, skip counts from each row's last search, rows searched again)."""
+    whole bank. `one_query`: every list has the same search and queries (a user's embeddings serve
+    as both the text and the image query), so one search over the rows any list asks for serves
+    all of them, each keeping its own rows. Returns (ids, scores, skip counts from each row's last
+    search, rows searched again)."""
     n, q = embeddings.shape[0], len(query_ids)
     k_total = int(sum(quotas))
     ids = np.full((q, k_total), -1, np.int32)
@@ -589,8 +592,13 @@ def _select_widening(search_fns: Sequence[Callable], query_ids: np.ndarray, quer
         return out_i, out_s
 
     while rows.size and k_total:
-        found = [retrieve(fn, qs[rows], np.asarray(m, bool)[rows])
-                 for fn, qs, m in zip(search_fns, query_lists, query_masks)]
+        if one_query:
+            shared_i, shared_s = retrieve(search_fns[0], query_lists[0][rows], has_query[rows])
+            found = [(np.where(m[rows, None], shared_i, -1), np.where(m[rows, None], shared_s, -np.inf))
+                     for m in (np.asarray(m, bool) for m in query_masks)]
+        else:
+            found = [retrieve(fn, qs[rows], np.asarray(m, bool)[rows])
+                     for fn, qs, m in zip(search_fns, query_lists, query_masks)]
         chosen, chosen_scores, c = select_neighbours(
             query_ids[rows], [f[0] for f in found], [f[1] for f in found], quotas, embeddings, is_multimodal,
             query_embeddings=None if query_embeddings is None else query_embeddings[rows], per_row_counts=True,
@@ -648,8 +656,9 @@ def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray | No
     max_candidates = the number stored, since it cannot widen past them. Returns (ids int32 [M, K],
     scores float32 [M, K], stats) for documents [start, stop) (default all; a host of a multi-host
     run takes its own range), rows aligned with those ids. The arrays may be memory-mapped, the
-    embeddings also `ConcatenatedRows`. Nothing is dropped silently: documents left without any
-    neighbour keep -1 rows and are counted."""
+    embeddings also `ConcatenatedRows`. One array given as both text and image queries (a user's
+    embeddings), or one lookup as both, is searched once for both lists. Nothing is dropped
+    silently: documents left without any neighbour keep -1 rows and are counted."""
     doc_embeddings = _rows(doc_embeddings)
     n = doc_embeddings.shape[0]
     has_text = np.asarray(has_text, bool)
@@ -661,10 +670,12 @@ def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray | No
             if np.shape(a) != doc_embeddings.shape:
                 raise ValueError(f"{name} has shape {np.shape(a)}, expected {doc_embeddings.shape} (aligned with documents)")
         search_fns = [_vector_search(search)] * 2
+        one_query = text_queries is image_queries
     elif len(candidate_lookups) != 2:
         raise ValueError(f"candidate_lookups takes (text, image) lookups, got {len(candidate_lookups)}")
     else:
         search_fns = list(candidate_lookups)
+        one_query = candidate_lookups[0] is candidate_lookups[1]
     for name, a in (("has_text", has_text), ("has_image", has_image)):
         if a.shape != (n,):
             raise ValueError(f"{name} has shape {a.shape}, expected ({n},)")
@@ -688,7 +699,7 @@ def compute_neighbours(doc_embeddings: np.ndarray, text_queries: np.ndarray | No
             search_fns, rows, query_lists,
             [has_text[lo:hi], has_image[lo:hi]], [k_text, k_image], doc_embeddings, multimodal,
             num_candidates=num_candidates, max_candidates=widest, valid=valid, max_score=max_score,
-            diversity_threshold=diversity_threshold)
+            diversity_threshold=diversity_threshold, one_query=one_query)
         ids[lo - start:hi - start], scores[lo - start:hi - start] = batch_ids, batch_scores
         for r in SKIP_REASONS:
             counts[r] += c[r]

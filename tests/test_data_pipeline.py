@@ -83,7 +83,7 @@ def test_ingesting_a_folder_skips_each_bad_file_with_its_reason(tiny_pipeline, t
 def _index_and_dropout_source(data_dir: str, vocab_size: int):
     """The retrieval stage on a tiny retriever, then the training source and transform with every
     condition dropped and no masking or neighbours (the query's layout, seen directly)."""
-    from data_pipeline import index
+    from data_pipeline import index, index_parts
     stats = index.build(data_dir, steps=2, batch_size=8, width=16, embed_dim=16, text_layers=1, image_layers=1,
                         num_heads=2)
     config = pipeline_fixture.lm_config(data_dir, vocab_size)
@@ -178,7 +178,7 @@ def test_interleaved_documents_keep_their_parts_in_order_and_index_and_train(tin
         np.testing.assert_array_equal(doc["text_ids"], vocab.encode_text(text))
         assert ("parts" in json.loads(doc["meta"])) == (line in ("1", "3"))
     # retrieval: each document by its text and first image
-    from data_pipeline import index
+    from data_pipeline import index, index_parts
     texts, images = index.document_columns(docs, tpi)
     assert {len(c) for c in images} == {tpi}
     stats, source, transform = _index_and_dropout_source(str(tmp_path / "out"), tiny_pipeline["vocab_size"])
@@ -563,7 +563,7 @@ def test_retrieval_split_over_hosts_equals_the_one_host_run_and_resumes(tiny_pip
 def test_slurm_index_chain_of_stage_scripts_builds_the_one_host_sidecar_from_user_embeddings(tiny_pipeline, tmp_path):
     """launch/slurm_index.sh for real, without Slurm (a fake sbatch; test_slurm_launch.py has its
     dry run), through the `python -m data_pipeline.index --stage` CLI, on embeddings of the user's."""
-    from data_pipeline import index
+    from data_pipeline import index, index_parts
     from tests.helpers import cli_env
     from tests.test_slurm_launch import BASH, _fake_sbatch_bin, _index
     single = _data_without_neighbours(tiny_pipeline, tmp_path / "single")
@@ -586,6 +586,9 @@ def test_slurm_index_chain_of_stage_scripts_builds_the_one_host_sidecar_from_use
             run = subprocess.run([BASH, str(files[stage])], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                                  env=dict(env, **({} if task is None else {"SLURM_ARRAY_TASK_ID": str(task)})))
             assert run.returncode == 0, (stage, run.stderr[-3000:])
+        if stage == "search":   # one query per document serves both lists: searched and stored once
+            assert sorted(os.listdir(index_parts.part_dir(multi, "search", 1, 2))) == [
+                "part.json", "query_ids.npy", "query_scores.npy"]
     for a, b in zip(neighbours.load_neighbours(single)[:2], neighbours.load_neighbours(multi)[:2]):
         np.testing.assert_array_equal(a, b)
     assert not os.path.exists(os.path.join(multi, "index_parts"))

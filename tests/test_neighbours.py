@@ -135,6 +135,37 @@ def test_documents_short_of_neighbours_are_searched_wider():
     assert narrow["documents_without_neighbours"] == n and narrow["skipped"]["near_duplicate"] > 0
 
 
+def test_one_query_array_for_both_lists_is_searched_once_with_the_same_result():
+    """A user's embeddings serve as the text and the image query: one search (over the rows either
+    list wants) must give what two searches give, widening included, each list keeping its rows."""
+    rng = np.random.default_rng(1)
+    d = 16
+    centres = [_basis(0, d)] + [_unit(_basis(0, d) + _basis(i, d)) for i in range(1, 5)]
+    doc = np.stack([_unit(c + 0.03 * rng.normal(size=d)) for c in centres for _ in range(34)])
+    n = len(doc)
+    has_text, has_image = rng.random(n) < 0.8, rng.random(n) < 0.8
+    has_text[:10], has_image[:10] = True, False       # text-only, image-only and absent rows
+    has_text[10:20], has_image[10:20] = False, True
+    has_text[20:25] = has_image[20:25] = False
+    searched = []
+
+    def search(q, k):
+        searched.append(len(q))
+        return NB.exact_search(doc, q, k)
+
+    kw = dict(search=search, k_text=2, k_image=2, num_candidates=8, query_batch=64)
+    two = NB.compute_neighbours(doc, doc, doc.copy(), has_text, has_image, **kw)
+    two_searched, searched[:] = sum(searched), []
+    one = NB.compute_neighbours(doc, doc, doc, has_text, has_image, **kw)
+    np.testing.assert_array_equal(one[0], two[0])
+    # scores to the last bits: BLAS rounds a row's dot products by the shape of the batch it is in
+    np.testing.assert_allclose(one[1], two[1], rtol=1e-6)
+    assert {k: v for k, v in one[2].items() if k != "seconds"} == {k: v for k, v in two[2].items() if k != "seconds"}
+    assert one[2]["widened_searches"] > 0 and (one[0][20:25] == -1).all()
+    # each round searches the rows with either query once: far fewer vectors than the two lists' sum
+    assert sum(searched) < 0.7 * two_searched
+
+
 def test_merge_topk_equals_single_index():
     rng = np.random.default_rng(0)
     # small integers: inner products are exact, so there are many ties (across shards too), and
