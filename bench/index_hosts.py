@@ -64,7 +64,7 @@ def documents(data_dir: str) -> str:
     wanted = {"num_documents": FLAGS.num_documents, "dim": FLAGS.dim, "clusters": FLAGS.clusters,
               "noise": FLAGS.noise, "image_side": FLAGS.image_side, "seed": FLAGS.seed}
     embeddings = os.path.join(data_dir, "embeddings.npy")
-    if os.path.exists(marker) and json.load(open(marker, encoding="utf-8")) == wanted:
+    if os.path.exists(marker) and read_json(marker) == wanted:
         print(f"reusing documents in {data_dir}", flush=True)
         return embeddings
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -85,6 +85,11 @@ def documents(data_dir: str) -> str:
     with open(marker, "w", encoding="utf-8") as f:
         json.dump(wanted, f)
     return embeddings
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def run_stage(args: list[str], log_path: str) -> dict:
@@ -116,7 +121,7 @@ def one_host(source: str, embeddings: str) -> tuple[dict, str]:
     data = fresh_copy(source, "one_host")
     stage = run_stage(["--data", data, "--embeddings", embeddings, "--num_shards", str(FLAGS.num_shards)],
                       os.path.join(data, "bench.log"))
-    stats = json.load(open(os.path.join(data, neighbours.NEIGHBOURS_JSON), encoding="utf-8"))["stats"]
+    stats = read_json(os.path.join(data, neighbours.NEIGHBOURS_JSON))["stats"]
     return {**stage, "index_bytes": tree_bytes(os.path.join(data, "scann_index")),
             "widened_searches": stats["widened_searches"], "max_candidates": stats.get("max_candidates"),
             "mean_neighbours": round(stats["mean_neighbours"], 3)}, data
@@ -145,7 +150,7 @@ def split_over(hosts: int, source: str, embeddings: str, reference: str) -> dict
         print(f"[{hosts} hosts] {stage}: {stages[stage]}", flush=True)
     equal = all(np.array_equal(np.load(os.path.join(data, f)), np.load(os.path.join(reference, f)))
                 for f in ("neighbours_ids.npy", "neighbours_scores.npy"))
-    stats = json.load(open(os.path.join(data, neighbours.NEIGHBOURS_JSON), encoding="utf-8"))["stats"]
+    stats = read_json(os.path.join(data, neighbours.NEIGHBOURS_JSON))["stats"]
     result = {"stages": stages, "critical_path_seconds": round(sum(s["slowest_seconds"] for s in stages.values()), 2),
               "host_seconds": round(sum(sum(s["seconds"]) for s in stages.values()), 2),
               "max_peak_rss_mib": max(s["max_peak_rss_mib"] for s in stages.values()),
