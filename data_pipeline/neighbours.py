@@ -511,13 +511,15 @@ def select_neighbours(query_ids: np.ndarray, candidate_ids: Sequence[np.ndarray]
         emb = embeddings[safe].astype(np.float32)                       # [q, C, D]
         q_emb = (embeddings[np.clip(qid, 0, n - 1)] if query_embeddings is None
                  else np.asarray(query_embeddings[lo:hi])).astype(np.float32)   # [q, D]
-        doc_sim = np.einsum("qcd,qd->qc", emb, q_emb)
+        # matmul, not einsum: BLAS per row (numpy's einsum loops in C: 5x slower here); each
+        # row's product is its own, so a row's result does not depend on the rows beside it
+        doc_sim = np.matmul(emb, q_emb[:, :, None])[:, :, 0]
         near = ((csc > max_score) | (doc_sim > max_score)) & ~is_self & ~invalid
         row_counts["self"][lo:hi] += is_self.sum(axis=1)
         row_counts["invalid"][lo:hi] += (invalid & (cid >= 0)).sum(axis=1)   # -1 padding is not a candidate
         row_counts["near_duplicate"][lo:hi] += near.sum(axis=1)
         eligible = ~(is_self | invalid | near)
-        pair_sim = np.einsum("qcd,qed->qce", emb, emb)                  # [q, C, C]
+        pair_sim = np.matmul(emb, emb.transpose(0, 2, 1))               # [q, C, C]
         # Preference rank inside the row: multimodal first, then higher score, then list order.
         mm = is_multimodal[safe] & (cid >= 0)
         order = np.lexsort((np.broadcast_to(np.arange(c_total), cid.shape), -np.where(np.isfinite(csc), csc, -np.inf),
