@@ -9,8 +9,9 @@
 - XLA's CPU backend compiles without LLVM's optimisation passes (level 0, no expensive passes):
   the tiny models run for milliseconds, so compiling them is what costs (~23% less wall time on
   test_lora + test_train_vq, 2 cores). HLO-level optimisation (fusion, simplification) still runs,
-  so the programs tested are the ones users run, only less tuned machine code. An XLA_FLAGS that
-  already sets the level keeps it.
+  so the programs tested are the ones users run, only less tuned machine code (the same two
+  options JAX's own test utilities set for their "disable most optimizations" mode). An XLA_FLAGS
+  that already sets the level keeps it.
 """
 import atexit
 import os
