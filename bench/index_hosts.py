@@ -99,8 +99,8 @@ def run_stage(args: list[str], log_path: str) -> dict:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.index", *args], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        _, status, usage = os.wait4(proc.pid, 0)   # reaped here, with the child's own rusage
+    proc.returncode = os.waitstatus_to_exitcode(status)   # so Popen knows it ended
     if proc.returncode:
         raise RuntimeError(f"`python -m data_pipeline.index {' '.join(args)}` failed ({proc.returncode}): see {log_path}")
     return {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
@@ -149,7 +149,7 @@ def split_over(hosts: int, source: str, embeddings: str, reference: str) -> dict
             "bytes": written}
         print(f"[{hosts} hosts] {stage}: {stages[stage]}", flush=True)
     equal = all(np.array_equal(np.load(os.path.join(data, f)), np.load(os.path.join(reference, f)))
-                for f in ("neighbours_ids.npy", "neighbours_scores.npy"))
+                for f in (neighbours.NEIGHBOURS_IDS, neighbours.NEIGHBOURS_SCORES))
     stats = read_json(os.path.join(data, neighbours.NEIGHBOURS_JSON))["stats"]
     result = {"stages": stages, "critical_path_seconds": round(sum(s["slowest_seconds"] for s in stages.values()), 2),
               "host_seconds": round(sum(sum(s["seconds"]) for s in stages.values()), 2),

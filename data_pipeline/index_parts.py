@@ -291,7 +291,7 @@ def search_part(data_dir: str, num_hosts: int, host_index: int, *, num_shards: i
     return _write_part(directory, fill, {
         "stage": "search", "num_hosts": num_hosts, "host_index": host_index, "num_documents": n,
         "num_shards": num_shards, "shards": mine, "candidates": int(candidates), "num_candidates": int(num_candidates),
-        "lists": list(lists), "index_build_seconds": round(build_seconds, 3)})
+        "index_build_seconds": round(build_seconds, 3)})
 
 
 # --------------------------------------------------------------------------- select

@@ -83,7 +83,7 @@ def test_ingesting_a_folder_skips_each_bad_file_with_its_reason(tiny_pipeline, t
 def _index_and_dropout_source(data_dir: str, vocab_size: int):
     """The retrieval stage on a tiny retriever, then the training source and transform with every
     condition dropped and no masking or neighbours (the query's layout, seen directly)."""
-    from data_pipeline import index, index_parts
+    from data_pipeline import index
     stats = index.build(data_dir, steps=2, batch_size=8, width=16, embed_dim=16, text_layers=1, image_layers=1,
                         num_heads=2)
     config = pipeline_fixture.lm_config(data_dir, vocab_size)
@@ -178,7 +178,7 @@ def test_interleaved_documents_keep_their_parts_in_order_and_index_and_train(tin
         np.testing.assert_array_equal(doc["text_ids"], vocab.encode_text(text))
         assert ("parts" in json.loads(doc["meta"])) == (line in ("1", "3"))
     # retrieval: each document by its text and first image
-    from data_pipeline import index, index_parts
+    from data_pipeline import index
     texts, images = index.document_columns(docs, tpi)
     assert {len(c) for c in images} == {tpi}
     stats, source, transform = _index_and_dropout_source(str(tmp_path / "out"), tiny_pipeline["vocab_size"])
