@@ -61,6 +61,8 @@ def validate_config(config, mesh, process_count: int) -> None:
                          f"(got {mesh.shape['tensor']})")
     if int(config.total_steps) <= 0:
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+    if int(config.seed) < 0:
+        raise ValueError(f"seed must be >= 0 (NumPy's generators take no negative seed), got {config.seed}")
     if config.optimizer.schedule not in ("constant", "cosine"):
         raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
     optimizer.skip_nonfinite_limit(config.optimizer)

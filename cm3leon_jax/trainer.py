@@ -58,6 +58,8 @@ def validate_config(config, mesh, process_count: int) -> None:
         sharding.check_divisible(name, int(size), mesh, rules[logical])
     if int(config.total_steps) <= 0:
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+    if int(config.seed) < 0:
+        raise ValueError(f"seed must be >= 0 (NumPy's generators take no negative seed), got {config.seed}")
     eval_every, eval_batches = int(config.get("eval_every_steps", 0)), int(config.get("eval_batches", 1))
     if eval_every < 0 or (eval_every and eval_batches < 1):
         raise ValueError(f"eval_every_steps={eval_every} must be >= 0 (0: no held-out loss) and "

@@ -377,6 +377,9 @@ class CM3Config:
             raise ValueError(f"caption_span_rate must be in [0, 1], got {self.caption_span_rate}")
         if self.caption_span_rate > 0 and (not self.cm3 or self.image_offset is None):
             raise ValueError("caption_span_rate needs CM3 masking and image_offset (use CM3Config.from_vocab)")
+        if self.caption_span_rate > 0 and self.max_spans < 1:
+            raise ValueError(f"caption_span_rate={self.caption_span_rate} masks the caption as a span, but max_spans="
+                             f"{self.max_spans} (num_sentinels={self.num_sentinels}) allows none")
 
     @classmethod
     def from_vocab(cls, vocab, **overrides) -> "CM3Config":

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from data_pipeline import shapes_world
+from data_pipeline import packing, shapes_world
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -150,7 +150,7 @@ class ImageBatchIterator:
         self.process_index, self.process_count = process_index, process_count
         ds = grain.MapDataset.source(source)
         if shuffle:
-            ds = ds.shuffle(seed=int(seed) * 1_000_003 + 7)  # a new order every epoch
+            ds = ds.shuffle(seed=packing.grain_seed(int(seed) * 1_000_003 + 7))  # a new order every epoch
         ds = ds.repeat(None).batch(self.rows, batch_fn=np.stack)[process_index::process_count]
         options = grain.ReadOptions(num_threads=max(int(num_threads), 1), prefetch_buffer_size=max(int(prefetch), 1))
         self._iterator = iter(ds.to_iter_dataset(options))

@@ -33,6 +33,12 @@ def stream_count(num_streams: int, global_batch_size: int) -> int:
     return int(num_streams) if int(num_streams) > 0 else int(global_batch_size)
 
 
+def grain_seed(value: int) -> int:
+    """A seed Grain accepts ([0, 2**32)) from any integer: the derived per-stream seeds of a config
+    seed >= 4,295 overflow it. Values that already fit are kept, so earlier runs' orders stay."""
+    return int(value) % 2 ** 32
+
+
 class FirstFitPackDataset(grain.IterDataset):
     """Documents `{"tokens", "weights"?}` -> `[rows, seq_len]` batches in BATCH_KEYS, first fit.
 
@@ -194,10 +200,10 @@ class PackedBatchIterator:
     def _stream(self, documents, stream, num_streams, seed, shuffle):
         ds = documents[stream::num_streams]
         if shuffle:
-            ds = ds.shuffle(seed=seed * 1_000_003 + stream)  # reshuffled every epoch by grain
+            ds = ds.shuffle(seed=grain_seed(seed * 1_000_003 + stream))  # reshuffled every epoch by grain
         ds = ds.repeat(None)
         if self._transform is not None:
-            ds = ds.random_map(self._transform, seed=(seed * 1_000_003 + stream + 7919) % 2 ** 32)
+            ds = ds.random_map(self._transform, seed=grain_seed(seed * 1_000_003 + stream + 7919))
         # no reader threads: the transforms hold the GIL, threads would only contend for it
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         return FirstFitPackDataset(ds, seq_len=self.seq_len, rows=self.rows_per_stream, skips=self._skips,

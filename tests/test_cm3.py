@@ -373,6 +373,8 @@ def test_caption_span_rate_masks_the_whole_query_caption():
         cm3.CM3Config(image_offset=IMG0, caption_span_rate=1.5)
     with pytest.raises(ValueError, match="caption_span_rate needs CM3"):
         cm3.CM3Config(image_offset=IMG0, caption_span_rate=0.5, cm3=False)
+    with pytest.raises(ValueError, match="allows none"):   # no sentinel to mask the caption with
+        cm3.CM3Config(image_offset=IMG0, num_sentinels=0, max_spans=0, caption_span_rate=0.5)
 
 
 def test_example_for_training_switches_and_length_budget():

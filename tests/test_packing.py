@@ -40,6 +40,21 @@ def test_same_seed_same_batches_and_other_seed_differs():
     assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
 
 
+def test_any_nonnegative_seed_works_and_small_seeds_keep_their_order():
+    """Each stream's Grain seed is derived as seed * 1,000,003 + stream, past Grain's 2**32 limit for
+    seeds >= 4,295: it is reduced into range, which leaves the seeds that fitted unchanged."""
+    big = [_batches(data_pipeline.make_train_iterator(tiny_config(seed=2 ** 40 + 12_345), 0, 1), 2) for _ in range(2)]
+    for x, y in zip(*big):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    assert not np.array_equal(big[0][0]["inputs"], _batches(data_pipeline.make_train_iterator(tiny_config(), 0, 1), 1)[0]["inputs"])
+    docs = grain.MapDataset.source([{"tokens": np.arange(i, i + 6, dtype=np.int32)} for i in range(40)])
+    new = next(PackedBatchIterator(docs, seq_len=8, global_batch_size=2, num_streams=2, seed=4_294))
+    streams = [docs[s::2].shuffle(seed=4_294 * 1_000_003 + s) for s in range(2)]   # Grain's own, unreduced
+    for row, stream in enumerate(streams):
+        np.testing.assert_array_equal(new["inputs"][row, :5], stream[0]["tokens"][:5])
+
+
 def test_global_batch_is_independent_of_process_count():
     config = tiny_config()
     whole = _batches(data_pipeline.make_train_iterator(config, 0, 1), 3)

@@ -76,6 +76,8 @@ def test_invalid_configs_fail_up_front():
             trainer.validate_config(tiny_config(gradient_accumulation_steps=steps), _mesh(-1, 1, 1), 1)
     with pytest.raises(ValueError, match="gradient_accumulation_steps=4 .* data-parallel size mesh.data.mesh.fsdp=8"):
         trainer.validate_config(tiny_config(gradient_accumulation_steps=4), _mesh(4, 2, 1), 1)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        trainer.validate_config(tiny_config(seed=-1), _mesh(-1, 1, 1), 1)
 
 
 def test_batch_is_split_over_data_and_fsdp():
