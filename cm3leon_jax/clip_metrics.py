@@ -129,7 +129,7 @@ def _features_of_files(scorer: ClipScorer, paths: Sequence[str], size: int | Non
     """CLIP image features of image files, `chunk` at a time (30,000 images never sit in memory
     at once); a file that cannot be decoded is left out and marked False."""
     from PIL import Image
-    from data_pipeline.images import center_crop_resize
+    from data_pipeline.images import center_crop_resize, to_rgb
     features, ok = [], []
     for start in range(0, len(paths), chunk):
         images = []
@@ -137,7 +137,7 @@ def _features_of_files(scorer: ClipScorer, paths: Sequence[str], size: int | Non
             try:
                 with Image.open(path) as image:
                     image.load()
-                    images.append(center_crop_resize(image, size) if size else np.asarray(image.convert("RGB")))
+                    images.append(center_crop_resize(image, size) if size else np.asarray(to_rgb(image)))
                 ok.append(True)
             except Exception:  # noqa: BLE001 -- any undecodable file is counted, whatever PIL raises
                 ok.append(False)

@@ -26,25 +26,43 @@ from PIL import Image
 
 from data_pipeline import packing, shapes_world
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# Formats PIL decodes that image folders and manifests hold (ingestion and VQ training alike).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-def center_crop_resize(image: Any, size: int) -> np.ndarray:
-    """Any PIL image or uint8/float array -> uint8 RGB [size, size, 3]: the short side is resized to
-    `size` (bicubic on PIL's anti-aliased path), then the centre is cropped."""
+def to_rgb(image: Any) -> Image.Image:
+    """Any PIL image or array -> an 8-bit RGB PIL image, the one conversion every image path uses.
+    Grey and palette images are expanded; transparent pixels composite onto white rather than
+    whatever colour they hide; 16-bit images ([H, W, 1] or uint16 arrays too, as TFDS gives grey
+    images) scale by 1/257 instead of saturating; float arrays in [0, 1] scale by 255."""
     if not isinstance(image, Image.Image):
         array = np.asarray(image)
-        if array.dtype != np.uint8:
-            scale = 255.0 if array.max() <= 1.0 else 1.0
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.dtype == np.uint16:
+            array = np.round(array / 257.0).astype(np.uint8)
+        elif array.dtype != np.uint8:
+            scale = 255.0 if array.size and array.max() <= 1.0 else 1.0
             array = np.clip(np.round(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
         image = Image.fromarray(array)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257.0), 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        return to_rgb(np.asarray(image))
     if image.mode != "RGB":
-        # Transparent pixels composite onto white rather than whatever colour they hide.
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, rgba)
         image = image.convert("RGB")
+    return image
+
+
+def center_crop_resize(image: Any, size: int) -> np.ndarray:
+    """Any PIL image or array -> uint8 RGB [size, size, 3] (`to_rgb`): the short side is resized to
+    `size` (bicubic on PIL's anti-aliased path), then the centre is cropped."""
+    image = to_rgb(image)
     width, height = image.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))

@@ -468,8 +468,8 @@ def select_neighbours(query_ids: np.ndarray, candidate_ids: Sequence[np.ndarray]
     query_ids [Q]; candidate_ids[j] / candidate_scores[j] [Q, C_j]: list j's candidates (e.g.
     j=0 retrieved by text, j=1 by image; -1 = none); quotas[j]: how many to take from list j.
     Rules: a candidate is never the query itself, nor invalid (-1, or valid[id] False), nor a near
-    duplicate (its retrieval score, or its document embedding's cosine with the query document's,
-    above max_score). Within each list multimodal documents come first, then by score. List j
+    duplicate (its retrieval score in any list, or its document embedding's cosine with the query
+    document's, above max_score). Within each list multimodal documents come first, then by score. List j
     fills its quota in that order, skipping any candidate already chosen or with cosine >
     diversity_threshold to one already chosen; slots left over are then filled from all lists'
     remaining candidates by the same order. Returns (ids int32 [Q, K], scores float32 [Q, K],
@@ -515,6 +515,11 @@ def select_neighbours(query_ids: np.ndarray, candidate_ids: Sequence[np.ndarray]
         # row's product is its own, so a row's result does not depend on the rows beside it
         doc_sim = np.matmul(emb, q_emb[:, :, None])[:, :, 0]
         near = ((csc > max_score) | (doc_sim > max_score)) & ~is_self & ~invalid
+        if len(candidate_ids) > 1 and near.any():
+            # too similar to the query in one list (the same caption, found by text) is a near
+            # duplicate in every list: the image list must not bring it back
+            key = rows[:, None] * (n + 1) + cid
+            near |= np.isin(key, key[near]) & ~is_self & ~invalid
         row_counts["self"][lo:hi] += is_self.sum(axis=1)
         row_counts["invalid"][lo:hi] += (invalid & (cid >= 0)).sum(axis=1)   # -1 padding is not a candidate
         row_counts["near_duplicate"][lo:hi] += near.sum(axis=1)

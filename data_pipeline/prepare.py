@@ -32,12 +32,12 @@ from ml_collections import config_flags
 from PIL import Image
 
 from cm3leon_jax import metrics, vocab as vocab_lib, workdir_io
+from data_pipeline import images as image_io
 
 BUILDER_NAME = "cm3_documents"
 REPORT_FILE = "ingest_report.json"
 MAX_SKIPPED_EXAMPLES = 50     # skipped records named in the report (the counts cover every one)
 VOCAB_DIR = "vocab"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
 
 class SkipRecord(Exception):
@@ -99,18 +99,36 @@ def shapes_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
 
 
 def folder_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
+    """Every image under the folder, subfolders included, with the first line of its sidecar
+    `.txt`; every other file is a record too, skipped by reason (a caption with no image, an
+    unsupported file), so nothing in the folder goes uncounted. The split key is the path inside
+    the folder: adding files never moves old ones."""
     root = cfg.folder
-    for name in sorted(os.listdir(root)):
-        if not name.lower().endswith(IMAGE_EXTENSIONS) or _split_of(name, cfg.validation_fraction) != split:
-            continue
-        if not shard.owns():
-            continue
-        sidecar = os.path.join(root, os.path.splitext(name)[0] + ".txt")
-        caption = b""
-        if os.path.exists(sidecar):
-            with open(sidecar, "rb") as f:
-                caption = f.read().split(b"\n", 1)[0]
-        yield RawRecord(os.path.join(root, name), os.path.join(root, name), caption)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"folder source {root!r} is not a directory")
+    for directory, subdirs, names in os.walk(root):
+        subdirs.sort()
+        stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(image_io.IMAGE_EXTENSIONS)}
+        for name in sorted(names):
+            path = os.path.join(directory, name)
+            stem, ext = os.path.splitext(name)
+            if ext.lower() == ".txt" and stem in stems:
+                continue   # a sidecar: read with its image
+            if _split_of(os.path.relpath(path, root), cfg.validation_fraction) != split or not shard.owns():
+                continue
+            if ext.lower() == ".txt":
+                yield RawRecord(path, None, None, {"error": "a caption file with no image beside it",
+                                                   "reason": "caption_without_image"})
+            elif not name.lower().endswith(image_io.IMAGE_EXTENSIONS):
+                yield RawRecord(path, None, None, {"error": f"not an image ({', '.join(image_io.IMAGE_EXTENSIONS)})",
+                                                   "reason": "unsupported_file"})
+            else:
+                sidecar = os.path.join(directory, stem + ".txt")
+                caption = None   # no sidecar: counted as missing_caption
+                if os.path.exists(sidecar):
+                    with open(sidecar, "rb") as f:
+                        caption = f.read().split(b"\n", 1)[0]
+                yield RawRecord(path, path, caption)
 
 
 def jsonl_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
@@ -118,7 +136,10 @@ def jsonl_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
     with open(cfg.jsonl, "rb") as f:
         for line_no, line in enumerate(f, 1):
             key = f"{cfg.jsonl}:{line_no}"
-            if _split_of(key, cfg.validation_fraction) != split or not line.strip() or not shard.owns():
+            # split by the row's content, not its line number or the manifest's path: inserting rows
+            # moves no old one, and a row given twice lands in one split (no train/validation leak)
+            if not line.strip() or _split_of(line.strip().decode("utf-8", "replace"), cfg.validation_fraction) != split \
+                    or not shard.owns():
                 continue
             resolve = lambda image: image if os.path.isabs(image) else os.path.join(base, image)
             try:
@@ -131,10 +152,12 @@ def jsonl_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
                 image, caption = row.get("image"), row["text"]
                 if image is not None and not isinstance(image, str):
                     raise TypeError(f"image must be a path, got {type(image).__name__}")
+                if caption is not None and not isinstance(caption, str):
+                    raise TypeError(f"text must be a string, got {type(caption).__name__}")
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 yield RawRecord(key, None, None, {"error": f"bad manifest line: {e!r}"})
                 continue
-            yield RawRecord(key, None if image is None else resolve(image), caption if isinstance(caption, str) else b"")
+            yield RawRecord(key, None if image is None else resolve(image), caption)
 
 
 def _manifest_segments(segments) -> list[tuple[str, Any]]:
@@ -170,11 +193,10 @@ SOURCES: dict[str, Callable[[Any, str, Shard], Iterator[RawRecord]]] = {
 # ---------------------------------------------------------------- validation
 
 def load_image(raw: Any, image_size: int, min_size: int) -> np.ndarray:
-    """Any image form -> uint8 [S, S, 3], centre-cropped then resized; SkipRecord when unusable."""
+    """Any image form -> uint8 [S, S, 3] by the VQ trainer's own conversion and crop
+    (`images.center_crop_resize`); SkipRecord when unusable."""
     try:
-        if isinstance(raw, np.ndarray):
-            image = Image.fromarray(raw.astype(np.uint8))
-        elif isinstance(raw, Image.Image):
+        if isinstance(raw, (np.ndarray, Image.Image)):
             image = raw
         elif isinstance(raw, (bytes, bytearray)):
             image = Image.open(io.BytesIO(raw))
@@ -184,29 +206,30 @@ def load_image(raw: Any, image_size: int, min_size: int) -> np.ndarray:
             image = Image.open(raw)
         else:
             raise SkipRecord("unreadable_image", f"unsupported image value {type(raw).__name__}")
-        image.load()  # forces a full decode: truncated files fail here, not later
-        image = image.convert("RGB")
+        if isinstance(image, Image.Image):
+            image.load()  # forces a full decode: truncated files fail here, not later
+        image = image_io.to_rgb(image)
     except SkipRecord:
         raise
     except Exception as e:  # PIL raises many types for corrupt data
         raise SkipRecord("unreadable_image", str(e)[:200]) from None
     if min(image.size) < min_size:
         raise SkipRecord("image_too_small", f"{image.size} < {min_size}")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    if side != image_size:
-        image = image.resize((image_size, image_size), Image.BICUBIC)
-    return np.asarray(image, np.uint8)
+    return image_io.center_crop_resize(image, image_size)
 
 
 def decode_caption(raw: Any) -> str:
+    if raw is None:
+        raise SkipRecord("missing_caption")
     if isinstance(raw, (bytes, bytearray, np.bytes_)):
         try:
             raw = bytes(raw).decode("utf-8")
         except UnicodeDecodeError:
             raise SkipRecord("caption_not_utf8") from None
-    if not isinstance(raw, str) or not raw.strip():
+    if not isinstance(raw, str):
+        raise SkipRecord("unsupported_caption", f"a caption must be text, got {type(raw).__name__}")
+    raw = raw.replace("\ufeff", "")   # a byte-order mark (Windows editors) is not whitespace to split()
+    if not raw.strip():
         raise SkipRecord("empty_caption")
     caption = " ".join(raw.split())
     if vocab_lib.SPECIAL_PATTERN.search(caption):
@@ -301,7 +324,7 @@ class _Ingest:
     def _validate(self, record: RawRecord):
         """A record -> the batch item `_documents` encodes; SkipRecord when unusable."""
         if record.meta and "error" in record.meta:
-            raise SkipRecord("bad_manifest_line", record.meta["error"])
+            raise SkipRecord(record.meta.get("reason", "bad_manifest_line"), record.meta["error"])
         size, min_size = int(self.cfg.image_size), int(self.cfg.min_image_size)
         if record.segments is not None:
             return self._validate_segments(record, size, min_size)

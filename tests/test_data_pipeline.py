@@ -61,23 +61,44 @@ def test_ingesting_a_folder_skips_each_bad_file_with_its_reason(tiny_pipeline, t
     (src / "tiny.txt").write_text("a tiny image")
     _write_png(src / "special.png")
     (src / "special.txt").write_text("a caption that spells <break> inside")
-    (src / "notes.md").write_text("not an image: ignored")
+    (src / "notes.md").write_text("not an image: counted")
+    (src / "orphan.txt").write_text("a caption whose image is gone")
+    nested = src / "sub" / "deeper"   # subfolders are walked; other formats PIL reads are kept
+    nested.mkdir(parents=True)
+    _write_png(nested / "nested.png", size=24, color=(9, 9, 200))
+    (nested / "nested.txt").write_text("a nested blue square")
+    Image.new("RGB", (24, 24), (0, 120, 0)).save(src / "sub" / "photo.TIFF")
+    (src / "sub" / "photo.txt").write_bytes("\ufeffa caption saved with a byte-order mark\r\n".encode("utf-8"))
+    # a transparent image composites onto white, as the VQ trainer sees it; 16-bit grey is scaled, not saturated
+    Image.new("RGBA", (20, 20), (10, 20, 30, 0)).save(src / "clear.png")
+    (src / "clear.txt").write_text("a transparent image")
+    Image.fromarray(np.full((20, 20), 40_000, np.uint16)).save(src / "deep.png")
+    (src / "deep.txt").write_text("a sixteen bit grey image")
+    good += ["clear.png", "deep.png", "nested.png", "photo.TIFF"]
 
     cfg = pipeline_fixture.data_config(tiny_spm_model, tiny_pipeline["vq"], source="folder", folder=str(src),
                                        validation_fraction=0.0)
     vocab, encode = prepare.load_vocab_and_encoder(cfg)
     report = prepare.prepare(cfg, str(tmp_path / "out"), vocab, encode)["splits"]["train"]
-    assert report["kept"] == 6
-    assert report["skipped"] == {"unreadable_image": 2, "empty_caption": 2, "caption_not_utf8": 1,
-                                 "image_too_small": 1, "caption_has_special_tokens": 1}
+    assert report["kept"] == 10
+    assert report["skipped"] == {"unreadable_image": 2, "empty_caption": 1, "missing_caption": 1, "caption_not_utf8": 1,
+                                 "image_too_small": 1, "caption_has_special_tokens": 1, "unsupported_file": 1,
+                                 "caption_without_image": 1}
     reasons = {os.path.basename(key): reason for key, reason, _ in report["skipped_examples"]}
     assert reasons == {"corrupt.png": "unreadable_image", "trunc.png": "unreadable_image", "empty.png": "empty_caption",
-                       "nocaption.png": "empty_caption", "latin1.png": "caption_not_utf8", "tiny.png": "image_too_small",
-                       "special.png": "caption_has_special_tokens"}
+                       "nocaption.png": "missing_caption", "latin1.png": "caption_not_utf8", "tiny.png": "image_too_small",
+                       "special.png": "caption_has_special_tokens", "notes.md": "unsupported_file",
+                       "orphan.txt": "caption_without_image"}
     docs = prepare.load_documents(str(tmp_path / "out"), "train")
-    kept = sorted(json.loads(docs[i]["meta"])["source"] for i in range(len(docs)))
-    assert [os.path.basename(k) for k in kept] == good
-    assert docs[0]["caption"].decode() == "a red square number 0"
+    by_name = {os.path.basename(json.loads(docs[i]["meta"])["source"]): docs[i] for i in range(len(docs))}
+    assert sorted(by_name) == sorted(good)
+    assert by_name["good0.png"]["caption"].decode() == "a red square number 0"
+    assert by_name["photo.TIFF"]["caption"].decode() == "a caption saved with a byte-order mark"
+    for name, pixel in (("clear.png", 255), ("deep.png", round(40_000 / 257))):
+        image = prepare.load_image(str(src / name), cfg.image_size, 1)
+        assert image.shape == (cfg.image_size, cfg.image_size, 3) and np.all(image == pixel), name
+    # a grey image as TFDS decodes it, [H, W, 1]
+    assert np.all(prepare.load_image(np.full((20, 20, 1), 77, np.uint8), cfg.image_size, 1) == 77)
 
 
 def _index_and_dropout_source(data_dir: str, vocab_size: int):
@@ -201,6 +222,26 @@ def test_a_source_with_nothing_usable_fails_clearly(tiny_pipeline, tiny_spm_mode
     with pytest.raises(RuntimeError, match="no usable record in the train split.*unreadable_image"):
         prepare.prepare(cfg, str(tmp_path / "out"), vocab, encode)
 
+
+def test_a_manifest_row_keeps_its_split_whatever_its_line_or_the_manifests_spelling(tmp_path, monkeypatch):
+    import ml_collections
+    rows = [json.dumps({"image": f"im{i}.png", "text": f"caption {i}"}) for i in range(200)]
+
+    def splits(lines, manifest):
+        (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+        cfg = ml_collections.ConfigDict(dict(jsonl=manifest, validation_fraction=0.2))
+        return {split: [(r.image, r.caption) for r in prepare.jsonl_records(cfg, split, prepare.Shard())]
+                for split in ("train", "validation")}
+
+    before = splits(rows, str(tmp_path / "m.jsonl"))
+    assert 20 < len(before["validation"]) < 60 and len(before["train"]) + len(before["validation"]) == 200
+    monkeypatch.chdir(tmp_path)   # the same manifest by a relative path, one row inserted above, one given twice
+    after = splits([json.dumps({"image": "new.png", "text": "a new row"})] + rows + [rows[7]], "m.jsonl")
+    for split in ("train", "validation"):
+        assert set(before[split]) <= set(after[split])
+    assert after["train"].count(before["train"][0]) + after["validation"].count(before["train"][0]) == 1
+    twice = (str(tmp_path / "im7.png"), "caption 7")
+    assert any(r.count(twice) == 2 for r in after.values())   # both copies in one split
 
 def _manifest_with_every_kind_of_row(tmp_path):
     """Pairs, text-only rows, an interleaved document and planted bad rows of every reason."""

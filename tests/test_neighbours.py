@@ -44,13 +44,14 @@ def test_selection_rules_on_hand_made_candidates():
     text_scores = np.array([[1.0, 0.95, 0.85, 0.8, 0.79, 0.7, inf],
                             [1.0, inf, inf, inf, inf, inf, inf],
                             [0.8, 0.7, 0.6, 0.5, 0.79, inf, inf]], np.float32)
-    image_ids = np.array([[3, 7, 6, 2], [-1, -1, -1, -1], [-1, -1, -1, -1]])
-    image_scores = np.array([[0.88, 0.5, 0.6, 0.5], [inf] * 4, [inf] * 4], np.float32)
+    image_ids = np.array([[3, 7, 1, 6, 2], [-1] * 5, [-1] * 5])
+    image_scores = np.array([[0.88, 0.5, 0.65, 0.6, 0.5], [inf] * 5, [inf] * 5], np.float32)
     ids, scores, counts = NB.select_neighbours(
         np.array([0, 6, 2]), [text_ids, image_ids], [text_scores, image_scores], [2, 2], e, multimodal)
     assert ids.dtype == np.int32 and ids.shape == (3, 4)
     # query 0: by text, multimodal first (3, then 5: 4 resembles 3; the higher-scoring text-only 2
-    # waits); by image: 3 already chosen, 7 a near duplicate of the query, then 6 and 2.
+    # waits); by image: 3 already chosen, 7 a near duplicate of the query, 1 too (by its text
+    # score: a near duplicate in one list is one in all, though multimodal), then 6 and 2.
     assert ids[0].tolist() == [3, 5, 6, 2]
     np.testing.assert_allclose(scores[0], [0.8, 0.7, 0.6, 0.5])
     # query 6: only itself and padding -> nothing, -1 row
@@ -61,7 +62,7 @@ def test_selection_rules_on_hand_made_candidates():
         assert q not in ids[row]
     assert np.all(scores[ids >= 0] <= 0.9)
     assert counts["self"] == 2
-    assert counts["near_duplicate"] == 2            # doc 1 (score 0.95), doc 7 (document cosine)
+    assert counts["near_duplicate"] == 3            # doc 1 (score 0.95) in both lists, doc 7 (document cosine)
     assert counts["duplicate"] == 2                 # docs 3 and 2 are in both lists of query 0
     assert counts["diversity"] == 2                 # doc 4 for query 0 and for query 2
 
