@@ -81,18 +81,20 @@ def scann_params(num_points: int, *, k: int = 10, search_fraction: float = 0.15,
     bench/retrieval.py --avq 2.5). bench/retrieval.py uses dims_per_block=4,
     int8 reorder of 10,000-20,000 and rescore=50 on random vectors, where no partition helps."""
     n = int(num_points)
-    params: dict[str, Any] = {"mode": "tree_ah" if n >= MIN_TREE_SIZE else "brute_force"}
-    if params["mode"] == "tree_ah":
+    mode = overrides.get("mode", "tree_ah" if n >= MIN_TREE_SIZE else "brute_force")
+    params: dict[str, Any] = {"mode": mode}
+    if mode == "tree_ah":
         leaves = int(min(max(round(math.sqrt(n)), 16), n // 50))
-        params.update(
-            num_leaves=leaves,
-            leaves_to_search=int(min(leaves, max(math.ceil(search_fraction * leaves), 4))),
-            training_sample_size=int(min(n, 250_000)),
-            dims_per_block=2,
-            anisotropic_quantization_threshold=0.2,
-            reorder=int(reorder if reorder is not None else max(1000, 20 * k)),
-            soar_lambda=None,
-        )
+        if leaves < 1:
+            raise ValueError(f"mode='tree_ah' needs at least 50 points a leaf; {n} points: use 'brute_force' or 'ah'")
+        params.update(num_leaves=leaves,
+                      leaves_to_search=int(min(leaves, max(math.ceil(search_fraction * leaves), 4))),
+                      training_sample_size=int(min(n, 250_000)))
+    if mode in ("tree_ah", "ah"):   # hashing and reordering (an "ah" index on a small bank too)
+        params.update(dims_per_block=2, anisotropic_quantization_threshold=0.2,
+                      reorder=int(reorder if reorder is not None else max(1000, 20 * k)))
+    if mode == "tree_ah":
+        params["soar_lambda"] = None
     params.update(overrides)
     return params
 

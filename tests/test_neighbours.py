@@ -249,6 +249,11 @@ def test_small_bank_uses_exact_scorer():
     assert _recall(ids, truth) == 1.0
     ids, _ = NB.build_index(bank[:5]).search(bank[:2], 8)   # fewer documents than k: padded
     assert ids.shape == (2, 8) and np.all(ids[:, 5:] == -1)
+    # hashing over every point asked for on a small bank gets its hashing parameters; a tree needs 50 points a leaf
+    hashed = NB.build_index(bank, params=NB.scann_params(300, mode="ah"))
+    assert hashed.params["dims_per_block"] == 2 and _recall(hashed.search(bank[:20], 10)[0], truth) >= 0.95
+    with pytest.raises(ValueError, match="50 points a leaf"):
+        NB.scann_params(30, mode="tree_ah")
 
 
 def test_compute_neighbours_and_sidecar(tmp_path):
