@@ -66,8 +66,12 @@ class Generator:
                 raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
             self.config.model.dtype = compute_dtype
         self.data_dir = self.config.data.get("data_dir", "") if data_dir is None else data_dir
-        # a data dir whose bank a user's CLIP embedded: queries (and, by default, reranking) use that CLIP
-        self._clip_reference = retriever.load_clip_reference(self.data_dir)
+        # a data dir whose bank a user's CLIP embedded: queries (and, by default, reranking) use that CLIP;
+        # the index's record of its embedder says whether a CLIP reference left there is the current one
+        from data_pipeline import neighbours
+        self._embedder_kind = (neighbours.index_embedder(self.data_dir) or {}).get("kind")
+        self._clip_reference = (retriever.load_clip_reference(self.data_dir)
+                                if self._embedder_kind in (None, "clip") else None)
         clip_model = clip_model or (self._clip_reference or {}).get("clip_model")
         self.clip_scorer = None
         if clip_model:  # a bad checkpoint fails before the LM loads
@@ -119,8 +123,10 @@ class Generator:
         if k <= 0:
             return []
         if not self.can_retrieve:
-            raise ValueError(f"--neighbours={k} needs a retriever and index in the data dir {self.data_dir!r} "
-                             "(a params bundle carries none: pass --data_dir)")
+            why = ("its index was built from --embeddings, which come with no query encoder: rebuild it with the "
+                   "retriever or --clip_model" if self._embedder_kind == "embeddings" else
+                   "a params bundle carries none: pass --data_dir")
+            raise ValueError(f"--neighbours={k} needs a retriever and index in the data dir {self.data_dir!r} ({why})")
         from cm3leon_jax import clip_metrics, retriever
         from data_pipeline import index as index_lib, neighbours, prepare
         if self._retrieval is None:
@@ -151,6 +157,8 @@ class Generator:
 
     @property
     def can_retrieve(self) -> bool:
+        if self._embedder_kind == "embeddings":   # a user's vectors: nothing embeds a new query like them
+            return False
         return self._clip_reference is not None or self.retriever is not None
 
     def rerank_scores(self, caption: str, codes: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:

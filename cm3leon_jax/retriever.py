@@ -479,17 +479,22 @@ def embed_queries(params, config, text_ids_list: Sequence[Any], image_codes_list
 # --------------------------------------------------------------------------- user embeddings
 
 def load_embeddings(npy_path: str, num_documents: int | None, *, allow_zero_rows: bool = False,
-                    start: int = 0, stop: int | None = None) -> np.ndarray:
+                    start: int = 0, stop: int | None = None, chunk: int = 65_536) -> np.ndarray:
     """Embeddings computed elsewhere: a [N, D] float .npy aligned with document ids.
 
     Checks the shape (N must equal num_documents), finiteness and non-zero rows (zero rows are
-    accepted with allow_zero_rows: documents with nothing to embed), and l2-normalises each row.
-    Returns rows [start, stop) (default all; the file is memory-mapped, so a host of a multi-host
-    run reads only its own range)."""
+    accepted with allow_zero_rows: documents with nothing to embed), and l2-normalises each row
+    in float32 after dividing it by its largest magnitude, so rows far outside float32's range
+    (1e20, 1e-25, float64 beyond 3e38) keep their direction instead of overflowing to zero or inf.
+    Returns rows [start, stop) (default all; the file is memory-mapped and read `chunk` rows at a
+    time, so a host of a multi-host run reads only its own range)."""
     try:
         array = np.load(npy_path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read embeddings from {npy_path}: {e}") from e
+    if not isinstance(array, np.ndarray):   # np.load opens an .npz archive as a mapping of arrays
+        raise ValueError(f"{npy_path}: embeddings must be one [num_documents, dim] array saved with np.save "
+                         f"(.npy), got {type(array).__name__}")
     if array.ndim != 2 or array.shape[1] < 1:
         raise ValueError(f"{npy_path}: embeddings must be [num_documents, dim], got shape {array.shape}")
     if num_documents is not None and array.shape[0] != int(num_documents):
@@ -500,17 +505,20 @@ def load_embeddings(npy_path: str, num_documents: int | None, *, allow_zero_rows
     stop = array.shape[0] if stop is None else int(stop)
     if not 0 <= start <= stop <= array.shape[0]:
         raise ValueError(f"{npy_path}: rows [{start}, {stop}) are not within its {array.shape[0]} rows")
-    out = np.asarray(array[start:stop], dtype=np.float32).copy()
-    bad = ~np.isfinite(out).all(axis=1)
-    if bad.any():
-        raise ValueError(f"{npy_path}: {int(bad.sum())} rows hold NaN or inf "
-                         f"(first: row {start + int(np.flatnonzero(bad)[0])})")
-    norms = np.linalg.norm(out, axis=1)
-    zero = norms == 0
-    if zero.any() and not allow_zero_rows:
-        raise ValueError(f"{npy_path}: {int(zero.sum())} all-zero rows (first: row {start + int(np.flatnonzero(zero)[0])}); "
-                         "pass allow_zero_rows=True if those documents have nothing to embed")
-    return l2_normalize(out)
+    out = np.empty((stop - start, array.shape[1]), np.float32)
+    for lo in range(start, stop, chunk):
+        rows = np.asarray(array[lo:min(lo + chunk, stop)])
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{npy_path}: rows hold NaN or inf (first: row {lo + int(np.flatnonzero(bad)[0])})")
+        scale = np.abs(rows).max(axis=1, keepdims=True)
+        zero = scale[:, 0] == 0
+        if zero.any() and not allow_zero_rows:
+            raise ValueError(f"{npy_path}: all-zero rows (first: row {lo + int(np.flatnonzero(zero)[0])}): a zero "
+                             "vector has no direction to search by, so every document needs a non-zero embedding "
+                             "(the Python API's allow_zero_rows=True marks documents with nothing to embed)")
+        out[lo - start:lo - start + len(rows)] = l2_normalize((rows / np.where(zero[:, None], 1, scale)).astype(np.float32))
+    return out
 
 
 # --------------------------------------------------------------------------- training

@@ -46,19 +46,22 @@ def make_train_iterator(config, process_index: int, process_count: int) -> Packe
 
 def _heldout_examples(config, docs, transform) -> tuple[list[dict], int, int]:
     """(examples that fit a row, held-out documents read, how many of them fit none) in a seeded
-    order, read until they hold the tokens of `eval_batches` batches: the work is bounded by what
-    the evaluation needs, not by the split's size. Every process computes the same list."""
+    order, read until every packing stream (examples are dealt to them in turn) holds twice the
+    tokens of its rows of `eval_batches` batches: first-fit rows are not full, and a stream that
+    ran out would start over and score documents twice. The work is bounded by what the
+    evaluation needs, not by the split's size. Every process computes the same list."""
     seq_len, seed = int(config.data.seq_len), int(config.seed)
-    budget = int(config.eval_batches) * int(config.data.global_batch_size) * seq_len
-    examples, tokens, read = [], 0, 0
+    streams = stream_count(config.data.num_streams, config.data.global_batch_size)
+    per_stream = 2 * int(config.eval_batches) * (int(config.data.global_batch_size) // streams) * seq_len
+    examples, tokens, read = [], np.zeros(streams, np.int64), 0
     for index in np.random.default_rng(seed).permutation(len(docs)):
         document = docs[int(index)]
         example = transform(document, np.random.default_rng([seed, int(index)])) if transform else document
         read += 1
         if fits_a_row(example["tokens"], seq_len):
+            tokens[len(examples) % streams] += len(example["tokens"]) - 1
             examples.append(example)
-            tokens += len(example["tokens"]) - 1
-            if tokens >= budget:
+            if tokens.min() >= per_stream:
                 break
     return examples, read, read - len(examples)
 

@@ -109,21 +109,26 @@ def build(data_dir: str, *, embeddings_path: str | None = None, clip_model: str 
     if embeddings_path and clip_model:
         raise ValueError("give --embeddings or --clip_model, not both")
     documents = prepare.load_documents(data_dir, "train")
+    if not 1 <= int(num_shards) <= len(documents):   # checked before the costly embedding
+        raise ValueError(f"--num_shards {num_shards} must be in [1, {len(documents)}] (the train documents)")
     texts, images = document_columns(documents, image_tokens_of(data_dir))
     has_text = np.array([len(t) > 0 for t in texts])
     has_image = np.array([len(c) > 0 for c in images])
     if clip_model:
         doc_emb, text_q, image_q = clip_embeddings(data_dir, clip_model, texts, images, seed=seed)
         retriever.save_clip_reference(data_dir, clip_model, doc_emb)
+        embedder = {"kind": "clip", "clip_model": os.path.abspath(clip_model)}
     elif embeddings_path:
         doc_emb = retriever.load_embeddings(embeddings_path, len(documents))
         text_q = image_q = doc_emb  # user embeddings: one vector per document serves both queries
+        embedder = {"kind": "embeddings", "path": os.path.abspath(embeddings_path)}
     else:
+        embedder = {"kind": "retriever"}
         params, config = train_or_load_retriever(data_dir, texts, images, seed=seed, **retriever_overrides)
         doc_emb = retriever.embed_documents(params, config, texts, images)
         text_q, image_q, _, _ = retriever.embed_queries(params, config, texts, images, seed=seed)
     stats = neighbours.build_neighbours(data_dir, doc_emb, text_q, image_q, has_text, has_image,
-                                        num_shards=num_shards)
+                                        num_shards=num_shards, embedder=embedder)
     logging.info("neighbours: %s", stats)
     return stats
 
@@ -142,6 +147,11 @@ def main(argv):
         raise app.UsageError(f"--stage {stage} needs --num_hosts and --host_index")
     if stage not in ("embed", "search", "select") and (f.num_hosts is not None or f.host_index is not None):
         raise app.UsageError("--num_hosts and --host_index go with --stage embed, search or select")
+    if stage in ("train", "search", "select", "finish") and (f.embeddings or f.clip_model):
+        raise app.UsageError(f"--embeddings and --clip_model go with --stage all or embed, not {stage}"
+                             + (" (they replace training the retriever)" if stage == "train" else ""))
+    if f.num_shards is not None and f.num_shards < 1:
+        raise app.UsageError(f"--num_shards must be >= 1, got {f.num_shards}")
     if os.path.exists(os.path.join(data, neighbours.NEIGHBOURS_JSON)) and not f.overwrite:
         logging.info("%s already has neighbours; pass --overwrite to rebuild", data)
         return

@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -66,12 +67,31 @@ def _read_part(directory: str) -> dict[str, Any] | None:
     return workdir_io.read_format_json(path, PART_FORMAT, what="retrieval part")
 
 
-def _finished_part(directory: str, overwrite: bool) -> dict[str, Any] | None:
-    """The part's part.json when it finished (and is not to be redone), else None."""
+def _finished_part(directory: str, overwrite: bool, inputs: dict[str, list] | None = None) -> dict[str, Any] | None:
+    """The part's part.json when it finished (and is not to be redone), else None. A part made
+    from other `inputs` (the part ids of the stages it read) than those there now is redone: an
+    embed stage rerun with other embeddings must not leave the search and selection of the old."""
     done = None if overwrite else _read_part(directory)
+    if done is not None and inputs is not None and done.get("inputs") != inputs:
+        logging.info("%s was made from earlier %s parts: redoing it", directory, "/".join(inputs))
+        return None
     if done is not None:
         logging.info("%s already finished (--overwrite redoes it)", directory)
     return done
+
+
+def _part_ids(data_dir: str, stages: tuple[str, ...], num_hosts: int) -> dict[str, list]:
+    """{stage: the part_id of each host's part (None where unfinished)}: what a later part is made from."""
+    return {stage: [(_read_part(part_dir(data_dir, stage, h, num_hosts)) or {}).get("part_id")
+                    for h in range(num_hosts)] for stage in stages}
+
+
+def _check_made_from(data_dir: str, stage: str, metas: list[dict[str, Any]], inputs: dict[str, list]) -> None:
+    """Every host's `stage` part must have been made from the parts there now."""
+    stale = [h for h, meta in enumerate(metas) if meta.get("inputs") != inputs]
+    if stale:
+        raise ValueError(f"{data_dir}: the {stage} parts of hosts {stale[:20]} were made from earlier "
+                         f"{'/'.join(inputs)} parts: run `--stage {stage}` again on those hosts")
 
 
 def _write_part(directory: str, fill, meta: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +100,7 @@ def _write_part(directory: str, fill, meta: dict[str, Any]) -> dict[str, Any]:
     tmp = directory + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    meta = {"format": PART_FORMAT, **meta, **(fill(tmp) or {})}
+    meta = {"format": PART_FORMAT, "part_id": uuid.uuid4().hex, **meta, **(fill(tmp) or {})}
     with open(os.path.join(tmp, PART_JSON), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
     shutil.rmtree(directory, ignore_errors=True)
@@ -249,7 +269,8 @@ def search_part(data_dir: str, num_hosts: int, host_index: int, *, num_shards: i
     if candidates < 1:
         raise ValueError(f"--candidates must be >= 1, got {candidates}")
     directory = part_dir(data_dir, "search", host_index, num_hosts)
-    done = _finished_part(directory, overwrite)
+    inputs = _part_ids(data_dir, ("embed",), num_hosts)
+    done = _finished_part(directory, overwrite, inputs)
     if done is not None:
         return done
     bank = Bank(data_dir, num_hosts)
@@ -291,7 +312,7 @@ def search_part(data_dir: str, num_hosts: int, host_index: int, *, num_shards: i
     return _write_part(directory, fill, {
         "stage": "search", "num_hosts": num_hosts, "host_index": host_index, "num_documents": n,
         "num_shards": num_shards, "shards": mine, "candidates": int(candidates), "num_candidates": int(num_candidates),
-        "index_build_seconds": round(build_seconds, 3)})
+        "index_build_seconds": round(build_seconds, 3), "inputs": inputs})
 
 
 # --------------------------------------------------------------------------- select
@@ -312,12 +333,14 @@ def select_part(data_dir: str, num_hosts: int, host_index: int, *, k_text: int =
     DIR/index_parts/select/host-h-of-H/{ids,scores}.npy, the stats in part.json."""
     _check_host(num_hosts, host_index)
     directory = part_dir(data_dir, "select", host_index, num_hosts)
-    done = _finished_part(directory, overwrite)
+    inputs = _part_ids(data_dir, ("embed", "search"), num_hosts)
+    done = _finished_part(directory, overwrite, inputs)
     if done is not None:
         return done
     bank = Bank(data_dir, num_hosts)
     searched = _finished(data_dir, "search", num_hosts, ("num_documents", "num_shards", "candidates",
                                                          "num_candidates"))
+    _check_made_from(data_dir, "search", searched, {"embed": inputs["embed"]})
     if searched[0]["num_documents"] != bank.num_documents:
         raise ValueError(f"{data_dir}: the search parts cover {searched[0]['num_documents']} documents, the embed "
                          f"parts {bank.num_documents}: rerun the search stage")
@@ -339,7 +362,7 @@ def select_part(data_dir: str, num_hosts: int, host_index: int, *, k_text: int =
 
     meta = _write_part(directory, fill, {"stage": "select", "num_hosts": num_hosts, "host_index": host_index,
                                          "num_documents": bank.num_documents, "start": start, "stop": stop,
-                                         "stats": stats})
+                                         "stats": stats, "inputs": inputs})
     logging.info("select part %d of %d: %s", host_index, num_hosts, stats)
     return meta
 
@@ -369,6 +392,7 @@ def finish(data_dir: str, *, remove_parts: bool = False) -> dict[str, Any]:
     num_hosts = num_hosts_of(data_dir, "select")
     selected = _finished(data_dir, "select", num_hosts, ("num_documents",))
     searched = _finished(data_dir, "search", num_hosts, ("num_shards", "candidates"))
+    _check_made_from(data_dir, "select", selected, _part_ids(data_dir, ("embed", "search"), num_hosts))
     bank = Bank(data_dir, num_hosts)
     _check_ranges(data_dir, "select", selected)
     dirs = [part_dir(data_dir, "select", h, num_hosts) for h in range(num_hosts)]
@@ -379,7 +403,10 @@ def finish(data_dir: str, *, remove_parts: bool = False) -> dict[str, Any]:
                  index_build_seconds=sum(m["index_build_seconds"] for m in searched))
     if "clip_model" in bank.source:
         retriever.save_clip_reference(data_dir, bank.source["clip_model"], bank.doc)
-    neighbours.save_neighbours(data_dir, ids, scores, stats, extra={"index_dir": "scann_index"})
+    embedder = ({"kind": "clip", "clip_model": bank.source["clip_model"]} if "clip_model" in bank.source else
+                {"kind": "embeddings", "path": bank.source["embeddings"]} if "embeddings" in bank.source else
+                {"kind": "retriever"})
+    neighbours.save_neighbours(data_dir, ids, scores, stats, extra={"index_dir": "scann_index", "embedder": embedder})
     if remove_parts:
         del ids, scores, bank
         shutil.rmtree(os.path.join(data_dir, WORK_DIR))

@@ -770,6 +770,12 @@ def load_neighbours(data_dir: str, num_documents: int | None = None, *, mmap: bo
         raise ValueError(f"{data_dir}: neighbour arrays {ids.shape}/{scores.shape} do not match neighbours.json")
     if num_documents is not None and ids.shape[0] != int(num_documents):
         raise ValueError(f"{data_dir}: neighbours for {ids.shape[0]} documents, the data has {num_documents}")
+    for lo in range(0, ids.shape[0], 1 << 22):   # ids name documents or are -1: checked here, not mid-training
+        rows = np.asarray(ids[lo:lo + (1 << 22)])
+        if rows.size and (rows.min() < -1 or rows.max() >= ids.shape[0]):
+            bad = lo + int(np.flatnonzero(((rows < -1) | (rows >= ids.shape[0])).any(axis=1))[0])
+            raise ValueError(f"{data_dir}: neighbour ids must be -1 or in [0, {ids.shape[0]}): row {bad} holds "
+                             f"{ids[bad].tolist()}; rebuild with `python -m data_pipeline.index --overwrite`")
     return ids, scores, meta
 
 
@@ -778,9 +784,11 @@ def build_neighbours(data_dir: str, doc_embeddings: np.ndarray, text_queries: np
                      index_dir: str | None = None, params: dict[str, Any] | None = None,
                      k_text: int = 2, k_image: int = 2, num_candidates: int = 32,
                      max_score: float = NEAR_DUPLICATE_SCORE,
-                     diversity_threshold: float = 0.9, progress: bool = False) -> dict[str, Any]:
+                     diversity_threshold: float = 0.9, progress: bool = False,
+                     embedder: dict[str, Any] | None = None) -> dict[str, Any]:
     """Single-machine convenience: index the bank (DATA_DIR/scann_index, sharded when num_shards >
-    1), retrieve and select every document's neighbours, write the sidecar. Returns the stats."""
+    1), retrieve and select every document's neighbours, write the sidecar (with `embedder`: what
+    embedded the bank, so generation queries it the same way). Returns the stats."""
     doc_embeddings = np.asarray(doc_embeddings, np.float32)
     valid = np.asarray(has_text, bool) | np.asarray(has_image, bool)
     if not valid.any():
@@ -799,8 +807,19 @@ def build_neighbours(data_dir: str, doc_embeddings: np.ndarray, text_queries: np
         diversity_threshold=diversity_threshold, progress=progress)
     stats["index_build_seconds"] = build_seconds
     stats["num_shards"] = int(num_shards)
-    save_neighbours(data_dir, ids, scores, stats, extra={"index_dir": os.path.relpath(index_dir, data_dir)})
+    save_neighbours(data_dir, ids, scores, stats, extra={"index_dir": os.path.relpath(index_dir, data_dir),
+                                                         **({"embedder": embedder} if embedder else {})})
     return stats
+
+
+def index_embedder(data_dir: str) -> dict[str, Any] | None:
+    """What embedded DATA_DIR's bank, as its last index build recorded it: {"kind": "retriever"},
+    {"kind": "clip", "clip_model": DIR} or {"kind": "embeddings", "path": FILE} (a user's vectors,
+    with no query encoder); None when there is no sidecar or it predates the record."""
+    path = os.path.join(data_dir or "", NEIGHBOURS_JSON)
+    if not data_dir or not os.path.exists(path):
+        return None
+    return workdir_io.read_format_json(path, NEIGHBOURS_FORMAT, what="neighbour sidecar").get("embedder")
 
 
 def load_index(index_dir: str):

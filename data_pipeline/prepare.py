@@ -428,9 +428,21 @@ def documents_dir(data_dir: str) -> str:
     return os.path.join(data_dir, BUILDER_NAME, str(Cm3Documents.VERSION))
 
 
+def documents_builder(data_dir: str, split: str):
+    """The prepared dataset's TFDS builder, or a clear error when DATA_DIR is not one or lacks `split`."""
+    directory = documents_dir(data_dir)
+    if not os.path.exists(os.path.join(directory, "dataset_info.json")):
+        raise FileNotFoundError(f"{data_dir!r} is not a dataset made by `python -m data_pipeline.prepare` "
+                                f"(no {os.path.join(BUILDER_NAME, str(Cm3Documents.VERSION), 'dataset_info.json')})")
+    builder = tfds.builder_from_directory(directory)
+    if split not in builder.info.splits:
+        raise ValueError(f"{data_dir} has no {split!r} split; it has {sorted(builder.info.splits)}")
+    return builder
+
+
 def load_documents(data_dir: str, split: str):
     """Random-access documents of a prepared split (no TensorFlow needed)."""
-    return tfds.builder_from_directory(documents_dir(data_dir)).as_data_source(split)
+    return documents_builder(data_dir, split).as_data_source(split)
 
 
 class TokenDocuments:
@@ -445,9 +457,7 @@ class TokenDocuments:
 
     def __init__(self, data_dir: str, split: str):
         from tensorflow_datasets.core.data_sources import base as tfds_sources
-        builder = tfds.builder_from_directory(documents_dir(data_dir))
-        if split not in builder.info.splits:
-            raise ValueError(f"{data_dir} has no {split!r} split; it has {sorted(builder.info.splits)}")
+        builder = documents_builder(data_dir, split)
         self._files = [(fi.filename, int(fi.skip), int(fi.take))
                        for fi in tfds_sources.file_instructions(builder.info, split)]
         self._ends = np.cumsum([take for _, _, take in self._files]).tolist()

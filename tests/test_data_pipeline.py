@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -581,6 +582,16 @@ def test_retrieval_split_over_hosts_equals_the_one_host_run_and_resumes(tiny_pip
     stamp = os.stat(embed_json).st_mtime_ns
     index_parts.embed_part(multi, hosts, 0)
     assert os.stat(embed_json).st_mtime_ns == stamp
+    # a redone embed part (other embeddings, say) makes the parts made from it stale: redone, never reused
+    index_parts.embed_part(multi, hosts, 0, overwrite=True)
+    with pytest.raises(ValueError, match=r"the select parts of hosts \[0, 1\] were made from earlier embed/search"):
+        index_parts.finish(multi)
+    with pytest.raises(ValueError, match=r"the search parts of hosts \[0, 1\] were made from earlier embed parts"):
+        index_parts.select_part(multi, hosts, 0)
+    search_json = os.path.join(index_parts.part_dir(multi, "search", 0, hosts), index_parts.PART_JSON)
+    stamp = os.stat(search_json).st_mtime_ns
+    index_parts.search_part(multi, hosts, 0, num_shards=shards, candidates=96)
+    assert os.stat(search_json).st_mtime_ns != stamp
     index_parts.search_part(multi, hosts, 1, num_shards=shards, candidates=8, overwrite=True)
     with pytest.raises(ValueError, match=r"host 1's search part differs from host 0's in \['candidates'\]"):
         index_parts.select_part(multi, hosts, 0, overwrite=True)
@@ -600,6 +611,19 @@ def test_retrieval_split_over_hosts_equals_the_one_host_run_and_resumes(tiny_pip
     with pytest.raises(ValueError, match=r"--host_index must be in \[0, 2\)"):
         index_parts.embed_part(multi, hosts, 2)
 
+
+def test_index_flags_and_inputs_are_checked_before_any_work(tiny_pipeline, tmp_path):
+    from data_pipeline import index
+    from tests.helpers import cli_env
+    for args, message in ((["--stage", "train", "--embeddings", str(tmp_path / "x.npy")], "go with --stage all or embed"),
+                          (["--num_shards", "0", "--overwrite"], "--num_shards must be >= 1, got 0")):
+        run = subprocess.run([sys.executable, "-m", "data_pipeline.index", "--data", tiny_pipeline["data"], *args],
+                             capture_output=True, text=True, env=cli_env(1), timeout=300)
+        assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+    with pytest.raises(ValueError, match=r"--num_shards 97 must be in \[1, 96\]"):
+        index.build(tiny_pipeline["data"], num_shards=97)
+    with pytest.raises(FileNotFoundError, match="is not a dataset made by `python -m data_pipeline.prepare`"):
+        index.build(str(tmp_path))
 
 def test_slurm_index_chain_of_stage_scripts_builds_the_one_host_sidecar_from_user_embeddings(tiny_pipeline, tmp_path):
     """launch/slurm_index.sh for real, without Slurm (a fake sbatch; test_slurm_launch.py has its

@@ -287,6 +287,28 @@ def test_a_user_clip_checkpoint_as_the_retriever(tiny_pipeline, tmp_path):
     assert sample.scores is not None and sample.images.shape[0] == 2   # reranked by the data's CLIP
 
 
+def test_generation_queries_the_bank_the_way_its_last_index_build_embedded_it(tiny_pipeline, tmp_path):
+    """A CLIP reference left by an earlier `--clip_model` build is not used once the index is rebuilt
+    with the retriever; an index of a user's `--embeddings` has no query encoder: no retrieval."""
+    import shutil
+    from cm3leon_jax import retriever
+    from data_pipeline import index as index_lib, neighbours
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_pipeline["data"], data)
+    retriever.save_clip_reference(data, str(tmp_path / "removed_clip"), np.zeros((96, 8), np.float32))
+    index_lib.build(data)
+    assert neighbours.index_embedder(data) == {"kind": "retriever"}
+    gen = generate.Generator(tiny_pipeline["lm"], data_dir=data)   # the stale reference names no checkpoint
+    caption = "a small red circle at the top left"
+    assert gen.clip_scorer is None and gen.can_retrieve and len(gen.retrieve(caption, 2)) == 2
+    np.save(tmp_path / "mine.npy", np.random.default_rng(0).standard_normal((96, 16)).astype(np.float32))
+    index_lib.build(data, embeddings_path=str(tmp_path / "mine.npy"))
+    assert neighbours.index_embedder(data) == {"kind": "embeddings", "path": str(tmp_path / "mine.npy")}
+    gen = generate.Generator(tiny_pipeline["lm"], data_dir=data)
+    assert not gen.can_retrieve
+    with pytest.raises(ValueError, match="built from --embeddings, which come with no query encoder"):
+        gen.retrieve(caption, 2)
+
 def test_int8_bfloat16_generator_decodes_and_bad_dtypes_are_refused(tiny_pipeline, generator):
     """Both precision options in one Generator (each alone is tested on the model in test_quantization)."""
     import jax.numpy as jnp

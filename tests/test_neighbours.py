@@ -301,6 +301,12 @@ def test_compute_neighbours_and_sidecar(tmp_path):
     np.testing.assert_array_equal(scores2, scores)
     with pytest.raises(ValueError, match="neighbours for 400 documents"):
         NB.load_neighbours(str(tmp_path), n + 1)
+    for bad_id in (n, -7):   # an id outside the documents, or negative but not padding
+        broken = ids.copy()
+        broken[5, 0] = bad_id
+        NB.save_neighbours(str(tmp_path / "broken"), broken, scores, stats)
+        with pytest.raises(ValueError, match=r"ids must be -1 or in \[0, 400\): row 5 holds"):
+            NB.load_neighbours(str(tmp_path / "broken"), n)
     # a truncated or foreign sidecar manifest is a clear error naming the file, never a KeyError later
     sidecar = tmp_path / "copy" / NB.NEIGHBOURS_JSON
     sidecar.write_text(sidecar.read_text()[:40])

@@ -110,6 +110,16 @@ def test_load_embeddings_validates(tmp_path):
     with pytest.raises(ValueError, match="all-zero"):
         R.load_embeddings(str(tmp_path / "zero.npy"), 5)
     assert np.all(R.load_embeddings(str(tmp_path / "zero.npy"), 5, allow_zero_rows=True)[3] == 0)
+    # rows beyond float32's range keep their direction (their squared norm would overflow or vanish)
+    extreme = good.astype(np.float64)
+    extreme[0] *= 1e20
+    extreme[1] *= 1e-25
+    extreme[2] *= 1e300
+    np.save(tmp_path / "extreme.npy", extreme)
+    np.testing.assert_allclose(R.load_embeddings(str(tmp_path / "extreme.npy"), 5, chunk=2), out, atol=1e-6)
+    np.savez(tmp_path / "archive.npz", good=good)
+    with pytest.raises(ValueError, match="one .num_documents, dim. array saved with np.save"):
+        R.load_embeddings(str(tmp_path / "archive.npz"), 5)
     np.save(tmp_path / "ints.npy", np.ones((5, 4), np.int32))
     with pytest.raises(ValueError, match="floating"):
         R.load_embeddings(str(tmp_path / "ints.npy"), 5)

@@ -82,6 +82,10 @@ def test_held_out_batches_are_fixed_unseen_walks_split_between_processes():
     for batch, *parts in zip(one, *halves):   # each process its own rows of the same global batches
         for key in data_pipeline.BATCH_KEYS:
             np.testing.assert_array_equal(batch[key], np.concatenate([p[key] for p in parts]))
+    # a split larger than the batches need is never cycled: no held-out document is scored twice
+    segments = [tuple(np.append(b["inputs"][r][b["segment_ids"][r] == s], b["targets"][r][b["segment_ids"][r] == s][-1]))
+                for b in one for r in range(8) for s in set(b["segment_ids"][r].tolist()) - {0}]
+    assert len(segments) == len(set(segments)) > 20
     # the held-out documents are the chain's walks past the training range, which training never reads
     n = int(config.data.num_documents)
     chain = synthetic_tokens.MarkovDocuments(64, 2 * n, 4, 20, int(config.data.source_seed))
