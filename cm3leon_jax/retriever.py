@@ -175,19 +175,35 @@ def combine_document_embeddings(text_emb, image_emb, has_text, has_image):
 
 
 def info_nce_loss(text_emb: jax.Array, image_emb: jax.Array, logit_scale: jax.Array,
-                  max_logit_scale: float = 100.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  max_logit_scale: float = 100.0, row_ids: jax.Array | None = None,
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Symmetric InfoNCE (CLIP): pair i's text must pick image i among the batch and vice versa.
 
     text_emb, image_emb: [B, D] l2-normalised; logit_scale: log of the inverse temperature
-    (learned), its exponential capped at max_logit_scale. Returns (loss, metrics) where metrics
-    hold the in-batch retrieval accuracy in both directions."""
-    scale = jnp.minimum(jnp.exp(logit_scale), max_logit_scale)
+    (learned), capped at log(max_logit_scale) (the trainer also clamps the parameter itself after
+    each step, as CLIP does, so it never sits in the cap's zero gradient). row_ids [B]: which
+    document each row is; a batch larger than the corpus repeats documents, and a copy is neither
+    a negative of its original nor counted twice. Returns (loss, metrics) where metrics hold the
+    in-batch retrieval accuracy in both directions."""
+    scale = jnp.exp(jnp.minimum(logit_scale, math.log(max_logit_scale)))
     logits = scale * jnp.einsum("id,jd->ij", text_emb.astype(jnp.float32), image_emb.astype(jnp.float32))
-    labels = jnp.arange(logits.shape[0])
-    loss_t2i = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    loss_i2t = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
-    acc_t2i = jnp.mean(jnp.argmax(logits, axis=1) == labels)
-    acc_i2t = jnp.mean(jnp.argmax(logits, axis=0) == labels)
+    b = logits.shape[0]
+    labels = jnp.arange(b)
+    weight = jnp.ones((b,), jnp.float32)
+    if row_ids is not None:   # each row sees every document once: its own column and the others' first copies
+        other = ~jnp.eye(b, dtype=bool)
+        same = (row_ids[:, None] == row_ids[None, :]) & other
+        first = ~jnp.any(same & (labels[None, :] < labels[:, None]), axis=1)
+        logits = jnp.where((same | ~first[None, :] | ~first[:, None]) & other, -jnp.inf, logits)
+        weight = first.astype(jnp.float32)
+
+    def mean(x):
+        return jnp.sum(x * weight) / jnp.sum(weight)
+
+    loss_t2i = mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    loss_i2t = mean(optax.softmax_cross_entropy_with_integer_labels(logits.T, labels))
+    acc_t2i = mean(jnp.argmax(logits, axis=1) == labels)
+    acc_i2t = mean(jnp.argmax(logits, axis=0) == labels)
     loss = 0.5 * (loss_t2i + loss_i2t)
     metrics = {"loss": loss, "accuracy_t2i": acc_t2i, "accuracy_i2t": acc_i2t,
                "accuracy": 0.5 * (acc_t2i + acc_i2t), "temperature": 1.0 / scale}
@@ -574,13 +590,14 @@ def make_train_step(config):
 
     def loss_fn(params, batch):
         t, i, scale = model.apply({"params": params}, batch["text_ids"], batch["text_mask"], batch["image_codes"])
-        return info_nce_loss(l2_normalize(t), l2_normalize(i), scale, max_scale)
+        return info_nce_loss(l2_normalize(t), l2_normalize(i), scale, max_scale, batch["row_ids"][:, 0])
 
     def train_step(state, batch):
         params, opt_state = state
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        params = {**params, "logit_scale": jnp.minimum(params["logit_scale"], math.log(max_scale))}   # CLIP's clamp
         metrics["grad_norm"] = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
         return (params, opt_state), metrics
 
@@ -591,10 +608,12 @@ def make_train_step(config):
 
 
 def _batch_from_rows(text_ids, text_mask, codes, rows) -> dict[str, np.ndarray]:
-    return {"text_ids": text_ids[rows], "text_mask": text_mask[rows], "image_codes": codes[rows]}
+    return {"text_ids": text_ids[rows], "text_mask": text_mask[rows], "image_codes": codes[rows],
+            "row_ids": np.asarray(rows, np.int32)[:, None]}   # [B, 1]: batches are placed as rank >= 2
 
 
-def train_retriever(config, documents, workdir: str, *, mesh: Mesh | None = None) -> dict[str, Any]:
+def train_retriever(config, documents, workdir: str, *, mesh: Mesh | None = None,
+                    trained_on: dict[str, Any] | None = None) -> dict[str, Any]:
     """Trains the dual encoder contrastively on the corpus's paired (text and image) documents.
 
     documents: a mapping {"text_ids": [...], "image_codes": [...]} of aligned lists, or an
@@ -602,7 +621,8 @@ def train_retriever(config, documents, workdir: str, *, mesh: Mesh | None = None
     Data parallel over all devices (the global batch split over data x fsdp of a (-1, 1, 1) mesh;
     each process feeds its rows of the same seeded global batch). Logs loss, in-batch retrieval
     accuracy and temperature to workdir/retriever/metrics.jsonl (+ TensorBoard), saves the
-    parameters with orbax under workdir/retriever/params and the config beside them.
+    parameters with orbax under workdir/retriever/params and the config beside them (with
+    `trained_on`, a record of the data, so a later run can tell whether it still fits).
     Returns {"params", "history", "final", "counts", "directory"}."""
     from cm3leon_jax.metrics import MetricsLogger
 
@@ -625,7 +645,8 @@ def train_retriever(config, documents, workdir: str, *, mesh: Mesh | None = None
     first_row = jax.process_index() * per_process
     effective_batch = min(global_batch, num)
     if effective_batch < global_batch:
-        logging.warning("retriever: %d paired documents < batch_size %d; batches repeat documents", num, global_batch)
+        logging.warning("retriever: %d paired documents < batch_size %d; batches repeat documents (a copy is no "
+                        "negative and counts once)", num, global_batch)
 
     repl = sharding.replicated(mesh)
     tx, train_step, eval_step = make_train_step(config)
@@ -669,18 +690,18 @@ def train_retriever(config, documents, workdir: str, *, mesh: Mesh | None = None
                 logger.write(step, m, steps)
         final = {k: float(v) for k, v in eval_step(state[0], place(eval_rows)).items()}
     final_record = {f"eval_{k}": v for k, v in final.items()}
-    final_record["eval_chance_accuracy"] = 1.0 / global_batch
+    final_record["eval_chance_accuracy"] = 1.0 / effective_batch
     logger.write(steps, final_record, steps)
     logger.close()
     history.append({"step": steps, **final_record})
 
     params = state[0]
-    save_retriever(out_dir, params, config)
+    save_retriever(out_dir, params, config, trained_on=trained_on)
     return {"params": params, "history": history, "final": final, "initial": initial, "counts": counts,
             "directory": out_dir}
 
 
-def save_retriever(directory: str, params, config) -> None:
+def save_retriever(directory: str, params, config, *, trained_on: dict[str, Any] | None = None) -> None:
     import orbax.checkpoint as ocp
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -692,7 +713,8 @@ def save_retriever(directory: str, params, config) -> None:
         config = _as_retriever_config(config)
         tmp = os.path.join(directory, CONFIG_JSON + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"format": FORMAT, "config": json.loads(config.to_json())}, f, indent=1, sort_keys=True)
+            json.dump({"format": FORMAT, "config": json.loads(config.to_json()),
+                       **({"trained_on": trained_on} if trained_on else {})}, f, indent=1, sort_keys=True)
         os.replace(tmp, os.path.join(directory, CONFIG_JSON))
 
 
@@ -722,14 +744,20 @@ def load_clip_reference(data_dir: str) -> dict | None:
     return {"clip_model": saved["clip_model"], "embeddings": os.path.join(os.path.dirname(path), saved["embeddings"])}
 
 
-def load_retriever(directory: str):
-    """Loads (params, config) saved by train_retriever; `directory` is the workdir or workdir/retriever."""
-    import orbax.checkpoint as ocp
+def saved_retriever_record(directory: str) -> tuple[str, dict[str, Any]]:
+    """(the retriever's directory, its config.json: {"config", "trained_on"?}); `directory` is the
+    workdir or workdir/retriever."""
     directory = os.path.abspath(directory)
     if not os.path.exists(os.path.join(directory, CONFIG_JSON)) and os.path.isdir(os.path.join(directory, RETRIEVER_SUBDIR)):
         directory = os.path.join(directory, RETRIEVER_SUBDIR)
-    saved = workdir_io.read_format_json(os.path.join(directory, CONFIG_JSON), FORMAT, what="trained retriever",
-                                        hint="python -m data_pipeline.index trains one")
+    return directory, workdir_io.read_format_json(os.path.join(directory, CONFIG_JSON), FORMAT, what="trained retriever",
+                                                  hint="python -m data_pipeline.index trains one")
+
+
+def load_retriever(directory: str):
+    """Loads (params, config) saved by train_retriever; `directory` is the workdir or workdir/retriever."""
+    import orbax.checkpoint as ocp
+    directory, saved = saved_retriever_record(directory)
     config = _as_retriever_config(saved["config"])
     abstract = jax.eval_shape(lambda: init_params(config, 0))
     device = jax.local_devices()[0]

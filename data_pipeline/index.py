@@ -12,7 +12,9 @@ aligned with the documents), then writes DIR/scann_index and the neighbour sidec
 """
 from __future__ import annotations
 
+import json
 import os
+import zlib
 
 import numpy as np
 from absl import logging
@@ -93,13 +95,39 @@ def has_retriever(data_dir: str) -> bool:
     return os.path.exists(os.path.join(data_dir, retriever.RETRIEVER_SUBDIR, retriever.CONFIG_JSON))
 
 
+# fields that do not change the trained parameters: a retriever differing only there is reused
+_NOT_TRAINING_FIELDS = ("log_every", "embed_batch_size")
+
+
+def training_data_record(texts, images, samples: int = 1024) -> dict[str, int]:
+    """What a retriever was trained on: the document count and a CRC of an evenly spaced sample of
+    documents' tokens (re-ingested data or another tokenizer changes it), cheap at any size."""
+    n = len(texts)
+    crc = 0
+    for i in np.unique(np.linspace(0, n - 1, min(n, samples)).astype(np.int64)) if n else []:
+        crc = zlib.crc32(np.asarray(images[i], np.int32).tobytes(), zlib.crc32(np.asarray(texts[i], np.int32).tobytes(), crc))
+    return {"num_documents": n, "sample_crc32": crc}
+
+
 def train_or_load_retriever(data_dir: str, texts, images, *, seed: int = 0, **retriever_overrides):
-    """(params, config) of DATA_DIR's retriever, trained on the given columns unless already there."""
-    if has_retriever(data_dir):
-        logging.info("using the retriever already trained in %s", data_dir)
-        return retriever.load_retriever(data_dir)
+    """(params, config) of DATA_DIR's retriever: the one trained there when it was trained with
+    these settings on these documents, else a new one trained on the given columns (a reused
+    retriever of other data or settings would embed silently wrong)."""
     config = retriever_config_for(data_dir, seed=seed, **retriever_overrides)
-    return retriever.train_retriever(config, {"text_ids": texts, "image_codes": images}, data_dir)["params"], config
+    trained_on = training_data_record(texts, images)
+    if has_retriever(data_dir):
+        _, saved = retriever.saved_retriever_record(data_dir)
+        wanted = json.loads(config.to_json())
+        differ = [k for k in sorted(set(wanted) | set(saved["config"]))
+                  if k not in _NOT_TRAINING_FIELDS and wanted.get(k) != saved["config"].get(k)]
+        if saved.get("trained_on", trained_on) != trained_on:   # retrievers saved before the record: settings only
+            differ.append("training documents")
+        if not differ:
+            logging.info("using the retriever already trained in %s", data_dir)
+            return retriever.load_retriever(data_dir)
+        logging.warning("the retriever in %s was trained with other %s: training a new one", data_dir, ", ".join(differ))
+    return retriever.train_retriever(config, {"text_ids": texts, "image_codes": images}, data_dir,
+                                     trained_on=trained_on)["params"], config
 
 
 def build(data_dir: str, *, embeddings_path: str | None = None, clip_model: str | None = None, num_shards: int = 1,

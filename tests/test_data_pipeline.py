@@ -612,6 +612,27 @@ def test_retrieval_split_over_hosts_equals_the_one_host_run_and_resumes(tiny_pip
         index_parts.embed_part(multi, hosts, 2)
 
 
+def test_a_trained_retriever_is_reused_only_for_the_same_settings_and_documents(tiny_pipeline, tmp_path):
+    from cm3leon_jax import retriever
+    from data_pipeline import index
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_pipeline["data"], data, ignore=shutil.ignore_patterns("retriever"))
+    texts, images = index.document_columns(prepare.load_documents(data, "train"), index.image_tokens_of(data))
+    tiny = dict(steps=2, batch_size=8, width=16, embed_dim=16, text_layers=1, image_layers=1, num_heads=2)
+    saved = os.path.join(data, retriever.RETRIEVER_SUBDIR, retriever.CONFIG_JSON)
+
+    def trained(**kw):
+        index.train_or_load_retriever(data, kw.pop("texts", texts), kw.pop("images", images), **{**tiny, **kw})
+        return os.stat(saved).st_mtime_ns, json.load(open(saved))
+
+    first, record = trained()
+    assert record["trained_on"]["num_documents"] == 96
+    assert trained(log_every=7)[0] == first                 # logging only: reused
+    second, record = trained(steps=3)                       # other settings: trained again
+    assert second != first and record["config"]["steps"] == 3
+    third, record = trained(steps=3, texts=texts[:90], images=images[:90])   # other documents: trained again
+    assert third != second and record["trained_on"]["num_documents"] == 90
+
 def test_index_flags_and_inputs_are_checked_before_any_work(tiny_pipeline, tmp_path):
     from data_pipeline import index
     from tests.helpers import cli_env

@@ -58,6 +58,36 @@ def test_info_nce_symmetric_and_perfect_pairs():
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
     _, m = R.info_nce_loss(jnp.asarray(e), jnp.asarray(e), jnp.log(1e6), max_logit_scale=100.0)
     np.testing.assert_allclose(float(m["temperature"]), 0.01, rtol=1e-5)  # scale capped at 100
+    # a batch larger than the corpus repeats documents: copies are no negatives and count once
+    rows = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    repeated, m = R.info_nce_loss(jnp.asarray(t[rows]), jnp.asarray(i[rows]), jnp.log(10.0), row_ids=jnp.asarray(rows))
+    distinct, m4 = R.info_nce_loss(jnp.asarray(t[:4]), jnp.asarray(i[:4]), jnp.log(10.0))
+    np.testing.assert_allclose(float(repeated), float(distinct), rtol=1e-6)
+    np.testing.assert_allclose(float(m["accuracy"]), float(m4["accuracy"]))
+    _, m = R.info_nce_loss(jnp.asarray(e[rows]), jnp.asarray(e[rows]), jnp.log(100.0), row_ids=jnp.asarray(rows))
+    assert float(m["accuracy"]) == 1.0
+
+
+def test_temperature_is_clamped_at_its_cap_and_still_learns():
+    """CLIP clamps log(1/T) after each step: capping only inside the loss would leave a parameter
+    past the cap with zero gradient, frozen there."""
+    import jax
+    config = _tiny_config()
+    texts, images, _ = _paired_corpus()
+    text_ids, text_mask = R.pad_text(texts[:32], config)
+    codes, _ = R.stack_images(images[:32], config)
+    rows = np.arange(32)
+    batch = R._batch_from_rows(text_ids, text_mask, codes, rows)
+    batch["image_codes"] = batch["image_codes"][::-1].copy()   # mismatched pairs: the loss wants a warmer temperature
+    tx, train_step, _ = R.make_train_step(config)
+    params = R.init_params(config, 0)
+    params["logit_scale"] = jax.numpy.asarray(np.log(config.max_logit_scale) + 1.0)   # past the cap
+    state = (params, tx.init(params))
+    cap = np.log(config.max_logit_scale)
+    for _ in range(20):
+        state, metrics = train_step(state, batch)
+        assert float(state[0]["logit_scale"]) <= cap + 1e-6
+    assert float(state[0]["logit_scale"]) < cap - 1e-3   # moved off the cap
 
 
 def test_query_dropout_deterministic_and_twenty_percent():
