@@ -95,7 +95,10 @@ def has_retriever(data_dir: str) -> bool:
     return os.path.exists(os.path.join(data_dir, retriever.RETRIEVER_SUBDIR, retriever.CONFIG_JSON))
 
 
-# fields that do not change the trained parameters: a retriever differing only there is reused
+# what a trained retriever must match to be reused, besides the settings a caller asks for: the
+# data's vocabulary (sizes) and the seed
+_ALWAYS_CHECKED = ("seed", "text_vocab_size", "num_image_codes", "image_grid")
+# fields that do not change the trained parameters: asking for other values reuses it
 _NOT_TRAINING_FIELDS = ("log_every", "embed_batch_size")
 
 
@@ -110,15 +113,16 @@ def training_data_record(texts, images, samples: int = 1024) -> dict[str, int]:
 
 
 def train_or_load_retriever(data_dir: str, texts, images, *, seed: int = 0, **retriever_overrides):
-    """(params, config) of DATA_DIR's retriever: the one trained there when it was trained with
-    these settings on these documents, else a new one trained on the given columns (a reused
-    retriever of other data or settings would embed silently wrong)."""
+    """(params, config) of DATA_DIR's retriever: the one trained there when it was trained on these
+    documents with the settings asked for (`retriever_overrides`; the others are whatever it was
+    trained with), else a new one trained on the given columns (a reused retriever of other data
+    or settings would embed silently wrong)."""
     config = retriever_config_for(data_dir, seed=seed, **retriever_overrides)
     trained_on = training_data_record(texts, images)
     if has_retriever(data_dir):
         _, saved = retriever.saved_retriever_record(data_dir)
         wanted = json.loads(config.to_json())
-        differ = [k for k in sorted(set(wanted) | set(saved["config"]))
+        differ = [k for k in sorted(set(retriever_overrides) | set(_ALWAYS_CHECKED))
                   if k not in _NOT_TRAINING_FIELDS and wanted.get(k) != saved["config"].get(k)]
         if saved.get("trained_on", trained_on) != trained_on:   # retrievers saved before the record: settings only
             differ.append("training documents")

@@ -628,6 +628,8 @@ def test_a_trained_retriever_is_reused_only_for_the_same_settings_and_documents(
     first, record = trained()
     assert record["trained_on"]["num_documents"] == 96
     assert trained(log_every=7)[0] == first                 # logging only: reused
+    index.train_or_load_retriever(data, texts, images)      # nothing asked for: whatever was trained there
+    assert os.stat(saved).st_mtime_ns == first
     second, record = trained(steps=3)                       # other settings: trained again
     assert second != first and record["config"]["steps"] == 3
     third, record = trained(steps=3, texts=texts[:90], images=images[:90])   # other documents: trained again
