@@ -134,6 +134,16 @@ def train_or_load_retriever(data_dir: str, texts, images, *, seed: int = 0, **re
                                      trained_on=trained_on)["params"], config
 
 
+def embedder_record(clip_model: str | None = None, embeddings_path: str | None = None) -> dict[str, str]:
+    """neighbours.json's "embedder": what embedded the bank, so generation queries it the same way
+    (`neighbours.index_embedder` reads it back)."""
+    if clip_model:
+        return {"kind": "clip", "clip_model": os.path.abspath(clip_model)}
+    if embeddings_path:
+        return {"kind": "embeddings", "path": os.path.abspath(embeddings_path)}
+    return {"kind": "retriever"}
+
+
 def build(data_dir: str, *, embeddings_path: str | None = None, clip_model: str | None = None, num_shards: int = 1,
           seed: int = 0, **retriever_overrides) -> dict:
     """Trains (or loads) the retriever, or embeds with a user's CLIP, indexes the train split and
@@ -149,18 +159,16 @@ def build(data_dir: str, *, embeddings_path: str | None = None, clip_model: str 
     if clip_model:
         doc_emb, text_q, image_q = clip_embeddings(data_dir, clip_model, texts, images, seed=seed)
         retriever.save_clip_reference(data_dir, clip_model, doc_emb)
-        embedder = {"kind": "clip", "clip_model": os.path.abspath(clip_model)}
     elif embeddings_path:
         doc_emb = retriever.load_embeddings(embeddings_path, len(documents))
         text_q = image_q = doc_emb  # user embeddings: one vector per document serves both queries
-        embedder = {"kind": "embeddings", "path": os.path.abspath(embeddings_path)}
     else:
-        embedder = {"kind": "retriever"}
         params, config = train_or_load_retriever(data_dir, texts, images, seed=seed, **retriever_overrides)
         doc_emb = retriever.embed_documents(params, config, texts, images)
         text_q, image_q, _, _ = retriever.embed_queries(params, config, texts, images, seed=seed)
     stats = neighbours.build_neighbours(data_dir, doc_emb, text_q, image_q, has_text, has_image,
-                                        num_shards=num_shards, embedder=embedder)
+                                        num_shards=num_shards,
+                                        embedder=embedder_record(clip_model, embeddings_path))
     logging.info("neighbours: %s", stats)
     return stats
 

@@ -403,9 +403,7 @@ def finish(data_dir: str, *, remove_parts: bool = False) -> dict[str, Any]:
                  index_build_seconds=sum(m["index_build_seconds"] for m in searched))
     if "clip_model" in bank.source:
         retriever.save_clip_reference(data_dir, bank.source["clip_model"], bank.doc)
-    embedder = ({"kind": "clip", "clip_model": bank.source["clip_model"]} if "clip_model" in bank.source else
-                {"kind": "embeddings", "path": bank.source["embeddings"]} if "embeddings" in bank.source else
-                {"kind": "retriever"})
+    embedder = index_lib.embedder_record(bank.source.get("clip_model"), bank.source.get("embeddings"))
     neighbours.save_neighbours(data_dir, ids, scores, stats, extra={"index_dir": "scann_index", "embedder": embedder})
     if remove_parts:
         del ids, scores, bank
