@@ -228,6 +228,10 @@ def decode_caption(raw: Any) -> str:
             raise SkipRecord("caption_not_utf8") from None
     if not isinstance(raw, str):
         raise SkipRecord("unsupported_caption", f"a caption must be text, got {type(raw).__name__}")
+    try:   # JSON's "\ud800" escape gives a str no tokenizer can encode (a lone surrogate)
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SkipRecord("caption_not_utf8", "lone surrogate") from None
     raw = raw.replace("\ufeff", "")   # a byte-order mark (Windows editors) is not whitespace to split()
     if not raw.strip():
         raise SkipRecord("empty_caption")

@@ -224,6 +224,25 @@ def test_sft_jsonl_ingestion_counts_bad_lines(tiny_pipeline, tmp_path):
     assert sw.CLASS_PALETTE.shape == (8, 3)
 
 
+def test_sft_jsonl_text_that_is_not_unicode_is_skipped_not_fatal(tiny_spm_model, tmp_path):
+    """JSON's "\\ud800" escape is valid JSON but a lone surrogate no tokenizer encodes: that line is
+    skipped and counted, the ingestion goes on (no VQ needed: a stand-in encoder makes the codes)."""
+    from experiments import data_sft_shapes
+    from cm3leon_jax.text_tokenizer import TextTokenizer
+    vocab = vocab_lib.Vocabulary(TextTokenizer(tiny_spm_model), 16, 16, num_sentinels=4)
+    Image.fromarray(sft_tasks.shapes_example("vqa", "train", 0, image_size=IMAGE_SIZE)["image"]).save(tmp_path / "a.png")
+    good = {"task": "vqa", "image": "a.png", "question": "how many shapes are there?", "answer": "two"}
+    with open(tmp_path / "tasks.jsonl", "w") as f:
+        for row in (good, dict(good, question="bad \ud800 text"), dict(good, answer="\udfff")):
+            f.write(json.dumps(row) + "\n")
+    cfg = data_sft_shapes.get_config()
+    cfg.update(image_size=IMAGE_SIZE, min_image_size=8, encode_batch_size=4, log_every=1000, decode_threads=1,
+               source="jsonl", jsonl=str(tmp_path / "tasks.jsonl"), validation_fraction=0.0, max_document_length=200)
+    encode = lambda images: (np.asarray(images)[:, ::4, ::4, 0] % 16).astype(np.int32)
+    report = sft_prepare.prepare_sft(cfg, str(tmp_path / "out"), vocab, encode)["splits"]["train"]
+    assert report["kept"] == 1 and report["skipped"] == {"caption_not_utf8": 2}
+
+
 def test_packing_keeps_examples_whole_and_counts_the_too_long(tiny_pipeline, sft_run):
     config = sft_config(tiny_pipeline, sft_run["data"], "", **{})
     config.data.update(seq_len=100, sft_condition_dropout=0.0)  # vqa, edit, segment fit (16 px); captions do not
