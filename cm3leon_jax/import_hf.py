@@ -15,7 +15,9 @@ The format comes from DIR/config.json's model_type (opt | chameleon). Writes
                              evaluation); it holds no optimizer state or data position, so start
                              training runs in a fresh workdir with these params as initialisation
   OUT/hf_vocab_map.json      (when a vocabulary is found) HF ids <-> our id layout: specials,
-                             sentinels, text, image codes (hf_interop.vocab_mapping)
+                             sentinels, text, image codes (hf_interop.vocab_mapping); one found
+                             beside the weights that cannot map (OPT's vocab.json has no <break>)
+                             is left out, the reason in the summary's `not_carried`
   OUT/hf_tokenizer/          the HF tokenizer files, copied for reference
   OUT/vocab/, OUT/vq/        our vocabulary on the checkpoint's tokenizer.json and Chameleon's VQ
                              encoder (below), so generate / sft_prepare run on OUT
@@ -155,7 +157,16 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
     source = _vocab_source(hf_dir, hf_cfg, vocab_file)
     if source is not None:
         hf_vocab = source if isinstance(source, dict) else hf_interop.read_hf_vocab(source)
-        mapping = hf_interop.vocab_mapping(hf_vocab, cfg.vocab_size, num_sentinels)
+        try:
+            mapping = hf_interop.vocab_mapping(hf_vocab, cfg.vocab_size, num_sentinels)
+        except ValueError as e:
+            # a map found beside the weights is a reference only (the model keeps HF ids): a
+            # vocabulary without our specials (OPT's vocab.json) must not block the import
+            if remap_vocab or vocab_file or num_sentinels is not None:
+                raise
+            not_carried.append(f"{VOCAB_MAP_JSON}: the vocabulary found in {hf_dir} does not map onto our id "
+                               f"layout ({e}); the model keeps its HF ids")
+            mapping, hf_vocab = None, None
     if remap_vocab and mapping is None:
         raise ValueError(f"--remap_vocab needs a vocabulary: pass --vocab, or put tokenizer.json/vocab.json in {hf_dir}")
     perm = np.asarray(mapping["ours_to_hf"]) if remap_vocab else None
@@ -367,8 +378,10 @@ def _vocabulary(hf_dir, vocab_file, hf_cfg, fmt, mapping, hf_vocab, remap_vocab,
     from cm3leon_jax import vocab as vocab_lib
     path = _tokenizer_json(hf_dir, vocab_file)
     reason = None
-    if mapping is None or path is None:
+    if path is None:
         reason = f"no tokenizer.json in {hf_dir} (or --vocab)"
+    elif mapping is None:
+        reason = f"no mapping of the vocabulary onto our id layout (see {VOCAB_MAP_JSON} above)"
     elif not remap_vocab:
         reason = "the model keeps HF ids (hf_vocab_map.json); import with --remap_vocab to get ids in our layout"
     elif not mapping["layout"]["num_image_codes"]:

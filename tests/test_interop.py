@@ -121,6 +121,22 @@ def test_import_random_transformers_model(tmp_path, fmt):
         assert config.z_loss_weight == 1e-5 and config.model.qk_norm_params
 
 
+def test_import_opt_folder_with_its_tokenizer_vocab(tmp_path):
+    """A hub OPT folder holds vocab.json (no <break>, no reserved tokens): the import keeps HF ids and
+    says why no hf_vocab_map.json was written; only an explicit --remap_vocab needs the mapping."""
+    _workdir(tmp_path / "ours", **{"model.num_layers": 1})
+    hf_dir = tmp_path / "hf"
+    export.export(str(tmp_path / "ours"), str(hf_dir), "hf-opt")
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"t{i}": i for i in range(4, 60)}}
+    (hf_dir / "vocab.json").write_text(json.dumps(vocab))
+    summary = import_hf.import_hf(str(hf_dir), str(tmp_path / "wd"))
+    assert summary["vocab_mapping"] is None and any("hf_vocab_map.json" in n and "<break>" in n
+                                                    for n in summary["not_carried"])
+    assert not os.path.exists(tmp_path / "wd" / import_hf.VOCAB_MAP_JSON)
+    with pytest.raises(ValueError, match="no token for <break>"):
+        import_hf.import_hf(str(hf_dir), str(tmp_path / "wd2"), remap_vocab=True)
+
+
 def test_params_bundle(tmp_path):
     wd = tmp_path / "wd"
     cfg, _, params = _workdir(wd, step=5, **CHAMELEON)
