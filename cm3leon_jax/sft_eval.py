@@ -171,6 +171,8 @@ def evaluate(workdir: str, baseline: str | None = None, *, num_examples: int = 3
     from cm3leon_jax import generate
     for task in tasks:
         sft_tasks.template(task)
+    if int(num_examples) < 1:   # refused before loading anything: no example has no metric (nor a bootstrap)
+        raise ValueError(f"--num_examples={num_examples}: evaluate at least 1 held-out example per task")
     gen = generate.Generator(workdir)
     size = gen.vq.image_size
     examples = {t: heldout_examples(t, num_examples, size, split, seed) for t in tasks}

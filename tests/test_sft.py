@@ -243,6 +243,11 @@ def test_sft_jsonl_text_that_is_not_unicode_is_skipped_not_fatal(tiny_spm_model,
     assert report["kept"] == 1 and report["skipped"] == {"caption_not_utf8": 2}
 
 
+def test_sft_eval_refuses_no_examples_up_front(tmp_path):
+    with pytest.raises(ValueError, match="num_examples=0"):
+        sft_eval.evaluate(str(tmp_path / "no_such_workdir"), num_examples=0)
+
+
 def test_packing_keeps_examples_whole_and_counts_the_too_long(tiny_pipeline, sft_run):
     config = sft_config(tiny_pipeline, sft_run["data"], "", **{})
     config.data.update(seq_len=100, sft_condition_dropout=0.0)  # vqa, edit, segment fit (16 px); captions do not
