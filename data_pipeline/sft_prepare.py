@@ -73,6 +73,9 @@ def configured_tasks(cfg) -> tuple[str, ...]:
         sft_tasks.template(t)
     if not tasks:
         raise ValueError("config.tasks names no task")
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:   # a task's documents must be one contiguous id range (the report's task ranges)
+        raise ValueError(f"config.tasks={cfg.tasks!r} names {repeated} more than once; name each task once")
     return tasks
 
 

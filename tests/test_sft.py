@@ -243,6 +243,13 @@ def test_sft_jsonl_text_that_is_not_unicode_is_skipped_not_fatal(tiny_spm_model,
     assert report["kept"] == 1 and report["skipped"] == {"caption_not_utf8": 2}
 
 
+def test_a_task_named_twice_is_refused():
+    """Named twice, a task's documents would be two id ranges, reported as one spanning the tasks between."""
+    with pytest.raises(ValueError, match=r"names \['vqa'\] more than once"):
+        sft_prepare.configured_tasks(ml_collections.ConfigDict({"tasks": "vqa,caption, vqa"}))
+    assert sft_prepare.configured_tasks(ml_collections.ConfigDict({"tasks": "vqa,caption"})) == ("vqa", "caption")
+
+
 def test_sft_eval_refuses_no_examples_up_front(tmp_path):
     with pytest.raises(ValueError, match="num_examples=0"):
         sft_eval.evaluate(str(tmp_path / "no_such_workdir"), num_examples=0)
