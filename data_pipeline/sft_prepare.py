@@ -97,7 +97,10 @@ def jsonl_records(cfg, split: str, task: str, first_task: bool, shard: prepare.S
     with open(cfg.jsonl, "rb") as f:
         for line_no, line in enumerate(f, 1):
             key = f"{cfg.jsonl}:{line_no}"
-            if prepare._split_of(key, cfg.validation_fraction) != split or not line.strip():
+            # split by the row's content (as prepare's JSONL): not its line number or the file's path,
+            # so inserting rows moves no old one and a row given twice cannot land in both splits
+            if not line.strip() or prepare._split_of(line.strip().decode("utf-8", "replace"),
+                                                     cfg.validation_fraction) != split:
                 continue
             try:
                 row = json.loads(line)

@@ -224,23 +224,46 @@ def test_sft_jsonl_ingestion_counts_bad_lines(tiny_pipeline, tmp_path):
     assert sw.CLASS_PALETTE.shape == (8, 3)
 
 
-def test_sft_jsonl_text_that_is_not_unicode_is_skipped_not_fatal(tiny_spm_model, tmp_path):
-    """JSON's "\\ud800" escape is valid JSON but a lone surrogate no tokenizer encodes: that line is
-    skipped and counted, the ingestion goes on (no VQ needed: a stand-in encoder makes the codes)."""
+def _jsonl_sft(tmp_path, spm_model, rows, **cfg_fields):
+    """sft_prepare on JSONL `rows` (images: "a.png", a shapes render) with a stand-in VQ (no training):
+    (report's splits, out dir)."""
     from experiments import data_sft_shapes
     from cm3leon_jax.text_tokenizer import TextTokenizer
-    vocab = vocab_lib.Vocabulary(TextTokenizer(tiny_spm_model), 16, 16, num_sentinels=4)
+    vocab = vocab_lib.Vocabulary(TextTokenizer(spm_model), 16, 16, num_sentinels=4)
     Image.fromarray(sft_tasks.shapes_example("vqa", "train", 0, image_size=IMAGE_SIZE)["image"]).save(tmp_path / "a.png")
-    good = {"task": "vqa", "image": "a.png", "question": "how many shapes are there?", "answer": "two"}
     with open(tmp_path / "tasks.jsonl", "w") as f:
-        for row in (good, dict(good, question="bad \ud800 text"), dict(good, answer="\udfff")):
-            f.write(json.dumps(row) + "\n")
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
     cfg = data_sft_shapes.get_config()
     cfg.update(image_size=IMAGE_SIZE, min_image_size=8, encode_batch_size=4, log_every=1000, decode_threads=1,
                source="jsonl", jsonl=str(tmp_path / "tasks.jsonl"), validation_fraction=0.0, max_document_length=200)
+    cfg.update(cfg_fields)
     encode = lambda images: (np.asarray(images)[:, ::4, ::4, 0] % 16).astype(np.int32)
-    report = sft_prepare.prepare_sft(cfg, str(tmp_path / "out"), vocab, encode)["splits"]["train"]
+    return sft_prepare.prepare_sft(cfg, str(tmp_path / "out"), vocab, encode)["splits"], str(tmp_path / "out")
+
+
+_VQA_ROW = {"task": "vqa", "image": "a.png", "question": "how many shapes are there?", "answer": "two"}
+
+
+def test_sft_jsonl_text_that_is_not_unicode_is_skipped_not_fatal(tiny_spm_model, tmp_path):
+    """JSON's "\\ud800" escape is valid JSON but a lone surrogate no tokenizer encodes: that line is
+    skipped and counted, the ingestion goes on."""
+    rows = [_VQA_ROW, dict(_VQA_ROW, question="bad \ud800 text"), dict(_VQA_ROW, answer="\udfff")]
+    report = _jsonl_sft(tmp_path, tiny_spm_model, rows)[0]["train"]
     assert report["kept"] == 1 and report["skipped"] == {"caption_not_utf8": 2}
+
+
+def test_sft_jsonl_splits_by_row_content_so_a_repeated_row_is_in_one_split(tiny_spm_model, tmp_path):
+    """As prepare's JSONL: the split is a hash of the row, not of its line number (which would put
+    copies of one example in train and validation, and move rows when one is inserted)."""
+    words = ("one", "three", "four", "five", "six", "seven", "eight", "nine")
+    rows = [_VQA_ROW] * 6 + [dict(_VQA_ROW, answer=w) for w in words]
+    _, out = _jsonl_sft(tmp_path, tiny_spm_model, rows, tasks="vqa", validation_fraction=0.5)
+    lines = {}
+    for split in ("train", "validation"):
+        docs = sft_prepare.load_sft_documents(out, split)
+        lines[split] = {int(json.loads(docs[i]["meta"])["source"].rsplit(":", 1)[1]) for i in range(len(docs))}
+    assert lines["train"] | lines["validation"] == set(range(1, 15)) and lines["train"] and lines["validation"]
+    assert set(range(1, 7)) <= lines["train"] or set(range(1, 7)) <= lines["validation"]
 
 
 def test_a_task_named_twice_is_refused():
