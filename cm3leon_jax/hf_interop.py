@@ -362,10 +362,15 @@ def peft_config(cfg: model_lib.TransformerConfig, fmt: str, rank: int, alpha: fl
 
 
 # PEFT settings our adapters (x W + alpha / r (x A) B on whole projections, every layer) cannot hold,
-# each with the value that means "not used"
+# each with the value that means "not used". The LoRA variants that change the forward pass are among
+# them: aLoRA (adapters active only after invocation tokens), block-diagonal BD-LoRA, Arrow routing,
+# MonteCLoRA sampling, KaSA (which truncates the base weights' SVD) and QALoRA's pooled inputs.
+# Initialisation-only or backward-only settings (LoftQ, EVA, CorDA, LoRA-GA, VeLoRA) do not matter.
 _PEFT_UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None,
                      "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False, "layer_replication": None,
-                     "lora_bias": False, "trainable_token_indices": None, "target_parameters": None}
+                     "lora_bias": False, "trainable_token_indices": None, "target_parameters": None,
+                     "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
+                     "monteclora_config": None, "kasa_config": None, "use_qalora": False}
 
 
 def adapter_fields_from_peft(peft: dict) -> tuple[int, float]:

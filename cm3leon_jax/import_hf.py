@@ -223,7 +223,7 @@ def import_peft_adapter(adapter_dir: str, base: str, workdir: str, *, base_step:
     init_from = base, OUT/init_from.json names base's step, OUT/checkpoints/0 holds the adapters.
     `Generator`, `evaluate` and `export` read it like any LoRA run (merged into base's weights);
     `config.init_from = OUT` fine-tunes on from the merged model. Anything PEFT holds that our
-    adapters cannot (DoRA, biases, other modules, per-layer ranks, some layers only) is refused."""
+    adapters cannot (DoRA, aLoRA and other LoRA variants, biases, other modules, per-layer ranks, some layers only) is refused."""
     from cm3leon_jax import lora, trainer as trainer_lib
     workdir_io.require_local(workdir, "--workdir")
     if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(os.path.join(workdir, "checkpoints")):

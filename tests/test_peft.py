@@ -133,6 +133,7 @@ def test_an_adapter_made_by_peft_imports_with_peft_logits(tmp_path, hf_base, lor
     (dict(r=4, target_modules=["q_proj"], layers_to_transform=[0]), r"layers_to_transform=\[0\]"),
     (dict(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 2}), r"rank_pattern"),
     (dict(r=4, target_modules=["q_proj", "embed_tokens"]), r"not LoRA A/B of a hf-chameleon layer projection.*embed_tokens"),
+    (dict(r=4, target_modules=["q_proj"], alora_invocation_tokens=[5]), r"alora_invocation_tokens=\[5\]"),
 ])
 def test_peft_adapters_our_adapters_cannot_hold_are_refused(tmp_path, hf_base, lora_config, match):
     hf_dir, base = hf_base
@@ -140,6 +141,16 @@ def test_peft_adapters_our_adapters_cannot_hold_are_refused(tmp_path, hf_base, l
     with pytest.raises(ValueError, match=match):
         import_hf.import_peft_adapter(adapter, base, str(tmp_path / "ours"))
     assert not os.path.exists(tmp_path / "ours" / "checkpoints")
+
+
+@pytest.mark.parametrize("setting", [dict(use_bdlora={"target_modules_bd_a": ["q_proj"]}), dict(arrow_config={"top_k": 2}),
+                                     dict(monteclora_config={"num_experts": 4}), dict(kasa_config={"rank": 4}), dict(use_qalora=True)])
+def test_lora_variants_that_change_the_forward_pass_are_refused(setting):
+    """Their tensors can look like plain LoRA's, so only the config tells (aLoRA: the case above)."""
+    with pytest.raises(ValueError, match=f"{next(iter(setting))}="):
+        hf_interop.adapter_fields_from_peft(dict(peft_type="LORA", r=4, lora_alpha=8, **setting))
+    plain = dict(peft_type="LORA", r=4, lora_alpha=8, velora_config=None, loftq_config={}, eva_config=None)
+    assert hf_interop.adapter_fields_from_peft(plain) == (4, 8.0)
 
 
 def test_adapters_only_export_needs_a_lora_run_with_a_base(tmp_path):
