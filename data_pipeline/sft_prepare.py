@@ -8,7 +8,7 @@ or a JSONL file of `{"task": ..., fields}` lines with images by path (relative t
 `{"task": "edit", "source": "a.png", "instruction": "make the circle blue", "target": "b.png"}`;
 the fields of each task are its template's (`sft_tasks.TEMPLATES`). Same builder machinery, same
 skip-and-count report as `prepare` (bad JSON, unknown task, missing field, unreadable image, text
-with special tokens, too long, template round trip failure); each record also holds
+with special tokens, text the vocabulary cannot spell exactly, too long, template round trip failure); each record also holds
 `output_start` (the first output token: the SFT loss mask) and `slots` (per-token template slot,
 for condition dropout). The documents of each task are contiguous: the report's
 `splits.<split>.tasks` gives each task's [start, stop) ids, which the mixing reads.
@@ -173,7 +173,11 @@ class _SftIngest(prepare._Ingest):
             tmpl = sft_tasks.template(task)
             fields = dict(fields, **{f: codes[offset + i].astype(np.int32) for i, f in enumerate(tmpl.image_fields)})
             offset += len(imgs)
-            seq = sft_tasks.encode_example(task, fields, self.vocab)
+            try:
+                seq = sft_tasks.encode_example(task, fields, self.vocab)
+            except ValueError as e:   # a text the vocabulary cannot spell exactly (an imported HF tokenizer's normaliser)
+                self._skip(record, "text_not_encodable", str(e)[:200])
+                continue
             if len(seq.tokens) > int(self.cfg.max_document_length):
                 self._skip(record, "document_too_long", f"{len(seq.tokens)} tokens")
                 continue

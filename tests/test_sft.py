@@ -224,12 +224,12 @@ def test_sft_jsonl_ingestion_counts_bad_lines(tiny_pipeline, tmp_path):
     assert sw.CLASS_PALETTE.shape == (8, 3)
 
 
-def _jsonl_sft(tmp_path, spm_model, rows, **cfg_fields):
-    """sft_prepare on JSONL `rows` (images: "a.png", a shapes render) with a stand-in VQ (no training):
-    (report's splits, out dir)."""
+def _jsonl_sft(tmp_path, spm_model, rows, vocab=None, **cfg_fields):
+    """sft_prepare on JSONL `rows` (images: "a.png", a shapes render) with a stand-in VQ (no training)
+    and `vocab` (default: on `spm_model`, 16 codes): (report's splits, out dir)."""
     from experiments import data_sft_shapes
     from cm3leon_jax.text_tokenizer import TextTokenizer
-    vocab = vocab_lib.Vocabulary(TextTokenizer(spm_model), 16, 16, num_sentinels=4)
+    vocab = vocab or vocab_lib.Vocabulary(TextTokenizer(spm_model), 16, 16, num_sentinels=4)
     Image.fromarray(sft_tasks.shapes_example("vqa", "train", 0, image_size=IMAGE_SIZE)["image"]).save(tmp_path / "a.png")
     with open(tmp_path / "tasks.jsonl", "w") as f:
         f.write("".join(json.dumps(row) + "\n" for row in rows))
@@ -250,6 +250,23 @@ def test_sft_jsonl_text_that_is_not_unicode_is_skipped_not_fatal(tiny_spm_model,
     rows = [_VQA_ROW, dict(_VQA_ROW, question="bad \ud800 text"), dict(_VQA_ROW, answer="\udfff")]
     report = _jsonl_sft(tmp_path, tiny_spm_model, rows)[0]["train"]
     assert report["kept"] == 1 and report["skipped"] == {"caption_not_utf8": 2}
+
+
+def test_sft_jsonl_text_an_hf_tokenizer_cannot_spell_is_skipped_not_fatal(tmp_path):
+    """An imported checkpoint's tokenizer.json may normalise ("ﬁ" -> "fi"): such a text is skipped and
+    counted, not the end of the ingestion."""
+    pytest.importorskip("tokenizers")
+    from cm3leon_jax import hf_interop, hf_text_tokenizer
+    from tests import helpers
+    data = json.loads(helpers.chameleon_tokenizer_json())
+    data["normalizer"] = {"type": "NFKC"}
+    tj = json.dumps(data)
+    m = hf_interop.vocab_mapping(hf_text_tokenizer.HFTextTokenizer(tj.encode(), [0]).hf_vocab(), 310)
+    lay = m["layout"]
+    tok = hf_text_tokenizer.HFTextTokenizer(tj.encode(), m["ours_to_hf"][lay["text_offset"]:lay["image_offset"]])
+    vocab = vocab_lib.Vocabulary(tok, lay["num_image_codes"], 16, lay["num_sentinels"])
+    report = _jsonl_sft(tmp_path, None, [_VQA_ROW, dict(_VQA_ROW, answer="\ufb01ve")], vocab=vocab)[0]["train"]
+    assert report["kept"] == 1 and report["skipped"] == {"text_not_encodable": 1}
 
 
 def test_sft_jsonl_splits_by_row_content_so_a_repeated_row_is_in_one_split(tiny_spm_model, tmp_path):
