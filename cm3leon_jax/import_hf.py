@@ -444,18 +444,29 @@ def _define_flags():
     flags.DEFINE_bool("remap_vocab", False, "permute embedding/head rows into our id layout")
     flags.DEFINE_integer("num_sentinels", None, "sentinels in our layout (default: as many as the HF vocab spells)")
     flags.DEFINE_integer("seq_len", None, "data.seq_len of the written config (default min(max_positions, 4096))")
-    flags.DEFINE_integer("mesh_data", None, "mesh to stream into (default: fsdp over all devices)")
+    flags.DEFINE_integer("mesh_data", None, "mesh to stream into (default: fsdp over all devices); an axis not "
+                         "given is data 1, fsdp -1 (the remaining devices), tensor 1")
     flags.DEFINE_integer("mesh_fsdp", None, "")
     flags.DEFINE_integer("mesh_tensor", None, "")
     return flags.FLAGS
 
 
+def cli_mesh(data: int | None, fsdp: int | None, tensor: int | None) -> dict | None:
+    """The --mesh_* flags as a mesh config (None: none given, the default mesh). An axis not given is
+    data 1, fsdp -1 (the remaining devices, unless another axis already is -1), tensor 1: the usage
+    line's defaults, so `--mesh_tensor 2` alone fills the rest with fsdp."""
+    if data is None and fsdp is None and tensor is None:
+        return None
+    data, tensor = 1 if data is None else data, 1 if tensor is None else tensor
+    if fsdp is None:
+        fsdp = 1 if -1 in (data, tensor) else -1
+    return dict(data=data, fsdp=fsdp, tensor=tensor)
+
+
 def main(argv):
     del argv
     FLAGS = _FLAGS
-    mesh = None
-    if any(v is not None for v in (FLAGS.mesh_data, FLAGS.mesh_fsdp, FLAGS.mesh_tensor)):
-        mesh = dict(data=FLAGS.mesh_data or 1, fsdp=FLAGS.mesh_fsdp or 1, tensor=FLAGS.mesh_tensor or 1)
+    mesh = cli_mesh(FLAGS.mesh_data, FLAGS.mesh_fsdp, FLAGS.mesh_tensor)
     try:
         if is_peft_adapter(FLAGS.hf_dir):
             if not FLAGS.base:

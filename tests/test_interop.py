@@ -311,9 +311,13 @@ def test_cli_and_no_torch_in_core(tmp_path):
     run_cli("cm3leon_jax.export", "--workdir", wd, "--format", "hf-opt", "--out", tmp_path / "hf", "--dtype", "bfloat16")
     st = hf_interop.SafetensorsFile(str(tmp_path / "hf" / "model.safetensors"))
     assert str(st.dtype("lm_head.weight")) == "bfloat16"
-    out = run_cli("cm3leon_jax.import_hf", "--hf_dir", tmp_path / "hf", "--workdir", tmp_path / "back")
+    # one --mesh_* flag: the others take the usage line's defaults (fsdp fills the remaining devices)
+    out = run_cli("cm3leon_jax.import_hf", "--hf_dir", tmp_path / "hf", "--workdir", tmp_path / "back",
+                  "--mesh_tensor", 2, num_devices=8)
     assert json.loads(out.stdout.strip().splitlines()[-1])["format"] == "hf-opt"
     assert (tmp_path / "back" / "checkpoints" / "0").is_dir()
+    assert import_hf.cli_mesh(None, None, None) is None
+    assert import_hf.cli_mesh(-1, None, None) == dict(data=-1, fsdp=1, tensor=1)
 
 
 # ----------------------------------------------------------------------------- bundles of the pipeline's LM
