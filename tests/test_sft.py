@@ -111,6 +111,9 @@ def test_mixing_counts_apply_the_papers_thresholds():
     assert sft_tasks.parse_weights("edit=2, vqa=0.5") == {"edit": 2.0, "vqa": 0.5}
     with pytest.raises(ValueError, match="TASK=WEIGHT"):
         sft_tasks.parse_weights("painting=1")
+    for spec in ("edit=inf,vqa=1", "edit=1e400", "edit=nan", "edit=-1"):   # inf made every share NaN downstream
+        with pytest.raises(ValueError, match=">= 0 and finite"):
+            sft_tasks.parse_weights(spec)
 
 
 def test_mixing_frequencies_match_the_weights_within_sampling_error():
