@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     # last decay_fraction of the steps; "constant".
     c.optimizer = ml_collections.ConfigDict(dict(
         peak_lr=3e-4, warmup_steps=100, end_lr_ratio=0.1, schedule="cosine", decay_fraction=0.2, b1=0.9, b2=0.95, eps=1e-5,
-        weight_decay=0.1, grad_clip=1.0,
+        weight_decay=0.1, grad_clip=1.0,   # global-norm clip; 0: none
         # A step whose gradients hold a NaN or an inf is skipped (no update, counted as skipped_steps);
         # more than this many in a row stop the run with an error while the parameters are still
         # finite. 0: no guard (a NaN reaches the parameters)

@@ -55,10 +55,21 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def grad_clip_norm(opt_config) -> float:
+    """The global-norm clip, 0 meaning none (as the VQ trainer's). optax clips to a norm of 0 as
+    asked, which zeroes every gradient: the run would only decay its weights. Negative: ValueError."""
+    clip = float(opt_config.grad_clip)
+    if not clip >= 0:
+        raise ValueError(f"optimizer.grad_clip={clip} must be >= 0 (0: no gradient clipping)")
+    return clip
+
+
 def make_optimizer(opt_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = learning_rate_schedule(opt_config, total_steps)
+    clip = grad_clip_norm(opt_config)
     tx = optax.chain(
-        optax.clip_by_global_norm(float(opt_config.grad_clip)),
+        # (identity keeps the state's structure: a checkpoint resumes whether clipping is on or off)
+        optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=float(opt_config.b1), b2=float(opt_config.b2), eps=float(opt_config.eps),
                     weight_decay=float(opt_config.weight_decay), mask=_decay_mask),
     )

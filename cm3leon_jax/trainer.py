@@ -65,6 +65,7 @@ def validate_config(config, mesh, process_count: int) -> None:
         raise ValueError(f"eval_every_steps={eval_every} must be >= 0 (0: no held-out loss) and "
                          f"eval_batches={eval_batches} >= 1 when it is on")
     optimizer.skip_nonfinite_limit(config.optimizer)
+    optimizer.grad_clip_norm(config.optimizer)
     optimizer.learning_rate_schedule(config.optimizer, int(config.total_steps))   # checks the schedule's fields
 
 

@@ -243,6 +243,25 @@ def test_learning_rate_schedules():
             trainer.validate_config(tiny_config(**overrides), mesh, 1)
 
 
+def test_grad_clip_0_means_no_clipping_not_a_zero_gradient():
+    """optax clips to a norm of 0 as asked: every update was weight decay alone, nothing learned."""
+    import jax.numpy as jnp
+    import optax
+    from cm3leon_jax import optimizer
+    params, grads = {"w": jnp.ones(3)}, {"w": jnp.asarray([1.0, -2.0, 3.0])}
+    fields = {"optimizer.warmup_steps": 0, "optimizer.skip_nonfinite": 0}
+    tx, schedule = optimizer.make_optimizer(tiny_config(**fields, **{"optimizer.grad_clip": 0.0}).optimizer, 10)
+    with pytest.raises(ValueError, match="optimizer.grad_clip=-1.0 must be >= 0"):
+        trainer.validate_config(tiny_config(**{"optimizer.grad_clip": -1.0}), sharding.make_mesh(tiny_config().mesh), 1)
+    opt = tiny_config().optimizer
+    plain = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+    got, _ = tx.update(grads, tx.init(params), params)
+    want, _ = plain.update(grads, plain.init(params), params)
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+    clipped, _ = optimizer.make_optimizer(tiny_config(**fields).optimizer, 10)   # the same state either way: resumable
+    assert jax.tree_util.tree_structure(clipped.init(params)) == jax.tree_util.tree_structure(tx.init(params))
+
+
 def test_invalid_guard_and_profile_settings_are_refused_up_front(tmp_path):
     mesh = sharding.make_mesh(tiny_config().mesh)
     with pytest.raises(ValueError, match="skip_nonfinite=-1"):
