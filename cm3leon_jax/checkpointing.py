@@ -34,6 +34,8 @@ class _StateSnapshot:
 
 class CheckpointManager:
     def __init__(self, workdir: str, *, save_every_steps: int, keep: int, async_save: bool = True):
+        if int(keep) < 1:   # orbax would delete every checkpoint, the last one too: a rerun starts over
+            raise ValueError(f"keep_checkpoints={keep} must be >= 1")
         self.directory = workdir_io.join(workdir_io.resolve(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(int(save_every_steps), 1), max_to_keep=int(keep),

@@ -20,8 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipeline
 from cm3leon_jax import attention as attn_lib
-from cm3leon_jax import (checkpointing, flops, lora, losses, metrics, model as model_lib, optimizer, quantization,
-                         sharding, workdir_io)
+from cm3leon_jax import (checkpointing, config_defaults, flops, lora, losses, metrics, model as model_lib, optimizer,
+                         quantization, sharding, workdir_io)
 
 
 @flax.struct.dataclass
@@ -35,6 +35,14 @@ def validate_config(config, mesh, process_count: int) -> None:
     """Every check that would otherwise fail deep inside XLA, with the field to fix."""
     m, d = config.model, config.data
     batch, dp = int(d.global_batch_size), sharding.data_parallel_size(mesh)
+    # counts that must be positive: 0 would divide by zero after the first (compiled) step, or, for
+    # keep_checkpoints, have orbax delete every checkpoint, the last one too
+    for name in ("data.global_batch_size", "data.seq_len", "log_every_steps", "keep_checkpoints"):
+        value = int(config_defaults.get_field(config, name))
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    if int(config.optimizer.warmup_steps) < 0:
+        raise ValueError(f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be >= 0 (0: no warmup)")
     if batch % dp:
         raise ValueError(f"data.global_batch_size={batch} is not divisible by the data-parallel size "
                          f"mesh.data*mesh.fsdp={dp}")

@@ -243,6 +243,20 @@ def test_learning_rate_schedules():
             trainer.validate_config(tiny_config(**overrides), mesh, 1)
 
 
+def test_counts_that_must_be_positive_are_refused_up_front(tmp_path):
+    """log_every_steps=0 used to divide by zero after the first compiled step; keep_checkpoints=0
+    trained to the end and orbax deleted every checkpoint, the last one too."""
+    from cm3leon_jax import checkpointing
+    mesh = sharding.make_mesh(tiny_config().mesh)
+    for field, value in (("log_every_steps", 0), ("keep_checkpoints", 0), ("data.global_batch_size", 0),
+                         ("data.seq_len", 0), ("optimizer.warmup_steps", -1)):
+        with pytest.raises(ValueError, match=f"{field}={value} must be >= "):
+            trainer.validate_config(tiny_config(**{field: value}), mesh, 1)
+    with pytest.raises(ValueError, match="keep_checkpoints=0 must be >= 1"):   # the VQ trainer's too
+        checkpointing.CheckpointManager(str(tmp_path), save_every_steps=1, keep=0)
+    assert not os.listdir(tmp_path)
+
+
 def test_grad_clip_0_means_no_clipping_not_a_zero_gradient():
     """optax clips to a norm of 0 as asked: every update was weight decay alone, nothing learned."""
     import jax.numpy as jnp
