@@ -48,6 +48,10 @@ def validate_config(config, mesh, process_count: int) -> None:
                          f"mesh.data*mesh.fsdp={dp}")
     if batch % process_count:
         raise ValueError(f"data.global_batch_size={batch} is not divisible by the {process_count} processes")
+    if dp % process_count:   # each process feeds only its own rows: its devices must not need the others'
+        raise ValueError(f"the data-parallel size mesh.data*mesh.fsdp={dp} is not a multiple of the {process_count} "
+                         "processes: each process loads only its own rows of the batch, so the batch must be split "
+                         "over at least as many devices as processes (keep mesh.tensor within a host)")
     accumulation = accumulation_steps(config)
     if accumulation < 1 or batch % (accumulation * dp):
         raise ValueError(f"gradient_accumulation_steps={accumulation} must be >= 1 and split "

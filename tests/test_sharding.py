@@ -76,6 +76,10 @@ def test_invalid_configs_fail_up_front():
             trainer.validate_config(tiny_config(gradient_accumulation_steps=steps), _mesh(-1, 1, 1), 1)
     with pytest.raises(ValueError, match="gradient_accumulation_steps=4 .* data-parallel size mesh.data.mesh.fsdp=8"):
         trainer.validate_config(tiny_config(gradient_accumulation_steps=4), _mesh(4, 2, 1), 1)
+    # 2 processes over a tensor-only mesh: each would need the whole batch but loads only its half
+    # (JAX's "Invalid host data" at the first batch, after start-up)
+    with pytest.raises(ValueError, match="mesh.data.mesh.fsdp=1 is not a multiple of the 2 processes"):
+        trainer.validate_config(tiny_config(**{"model.num_heads": 8}), _mesh(1, 1, 8), 2)
     with pytest.raises(ValueError, match="seed must be >= 0"):
         trainer.validate_config(tiny_config(seed=-1), _mesh(-1, 1, 1), 1)
 
