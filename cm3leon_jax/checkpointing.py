@@ -138,9 +138,13 @@ class PreemptionWatcher:
     step, so no process exits while the others wait in a collective.
     """
 
+    _NOT_INSTALLED = object()
+
     def __init__(self):
         self._event = threading.Event()
+        self._stopped = False
         self._multiprocess = jax.process_count() > 1
+        self._previous = self._NOT_INSTALLED
         if not self._multiprocess and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
@@ -155,7 +159,20 @@ class PreemptionWatcher:
                 return bool(multihost_utils.reached_preemption_sync_point(step))
             except RuntimeError:  # preemption service not running (e.g. distributed runtime without it)
                 return False
-        return self._event.is_set()
+        self._stopped = self._event.is_set()
+        return self._stopped
+
+    def close(self) -> None:
+        """Gives SIGTERM back to the handler this one replaced, so a process that goes on after
+        training (e2e's later stages) is still stopped by it; a SIGTERM that came too late for the
+        loop to act on (after its last step) is passed on to that handler."""
+        if self._previous is self._NOT_INSTALLED:
+            return
+        previous = signal.SIG_DFL if self._previous is None else self._previous
+        self._previous = self._NOT_INSTALLED
+        signal.signal(signal.SIGTERM, previous)
+        if self._event.is_set() and not self._stopped:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def _read_only_manager(workdir: str):

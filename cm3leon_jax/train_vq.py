@@ -349,6 +349,7 @@ def train(config, workdir: str) -> dict[str, float]:
         trace.close()
         ckpt.close()
         logger.close()
+        preemption.close()   # SIGTERM goes back to its previous handler
     if data_iter.skipped:
         logging.warning("images skipped: %s", dict(data_iter.skipped))
     return dict(last, final_step=int(step), preempted=preempted)  # callers (e2e) must not take a stop for an end

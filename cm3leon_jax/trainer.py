@@ -526,6 +526,7 @@ def train(config, workdir: str) -> dict[str, float]:
         ckpt.close()
         logger.close()
         data_iter.close()
+        preemption.close()   # SIGTERM goes back to its previous handler
     if data_iter.skipped:
         logging.warning("documents skipped by the packer: %s", dict(data_iter.skipped))
     return dict(last, final_step=int(step), preempted=preempted)  # callers (e2e) must not take a stop for an end

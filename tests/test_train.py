@@ -339,6 +339,28 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
         assert resumed[step]["grad_norm"] == reference[step]["grad_norm"], step
 
 
+def test_sigterm_goes_back_to_its_previous_handler_after_training(tmp_path):
+    """e2e runs more stages in the process after a trainer: the trainer's SIGTERM handler used to
+    stay installed, so a SIGTERM during a later stage only set a flag nobody read."""
+    from cm3leon_jax import checkpointing
+    received = []
+    mine = lambda signum, frame: received.append(signum)   # noqa: E731
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        trainer.train(tiny_config(total_steps=1), str(tmp_path))
+        assert signal.getsignal(signal.SIGTERM) is mine
+        # a SIGTERM that came after the loop's last check (no save-and-stop) is passed on at the end
+        watcher = checkpointing.PreemptionWatcher()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert not received
+        watcher.close()
+        time.sleep(0.05)
+        assert received == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_two_processes_match_one_process_and_resume_on_one(tmp_path):
     steps = ["--config.total_steps=8", "--config.checkpoint_every_steps=5", "--config.mesh.data=2",
              "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
