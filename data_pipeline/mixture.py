@@ -71,8 +71,8 @@ def mixing_counts(sizes: Mapping[str, int], weights: Mapping[str, float] | None 
     no documents get 0."""
     sizes = {k: int(v) for k, v in sizes.items()}
     weights = {k: 1.0 for k in sizes} if not weights else {k: float(weights.get(k, 0.0)) for k in sizes}
-    if any(w < 0 for w in weights.values()):
-        raise ValueError(f"mixture weights must be >= 0, got {weights}")
+    if not all(0 <= w < math.inf for w in weights.values()):   # inf or NaN: no share can be computed
+        raise ValueError(f"mixture weights must be >= 0 and finite, got {weights}")
     if not 0 <= min_downsample <= 1 <= max_upsample:
         raise ValueError(f"need 0 <= min_downsample <= 1 <= max_upsample, got {min_downsample}, {max_upsample}")
     live = {k for k in sizes if sizes[k] > 0 and weights[k] > 0}

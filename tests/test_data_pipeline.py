@@ -479,6 +479,17 @@ def test_training_mixes_prepared_datasets_by_weight_each_with_its_own_neighbours
         trainer.validate_config(synthetic, sharding.make_mesh(synthetic.mesh), 1)
 
 
+def test_mixture_weights_must_be_finite():
+    """An inf weight used to pass parse_weights and die in mixing_counts with 'cannot convert float
+    NaN to integer'; a NaN data.data_dir_weight silently dropped data_dir from the mixture."""
+    from data_pipeline import mixture
+    with pytest.raises(ValueError, match="bad weight 'b=inf'.*>= 0 and finite"):
+        mixture.parse_weights("a=1,b=inf")
+    for weight in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="mixture weights must be >= 0 and finite"):
+            mixture.mixing_counts({"a": 10, "b": 10}, {"a": weight, "b": 1.0})
+
+
 def test_a_mixture_logs_each_datasets_held_out_loss(tiny_pipeline, tmp_path):
     from cm3leon_jax import trainer
     b = tmp_path / "shapes b"
