@@ -287,9 +287,16 @@ def _truncate_metrics(workdir: str, last_step: int) -> None:
     path = workdir_io.join(workdir, "metrics.jsonl")
     if jax.process_index() != 0 or not workdir_io.exists(path):
         return
-    lines = workdir_io.read_text(path).splitlines(keepends=True)
-    workdir_io.write_text(path, "".join(line for line in lines
-                                        if line.strip() and json.loads(line)["step"] <= last_step))
+    kept = []
+    for line in workdir_io.read_text(path).splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:   # a line torn by a crash mid-write (host lost, disk full): past the checkpoint anyway
+            logging.warning("metrics.jsonl: dropped an unreadable line: %r", line[:80])
+            continue
+        if record is not None and record["step"] <= last_step:
+            kept.append(line + "\n")   # every line ends a record, so the next one appended starts its own
+    workdir_io.write_text(path, "".join(kept))
 
 
 def _save_vocabulary(config, workdir: str) -> None:

@@ -276,6 +276,20 @@ def test_grad_clip_0_means_no_clipping_not_a_zero_gradient():
     assert jax.tree_util.tree_structure(clipped.init(params)) == jax.tree_util.tree_structure(tx.init(params))
 
 
+def test_resume_survives_a_metrics_line_torn_by_a_crash(tmp_path):
+    """A host lost mid-write leaves a torn last line (or NUL bytes); resuming used to die on it
+    with a JSONDecodeError. A last record without its newline must not swallow the next one."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3))
+                                            + '{"step": 4, "lo\x00\x00')
+    trainer._truncate_metrics(str(tmp_path), 2)
+    assert [r["step"] for r in metrics.read_records(str(tmp_path))] == [1, 2]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}')
+    trainer._truncate_metrics(str(tmp_path), 1)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "loss": 0.5}) + "\n")
+    assert [r["step"] for r in metrics.read_records(str(tmp_path))] == [1, 2]
+
+
 def test_invalid_guard_and_profile_settings_are_refused_up_front(tmp_path):
     mesh = sharding.make_mesh(tiny_config().mesh)
     with pytest.raises(ValueError, match="skip_nonfinite=-1"):
