@@ -97,13 +97,14 @@ class MetricsLogger:
     """Writes only on process 0 so a multi-host run produces one record per step.
 
     `stdout_keys` are the metrics shown on the stdout line (all go to TensorBoard and the JSONL);
-    `rate` is the (metric, label) of the throughput shown there. A remote workdir's files are
+    `rate` is the (metric, label) of the throughput shown there; `resumed_step`: the checkpoint a
+    resumed run starts from (TensorBoard then hides events past it). A remote workdir's files are
     uploaded whole (workdir_io.AppendableFile), at most every `remote_flush_seconds` and at `flush()`.
     """
 
     def __init__(self, workdir: str, enabled: bool | None = None, *, stdout_keys=DEFAULT_STDOUT_KEYS,
                  rate: tuple[str, str] = ("tokens_per_second", "tokens/s"),
-                 remote_flush_seconds: float = workdir_io.REMOTE_FLUSH_SECONDS):
+                 remote_flush_seconds: float = workdir_io.REMOTE_FLUSH_SECONDS, resumed_step: int = 0):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._stdout_keys, self._rate = tuple(stdout_keys), rate
         self._jsonl = None
@@ -113,7 +114,10 @@ class MetricsLogger:
         if self.enabled:
             workdir_io.makedirs(workdir)
             self._jsonl = workdir_io.AppendableFile(workdir_io.join(workdir, "metrics.jsonl"))
-            self._tb = workdir_io.tensorboard_writer(workdir_io.join(workdir, "tensorboard"))
+            # a resumed run hides the events a killed run logged past its checkpoint (TensorBoard's purge
+            # marker), as restore_or_init drops them from metrics.jsonl: the curves read as one run
+            self._tb = workdir_io.tensorboard_writer(workdir_io.join(workdir, "tensorboard"),
+                                                     purge_step=int(resumed_step) + 1 if resumed_step else None)
 
     def write(self, step: int, metrics: dict[str, float], total_steps: int | None = None) -> None:
         if not self.enabled:

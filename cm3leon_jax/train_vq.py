@@ -301,7 +301,8 @@ def train(config, workdir: str) -> dict[str, float]:
     if jax.process_index() == 0:
         save_vq_config(workdir, t.vq_config)
 
-    logger = metrics.MetricsLogger(workdir, stdout_keys=STDOUT_KEYS, rate=("images_per_second", "images/s"))
+    logger = metrics.MetricsLogger(workdir, stdout_keys=STDOUT_KEYS, rate=("images_per_second", "images/s"),
+                                   resumed_step=int(jax.device_get(state.step)))
     val_images = image_data.validation_images(config, int(config.num_sample_images))
     preemption = checkpointing.PreemptionWatcher()
     preempted = False

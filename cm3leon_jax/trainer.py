@@ -496,14 +496,14 @@ def train(config, workdir: str) -> dict[str, float]:
     if jax.process_index() == 0:
         _save_vocabulary(config, workdir)
 
-    logger = metrics.MetricsLogger(workdir)
+    step = int(jax.device_get(state.step))
+    logger = metrics.MetricsLogger(workdir, resumed_step=step)
     peak, peak_source = flops.peak_flops()
     logging.info("MFU peak: %.3g FLOP/s (%s)", peak, peak_source)
     preemption = checkpointing.PreemptionWatcher()
     preempted = False
     total_steps, log_every = int(config.total_steps), int(config.log_every_steps)
     nonfinite_limit = optimizer.skip_nonfinite_limit(config.optimizer)
-    step = int(jax.device_get(state.step))
     last, skipped_logged = {}, float(jax.device_get(optimizer.skipped_updates(state.opt_state)[1]))
     timer = metrics.StepTimer()
     try:

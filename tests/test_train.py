@@ -290,6 +290,20 @@ def test_resume_survives_a_metrics_line_torn_by_a_crash(tmp_path):
     assert [r["step"] for r in metrics.read_records(str(tmp_path))] == [1, 2]
 
 
+def _tensorboard_events(workdir):
+    import glob
+    import struct
+    from tensorboardX.proto import event_pb2
+    events = []
+    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.*"))):
+        data, i = open(path, "rb").read(), 0
+        while i < len(data):   # TFRecord: length, its CRC, the event, its CRC
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            events.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
+            i += 16 + n
+    return events
+
+
 def test_invalid_guard_and_profile_settings_are_refused_up_front(tmp_path):
     mesh = sharding.make_mesh(tiny_config().mesh)
     with pytest.raises(ValueError, match="skip_nonfinite=-1"):
@@ -420,3 +434,9 @@ def test_a_preempted_run_says_so(tmp_path, monkeypatch):
     monkeypatch.undo()
     out = trainer.train(tiny_config(total_steps=6), str(tmp_path))
     assert not out["preempted"] and out["final_step"] == 6
+    # the resumed run's TensorBoard writer marks its first step: points a killed run logged past the
+    # checkpoint (which metrics.jsonl drops on resume) are hidden instead of drawn beside the new ones
+    from tensorboardX.proto import event_pb2
+    starts = [e.step for e in _tensorboard_events(tmp_path)
+              if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START]
+    assert starts == [3]
