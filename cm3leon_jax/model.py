@@ -73,6 +73,14 @@ class TransformerConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+        sizes = {name: getattr(self, name) for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff",
+                                                         "max_length")}
+        for name, value in sizes.items():   # 0 or negative failed deep inside JAX (a modulo by zero, a negative shape)
+            if value < 1:
+                raise ValueError(f"model.{name}={value} must be >= 1")
+        for name in ("head_dim", "attention_block_size"):   # 0 has a meaning: d_model // num_heads; no blocks
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0")
         if not self.head_dim and self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
         if self.qk_norm_params and not self.qk_norm:

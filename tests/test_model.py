@@ -139,3 +139,8 @@ def test_invalid_model_config_is_rejected():
         TransformerConfig(**BASE, norm_placement="post")
     with pytest.raises(ValueError, match="divisible"):
         TransformerConfig(**dict(BASE, d_model=30))
+    # sizes of 0 or below: a ZeroDivisionError, a negative shape or an empty take deep inside JAX before
+    for name, value, bound in (("num_heads", 0, 1), ("d_model", 0, 1), ("vocab_size", 0, 1), ("num_layers", -1, 1),
+                               ("head_dim", -4, 0), ("attention_block_size", -8, 0)):
+        with pytest.raises(ValueError, match=f"model.{name}={value} must be >= {bound}"):
+            TransformerConfig(**dict(BASE, **{name: value}))
