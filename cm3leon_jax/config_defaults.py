@@ -10,9 +10,11 @@ import ml_collections
 
 def _parent(config: ml_collections.ConfigDict, dotted: str):
     *path, last = dotted.split(".")
-    for part in path:
+    for part in path:   # every section on the way must exist and be a section ("seed.x" is no field either)
+        if not isinstance(config, ml_collections.ConfigDict) or part not in config:
+            raise KeyError(f"config has no field {dotted!r}")
         config = config[part]
-    if last not in config:
+    if not isinstance(config, ml_collections.ConfigDict) or last not in config:
         raise KeyError(f"config has no field {dotted!r}")
     return config, last
 

@@ -31,6 +31,13 @@ def test_every_model_option_has_a_default_the_command_line_can_override():
     fields = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
     assert set(defaults) == set(fields)
     assert all(defaults[k] == v for k, v in fields.items() if v is not dataclasses.MISSING)
+    # an unknown field is a KeyError naming the whole dotted name (was KeyError 'modle' / a TypeError)
+    from cm3leon_jax.config_defaults import get_field, set_field
+    for dotted in ("modle.num_layers", "seed.x", "model.num_layerz"):
+        with pytest.raises(KeyError, match=f"config has no field '{dotted}'"):
+            get_field(base_config(), dotted)
+        with pytest.raises(KeyError, match=f"config has no field '{dotted}'"):
+            set_field(base_config(), dotted, 1)
 
 
 def test_shapes_and_cm3leon_init():
