@@ -341,6 +341,17 @@ def test_step_record_rates_and_an_eta_capped_by_the_time_budget():
     assert metrics.step_record({}, timer, 2, 1000, {}, seconds_left=-3.0)["eta_seconds"] == 0.0
 
 
+def test_mfu_peak_of_each_accelerator_by_its_device_kind():
+    """A v5p reports device_kind "TPU v5" (matched nothing: MFU NaN on v5p pods) and a TPU v3 chip is
+    two JAX devices (its chip figure per device doubled the peak, halving MFU)."""
+    from types import SimpleNamespace
+    from cm3leon_jax import flops
+    for kind, per_device in (("TPU v5", 459e12), ("TPU v5 lite", 197e12), ("TPU v6 lite", 918e12), ("TPU v4", 275e12),
+                             ("TPU v3", 61.5e12), ("NVIDIA H100 80GB HBM3", 989e12)):
+        devices = [SimpleNamespace(device_kind=kind, platform="tpu" if "TPU" in kind else "gpu")] * 8
+        assert flops.peak_flops(devices)[0] == pytest.approx(8 * per_device), kind
+
+
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     steps = "--config.total_steps=120"
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
