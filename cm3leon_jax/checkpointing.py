@@ -36,9 +36,12 @@ class CheckpointManager:
     def __init__(self, workdir: str, *, save_every_steps: int, keep: int, async_save: bool = True):
         if int(keep) < 1:   # orbax would delete every checkpoint, the last one too: a rerun starts over
             raise ValueError(f"keep_checkpoints={keep} must be >= 1")
+        if int(save_every_steps) < 1:   # was taken as 1: a checkpoint every step, where 0 means "off" elsewhere
+            raise ValueError(f"checkpoint_every_steps={save_every_steps} must be >= 1 (a run also saves at its last "
+                             "step and when preempted)")
         self.directory = workdir_io.join(workdir_io.resolve(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(int(save_every_steps), 1), max_to_keep=int(keep),
+            save_interval_steps=int(save_every_steps), max_to_keep=int(keep),
             enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
         self._last_saved_step = self._manager.latest_step()

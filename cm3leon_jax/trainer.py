@@ -36,8 +36,10 @@ def validate_config(config, mesh, process_count: int) -> None:
     m, d = config.model, config.data
     batch, dp = int(d.global_batch_size), sharding.data_parallel_size(mesh)
     # counts that must be positive: 0 would divide by zero after the first (compiled) step, or, for
-    # keep_checkpoints, have orbax delete every checkpoint, the last one too
-    for name in ("data.global_batch_size", "data.seq_len", "log_every_steps", "keep_checkpoints"):
+    # keep_checkpoints, have orbax delete every checkpoint, the last one too; checkpoint_every_steps=0
+    # (elsewhere 0 means "off") used to save every step
+    for name in ("data.global_batch_size", "data.seq_len", "log_every_steps", "keep_checkpoints",
+                 "checkpoint_every_steps"):
         value = int(config_defaults.get_field(config, name))
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")

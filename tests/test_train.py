@@ -249,11 +249,13 @@ def test_counts_that_must_be_positive_are_refused_up_front(tmp_path):
     from cm3leon_jax import checkpointing
     mesh = sharding.make_mesh(tiny_config().mesh)
     for field, value in (("log_every_steps", 0), ("keep_checkpoints", 0), ("data.global_batch_size", 0),
-                         ("data.seq_len", 0), ("optimizer.warmup_steps", -1)):
+                         ("data.seq_len", 0), ("optimizer.warmup_steps", -1), ("checkpoint_every_steps", 0)):
         with pytest.raises(ValueError, match=f"{field}={value} must be >= "):
             trainer.validate_config(tiny_config(**{field: value}), mesh, 1)
     with pytest.raises(ValueError, match="keep_checkpoints=0 must be >= 1"):   # the VQ trainer's too
         checkpointing.CheckpointManager(str(tmp_path), save_every_steps=1, keep=0)
+    with pytest.raises(ValueError, match="checkpoint_every_steps=0 must be >= 1"):
+        checkpointing.CheckpointManager(str(tmp_path), save_every_steps=0, keep=1)
     assert not os.listdir(tmp_path)
 
 
