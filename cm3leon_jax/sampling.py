@@ -26,6 +26,18 @@ class SamplingConfig:
     cd_k: int = 0              # >0: contrastive decoding TopK (expert=cond, amateur=uncond)
     cd_alpha: float = 0.1
 
+    def __post_init__(self):
+        """Refuses settings the math silently misreads: a negative temperature would sample at 1
+        (never dividing), a cd_alpha above 1 (with k = 1) or at 0 leaves no or every token plausible."""
+        problems = [f"{name}={value!r} ({why})" for name, value, bad, why in (
+            ("temperature", self.temperature, self.temperature < 0, "0 is greedy; >0 samples"),
+            ("top_k", self.top_k, self.top_k < 0, "0 is off"),
+            ("top_p", self.top_p, not 0 <= self.top_p <= 1, "in [0, 1]; 1 is off"),
+            ("cd_k", self.cd_k, self.cd_k < 0, "0 is off"),
+            ("cd_alpha", self.cd_alpha, not 0 < self.cd_alpha <= 1, "in (0, 1]")) if bad]
+        if problems:
+            raise ValueError("sampling settings out of range: " + "; ".join(problems))
+
 
 # CD-K's k where a caller names none. Chosen on the validation split (README, "CD-K"): with k >= 2 the
 # plausible set keeps tokens far below a confident expert's choice, and the score `log p_exp - log
@@ -69,7 +81,9 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
     sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    kept = mass_before < p
+    # the top token stays whatever p (at p = 0 nothing else reaches "mass before < p": without it a
+    # row of -inf would draw id 0, outside any allowed range)
+    kept = (mass_before < p) | (jnp.arange(logits.shape[-1]) == 0)
     # the smallest kept logit is the threshold: everything at or above it stays
     threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits >= threshold, logits, NEG_INF)

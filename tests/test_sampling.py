@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cm3leon_jax import sampling
 
@@ -85,3 +86,17 @@ def test_greedy_and_seeded_draws():
     draws = jax.vmap(lambda k: sampling.draw(k, LOGITS, 1.0))(jax.random.split(jax.random.key(0), 4000))
     freq = np.bincount(np.asarray(draws), minlength=5) / 4000
     np.testing.assert_allclose(freq, [0.05, 0.4, 0.1, 0.25, 0.2], atol=0.03)
+
+
+def test_top_p_keeps_the_top_token_at_any_p_and_bad_settings_are_refused():
+    # p = 0 (or a p below the top token's own mass before it, 0) used to keep nothing: a row of -inf
+    # draws id 0 (<pad>), outside any allowed range
+    for p in (0.0, 1e-9):
+        assert _kept(sampling.top_p_filter(LOGITS, p)) == {1}
+    logits = sampling.next_token_logits(jnp.stack([LOGITS[None]]), sampling.SamplingConfig(top_p=0.0), ((2, 5),))
+    assert _kept(logits) == {3}
+    assert int(sampling.draw(jax.random.key(0), logits[0], 1.0)) == 3
+    for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(cd_k=-2),
+                dict(cd_alpha=0.0), dict(cd_alpha=1.5)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
+            sampling.SamplingConfig(**bad)
