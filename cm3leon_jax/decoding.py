@@ -162,13 +162,15 @@ def generate_until(params, tokens, mask, rng, stop_id, *, model_config: Transfor
                    max_tokens: int, config: sampling.SamplingConfig, allowed: tuple[tuple[int, int], ...] | None = None):
     """Up to `max_tokens` per prompt, stopping each row at `stop_id` (kept; an id or a sequence of
     ids) and the whole batch when every row has stopped. `rng`: one key, or a key per prompt.
+    Empty rows (padding to the mesh) start finished, so they never keep the loop running to
+    `max_tokens` after every real row has stopped.
     Returns (tokens [rows / streams, max_tokens] with pad 0 after the stop, lengths [rows / streams])."""
     model = Transformer(model_config)
     logits, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + max_tokens)
     rows = tokens.shape[0] // streams
     keys = row_keys(rng, rows)
     out = jnp.zeros((rows, max_tokens), jnp.int32)
-    done = jnp.zeros((rows,), bool)
+    done = mask[:rows].sum(axis=1) == 0
     lengths = jnp.zeros((rows,), jnp.int32)
     stop_ids = jnp.atleast_1d(jnp.asarray(stop_id, jnp.int32))
 

@@ -94,6 +94,17 @@ def test_restricted_range_seeded_sampling_and_stop_token():
             assert row[n - 1] == 1 and 1 not in row[:n - 1]
 
 
+def test_generate_until_empty_padding_rows_start_finished():
+    # rows padded to the mesh (stream_rows(multiple=)) are empty: they used to run on until max_tokens,
+    # so the whole batch never stopped early once every real prompt had reached its stop id
+    cfg, model, params = _model()
+    tokens, mask = decoding.stream_rows([[[5, 9, 3], [7, 1, 4]], [[4, 3], [4, 3]]], multiple=4)  # cond, uncond
+    out, lengths = decoding.generate_until(params, tokens, mask, jax.random.key(0), (1, 2, 3), model_config=cfg,
+                                           streams=2, max_tokens=12, config=GREEDY, allowed=((1, 4),))  # stop at once
+    np.testing.assert_array_equal(lengths, [1, 1, 0, 0])
+    assert np.all(np.asarray(out)[:, 1:] == 0) and np.all(np.asarray(out)[:2, 0] > 0)
+
+
 def test_decoding_is_sharded_on_the_training_mesh():
     from cm3leon_jax import trainer
     config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
