@@ -215,8 +215,11 @@ class Generator:
         indices = list(range(len(captions))) if indices is None else [int(i) for i in indices]
         if len(indices) != len(captions):
             raise ValueError(f"{len(indices)} indices for {len(captions)} captions")
+        if num_samples < 1 or not 0.0 <= cd_fraction <= 1.0:
+            raise ValueError(f"need num_samples >= 1 and cd_fraction in [0, 1]; got {num_samples}, {cd_fraction}")
         n_cd = int(round(cd_fraction * num_samples))
-        plans = [("topp", num_samples - n_cd, config)]
+        # a `config` with cd_k > 0 draws by CD-K too (`--cd_k` without --cd_fraction): label it so
+        plans = [("cdk" if config.cd_k > 0 else "topp", num_samples - n_cd, config)]
         if n_cd:
             plans.append(("cdk", n_cd, cd_config or sampling.SamplingConfig(temperature=config.temperature,
                                                                              cd_k=sampling.DEFAULT_CD_K)))

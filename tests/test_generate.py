@@ -49,6 +49,16 @@ def test_text_to_image_samples_depend_on_their_caption_index_not_the_batch(gener
         generator.text_to_image(captions[:2], indices=[0], **kwargs)
 
 
+
+def test_text_to_image_refuses_bad_sample_counts_and_labels_a_cd_k_config(generator):
+    # cd_fraction 1.5 of 2 samples used to draw 3 (all "cdk"), -0.5 drew 3 "topp"; 0 samples failed in np.stack
+    for kwargs in (dict(cd_fraction=1.5), dict(cd_fraction=-0.5), dict(num_samples=0)):
+        with pytest.raises(ValueError, match="num_samples >= 1 and cd_fraction in"):
+            generator.text_to_image(["a red circle"], **{"num_samples": 2, **kwargs})
+    # `generate --cd_k 2` (no --cd_fraction) draws every sample by CD-K: they were labelled "topp"
+    s = generator.text_to_image(["a red circle"], num_samples=1, config=sampling.SamplingConfig(cd_k=2), rerank=False)
+    assert s[0].strategies == ["cdk"]
+
 def test_prompts_file_lines_are_read_or_skipped_and_counted(tmp_path):
     txt = tmp_path / "captions.txt"
     txt.write_text("a red circle\n\n  a blue square  \n", encoding="utf-8")
