@@ -536,13 +536,18 @@ def _run(gen, f):
                                 rerank=f.rerank, seed=f.seed)
         print(json.dumps(summary))
         return
+    if f.neighbours and (f.task or f.interleaved or (not f.image and f.prompt and all(MASK0 in p for p in f.prompt))):
+        # these paths retrieve nothing: refuse rather than record neighbours that were never used
+        raise ValueError("--neighbours applies to text -> image and image -> text only, not to --task, --interleaved "
+                         "or text infilling")
     if f.task:  # instruction-tuned tasks (edit, vqa, control, ...): their templates and guidance
         from cm3leon_jax import sft_generate
         sft_generate.run_cli(gen, f)
         return
     if f.image:
         images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((gen.vq.image_size,) * 2)) for p in f.image])
-        texts = gen.image_to_text(images, question=f.question, max_tokens=f.max_text_tokens, config=config, seed=f.seed)
+        texts = gen.image_to_text(images, question=f.question, max_tokens=f.max_text_tokens, config=config, seed=f.seed,
+                                  num_neighbours=f.neighbours)
         for path, text in zip(f.image, texts):
             print(f"{path}: {text}")
         os.makedirs(out_dir, exist_ok=True)

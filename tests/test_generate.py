@@ -144,6 +144,24 @@ def test_image_to_text_with_documents_retrieved_by_the_image(generator):
     assert isinstance(caption, str)
 
 
+
+def test_cli_image_to_text_retrieves_the_neighbours_asked_for(generator, tmp_path, monkeypatch):
+    # `generate --image x.png --neighbours 2` recorded neighbours=2 but captioned without retrieval
+    import types
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "x.png")
+    calls = []
+    monkeypatch.setattr(generator, "image_to_text", lambda images, **kw: calls.append(kw) or ["a caption"])
+    flags = types.SimpleNamespace(
+        temperature=0.0, top_k=0, top_p=1.0, cfg_scale=1.0, cd_k=0, cd_alpha=0.1, cd_fraction=0.0, num_samples=1,
+        neighbours=2, seed=0, workdir=str(tmp_path), rerank=False, out=str(tmp_path / "out"), prompts_file=None,
+        prompt=[], image=[str(tmp_path / "x.png")], task=None, interleaved=False, question=None, max_text_tokens=4)
+    generate._run(generator, flags)
+    assert calls[0]["num_neighbours"] == 2
+    # paths that retrieve nothing refuse --neighbours instead of recording it
+    for other in (dict(image=[], prompt=["a <mask:0> circle"]), dict(image=[], prompt=["a circle"], interleaved=True)):
+        with pytest.raises(ValueError, match="--neighbours applies to"):
+            generate._run(generator, types.SimpleNamespace(**{**vars(flags), **other}))
+
 def test_image_to_text_and_infilling_write_text_only(generator):
     images = np.stack([np.full((16, 16, 3), 200, np.uint8), np.zeros((16, 16, 3), np.uint8)])
     captions = generator.image_to_text(images, max_tokens=6)
