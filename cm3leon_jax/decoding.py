@@ -93,7 +93,10 @@ def _step(model, params, cache, token, position):
 def row_keys(rng: jax.Array, rows: int) -> jax.Array:
     """A PRNG key per prompt row. One key is split over the rows; an array of `rows` keys is used as
     given, so a row's draws depend on its own key alone, not on which other prompts share the batch
-    (`Generator` keys each prompt by its index: a resumed or re-batched run draws the same)."""
+    (`Generator` keys each prompt by its index: a resumed or re-batched run draws the same).
+    Legacy raw keys (`jax.random.PRNGKey`: uint32 [2], or [rows, 2]) are read as the same keys."""
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)
     if rng.ndim == 0:
         return jax.random.split(rng, rows)
     if rng.shape != (rows,):

@@ -83,6 +83,9 @@ def test_restricted_range_seeded_sampling_and_stop_token():
     c, _ = decoding.generate_fixed(params, tokens, mask, jax.random.key(8), **kw)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+    # a legacy raw key (uint32 [2]) is the same one key: with 2 rows it was read as 2 keys and failed in fold_in
+    legacy, _ = decoding.generate_fixed(params, tokens, mask, jax.random.PRNGKey(7), **kw)
+    np.testing.assert_array_equal(legacy, a)
     assert np.all((np.asarray(a) >= 40) & (np.asarray(a) < 64))
     # while_loop decoding stops each row at its stop id and pads after it
     out, lengths = decoding.generate_until(params, tokens, mask, jax.random.key(0), 1, model_config=cfg, streams=1,
