@@ -168,6 +168,8 @@ def generate_until(params, tokens, mask, rng, stop_id, *, model_config: Transfor
     Empty rows (padding to the mesh) start finished, so they never keep the loop running to
     `max_tokens` after every real row has stopped.
     Returns (tokens [rows / streams, max_tokens] with pad 0 after the stop, lengths [rows / streams])."""
+    if max_tokens < 1:   # else XLA's dynamic_update_slice fails on the empty output buffer
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     model = Transformer(model_config)
     logits, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + max_tokens)
     rows = tokens.shape[0] // streams

@@ -345,7 +345,11 @@ class Generator:
         """Captions (or answers) for uint8 images [N, H, W, 3], by CM3 infilling of the text part:
         `<eos> [neighbours] [Question: q Answer:] <mask:0> <break> image <break>`; `num_neighbours`
         bank documents retrieved by each image come first, as in training."""
-        codes = self.vq.encode(np.asarray(images, np.uint8))
+        images = np.asarray(images, np.uint8)
+        if images.ndim != 4:   # the VQ would encode one [H, W, 3] image to [h, w] codes: h "images" of w codes
+            raise ValueError(f"image_to_text takes a batch of images [N, H, W, 3], got {images.shape}; "
+                             "for one image pass image[None]")
+        codes = self.vq.encode(images)
         return self.caption_codes(codes, [self.retrieve_for_image(c, num_neighbours) for c in codes],
                                   question=question, max_tokens=max_tokens, config=config, seed=seed)
 
@@ -355,6 +359,14 @@ class Generator:
                       seed: int = 0) -> list[str]:
         """`image_to_text` for images already encoded ([N, h, w] codes), each with its retrieved
         documents (empty lists for none): a caller that also uses the documents retrieves once."""
+        codes = np.asarray(codes)
+        if codes.ndim != 3 or codes.shape[1:] != tuple(self.vocab.image_grid):
+            raise ValueError(f"caption_codes takes code grids [N, {', '.join(map(str, self.vocab.image_grid))}], got "
+                             f"{codes.shape}; for one image pass codes[None]")
+        if len(neighbour_docs) != len(codes):   # zip would drop the images past the shorter list
+            raise ValueError(f"{len(neighbour_docs)} lists of documents for {len(codes)} images")
+        if not len(codes):
+            return []
         prompts = [self.caption_prompt(c, docs, question) for c, docs in zip(codes, neighbour_docs)]
         return self._infill(prompts, max_tokens, config, seed)
 

@@ -171,6 +171,20 @@ def test_image_to_text_and_infilling_write_text_only(generator):
     assert isinstance(filled, str) and "<" not in filled
 
 
+def test_image_to_text_refuses_unbatched_inputs_and_bad_lengths_up_front(generator):
+    # one [16, 16, 3] image used to be encoded to [4, 4] codes and captioned as 4 "images" of 4 codes each
+    with pytest.raises(ValueError, match=r"batch of images \[N, H, W, 3\].*image\[None\]"):
+        generator.image_to_text(np.zeros((16, 16, 3), np.uint8), max_tokens=4)
+    codes = np.zeros((2, 4, 4), np.int32)
+    with pytest.raises(ValueError, match=r"code grids \[N, 4, 4\]"):
+        generator.caption_codes(codes[0], [[]] * 4)
+    with pytest.raises(ValueError, match="1 lists of documents for 2 images"):   # zip dropped the second image
+        generator.caption_codes(codes, [[]])
+    assert generator.image_to_text(np.zeros((0, 16, 16, 3), np.uint8)) == []   # was "every prompt needs a token"
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):   # was a TypeError from XLA
+        generator.infill_text("a <mask:0> circle", max_tokens=0)
+
+
 def _check_interleaved_layout(vocab, out):
     """The training layout: `prompt <break> image <break> text ...`, never two images in a row, every
     image exactly one grid of image ids between <break>s, nothing else but text ids."""
