@@ -210,6 +210,8 @@ class Generator:
         it does not depend on batch_size or on the other captions of the call (`indices`: the
         captions' places in a longer list, as in `generate_many`; default 0, 1, ...)."""
         self.vq.require_decoder()  # before any sampling: an encoder-only (imported) VQ cannot show images
+        if isinstance(captions, str):   # else each character would be drawn as a caption
+            raise TypeError("text_to_image takes a list of captions")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         indices = list(range(len(captions))) if indices is None else [int(i) for i in indices]

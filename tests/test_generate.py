@@ -55,6 +55,8 @@ def test_text_to_image_refuses_bad_sample_counts_and_labels_a_cd_k_config(genera
     for kwargs in (dict(cd_fraction=1.5), dict(cd_fraction=-0.5), dict(num_samples=0)):
         with pytest.raises(ValueError, match="num_samples >= 1 and cd_fraction in"):
             generator.text_to_image(["a red circle"], **{"num_samples": 2, **kwargs})
+    with pytest.raises(TypeError, match="a list of captions"):   # a str drew one image set per character
+        generator.text_to_image("a red circle", num_samples=1)
     # `generate --cd_k 2` (no --cd_fraction) draws every sample by CD-K: they were labelled "topp"
     s = generator.text_to_image(["a red circle"], num_samples=1, config=sampling.SamplingConfig(cd_k=2), rerank=False)
     assert s[0].strategies == ["cdk"]
