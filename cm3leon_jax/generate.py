@@ -574,6 +574,9 @@ def _run(gen, f):
         write_interleaved(gen, f.prompt, out_dir, settings, num_samples=f.num_samples, max_images=f.max_images,
                           max_text_tokens=f.max_text_tokens, image_config=dataclasses.replace(config, cfg_scale=1.0, cd_k=0), seed=f.seed)
         return
+    if any(MASK0 in p for p in f.prompt) and not all(MASK0 in p for p in f.prompt):
+        # else the infilling prompts would be drawn as captions, their sentinel as caption text
+        raise ValueError(f"--prompt: either every prompt infills (holds {MASK0}) or none does; run them separately")
     if all(MASK0 in p for p in f.prompt):
         for p in f.prompt:
             print(f"{p} -> {gen.infill_text(p, max_tokens=f.max_text_tokens, config=config, seed=f.seed)}")

@@ -163,6 +163,10 @@ def test_cli_image_to_text_retrieves_the_neighbours_asked_for(generator, tmp_pat
     for other in (dict(image=[], prompt=["a <mask:0> circle"]), dict(image=[], prompt=["a circle"], interleaved=True)):
         with pytest.raises(ValueError, match="--neighbours applies to"):
             generate._run(generator, types.SimpleNamespace(**{**vars(flags), **other}))
+    # infilling and text -> image prompts mixed: the infilling one was drawn as a caption, <mask:0> and all
+    with pytest.raises(ValueError, match="either every prompt infills"):
+        generate._run(generator, types.SimpleNamespace(**{**vars(flags), "image": [], "neighbours": 0,
+                                                          "prompt": ["a red circle", "a <mask:0> square"]}))
 
 def test_image_to_text_and_infilling_write_text_only(generator):
     images = np.stack([np.full((16, 16, 3), 200, np.uint8), np.zeros((16, 16, 3), np.uint8)])
