@@ -65,7 +65,7 @@ def quantize_params(params: Any) -> Any:
     flat = traverse_util.flatten_dict(params)
     out = {}
     for path, leaf in flat.items():
-        if path[-1] == "kernel":
+        if path[-1] == "kernel" and not is_int8(leaf):   # an int8 kernel stays as it is: quantizing is idempotent
             if path[-2] not in CONTRACTED_AXES:
                 raise ValueError(f"no int8 rule for the projection {'/'.join(map(str, path))}")
             contracted = CONTRACTED_AXES[path[-2]]

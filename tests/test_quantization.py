@@ -42,6 +42,9 @@ def test_int8_logits_follow_the_float_model_and_decoding_runs_on_them(opts):
     kernels = [k for k in flat if k[-1] == "kernel"]
     assert len(kernels) >= 6 and all(isinstance(flat_int8[k], quantization.Int8Kernel) for k in kernels)
     assert all(flat_int8[k] is flat[k] for k in flat if k[-1] != "kernel")  # embeddings, norms: untouched
+    # an already int8 tree (e.g. a Generator's with --int8) comes back as it is, not a TypeError from float()
+    again = traverse_util.flatten_dict(quantization.quantize_params(int8))
+    assert all(again[k] is flat_int8[k] for k in flat_int8)
     # weight memory: the projections drop to a quarter (+ their scales); the embedding stays float
     assert quantization.weight_bytes(int8) < 0.45 * quantization.weight_bytes(params)
     tokens = jax.random.randint(jax.random.key(2), (2, 24), 0, CFG["vocab_size"])
