@@ -440,6 +440,10 @@ def read_prompts_file(path: str) -> tuple[list[tuple[int, str]], dict[str, int]]
     return prompts, skipped
 
 
+# settings a resumed generate_many may change: they change no image (batching is free, skipped lines are counts)
+RESUME_FREE_SETTINGS = ("batch_size", "skipped_lines")
+
+
 def generate_many(gen: Generator, prompts: Sequence[tuple[int, str]], out_dir: str, settings: dict, *,
                   batch_size: int = 16, num_shards: int = 1, shard_index: int = 0, **kwargs) -> dict:
     """Text -> image for a long list of captions (e.g. 30,000 for a zero-shot FID): every caption's
@@ -447,7 +451,9 @@ def generate_many(gen: Generator, prompts: Sequence[tuple[int, str]], out_dir: s
     line (caption, files, strategies, log-probabilities, scores). Resumable: captions already in a
     manifest with all their files are skipped; a caption's images depend only on the seed and its
     index (`text_to_image(indices=)`), so a resumed or resharded run writes what an
-    uninterrupted one would. Shard `shard_index` of `num_shards` (one per process or host) takes
+    uninterrupted one would; a rerun whose `settings` differ (but for RESUME_FREE_SETTINGS) from those
+    recorded beside samples already drawn is refused, so one directory never mixes two settings
+    (or two checkpoints: the CLI's settings name the step). Shard `shard_index` of `num_shards` (one per process or host) takes
     the captions whose index is `shard_index` mod `num_shards`. Logs progress with an ETA."""
     import time
     if not 0 <= shard_index < num_shards:
@@ -466,7 +472,17 @@ def generate_many(gen: Generator, prompts: Sequence[tuple[int, str]], out_dir: s
     todo = [(i, c) for i, c in prompts if i % num_shards == shard_index and i not in done]
     manifest = os.path.join(out_dir, "manifest.jsonl" if num_shards == 1 else
                             f"manifest.{shard_index}-of-{num_shards}.jsonl")
-    with open(os.path.join(out_dir, "settings.json"), "w", encoding="utf-8") as f:
+    settings_path = os.path.join(out_dir, "settings.json")
+    if done and os.path.exists(settings_path):   # resuming: the samples already there must be drawn alike
+        with open(settings_path, encoding="utf-8") as f:
+            before = json.load(f)
+        now = json.loads(json.dumps(settings))
+        changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                   if k not in RESUME_FREE_SETTINGS and before.get(k) != now.get(k)]
+        if changed:
+            raise ValueError(f"{out_dir} already holds samples drawn with other settings ({'; '.join(changed)}): "
+                             "resuming would mix them; use a new --out, or the same settings to resume")
+    with open(settings_path, "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=2)
     per_call = max(1, batch_size // max(1, num_samples))   # captions per text_to_image call
     start, written = time.perf_counter(), 0

@@ -101,6 +101,10 @@ def test_generate_many_writes_every_sample_resumes_and_shards(generator, tmp_pat
     os.remove(out / "images" / "000002_1.png")
     again = generate.generate_many(generator, prompts, str(out), {"seed": 1}, batch_size=3, **kwargs)
     assert again["captions"] == 1 and again["skipped_as_done"] == 2 and _written(out) == first
+    # resuming with other settings (e.g. a newer checkpoint) would mix two draws in one directory: refused
+    with pytest.raises(ValueError, match=r"other settings \(seed: 1 -> 2\)"):
+        generate.generate_many(generator, prompts, str(out), {"seed": 2, "batch_size": 3}, batch_size=3,
+                               **{**kwargs, "seed": 2})
     # two shards (two processes), one caption a call: the same images
     sharded = tmp_path / "sharded"
     for shard in (0, 1):
