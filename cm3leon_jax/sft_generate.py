@@ -141,8 +141,12 @@ def run_cli(gen, f) -> None:
     text = f.question if task == "vqa" and f.question else (f.prompt[0] if f.prompt else None)
     example = cli_example(task, images, text, f.control_type)
     config = DEFAULT_SAMPLING[task]
-    overrides = {k: getattr(f, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "image_cfg_scale")
-                 if f[k].present}
+    overrides = {k: getattr(f, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "image_cfg_scale", "cd_k",
+                                            "cd_alpha") if f[k].present}
+    guidance = sorted(k for k in overrides if k in ("cfg_scale", "image_cfg_scale", "cd_k", "cd_alpha"))
+    if guidance and not tmpl.generates_image:   # text outputs are drawn from the full prompt alone
+        raise ValueError(f"--task {task} writes text, which is drawn without guidance streams: drop "
+                         f"{', '.join('--' + k for k in guidance)}")
     config = dataclasses.replace(config, **overrides)
     out_dir = f.out or os.path.join(f.workdir, "generate")
     os.makedirs(out_dir, exist_ok=True)

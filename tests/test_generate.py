@@ -172,6 +172,31 @@ def test_cli_image_to_text_retrieves_the_neighbours_asked_for(generator, tmp_pat
         generate._run(generator, types.SimpleNamespace(**{**vars(flags), "image": [], "neighbours": 0,
                                                           "prompt": ["a red circle", "a <mask:0> square"]}))
 
+
+def test_sft_cli_takes_cd_k_for_image_tasks_and_refuses_guidance_for_text_tasks(generator, tmp_path, monkeypatch):
+    # `generate --task edit --cd_k 1` drew without CD-K (the flag was never read); `--task vqa --cfg_scale 3`
+    # recorded a guidance scale that one-stream text decoding never applies
+    import types
+    from cm3leon_jax import sft_generate
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "x.png")
+    given = {"cd_k": 1, "cd_alpha": 0.2}
+
+    class Flags(types.SimpleNamespace):
+        def __getitem__(self, name):
+            return types.SimpleNamespace(present=name in given)
+
+    calls = []
+    monkeypatch.setattr(sft_generate.TaskGenerator, "run", lambda self, task, examples, config, **kw:
+                        calls.append(config) or [np.zeros((16, 16, 3), np.uint8)] * len(examples))
+    flags = Flags(task="edit", image=[str(tmp_path / "x.png")], prompt=["make it blue"], question=None,
+                  control_type=None, temperature=1.0, top_k=0, top_p=0.9, cfg_scale=3.0, image_cfg_scale=1.5,
+                  out=str(tmp_path / "out"), workdir=str(tmp_path), num_samples=1, seed=0, max_text_tokens=4, **given)
+    sft_generate.run_cli(generator, flags)
+    assert (calls[0].cd_k, calls[0].cd_alpha, calls[0].cfg_scale) == (1, 0.2, 7.5)
+    given = {"cfg_scale": 3.0}
+    with pytest.raises(ValueError, match="--task vqa writes text.*--cfg_scale"):
+        sft_generate.run_cli(generator, Flags(**{**vars(flags), "task": "vqa", "question": "what?"}))
+
 def test_image_to_text_and_infilling_write_text_only(generator):
     images = np.stack([np.full((16, 16, 3), 200, np.uint8), np.zeros((16, 16, 3), np.uint8)])
     captions = generator.image_to_text(images, max_tokens=6)
