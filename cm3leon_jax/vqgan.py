@@ -418,7 +418,10 @@ class Encoder(nn.Module):
         mults = cfg.channel_multipliers
         last = len(mults) - 1
         if cfg.local_encoder:
+            # The latent grid comes from the input, not cfg.image_size: `encode` takes any multiple
+            # of the downsampling factor, and the patches must be folded back in their own layout.
             batch, f = x.shape[0], cfg.downsample_factor
+            rows = x.shape[1] // f
             x = einops.rearrange(x, "b (h p) (w q) c -> (b h w) p q c", p=f, q=f)
         x = space_to_depth(x.astype(cfg.compute_dtype), cfg.patch_size)
         h = _conv(cfg, cfg.channels * mults[0], name="conv_in")(x)
@@ -437,7 +440,7 @@ class Encoder(nn.Module):
         h = nn.swish(_norm(cfg, h.shape[-1], "norm_out")(h))
         z = _conv(cfg, cfg.embed_dim, name="conv_out")(h)
         if cfg.local_encoder:  # [(b h w), 1, 1, d] -> [b, h, w, d]
-            z = einops.rearrange(z, "(b h w) 1 1 d -> b h w d", b=batch, h=cfg.latent_size)
+            z = einops.rearrange(z, "(b h w) 1 1 d -> b h w d", b=batch, h=rows)
         return z
 
 

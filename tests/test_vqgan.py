@@ -224,6 +224,11 @@ def test_local_encoder_codes_each_patch_from_its_own_pixels():
         assert z.shape == (2, 2, 2, 8)
         latents[local] = np.abs(np.asarray(z[0] - z[1])).max(-1)
         assert vqgan.decode(params, vqgan.encode(params, imgs, c), c).shape == imgs.shape
+        if local:  # an image taller than image_size: its codes keep their grid, row for row
+            tall = np.concatenate([imgs[:1], imgs[1:]], axis=1)   # [1, 32, 16, 3]
+            codes = vqgan.encode(params, tall, c)
+            assert codes.shape == (1, 4, 2)
+            np.testing.assert_array_equal(codes[0], np.concatenate(list(vqgan.encode(params, imgs, c))))
     assert max(latents[True][0, 0], latents[True][0, 1], latents[True][1, 0]) < 1e-6  # untouched patches
     assert latents[True][1, 1] > 1e-2
     assert (latents[False] > 1e-3).all()  # the global encoder's latents all see the change
