@@ -676,6 +676,12 @@ def decode(params: PyTree, codes: Any, config: Any) -> Array:
         raise ValueError(f"expected codes [B,h,w], got shape {codes.shape}")
     if not jnp.issubdtype(codes.dtype, jnp.integer):
         raise TypeError(f"codes must be integers, got {codes.dtype}")
+    if codes.size and not isinstance(codes, jax.core.Tracer):
+        # The lookup would wrap a negative code onto the codebook's end and turn one >= K into NaN
+        # (a black image): both silently wrong pictures, so refuse them.
+        lo, hi = int(jnp.min(codes)), int(jnp.max(codes))
+        if lo < 0 or hi >= cfg.codebook_size:
+            raise ValueError(f"codes must lie in [0, {cfg.codebook_size}), got [{lo}, {hi}]")
     return _decode(params, codes, cfg)
 
 

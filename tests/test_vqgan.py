@@ -159,6 +159,9 @@ def test_encode_decode_8x(tiny):
 
     with pytest.raises(ValueError):
         vqgan.encode(params, imgs[:, :12, :12], cfg)
+    for bad in (-1, cfg.codebook_size):  # would wrap round / decode to NaN (black) silently
+        with pytest.raises(ValueError, match=r"codes must lie in \[0, 32\)"):
+            vqgan.decode(params, np.full((1, 2, 2), bad), cfg)
     with pytest.raises(ValueError):
         vqgan.VQGANConfig.from_config(dict(TINY, not_a_field=1))
 
