@@ -131,7 +131,7 @@ def vq_base_config() -> ml_collections.ConfigDict:
     c.profile_first_step = 0  # > 0: profiler trace of this step and the next profile_steps - 1 (as the LM's)
     c.profile_steps = 3
     c.sample_every_steps = 1000  # PNG grid of held-out originals beside reconstructions, DIR/samples/
-    c.num_sample_images = 8
+    c.num_sample_images = 8  # 0: no sample grids (nor val_psnr), and a folder holds none of its images out
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

@@ -61,6 +61,8 @@ def validate_config(config, mesh, process_count: int) -> None:
                          f"(got {mesh.shape['tensor']})")
     if int(config.total_steps) <= 0:
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+    if int(config.num_sample_images) < 0:
+        raise ValueError(f"num_sample_images must be >= 0 (0: no sample grids), got {config.num_sample_images}")
     if int(config.seed) < 0:
         raise ValueError(f"seed must be >= 0 (NumPy's generators take no negative seed), got {config.seed}")
     if config.optimizer.schedule not in ("constant", "cosine"):
@@ -310,6 +312,8 @@ def train(config, workdir: str) -> dict[str, float]:
     sample_every, budget = int(config.sample_every_steps), float(config.max_train_seconds)
 
     def write_samples(step_):
+        if not len(val_images):   # num_sample_images=0: no grids, no val_psnr
+            return
         recon, psnr = t.reconstruct(state.params, val_images)
         if jax.process_index() == 0:
             write_sample_grid(workdir, step_, val_images, recon)

@@ -216,9 +216,10 @@ def make_train_source(config):
     data, size = _data_config(config)
     if data.image_dir:
         folder = ImageFolder(data.image_dir, size)
-        if not data.val_image_dir and len(folder.paths) > 4 * int(config.num_sample_images):
+        held_out = int(config.num_sample_images)
+        if not data.val_image_dir and held_out > 0 and len(folder.paths) > 4 * held_out:
             # the last files of the sorted folder are held out for the fixed sample grid
-            folder.paths = folder.paths[:-int(config.num_sample_images)]
+            folder.paths = folder.paths[:-held_out]
         return folder
     return ShapesImages("train", size, seed=int(data.shapes_seed), min_objects=int(data.min_objects),
                         max_objects=int(data.max_objects))
@@ -234,8 +235,10 @@ def make_train_iterator(config, process_index: int, process_count: int) -> Image
 def validation_images(config, count: int) -> np.ndarray:
     """Fixed held-out images, uint8 [count, S, S, 3]: the shapes world's validation split, or
     `data.val_image_dir`, or the last files of `data.image_dir` (held out from training when the
-    folder has more than 4x as many)."""
+    folder has more than 4x as many). `count` 0 gives none ([0, S, S, 3]: no sample grids)."""
     data, size = _data_config(config)
+    if count <= 0:   # (paths[-0:] would be the whole folder)
+        return np.zeros((0, size, size, 3), np.uint8)
     if data.val_image_dir or data.image_dir:
         if data.val_image_dir:
             folder = ImageFolder(data.val_image_dir, size)

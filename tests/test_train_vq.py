@@ -94,11 +94,14 @@ def test_resume_continues_from_saved_step(trained):
     before = _records(workdir)
     config = config.copy_and_resolve_references()
     config.total_steps = 8
+    config.num_sample_images = 0  # no sample grid (nor val_psnr) at the end, rather than a crash
     train_vq.train(config, str(workdir))
     after = _records(workdir)
     assert after[:len(before)] == before  # nothing before step 6 rewritten
     new = [r for r in after[len(before):] if "loss" in r]
     assert [r["step"] for r in new] == [8]
+    assert not any("val_psnr" in r for r in after[len(before):])
+    assert not os.path.exists(workdir / "samples" / "step_000008.png")
     assert "8" in os.listdir(workdir / "checkpoints")
     # the data position was restored too: the resumed iterator continues where step 6 left off
     it = image_data.make_train_iterator(config, 0, 1)
@@ -183,6 +186,19 @@ def test_image_folder_skips_and_counts_unreadable_files(tmp_path):
 
     val = image_data.validation_images(_folder_config(tmp_path), 2)
     assert val.shape == (2, 16, 16, 3) and val.dtype == np.uint8
+
+
+def test_no_sample_images_holds_nothing_out(tmp_path):
+    """num_sample_images=0: a folder keeps all its images for training and none for the grid (the
+    hold-out slice paths[:-0] used to empty the training source, and paths[-0:] to load the folder)."""
+    for i in range(5):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    config = _folder_config(tmp_path)
+    config.num_sample_images = 0
+    assert len(image_data.make_train_source(config)) == 5
+    assert image_data.validation_images(config, 0).shape == (0, 16, 16, 3)
+    config.data.image_dir = ""  # the shapes world
+    assert image_data.validation_images(config, 0).shape == (0, 16, 16, 3)
 
 
 def test_image_iterator_state_and_process_slices():
