@@ -540,7 +540,6 @@ def main(argv):
 
 def _run(gen, f):
     """main's body: a prompts file, SFT tasks, image -> text, text infilling or text -> image."""
-    from PIL import Image
     # --cd_k draws every sample by CD-K, or with --cd_fraction only that share (the rest by TopP/TopK/CFG)
     config = sampling.SamplingConfig(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale,
                                      cd_k=0 if f.cd_fraction else f.cd_k, cd_alpha=f.cd_alpha)
@@ -575,7 +574,8 @@ def _run(gen, f):
         sft_generate.run_cli(gen, f)
         return
     if f.image:
-        images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((gen.vq.image_size,) * 2)) for p in f.image])
+        from data_pipeline import images as image_data  # centre crop, alpha onto white: as ingestion
+        images = np.stack([image_data.load_image(p, gen.vq.image_size) for p in f.image])
         texts = gen.image_to_text(images, question=f.question, max_tokens=f.max_text_tokens, config=config, seed=f.seed,
                                   num_neighbours=f.neighbours)
         for path, text in zip(f.image, texts):

@@ -101,11 +101,13 @@ class TaskGenerator:
 
 
 def _resize(image, size: int) -> np.ndarray:
-    image = np.asarray(image, np.uint8)
-    if image.shape[:2] == (size, size):
+    """uint8 RGB [size, size, 3] through ingestion's conversion (`images.center_crop_resize`: centre
+    crop, transparency onto white), not a squash to a square the tokenizer never saw in training."""
+    image = np.asarray(image)
+    if image.shape == (size, size, 3) and image.dtype == np.uint8:
         return image
-    from PIL import Image
-    return np.asarray(Image.fromarray(image).convert("RGB").resize((size, size), Image.BICUBIC), np.uint8)
+    from data_pipeline import images as image_data
+    return image_data.center_crop_resize(image, size)
 
 
 def cli_example(task: str, images: Sequence[np.ndarray], prompt: str | None, control_type: str | None) -> dict:
@@ -137,7 +139,8 @@ def run_cli(gen, f) -> None:
     from PIL import Image
     task = f.task
     tmpl = sft_tasks.template(task)
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in f.image]
+    from data_pipeline import images as image_data
+    images = [np.asarray(image_data.to_rgb(Image.open(p))) for p in f.image]   # alpha onto white, as ingestion
     text = f.question if task == "vqa" and f.question else (f.prompt[0] if f.prompt else None)
     example = cli_example(task, images, text, f.control_type)
     config = DEFAULT_SAMPLING[task]

@@ -71,6 +71,15 @@ def center_crop_resize(image: Any, size: int) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8).copy()
 
 
+def load_image(path: str, size: int) -> np.ndarray:
+    """An image file -> uint8 RGB [size, size, 3] as VQ training and ingestion see it
+    (`center_crop_resize`): commands that take a user's image (generate --image, --task) read it
+    this way too, so the tokenizer is never handed a squashed or black-backed picture."""
+    with Image.open(path) as image:
+        image.load()
+        return center_crop_resize(image, size)
+
+
 def list_image_files(directory: str) -> list[str]:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"image directory {directory!r} does not exist")
@@ -117,9 +126,7 @@ class ImageFolder:
         logging.warning("skipping unreadable image %s: %s: %s", path, type(error).__name__, error)
 
     def load(self, path: str) -> np.ndarray:
-        with Image.open(path) as image:
-            image.load()
-            return center_crop_resize(image, self.image_size)
+        return load_image(path, self.image_size)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -201,6 +201,21 @@ def test_no_sample_images_holds_nothing_out(tmp_path):
     assert image_data.validation_images(config, 0).shape == (0, 16, 16, 3)
 
 
+def test_user_images_are_converted_as_in_training(tmp_path):
+    """generate --image / --task read a user's file as ingestion and VQ training do (centre crop,
+    transparency onto white), not squashed to a square with its transparent pixels black."""
+    from cm3leon_jax import sft_generate
+    rgba = np.zeros((16, 32, 4), np.uint8)
+    rgba[:, :16], rgba[:, 16:], rgba[:4] = (255, 0, 0, 255), (0, 0, 255, 255), (0, 0, 0, 0)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "wide.png")
+    loaded = image_data.load_image(str(tmp_path / "wide.png"), 16)
+    np.testing.assert_array_equal(loaded, image_data.center_crop_resize(Image.open(tmp_path / "wide.png"), 16))
+    assert loaded.shape == (16, 16, 3) and (loaded[0] == 255).all()  # the transparent rows are white
+    assert (loaded[8, 0] == (255, 0, 0)).all() and (loaded[8, 15] == (0, 0, 255)).all()  # cropped: both halves
+    np.testing.assert_array_equal(sft_generate._resize(rgba, 16), loaded)
+    assert sft_generate._resize(rgba[:, :16], 16).shape == (16, 16, 3)  # a square RGBA array loses its alpha
+
+
 def test_image_iterator_state_and_process_slices():
     config = vq_tiny.get_config()
     config.vq.image_size = 16
