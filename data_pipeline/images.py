@@ -59,11 +59,24 @@ def to_rgb(image: Any) -> Image.Image:
     return image
 
 
+_MAX_ASPECT = 8  # longer strips are cut to their centre before resizing (center_crop_resize)
+
+
 def center_crop_resize(image: Any, size: int) -> np.ndarray:
     """Any PIL image or array -> uint8 RGB [size, size, 3] (`to_rgb`): the short side is resized to
-    `size` (bicubic on PIL's anti-aliased path), then the centre is cropped."""
+    `size` (bicubic on PIL's anti-aliased path), then the centre is cropped.
+
+    A strip longer than `_MAX_ASPECT` times its width is first cut to its centred 2:1 window (what
+    the crop and the filter's reach need): resizing the whole strip cost long/short times the
+    memory and time of the crop, 2.8 GB and 35 s for one 2 x 20,000 banner at 256 px."""
     image = to_rgb(image)
     width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long > _MAX_ASPECT * short:
+        keep = 2 * short + (long - 2 * short) % 2  # same parity as `long`: exactly centred
+        start = (long - keep) // 2
+        image = image.crop((start, 0, start + keep, height) if width > height else (0, start, width, start + keep))
+        width, height = image.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
     image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)

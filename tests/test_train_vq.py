@@ -216,6 +216,22 @@ def test_user_images_are_converted_as_in_training(tmp_path):
     assert sft_generate._resize(rgba[:, :16], 16).shape == (16, 16, 3)  # a square RGBA array loses its alpha
 
 
+def test_a_long_strip_is_cut_to_its_centre_before_resizing(monkeypatch):
+    """A 2 x 2,000 banner at 16 px used to be resized whole to 16 x 16,000 (long/short times the
+    work and memory of the crop: GBs at 256 px); only its centre is resized now, with the same
+    centre crop."""
+    strip = np.zeros((2000, 2, 3), np.uint8)
+    strip[990:1010] = (255, 0, 0)  # a red band in the middle, the rest black
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(self, size, *a, **k))
+    out = image_data.center_crop_resize(strip, 16)
+    assert out.shape == (16, 16, 3) and max(max(s) for s in sizes) <= 2 * 16 + 1
+    assert (out[:, :, 0] > 200).all() and (out[:, :, 1:] < 30).all()  # the centre 2 x 2 rows -> all red
+    wide = image_data.center_crop_resize(strip.transpose(1, 0, 2), 16)
+    np.testing.assert_array_equal(wide, out.transpose(1, 0, 2))
+
+
 def test_image_iterator_state_and_process_slices():
     config = vq_tiny.get_config()
     config.vq.image_size = 16
