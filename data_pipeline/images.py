@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 from absl import logging
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data_pipeline import packing, shapes_world
 
@@ -35,8 +35,11 @@ def to_rgb(image: Any) -> Image.Image:
     """Any PIL image or array -> an 8-bit RGB PIL image, the one conversion every image path uses.
     Grey and palette images are expanded; transparent pixels composite onto white rather than
     whatever colour they hide; 16-bit images ([H, W, 1] or uint16 arrays too, as TFDS gives grey
-    images) scale by 1/257 instead of saturating; float arrays in [0, 1] scale by 255."""
-    if not isinstance(image, Image.Image):
+    images) scale by 1/257 instead of saturating; float arrays in [0, 1] scale by 255. A file's EXIF
+    orientation is applied (`_upright`), so a phone photo stored sideways comes out as it is shown."""
+    if isinstance(image, Image.Image):
+        image = _upright(image)
+    else:
         array = np.asarray(image)
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
@@ -60,6 +63,19 @@ def to_rgb(image: Any) -> Image.Image:
 
 
 _MAX_ASPECT = 8  # longer strips are cut to their centre before resizing (center_crop_resize)
+
+
+_ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2-8 mirrored and/or rotated
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as viewers show it: cameras store pixels as sensed plus an EXIF orientation tag,
+    which PIL does not apply when decoding. Unreadable EXIF leaves the pixels as they are."""
+    try:
+        orientation = image.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 -- a malformed EXIF block must not cost the image
+        return image
+    return ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
 
 
 def center_crop_resize(image: Any, size: int) -> np.ndarray:

@@ -232,6 +232,23 @@ def test_a_long_strip_is_cut_to_its_centre_before_resizing(monkeypatch):
     np.testing.assert_array_equal(wide, out.transpose(1, 0, 2))
 
 
+def test_exif_orientation_is_applied(tmp_path):
+    """A photo stored sideways with an EXIF orientation tag (as phones write them) is read upright,
+    as every viewer shows it, by VQ training, ingestion and generate alike."""
+    pixels = np.zeros((16, 32, 3), np.uint8)
+    pixels[:, :16] = (0, 0, 255)  # stored: blue left half, black right half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(pixels).save(tmp_path / "phone.png", exif=exif.tobytes())
+    shown = np.rot90(pixels, k=-1)  # [32, 16]: blue on top
+    loaded = image_data.load_image(str(tmp_path / "phone.png"), 16)
+    np.testing.assert_array_equal(loaded, image_data.center_crop_resize(shown, 16))
+    assert (loaded[:8, :, 2] > 200).all() and (loaded[8:, :, 2] < 50).all()
+    Image.fromarray(pixels).save(tmp_path / "plain.png")  # no tag: as stored
+    np.testing.assert_array_equal(image_data.load_image(str(tmp_path / "plain.png"), 16),
+                                  image_data.center_crop_resize(pixels, 16))
+
+
 def test_image_iterator_state_and_process_slices():
     config = vq_tiny.get_config()
     config.vq.image_size = 16
