@@ -249,6 +249,20 @@ def test_exif_orientation_is_applied(tmp_path):
                                   image_data.center_crop_resize(pixels, 16))
 
 
+def test_image_grid_takes_any_count_and_refuses_what_it_would_wrap(tmp_path):
+    from cm3leon_jax import image_grid
+    img = np.full((4, 4, 3), 7, np.uint8)
+    assert image_grid.make_grid([[img] * 7]).shape == (8, 7 * 6 + 2, 3)  # a prime count, one row
+    grey = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    for form in (grey, grey[..., None], np.dstack([grey] * 3 + [np.zeros_like(grey)])):  # grey, [H,W,1], RGBA
+        np.testing.assert_array_equal(image_grid.make_grid([[form]], pad=0), np.dstack([grey] * 3))
+    for bad in (np.full((4, 4, 3), 300, np.int32), np.full((4, 4, 3), 0.5, np.float32)):  # used to wrap / go black
+        with pytest.raises(TypeError, match="uint8"):
+            image_grid.make_grid([[img, bad]])
+        with pytest.raises(TypeError, match="uint8"):
+            image_grid.save_png(str(tmp_path / "x.png"), bad)
+
+
 def test_image_iterator_state_and_process_slices():
     config = vq_tiny.get_config()
     config.vq.image_size = 16
