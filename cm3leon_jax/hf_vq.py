@@ -68,10 +68,11 @@ def pixel_scale_from_hf(preprocessor: dict | None) -> float:
 
 def preprocessor_config(cfg: vqgan.VQGANConfig) -> dict:
     """Chameleon's image processor settings (preprocessor_config.json) that give transformers the
-    pixels our tokenizer encodes: rescale by our `pixel_scale`, minus 1, at our image size."""
+    pixels our tokenizer encodes: rescale by our `pixel_scale`, minus 1, at our image size, resized
+    bicubic (resample 3) as `images.center_crop_resize` (Chameleon's own default, 1, is Lanczos)."""
     size = int(cfg.image_size)
     return dict(image_processor_type="ChameleonImageProcessor", processor_class="ChameleonProcessor",
-                do_resize=True, size={"shortest_edge": size}, resample=1, do_center_crop=True,
+                do_resize=True, size={"shortest_edge": size}, resample=3, do_center_crop=True,
                 crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=float(cfg.pixel_scale),
                 do_normalize=True, image_mean=[1.0, 1.0, 1.0], image_std=[1.0, 1.0, 1.0], do_convert_rgb=True)
 

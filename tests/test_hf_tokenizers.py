@@ -103,6 +103,21 @@ def test_chameleon_pixel_scale_gives_its_processors_pixels():
         hf_vq.pixel_scale_from_hf({"image_mean": [0.5, 0.5, 0.5]})
 
 
+def test_exported_processor_resizes_as_our_ingestion(tmp_path):
+    """The exported preprocessor_config.json resizes with our filter (bicubic), so transformers'
+    processor gives the pixels ingestion encodes for images of other sizes too (Lanczos did not)."""
+    from PIL import Image
+    from data_pipeline import images as image_data
+    cfg = vqgan.VQGANConfig(image_size=16, channels=32)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(hf_vq.preprocessor_config(cfg)))
+    rs = np.random.RandomState(0)
+    for w, h in ((20, 30), (64, 64), (32, 48)):   # sizes whose resize rounds the same in both
+        image = np.asarray(Image.fromarray(rs.randint(0, 256, (h // 4, w // 4, 3)).astype(np.uint8)).resize((w, h)))
+        theirs = _chameleon_pixels(image[None], 16, tmp_path)[0].transpose(1, 2, 0)
+        ours = vqgan.pixel_table(cfg.pixel_scale)[image_data.center_crop_resize(image, 16)]
+        np.testing.assert_array_equal(theirs, ours)
+
+
 def _random_vqvae(vq, seed=0):
     import torch
     from transformers import ChameleonVQVAEConfig
