@@ -69,6 +69,9 @@ def validate_config(config, mesh, process_count: int) -> None:
         raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
     optimizer.skip_nonfinite_limit(config.optimizer)
     vqgan.VQGANConfig.from_config(config.vq)  # unknown keys, image size vs downsampling
+    if int(config.vq.in_channels) != 3:
+        raise ValueError(f"vq.in_channels={config.vq.in_channels}, but train_vq's images (the shapes world, "
+                         "image folders) are RGB: set vq.in_channels=3")
     vq_losses.VQLossConfig.from_config(config.loss)
 
 

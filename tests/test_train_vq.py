@@ -128,6 +128,19 @@ def test_a_diverging_tokenizer_run_skips_its_nan_updates_then_stops_clearly(trai
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(jax.device_get(params)))
 
 
+def test_config_errors_are_caught_before_any_compilation():
+    from cm3leon_jax import sharding
+    config = vq_tiny.get_config()  # mesh.data=-1: all devices, batch 8
+    mesh = sharding.make_mesh(config.mesh)
+    train_vq.validate_config(config, mesh, 1)
+    config.vq.in_channels = 1  # used to fail in Flax's param-shape check at the first step
+    with pytest.raises(ValueError, match="in_channels=1.*RGB"):
+        train_vq.validate_config(config, mesh, 1)
+    config.vq.in_channels, config.num_sample_images = 3, -1
+    with pytest.raises(ValueError, match="num_sample_images"):
+        train_vq.validate_config(config, mesh, 1)
+
+
 def test_tokenizer_loads_from_workdir(trained):
     workdir, _ = trained
     params, config = train_vq.load_tokenizer(str(workdir))
