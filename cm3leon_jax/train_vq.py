@@ -68,6 +68,8 @@ def validate_config(config, mesh, process_count: int) -> None:
     if config.optimizer.schedule not in ("constant", "cosine"):
         raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
     optimizer.skip_nonfinite_limit(config.optimizer)
+    if not 0.0 <= float(config.codebook.usage_decay) < 1.0:  # 1 leaves the EMA at 0 and its bias correction 0/0
+        raise ValueError(f"codebook.usage_decay must be in [0, 1), got {config.codebook.usage_decay}")
     vqgan.VQGANConfig.from_config(config.vq)  # unknown keys, image size vs downsampling
     if int(config.vq.in_channels) != 3:
         raise ValueError(f"vq.in_channels={config.vq.in_channels}, but train_vq's images (the shapes world, "

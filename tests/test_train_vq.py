@@ -139,6 +139,9 @@ def test_config_errors_are_caught_before_any_compilation():
     config.vq.in_channels, config.num_sample_images = 3, -1
     with pytest.raises(ValueError, match="num_sample_images"):
         train_vq.validate_config(config, mesh, 1)
+    config.num_sample_images, config.codebook.usage_decay = 8, 1.0  # silently never re-seeded a code
+    with pytest.raises(ValueError, match="usage_decay"):
+        train_vq.validate_config(config, mesh, 1)
 
 
 def test_tokenizer_loads_from_workdir(trained):
