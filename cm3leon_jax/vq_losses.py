@@ -295,15 +295,39 @@ def load_perceptual_weights(path: Optional[str]) -> Optional[Dict[str, Any]]:
     for name, p in params.items():
         if set(p) != {"kernel", "bias"} or p["kernel"].ndim != 4:
             raise ValueError(f"{name}: need a 4-d HWIO 'kernel' and a 'bias', got {sorted(p)}")
-    n_stages = len(_stages_from_params(params))
+    stages = _stages_from_params(params)
+    n_stages = len(stages)
     if lins and sorted(lins) != list(range(n_stages)):
         raise ValueError(f"lin weights must be given for all {n_stages} stages, got {sorted(lins)}")
+    _check_feature_chain(params, stages, lins, path)
     return {
         "params": params,
         "lins": [lins[i] for i in range(n_stages)] if lins else None,
         "shift": extra["shift"],
         "scale": extra["scale"],
     }
+
+
+def _check_feature_chain(params, stages, lins, path) -> None:
+    """Every shape VGGFeatures will apply, checked at load: a wrong file otherwise fails inside the
+    first compiled training step (Flax's param-shape error), or, for negative lin weights, trains
+    on a perceptual loss that rewards differences."""
+    cin = 3
+    for i, widths in enumerate(stages):
+        for j, cout in enumerate(widths):
+            name = f"stage{i}_conv{j}"
+            kernel, bias = params[name]["kernel"], params[name]["bias"]
+            if kernel.shape[:3] != (3, 3, cin):
+                hint = (" (torch's OIHW layout? transpose it with .transpose(2, 3, 1, 0))"
+                        if kernel.shape[-2:] == (3, 3) else "")
+                raise ValueError(f"{path}: {name}.kernel has shape {kernel.shape}, expected [3, 3, {cin}, out] "
+                                 f"(3x3 HWIO after {cin} input channels){hint}")
+            if bias.shape != (cout,):
+                raise ValueError(f"{path}: {name}.bias has shape {bias.shape}, expected [{cout}]")
+            cin = cout
+        if lins and (lins[i].shape != (cin,) or (lins[i] < 0).any()):
+            raise ValueError(f"{path}: lin{i} must be {cin} non-negative weights (stage {i}'s width), got shape "
+                             f"{lins[i].shape}, min {lins[i].min() if lins[i].size else None}")
 
 
 def _stages_from_params(params: Mapping[str, Any]) -> Tuple[Tuple[int, ...], ...]:

@@ -331,6 +331,17 @@ def test_perceptual_loss_default_off_and_loads_npz(tmp_path):
     save_file(arrays, str(st))
     assert float(ploss(vq_losses.load_perceptual_weights(str(st)), x, y)) == pytest.approx(d_xy, rel=1e-5)
 
+    # shapes VGGFeatures cannot apply (or negative LPIPS weights) are refused at load, naming the tensor,
+    # not in the first compiled training step
+    oihw = rs.randn(6, 4, 3, 3).astype(np.float32)
+    for bad, match in ((dict(arrays, lin0=np.ones(5, np.float32)), "lin0 must be 4 non-negative"),
+                       (dict(arrays, lin1=-np.ones(6, np.float32)), "lin1 must be 6 non-negative"),
+                       ({**arrays, "stage1_conv0.kernel": oihw}, r"stage1_conv0.kernel .* OIHW"),
+                       ({**arrays, "stage0_conv0.bias": np.zeros(5, np.float32)}, "stage0_conv0.bias")):
+        np.savez(tmp_path / "wrong.npz", **bad)
+        with pytest.raises(ValueError, match=match):
+            vq_losses.load_perceptual_weights(str(tmp_path / "wrong.npz"))
+
     np.savez(tmp_path / "bad.npz", **{"conv.weight": np.zeros(3, np.float32)})
     with pytest.raises(ValueError):
         vq_losses.load_perceptual_weights(str(tmp_path / "bad.npz"))
