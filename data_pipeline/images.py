@@ -53,11 +53,12 @@ def to_rgb(image: Any) -> Image.Image:
         image = Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257.0), 0, 255).astype(np.uint8))
     elif image.mode == "F":
         return to_rgb(np.asarray(image))
+    # "transparency" is a palette's alpha or a PNG's colour key (tRNS), in P, L and RGB images alike.
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
     if image.mode != "RGB":
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
         image = image.convert("RGB")
     return image
 

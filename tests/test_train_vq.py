@@ -279,6 +279,18 @@ def test_image_grid_takes_any_count_and_refuses_what_it_would_wrap(tmp_path):
             image_grid.save_png(str(tmp_path / "x.png"), bad)
 
 
+def test_colour_keyed_transparency_is_white_too(tmp_path):
+    """A PNG's tRNS colour key makes the pixels of one colour transparent in an RGB or grey image
+    (not only in a palette one): they come out white, as alpha does, not in the colour they hide."""
+    for mode, key, mark in (("RGB", (0, 255, 0), (255, 0, 0)), ("L", 7, 200)):
+        image = Image.new(mode, (4, 4), key)
+        image.putpixel((0, 0), mark)
+        image.save(tmp_path / f"{mode}.png", transparency=key)
+        rgb = np.asarray(image_data.to_rgb(Image.open(tmp_path / f"{mode}.png")))
+        assert (rgb[1:, 1:] == 255).all()  # the keyed colour
+        np.testing.assert_array_equal(rgb[0, 0], np.broadcast_to(mark, 3))  # the rest as it was
+
+
 def test_image_iterator_state_and_process_slices():
     config = vq_tiny.get_config()
     config.vq.image_size = 16
