@@ -174,7 +174,7 @@ def pixel_table(pixel_scale: float) -> np.ndarray:
 
 def normalize_images(images: Array, pixel_scale: float = PIXEL_SCALE) -> Array:
     """uint8 [0,255] -> float32 x * pixel_scale - 1 (the config's `pixel_scale`: [-1, 1] for ours);
-    float input is taken to be normalised already.
+    float input is taken to be normalised already; other dtypes raise a TypeError.
 
     The default divides by 127.5 as always (the same op, so the same values as before the field
     existed; XLA may turn it into a multiply by the float32 reciprocal); any other scale looks its
@@ -183,6 +183,10 @@ def normalize_images(images: Array, pixel_scale: float = PIXEL_SCALE) -> Array:
     sampling code keep working with floats.
     """
     images = jnp.asarray(images)
+    if images.dtype != jnp.uint8 and not jnp.issubdtype(images.dtype, jnp.floating):
+        # int64 pixels (np.random.randint, arithmetic on uint8) would pass as "normalised" 0..255
+        raise TypeError(f"images must be uint8 [0, 255] or float [-1, 1], got {images.dtype}: "
+                        "cast integer pixels with .astype(np.uint8)")
     if images.dtype == jnp.uint8:
         if pixel_scale == PIXEL_SCALE:
             return images.astype(jnp.float32) / 127.5 - 1.0
