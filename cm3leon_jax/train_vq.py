@@ -29,7 +29,7 @@ from flax import linen as nn
 from cm3leon_jax import checkpointing, image_grid, metrics, optimizer, sharding, trainer as lm_trainer, vq_losses, vqgan, workdir_io
 from cm3leon_jax import train as _lm_cli  # its --config / --workdir flags and start-up serve both CLIs
 from cm3leon_jax.vq_tokenizer import VQ_CONFIG_FILE, VQTokenizer, load_tokenizer, load_vq_config, save_vq_config  # noqa: F401
-from data_pipeline import images as image_data
+from data_pipeline import images as image_data, shapes_world
 
 STDOUT_KEYS = ("loss", "recon_loss", "psnr", "val_psnr", "codebook_usage", "perplexity", "commitment_loss",
                "disc_loss", "adaptive_weight")
@@ -65,6 +65,9 @@ def validate_config(config, mesh, process_count: int) -> None:
         raise ValueError(f"num_sample_images must be >= 0 (0: no sample grids), got {config.num_sample_images}")
     if int(config.seed) < 0:
         raise ValueError(f"seed must be >= 0 (NumPy's generators take no negative seed), got {config.seed}")
+    if not config.data.image_dir:   # the shapes world's own checks (seed, object counts), before any compilation
+        shapes_world.ShapesWorldConfig(image_size=int(config.vq.image_size), seed=int(config.data.shapes_seed),
+                                       min_objects=int(config.data.min_objects), max_objects=int(config.data.max_objects))
     if config.optimizer.schedule not in ("constant", "cosine"):
         raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
     optimizer.skip_nonfinite_limit(config.optimizer)

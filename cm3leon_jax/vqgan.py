@@ -115,6 +115,13 @@ class VQGANConfig:
     local_encoder: bool = False
 
     def __post_init__(self):
+        sizes = {name: getattr(self, name) for name in ("image_size", "in_channels", "channels", "codebook_size",
+                                                        "code_dim", "embed_dim", "num_groups")}
+        sizes.update({f"channel_multipliers[{i}]": m for i, m in enumerate(self.channel_multipliers)})
+        bad = [f"{name}={value}" for name, value in sizes.items() if not value >= 1]
+        bad += [f"num_res_blocks={self.num_res_blocks}"] if self.num_res_blocks < 0 else []
+        if bad:   # else an empty codebook or a 0-wide layer fails deep inside Flax
+            raise ValueError(f"VQ sizes must be >= 1 (num_res_blocks >= 0), got {', '.join(bad)}")
         if self.norm not in ("group", "layer", "none"):
             raise ValueError(f"norm must be 'group', 'layer' or 'none', got {self.norm!r}")
         if self.patch_size < 1:

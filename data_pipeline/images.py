@@ -31,6 +31,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
+_PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}  # premultiplied-alpha modes -> their plain-alpha modes
+
+
 def to_rgb(image: Any) -> Image.Image:
     """Any PIL image or array -> an 8-bit RGB PIL image, the one conversion every image path uses.
     Grey and palette images are expanded; transparent pixels composite onto white rather than
@@ -53,6 +56,8 @@ def to_rgb(image: Any) -> Image.Image:
         image = Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257.0), 0, 255).astype(np.uint8))
     elif image.mode == "F":
         return to_rgb(np.asarray(image))
+    if image.mode in _PREMULTIPLIED:   # PIL converts these to RGB only through their plain-alpha mode
+        image = image.convert(_PREMULTIPLIED[image.mode])
     # "transparency" is a palette's alpha or a PNG's colour key (tRNS), in P, L and RGB images alike.
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")

@@ -93,6 +93,8 @@ class ShapesWorldConfig:
     def __post_init__(self):
         if int(self.image_size) < 16:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        if int(self.seed) < 0:   # NumPy's generators take no negative seed (it failed inside a Grain worker)
+            raise ValueError(f"the shapes world's seed must be >= 0, got {self.seed}")
         if not 1 <= self.min_objects <= self.max_objects <= len(POSITIONS):
             raise ValueError(
                 "need 1 <= min_objects <= max_objects <= 9 (one object per grid cell), got "

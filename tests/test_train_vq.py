@@ -142,6 +142,12 @@ def test_config_errors_are_caught_before_any_compilation():
     config.num_sample_images, config.codebook.usage_decay = 8, 1.0  # silently never re-seeded a code
     with pytest.raises(ValueError, match="usage_decay"):
         train_vq.validate_config(config, mesh, 1)
+    config.codebook.usage_decay, config.data.shapes_seed = 0.99, -1  # failed inside a Grain worker thread
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        train_vq.validate_config(config, mesh, 1)
+    config.data.shapes_seed, config.vq.codebook_size = 0, 0  # an empty codebook failed inside Flax
+    with pytest.raises(ValueError, match="codebook_size=0"):
+        train_vq.validate_config(config, mesh, 1)
 
 
 def test_tokenizer_loads_from_workdir(trained):
@@ -289,6 +295,19 @@ def test_colour_keyed_transparency_is_white_too(tmp_path):
         rgb = np.asarray(image_data.to_rgb(Image.open(tmp_path / f"{mode}.png")))
         assert (rgb[1:, 1:] == 255).all()  # the keyed colour
         np.testing.assert_array_equal(rgb[0, 0], np.broadcast_to(mark, 3))  # the rest as it was
+
+
+def test_premultiplied_alpha_composites_like_plain_alpha():
+    """PIL's premultiplied modes (La, RGBa) come out as their plain-alpha twins do: La used to be
+    unreadable ("conversion from La to L not supported") and RGBa dropped its alpha."""
+    pixels = np.zeros((2, 2, 4), np.uint8)
+    pixels[..., :3], pixels[..., 3] = (200, 10, 10), [[255, 0], [128, 0]]
+    rgba = Image.fromarray(pixels, "RGBA")
+    grey = Image.fromarray(pixels[..., [0, 3]], "LA")
+    for plain, premultiplied in ((rgba, rgba.convert("RGBa")), (grey, grey.convert("La"))):
+        expected = np.asarray(image_data.to_rgb(plain))
+        assert (expected[0, 1] == 255).all()  # a transparent pixel is white
+        np.testing.assert_array_equal(np.asarray(image_data.to_rgb(premultiplied)), expected)
 
 
 def test_image_iterator_state_and_process_slices():
