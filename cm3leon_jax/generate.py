@@ -574,6 +574,9 @@ def _run(gen, f):
         sft_generate.run_cli(gen, f)
         return
     if f.image:
+        if f.prompt or f.interleaved:   # else silently dropped: the images alone were captioned
+            raise ValueError("--image captions images (image -> text; --question asks about them): drop --prompt/"
+                             "--interleaved, or name a --task that takes both")
         from data_pipeline import images as image_data  # centre crop, alpha onto white: as ingestion
         images = np.stack([image_data.load_image(p, gen.vq.image_size) for p in f.image])
         texts = gen.image_to_text(images, question=f.question, max_tokens=f.max_text_tokens, config=config, seed=f.seed,
@@ -582,7 +585,7 @@ def _run(gen, f):
             print(f"{path}: {text}")
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "captions.json"), "w", encoding="utf-8") as fh:
-            json.dump({"settings": settings, "captions": dict(zip(f.image, texts))}, fh, indent=2)
+            json.dump({"settings": _one_stream(settings), "captions": dict(zip(f.image, texts))}, fh, indent=2)
         return
     if not f.prompt:
         raise ValueError("give --prompt (text -> image or infilling) or --image (image -> text)")
@@ -605,6 +608,13 @@ def _run(gen, f):
     print(png)
 
 
+def _one_stream(settings: dict) -> dict:
+    """The settings a one-stream text decode uses (image -> text): guidance, CD-K, sample counts and
+    reranking need several streams or samples, so recording them would claim what was not applied."""
+    return {k: v for k, v in settings.items()
+            if k not in ("cfg_scale", "cd_k", "cd_alpha", "cd_fraction", "num_samples", "reranker")}
+
+
 def _define_flags():
     from absl import flags
     flags.DEFINE_string("workdir", None, "training workdir (checkpoints, config.json, vocab/) or params bundle",
@@ -616,7 +626,8 @@ def _define_flags():
     flags.DEFINE_multi_string("image", [], "image path(s) for image -> text")
     flags.DEFINE_string("question", None, "a question about the image (image -> text)")
     flags.DEFINE_integer("num_samples", 8, "images per prompt (--interleaved: documents per prompt)")
-    flags.DEFINE_float("cfg_scale", 3.0, "classifier-free guidance scale (1 = off)")
+    flags.DEFINE_float("cfg_scale", 3.0, "classifier-free guidance scale (1 = off); text outputs (--image, "
+                      "infilling) decode one stream, without guidance")
     flags.DEFINE_float("temperature", 1.0, "0 = greedy")
     flags.DEFINE_integer("top_k", 0, "0 = off")
     flags.DEFINE_float("top_p", 0.9, "1 = off")

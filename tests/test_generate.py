@@ -163,6 +163,11 @@ def test_cli_image_to_text_retrieves_the_neighbours_asked_for(generator, tmp_pat
         prompt=[], image=[str(tmp_path / "x.png")], task=None, interleaved=False, question=None, max_text_tokens=4)
     generate._run(generator, flags)
     assert calls[0]["num_neighbours"] == 2
+    recorded = json.loads((tmp_path / "out" / "captions.json").read_text())["settings"]
+    assert recorded["neighbours"] == 2 and "cfg_scale" not in recorded  # one stream: no guidance to record
+    # a --prompt beside --image was dropped without a word
+    with pytest.raises(ValueError, match="--image captions images"):
+        generate._run(generator, types.SimpleNamespace(**{**vars(flags), "prompt": ["a red circle"]}))
     # paths that retrieve nothing refuse --neighbours instead of recording it
     for other in (dict(image=[], prompt=["a <mask:0> circle"]), dict(image=[], prompt=["a circle"], interleaved=True)):
         with pytest.raises(ValueError, match="--neighbours applies to"):
