@@ -46,12 +46,16 @@ def learning_rate_schedule(opt_config, total_steps: int, peak: float | None = No
         [warmup, decay_start])
 
 
-def _decay_mask(params):
-    """Weight decay on kernels and embeddings, not on norm scales (by name: stacked layers make
-    every parameter look like a matrix)."""
+NO_DECAY_NAMES = ("scale", "bias")  # norm scales, QK-norm's learned bias (Chameleon), any bias
+
+
+def decay_mask(params):
+    """Weight decay on kernels and embeddings only, not on norm scales or biases: pulling a norm's
+    scale towards 0 or a bias towards 0 is not regularisation. Chosen by name, because stacked
+    layers make every parameter look like a matrix."""
     def decays(path, _):
         last = path[-1]
-        return getattr(last, "key", getattr(last, "name", None)) != "scale"
+        return getattr(last, "key", getattr(last, "name", None)) not in NO_DECAY_NAMES
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -71,7 +75,7 @@ def make_optimizer(opt_config, total_steps: int) -> tuple[optax.GradientTransfor
         # (identity keeps the state's structure: a checkpoint resumes whether clipping is on or off)
         optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=float(opt_config.b1), b2=float(opt_config.b2), eps=float(opt_config.eps),
-                    weight_decay=float(opt_config.weight_decay), mask=_decay_mask),
+                    weight_decay=float(opt_config.weight_decay), mask=decay_mask),
     )
     return with_nonfinite_guard(tx, opt_config), schedule
 

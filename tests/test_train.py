@@ -278,6 +278,20 @@ def test_grad_clip_0_means_no_clipping_not_a_zero_gradient():
     assert jax.tree_util.tree_structure(clipped.init(params)) == jax.tree_util.tree_structure(tx.init(params))
 
 
+def test_weight_decay_spares_norm_scales_and_biases():
+    """Chameleon's learned QK-norm bias was decayed towards 0, against the docstring's promise."""
+    import flax
+    from cm3leon_jax import model as model_lib, optimizer
+    cfg = model_lib.TransformerConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=2, d_ff=32, max_length=8,
+                                      qk_norm=True, qk_norm_params=True)
+    params = model_lib.Transformer(cfg).init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
+    flat = flax.traverse_util.flatten_dict(optimizer.decay_mask(flax.core.meta.unbox(params)))   # as the trainer
+    assert any(path[-1] == "bias" for path in flat) and any(path[-1] == "scale" for path in flat)
+    for path, decays in flat.items():
+        assert decays == (path[-1] not in ("scale", "bias")), path
+    assert flat[("token_embedding",)] and flat[("output_head", "kernel")]
+
+
 def test_resume_survives_a_metrics_line_torn_by_a_crash(tmp_path):
     """A host lost mid-write leaves a torn last line (or NUL bytes); resuming used to die on it
     with a JSONDecodeError. A last record without its newline must not swallow the next one."""
