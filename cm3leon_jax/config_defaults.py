@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (TensorBoard's profile plugin, XProf, Perfetto). 0: off; step 1 compiles, so start later.
     c.profile_first_step = 0
     c.profile_steps = 3
+    # A resumed run refuses a changed seed or data.* field (its saved data position would point into
+    # another order); True resumes anyway, knowingly leaving the exact data order
+    c.allow_data_change_on_resume = False
 
     # Device mesh: product must equal the device count; one axis may be -1 (= the rest).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -130,6 +133,7 @@ def vq_base_config() -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.profile_first_step = 0  # > 0: profiler trace of this step and the next profile_steps - 1 (as the LM's)
     c.profile_steps = 3
+    c.allow_data_change_on_resume = False  # as the LM's: a resumed run refuses a changed seed or data.* field
     c.sample_every_steps = 1000  # PNG grid of held-out originals beside reconstructions, DIR/samples/
     c.num_sample_images = 8  # 0: no sample grids (nor val_psnr), and a folder holds none of its images out
 

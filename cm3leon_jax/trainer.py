@@ -435,12 +435,39 @@ def frozen_weights(config, trainer, workdir: str):
             f"checkpoint, or point {INIT_FROM_FILE} at a copy of it") from None
 
 
+# data fields a resumed run may change: where the data lives (a dataset moved to another disk) and
+# image-decoding threads, which keep the order. Every other data field, and the seed, fix the order.
+_DATA_FIELDS_FREE_ON_RESUME = ("data_dir", "image_dir", "val_image_dir", "num_threads")
+
+
+def check_resume_keeps_data_order(workdir: str, config) -> None:
+    """A checkpoint's data position counts batches of the saved run's data order: resumed under
+    another seed, batch size, sequence length or mixture, it points into a different order, and the
+    run would silently repeat some documents and skip others. Such changes are refused (the
+    saved config.json holds the run's settings), unless config.allow_data_change_on_resume."""
+    path = workdir_io.join(workdir, "config.json")
+    if config.get("allow_data_change_on_resume", False) or not workdir_io.exists(path):
+        return
+    saved, current = json.loads(workdir_io.read_text(path)), json.loads(config.to_json_best_effort())
+    pairs = [("seed", saved.get("seed"), current.get("seed"))]
+    saved_data, current_data = saved.get("data") or {}, current.get("data") or {}
+    pairs += [(f"data.{k}", saved_data[k], current_data.get(k)) for k in sorted(saved_data)
+              if k not in _DATA_FIELDS_FREE_ON_RESUME]   # (a field the saved run did not know yet is not compared)
+    changed = [f"{name}: {old!r} -> {new!r}" for name, old, new in pairs if old is not None and old != new]
+    if changed:
+        raise ValueError(f"{workdir} holds a checkpoint whose data position belongs to its saved settings, and this "
+                         f"run changes them ({'; '.join(changed)}): resuming would silently repeat and skip data. "
+                         "Resume with the saved values (config.json), start a new workdir (an LM run can take "
+                         "this one's weights with config.init_from), or set config.allow_data_change_on_resume=True")
+
+
 def restore_or_init(ckpt, trainer, data_iter, config, workdir: str):
     """The workdir's latest checkpoint (model and data position) if any, else fresh sharded state;
     config.json is (re)written either way. Shared by the LM and VQ trainers."""
     latest = ckpt.latest_step()
     adapters_only = getattr(trainer, "adapters_only", False)   # (the VQ trainer has none)
     if latest is not None:
+        check_resume_keeps_data_order(workdir, config)
         logging.info("resuming from step %d in %s", latest, ckpt.directory)
         if adapters_only:   # the checkpoint holds the adapters and their optimizer; the frozen weights are re-read
             state = ckpt.restore(latest, trainer.saved_state(trainer.abstract_state), data_iter)

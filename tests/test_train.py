@@ -459,6 +459,13 @@ def test_a_preempted_run_says_so(tmp_path, monkeypatch):
     out = trainer.train(tiny_config(total_steps=6), str(tmp_path))
     assert out["preempted"] and out["final_step"] == 2
     monkeypatch.undo()
+    # a changed seed or batch size would resume the saved data position in another order: refused
+    # before anything is restored, unless asked for
+    for changed, name in (({"seed": 1}, "seed: 0 -> 1"), ({"data.global_batch_size": 16}, "data.global_batch_size")):
+        with pytest.raises(ValueError, match=f"changes them \\({name}"):
+            trainer.train(tiny_config(total_steps=6, **changed), str(tmp_path))
+    trainer.check_resume_keeps_data_order(str(tmp_path), tiny_config(seed=1, allow_data_change_on_resume=True))
+    trainer.check_resume_keeps_data_order(str(tmp_path), tiny_config(**{"data.data_dir": "/moved/elsewhere"}))
     out = trainer.train(tiny_config(total_steps=6), str(tmp_path))
     assert not out["preempted"] and out["final_step"] == 6
     # the resumed run's TensorBoard writer marks its first step: points a killed run logged past the
