@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from cm3leon_jax.quantization import is_int8
@@ -25,6 +26,7 @@ from cm3leon_jax.quantization import is_int8
 # query/key/value/out and the MLP's up/gate/down. Embeddings, norms and the output head stay frozen.
 TARGETS = ("query", "key", "value", "out", "up", "gate", "down")
 ADAPTER_PARAMS = ("lora_a", "lora_b")
+_MAX_SCALE = float(np.finfo(np.float32).max)   # the largest adapter scale float32 holds
 _RANK = "r"   # the einsum letter of the adapter's rank axis (checked unused by the equation)
 
 
@@ -42,8 +44,11 @@ def validate(rank: int, alpha: float, targets: str) -> None:
         raise ValueError(f"model.lora_rank={rank} must be >= 0 (0: no adapters)")
     if rank and not parse_targets(targets):
         raise ValueError("model.lora_rank > 0 needs model.lora_targets to name at least one projection")
-    if rank and not alpha > 0:
-        raise ValueError(f"model.lora_alpha={alpha} must be > 0 (the adapter's scale is alpha / rank)")
+    # the scale is applied in the parameters' float32: an infinite one (alpha = inf, or 1e39 / rank) turns
+    # a fresh adapter's B = 0 into 0 * inf = NaN, and the model's outputs with it
+    if rank and not 0 < alpha / rank <= _MAX_SCALE:
+        raise ValueError(f"model.lora_alpha={alpha} must be > 0 and finite (the adapter's scale is alpha / rank, "
+                         f"at most {_MAX_SCALE:.3g})")
 
 
 def scale(rank: int, alpha: float) -> float:

@@ -79,6 +79,10 @@ def test_adapter_equations():
     (dict(lora_rank=4, lora_targets="query,embedding"), r"\['embedding'\]"),
     (dict(lora_rank=4, lora_targets=""), "at least one projection"),
     (dict(lora_rank=4, lora_alpha=0.0), "lora_alpha=0.0"),
+    # an infinite scale (alpha / rank in float32) made a fresh adapter's B = 0 give 0 * inf = NaN outputs
+    (dict(lora_rank=4, lora_alpha=float("inf")), "lora_alpha=inf must be > 0 and finite"),
+    (dict(lora_rank=2, lora_alpha=1e39), r"lora_alpha=1e\+39 must be > 0 and finite"),
+    (dict(lora_rank=4, lora_alpha=float("nan")), "lora_alpha=nan"),
     (dict(lora_rank=4, lora_targets="gate"), "only 'gate'"),
 ])
 def test_invalid_adapter_settings_are_refused(fields, match):
