@@ -89,6 +89,12 @@ def mixture_parts(data) -> list[tuple[str, float]]:
     """[(data.data_dir, data.data_dir_weight), (DIR, WEIGHT) of each `data.mix_with` item]: the
     prepared datasets whose train splits the training documents are drawn from, by weight."""
     extra = mixture.parse_weights(data.get("mix_with", ""), what="DIR")
+    names = [os.path.normpath(os.path.abspath(d)) for d, _ in extra]
+    for (d, _), name in zip(extra, names):
+        if name == os.path.normpath(os.path.abspath(str(data.data_dir))):   # it would be two parts, both data_dir's
+            raise ValueError(f"data.mix_with names data.data_dir ({d}); its weight is data.data_dir_weight")
+        if names.count(name) > 1:
+            raise ValueError(f"data.mix_with names the directory {name} more than once; give it one weight")
     return [(str(data.data_dir), float(data.get("data_dir_weight", 1.0)))] + extra
 
 

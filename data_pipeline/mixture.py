@@ -93,8 +93,9 @@ def mixing_counts(sizes: Mapping[str, int], weights: Mapping[str, float] | None 
 
 def parse_weights(spec: str, names: Sequence[str] | None = None, what: str = "NAME") -> list[tuple[str, float]]:
     """"a=2,b=0.5" -> [("a", 2.0), ("b", 0.5)] in order ("" -> []); with `names`, each name must be
-    one of them. A malformed item, an unknown name or a weight that is not a finite number >= 0 is a
-    ValueError naming it. The last "=" splits, so a name may hold one."""
+    one of them. A malformed item, an unknown name, a name given twice (as a dict, SFT's task weights
+    kept the last weight and dropped the first silently) or a weight that is not a finite number >= 0
+    is a ValueError naming it. The last "=" splits, so a name may hold one."""
     out = []
     for item in filter(None, (x.strip() for x in str(spec).split(","))):
         name, sep, value = item.rpartition("=")
@@ -108,5 +109,7 @@ def parse_weights(spec: str, names: Sequence[str] | None = None, what: str = "NA
             raise ValueError(f"bad weight {item!r}: {value.strip()!r} is not a number") from None
         if not 0 <= weight < math.inf:   # inf (or "1e400") would make every share NaN in mixing_counts
             raise ValueError(f"bad weight {item!r}: weights must be >= 0 and finite")
+        if name in (n for n, _ in out):
+            raise ValueError(f"bad weight {item!r}: {name!r} is given a weight more than once; give each {what} one")
         out.append((name, weight))
     return out

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -488,6 +489,21 @@ def test_mixture_weights_must_be_finite():
     for weight in (float("inf"), float("nan")):
         with pytest.raises(ValueError, match="mixture weights must be >= 0 and finite"):
             mixture.mixing_counts({"a": 10, "b": 10}, {"a": weight, "b": 1.0})
+
+
+def test_a_dataset_given_two_mixture_weights_is_refused():
+    """Named twice (or data_dir named in mix_with), a dataset became two parts of the mixture, its
+    share the sum of the weights; SFT's task weights kept the last one: both silently."""
+    from data_pipeline import mixture
+    data = ml_collections.ConfigDict(dict(data_dir="w/a", data_dir_weight=1.0, mix_with="w/b=1,w/c=2"))
+    assert cm3_pipeline.mixture_parts(data) == [("w/a", 1.0), ("w/b", 1.0), ("w/c", 2.0)]
+    with pytest.raises(ValueError, match="'w/b' is given a weight more than once"):
+        mixture.parse_weights("w/b=1,w/b=3", what="DIR")
+    for mix_with, match in (("w/b=1,w/c=1,./w/b/=2", "names the directory .*w/b more than once"),
+                            ("w/b=1,w/a=3", r"names data.data_dir \(w/a\); its weight is data.data_dir_weight")):
+        data.mix_with = mix_with
+        with pytest.raises(ValueError, match=match):
+            cm3_pipeline.mixture_parts(data)
 
 
 def test_a_mixture_logs_each_datasets_held_out_loss(tiny_pipeline, tmp_path):

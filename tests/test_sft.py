@@ -111,6 +111,8 @@ def test_mixing_counts_apply_the_papers_thresholds():
     assert sft_tasks.parse_weights("edit=2, vqa=0.5") == {"edit": 2.0, "vqa": 0.5}
     with pytest.raises(ValueError, match="TASK=WEIGHT"):
         sft_tasks.parse_weights("painting=1")
+    with pytest.raises(ValueError, match="'edit' is given a weight more than once"):   # was: the last one, silently
+        sft_tasks.parse_weights("edit=1,vqa=1,edit=3")
     for spec in ("edit=inf,vqa=1", "edit=1e400", "edit=nan", "edit=-1"):   # inf made every share NaN downstream
         with pytest.raises(ValueError, match=">= 0 and finite"):
             sft_tasks.parse_weights(spec)
