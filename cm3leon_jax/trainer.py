@@ -5,6 +5,7 @@ step on abstract shapes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -335,6 +336,14 @@ def pretrained_config(workdir: str) -> dict:
     return config
 
 
+def _model_as_read(model: dict) -> dict:
+    """A model section as `TransformerConfig.from_config` reads it: a field that a run's config.json
+    predates takes its default, as when that run's checkpoints are restored (restore_run_params)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(model_lib.TransformerConfig)
+                if f.default is not dataclasses.MISSING}
+    return {**defaults, **model}
+
+
 def init_from_pretrained(config, trainer, workdir: str, fresh_params=None):
     """Parameters of `config.init_from`'s latest checkpoint, sharded like this run's (the optimizer
     state and step stay fresh: fine-tuning starts at step 0), with this run's adapters, if any,
@@ -345,7 +354,7 @@ def init_from_pretrained(config, trainer, workdir: str, fresh_params=None):
         theirs = pretrained_config(source)["model"]
     except FileNotFoundError:
         raise FileNotFoundError(f"config.init_from={config.init_from!r} is not a training workdir (no config.json)") from None
-    mine = config.model.to_dict()
+    mine, theirs = _model_as_read(config.model.to_dict()), _model_as_read(theirs)
     diff = sorted(k for k in set(mine) | set(theirs)
                   if k not in _RUNTIME_MODEL_FIELDS + _ADAPTER_MODEL_FIELDS
                   and json.dumps(mine.get(k)) != json.dumps(theirs.get(k)))

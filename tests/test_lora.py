@@ -269,3 +269,28 @@ def test_an_int8_base_is_a_quarter_of_the_memory_and_computes_what_its_dequantiz
     # ... and the quantization did happen: the plain run's weights (same seed) give other logits
     unquantized = t_plain.model.apply({"params": t_plain.init_state(0).params}, tokens)
     assert 0 < float(jnp.max(jnp.abs(held.astype(jnp.float32) - unquantized.astype(jnp.float32))))
+
+
+def test_init_from_a_run_whose_config_predates_a_model_field_reads_it_as_its_default(tmp_path):
+    """A pretrained config.json without a later field (here qk_norm_params) is restored with that
+    field's default; init_from used to refuse it ("model.qk_norm_params=False vs None"), even through
+    the config argument (sft_tiny.py:DIR) that its error message recommends."""
+    import json
+    from cm3leon_jax import checkpointing
+    pretrained, saved = str(tmp_path / "pretrained"), tiny_config()   # a pretrained run's step 0, saved as training does
+    state = trainer.Trainer(saved, sharding.make_mesh(saved.mesh)).init_state(3)
+    ckpt = checkpointing.CheckpointManager(pretrained, save_every_steps=1, keep=1, async_save=False)
+    ckpt.save(0, state, data_pipeline.make_train_iterator(saved, 0, 1), force=True)
+    ckpt.close()
+    saved = json.loads(saved.to_json_best_effort())
+    del saved["model"]["qk_norm_params"]
+    (tmp_path / "pretrained" / "config.json").write_text(json.dumps(saved))
+    config = tiny_config()
+    config.init_from = pretrained
+    t = trainer.Trainer(config, sharding.make_mesh(config.mesh))
+    params = trainer.init_from_pretrained(config, t, str(tmp_path / "ft"))
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))   # the pretrained weights, exactly
+    config.model.update(qk_norm=True, qk_norm_params=True)   # a real difference is still refused, naming the default
+    with pytest.raises(ValueError, match=r"model.qk_norm=True vs False; model.qk_norm_params=True vs False"):
+        trainer.init_from_pretrained(config, t, str(tmp_path / "ft"))
