@@ -3,6 +3,7 @@ task with its evaluation, and the generate CLI's --task."""
 import json
 import os
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -80,10 +81,13 @@ def test_prompt_tokens_carry_zero_weight_and_cm3_switch(vocab):
         out = sft_pipeline.SftTransform("output", 0.0, cfg)(doc, np.random.default_rng(0))
         np.testing.assert_array_equal(out["tokens"], seq.tokens)
         assert (out["weights"][:seq.output_start] == 0).all() and (out["weights"][seq.output_start:] == 1).all()
-        shifted = data_pipeline.packing.document_to_example(out) if hasattr(data_pipeline.packing,
-                                                                            "document_to_example") else None
-        if shifted is not None:  # the loss sees weight 0 on every prompt target
-            assert shifted["weights"].sum() == len(seq.tokens) - seq.output_start
+        # packed (shifted into next-token targets), the loss sees weight 1 exactly on the output's targets
+        # (this check used to call a packing function that no longer exists, behind a hasattr: it never ran)
+        row = next(data_pipeline.packing.PackedBatchIterator(
+            grain.MapDataset.source([out]), seq_len=len(seq.tokens) - 1, global_batch_size=1, num_streams=1, seed=0,
+            shuffle=False))
+        np.testing.assert_array_equal(row["targets"][0], seq.tokens[1:])
+        np.testing.assert_array_equal(row["weights"][0], np.arange(1, len(seq.tokens)) >= seq.output_start)
         full = sft_pipeline.SftTransform("cm3", 0.0, cfg)(doc, np.random.default_rng(3))
         sentinel = vocab.is_sentinel(full["tokens"])
         np.testing.assert_array_equal(full["weights"], np.where(sentinel, 0.0, 1.0))
