@@ -405,6 +405,23 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+def _cast_finite(x: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """`x` as C-order `dtype`; a ValueError when the cast turns finite values into inf (float16's
+    range ends at 65504), which numpy would only warn about and the exported model would carry."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(x.astype(dtype, copy=False))
+    if out.dtype == x.dtype or out.dtype.name not in ("float16", "bfloat16", "float32"):
+        return out
+    overflowed = ~np.isfinite(out.astype(np.float32)) & np.isfinite(x.astype(np.float64))
+    if overflowed.any():
+        import ml_dtypes
+        raise ValueError(f"{what}: {int(overflowed.sum())} value(s) (largest magnitude "
+                         f"{float(np.abs(x[overflowed].astype(np.float64)).max()):.6g}) overflow {out.dtype.name}, "
+                         f"whose largest finite value is {float(ml_dtypes.finfo(out.dtype).max):.6g}: export with "
+                         "--dtype bfloat16 or float32")
+    return out
+
+
 def write_safetensors(path: str, entries: Sequence[tuple[str, tuple, str, Callable[[], Iterable[np.ndarray]]]],
                       metadata: dict | None = None) -> str:
     """Writes a safetensors file tensor by tensor; returns its sha256.
@@ -425,23 +442,28 @@ def write_safetensors(path: str, entries: Sequence[tuple[str, tuple, str, Callab
     blob += b" " * (-len(blob) % 8)
     digest = hashlib.sha256()
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        for chunk in (len(blob).to_bytes(8, "little"), blob):
-            f.write(chunk)
-            digest.update(chunk)
-        for name, shape, dtype, produce in entries:
-            want = np_dtype(dtype)
-            rows = 0
-            for part in produce():
-                part = np.ascontiguousarray(np.asarray(part).astype(want, copy=False))
-                if part.ndim != len(shape) or part.shape[1:] != tuple(shape[1:]):
-                    raise ValueError(f"{path}: tensor {name}: chunk of shape {part.shape} for shape {tuple(shape)}")
-                rows += part.shape[0] if part.ndim else 1
-                data = part.tobytes()
-                f.write(data)
-                digest.update(data)
-            if rows != (shape[0] if len(shape) else 1):
-                raise ValueError(f"{path}: tensor {name}: wrote {rows} rows, expected shape {tuple(shape)}")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in (len(blob).to_bytes(8, "little"), blob):
+                f.write(chunk)
+                digest.update(chunk)
+            for name, shape, dtype, produce in entries:
+                want = np_dtype(dtype)
+                rows = 0
+                for part in produce():
+                    part = _cast_finite(np.asarray(part), want, f"{path}: tensor {name}")
+                    if part.ndim != len(shape) or part.shape[1:] != tuple(shape[1:]):
+                        raise ValueError(f"{path}: tensor {name}: chunk of shape {part.shape} for shape {tuple(shape)}")
+                    rows += part.shape[0] if part.ndim else 1
+                    data = part.tobytes()
+                    f.write(data)
+                    digest.update(data)
+                if rows != (shape[0] if len(shape) else 1):
+                    raise ValueError(f"{path}: tensor {name}: wrote {rows} rows, expected shape {tuple(shape)}")
+    except BaseException:   # no half-written PATH.tmp left behind in the export directory
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
     return digest.hexdigest()
 

@@ -183,6 +183,23 @@ def test_bundle_corruption_and_mismatch_are_clear(tmp_path):
         export.load_bundle(str(out))
 
 
+def test_float16_export_refuses_values_beyond_its_range(tmp_path):
+    """numpy casts 1e5 to float16 inf with a warning only: the exported model would carry it."""
+    _, _, params = _workdir(tmp_path / "src")
+    params = jax.tree.map(np.array, params)
+    params["position_embedding"][3, 5] = -1e5
+    wd = tmp_path / "wd"
+    os.makedirs(wd)
+    (wd / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
+    export.save_params_checkpoint(str(wd), 3, params)
+    with pytest.raises(ValueError, match=r"embed_positions.*1 value\(s\).*100000.*overflow float16.*65504"):
+        export.export(str(wd), str(tmp_path / "fp16"), "hf-opt", dtype="float16")
+    assert os.listdir(tmp_path / "fp16") == []   # no half-written model.safetensors.tmp left
+    export.export(str(wd), str(tmp_path / "fp16"), "hf-opt", dtype="bfloat16")   # the same dir, now written
+    st = hf_interop.SafetensorsFile(str(tmp_path / "fp16" / "model.safetensors"))
+    assert all(np.isfinite(np.asarray(st.get(k), np.float32)).all() for k in st.keys())
+
+
 def test_export_refuses_what_the_format_cannot_hold(tmp_path):
     wd = tmp_path / "wd"
     os.makedirs(wd)
