@@ -484,7 +484,8 @@ def restore_or_init(ckpt, trainer, data_iter, config, workdir: str):
         else:
             state = ckpt.restore(latest, trainer.abstract_state, data_iter)
         _truncate_metrics(workdir, latest)
-    else:
+    else:   # a run killed before its first checkpoint starts over: its records (and a line it tore) go too
+        _truncate_metrics(workdir, 0)
         state = trainer.init_state(int(config.seed))
         if config.get("init_from"):
             state = state.replace(params=init_from_pretrained(config, trainer, workdir, state.params))

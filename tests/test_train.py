@@ -306,6 +306,17 @@ def test_resume_survives_a_metrics_line_torn_by_a_crash(tmp_path):
     assert [r["step"] for r in metrics.read_records(str(tmp_path))] == [1, 2]
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_metrics_over(tmp_path):
+    """No checkpoint to resume from: the killed run's records (and the line it tore) are stale;
+    appending after them duplicated steps 2 and 4 and glued the first new record onto the torn
+    line, so read_records died with a JSONDecodeError."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (2, 4))
+                                            + '{"step": 6, "lo')
+    trainer.train(tiny_config(total_steps=2), str(tmp_path))
+    records = metrics.read_records(str(tmp_path))
+    assert [r["step"] for r in records] == [2] and records[0]["loss"] != 9.0
+
+
 def _tensorboard_events(workdir):
     import glob
     import struct
