@@ -530,7 +530,7 @@ def export_hf_adapters(workdir: str, out: str, fmt: str, step: int | None = None
 def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32",
            vq_workdir: str | None = None, adapters_only: bool = False, base_model: str | None = None) -> Any:
     """`workdir` may be in a bucket (gs://); the bundle or HF checkpoint is written to a local `out`."""
-    workdir_io.require_local(out, "--out")
+    workdir, out = workdir_io.resolve(workdir), workdir_io.require_local(out, "--out")   # `~` expanded
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: one of {FORMATS}")
     if (adapters_only or base_model) and fmt == "params":
@@ -572,13 +572,14 @@ def main(argv):
     del argv
     FLAGS = _FLAGS
     try:
-        export(FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step, FLAGS.dtype, FLAGS.vq_workdir,
+        out = workdir_io.require_local(FLAGS.out, "--out")   # `~` expanded, as export() does
+        export(FLAGS.workdir, out, FLAGS.format, FLAGS.step, FLAGS.dtype, FLAGS.vq_workdir,
                FLAGS.adapters_only, FLAGS.base_model)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"export failed: {e}") from None
-    with open(os.path.join(FLAGS.out, BUNDLE_JSON if FLAGS.format == "params" else "cm3leon_export.json")) as f:
+    with open(os.path.join(out, BUNDLE_JSON if FLAGS.format == "params" else "cm3leon_export.json")) as f:
         step = json.load(f)["step"]
-    print(json.dumps({"out": FLAGS.out, "format": FLAGS.format, "step": step}))
+    print(json.dumps({"out": out, "format": FLAGS.format, "step": step}))
 
 
 if __name__ == "__main__":

@@ -43,9 +43,16 @@ def is_remote(path: str | os.PathLike) -> bool:
     return scheme(path) is not None
 
 
+def _local_abspath(path: str | os.PathLike) -> str:
+    """`~` expanded first: the shell leaves it in `--workdir=~/run`, and a run would then write to
+    a directory named `~` under the current one."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
 def resolve(path: str | os.PathLike) -> str:
-    """An absolute local path, or the URL unchanged (what `os.path.abspath` would have mangled)."""
-    return os.fspath(path) if is_remote(path) else os.path.abspath(path)
+    """An absolute local path (`~` expanded), or the URL unchanged (what `os.path.abspath` would
+    have mangled)."""
+    return os.fspath(path) if is_remote(path) else _local_abspath(path)
 
 
 def check_backend(path: str | os.PathLike) -> None:
@@ -62,12 +69,12 @@ def check_backend(path: str | os.PathLike) -> None:
 
 
 def require_local(path: str | os.PathLike, what: str) -> str:
-    """The absolute local path, or a ValueError naming `what`: data directories are read by
+    """The absolute local path (`~` expanded), or a ValueError naming `what`: data directories are read by
     ArrayRecord and ScaNN, which open local files only (mount a bucket to use one)."""
     if is_remote(path):
         raise ValueError(f"{what} {os.fspath(path)!r} must be a local or mounted directory: its files are read by "
                          "local-only readers (ArrayRecord, ScaNN); only training workdirs may be object-store URLs")
-    return os.path.abspath(path)
+    return _local_abspath(path)
 
 
 def join(path: str | os.PathLike, *parts: str) -> str:

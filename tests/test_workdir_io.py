@@ -85,6 +85,14 @@ def test_paths_keep_urls_and_reject_unknown_schemes(tmp_path):
     workdir_io.check_backend(str(tmp_path))
 
 
+def test_local_paths_expand_a_tilde_the_shell_left(tmp_path, monkeypatch):
+    """`--workdir=~/run` reaches absl unexpanded: abspath alone made it ./~/run under the cwd."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert workdir_io.resolve("~/run") == str(tmp_path / "run")
+    assert workdir_io.require_local("~/data", "--data") == str(tmp_path / "data")
+    assert workdir_io.resolve("gs://b/~/run") == "gs://b/~/run"
+
+
 def test_metrics_logger_uploads_on_flush_and_keeps_records_on_reopen(bucket):
     logger = metrics.MetricsLogger("gs://b/run", enabled=True, remote_flush_seconds=3600)
     for step in (1, 2, 3):
