@@ -27,7 +27,7 @@ def _on_multihost_cluster() -> bool:
 def initialize_from_flags() -> None:
     """Explicit flags win; otherwise JAX auto-detects TPU pods and Slurm/MPI; else one process."""
     f = flags.FLAGS
-    if f.coordinator_address or f.num_processes:
+    if f.coordinator_address or f.num_processes is not None or f.process_id is not None:   # any one: all three
         if f.coordinator_address is None or f.num_processes is None or f.process_id is None:
             raise ValueError("--coordinator_address, --num_processes and --process_id must be given together")
         jax.distributed.initialize(coordinator_address=f.coordinator_address,

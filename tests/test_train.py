@@ -485,3 +485,19 @@ def test_a_preempted_run_says_so(tmp_path, monkeypatch):
     starts = [e.step for e in _tensorboard_events(tmp_path)
               if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START]
     assert starts == [3]
+
+
+@pytest.mark.parametrize("given", [["--process_id=1"], ["--num_processes=0", "--process_id=0"]])
+def test_distributed_flags_given_in_part_are_refused(given, monkeypatch):
+    """`--process_id` alone (or with `--num_processes=0`) was ignored: the process ran alone (or
+    joined an auto-detected cluster) instead of saying what is missing."""
+    from absl import flags
+    from cm3leon_jax import distributed
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: pytest.fail(f"initialize({kw})"))
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["train", *given])
+        with pytest.raises(ValueError, match="must be given together"):
+            distributed.initialize_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
