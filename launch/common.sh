@@ -84,6 +84,17 @@ set_slurm_flag() {
   esac
 }
 
+# usage_error unless the config file $1 exists: relative to REPO_DIR, or an absolute path. Checked
+# only when REPO_DIR is a directory here (a login node that does not mount it skips the check).
+check_config_file() {
+  [[ -d $REPO_DIR ]] || return 0
+  if [[ $1 == /* ]]; then
+    [[ -f $1 ]] || usage_error "--config $1: no such file"
+  else
+    [[ -f $REPO_DIR/$1 ]] || usage_error "--config $1: no such file in $REPO_DIR"
+  fi
+}
+
 # Exits with a clear error when a real submission (DRY_RUN=0) has no sbatch to call.
 require_sbatch() {
   if [[ $DRY_RUN -eq 0 ]] && ! command -v sbatch >/dev/null 2>&1; then

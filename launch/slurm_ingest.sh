@@ -29,7 +29,7 @@ Usage: launch/slurm_ingest.sh --parts N --out DIR --config PATH [options] [-- PR
 Required:
   --parts N                parts of the source, one array task each (--num_shards of prepare)
   --out DIR                the data directory, absolute, on a filesystem every node sees
-  --config PATH            ingestion config, relative to the repo (e.g. experiments/data_shapes.py)
+  --config PATH            ingestion config, relative to the repo or absolute (e.g. experiments/data_shapes.py)
 
 Options:
   --module M               data_pipeline.prepare (default) or data_pipeline.sft_prepare
@@ -55,7 +55,7 @@ Flags accept both `--flag=value` and `--flag value`.
 EOF
 }
 
-# usage_error, shell_quote, quote_cmd, parse_flags, slurm_option_lines, set_slurm_flag, require_sbatch
+# usage_error, shell_quote, quote_cmd, parse_flags, slurm_option_lines, set_slurm_flag, check_config_file, require_sbatch
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 # ---------------------------------------------------------------- flags
@@ -118,9 +118,7 @@ done
 [[ $MODULE == data_pipeline.prepare || $MODULE == data_pipeline.sft_prepare ]] ||
   usage_error "--module must be data_pipeline.prepare or data_pipeline.sft_prepare, got '$MODULE'"
 [[ $JOB_NAME =~ ^[A-Za-z0-9._-]+$ ]] || usage_error "--job_name may hold letters, digits, '.', '_' and '-' only"
-if [[ -d $REPO_DIR && ! -f $REPO_DIR/$CONFIG ]]; then
-  usage_error "--config $CONFIG: no such file in $REPO_DIR"
-fi
+check_config_file "$CONFIG"
 [[ $OUT == /* ]] || usage_error "--out '$OUT' must be absolute (a shared path every node sees)"
 require_sbatch
 

@@ -41,7 +41,7 @@ Options:
   --qos Q                  Slurm QOS
   --time T                 time limit, e.g. 24:00:00 (default: the partition's)
   --job_name NAME          default: cm3leon
-  --config PATH            config file, relative to the repo (default: experiments/tiny_cpu.py)
+  --config PATH            config file, relative to the repo or absolute (default: experiments/tiny_cpu.py)
   --repo_dir DIR           the repo as the nodes see it (default: this repo's absolute path)
   --setup CMD              shell command run on the nodes before training (e.g. "source VENV/bin/activate")
   --python PY              python executable on the nodes (default: python)
@@ -56,7 +56,7 @@ Flags accept both `--flag=value` and `--flag value`.
 EOF
 }
 
-# usage_error, shell_quote, quote_cmd, parse_flags, slurm_option_lines, set_slurm_flag, require_sbatch
+# usage_error, shell_quote, quote_cmd, parse_flags, slurm_option_lines, set_slurm_flag, check_config_file, require_sbatch
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 # ---------------------------------------------------------------- flags
@@ -109,9 +109,7 @@ for pair in "nodes:$NODES" "gpus_per_node:$GPUS_PER_NODE" "cpus_per_task:$CPUS_P
   [[ ${pair#*:} =~ ^[0-9]+$ && ${pair#*:} -ge 1 ]] || usage_error "--${pair%%:*} must be a positive integer, got '${pair#*:}'"
 done
 [[ $JOB_NAME =~ ^[A-Za-z0-9._-]+$ ]] || usage_error "--job_name may hold letters, digits, '.', '_' and '-' only"
-if [[ -d $REPO_DIR && ! -f $REPO_DIR/${CONFIG%%:*} ]]; then   # (a config may take an argument: file.py:ARG)
-  usage_error "--config ${CONFIG%%:*}: no such file in $REPO_DIR"
-fi
+check_config_file "${CONFIG%%:*}"   # (a config may take an argument: file.py:ARG)
 if [[ $WORKDIR != /* && $WORKDIR != *://* ]]; then
   usage_error "--workdir '$WORKDIR' must be absolute (a shared path every node sees) or a gs:// URL"
 fi

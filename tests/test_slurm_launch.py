@@ -206,3 +206,19 @@ def test_index_dry_run_prints_a_chain_of_stage_scripts(tmp_path):
                           (["--hosts", "4", "--data", "/d", "--bogus"], "unknown flag: --bogus")]:
         res = _index(args, env, tmp_path)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+
+
+def test_an_absolute_config_path_is_taken_and_checked_where_it_is(tmp_path):
+    """`--config /abs/cfg.py` was looked for at REPO_DIR//abs/cfg.py and refused as missing."""
+    env = _env(tmp_path)
+    config = tmp_path / "my configs" / "run.py"
+    config.parent.mkdir()
+    shutil.copy(Path(REPO) / "experiments" / "tiny_cpu.py", config)
+    res = _launch(["--workdir", "/r", "--config", config, "--dry_run"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f"--config '{config}' --workdir /r &" in res.stdout
+    res = _ingest(["--parts", "2", "--out", "/d", "--config", config, "--dry_run"], env, tmp_path)
+    assert res.returncode == 0 and f"--config '{config}' --out /d" in res.stdout, res.stderr
+    for res in (_launch(["--workdir", "/r", "--config", tmp_path / "nope.py"], env, tmp_path),
+                _ingest(["--parts", "2", "--out", "/d", "--config", tmp_path / "nope.py"], env, tmp_path)):
+        assert res.returncode == 2 and f"--config {tmp_path / 'nope.py'}: no such file" in res.stderr, res.stderr
