@@ -180,8 +180,32 @@ class PreemptionWatcher:
 
 def _read_only_manager(workdir: str):
     directory = workdir_io.join(workdir_io.resolve(workdir), "checkpoints")
-    return ocp.CheckpointManager(directory, item_names=("state",), options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False, save_interval_steps=0)), directory
+    return ocp.CheckpointManager(directory, item_names=("state",), item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                                      save_interval_steps=0)), directory
+
+
+def _param_names(tree) -> set[str]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_saved_params(manager, step: int, directory: str, abstract_params) -> None:
+    """A partial restore fills parameters the checkpoint lacks with the ShapeDtypeStructs asked for
+    (a crash far away, at the first use) and drops those it has beyond them (a tied head restored
+    from an untied checkpoint: wrong outputs, silently): either is a ValueError naming them."""
+    try:
+        saved = manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)["params"]
+    except (KeyError, TypeError, ValueError, FileNotFoundError):   # no metadata to compare with: orbax decides
+        return
+    theirs, ours = _param_names(saved), _param_names(abstract_params)
+    if theirs != ours:
+        missing, extra = sorted(ours - theirs), sorted(theirs - ours)
+        raise ValueError(
+            f"the checkpoint of step {step} in {directory} holds other parameters than the model asked for: "
+            + "; ".join(f"{what} {names[:6]}" + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+                        for what, names in (("missing", missing), ("not in the model", extra)) if names)
+            + ". The model's config (config.json, or a default of this version) differs from the one that saved it")
 
 
 def saved_steps(workdir: str) -> list[int]:
@@ -202,6 +226,7 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
     if step not in manager.all_steps():
         raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; it holds steps "
                                 f"{sorted(manager.all_steps())}")
+    _check_saved_params(manager, step, directory, abstract_params)
     target = {"params": abstract_params}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,

@@ -183,6 +183,19 @@ def test_bundle_corruption_and_mismatch_are_clear(tmp_path):
         export.load_bundle(str(out))
 
 
+def test_restore_params_refuses_a_checkpoint_of_other_parameters(tmp_path):
+    """orbax's partial restore handed back the requested ShapeDtypeStructs for parameters the
+    checkpoint lacks, and dropped the ones it has beyond the model (a tied head restored from an
+    untied run), both silently."""
+    _workdir(tmp_path / "wd")
+    for overrides, match in [({"model.qk_norm": True, "model.qk_norm_params": True},
+                              r"step 3 .* missing \['layers/layer/attention/key_norm/bias'"),
+                             ({"model.tie_embeddings": True}, r"not in the model \['output_head/kernel'\]")]:
+        _, abstract = export.abstract_params(tiny_config(**overrides))
+        with pytest.raises(ValueError, match=match):
+            checkpointing.restore_params(str(tmp_path / "wd"), abstract)
+
+
 def test_float16_export_refuses_values_beyond_its_range(tmp_path):
     """numpy casts 1e5 to float16 inf with a warning only: the exported model would carry it."""
     _, _, params = _workdir(tmp_path / "src")
