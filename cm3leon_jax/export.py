@@ -158,6 +158,8 @@ def _sha256(path: str) -> str:
 
 
 def _prepare_out(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):   # (os.listdir's NotADirectoryError escaped the CLI's message)
+        raise FileExistsError(f"--out {out} is a file, not a directory")
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"--out {out} exists and is not empty")
     os.makedirs(out, exist_ok=True)

@@ -224,6 +224,9 @@ def test_export_refuses_what_the_format_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match=r"hf-chameleon.*positions='learned'.*norm='layernorm'.*mlp='relu'"):
         export.export(str(wd), str(tmp_path / "out"), "hf-chameleon")
     assert not os.path.exists(tmp_path / "out")  # refused before writing anything
+    (tmp_path / "out").write_text("")
+    with pytest.raises(FileExistsError, match="is a file, not a directory"):
+        export.export(str(wd), str(tmp_path / "out"), "params")
 
 
 @needs_hf
