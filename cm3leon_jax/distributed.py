@@ -13,15 +13,16 @@ flags.DEFINE_integer("process_id", None, "this process's index, 0..num_processes
 _CLUSTER_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
-def _on_multihost_cluster() -> bool:
+def _on_multihost_cluster() -> str | None:
+    """The environment setting that says this process is one of several (`VAR=value`), or None."""
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hosts:
-        return True
+        return f"TPU_WORKER_HOSTNAMES={hosts}"
     for var in _CLUSTER_ENV_VARS[1:]:
         value = os.environ.get(var)
         if value and (not value.isdigit() or int(value) > 1):
-            return True
-    return False
+            return f"{var}={value}"
+    return None
 
 
 def initialize_from_flags() -> None:
@@ -32,8 +33,14 @@ def initialize_from_flags() -> None:
             raise ValueError("--coordinator_address, --num_processes and --process_id must be given together")
         jax.distributed.initialize(coordinator_address=f.coordinator_address,
                                    num_processes=f.num_processes, process_id=f.process_id)
-    elif _on_multihost_cluster():
-        jax.distributed.initialize()
+    elif cluster := _on_multihost_cluster():
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:   # e.g. salloc's SLURM_NTASKS without srun's per-task variables, Open MPI 5
+            raise ValueError(f"{cluster} says this is one of several processes, but JAX could not detect the "
+                             f"cluster's coordinator and this process's index ({e}): start each process with the "
+                             "cluster's launcher (srun, mpirun, the TPU pod's workers), or pass "
+                             "--coordinator_address, --num_processes and --process_id") from None
     else:
         return
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),

@@ -501,3 +501,25 @@ def test_distributed_flags_given_in_part_are_refused(given, monkeypatch):
             distributed.initialize_from_flags()
     finally:
         flags.FLAGS.unparse_flags()
+
+
+def test_a_cluster_jax_cannot_read_says_how_to_start_the_processes(monkeypatch):
+    """`salloc -n 2` then python directly (SLURM_NTASKS without srun's per-task variables), or Open
+    MPI 5: JAX's auto-detection finds nothing and said only 'coordinator_address should be defined.'"""
+    from absl import flags
+    from cm3leon_jax import distributed
+    for var in distributed._CLUSTER_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+
+    def undetected(**kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", undetected)
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["train"])
+        with pytest.raises(ValueError, match=r"SLURM_NTASKS=2 says .*several processes.*srun.*--coordinator_address"):
+            distributed.initialize_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
