@@ -415,7 +415,9 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     report["text_to_image"] = {}
     if strategies:
         t2i_prompts = {k: (v[:num_prompts]) for k, v in prompts.items()}
-        real_features = attribute_classifier.features(classifier, prompts["images"])
+        # the real side is the text -> image prompts' own images, like the other Frechet distances':
+        # not the num_captions images that `prompts` may also hold for image -> text
+        real_features = attribute_classifier.features(classifier, t2i_prompts["images"])
         clip_real = None if clip_scorer is None else {"images": clip_scorer.image_features(t2i_prompts["images"]),
                                                       "captions": clip_scorer.text_features(t2i_prompts["captions"])}
     totals: dict[str, np.ndarray] = {}

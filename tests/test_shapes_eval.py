@@ -330,3 +330,51 @@ def test_sample_diversity_is_zero_for_identical_samples_and_grows_with_differenc
     assert sm.sample_diversity([np.stack([black, black, white]), black[None]]) == pytest.approx(2 / 3)
     noisy = np.clip(image[None].astype(int) + rng.integers(-20, 21, (4, 8, 8, 3)), 0, 255).astype(np.uint8)
     assert 0 < sm.sample_diversity([noisy]) < sm.sample_diversity([rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)])
+
+
+class _IdentityVQ:
+    image_size = 64
+
+    def encode(self, images):
+        return np.asarray(images)
+
+    def decode(self, codes):
+        return np.asarray(codes)
+
+
+class _PerfectGenerator:
+    """Stands in for generate.Generator: draws each held-out caption's own render (a perfect
+    text -> image model) and writes a fixed caption; no retriever, no data dir."""
+
+    def __init__(self, workdir, **_):
+        import types
+        from cm3leon_jax import evaluate
+        self.vq, self.step, self.data_dir, self.clip_scorer = _IdentityVQ(), 0, None, None
+        self.model_config = types.SimpleNamespace(dtype="float32")
+        self.can_retrieve = self.can_rerank = False
+        held = evaluate.heldout_prompts(16, self.vq.image_size)
+        self._image_of = dict(zip(held["captions"], held["images"]))
+
+    def text_to_image(self, captions, num_samples, **_):
+        import types
+        return [types.SimpleNamespace(images=np.stack([self._image_of[c]] * num_samples)) for c in captions]
+
+    def retrieve_for_image(self, codes, k):
+        return []
+
+    def caption_codes(self, codes, retrieved, seed=0):
+        return ["a red star"] * len(codes)
+
+
+def test_frechet_distance_compares_with_the_prompts_own_images_whatever_num_captions(tmp_path, monkeypatch):
+    """A perfect generator is at distance 0 from the real images of its prompts; the real side
+    used to be all max(num_prompts, num_captions) held-out images, so the text -> image figure
+    moved with the unrelated number of image -> text captions."""
+    from cm3leon_jax import evaluate, generate
+    monkeypatch.setattr(generate, "Generator", _PerfectGenerator)
+    ac.save_classifier(str(tmp_path), ac.init_params(0), {"format": ac.FORMAT})  # untrained: features suffice
+    for num_captions in (0, 8):
+        report = evaluate.evaluate(str(tmp_path), out_dir=str(tmp_path / f"out{num_captions}"), strategies=["topp"],
+                                   num_prompts=4, num_samples=1, num_captions=num_captions, num_val_documents=0,
+                                   num_vq_images=0, classifier_dir=str(tmp_path))
+        assert report["text_to_image"]["topp"]["frechet_distance_classifier_features"] == pytest.approx(0.0, abs=1e-6)
