@@ -202,6 +202,12 @@ def _query_weighted_rows(sequences: Sequence[tuple[np.ndarray, tuple[int, int]]]
     return batch
 
 
+def _check_neighbour_counts(neighbour_counts: Sequence[int]) -> None:
+    """At least one count, each an integer >= 0 (else max() or a negative slice fails after generation)."""
+    if not len(neighbour_counts) or any(int(k) != k or k < 0 for k in neighbour_counts):
+        raise ValueError(f"neighbour_counts must be one or more integers >= 0 (e.g. 0,1,2), got {list(neighbour_counts)}")
+
+
 def validation_loss(gen, documents: Sequence[dict], neighbour_counts: Sequence[int],
                     batch_size: int = 16) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Mean loss per query token with k retrieved neighbours prepended, for each k: whether the
@@ -209,6 +215,7 @@ def validation_loss(gen, documents: Sequence[dict], neighbour_counts: Sequence[i
     as at inference: the document's caption queries the training bank (near duplicates skipped).
     Also returns each k's summed loss and tokens per document (`shapes_metrics.hit_totals` layout)
     for the paired bootstrap."""
+    _check_neighbour_counts(neighbour_counts)
     model, mesh = gen.trainer.model, gen.mesh
     multiple = sharding.data_parallel_size(mesh)
     rows = -(-batch_size // multiple) * multiple
@@ -370,9 +377,12 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     for name, value in (("image_neighbours", image_neighbours), ("caption_neighbours", caption_neighbours)):
         if int(value) < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    for name, value in (("num_prompts", num_prompts), ("num_samples", num_samples), ("num_captions", num_captions)):
+    for name, value in (("num_prompts", num_prompts), ("num_samples", num_samples), ("num_captions", num_captions),
+                        ("num_val_documents", num_val_documents), ("num_vq_images", num_vq_images)):
         if int(value) < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if int(num_val_documents):
+        _check_neighbour_counts(neighbour_counts)
     if int(num_prompts) == 1:
         raise ValueError("num_prompts must be 0 or at least 2: the Frechet distance needs two real images")
     if not int(num_prompts) or not int(num_samples):

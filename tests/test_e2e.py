@@ -227,6 +227,15 @@ def test_evaluation_settings_are_checked_up_front():
         evaluate.evaluate("/nonexistent", caption_neighbours=-1)
     with pytest.raises(ValueError, match="num_prompts must be 0 or at least 2"):
         evaluate.evaluate("/nonexistent", num_prompts=1)
+    # these used to fail only after every image was generated (np.stack of nothing, max() of nothing,
+    # a negative slice of the retrieved documents)
+    with pytest.raises(ValueError, match="num_vq_images must be >= 0"):
+        evaluate.evaluate("/nonexistent", num_vq_images=-1)
+    with pytest.raises(ValueError, match="num_val_documents must be >= 0"):
+        evaluate.evaluate("/nonexistent", num_val_documents=-1)
+    for counts in ((), (0, -1), (1.5,)):
+        with pytest.raises(ValueError, match="neighbour_counts must be one or more integers >= 0"):
+            evaluate.evaluate("/nonexistent", neighbour_counts=counts)
     with pytest.raises(ValueError, match="baseline_strategy 'greedy' is not among"):
         evaluate.evaluate("/nonexistent", strategies=["topp", "topp_cfg"], baseline_strategy="greedy")
 
