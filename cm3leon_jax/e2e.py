@@ -86,8 +86,11 @@ class Pipeline:
         speed are left out, so adding or retuning one reuses finished stages."""
         c = self.config
         data = {k: v for k, v in _plain(c.data).items() if k not in SPEED_ONLY_DATA_FIELDS}
+        # the top-level seed draws the evaluation's samples (and its classifier): a changed seed
+        # must redo the evaluation, not serve the old seed's scores
+        evaluation = {"evaluate": c.evaluate, "seed": c.get("seed", 0)}
         return {"text_tokenizer": c.text_tokenizer, "vq": c.vq, "data": data, "retrieval": c.retrieval,
-                "lm": c.lm, "evaluate": c.evaluate, "report": {}}[name]
+                "lm": c.lm, "evaluate": evaluation, "report": {}}[name]
 
     def _stage_dir(self, name: str) -> str:
         if name == "retrieval":  # writes the index and neighbours into the data directory

@@ -81,6 +81,9 @@ def test_fingerprints_chain_through_upstream_stages():
     b.data.seed, b.data.decode_threads = 0, 5   # a speed-only setting: the same stages
     assert e2e.Pipeline(b, "/tmp/unused_b").fingerprints == pa.fingerprints
     assert "decode_threads" in a.data
+    b.seed = 1   # the evaluation's sampling seed: only the evaluation (and the report) are redone
+    changed = e2e.Pipeline(b, "/tmp/unused_b").fingerprints
+    assert [s for s in e2e.STAGES if changed[s] != pa.fingerprints[s]] == ["evaluate", "report"]
 
 
 def test_cli_runs_a_stage_and_resumes(tmp_path):
