@@ -51,6 +51,8 @@ class ClipScorer:
     """A local CLIP checkpoint's image and text embeddings (CPU, float32, batched)."""
 
     def __init__(self, model_dir: str, batch_size: int = 64):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise ValueError(f"--clip_model {model_dir!r} is not a Hugging Face CLIP checkpoint directory "
                              "(no config.json); write one with CLIPModel/CLIPProcessor.save_pretrained")
@@ -146,11 +148,24 @@ def _features_of_files(scorer: ClipScorer, paths: Sequence[str], size: int | Non
     return (np.concatenate(features) if features else np.zeros((0, 0), np.float32)), ok
 
 
+def check_score_args(samples_dir: str, reference_dir: str | None, reference_size: int) -> None:
+    """What `score_samples` needs, checked before any image is embedded (a bad --reference used
+    to surface only after every sample had been through CLIP)."""
+    if not os.path.isdir(samples_dir):
+        raise ValueError(f"--samples {samples_dir!r} is not a directory: write samples with generate --prompts_file")
+    if reference_dir is not None:
+        if not os.path.isdir(reference_dir):
+            raise ValueError(f"--reference {reference_dir!r} is not a directory of real images")
+        if int(reference_size) < 1:   # 0 used to skip the resize: stacking images of several sizes failed
+            raise ValueError(f"reference_size must be >= 1, got {reference_size}")
+
+
 def score_samples(scorer: ClipScorer, samples_dir: str, reference_dir: str | None = None,
                   reference_size: int = 256) -> dict:
     """CLIP score of all samples and of each caption's first; FD_CLIP of the first samples
     against the reference folder's images (resized and centre-cropped to `reference_size`).
     Missing or undecodable files are counted, never silently dropped."""
+    check_score_args(samples_dir, reference_dir, reference_size)
     rows = read_manifests(samples_dir)
     paths, captions, first = [], [], []
     missing = 0
@@ -191,6 +206,8 @@ def main(argv):
     del argv
     from absl import flags
     f = flags.FLAGS
+    check_score_args(f.samples, f.reference, f.reference_size)   # before the model loads
+    read_manifests(f.samples)
     scorer = ClipScorer(f.clip_model, batch_size=f.batch_size)
     report = score_samples(scorer, f.samples, f.reference, f.reference_size)
     out = f.out or os.path.join(f.samples, "clip_metrics.json")

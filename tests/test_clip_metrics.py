@@ -117,3 +117,24 @@ def test_prompts_file_samples_are_scored_against_a_reference_folder(tmp_path):
     want_fd = shapes_metrics.frechet_distance(scorer.image_features(images[firsts]), scorer.image_features(
         np.stack([center_crop_resize(Image.fromarray(r), 32) for r in real])))
     assert report["fd_clip"] == pytest.approx(want_fd, rel=1e-4)
+
+
+def test_bad_scoring_arguments_are_refused_before_any_image_is_embedded(tmp_path):
+    class Unusable:   # a scorer that must not be reached
+        def image_features(self, images):
+            raise AssertionError("an image was embedded before the arguments were checked")
+        text_features = image_features
+
+    samples = tmp_path / "samples"
+    (samples / "images").mkdir(parents=True)
+    (samples / "manifest.jsonl").write_text('{"index": 0, "caption": "a red star", "files": ["images/0.png"]}\n')
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    with pytest.raises(ValueError, match="--reference .* is not a directory"):
+        clip_metrics.score_samples(Unusable(), str(samples), str(tmp_path / "no_such_folder"))
+    with pytest.raises(ValueError, match="reference_size must be >= 1"):   # 0 used to skip the resize
+        clip_metrics.score_samples(Unusable(), str(samples), str(reference), reference_size=0)
+    with pytest.raises(ValueError, match="--samples .* is not a directory"):
+        clip_metrics.score_samples(Unusable(), str(tmp_path / "no_samples"))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):   # not range()'s error after loading
+        clip_metrics.ClipScorer(str(tmp_path), batch_size=0)
