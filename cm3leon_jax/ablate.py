@@ -93,10 +93,20 @@ def markdown(rows: Sequence[dict]) -> str:
 
 def run(workdir: str, paths: Sequence[str]) -> list[dict]:
     workdir = workdir_io.require_local(workdir, "the ablation workdir")
+    if not paths:
+        raise ValueError("no experiment configs to run")
+    # every config is loaded before the first run starts: a mistyped or broken last file must not
+    # wait for hours of runs before it; each run's directory is named after its file, so names must differ
+    names = [os.path.basename(path)[:-3] for path in paths]
+    bad = [path for path in paths if not path.endswith(".py")]
+    if bad:
+        raise ValueError(f"experiment configs must be .py files (their get_config()), got {bad}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"two configs share the file name {repeated}: each run lives in WORKDIR/NAME, rename one")
+    configs = [load_config(path) for path in paths]
     rows = []
-    for path in paths:
-        name = os.path.basename(path)[:-3]
-        config = load_config(path)
+    for path, name, config in zip(paths, names, configs):
         config.cache_dir = os.path.join(workdir, "cache")
         logging.info("=== %s (%s)", name, path)
         e2e.Pipeline(config, os.path.join(workdir, name)).run()

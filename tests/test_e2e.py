@@ -152,6 +152,25 @@ def test_ablation_files_load_share_upstream_stages_and_tabulate(finished, tmp_pa
     assert f"{100 * row['text_to_image_requested']['greedy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" in table
 
 
+def test_ablation_configs_are_all_checked_before_the_first_run(tmp_path, monkeypatch):
+    from cm3leon_jax import ablate
+
+    def no_run(self, until="report"):
+        raise AssertionError(f"{self.workdir} started before every config was checked")
+
+    monkeypatch.setattr(e2e.Pipeline, "run", no_run)
+    good = ablate.config_paths("retrieval", [])[0]
+    with pytest.raises(FileNotFoundError, match="no experiment config"):   # used to fail after the first run
+        ablate.run(str(tmp_path), [good, str(tmp_path / "typo.py")])
+    copy = tmp_path / "other" / os.path.basename(good)
+    copy.parent.mkdir()
+    copy.write_text(open(good).read())
+    with pytest.raises(ValueError, match="share the file name"):   # both would run in WORKDIR/NAME
+        ablate.run(str(tmp_path), [good, str(copy)])
+    with pytest.raises(ValueError, match=r"must be \.py files"):
+        ablate.run(str(tmp_path), [good, good[:-3]])
+
+
 def test_evaluation_of_the_validation_loss_alone(finished, tmp_path):
     from cm3leon_jax import evaluate
     _, workdir = finished
