@@ -109,7 +109,12 @@ def run(workdir: str, paths: Sequence[str]) -> list[dict]:
     for path, name, config in zip(paths, names, configs):
         config.cache_dir = os.path.join(workdir, "cache")
         logging.info("=== %s (%s)", name, path)
-        e2e.Pipeline(config, os.path.join(workdir, name)).run()
+        pipeline = e2e.Pipeline(config, os.path.join(workdir, name))
+        pipeline.run()
+        if pipeline.stopped:   # preempted (SIGTERM): its report.json is missing or an older run's; stop here
+            logging.warning("%s stopped in stage %s (preempted): rerun the command to resume; the table holds "
+                            "the %d runs finished before it", name, pipeline.stopped, len(rows))
+            break
         with open(os.path.join(workdir, name, "report.json"), encoding="utf-8") as f:
             rows.append(summarise(name, config, json.load(f)))
         with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:

@@ -171,6 +171,25 @@ def test_ablation_configs_are_all_checked_before_the_first_run(tmp_path, monkeyp
         ablate.run(str(tmp_path), [good, good[:-3]])
 
 
+def test_a_preempted_ablation_run_stops_the_runner_and_is_not_tabulated(tmp_path, monkeypatch):
+    from cm3leon_jax import ablate
+    started = []
+
+    def preempted(self, until="report"):
+        started.append(os.path.basename(self.workdir))
+        self.stopped = "lm"   # SIGTERM during the LM: saved, not finished
+        return self.timings
+
+    monkeypatch.setattr(e2e.Pipeline, "run", preempted)
+    paths = ablate.config_paths("retrieval", [])
+    stale = tmp_path / "ablation_retrieval_k2" / "report.json"   # an earlier run's report of the same name
+    stale.parent.mkdir()
+    stale.write_text(json.dumps({"evaluation": {}, "stages": {}}))
+    # used to tabulate the stale report and start the next config's training under the SIGTERM
+    assert ablate.run(str(tmp_path), paths) == [] and started == ["ablation_retrieval_k2"]
+    assert not (tmp_path / "results.md").exists()
+
+
 def test_evaluation_of_the_validation_loss_alone(finished, tmp_path):
     from cm3leon_jax import evaluate
     _, workdir = finished
