@@ -13,7 +13,8 @@ Stages, in the data's one-way order, each run through the library's own entry po
 
 Caching: a finished stage writes DIR/stages/NAME.json with a fingerprint of its settings and of
 every stage before it; a rerun skips it, an interrupted stage starts again (the VQ and LM trainers
-resume from their last checkpoint). Changing a stage's settings in the same workdir is refused
+resume from their last checkpoint, so an interrupted one is resumed only with the settings it started
+with: `stages/NAME.partial.json`). Changing a stage's settings in the same workdir is refused
 (the outputs on disk would no longer match the config): use a new workdir, or `cache_dir`.
 With `cache_dir` set (the ablation runner does), every stage's output lives in
 `cache_dir/NAME-FINGERPRINT/`, so runs that share settings share stages (e.g. every ablation
@@ -41,6 +42,9 @@ TRAINING_SUMMARY = {"vq": ("loss", "val_psnr", "codebook_usage"),
 
 
 SPEED_ONLY_DATA_FIELDS = ("decode_threads",)   # ingestion settings that never change the documents
+# stages whose trainer resumes from the checkpoints an interrupted run left in the stage's directory
+# (the others start again from nothing: the data stage deletes its directory first)
+RESUMING_STAGES = ("vq", "lm")
 
 
 def _plain(value: Any) -> Any:
@@ -135,6 +139,28 @@ class Pipeline:
         if partial["fingerprint"] != self.fingerprints[name]:
             return 0.0, 0
         return float(partial["seconds"]), int(partial["runs"])
+
+    def begin(self, name: str) -> None:
+        """Records that a stage started, with its fingerprint (the partial marker, 0 s and 0 runs when
+        new), so that an interrupted run (preempted, crashed or killed) is never resumed under other
+        settings: the VQ and LM trainers would go on from the other settings' checkpoints and the
+        stage would be marked done with these."""
+        path = self._partial_path(name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                partial = json.load(f)
+            if (partial["fingerprint"] != self.fingerprints[name] and name in RESUMING_STAGES
+                    and os.path.exists(self.dirs[name])):
+                raise ValueError(
+                    f"stage {name!r} in {self.workdir} was interrupted while it ran with other settings (or after "
+                    f"other upstream stages) than this config: resuming it would go on from their checkpoints. "
+                    f"Use a new --workdir, rerun with the settings it started with, or delete {self.dirs[name]} "
+                    f"and {path} to start it again.")
+            if partial["fingerprint"] == self.fingerprints[name]:
+                return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"stage": name, "fingerprint": self.fingerprints[name], "seconds": 0.0, "runs": 0}, f)
 
     def mark_stopped(self, name: str, seconds: float) -> None:
         earlier_seconds, earlier_runs = self._earlier_runs(name)
@@ -250,6 +276,8 @@ class Pipeline:
                 continue
             logging.info("[%d/%d] %s -> %s (%.0fs elapsed)", i, len(stages), name, self.dirs[name],
                          time.time() - start)
+            if name != "report":
+                self.begin(name)
             t0 = time.time()
             fn: Callable[[], Any] = getattr(self, name)
             result = fn()

@@ -1,5 +1,6 @@
 """The one-command pipeline on a minuscule config: every stage runs, the report is complete, a
 rerun is served from the cache, and changed settings in the same workdir are refused."""
+import contextlib
 import importlib.util
 import json
 import os
@@ -125,6 +126,34 @@ def test_a_preempted_stage_is_not_marked_done(tmp_path):
     assert resumed.done("vq") and resumed.timings["vq"]["runs"] == 3 and resumed.timings["vq"]["seconds"] >= 0.2
     assert not os.path.exists(tmp_path / "stages" / "vq.partial.json")
     assert resumed.stopped == "data" and os.path.exists(tmp_path / "stages" / "data.partial.json")
+
+
+def test_an_interrupted_stage_is_not_resumed_under_other_settings(tmp_path):
+    class Stub(e2e.Pipeline):
+        def text_tokenizer(self):
+            return {}
+
+        def vq(self):   # leaves a checkpoint behind, as train_vq does, then stops
+            os.makedirs(self.dirs["vq"], exist_ok=True)
+            if self.config.vq.total_steps == 3:
+                raise KeyboardInterrupt   # killed: no partial marker of its own
+            return {"preempted": True, "final_step": 2}
+
+    for first in (4, 3):   # preempted, then crashed
+        workdir = str(tmp_path / f"run{first}")
+        config = pipeline_fixture.e2e_config()
+        config.vq.total_steps = first
+        with pytest.raises(KeyboardInterrupt) if first == 3 else contextlib.nullcontext():
+            Stub(config, workdir).run(until="vq")
+        changed = pipeline_fixture.e2e_config()
+        changed.vq.total_steps = 9
+        # used to resume the other settings' checkpoints and mark the stage done with these
+        with pytest.raises(ValueError, match="stage 'vq'.*interrupted while it ran with other settings"):
+            Stub(changed, workdir).run(until="vq")
+        again = Stub(config, workdir)   # the settings it started with resume it
+        if first == 4:
+            again.run(until="vq")
+            assert again.stopped == "vq"
 
 
 def test_ablation_files_load_share_upstream_stages_and_tabulate(finished, tmp_path):
