@@ -148,7 +148,8 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
     scores = shapes_metrics.summarise_hits(hits)
     scores["requested"] = requested_share(scores)
     totals = shapes_metrics.hit_totals(hits, prompt_of_image, len(scored), REQUESTED)
-    gen_features = attribute_classifier.features(classifier, np.concatenate([s.images for s in samples]))
+    # the scored images (reranked: each prompt's best only), as for the user network's and CLIP's
+    gen_features = attribute_classifier.features(classifier, flat)
     scores["frechet_distance_classifier_features"] = shapes_metrics.frechet_distance(gen_features, real_features)
     scores["sample_diversity"] = shapes_metrics.sample_diversity([s.images for s in samples])
     if feature_network is not None:
@@ -157,10 +158,8 @@ def text_to_image(gen, classifier, prompts, strategy_name: str, *, num_samples: 
             shapes_metrics.features_from_network(feature_network, prompts["images"]))
     if clip_scorer is not None:
         from cm3leon_jax import clip_metrics
-        generated = clip_scorer.image_features(np.concatenate([s.images for s in samples]))
-        firsts = np.cumsum([0] + [len(s.images) for s in samples[:-1]])
-        scores["clip_score"] = clip_metrics.clip_score_from_features(generated[firsts] if rerank else generated,
-                                                                     clip_real["captions"][prompt_of_image])
+        generated = clip_scorer.image_features(flat)   # the scored images, each beside its own prompt's caption
+        scores["clip_score"] = clip_metrics.clip_score_from_features(generated, clip_real["captions"][prompt_of_image])
         scores["frechet_distance_clip_features"] = shapes_metrics.frechet_distance(generated, clip_real["images"])
     scores.update(num_samples=num_samples, neighbours=int(neighbours), reranked=rerank, scored_images=int(len(flat)),
                   sampling=dataclasses.asdict(config), cd_fraction=strategy.cd_fraction,

@@ -378,3 +378,31 @@ def test_frechet_distance_compares_with_the_prompts_own_images_whatever_num_capt
                                    num_prompts=4, num_samples=1, num_captions=num_captions, num_val_documents=0,
                                    num_vq_images=0, classifier_dir=str(tmp_path))
         assert report["text_to_image"]["topp"]["frechet_distance_classifier_features"] == pytest.approx(0.0, abs=1e-6)
+
+
+class _RerankingGenerator(_PerfectGenerator):
+    """Reranks: each prompt's first (best) sample is its own render, the others noise."""
+
+    def __init__(self, workdir, **kwargs):
+        super().__init__(workdir, **kwargs)
+        self.can_rerank = True
+
+    def text_to_image(self, captions, num_samples, **_):
+        import types
+        noise = np.random.default_rng(0).integers(0, 256, (num_samples - 1, 64, 64, 3), dtype=np.uint8)
+        return [types.SimpleNamespace(images=np.concatenate([self._image_of[c][None], noise])) for c in captions]
+
+
+def test_a_reranked_strategy_is_at_frechet_distance_of_its_best_samples(tmp_path, monkeypatch):
+    """Reranked strategies score each prompt's best sample only; the Frechet distance used to take
+    every sample (the discarded ones too), unlike the scores and the user network's distance."""
+    from cm3leon_jax import evaluate, generate
+    monkeypatch.setattr(generate, "Generator", _RerankingGenerator)
+    ac.save_classifier(str(tmp_path), ac.init_params(0), {"format": ac.FORMAT})
+    report = evaluate.evaluate(str(tmp_path), out_dir=str(tmp_path / "out"), strategies=["topp_cdk_rerank"],
+                               num_prompts=4, num_samples=3, num_captions=0, num_val_documents=0, num_vq_images=0,
+                               classifier_dir=str(tmp_path))
+    row = report["text_to_image"]["topp_cdk_rerank"]
+    assert row["reranked"] and row["scored_images"] == 4
+    assert row["frechet_distance_classifier_features"] == pytest.approx(0.0, abs=1e-6)
+    assert row["sample_diversity"] > 0   # diversity still compares every sample of a prompt
