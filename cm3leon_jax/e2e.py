@@ -110,17 +110,43 @@ class Pipeline:
             return os.path.join(self.cache_dir, "stages", f"{name}-{self.fingerprints[name]}.json")
         return os.path.join(self.marker_dir, f"{name}.json")
 
-    def done(self, name: str) -> bool:
+    def _marker(self, name: str) -> dict | None:
         path = self._marker_path(name)
         if not os.path.exists(path):
-            return False
+            return None
         with open(path, encoding="utf-8") as f:
-            marker = json.load(f)
-        if marker["fingerprint"] != self.fingerprints[name]:
+            return json.load(f)
+
+    def _stale(self, name: str) -> bool:
+        marker = self._marker(name)
+        return marker is not None and marker["fingerprint"] != self.fingerprints[name]
+
+    def _redo_paths(self, name: str) -> list[str]:
+        """What to delete to redo `name`: its output and marker, and those of every later stage run
+        with other settings (their fingerprints chain from it: left behind, they were refused in turn
+        only after this stage had been redone, e.g. after hours of LM training)."""
+        paths = []
+        for n in STAGES[STAGES.index(name):]:
+            if n != "report" and self._stale(n):
+                if n != "retrieval":   # retrieval writes into the data directory: its marker suffices
+                    paths.append(self.dirs[n])
+                paths.append(self._marker_path(n))
+        return paths
+
+    def check(self, name: str) -> dict | None:
+        """The stage's marker (None when it has not finished); refused when it was run with other settings."""
+        marker = self._marker(name)
+        if marker is not None and marker["fingerprint"] != self.fingerprints[name]:
             raise ValueError(
                 f"stage {name!r} in {self.workdir} was run with other settings (or after other upstream "
                 f"stages) than this config: its outputs do not match. Use a new --workdir, or delete "
-                f"{self.dirs[name]} and {path} to redo it from there.")
+                f"{' and '.join(self._redo_paths(name))} to redo it from there.")
+        return marker
+
+    def done(self, name: str) -> bool:
+        marker = self.check(name)
+        if marker is None:
+            return False
         self.timings[name] = {"seconds": marker["seconds"], "runs": marker.get("runs", 1), "cached": True}
         return True
 
@@ -265,11 +291,14 @@ class Pipeline:
     def run(self, until: str = "report") -> dict[str, dict[str, Any]]:
         if until not in STAGES:
             raise ValueError(f"unknown stage {until!r}; stages: {STAGES}")
+        stages = STAGES[:STAGES.index(until) + 1]
+        for name in stages:   # refused before anything runs, and before e2e_config.json is replaced
+            if name != "report":
+                self.check(name)
         os.makedirs(self.workdir, exist_ok=True)
         with open(os.path.join(self.workdir, "e2e_config.json"), "w", encoding="utf-8") as f:
             json.dump(self.config.to_dict(), f, indent=2, default=str)
         start = time.time()
-        stages = STAGES[:STAGES.index(until) + 1]
         for i, name in enumerate(stages, 1):
             if name != "report" and self.done(name):
                 logging.info("[%d/%d] %s: done already (%s), skipped", i, len(stages), name, self.dirs[name])

@@ -128,6 +128,35 @@ def test_a_preempted_stage_is_not_marked_done(tmp_path):
     assert resumed.stopped == "data" and os.path.exists(tmp_path / "stages" / "data.partial.json")
 
 
+def test_changed_settings_are_refused_before_anything_runs_naming_every_stage_to_redo(tmp_path):
+    trained = []
+
+    class Stub(e2e.Pipeline):
+        def lm(self):
+            trained.append(int(self.config.lm.total_steps))
+            os.makedirs(self.dirs["lm"], exist_ok=True)
+            return {}
+
+    for stage in ("text_tokenizer", "vq", "data", "retrieval", "evaluate"):
+        setattr(Stub, stage, lambda self: {})
+    config = pipeline_fixture.e2e_config()
+    Stub(config, str(tmp_path)).run(until="evaluate")
+    changed = pipeline_fixture.e2e_config()
+    changed.lm.total_steps += 5
+    with pytest.raises(ValueError, match="stage 'lm'") as refused:
+        Stub(changed, str(tmp_path)).run(until="evaluate")
+    message = str(refused.value)   # the evaluation's outputs were made from that LM: they go too
+    for path in ("lm", "stages/lm.json", "eval", "stages/evaluate.json"):
+        assert str(tmp_path / path) in message
+    with open(tmp_path / "e2e_config.json") as f:   # still the config of the outputs on disk
+        assert json.load(f)["lm"]["total_steps"] == config.lm.total_steps
+    # deleting the LM's alone used to retrain it, then refuse the evaluation: now refused up front
+    os.remove(tmp_path / "stages" / "lm.json")
+    with pytest.raises(ValueError, match="stage 'evaluate'"):
+        Stub(changed, str(tmp_path)).run(until="evaluate")
+    assert trained == [config.lm.total_steps]
+
+
 def test_an_interrupted_stage_is_not_resumed_under_other_settings(tmp_path):
     class Stub(e2e.Pipeline):
         def text_tokenizer(self):
