@@ -275,7 +275,7 @@ def _bootstrap_lines(boot: dict | None, what: str, row_name: str, unit: str) -> 
              f"{unit} ({boot['num_resamples']} resamples; differences paired by {unit[:-1]} against "
              f"{boot['baseline'] or 'no baseline'})", "",
              f"| {row_name} | share | interval | difference | interval of the difference | "
-             "resamples above the baseline |", "|---|---|---|---|---|---|"]
+             "resamples above the baseline (ties: half) |", "|---|---|---|---|---|---|"]
     for name, b in boot["shares"].items():
         d = boot["differences"].get(name)
         lo, hi = b["interval"]

@@ -133,7 +133,8 @@ def bootstrap_comparison(totals: Mapping[str, np.ndarray], baseline: str | None 
     and, paired (the same resampled prompts for both), for its difference from `baseline`: is one
     strategy "clearly above" another, or within the noise of this many prompts? `totals`:
     `hit_totals` per strategy, all over the same prompts. `above_baseline` is the share of
-    resamples where the difference is positive (0.5: no evidence either way)."""
+    resamples where the difference is positive, ties counting half (0.5: no evidence either way;
+    shares of a few prompts tie often, and two equal strategies used to read 0.0, as if clearly below)."""
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     if int(num_resamples) < 1:
@@ -160,8 +161,15 @@ def bootstrap_comparison(totals: Mapping[str, np.ndarray], baseline: str | None 
             diff = resampled[name] - resampled[baseline]
             out["differences"][name] = {"difference": point[name] - point[baseline],
                                         "interval": [float(v) for v in np.percentile(diff, tails)],
-                                        "above_baseline": float(np.mean(diff > 0))}
+                                        "above_baseline": above_share(diff)}
     return out
+
+
+def above_share(differences: np.ndarray, tolerance: float = 1e-12) -> float:
+    """Share of differences above 0, a tie (|d| <= tolerance: float rounding) counting half."""
+    d = np.asarray(differences, np.float64)
+    tie = np.abs(d) <= tolerance
+    return float(np.mean((d > 0) & ~tie) + 0.5 * np.mean(tie))
 
 
 def _check_lengths(a: Sequence, b: Sequence, names: str) -> None:

@@ -212,6 +212,9 @@ def test_bootstrap_separates_a_better_strategy_and_not_an_equal_one():
     same = got["differences"]["same_rate"]  # the same generator with other random draws: noise
     assert same["interval"][0] < 0 < same["interval"][1]
     assert got["differences"]["base_again"]["interval"] == [0.0, 0.0]  # paired: identical hits, no spread
+    assert got["differences"]["base_again"]["above_baseline"] == 0.5  # ties: no evidence either way (was 0.0)
+    assert 0.0 < got["differences"]["same_rate"]["above_baseline"] < 1.0
+    assert sm.above_share(np.array([1.0, -1.0, 0.0, 1e-15])) == pytest.approx(0.5)
     assert sm.bootstrap_comparison(totals, "base", num_resamples=500, seed=0) == got  # seeded
     with pytest.raises(ValueError, match="baseline"):
         sm.bootstrap_comparison(totals, "topp")
