@@ -397,6 +397,8 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     if clip_model and strategies:
         from cm3leon_jax import clip_metrics
         clip_scorer = clip_metrics.ClipScorer(clip_model)
+    # a bad feature network fails here too, not after the classifier has trained
+    network = shapes_metrics.load_feature_network(feature_network) if feature_network else None
     if workdir_io.is_remote(workdir):  # the model is read from the bucket; the report is for people, here
         if not out_dir:
             raise ValueError(f"workdir {workdir} is an object-store URL: name a local --out for the report")
@@ -412,7 +414,6 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     size = gen.vq.image_size
     classifier = attribute_classifier.train_classifier(classifier_dir or workdir, image_size=size,
                                                        steps=classifier_steps, seed=seed)
-    network = shapes_metrics.load_feature_network(feature_network) if feature_network else None
     report: dict[str, Any] = {"workdir": workdir_io.resolve(workdir), "step": int(gen.step), "notes": [],
                               "int8": bool(int8), "compute_dtype": gen.model_config.dtype,
                               "classifier": attribute_classifier.classifier_info(

@@ -335,6 +335,8 @@ def test_evaluation_settings_are_checked_up_front():
     for counts in ((), (0, -1), (1.5,)):
         with pytest.raises(ValueError, match="neighbour_counts must be one or more integers >= 0"):
             evaluate.evaluate("/nonexistent", neighbour_counts=counts)
+    with pytest.raises(FileNotFoundError, match="no_such_network.npz"):   # used to load after the classifier trained
+        evaluate.evaluate("/nonexistent", feature_network="/nonexistent/no_such_network.npz")
     with pytest.raises(ValueError, match="baseline_strategy 'greedy' is not among"):
         evaluate.evaluate("/nonexistent", strategies=["topp", "topp_cfg"], baseline_strategy="greedy")
 
