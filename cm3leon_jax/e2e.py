@@ -333,10 +333,19 @@ def main(argv):
         raise app.UsageError("--config (experiments/e2e_*.py) and --workdir are required")
     pipeline = Pipeline(f.config, f.workdir)
     pipeline.run(until=f.until)
+    report = finished_report(pipeline, f.until)
+    if report is not None:
+        print(report)
+
+
+def finished_report(pipeline: Pipeline, until: str) -> str | None:
+    """The report.md this run wrote, to print; None when it did not reach the report stage: a
+    stopped (preempted) run leaves an older run's report.md, if any, that must not pass for this one's."""
     report = os.path.join(pipeline.workdir, "report.md")
-    if os.path.exists(report) and f.until == "report":
-        with open(report, encoding="utf-8") as fh:
-            print(fh.read())
+    if until != "report" or pipeline.stopped or not os.path.exists(report):
+        return None
+    with open(report, encoding="utf-8") as f:
+        return f.read()
 
 
 def _define_flags():

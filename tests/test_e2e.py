@@ -120,12 +120,16 @@ def test_a_preempted_stage_is_not_marked_done(tmp_path):
         def data(self):
             return {"preempted": True, "final_step": 1}
 
+    (tmp_path / "report.md").write_text("an older run's report")
     resumed = Resumed(pipeline_fixture.e2e_config(), str(tmp_path))
     resumed.run(until="lm")
     # a resumed stage reports the time of every run, not only the last one's
     assert resumed.done("vq") and resumed.timings["vq"]["runs"] == 3 and resumed.timings["vq"]["seconds"] >= 0.2
     assert not os.path.exists(tmp_path / "stages" / "vq.partial.json")
     assert resumed.stopped == "data" and os.path.exists(tmp_path / "stages" / "data.partial.json")
+    assert e2e.finished_report(resumed, "report") is None   # main used to print the older report as this run's
+    resumed.stopped = None
+    assert e2e.finished_report(resumed, "report") == "an older run's report"
 
 
 def test_changed_settings_are_refused_before_anything_runs_naming_every_stage_to_redo(tmp_path):
