@@ -148,9 +148,13 @@ def _features_of_files(scorer: ClipScorer, paths: Sequence[str], size: int | Non
     return (np.concatenate(features) if features else np.zeros((0, 0), np.float32)), ok
 
 
-def check_score_args(samples_dir: str, reference_dir: str | None, reference_size: int) -> None:
+def check_score_args(samples_dir: str, reference_dir: str | None, reference_size: int,
+                     out: str | None = None) -> None:
     """What `score_samples` needs, checked before any image is embedded (a bad --reference used
-    to surface only after every sample had been through CLIP)."""
+    to surface only after every sample had been through CLIP; an --out in a missing folder, when
+    the scores were to be written)."""
+    if out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise ValueError(f"--out {out!r}: its folder does not exist")
     if not os.path.isdir(samples_dir):
         raise ValueError(f"--samples {samples_dir!r} is not a directory: write samples with generate --prompts_file")
     if reference_dir is not None:
@@ -206,7 +210,7 @@ def main(argv):
     del argv
     from absl import flags
     f = flags.FLAGS
-    check_score_args(f.samples, f.reference, f.reference_size)   # before the model loads
+    check_score_args(f.samples, f.reference, f.reference_size, f.out)   # before the model loads
     read_manifests(f.samples)
     scorer = ClipScorer(f.clip_model, batch_size=f.batch_size)
     report = score_samples(scorer, f.samples, f.reference, f.reference_size)

@@ -136,5 +136,8 @@ def test_bad_scoring_arguments_are_refused_before_any_image_is_embedded(tmp_path
         clip_metrics.score_samples(Unusable(), str(samples), str(reference), reference_size=0)
     with pytest.raises(ValueError, match="--samples .* is not a directory"):
         clip_metrics.score_samples(Unusable(), str(tmp_path / "no_samples"))
+    with pytest.raises(ValueError, match="--out .* folder does not exist"):   # not after every image was scored
+        clip_metrics.check_score_args(str(samples), None, 256, out=str(tmp_path / "missing" / "scores.json"))
+    clip_metrics.check_score_args(str(samples), str(reference), 256, out=str(tmp_path / "scores.json"))
     with pytest.raises(ValueError, match="batch_size must be >= 1"):   # not range()'s error after loading
         clip_metrics.ClipScorer(str(tmp_path), batch_size=0)
