@@ -308,6 +308,12 @@ def _markdown(report: dict) -> str:
                          + " | ".join(f"{100 * ceiling[c]:.1f}%" for c in cols) + " | | |")
         lines.append("")
         lines += _bootstrap_lines(report.get("text_to_image_bootstrap"), "Requested attributes", "strategy", "prompts")
+        user = {name: s["frechet_distance_user_network"] for name, s in t2i.items()
+                if "frechet_distance_user_network" in s}
+        if user:   # --feature_network: was in report.json only
+            lines += ["Frechet distance in the features of the user-supplied network (--feature_network) against "
+                      "the prompts' real images", "", "| strategy | Frechet dist. (user network) |", "|---|---|"]
+            lines += [f"| {name} | {value:.3f} |" for name, value in user.items()] + [""]
         clip = report.get("clip")
         if clip:
             lines += [f"CLIP ({clip['model']}): CLIP score of the scored images against their captions and Frechet "

@@ -409,3 +409,14 @@ def test_a_reranked_strategy_is_at_frechet_distance_of_its_best_samples(tmp_path
     assert row["reranked"] and row["scored_images"] == 4
     assert row["frechet_distance_classifier_features"] == pytest.approx(0.0, abs=1e-6)
     assert row["sample_diversity"] > 0   # diversity still compares every sample of a prompt
+
+
+def test_the_user_network_frechet_distance_is_in_the_markdown_report():
+    from cm3leon_jax import evaluate
+    row = {c: 0.5 for c in ("requested", "shape", "color", "position", "count", "size", "background", "all_correct")}
+    row.update(frechet_distance_classifier_features=1.0, sample_diversity=0.01, neighbours=0)
+    report = {"workdir": "w", "step": 1, "text_to_image": {"topp": dict(row, frechet_distance_user_network=12.345),
+                                                           "greedy": row}}
+    markdown = evaluate._markdown(report)   # computed with --feature_network, it used to reach report.json only
+    assert "| topp | 12.345 |" in markdown and "| greedy | 12" not in markdown
+    assert "user network" not in evaluate._markdown({**report, "text_to_image": {"greedy": row}})
