@@ -51,6 +51,16 @@ def _plain(value: Any) -> Any:
     return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
+def _write_marker(path: str, record: dict) -> None:
+    """A stage marker, written whole or not at all (a temporary file renamed over it): a run killed
+    mid-write must not leave a torn JSON that every rerun then fails to read."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
 def fingerprint(settings: Any, upstream: str = "") -> str:
     blob = json.dumps({"settings": _plain(settings), "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -184,26 +194,20 @@ class Pipeline:
                     f"and {path} to start it again.")
             if partial["fingerprint"] == self.fingerprints[name]:
                 return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"stage": name, "fingerprint": self.fingerprints[name], "seconds": 0.0, "runs": 0}, f)
+        _write_marker(path, {"stage": name, "fingerprint": self.fingerprints[name], "seconds": 0.0, "runs": 0})
 
     def mark_stopped(self, name: str, seconds: float) -> None:
         earlier_seconds, earlier_runs = self._earlier_runs(name)
         path = self._partial_path(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"stage": name, "fingerprint": self.fingerprints[name],
-                       "seconds": round(earlier_seconds + seconds, 1), "runs": earlier_runs + 1}, f)
+        _write_marker(path, {"stage": name, "fingerprint": self.fingerprints[name],
+                             "seconds": round(earlier_seconds + seconds, 1), "runs": earlier_runs + 1})
 
     def mark_done(self, name: str, seconds: float, result: Any) -> None:
         path = self._marker_path(name)
         earlier_seconds, earlier_runs = self._earlier_runs(name)
         seconds, runs = earlier_seconds + seconds, earlier_runs + 1
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"stage": name, "fingerprint": self.fingerprints[name], "seconds": round(seconds, 1),
-                       "runs": runs, "dir": self.dirs[name], "result": result}, f, indent=2, default=str)
+        _write_marker(path, {"stage": name, "fingerprint": self.fingerprints[name], "seconds": round(seconds, 1),
+                             "runs": runs, "dir": self.dirs[name], "result": result})
         if os.path.exists(self._partial_path(name)):
             os.remove(self._partial_path(name))
         self.timings[name] = {"seconds": round(seconds, 1), "runs": runs, "cached": False}

@@ -136,7 +136,7 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
               num_sentinels: int | None = None, seq_len: int | None = None, mesh_config=None) -> dict:
     """Writes the workdir (module docstring); returns a summary dict. A local directory: copy it to
     a bucket afterwards (`gsutil -m cp -r`) to fine-tune from it on a pod."""
-    workdir_io.require_local(workdir, "--workdir")
+    workdir = workdir_io.require_local(workdir, "--workdir")   # (absolute, `~` expanded)
     if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(os.path.join(workdir, "checkpoints")):
         raise FileExistsError(f"{workdir} already holds a workdir (config.json or checkpoints/); import into a new directory")
     with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
@@ -225,7 +225,7 @@ def import_peft_adapter(adapter_dir: str, base: str, workdir: str, *, base_step:
     `config.init_from = OUT` fine-tunes on from the merged model. Anything PEFT holds that our
     adapters cannot (DoRA, aLoRA and other LoRA variants, biases, other modules, per-layer ranks, some layers only) is refused."""
     from cm3leon_jax import lora, trainer as trainer_lib
-    workdir_io.require_local(workdir, "--workdir")
+    workdir = workdir_io.require_local(workdir, "--workdir")   # (absolute, `~` expanded)
     if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(os.path.join(workdir, "checkpoints")):
         raise FileExistsError(f"{workdir} already holds a workdir (config.json or checkpoints/); import into a new directory")
     with open(os.path.join(adapter_dir, hf_interop.PEFT_CONFIG), encoding="utf-8") as f:

@@ -243,8 +243,9 @@ def _main(argv):
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
-    os.makedirs(workdir_io.require_local(FLAGS.out, "--out"), exist_ok=True)
-    prefix = os.path.join(FLAGS.out, "spm")
+    out = workdir_io.require_local(FLAGS.out, "--out")   # (absolute, `~` expanded)
+    os.makedirs(out, exist_ok=True)
+    prefix = os.path.join(out, "spm")
     stats = CorpusStats()
     if FLAGS.corpus:
         texts = read_corpus(FLAGS.corpus, stats)

@@ -367,3 +367,20 @@ def test_the_lm_alone_config_is_the_e2e_lm_stage_config(finished):
     assert alone.data.source == "cm3" and alone.model.vocab_size != e2e_tiny.get_config().lm.model.vocab_size
     with pytest.raises(ValueError, match="needs the prepared data"):
         e2e_tiny_lm.get_config("")
+
+
+def test_a_stage_marker_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A run killed while writing a marker left torn JSON that every rerun failed to read."""
+    path = str(tmp_path / "stages" / "lm.json")
+    e2e._write_marker(path, {"stage": "lm", "fingerprint": "a", "runs": 1})
+
+    def killed_mid_write(record, f, **kwargs):
+        f.write('{"stage": "lm", "finger')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(e2e.json, "dump", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        e2e._write_marker(path, {"stage": "lm", "fingerprint": "b", "runs": 2})
+    monkeypatch.undo()
+    with open(path, encoding="utf-8") as f:
+        assert json.load(f)["fingerprint"] == "a"   # the old marker, whole
