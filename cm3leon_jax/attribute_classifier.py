@@ -314,6 +314,13 @@ def train_classifier(workdir: str | None, image_size: int = 64, steps: int = DEF
     """
     if workdir is not None and os.path.exists(os.path.join(classifier_dir(workdir), CONFIG_JSON)):
         logging.info("attribute classifier: loading cached params from %s", classifier_dir(workdir))
+        cached = classifier_info(workdir)
+        asked = {"steps": int(steps), "batch_size": int(batch_size), "seed": int(seed), "image_size": int(image_size)}
+        differ = {k: (cached.get(k), v) for k, v in asked.items() if cached.get(k) != v}
+        if differ:   # scores stay comparable with earlier evaluations; retraining is the user's call
+            logging.warning("attribute classifier: the cached one in %s was trained with other settings (%s); "
+                            "delete that folder to retrain", classifier_dir(workdir),
+                            ", ".join(f"{k} {a} -> asked {b}" for k, (a, b) in differ.items()))
         return load_classifier(workdir)
     steps, batch_size = int(steps), int(batch_size)
     if steps < 1 or batch_size < 1:

@@ -5,6 +5,9 @@ on the command line as `--config.FIELD=VALUE` (e.g. `--config.model.num_layers=4
 """
 from __future__ import annotations
 
+import difflib
+import sys
+
 import ml_collections
 
 
@@ -30,6 +33,49 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
     field is a KeyError naming it, never a new field nobody reads."""
     parent, last = _parent(config, dotted)
     parent[last] = value
+
+
+def dotted_fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf field's dotted name ("optimizer.peak_lr", ...)."""
+    names = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            names += dotted_fields(value, f"{prefix}{key}.")
+        else:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """`app.run`'s flag parsing (`app.run(main, flags_parser=parse_flags)`), but a mistyped
+    `--config.FIELD=` override is one line naming it and the nearest fields: ml_collections raised
+    a bare `AttributeError: "'lerning_rate'"` from deep inside its parser."""
+    from absl import app, flags
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+        overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        config = None
+        for i, arg in enumerate(argv[1:], 1):   # the config file, loaded again without the overrides
+            path = arg[len("--config="):] if arg.startswith("--config=") else (
+                argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+            if path is not None:
+                try:
+                    config = flags.FLAGS["config"].parser.parse(path)
+                except Exception:   # noqa: BLE001 - only the message's hint is lost
+                    config = None
+        message = f"an unknown --config field ({error})"
+        if isinstance(config, ml_collections.ConfigDict):
+            known = dotted_fields(config)
+            for name in overrides:
+                field = name[len("config."):]
+                if field not in known:
+                    near = difflib.get_close_matches(field, known, n=3, cutoff=0.6)
+                    message = (f"--{name}: the config has no field {field!r}"
+                               + (f"; did you mean {', '.join(near)}?" if near else ""))
+                    break
+        sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+        sys.exit(1)
 
 
 def base_config() -> ml_collections.ConfigDict:

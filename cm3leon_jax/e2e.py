@@ -361,5 +361,6 @@ def _define_flags():
 
 if __name__ == "__main__":
     from absl import app
+    from cm3leon_jax import config_defaults
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_defaults.parse_flags)

@@ -19,6 +19,8 @@ import math
 from absl import app, flags
 from ml_collections import config_flags
 
+from cm3leon_jax import config_defaults
+
 
 
 def _define_flags() -> None:
@@ -90,4 +92,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_defaults.parse_flags)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 # optax.apply_if_finite gives up after this many skipped updates in a row and applies the next one:
 # never, here. The training loop stops the run itself after `skip_nonfinite` in a row (a clear error
@@ -13,6 +14,15 @@ _NEVER_GIVE_UP = 2**31 - 1
 
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
+
+
+def warn_if_warmup_outlasts_training(opt_config, total_steps: int) -> None:
+    """A warmup as long as the run never reaches the peak: allowed (a short smoke run of a big
+    config), but said, since a loss that barely moves is otherwise the only sign."""
+    warmup, total = int(opt_config.warmup_steps), int(total_steps)
+    if warmup >= total > 0:
+        logging.warning("optimizer.warmup_steps=%d >= total_steps=%d: the learning rate never reaches its peak "
+                        "(at most %.3g of it); lower the warmup for a short run", warmup, total, total / max(warmup, 1))
 
 
 def learning_rate_schedule(opt_config, total_steps: int, peak: float | None = None) -> optax.Schedule:

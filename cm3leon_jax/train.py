@@ -10,7 +10,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from cm3leon_jax import distributed, metrics, trainer, workdir_io
+from cm3leon_jax import config_defaults, distributed, metrics, trainer, workdir_io
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl and TensorBoard events: a local "
@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_defaults.parse_flags)

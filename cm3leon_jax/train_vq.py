@@ -26,7 +26,7 @@ import optax
 from absl import app, logging
 from flax import linen as nn
 
-from cm3leon_jax import checkpointing, image_grid, metrics, optimizer, sharding, trainer as lm_trainer, vq_losses, vqgan, workdir_io
+from cm3leon_jax import checkpointing, config_defaults, image_grid, metrics, optimizer, sharding, trainer as lm_trainer, vq_losses, vqgan, workdir_io
 from cm3leon_jax import train as _lm_cli  # its --config / --workdir flags and start-up serve both CLIs
 from cm3leon_jax.vq_tokenizer import VQ_CONFIG_FILE, VQTokenizer, load_tokenizer, load_vq_config, save_vq_config  # noqa: F401
 from data_pipeline import images as image_data, shapes_world
@@ -61,6 +61,7 @@ def validate_config(config, mesh, process_count: int) -> None:
                          f"(got {mesh.shape['tensor']})")
     if int(config.total_steps) <= 0:
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+    optimizer.warn_if_warmup_outlasts_training(config.optimizer, int(config.total_steps))
     if int(config.num_sample_images) < 0:
         raise ValueError(f"num_sample_images must be >= 0 (0: no sample grids), got {config.num_sample_images}")
     if int(config.seed) < 0:
@@ -377,4 +378,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_defaults.parse_flags)

@@ -82,6 +82,7 @@ def validate_config(config, mesh, process_count: int) -> None:
     optimizer.skip_nonfinite_limit(config.optimizer)
     optimizer.grad_clip_norm(config.optimizer)
     optimizer.learning_rate_schedule(config.optimizer, int(config.total_steps))   # checks the schedule's fields
+    optimizer.warn_if_warmup_outlasts_training(config.optimizer, int(config.total_steps))
 
 
 def accumulation_steps(config) -> int:

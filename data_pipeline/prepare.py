@@ -31,7 +31,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from cm3leon_jax import metrics, vocab as vocab_lib, workdir_io
+from cm3leon_jax import config_defaults, metrics, vocab as vocab_lib, workdir_io
 from data_pipeline import images as image_io
 
 BUILDER_NAME = "cm3_documents"
@@ -631,4 +631,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_defaults.parse_flags)

@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from absl import app
 from ml_collections import config_flags
 
-from cm3leon_jax import vocab as vocab_lib
+from cm3leon_jax import config_defaults, vocab as vocab_lib
 from data_pipeline import prepare, sft_tasks
 
 REPORT_FILE = prepare.REPORT_FILE
@@ -251,4 +251,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_defaults.parse_flags)

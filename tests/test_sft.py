@@ -385,7 +385,8 @@ def test_lora_fine_tuning_trains_adapters_only_and_is_merged_for_decoding_export
     bundle_config, bundle_params = export.load_bundle(bundle)
     assert bundle_config.model.lora_rank == 0 and bundle_config.model.d_model == config.model.d_model
     for a, b in zip(jax.tree_util.tree_leaves(bundle_params), jax.tree_util.tree_leaves(merged)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        # merged by export on its own mesh: the B @ A products may round differently in the last bit
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     # fine-tuning on from a LoRA run (here without adapters) starts from its merged weights
     plain = sft_config(tiny_pipeline, sft_run["data"], "")
     plain.init_from = run

@@ -4,6 +4,7 @@ The classifier is trained once per module on a reduced budget (TEST_STEPS steps 
 default); the thresholds below are what that budget reaches on held-out renders, with margin.
 """
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -42,7 +43,11 @@ def test_cached_classifier_is_loaded_not_retrained(trained):
     assert os.path.exists(os.path.join(workdir, ac.CLASSIFIER_SUBDIR, ac.PARAMS_FILE))
     info = ac.classifier_info(workdir)
     assert info["format"] == ac.FORMAT and info["steps"] == TEST_STEPS
-    loaded = ac.train_classifier(workdir, steps=10**9)  # would take hours if it trained
+    with mock.patch.object(ac.logging, "warning") as warning:
+        loaded = ac.train_classifier(workdir, steps=10**9, batch_size=32)  # would take hours if it trained
+    # ... but says that it was trained otherwise than asked, naming the setting
+    assert warning.call_count == 1 and f"steps {TEST_STEPS} -> asked {10**9}" in warning.call_args[0][-1]
+    assert "batch_size" not in warning.call_args[0][-1]
     flat_a = {k: np.asarray(v) for k, v in ac._flatten(params).items()}
     flat_b = {k: np.asarray(v) for k, v in ac._flatten(loaded).items()}
     assert flat_a.keys() == flat_b.keys()

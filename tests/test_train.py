@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import numpy as np
@@ -241,6 +242,13 @@ def test_learning_rate_schedules():
                              ({"optimizer.schedule": "wsd", "optimizer.decay_fraction": 0.0}, "decay_fraction=0.0")):
         with pytest.raises(ValueError, match=field):
             trainer.validate_config(tiny_config(**overrides), mesh, 1)
+    # a warmup as long as the run is allowed (a smoke run of a big config) but said, with the share reached
+    with mock.patch.object(optimizer.logging, "warning") as warning:
+        trainer.validate_config(tiny_config(total_steps=10, **{"optimizer.warmup_steps": 9}), mesh, 1)
+        assert not warning.called
+        trainer.validate_config(tiny_config(total_steps=10, **{"optimizer.warmup_steps": 40}), mesh, 1)
+        assert warning.call_count == 1 and "never reaches its peak" in warning.call_args[0][0]
+        assert warning.call_args[0][1:] == (40, 10, 0.25)
 
 
 def test_counts_that_must_be_positive_are_refused_up_front(tmp_path):
@@ -485,6 +493,31 @@ def test_a_preempted_run_says_so(tmp_path, monkeypatch):
     starts = [e.step for e in _tensorboard_events(tmp_path)
               if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START]
     assert starts == [3]
+
+
+def test_a_mistyped_config_override_is_named_with_the_nearest_fields(capsys, monkeypatch):
+    """ml_collections raised a bare `AttributeError: "'num_layer'"` from inside its flag parser (it
+    reads the overrides from sys.argv, so a CLI's argv is set here)."""
+    from absl import flags
+    from cm3leon_jax import config_defaults, train  # noqa: F401 - defines --config
+    config = os.path.join(os.path.dirname(__file__), "..", "experiments", "tiny_cpu.py")
+    flags.FLAGS.unparse_flags()
+    try:
+        for argv in (["train", f"--config={config}", "--config.model.num_layer=3"],
+                     ["train", "--config", config, "--config.model.num_layer", "3"]):
+            monkeypatch.setattr(sys, "argv", argv)
+            with pytest.raises(SystemExit):
+                config_defaults.parse_flags(argv)
+            err = capsys.readouterr().err
+            assert "--config.model.num_layer: the config has no field 'model.num_layer'" in err
+            assert "did you mean model.num_layers" in err and "Traceback" not in err
+            flags.FLAGS.unparse_flags()
+        argv = ["train", f"--config={config}", "--config.model.num_layers=3"]
+        monkeypatch.setattr(sys, "argv", argv)
+        config_defaults.parse_flags(argv)
+        assert flags.FLAGS.config.model.num_layers == 3
+    finally:
+        flags.FLAGS.unparse_flags()
 
 
 @pytest.mark.parametrize("given", [["--process_id=1"], ["--num_processes=0", "--process_id=0"]])
