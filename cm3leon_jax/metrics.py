@@ -141,6 +141,8 @@ class MetricsLogger:
             parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
         if metrics.get("skipped_steps", 0) > 0:   # the NaN/inf guard's skips: shown once there are any
             parts.append(f"skipped {int(metrics['skipped_steps'])}")
+        if metrics.get("packer_skipped", 0) > 0:   # documents that fit no row: data loss, shown once there is any
+            parts.append(f"docs skipped {int(metrics['packer_skipped'])}")
         if "eta_seconds" in metrics:
             parts.append(f"ETA {_format_duration(metrics['eta_seconds'])}")
         logging.info(" | ".join(parts))

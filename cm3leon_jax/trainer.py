@@ -556,6 +556,8 @@ def train(config, workdir: str) -> dict[str, float]:
                 last = metrics.step_record(step_metrics, timer, step, total_steps,
                                            {"tokens_per_second": trainer.tokens_per_step, "mfu": trainer.flops_per_step / peak})
                 last["tokens_seen"] = float(step * trainer.tokens_per_step)   # the x-axis to compare runs of other batch sizes
+                # documents that fit no row so far (this process's streams; batches prefetched count too)
+                last["packer_skipped"] = float(sum(data_iter.skipped.values()))
                 if evaluating:   # after the step's timing, and the timer restarts after it: not counted as training
                     for suffix, batches in eval_sets.items():
                         last.update({k + suffix: v for k, v in trainer.evaluate(state.params, batches).items()})

@@ -220,7 +220,8 @@ class PackedBatchIterator:
         return batch
 
     def get_state(self) -> bytes:
-        state = {"streams": self.stream_ids, "worker_count": self.worker_count, "state": self._iterator.get_state()}
+        state = {"streams": self.stream_ids, "worker_count": self.worker_count, "state": self._iterator.get_state(),
+                 "skipped": dict(self.skipped)}   # so the count a run logs goes on across a resume
         return json.dumps(state).encode()
 
     def set_state(self, state: bytes) -> None:
@@ -230,6 +231,7 @@ class PackedBatchIterator:
                              "resume with the same data.num_streams")
         self._check_worker_count(state)
         self._iterator.set_state(state["state"])
+        self.skipped = collections.Counter(state.get("skipped", {}))
 
     def _check_worker_count(self, state: dict) -> None:
         if state.get("worker_count") != self.worker_count:
@@ -264,6 +266,9 @@ class PackedBatchIterator:
         skeleton = json.loads(skeletons.pop())
         mine = [[by_stream[s][w] for s in self.stream_ids] for w in range(max(self.worker_count, 1))]
         self._iterator.set_state(_join_zip_states(skeleton, mine, self.worker_count))
+        # each saved count goes to the process now holding that saver's first stream: the total is kept
+        self.skipped = sum((collections.Counter(state.get("skipped", {})) for state in saved
+                            if int(state["streams"][0]) in self.stream_ids), collections.Counter())
 
     def start_prefetch(self) -> None:
         """Part of grain's checkpoint interface; batches are produced on demand."""

@@ -142,6 +142,18 @@ def test_oversize_and_empty_documents_are_skipped_and_counted():
     assert it.skipped["document_longer_than_seq_len"] >= 2
     assert it.skipped["empty_document"] >= 1
     assert max(seen) < 8 + 16
+    # the counts are part of the data position: a resumed run's count goes on from the saved one
+    state, counted = it.get_state(), dict(it.skipped)
+    next(it)
+    again = PackedBatchIterator(grain.MapDataset.source(docs), seq_len=16, global_batch_size=1, num_streams=1,
+                                seed=0, shuffle=False)
+    again.set_state(state)
+    assert dict(again.skipped) == counted
+    # redistributed to another process count, the saved counts are kept in total
+    moved = PackedBatchIterator(grain.MapDataset.source(docs), seq_len=16, global_batch_size=1, num_streams=1,
+                                seed=0, shuffle=False)
+    moved.set_state_from_processes([state])
+    assert dict(moved.skipped) == counted
 
 
 def test_a_stream_with_no_document_that_fits_is_an_error_not_an_endless_loop():
