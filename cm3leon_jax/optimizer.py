@@ -22,7 +22,7 @@ def warn_if_warmup_outlasts_training(opt_config, total_steps: int) -> None:
     warmup, total = int(opt_config.warmup_steps), int(total_steps)
     if warmup >= total > 0:
         logging.warning("optimizer.warmup_steps=%d >= total_steps=%d: the learning rate never reaches its peak "
-                        "(at most %.3g of it); lower the warmup for a short run", warmup, total, total / max(warmup, 1))
+                        "(at most %.3g of it); lower the warmup for a short run", warmup, total, (total - 1) / warmup)
 
 
 def learning_rate_schedule(opt_config, total_steps: int, peak: float | None = None) -> optax.Schedule:
