@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import grain
 import numpy as np
+from absl import logging
 
 from data_pipeline import cm3, cm3_pipeline, mixture, sft_prepare, sft_tasks
 
@@ -64,8 +65,13 @@ def task_mixture(data_config, data_dir: str, split: str = "train"):
         raise ValueError(f"{data_dir} is not SFT data (its report has no task ranges); make it with "
                          "`python -m data_pipeline.sft_prepare`")
     sizes = {t: ranges[t][1] - ranges[t][0] if t in ranges else 0 for t in sft_tasks.TASKS}
-    counts = sft_tasks.mixing_counts(sizes, sft_tasks.parse_weights(data_config.sft_task_weights),
-                                     max_upsample=float(data_config.sft_max_upsample),
+    weights = sft_tasks.parse_weights(data_config.sft_task_weights)
+    unnamed = [t for t in sft_tasks.TASKS if sizes[t] and weights and t not in weights]
+    if unnamed:   # "edit=2" reads like "up-weight edit", but it trains on edit alone
+        logging.warning("data.sft_task_weights=%r names no weight for %s: those tasks' documents are left out of "
+                        "training (weight 0); name them too (e.g. %s=1) to keep them", data_config.sft_task_weights,
+                        ", ".join(unnamed), unnamed[0])
+    counts = sft_tasks.mixing_counts(sizes, weights, max_upsample=float(data_config.sft_max_upsample),
                                      min_downsample=float(data_config.sft_min_downsample))
     source = sft_prepare.load_sft_documents(data_dir, split)
     return MixedTaskDocuments(source, ranges, counts), counts

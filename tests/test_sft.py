@@ -179,6 +179,21 @@ def test_sft_ingestion_keeps_tasks_contiguous(sft_run):
         assert set(fields) == set(sft_tasks.template(task).text_fields + sft_tasks.template(task).image_fields)
 
 
+def test_task_weights_that_leave_tasks_out_say_so(sft_run):
+    from unittest import mock
+    data_config = ml_collections.ConfigDict(sft_run["config"].data.to_dict())
+    with mock.patch.object(sft_pipeline.logging, "warning") as warning:
+        for spec in ("", ",".join(f"{t}=1" for t in sft_tasks.TASKS)):   # every task has a weight: quiet
+            data_config.sft_task_weights = spec
+            sft_pipeline.task_mixture(data_config, sft_run["data"])
+        assert not warning.called
+        data_config.sft_task_weights = "edit=2"   # reads like "up-weight edit", trains on edit alone
+        _, counts = sft_pipeline.task_mixture(data_config, sft_run["data"])
+        assert counts["edit"] > 0 and sum(counts.values()) == counts["edit"]
+        assert warning.call_count == 1 and "left out of training" in warning.call_args[0][0]
+        assert warning.call_args[0][2] == ", ".join(t for t in sft_tasks.TASKS if t != "edit")
+
+
 def test_held_out_loss_scores_the_validation_split_without_condition_dropout(sft_run):
     config = ml_collections.ConfigDict(sft_run["config"].to_dict())
     config.data.sft_condition_dropout = 1 / 3
