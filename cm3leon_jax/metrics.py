@@ -115,9 +115,11 @@ class MetricsLogger:
             workdir_io.makedirs(workdir)
             self._jsonl = workdir_io.AppendableFile(workdir_io.join(workdir, "metrics.jsonl"))
             # a resumed run hides the events a killed run logged past its checkpoint (TensorBoard's purge
-            # marker), as restore_or_init drops them from metrics.jsonl: the curves read as one run
-            self._tb = workdir_io.tensorboard_writer(workdir_io.join(workdir, "tensorboard"),
-                                                     purge_step=int(resumed_step) + 1 if resumed_step else None)
+            # marker), as restore_or_init drops them from metrics.jsonl: the curves read as one run. A
+            # restart from scratch over a killed run's events (no checkpoint yet) hides them all.
+            logdir = workdir_io.join(workdir, "tensorboard")
+            earlier = bool(resumed_step) or workdir_io.exists(logdir)
+            self._tb = workdir_io.tensorboard_writer(logdir, purge_step=int(resumed_step) + 1 if earlier else None)
 
     def write(self, step: int, metrics: dict[str, float], total_steps: int | None = None) -> None:
         if not self.enabled:

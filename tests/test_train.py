@@ -329,9 +329,15 @@ def test_a_run_killed_before_its_first_checkpoint_starts_metrics_over(tmp_path):
     line, so read_records died with a JSONDecodeError."""
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (2, 4))
                                             + '{"step": 6, "lo')
+    os.makedirs(tmp_path / "tensorboard")   # where the killed run's events are
     trainer.train(tiny_config(total_steps=2), str(tmp_path))
     records = metrics.read_records(str(tmp_path))
     assert [r["step"] for r in records] == [2] and records[0]["loss"] != 9.0
+    # ... and TensorBoard hides all the killed run's points (a purge marker at step 1)
+    from tensorboardX.proto import event_pb2
+    starts = [e.step for e in _tensorboard_events(tmp_path)
+              if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START]
+    assert starts == [1]
 
 
 def _tensorboard_events(workdir):
