@@ -31,7 +31,10 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "filelock>=3"],
         "bench": ["scikit-image>=0.22"],
-        "gcs": ["gcsfs"],  # gs:// workdirs (cm3leon_jax.workdir_io: etils.epath through fsspec)  # bench/vq.py: PSNR on its bundled photographs
+        # object-store workdirs (cm3leon_jax.workdir_io: etils.epath through fsspec)
+        "gcs": ["gcsfs"],   # gs://
+        "s3": ["s3fs"],     # s3://
+        "az": ["adlfs"],    # az://
         # cm3leon_jax.hf_interop (tests/test_interop.py): Hugging Face OPT/Chameleon export and import.
         # The core never imports them; torch is pinned to the CPU wheel the CI uses.
         # tokenizers (a transformers dependency, named since hf_text_tokenizer uses it directly).

@@ -23,7 +23,8 @@ from etils import epath
 
 REMOTE_SCHEMES = ("gs", "s3", "az")
 _FSSPEC_PROTOCOL = {"gs": "gcs", "s3": "s3", "az": "az"}
-_INSTALL_HINT = {"gs": "gcsfs (pip install -e '.[gcs]')", "s3": "s3fs", "az": "adlfs"}
+_INSTALL_HINT = {"gs": "gcsfs (pip install -e '.[gcs]')", "s3": "s3fs (pip install -e '.[s3]')",
+                 "az": "adlfs (pip install -e '.[az]')"}
 REMOTE_FLUSH_SECONDS = 30.0
 
 

@@ -163,10 +163,16 @@ remote_path "$REPO_DIR"; REPO_Q=$REPLY
 if [[ $DRY_RUN -eq 1 ]]; then
   echo "# dry run: printing commands only, nothing is executed"
 fi
-if [[ $WORKDIR != gs://* ]]; then
-  echo "warning: --workdir '$WORKDIR' is not a gs:// path; each worker will write" \
-       "to its own local disk (relative paths are relative to --repo_dir)" >&2
-fi
+# object stores every worker shares, and the package extra that writes to each (setup.py)
+case $WORKDIR in
+  gs://*) EXTRAS="[gcs]" ;;
+  s3://*) EXTRAS="[s3]" ;;
+  az://*) EXTRAS="[az]" ;;
+  *://*) usage_error "--workdir '$WORKDIR': only local paths and gs://, s3://, az:// URLs are supported" ;;
+  *) EXTRAS=""
+     echo "warning: --workdir '$WORKDIR' is not an object-store URL (gs://, s3://, az://); each worker will" \
+          "write to its own local disk (relative paths are relative to --repo_dir)" >&2 ;;
+esac
 
 # ---------------------------------------------------------------- cleanup
 cleanup() {
@@ -236,9 +242,7 @@ ssh_all "mkdir -p $REPO_Q && tar -xzf $REMOTE_TARBALL -C $REPO_Q && rm -f $REMOT
 
 # ---------------------------------------------------------------- 3. install
 echo "# [3/4] installing jax[tpu] and cm3leon_jax on all workers"
-# a gs:// workdir is written through etils.epath + fsspec: gcsfs is the `gcs` extra
-EXTRAS=""
-[[ $WORKDIR == gs://* ]] && EXTRAS="[gcs]"
+# an object-store workdir is written through etils.epath + fsspec: its backend is EXTRAS (above)
 ssh_all "cd $REPO_Q && pip install -U \"jax[tpu]\" && pip install -e \".$EXTRAS\""
 
 # ---------------------------------------------------------------- 4. train

@@ -136,6 +136,20 @@ def test_a_mounted_workdir_installs_no_gcs_backend(tmp_path):
     assert 'pip install -e "."' in install and "[gcs]" not in install
 
 
+@pytest.mark.parametrize("scheme,extra", [("s3", "[s3]"), ("az", "[az]")])
+def test_other_object_store_workdirs_install_their_backend(tmp_path, scheme, extra):
+    """s3:// and az:// workdirs are shared like gs://: they were warned about as per-worker local
+    disks and their fsspec backend was never installed."""
+    res = run_script(["--dry_run", "--tpu_name", "leon-test", "--zone", "us-west4-a", "--workdir",
+                      f"{scheme}://bucket/run1"], env=poisoned_env(tmp_path), cwd=tmp_path)
+    assert res.returncode == 0 and "local disk" not in res.stderr, res.stderr
+    install = next(l for l in cmd_lines(res.stdout) if "jax[tpu]" in l)
+    assert f'pip install -e ".{extra}"' in install
+    bad = run_script(["--dry_run", "--tpu_name", "x", "--zone", "z", "--workdir", "hdfs://a/b"],
+                     env=poisoned_env(tmp_path), cwd=tmp_path)
+    assert bad.returncode == 2 and "gs://, s3://, az://" in bad.stderr
+
+
 def test_dry_run_delete_after(tmp_path):
     out = dry([*REQUIRED, "--delete_after"], tmp_path)
     lines = cmd_lines(out)
