@@ -79,7 +79,7 @@ class CheckpointManager:
                              f"Resume with the saved run's config.json settings. Orbax: {e}") from None
 
     def _restore(self, step: int, abstract_state, data_iterator):
-        check_step_holds_state(self.directory, step, self._manager.all_steps())
+        check_step_holds_state(self._manager, step)
         other_states = self.saved_data_states(step)
         if other_states is None:
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -209,13 +209,14 @@ def _check_saved_params(manager, step: int, directory: str, abstract_params) -> 
             + ". The model's config (config.json, or a default of this version) differs from the one that saved it")
 
 
-def check_step_holds_state(directory: str, step: int, steps) -> None:
+def check_step_holds_state(manager, step: int) -> None:
     """orbax takes any directory named by a number for a checkpoint: an empty `checkpoints/N` (a copy
     cut short, a hand-made folder) was the latest step, and restoring it ended in `KeyError: 'Item
     "data" was not found'`. Said here, naming what to delete; never silently skipped, since falling
     back to an older step would quietly retrain what the missing one held."""
-    if not (epath.Path(directory) / str(step) / "state").exists():
-        earlier = sorted(int(s) for s in steps if int(s) < step)
+    directory = manager.directory   # where orbax reads (its own path object)
+    if not (directory / str(step) / "state").exists():
+        earlier = sorted(int(s) for s in manager.all_steps() if int(s) < step)
         raise ValueError(f"{directory}/{step} holds no saved state (an empty or partly copied checkpoint); delete "
                          "it to resume from " + (f"step {earlier[-1]}" if earlier else "scratch"))
 
@@ -238,7 +239,7 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
     if step not in manager.all_steps():
         raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; it holds steps "
                                 f"{sorted(manager.all_steps())}")
-    check_step_holds_state(directory, step, manager.all_steps())
+    check_step_holds_state(manager, step)
     _check_saved_params(manager, step, directory, abstract_params)
     target = {"params": abstract_params}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)

@@ -136,14 +136,28 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_npy_rows(path: str | os.PathLike, rows, dtype, *, chunk: int = 65536) -> None:
     """Writes an [N, ...] array-like (anything with .shape and row slicing: an array, a memory map,
     parts read as one) to a local .npy, `chunk` rows at a time, so a bank larger than memory can
-    be written; atomically, through a temporary file and a rename."""
+    be written; atomically, through a temporary file and a rename. A value `dtype` cannot hold
+    (an id past int32, a score past float16's range) is a ValueError, never a wrapped or inf row."""
     path = require_local(path, "a .npy file")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp.npy"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(rows.shape))
-    for a in range(0, rows.shape[0], chunk):
-        out[a:a + chunk] = np.asarray(rows[a:a + chunk], dtype)
-    out.flush()
+    try:
+        for a in range(0, rows.shape[0], chunk):
+            part = np.asarray(rows[a:a + chunk])
+            cast = part.astype(dtype)
+            if part.size and np.issubdtype(out.dtype, np.integer) and (
+                    part.min() < np.iinfo(out.dtype).min or part.max() > np.iinfo(out.dtype).max):
+                raise ValueError(f"{path}: rows {a}.. hold {part.min()}..{part.max()}, outside {out.dtype}")
+            if np.issubdtype(out.dtype, np.floating) and np.issubdtype(part.dtype, np.number) and not np.array_equal(
+                    np.isinf(cast), np.isinf(part)):
+                raise ValueError(f"{path}: rows {a}.. hold values past {out.dtype}'s range")
+            out[a:a + chunk] = cast
+        out.flush()
+    except BaseException:
+        del out
+        os.remove(tmp)
+        raise
     del out
     os.replace(tmp, path)
 

@@ -243,3 +243,16 @@ def test_a_generator_reads_its_model_from_a_bucket(bucket, tiny_pipeline, monkey
     a = remote.text_to_image(["a small red circle at the top left"], num_samples=2, config=config, seed=3)
     b = here.text_to_image(["a small red circle at the top left"], num_samples=2, config=config, seed=3)
     np.testing.assert_array_equal(a[0].codes, b[0].codes)
+
+
+def test_npy_rows_that_the_dtype_cannot_hold_are_refused_not_wrapped(tmp_path):
+    from cm3leon_jax import workdir_io
+    path = str(tmp_path / "rows.npy")
+    scores = np.array([[0.5, -np.inf], [1e5, 2.0]], np.float32)   # -inf (no neighbour) is a value, 1e5 no float16
+    workdir_io.write_npy_rows(path, scores, np.float32, chunk=1)
+    np.testing.assert_array_equal(np.load(path), scores)
+    with pytest.raises(ValueError, match="rows 1.. hold values past float16's range"):
+        workdir_io.write_npy_rows(str(tmp_path / "half.npy"), scores, np.float16, chunk=1)
+    with pytest.raises(ValueError, match=r"rows 0.. hold -1..2147483648, outside int32"):
+        workdir_io.write_npy_rows(str(tmp_path / "ids.npy"), np.array([[2 ** 31, -1]], np.int64), np.int32)
+    assert sorted(os.listdir(tmp_path)) == ["rows.npy"]   # nothing half-written left behind
