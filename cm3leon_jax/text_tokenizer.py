@@ -114,6 +114,20 @@ def check_text(text) -> None:
         raise ValueError(f"text is not valid Unicode (lone surrogate?): {e}") from None
 
 
+def _keeps_text_as_is(data: bytes) -> bool:
+    """Whether a model's settings keep text exactly (train_sentencepiece's: identity normalisation,
+    no dummy prefix, whitespace kept). A model from elsewhere (NFKC, collapsed spaces) would change
+    text silently, so `encode` checks each text's round trip for those (and when unreadable)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+        proto = sentencepiece_model_pb2.ModelProto.FromString(data)
+    except Exception:  # protobuf missing or too old for this model: check every text
+        return False
+    ns = proto.normalizer_spec
+    return not (ns.precompiled_charsmap or ns.add_dummy_prefix or ns.remove_extra_whitespaces
+                or proto.denormalizer_spec.precompiled_charsmap)
+
+
 class TextTokenizer:
     """A loaded SentencePiece model with the lossless encode described in the module doc."""
 
@@ -125,6 +139,7 @@ class TextTokenizer:
                 data = f.read()
         self._bytes = data
         self._sp = spm.SentencePieceProcessor(model_proto=data)
+        self._exact = _keeps_text_as_is(data)
         self._meta_bytes = None
         pieces = [f"<0x{b:02X}>" for b in _META.encode("utf-8")]
         ids = [self._sp.piece_to_id(p) for p in pieces]
@@ -172,15 +187,20 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         check_text(text)
         if _META not in text:
-            return list(self._sp.encode(text))
-        if self._meta_bytes is None:
+            ids = list(self._sp.encode(text))
+        elif self._meta_bytes is None:
             raise ValueError("text contains U+2581 and this model has no byte pieces to spell it")
-        ids: list[int] = []
-        for k, chunk in enumerate(text.split(_META)):
-            if k:
-                ids.extend(self._meta_bytes)
-            if chunk:
-                ids.extend(self._sp.encode(chunk))
+        else:
+            ids = []
+            for k, chunk in enumerate(text.split(_META)):
+                if k:
+                    ids.extend(self._meta_bytes)
+                if chunk:
+                    ids.extend(self._sp.encode(chunk))
+        if not self._exact and (back := self._sp.decode(ids)) != text:
+            raise ValueError(f"this SentencePiece model does not reproduce {text!r} (decodes to {back!r}: it "
+                             "normalises text or drops whitespace), so these ids would not mean this text; train a "
+                             "lossless one with python -m cm3leon_jax.text_tokenizer")
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:

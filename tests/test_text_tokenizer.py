@@ -101,3 +101,19 @@ def test_cli_defaults_to_shapes_captions(tmp_path):
     # BPE learned caption words: a common caption is far shorter than its characters.
     caption = "a small red circle at the top left"
     assert len(tok.encode(caption)) < len(caption) // 2
+
+
+def test_a_model_that_normalises_text_refuses_what_it_would_change():
+    """A SentencePiece model from elsewhere (SentencePiece's defaults: NFKC, collapsed spaces, a
+    dummy prefix) changed text silently through the vocabulary: "a  b" came back as "a b"."""
+    import io
+
+    import sentencepiece as spm
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(tt.shapes_captions(300)), model_writer=writer,
+                                   vocab_size=60, minloglevel=2, num_threads=1)
+    tok = tt.TextTokenizer(writer.getvalue())
+    assert tok.decode(tok.encode("a red circle")) == "a red circle"
+    for text in ("a  red   circle", "tab\there", "\uff46ull width", " lead"):
+        with pytest.raises(ValueError, match="does not reproduce"):
+            tok.encode(text)
