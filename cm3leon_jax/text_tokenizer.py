@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
@@ -65,6 +66,13 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
     except RuntimeError as e:
         if not used[0]:
             raise ValueError("no non-empty texts to train the tokenizer on") from e
+        # SentencePiece's INTERNAL check: the 256 byte pieces, <unk>, the specials and every
+        # character of the corpus need a piece each, whatever the soft limit.
+        need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if need:
+            raise ValueError(f"vocab_size={vocab_size} is too small for this corpus: it needs at least "
+                             f"{need.group(1)} pieces (256 byte pieces, <unk>, {len(special_tokens)} special "
+                             "tokens and one per distinct character)") from None
         raise
     path = f"{model_prefix}.model"
     with open(path, "wb") as f:

@@ -66,6 +66,14 @@ def test_training_is_deterministic_and_bytes_reload(tmp_path, tok):
         tt.train_sentencepiece(["", ""], str(tmp_path / "c"), 330)
 
 
+def test_a_vocab_size_below_the_byte_pieces_and_characters_is_a_clear_error(tmp_path):
+    """Was SentencePiece's RuntimeError 'INTERNAL: ... required_chars' from deep inside training."""
+    texts = ["hello world", "foo bar"]   # 11 characters + 256 bytes + <unk> + 5 specials
+    with pytest.raises(ValueError, match=r"vocab_size=272 is too small.*at least 273"):
+        tt.train_sentencepiece(texts, str(tmp_path / "s"), 272)
+    assert tt.TextTokenizer(tt.train_sentencepiece(texts, str(tmp_path / "s"), 273)).vocab_size == 273
+
+
 def test_corpus_reader_skips_and_counts_bad_lines(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_bytes(b"hello world\n\n   \n\xff\xfe bad\nvalid line two\r\n\xc3\x28\nlast")
