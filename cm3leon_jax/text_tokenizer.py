@@ -51,11 +51,17 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
 
-    used = [0]
+    used, invalid = [0], []
 
     def sentences() -> Iterator[str]:
         for t in texts:
             if t:  # SentencePiece has no use for empty sentences.
+                if isinstance(t, str):
+                    try:   # a lone surrogate was pybind11's "Unable to cast Python instance" RuntimeError
+                        check_text(t)
+                    except ValueError as e:
+                        invalid.append(f"non-empty text #{used[0]} of the corpus (from 0): {e}")
+                        return   # raised below: SentencePiece wraps what its iterator raises
                 used[0] += 1
                 yield t
 
@@ -64,6 +70,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
     try:
         data = _train(sentences(), vocab_size, special_tokens, character_coverage)
     except RuntimeError as e:
+        if invalid:
+            raise ValueError(invalid[0]) from None
         if not used[0]:
             raise ValueError("no non-empty texts to train the tokenizer on") from e
         # SentencePiece's INTERNAL check: the 256 byte pieces, <unk>, the specials and every
@@ -74,6 +82,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
                              f"{need.group(1)} pieces (256 byte pieces, <unk>, {len(special_tokens)} special "
                              "tokens and one per distinct character)") from None
         raise
+    if invalid:
+        raise ValueError(invalid[0])
     path = f"{model_prefix}.model"
     with open(path, "wb") as f:
         f.write(data)

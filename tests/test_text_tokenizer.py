@@ -74,6 +74,13 @@ def test_a_vocab_size_below_the_byte_pieces_and_characters_is_a_clear_error(tmp_
     assert tt.TextTokenizer(tt.train_sentencepiece(texts, str(tmp_path / "s"), 273)).vocab_size == 273
 
 
+def test_a_training_text_with_a_lone_surrogate_is_named(tmp_path):
+    """Was pybind11's 'Unable to cast Python instance of type str' RuntimeError from SentencePiece
+    (text decoded with errors='surrogateescape')."""
+    with pytest.raises(ValueError, match=r"text #1 .*lone surrogate"):
+        tt.train_sentencepiece(["fine", "", "bad \udcff byte"], str(tmp_path / "s"), 300)
+
+
 def test_corpus_reader_skips_and_counts_bad_lines(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_bytes(b"hello world\n\n   \n\xff\xfe bad\nvalid line two\r\n\xc3\x28\nlast")
