@@ -10,12 +10,14 @@ with no sampling, so the same corpus gives the same model bytes.
 
 CLI:
   python -m cm3leon_jax.text_tokenizer --out DIR [--vocab_size N] [--corpus FILE]
-trains on FILE (one document per line; empty and non-UTF-8 lines are skipped and counted) or,
-by default, on captions of the built-in shapes world's train split, and writes DIR/spm.model.
+trains on FILE (UTF-8, one document per line; empty and non-UTF-8 lines are skipped and counted,
+a UTF-16 or UTF-32 file is refused) or, by default, on captions of the built-in shapes world's
+train split, and writes DIR/spm.model.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import io
@@ -247,9 +249,23 @@ class CorpusStats:
 
 
 def read_corpus(path: str | os.PathLike, stats: CorpusStats) -> Iterator[str]:
-    """Yields one document per line; blank and undecodable lines only bump the counters."""
+    """Yields one document per line; blank and undecodable lines only bump the counters. A UTF-16
+    or UTF-32 file (a byte-order mark) is refused up front: its ASCII is valid UTF-8 with a NUL
+    after each character, so it trained silently on that; a UTF-8 mark is dropped."""
     with open(path, "rb") as f:
-        for raw in f:
+        head = f.read(4)
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "UTF-32" if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)) else "UTF-16"
+        raise ValueError(f"corpus {path} is {encoding} (byte-order mark {head[:2 if encoding == 'UTF-16' else 4]!r}); "
+                         f"it must be UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8")
+    return _corpus_lines(path, stats)
+
+
+def _corpus_lines(path, stats: CorpusStats) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for k, raw in enumerate(f):
+            if k == 0 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             if raw.endswith(b"\n"):
                 raw = raw[:-1]
                 if raw.endswith(b"\r"):

@@ -90,6 +90,18 @@ def test_corpus_reader_skips_and_counts_bad_lines(tmp_path):
     assert (stats.documents, stats.empty, stats.invalid_utf8) == (3, 2, 2)
 
 
+def test_a_utf16_corpus_is_refused_and_a_utf8_mark_dropped(tmp_path):
+    """A UTF-16 file (what Windows PowerShell's `>` writes) is ASCII with a NUL after each
+    character, valid UTF-8: it trained silently on that (only its first line was skipped)."""
+    path = tmp_path / "corpus.txt"
+    for encoding, name in (("utf-16", "UTF-16"), ("utf-32", "UTF-32")):
+        path.write_bytes("a red circle\na blue star\n".encode(encoding))
+        with pytest.raises(ValueError, match=f"is {name} .*must be UTF-8"):
+            tt.read_corpus(path, tt.CorpusStats())
+    path.write_bytes("a red circle\na blue star\n".encode("utf-8-sig"))
+    assert list(tt.read_corpus(path, tt.CorpusStats())) == ["a red circle", "a blue star"]
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "cm3leon_jax.text_tokenizer", *args],
                           cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=60)
