@@ -27,6 +27,7 @@ import re
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+from absl import logging
 
 from cm3leon_jax import workdir_io
 
@@ -34,6 +35,7 @@ from cm3leon_jax import workdir_io
 DEFAULT_SPECIAL_TOKENS = ("<pad>", "<eos>", "<break>", "<eoss>", "<mask>")
 
 _META = "\u2581"  # SentencePiece's whitespace symbol.
+_MAX_SENTENCE_BYTES = 1 << 20  # longer training texts are left out (counted: SentencePiece would drop them silently)
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int,
@@ -53,10 +55,14 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
 
-    used, invalid = [0], []
+    used, invalid, too_long = [0], [], [0]
 
     def sentences() -> Iterator[str]:
         for t in texts:
+            if isinstance(t, str) and len(t) > _MAX_SENTENCE_BYTES // 4 and \
+                    len(t.encode("utf-8", "surrogatepass")) > _MAX_SENTENCE_BYTES:
+                too_long[0] += 1   # SentencePiece drops these without a word
+                continue
             if t:  # SentencePiece has no use for empty sentences.
                 if isinstance(t, str):
                     try:   # a lone surrogate was pybind11's "Unable to cast Python instance" RuntimeError
@@ -75,7 +81,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
         if invalid:
             raise ValueError(invalid[0]) from None
         if not used[0]:
-            raise ValueError("no non-empty texts to train the tokenizer on") from e
+            raise ValueError("no non-empty texts to train the tokenizer on" + (
+                f" ({too_long[0]} longer than {_MAX_SENTENCE_BYTES} bytes left out)" if too_long[0] else "")) from e
         # SentencePiece's INTERNAL check: the 256 byte pieces, <unk>, the specials and every
         # character of the corpus need a piece each, whatever the soft limit.
         need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
@@ -86,6 +93,9 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
         raise
     if invalid:
         raise ValueError(invalid[0])
+    if too_long[0]:
+        logging.warning("%d texts longer than %d bytes were left out of the tokenizer's training (SentencePiece's "
+                        "max_sentence_length); %d were used", too_long[0], _MAX_SENTENCE_BYTES, used[0])
     path = f"{model_prefix}.model"
     with open(path, "wb") as f:
         f.write(data)
@@ -118,7 +128,7 @@ def _train(sentences, vocab_size, special_tokens, character_coverage) -> bytes:
         num_threads=1,
         shuffle_input_sentence=False,
         input_sentence_size=0,
-        max_sentence_length=1 << 20,
+        max_sentence_length=_MAX_SENTENCE_BYTES,
         minloglevel=2,
     )
     return writer.getvalue()

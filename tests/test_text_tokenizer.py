@@ -74,6 +74,17 @@ def test_a_vocab_size_below_the_byte_pieces_and_characters_is_a_clear_error(tmp_
     assert tt.TextTokenizer(tt.train_sentencepiece(texts, str(tmp_path / "s"), 273)).vocab_size == 273
 
 
+def test_texts_over_sentencepieces_length_limit_are_counted_not_dropped_silently(tmp_path, caplog):
+    """SentencePiece drops a text over max_sentence_length (1 MiB) without a word, while the CLI
+    reported it as used."""
+    long_text = "abcdefgh " * (tt._MAX_SENTENCE_BYTES // 9 + 1)
+    with caplog.at_level("WARNING"):
+        tt.train_sentencepiece([long_text, "short"], str(tmp_path / "s"), 300)
+    assert "1 texts longer than 1048576 bytes were left out" in caplog.text and "1 were used" in caplog.text
+    with pytest.raises(ValueError, match="1 longer than 1048576 bytes left out"):
+        tt.train_sentencepiece([long_text], str(tmp_path / "t"), 300)
+
+
 def test_a_training_text_with_a_lone_surrogate_is_named(tmp_path):
     """Was pybind11's 'Unable to cast Python instance of type str' RuntimeError from SentencePiece
     (text decoded with errors='surrogateescape')."""
