@@ -207,6 +207,15 @@ def _num_params(tensors: dict) -> int:
     return int(sum(int(np.prod(t["shape"])) for t in tensors.values()))
 
 
+def check_vq_fits_vocab(vq, vocab, source) -> None:
+    """A VQ tokenizer (or its config) must make the vocabulary's codes per image from its number of
+    codes: a bigger codebook decodes every image with the wrong codes, silently."""
+    if (vq.tokens_per_image, vq.codebook_size) != (vocab.image_tokens_per_image, vocab.num_image_codes):
+        raise ValueError(f"the VQ tokenizer in {source} makes {vq.tokens_per_image} codes per image from "
+                         f"{vq.codebook_size}; the vocabulary expects {vocab.image_tokens_per_image} from "
+                         f"{vocab.num_image_codes}")
+
+
 def export_params(workdir: str, out: str, step: int | None = None, vq_workdir: str | None = None) -> dict:
     """Writes the params bundle (module docstring); returns the manifest. The VQ tokenizer is
     `vq_workdir`, else the one the data's ingest report names (none for text-only data)."""
@@ -215,11 +224,8 @@ def export_params(workdir: str, out: str, step: int | None = None, vq_workdir: s
     vq_workdir = vq_workdir or data_vq_workdir(config.data.get("data_dir", ""))
     vq_config = vq_tokenizer.load_vq_config(vq_workdir) if vq_workdir else None  # refuse before writing
     vocab = _workdir_vocab(workdir)
-    if vocab is not None and vq_config is not None and (vq_config.tokens_per_image, vq_config.codebook_size) != \
-            (vocab.image_tokens_per_image, vocab.num_image_codes):
-        raise ValueError(f"the VQ tokenizer in {vq_workdir} makes {vq_config.tokens_per_image} codes per image "
-                         f"from {vq_config.codebook_size}; the vocabulary of {workdir} expects "
-                         f"{vocab.image_tokens_per_image} from {vocab.num_image_codes}")
+    if vocab is not None and vq_config is not None:
+        check_vq_fits_vocab(vq_config, vocab, vq_workdir)
     _prepare_out(out)
     config, model_cfg, params, step = load_workdir_params(workdir, step)
     tensors, sha = _write_params(out, step, params, "layers/")
@@ -407,11 +413,8 @@ def _chameleon_vq(workdir: str, config, vq_workdir: str | None):
     try:
         hf_vq.hf_config(vq.config)
         vocab = _workdir_vocab(workdir)
-        if vocab is not None and (vq.tokens_per_image, vq.codebook_size) != (vocab.image_tokens_per_image,
-                                                                              vocab.num_image_codes):
-            raise ValueError(f"the VQ tokenizer in {source} makes {vq.tokens_per_image} codes per image from "
-                             f"{vq.codebook_size}; the vocabulary expects {vocab.image_tokens_per_image} from "
-                             f"{vocab.num_image_codes}")
+        if vocab is not None:
+            check_vq_fits_vocab(vq, vocab, source)
     except ValueError as e:
         if vq_workdir:
             raise

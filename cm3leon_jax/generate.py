@@ -93,9 +93,7 @@ class Generator:
             self.params = quantization.quantize_params(self.params)
         self.vocab = vocab_lib.Vocabulary.load(workdir_io.join(workdir, "vocab"))
         self.vq, vq_workdir = export.load_vq_tokenizer(workdir, vq_workdir, self.data_dir)
-        if self.vq.tokens_per_image != self.vocab.image_tokens_per_image:
-            raise ValueError(f"VQ tokenizer in {vq_workdir} makes {self.vq.tokens_per_image} tokens per image, the "
-                             f"vocabulary expects {self.vocab.image_tokens_per_image}")
+        export.check_vq_fits_vocab(self.vq, self.vocab, vq_workdir)
         self._retriever = None
         self._retrieval = None
 

@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import json
 import os
@@ -418,3 +419,18 @@ def test_cli_draws_a_prompts_file(tiny_pipeline, tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["captions"] == 2
     assert sorted(p.name for p in (out / "images").iterdir()) == ["000000_0.png", "000002_0.png"]
     assert json.loads((out / "settings.json").read_text())["skipped_lines"] == {"empty_caption": 1}
+
+
+def test_a_vq_tokenizer_with_another_codebook_is_refused(tiny_pipeline, monkeypatch):
+    """Only the codes per image were compared: a VQ of a bigger codebook (the same grid) decoded every
+    image with the wrong codes, silently."""
+    from cm3leon_jax import export
+    real = export.load_vq_tokenizer
+
+    def bigger_codebook(*args, **kwargs):
+        vq, source = real(*args, **kwargs)
+        vq.config = dataclasses.replace(vq.config, codebook_size=vq.config.codebook_size * 2)
+        return vq, source
+    monkeypatch.setattr(export, "load_vq_tokenizer", bigger_codebook)
+    with pytest.raises(ValueError, match=r"codes per image from \d+; the vocabulary expects \d+ from"):
+        generate.Generator(tiny_pipeline["lm"])
