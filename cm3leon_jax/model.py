@@ -78,6 +78,14 @@ class TransformerConfig:
         for name, value in sizes.items():   # 0 or negative failed deep inside JAX (a modulo by zero, a negative shape)
             if value < 1:
                 raise ValueError(f"model.{name}={value} must be >= 1")
+        for name in ("dtype", "param_dtype"):   # "int8" ran the model in integers (zero logits); "bf16" was a bare TypeError
+            try:
+                floating = jnp.issubdtype(jnp.dtype(getattr(self, name)), jnp.floating)
+            except TypeError:
+                floating = False
+            if not floating:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is not a floating dtype "
+                                 "(float32, bfloat16, float16); int8 weights: quantization.py (--int8)")
         for name in ("head_dim", "attention_block_size"):   # 0 has a meaning: d_model // num_heads; no blocks
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0")

@@ -151,3 +151,8 @@ def test_invalid_model_config_is_rejected():
                                ("head_dim", -4, 0), ("attention_block_size", -8, 0)):
         with pytest.raises(ValueError, match=f"model.{name}={value} must be >= {bound}"):
             TransformerConfig(**dict(BASE, **{name: value}))
+    # a compute dtype of "int8" ran the model in integers (all-zero logits); "bf16" was a TypeError naming no field
+    for name, value in (("dtype", "int8"), ("dtype", "bf16"), ("param_dtype", "int32")):
+        with pytest.raises(ValueError, match=f"model.{name}='{value}' is not a floating dtype"):
+            TransformerConfig(**dict(BASE, **{name: value}))
+    TransformerConfig(**dict(BASE, dtype="float16", param_dtype="bfloat16"))
