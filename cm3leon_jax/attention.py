@@ -70,15 +70,16 @@ def blockwise_causal_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positio
     """Causal attention over query blocks that only read the keys up to their own block.
 
     For training rows (query i and key i are the same token) the upper triangle of blocks is never
-    computed: about half of the score FLOPs and memory of the dense version at long lengths.
+    computed: about half of the score FLOPs and memory of the dense version at long lengths. A length
+    the block size does not divide ends in a shorter block (it fell back to the dense [l, l] scores).
     """
     length = q.shape[1]
-    if length % block_size or length <= block_size:
+    if length <= block_size:
         mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)
         return dot_product_attention(q, k, v, mask)
     outputs = []
     for start in range(0, length, block_size):
-        stop = start + block_size
+        stop = min(start + block_size, length)
         mask = attention_mask(q_segment_ids[:, start:stop], kv_segment_ids[:, :stop],
                               q_positions[:, start:stop], kv_positions[:, :stop])
         outputs.append(dot_product_attention(q[:, start:stop], k[:, :stop], v[:, :stop], mask))

@@ -120,6 +120,19 @@ def test_packed_documents_do_not_attend_to_each_other(positions):
     np.testing.assert_allclose(solo[0, :7], base[0, 6:13], atol=1e-5)
 
 
+def test_blockwise_attention_skips_the_upper_triangle_at_lengths_the_block_does_not_divide():
+    """10 tokens in blocks of 4 (4, 4, 2): was silently the dense [10, 10] scores."""
+    q, k, v = (jax.random.normal(key, (2, 10, 2, 8)) for key in jax.random.split(jax.random.key(0), 3))
+    seg = jnp.array([[1] * 6 + [2] * 4, [1] * 8 + [0] * 2])
+    pos = jnp.array([list(range(6)) + list(range(4)), list(range(8)) + [0] * 2])
+    blockwise = lambda q, k, v: attention.blockwise_causal_attention(q, k, v, seg, seg, pos, pos, 4)
+    dense = attention.dot_product_attention(q, k, v, attention.attention_mask(seg, seg, pos, pos))
+    np.testing.assert_allclose(blockwise(q, k, v), dense, atol=1e-6)
+    scores = [e.outvars[0].aval.shape[-2:] for e in jax.make_jaxpr(blockwise)(q, k, v).eqns
+              if e.primitive.name == "dot_general" and e.outvars[0].aval.ndim == 4 and e.outvars[0].aval.shape[1] == 2]
+    assert scores and (10, 10) not in scores, scores
+
+
 def test_attention_mask_is_causal_within_documents():
     seg = jnp.array([[1, 1, 2, 2, 0]])
     pos = jnp.array([[0, 1, 0, 1, 0]])
