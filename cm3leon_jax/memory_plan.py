@@ -73,6 +73,11 @@ def plan(config) -> dict[str, float]:
 def main(argv):
     del argv
     import jax
+    # 0 or below were ignored (a plan for this host's devices) or silently planned one device
+    if flags.FLAGS.num_devices is not None and flags.FLAGS.num_devices < 1:
+        raise app.UsageError(f"--num_devices={flags.FLAGS.num_devices} must be >= 1")
+    if flags.FLAGS.device_memory_gib is not None and not flags.FLAGS.device_memory_gib > 0:
+        raise app.UsageError(f"--device_memory_gib={flags.FLAGS.device_memory_gib} must be > 0")
     if flags.FLAGS.num_devices:
         jax.config.update("jax_num_cpu_devices", flags.FLAGS.num_devices)
         jax.config.update("jax_platforms", "cpu")
