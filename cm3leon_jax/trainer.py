@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -44,6 +45,8 @@ def validate_config(config, mesh, process_count: int) -> None:
         value = int(config_defaults.get_field(config, name))
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
+    if not 0 <= float(config.z_loss_weight) < math.inf:   # a negative weight rewards exploding logits
+        raise ValueError(f"z_loss_weight={config.z_loss_weight} must be >= 0 and finite (0: no z-loss)")
     if int(config.optimizer.warmup_steps) < 0:
         raise ValueError(f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be >= 0 (0: no warmup)")
     if batch % dp:

@@ -169,3 +169,6 @@ def test_invalid_model_config_is_rejected():
         with pytest.raises(ValueError, match=f"model.{name}='{value}' is not a floating dtype"):
             TransformerConfig(**dict(BASE, **{name: value}))
     TransformerConfig(**dict(BASE, dtype="float16", param_dtype="bfloat16"))
+    for base in (1.0, 0.0, -10.0):   # 1: every rotation angle 0; below: NaN positions
+        with pytest.raises(ValueError, match=f"model.rotary_base={base} must be > 1"):
+            TransformerConfig(**dict(BASE, rotary_base=base))

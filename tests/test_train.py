@@ -266,7 +266,8 @@ def test_counts_that_must_be_positive_are_refused_up_front(tmp_path):
     from cm3leon_jax import checkpointing
     mesh = sharding.make_mesh(tiny_config().mesh)
     for field, value in (("log_every_steps", 0), ("keep_checkpoints", 0), ("data.global_batch_size", 0),
-                         ("data.seq_len", 0), ("optimizer.warmup_steps", -1), ("checkpoint_every_steps", 0)):
+                         ("data.seq_len", 0), ("optimizer.warmup_steps", -1), ("checkpoint_every_steps", 0),
+                         ("z_loss_weight", -1e-4)):   # a negative z-loss weight rewards exploding logits
         with pytest.raises(ValueError, match=f"{field}={value} must be >= "):
             trainer.validate_config(tiny_config(**{field: value}), mesh, 1)
     with pytest.raises(ValueError, match="keep_checkpoints=0 must be >= 1"):   # the VQ trainer's too
