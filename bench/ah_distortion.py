@@ -22,12 +22,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_list("dims_per_block", ["2", "4", "6", "8"], "hashing block sizes")
-flags.DEFINE_integer("points", 200_000, "Gaussian blocks k-means is trained on")
-flags.DEFINE_integer("iterations", 60, "Lloyd iterations")
-flags.DEFINE_integer("scanned", 900_000, "points scanned (90% of 1M)")
+flags.DEFINE_integer("points", 200_000, "Gaussian blocks k-means is trained on (>= its 16 centres)", lower_bound=16)
+flags.DEFINE_integer("iterations", 60, "Lloyd iterations", lower_bound=0)
+flags.DEFINE_integer("scanned", 900_000, "points scanned (90% of 1M)", lower_bound=1)
 flags.DEFINE_float("neighbour_sigma", 4.26, "a true top-10 neighbour's score in standard deviations (1M points)")
 flags.DEFINE_integer("seed", 0, "data seed")
 FLAGS = flags.FLAGS
+
+from bench import flag_checks  # noqa: E402
+
+flag_checks.int_list("dims_per_block")
 
 import numpy as np  # noqa: E402
 

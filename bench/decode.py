@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_list("batches", ["1", "8", "32"], "prompts per call (each with a conditional and an unconditional row)")
-flags.DEFINE_integer("new_tokens", 64, "tokens generated per prompt (an 8x8 image)")
-flags.DEFINE_integer("prompt_length", 32, "prompt tokens")
-flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
+flags.DEFINE_integer("new_tokens", 64, "tokens generated per prompt (an 8x8 image)", lower_bound=1)
+flags.DEFINE_integer("prompt_length", 32, "prompt tokens", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "timed repeats (median)", lower_bound=1)
 flags.DEFINE_bool("baseline", True, "also time the no-cache decode")
 flags.DEFINE_bool("int8", True, "also time the cached decode with int8 weight-only kernels (quantization.py)")
 flags.DEFINE_bool("bf16", True, "also time the cached decode in bfloat16 compute (activations and KV cache)")
@@ -34,11 +34,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import flag_checks  # noqa: E402
 from bench.train_step import small_config  # noqa: E402
 from cm3leon_jax import decoding, quantization, sampling, sharding, trainer  # noqa: E402
 from cm3leon_jax.model import Transformer  # noqa: E402
 
 GUIDED = sampling.SamplingConfig(top_p=0.9, cfg_scale=3.0)
+flag_checks.int_list("batches")
 
 
 def _median_time(fn, repeats):

@@ -37,18 +37,23 @@ from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("workdir", "/tmp/cm3leon_bench_index_hosts", "where the documents and the runs go (documents "
                     "reused if there)")
-flags.DEFINE_integer("num_documents", 100_000, "train documents")
-flags.DEFINE_integer("dim", 512, "embedding dimension (CLIP ViT-B: 512)")
-flags.DEFINE_integer("clusters", 1000, "centres the embeddings are drawn around")
-flags.DEFINE_float("noise", 1.0, "each embedding = normalise(centre + noise * a random unit vector)")
+flags.DEFINE_integer("num_documents", 100_000, "train documents", lower_bound=1)
+flags.DEFINE_integer("dim", 512, "embedding dimension (CLIP ViT-B: 512)", lower_bound=1)
+flags.DEFINE_integer("clusters", 1000, "centres the embeddings are drawn around", lower_bound=1)
+flags.DEFINE_float("noise", 1.0, "each embedding = normalise(centre + noise * a random unit vector)", lower_bound=0.0)
 flags.DEFINE_list("hosts", ["2", "4"], "host counts to split the build over")
-flags.DEFINE_integer("num_shards", 4, "ScaNN shards (the same for every run, so the sidecars can be compared)")
-flags.DEFINE_integer("candidates", 128, "--candidates of the search stage")
-flags.DEFINE_integer("image_side", 4, "image codes per side (the index does not look at them)")
+flags.DEFINE_integer("num_shards", 4, "ScaNN shards (the same for every run, so the sidecars can be compared)",
+                     lower_bound=1)
+flags.DEFINE_integer("candidates", 128, "--candidates of the search stage", lower_bound=1)
+flags.DEFINE_integer("image_side", 4, "image codes per side (the index does not look at them)", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "data seed")
 flags.DEFINE_bool("keep_runs", False, "keep each run's copy of the data (default: removed once measured)")
 
 FLAGS = flags.FLAGS
+
+from bench import flag_checks  # noqa: E402
+
+flag_checks.int_list("hosts")
 
 import numpy as np  # noqa: E402
 

@@ -35,9 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("workdir", "/tmp/cm3leon_bench_ingest", "where the manifest and outputs go (manifest reused)")
-flags.DEFINE_integer("num_documents", 4000, "manifest rows (images)")
-flags.DEFINE_integer("parts", 2, "parts ingested at once")
-flags.DEFINE_integer("repeats", 1, "timed rounds (single run, then parts + merge, each round)")
+flags.DEFINE_integer("num_documents", 4000, "manifest rows (images)", lower_bound=1)
+flags.DEFINE_integer("parts", 2, "parts ingested at once", lower_bound=2)
+flags.DEFINE_integer("repeats", 1, "timed rounds (single run, then parts + merge, each round)", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "data seed")
 flags.DEFINE_enum("images", "shapes", ["shapes", "photos"], "64 px shapes PNGs, or 640x480 JPEGs ingested at 256 px")
 flags.DEFINE_enum("encoder", "vq", ["vq", "random"], "vq_tiny at random weights, or random codes (an accelerator's "
@@ -46,6 +46,7 @@ flags.DEFINE_float("merge_file_mb", 1.0, "merged file size (MB of stored records
                    "this bench's few MB make several files, written by 1 and then by --parts processes")
 
 FLAGS = flags.FLAGS
+flags.register_validator("merge_file_mb", lambda mb: mb > 0, "--merge_file_mb must be > 0")
 
 IMAGE_SIZE = {"shapes": 64, "photos": 256}
 

@@ -26,12 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_integer("documents", 8, "documents (one prompt each)")
-flags.DEFINE_integer("prompt_length", 16, "prompt tokens")
-flags.DEFINE_integer("image_tokens", 64, "ids per image (an 8x8 grid)")
-flags.DEFINE_integer("max_images", 2, "images per document at most")
-flags.DEFINE_integer("max_text_tokens", 32, "tokens per text phase at most")
-flags.DEFINE_integer("repeats", 3, "warm repeats (median)")
+flags.DEFINE_integer("documents", 8, "documents (one prompt each)", lower_bound=1)
+flags.DEFINE_integer("prompt_length", 16, "prompt tokens", lower_bound=0)
+flags.DEFINE_integer("image_tokens", 64, "ids per image (an 8x8 grid)", lower_bound=1)
+flags.DEFINE_integer("max_images", 2, "images per document at most", lower_bound=1)
+flags.DEFINE_integer("max_text_tokens", 32, "tokens per text phase at most", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "warm repeats (median)", lower_bound=1)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -26,11 +26,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("data", None, "a data dir made by the e2e run (documents, retriever, neighbours)", required=True)
-flags.DEFINE_integer("num_queries", 1000, "training documents scored (a seeded sample)")
+flags.DEFINE_integer("num_queries", 1000, "training documents scored (a seeded sample)", lower_bound=1)
 flags.DEFINE_multi_string("variants", [], "retriever config overrides (JSON objects), one retrained retriever each")
-flags.DEFINE_integer("seed", 0, "sample seed")
+flags.DEFINE_integer("seed", 0, "sample seed", lower_bound=0)
 
 FLAGS = flags.FLAGS
+
+
+def _json_objects(values) -> bool:
+    try:
+        return all(isinstance(json.loads(v), dict) for v in values)
+    except ValueError:
+        return False
+
+
+flags.register_validator("variants", _json_objects, "--variants: each must be a JSON object of retriever config "
+                         "overrides, e.g. '{\"batch_size\": 1024}'")
 
 import numpy as np  # noqa: E402
 

@@ -38,11 +38,13 @@ import neighbour_quality  # noqa: E402
 flags.DEFINE_string("out", None, "write a copy of DATA with oracle neighbours here")
 flags.DEFINE_string("evaluate", None, "an LM workdir trained on DATA's documents: evaluate it with oracle retrieval")
 flags.DEFINE_string("classifier_dir", None, "the attribute classifier's cache (evaluate)")
-flags.DEFINE_integer("image_neighbours", 2, "oracle neighbours prepended to each text -> image prompt (evaluate)")
+flags.DEFINE_integer("image_neighbours", 2, "oracle neighbours prepended to each text -> image prompt (evaluate)",
+                     lower_bound=0)
 flags.DEFINE_float("cfg_scale", 1.5, "guidance scale (evaluate)")
 flags.DEFINE_list("strategies", ["topp_topk_cfg", "topp"], "decoding strategies (evaluate)")
-flags.DEFINE_integer("num_prompts", 64, "held-out captions for text -> image (evaluate)")
-flags.DEFINE_integer("num_val_documents", 128, "validation documents for the loss with 0/1/2 neighbours (evaluate)")
+flags.DEFINE_integer("num_prompts", 64, "held-out captions for text -> image (evaluate)", lower_bound=1)
+flags.DEFINE_integer("num_val_documents", 128, "validation documents for the loss with 0/1/2 neighbours (evaluate)",
+                     lower_bound=0)
 
 FLAGS = flags.FLAGS
 

@@ -35,20 +35,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("workdir", "/tmp/cm3leon_bench_pipeline", "where the bench data is built (reused if there)")
-flags.DEFINE_integer("num_documents", 20_000, "train documents")
-flags.DEFINE_integer("image_side", 16, "image codes per side (256 codes per document)")
-flags.DEFINE_integer("num_image_codes", 8192, "VQ codebook size")
-flags.DEFINE_integer("seq_len", 1024, "packed row length")
-flags.DEFINE_integer("global_batch_size", 8, "rows per batch (one packing stream per row)")
+flags.DEFINE_integer("num_documents", 20_000, "train documents", lower_bound=1)
+flags.DEFINE_integer("image_side", 16, "image codes per side (256 codes per document)", lower_bound=1)
+flags.DEFINE_integer("num_image_codes", 8192, "VQ codebook size", lower_bound=1)
+flags.DEFINE_integer("seq_len", 1024, "packed row length", lower_bound=1)
+flags.DEFINE_integer("global_batch_size", 8, "rows per batch (one packing stream per row)", lower_bound=1)
 flags.DEFINE_list("worker_counts", ["0", "1", "2"], "data.worker_count values to time (0 = in-process)")
 flags.DEFINE_float("seconds", 15.0, "timed seconds per worker count (after warm-up)")
-flags.DEFINE_integer("warmup_batches", 5, "untimed batches first (worker start-up included)")
+flags.DEFINE_integer("warmup_batches", 5, "untimed batches first (worker start-up included)", lower_bound=0)
 flags.DEFINE_bool("profile", False, "print cProfile of the in-process pipeline")
 flags.DEFINE_integer("seed", 0, "data seed")
 flags.DEFINE_bool("mix", False, "also time the in-process pipeline on a two-dataset mixture (the data and a copy of "
                   "it, data.mix_with weight 1:1), alternating with the plain pipeline: the mixture's cost as a ratio")
 
 FLAGS = flags.FLAGS
+
+from bench import flag_checks  # noqa: E402
+
+flag_checks.int_list("worker_counts", minimum=0)
+flags.register_validator("seconds", lambda s: s > 0, "--seconds must be > 0")
 
 import numpy as np  # noqa: E402
 

@@ -36,23 +36,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_list("sizes", ["100000", "1000000"], "bank sizes")
-flags.DEFINE_integer("dim", 512, "vector dimension")
-flags.DEFINE_integer("num_queries", 1000, "random unit queries (not from the bank)")
-flags.DEFINE_integer("k", 10, "recall@k")
-flags.DEFINE_float("target_recall", 0.95, "recall@k the reported figure must reach")
+flags.DEFINE_integer("dim", 512, "vector dimension", lower_bound=1)
+flags.DEFINE_integer("num_queries", 1000, "random unit queries (not from the bank)", lower_bound=1)
+flags.DEFINE_integer("k", 10, "recall@k", lower_bound=1)
+flags.DEFINE_float("target_recall", 0.95, "recall@k the reported figure must reach", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_list("fractions", ["0.85", "0.9", "0.95"], "leaves_to_search / num_leaves values")
 flags.DEFINE_list("reorders", ["10000", "20000"], "pre-reorder candidate counts (for 1M points: see "
                   "--scale_reorders)")
 flags.DEFINE_bool("scale_reorders", True, "scale --reorders by sqrt(size / 1M): the hashed score's rank of a "
                   "true neighbour grows with the bank, though less than in proportion (measured: 100k with a "
                   "tenth of the 1M reorder stays below recall 0.95)")
-flags.DEFINE_float("leaves_per_sqrt", 1.0, "num_leaves = this * sqrt(N)")
+flags.DEFINE_float("leaves_per_sqrt", 1.0, "num_leaves = this * sqrt(N) (at least 16)", lower_bound=0.0)
 flags.DEFINE_float("soar_lambda", 0.0, "SOAR spilling lambda (<= 0: no spilling; 1.5 raises recall per leaf "
                    "searched but costs more per leaf: no better here on random data)")
 flags.DEFINE_float("avq", 0.0, "> 0: ScaNN's anisotropic vector quantization of the tree's leaf centres with this "
                    "eta (2.5: a little more recall per leaf searched on random data)")
 flags.DEFINE_integer("dims_per_block", 4, "asymmetric hashing: dimensions per 4-bit block (2: twice the scan "
-                     "cost, far fewer candidates to reorder)")
+                     "cost, far fewer candidates to reorder)", lower_bound=1)
 flags.DEFINE_enum("hash_type", "lut16", ["lut16", "lut256"], "AH codes: 16 centres per block (4 bits, scored by "
                   "in-register shuffles) or 256 (8 bits, table lookups): with --dims_per_block 8, lut256 spends the "
                   "same bytes per point as lut16 over 4-d blocks")
@@ -62,13 +62,29 @@ flags.DEFINE_float("anisotropic_threshold", 0.2, "AH anisotropic quantization th
 flags.DEFINE_enum("reorder_quantize", "int8", ["float32", "int8", "bfloat16"],
                   "ScaNN reordering precision (int8/bfloat16: a quarter/half of the float bytes per candidate)")
 flags.DEFINE_integer("rescore", 50, "> k: ScaNN returns this many reordered candidates, rescored exactly in float "
-                     "(numpy, timed with the search): exact final ranking after a quantized reorder")
-flags.DEFINE_integer("search_batch", 256, "queries per ScaNN batch (search_batched_parallel)")
-flags.DEFINE_integer("repeats", 2, "timed repeats per point (best taken)")
-flags.DEFINE_integer("bf_batch", 250, "brute-force query batch")
+                     "(numpy, timed with the search): exact final ranking after a quantized reorder", lower_bound=0)
+flags.DEFINE_integer("search_batch", 256, "queries per ScaNN batch (search_batched_parallel)", lower_bound=1)
+flags.DEFINE_integer("repeats", 2, "timed repeats per point (best taken)", lower_bound=1)
+flags.DEFINE_integer("bf_batch", 250, "brute-force query batch", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "data seed")
 
 FLAGS = flags.FLAGS
+
+from bench import flag_checks  # noqa: E402
+
+flag_checks.int_list("sizes")
+flag_checks.float_list("fractions", 0.0, 1.0)
+flag_checks.int_list("reorders")
+
+
+def _banks_hold_k(values) -> bool:
+    try:
+        return all(int(s) >= values["k"] for s in values["sizes"])
+    except ValueError:   # not integers: int_list says so
+        return True
+
+
+flags.register_multi_flags_validator(["sizes", "k"], _banks_hold_k, "--sizes: every bank must hold at least --k points")
 
 import numpy as np  # noqa: E402
 

@@ -22,16 +22,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("workdir", "workdirs/e2e/lm", "a trained LM's workdir (or params bundle)")
-flags.DEFINE_integer("captions", 16, "captions")
-flags.DEFINE_integer("num_samples", 8, "images per caption")
+flags.DEFINE_integer("captions", 16, "captions", lower_bound=1)
+flags.DEFINE_integer("num_samples", 8, "images per caption", lower_bound=1)
 flags.DEFINE_list("batch_sizes", ["8", "16", "64"], "images per decode call")
 flags.DEFINE_float("cfg_scale", 3.0, "CFG scale (1: no unconditional rows)")
-flags.DEFINE_integer("repeats", 2, "timed repeats per batch size (best taken, after one untimed call)")
+flags.DEFINE_integer("repeats", 2, "timed repeats per batch size (best taken, after one untimed call)", lower_bound=1)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import flag_checks  # noqa: E402
 from cm3leon_jax import evaluate, generate, sampling  # noqa: E402
+
+flag_checks.int_list("batch_sizes")
 
 
 def main(argv):

@@ -27,11 +27,12 @@ flags.DEFINE_list("variants", ["default"], "model variants: " + ", ".join(
      "accum4 (the global batch in 4 microbatches)", "noguard (no non-finite update guard)",
      "lora16 (LoRA rank 16: adapters trained, the model frozen)", "lora16_int8 (its frozen kernels in int8)",
      "bf16_lora16", "bf16_lora16_int8"]))
-flags.DEFINE_integer("steps", 5, "timed steps per config (after 2 warm-up steps)")
+flags.DEFINE_integer("steps", 5, "timed steps per config (after 2 warm-up steps)", lower_bound=1)
 
 import jax  # noqa: E402
 
 import data_pipeline  # noqa: E402
+from bench import flag_checks  # noqa: E402
 from cm3leon_jax import flops, memory_plan, sharding, trainer  # noqa: E402
 from cm3leon_jax.config_defaults import base_config, set_field  # noqa: E402
 from experiments import tiny_cpu  # noqa: E402
@@ -70,6 +71,8 @@ VARIANTS = {   # config field -> value
     "bf16_lora16": {"model.dtype": "bfloat16", "model.lora_rank": 16},
     "bf16_lora16_int8": {"model.dtype": "bfloat16", "model.lora_rank": 16, "model.lora_base_int8": True},
 }
+flag_checks.name_list("configs", CONFIGS)
+flag_checks.name_list("variants", VARIANTS)
 
 
 def time_config(config, steps: int) -> dict[str, float]:

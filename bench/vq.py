@@ -31,11 +31,12 @@ from absl import app, flags  # noqa: E402
 
 flags.DEFINE_float("budget_minutes", 15.0, "wall-clock training budget: start-up, compilation, the final checkpoint "
                    "and sample grid included")
-flags.DEFINE_integer("num_val_images", 300, "held-out shapes images (validation split) to measure on")
+flags.DEFINE_integer("num_val_images", 300, "held-out shapes images (validation split) to measure on", lower_bound=1)
 flags.DEFINE_string("bench_workdir", None, "where to train (default: a fresh temporary directory)")
 flags.DEFINE_string("classifier_dir", None, "workdir holding a cached attribute classifier (e.g. an e2e "
                     "workdir); default: train one into the bench workdir")
 flags.DEFINE_multi_string("override", [], "config override KEY=VALUE, repeatable (e.g. vq.channels=24), for tuning")
+flags.register_validator("budget_minutes", lambda m: m > 0, "--budget_minutes must be > 0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -52,3 +52,63 @@ def test_decode_no_cache_baseline_compiles_outside_its_timing():
         print(traces)
     """)
     assert out.strip().splitlines()[-1] == "[(2, 7)]"
+
+
+# bench -> (flags its required ones need, [(a bad value, the flag the refusal must name), ...])
+BAD_FLAGS = {
+    "train_step": ([], [("--configs=nope", "--configs"), ("--variants=default,nope", "--variants"),
+                        ("--steps=0", "--steps")]),
+    "ah_distortion": ([], [("--dims_per_block=0", "--dims_per_block"), ("--points=10", "--points"),
+                           ("--iterations=-1", "--iterations"), ("--scanned=-5", "--scanned")]),
+    "decode": ([], [("--batches=0", "--batches"), ("--batches=x", "--batches"), ("--new_tokens=0", "--new_tokens"),
+                    ("--repeats=0", "--repeats")]),
+    "interleaved": ([], [("--documents=0", "--documents"), ("--image_tokens=0", "--image_tokens"),
+                         ("--repeats=0", "--repeats")]),
+    "text_to_image": ([], [("--batch_sizes=", "--batch_sizes"), ("--repeats=0", "--repeats"),
+                           ("--captions=0", "--captions")]),
+    "retrieval": ([], [("--k=0", "--k"), ("--search_batch=0", "--search_batch"), ("--sizes=5", "--sizes"),
+                       ("--fractions=0", "--fractions"), ("--fractions=2", "--fractions"), ("--repeats=0", "--repeats"),
+                       ("--num_queries=0", "--num_queries"), ("--bf_batch=0", "--bf_batch")]),
+    "neighbour_quality": (["--data=d"], [("--num_queries=0", "--num_queries"), ("--variants=[1]", "--variants"),
+                                         ("--variants={bad", "--variants")]),
+    "oracle_retrieval": (["--data=d"], [("--num_prompts=0", "--num_prompts"),
+                                        ("--image_neighbours=-1", "--image_neighbours")]),
+    "pipeline": ([], [("--worker_counts=-1", "--worker_counts"), ("--seconds=0", "--seconds"),
+                      ("--seq_len=0", "--seq_len")]),
+    "ingest": ([], [("--parts=1", "--parts"), ("--merge_file_mb=0", "--merge_file_mb"),
+                    ("--num_documents=0", "--num_documents")]),
+    "index_hosts": ([], [("--hosts=0", "--hosts"), ("--num_shards=0", "--num_shards"),
+                         ("--candidates=0", "--candidates")]),
+    "vq": ([], [("--budget_minutes=0", "--budget_minutes"), ("--num_val_images=0", "--num_val_images")]),
+}
+
+
+def test_benches_refuse_bad_flags_at_parsing():
+    """0, negative and unknown values stop a bench while its flags are parsed, naming the flag (they
+    crashed deep inside numpy or ScaNN, segfaulted, or printed a figure of nothing). One process:
+    each bench's flags are removed before the next is imported (some share names)."""
+    out = _python(f"""
+        import importlib
+        from absl import flags
+        FLAGS = flags.FLAGS
+        for name, (base, cases) in {BAD_FLAGS!r}.items():
+            module = importlib.import_module("bench." + name)
+            FLAGS(["bench", *base])   # the defaults parse
+            FLAGS.unparse_flags()
+            for arg, flag in cases:
+                try:
+                    FLAGS(["bench", *base, arg])
+                    print("ACCEPTED", name, arg)
+                except flags.Error as e:
+                    print("REFUSED" if flag + "=" in str(e) or flag + ":" in str(e) or flag + " " in str(e)
+                          else "UNNAMED", name, arg, "|", str(e).replace(chr(10), " "))
+                FLAGS.unparse_flags()
+            for module_name, defined in list(FLAGS.flags_by_module_dict().items()):
+                if module_name.startswith(("bench", "neighbour_quality")):
+                    for flag in list(defined):
+                        if flag.name in FLAGS:
+                            delattr(FLAGS, flag.name)
+    """)
+    lines = [line for line in out.splitlines() if line.startswith(("ACCEPTED", "REFUSED", "UNNAMED"))]
+    assert len(lines) == sum(len(cases) for _, cases in BAD_FLAGS.values()), out
+    assert all(line.startswith("REFUSED") for line in lines), "\n".join(lines)
