@@ -21,7 +21,7 @@ def chameleon_model(config) -> None:
     """The Chameleon choices (everything but the sizes) on config.model."""
     config.model.update(positions="rotary", rotary_base=10000.0, norm="rmsnorm", norm_placement="pre",
                         qk_norm=True, mlp="swiglu", tie_embeddings=False, head_dim=0)
-    config.model.qk_norm_params = True  # not in base_config's model fields: added here
+    config.model.qk_norm_params = True  # QK-norm's learned per-head weight and bias (Chameleon's)
     config.z_loss_weight = 1e-5
 
 
