@@ -55,6 +55,17 @@ from bench import flag_checks  # noqa: E402
 
 flag_checks.int_list("hosts")
 
+
+def _shards_for_every_host(values) -> bool:
+    try:
+        return all(int(h) <= values["num_shards"] for h in values["hosts"])
+    except ValueError:   # not integers: int_list says so
+        return False
+
+
+flags.register_multi_flags_validator(["hosts", "num_shards"], _shards_for_every_host, "--hosts: every host count "
+                                     "must be <= --num_shards (each host builds and searches at least one shard)")
+
 import numpy as np  # noqa: E402
 
 from bench import synthetic_documents  # noqa: E402

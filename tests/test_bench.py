@@ -77,7 +77,7 @@ BAD_FLAGS = {
                       ("--seq_len=0", "--seq_len")]),
     "ingest": ([], [("--parts=1", "--parts"), ("--merge_file_mb=0", "--merge_file_mb"),
                     ("--num_documents=0", "--num_documents")]),
-    "index_hosts": ([], [("--hosts=0", "--hosts"), ("--num_shards=0", "--num_shards"),
+    "index_hosts": ([], [("--hosts=0", "--hosts"), ("--hosts=8", "--hosts"), ("--num_shards=0", "--num_shards"),
                          ("--candidates=0", "--candidates")]),
     "vq": ([], [("--budget_minutes=0", "--budget_minutes"), ("--num_val_images=0", "--num_val_images")]),
 }
