@@ -75,6 +75,9 @@ def build_data(data_dir: str, num_documents: int, image_side: int, num_image_cod
         if shape["config"] == wanted:
             print(f"reusing bench data in {data_dir}", flush=True)
             return shape
+        # another build's: ingesting over it reused its documents (TFDS keeps a finished dataset), timed as these
+        shutil.rmtree(data_dir)
+        os.makedirs(data_dir)
     vocab = synthetic_documents.ingest_random_code_documents(data_dir, num_documents, image_side, num_image_codes,
                                                              seed)
     rng = np.random.default_rng(seed + 1)
@@ -142,13 +145,28 @@ def time_pipeline(config, seconds: float, profile: bool = False) -> dict:
             "skipped": dict(it.skipped)}
 
 
+def mixture_copy(data_dir: str) -> str:
+    """A copy of the bench data (the mixture's second dataset), made again when the data was rebuilt
+    with other settings: an old copy mixed other documents in (or failed the vocabulary check)."""
+    copy = data_dir.rstrip("/") + "_mix_copy"
+
+    def marker(d):
+        path = os.path.join(d, "bench_data.json")
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    if marker(copy) is None or marker(copy) != marker(data_dir):
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(data_dir, copy)
+    return copy
+
+
 def time_mixture(shape: dict, rounds: int = 2) -> dict:
     """In-process rows/s of the plain pipeline and of a 1:1 mixture of the data with a copy of it
     (`data.mix_with`), alternated `rounds` times so both see the same machine; best of each."""
-    copy = FLAGS.workdir.rstrip("/") + "_mix_copy"
-    if not os.path.exists(os.path.join(copy, "bench_data.json")):
-        shutil.rmtree(copy, ignore_errors=True)
-        shutil.copytree(FLAGS.workdir, copy)
+    copy = mixture_copy(FLAGS.workdir)
     plain = pipeline_config(FLAGS.workdir, shape["vocab_size"], 0)
     mixed = pipeline_config(FLAGS.workdir, shape["vocab_size"], 0)
     mixed.data.mix_with = f"{copy}=1"

@@ -112,3 +112,24 @@ def test_benches_refuse_bad_flags_at_parsing():
     lines = [line for line in out.splitlines() if line.startswith(("ACCEPTED", "REFUSED", "UNNAMED"))]
     assert len(lines) == sum(len(cases) for _, cases in BAD_FLAGS.values()), out
     assert all(line.startswith("REFUSED") for line in lines), "\n".join(lines)
+
+
+def test_pipeline_data_rebuilt_with_other_settings_and_its_mixture_copy_follow(tmp_path):
+    """bench/pipeline.py's data built again with other settings holds the new documents (ingesting
+    over the old build kept its documents: image_side 2 timed as 3), and the mixture's copy of it is
+    made again (the old copy was kept: the mixture mixed the old documents in, or failed)."""
+    out = _python(f"""
+        import json, os
+        from bench import pipeline
+        from data_pipeline import prepare
+        data = {str(tmp_path / "data")!r}
+        for side in (2, 3):
+            pipeline.build_data(data, 60, side, 64, 0)
+            copy = pipeline.mixture_copy(data)
+            vocab = [json.load(open(os.path.join(d, "vocab", "vocab.json"))) for d in (data, copy)]
+            codes = [int((prepare.load_tokens(d, "train")[0]["tokens"] >= v["image_offset"]).sum())
+                     for d, v in zip((data, copy), vocab)]
+            print(side, [v["image_tokens_per_image"] for v in vocab], codes)
+    """)
+    lines = [line for line in out.splitlines() if line[:2] in ("2 ", "3 ")]
+    assert lines == ["2 [4, 4] [4, 4]", "3 [9, 9] [9, 9]"], out
