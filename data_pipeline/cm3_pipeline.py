@@ -144,7 +144,7 @@ def training_source(config):
         f"{parts[i][0]} {counts[str(i)]:,} of {len(loaded[i][0]):,}" for i in range(len(parts))))
     docs = mixture.MixedDocuments([mixture.Part(loaded[i][0], 0, len(loaded[i][0])) for i in kept],
                                   [counts[str(i)] for i in kept], part_key=PART_KEY)
-    return grain.MapDataset.source(docs), MixtureTransform([loaded[i][1] for i in kept]), vocab
+    return docs, MixtureTransform([loaded[i][1] for i in kept]), vocab   # a Grain dataset already (mixture.py)
 
 
 def heldout_source(config):

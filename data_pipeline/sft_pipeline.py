@@ -25,10 +25,11 @@ class MixedTaskDocuments(mixture.MixedDocuments):
     """The task mixture as one view: task t's documents are ids task_ranges[t] of `source`, drawn
     `counts[t]` times a mixture epoch (`mixture.MixedDocuments`: arithmetic on the index)."""
 
-    def __init__(self, source, task_ranges: dict[str, tuple[int, int]], counts: dict[str, int], epochs: int = 1000):
-        self.tasks = [t for t in sft_tasks.TASKS if counts.get(t, 0) > 0]
+    def __init__(self, source, task_ranges: dict[str, tuple[int, int]], counts: dict[str, int]):
+        tasks = [t for t in sft_tasks.TASKS if counts.get(t, 0) > 0]
         super().__init__([mixture.Part(source, task_ranges[t][0], task_ranges[t][1] - task_ranges[t][0])
-                          for t in self.tasks], [counts[t] for t in self.tasks], epochs)
+                          for t in tasks], [counts[t] for t in tasks])
+        self.tasks = tasks
 
 
 class SftTransform:
@@ -88,7 +89,7 @@ def training_source(config):
     mixed by the task weights."""
     vocab = cm3_pipeline.data_vocabulary(config, "data_pipeline.sft_prepare")
     docs, _ = task_mixture(config.data, config.data.data_dir, "train")
-    return grain.MapDataset.source(docs), _transform(config, vocab, float(config.data.sft_condition_dropout)), vocab
+    return docs, _transform(config, vocab, float(config.data.sft_condition_dropout)), vocab
 
 
 def heldout_source(config):

@@ -450,7 +450,8 @@ def test_training_mixes_prepared_datasets_by_weight_each_with_its_own_neighbours
     parts = [int(d[cm3_pipeline.PART_KEY]) for d in epoch]
     assert parts == [0] * (n // 2) + [1] * (3 * n // 2)  # a:b = 1:3, by the weights
     assert [int(d["id"]) for d in epoch[n // 2:]] == list(range(n)) + list(range(n // 2))   # b cycles on
-    assert [int(d["id"]) for d in docs[2 * n: 2 * n + n // 2]] == list(range(n // 2, n))   # a's next epoch moves on
+    assert len(docs) == 2 * n   # one epoch; an index past it reads the next (Grain hands the epoch on)
+    assert [int(docs[i]["id"]) for i in range(2 * n, 2 * n + n // 2)] == list(range(n // 2, n))   # a's next epoch moves on
     rng = np.random.default_rng(0)
     for d in epoch[::7]:
         out, query = transform(d, rng)["tokens"], np.asarray(d["tokens"])
@@ -461,6 +462,11 @@ def test_training_mixes_prepared_datasets_by_weight_each_with_its_own_neighbours
     # the packed batches are deterministic like any others
     first = [next(data_pipeline.make_train_iterator(config, 0, 1))["inputs"] for _ in range(2)]
     np.testing.assert_array_equal(*first)
+    config.data.worker_count = 1   # the mixture view (a Grain dataset, not a source) survives the trip into a worker
+    worker = data_pipeline.make_train_iterator(config, 0, 1)
+    np.testing.assert_array_equal(next(worker)["inputs"], first[0])
+    worker.close()
+    config.data.worker_count = 0
     # refused clearly: malformed, not prepared data, another vocabulary, a non-cm3 source
     for mix_with, match in (("nonsense", "expected DIR=WEIGHT"), (f"{b}=-1", "weights must be >= 0"),
                             (f"{tmp_path}=1", "not a directory made by")):
@@ -489,6 +495,26 @@ def test_mixture_weights_must_be_finite():
     for weight in (float("inf"), float("nan")):
         with pytest.raises(ValueError, match="mixture weights must be >= 0 and finite"):
             mixture.mixing_counts({"a": 10, "b": 10}, {"a": weight, "b": 1.0})
+
+
+def test_a_mixture_stream_draws_every_slot_of_an_epoch_once_and_reshuffles_each_epoch():
+    """The view spanned 1,000 mixture epochs shuffled at once: within an epoch's worth of training a
+    part's documents were drawn nearly with replacement (785 distinct of 1,250 draws)."""
+    import collections
+    from data_pipeline import mixture
+    from data_pipeline.packing import PackedBatchIterator
+    # part a: 40 documents, 20 an epoch (down-sampled, cycling on); part b: 10 documents, 20 an epoch (each twice)
+    a = [{"tokens": np.full(5, 100 + i, np.int32)} for i in range(40)]
+    b = [{"tokens": np.full(5, 200 + i, np.int32)} for i in range(10)]
+    view = mixture.MixedDocuments([mixture.Part(a, 0, 40), mixture.Part(b, 0, 10)], [20, 20])
+    assert len(view) == 40 and view[40 + 3]["tokens"][0] == 120 + 3   # epoch 1 reads on through part a
+    it = PackedBatchIterator(view, seq_len=4, global_batch_size=1, num_streams=1, seed=0)   # a document a row
+    drawn = [int(next(it)["inputs"][0, 0]) for _ in range(120)]
+    for epoch in range(3):
+        counts = collections.Counter(drawn[40 * epoch:40 * epoch + 40])
+        start = 100 + 20 * (epoch % 2)
+        assert counts == {**{d: 1 for d in range(start, start + 20)}, **{d: 2 for d in range(200, 210)}}, epoch
+    assert drawn[:40] != drawn[80:]   # epochs 0 and 2 draw the same documents, in another order
 
 
 def test_a_dataset_given_two_mixture_weights_is_refused():
