@@ -185,7 +185,8 @@ def bench_size(n: int, rng: np.random.Generator) -> dict:
         "reorder_quantize": params["reorder_quantize"], "rescore": params["rescore"],
         "search_batch": FLAGS.search_batch,
         "best": chosen, "reaches_target_recall": bool(reaching),
-        "meets_targets": bool(reaching) and chosen["speedup"] >= 10.0,
+        # the targets are stated at 1M points: a smaller bank reaching them does not meet them
+        "meets_targets": bool(reaching) and chosen["speedup"] >= 10.0 and n >= 1_000_000,
         "best_speedup_at_recall_0.9": max((p["speedup"] for p in near), default=None),
         "sweep": sweep,
     }

@@ -67,7 +67,8 @@ class HFTextTokenizer:
         if not self._text_ids:
             raise ValueError("text_ids is empty")
         hf_size = self._tk.get_vocab_size(with_added_tokens=True)
-        names = [self._tk.id_to_token(i) for i in self._text_ids]
+        # an id outside [0, 2**32) (a hand-edited hf_text_ids.json) was tokenizers' OverflowError
+        names = [self._tk.id_to_token(i) if 0 <= i < 2 ** 32 else None for i in self._text_ids]
         missing = [i for i, n in zip(self._text_ids, names) if n is None]
         if missing:
             raise ValueError(f"{where}: text ids {missing[:8]} name no token (the tokenizer has {hf_size}); "

@@ -90,6 +90,15 @@ def _chameleon_pixels(images, size, hf_dir=None):
     return proc(images=[Image.fromarray(i) for i in images], return_tensors="np")["pixel_values"]
 
 
+def test_text_ids_that_name_no_token_are_refused_by_name():
+    """A hand-edited hf_text_ids.json with a negative or huge id was tokenizers' OverflowError."""
+    from cm3leon_jax import hf_text_tokenizer
+    tj = helpers.chameleon_tokenizer_json().encode()
+    for bad in (-1, 2 ** 40, 10 ** 6):
+        with pytest.raises(ValueError, match=rf"text ids \[{bad}\] name no token"):
+            hf_text_tokenizer.HFTextTokenizer(tj, [4, bad])
+
+
 def test_chameleon_pixel_scale_gives_its_processors_pixels():
     import jax.numpy as jnp
     images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=-1)
