@@ -515,6 +515,14 @@ def test_a_mixture_stream_draws_every_slot_of_an_epoch_once_and_reshuffles_each_
         start = 100 + 20 * (epoch % 2)
         assert counts == {**{d: 1 for d in range(start, start + 20)}, **{d: 2 for d in range(200, 210)}}, epoch
     assert drawn[:40] != drawn[80:]   # epochs 0 and 2 draw the same documents, in another order
+    # resumed mid-epoch from a saved position: the same draws follow
+    again = PackedBatchIterator(view, seq_len=4, global_batch_size=1, num_streams=1, seed=0)
+    for _ in range(30):
+        next(again)
+    state = again.get_state()
+    resumed = PackedBatchIterator(view, seq_len=4, global_batch_size=1, num_streams=1, seed=0)
+    resumed.set_state(state)
+    assert [int(next(resumed)["inputs"][0, 0]) for _ in range(20)] == drawn[30:50]
 
 
 def test_a_dataset_given_two_mixture_weights_is_refused():
