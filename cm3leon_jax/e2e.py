@@ -52,13 +52,9 @@ def _plain(value: Any) -> Any:
 
 
 def _write_marker(path: str, record: dict) -> None:
-    """A stage marker, written whole or not at all (a temporary file renamed over it): a run killed
-    mid-write must not leave a torn JSON that every rerun then fails to read."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, default=str)
-    os.replace(tmp, path)
+    """A stage marker, written whole or not at all (`workdir_io.write_text`: a temporary file renamed
+    over it): a run killed mid-write must not leave a torn JSON that every rerun then fails to read."""
+    workdir_io.write_text(path, json.dumps(record, indent=2, default=str))
 
 
 def fingerprint(settings: Any, upstream: str = "") -> str:

@@ -374,11 +374,12 @@ def test_a_stage_marker_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     path = str(tmp_path / "stages" / "lm.json")
     e2e._write_marker(path, {"stage": "lm", "fingerprint": "a", "runs": 1})
 
-    def killed_mid_write(record, f, **kwargs):
-        f.write('{"stage": "lm", "finger')
+    def killed_before_the_rename(src, dst):   # the new marker only partly on disk, in its temporary file
+        with open(src, "w", encoding="utf-8") as f:
+            f.write('{"stage": "lm", "finger')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(e2e.json, "dump", killed_mid_write)
+    monkeypatch.setattr(e2e.workdir_io.os, "replace", killed_before_the_rename)
     with pytest.raises(KeyboardInterrupt):
         e2e._write_marker(path, {"stage": "lm", "fingerprint": "b", "runs": 2})
     monkeypatch.undo()
