@@ -406,9 +406,14 @@ class Transformer(nn.Module):
 
     def embed(self, tokens, positions):
         cfg = self.config
-        x = jnp.take(self.token_embedding, tokens, axis=0).astype(cfg.compute_dtype)
+        # The tables are gathered whole over fsdp first (as every layer's weights are): a lookup in a
+        # table split over d gives rows split over d, which XLA could only reach the batch sharding
+        # from by replicating them ("involuntary full rematerialization").
+        table = _constrain(self.token_embedding, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
         if cfg.positions == "learned":
-            x = x + jnp.take(self.position_embedding, positions, axis=0).astype(cfg.compute_dtype)
+            table = _constrain(self.position_embedding, ("position", None))
+            x = x + jnp.take(table, positions, axis=0).astype(cfg.compute_dtype)
         return _constrain(x, ("batch", "activation_length", "activation_embed"))
 
     def logits(self, x):
@@ -431,6 +436,10 @@ class Transformer(nn.Module):
             segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
         kv, meta = None, None
         if cache is not None:
+            slots = cache.positions.shape[1]
+            if tokens.shape[1] > slots:
+                raise ValueError(f"{tokens.shape[1]} tokens written at once into a DecodeCache of {slots} slots")
+            fits = cache.index + tokens.shape[1] <= slots
             cache = cache.write_meta(positions, segment_ids)
             kv, meta = (cache.keys, cache.values), (cache.index, cache.positions, cache.segment_ids)
         x = self.embed(tokens, positions)
@@ -446,6 +455,9 @@ class Transformer(nn.Module):
         logits = self.logits(x)
         if cache is None:
             return logits
+        # A write past the last slot would land on the last slots (dynamic_update_slice clamps its
+        # start): such logits are NaN, so the overflow shows instead of decoding from a corrupt cache.
+        logits = jnp.where(fits, logits, jnp.nan)
         return logits, cache.replace(keys=kv[0], values=kv[1], index=cache.index + tokens.shape[1])
 
 

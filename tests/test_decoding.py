@@ -45,6 +45,20 @@ def test_cached_decoding_matches_full_forward_step_by_step(opts):
     np.testing.assert_allclose(np.stack(cached, 1), logits[:, 4:-1], atol=2e-5)
 
 
+def test_a_write_past_the_cache_slots_is_refused_or_gives_nan_logits():
+    """dynamic_update_slice clamps its start, so an overflowing write used to overwrite the last slots."""
+    cfg, model, params = _model()
+    apply = jax.jit(lambda tokens, at, cache: model.apply({"params": params}, tokens, at, jnp.ones_like(tokens),
+                                                          cache=cache))
+    with pytest.raises(ValueError, match="7 tokens written at once into a DecodeCache of 6 slots"):
+        apply(jnp.ones((1, 7), jnp.int32), jnp.arange(7)[None], DecodeCache.allocate(cfg, 1, 6))
+    logits, cache = apply(jnp.ones((1, 5), jnp.int32), jnp.arange(5)[None], DecodeCache.allocate(cfg, 1, 6))
+    logits_last, cache = apply(jnp.ones((1, 1), jnp.int32), jnp.array([[5]]), cache)   # the sixth slot: fits
+    assert np.isfinite(logits).all() and np.isfinite(logits_last).all()
+    overflow, _ = apply(jnp.ones((1, 1), jnp.int32), jnp.array([[6]]), cache)
+    assert np.isnan(overflow).all()
+
+
 def test_batched_prompts_of_different_lengths_match_single_prompts():
     cfg, model, params = _model()
     prompts = [[5, 9, 3], [7, 1, 4, 4, 8, 2, 6], [11]]

@@ -30,6 +30,17 @@ def test_cli_simulates_a_larger_slice_without_allocating():
     assert result["gradient_accumulation_steps"] == 1 and result["rows_per_device_per_microbatch"] == 1   # 16 rows, 16 devices
 
 
+def test_the_step_on_a_three_axis_mesh_compiles_without_replicating_activations():
+    """The embedding lookups gathered from tables split over fsdp, so their [b, l, d] output was split
+    over d and XLA replicated it to reach the batch sharding ("Involuntary full rematerialization",
+    logged once per compile: the persistent cache is off so the step is really compiled here)."""
+    out = run_cli("cm3leon_jax.memory_plan", "--config", "experiments/tiny_cpu.py", "--num_devices", "8",
+                  "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", num_devices=None,
+                  JAX_ENABLE_COMPILATION_CACHE="false")
+    assert json.loads(out.stdout.strip().splitlines()[-1])["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert "Involuntary full rematerialization" not in out.stderr, out.stderr[-3000:]
+
+
 def test_flash_attention_is_planned_with_the_kernel_not_the_score_matrix():
     """A flash config planned on a CPU: the interpreted splash kernel's buffers replace the [l, l] scores."""
     overrides = {"data.seq_len": 1024, "model.max_length": 1024, "model.remat_policy": "full"}  # a row a device
