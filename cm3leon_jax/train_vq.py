@@ -338,7 +338,8 @@ def train(config, workdir: str) -> dict[str, float]:
             batch = sharding.global_batch_from_local(next(data_iter), mesh)
             state, step_metrics = trace.run(step + 1, t.train_step, state, batch)
             step += 1
-            if step % log_every == 0 or step == total_steps:
+            time_up = _time_is_up(start, budget)   # the last step is logged, whatever its number
+            if step % log_every == 0 or step == total_steps or time_up:
                 last = metrics.step_record(step_metrics, timer, step, total_steps, {"images_per_second": t.images_per_step},
                                            seconds_left=budget - (time.perf_counter() - start) if budget > 0 else None)
                 logger.write(step, last, total_steps)
@@ -353,7 +354,7 @@ def train(config, workdir: str) -> dict[str, float]:
             if ckpt.save_or_stop(step, state, data_iter, preemption, logger):
                 preempted = True
                 break
-            if _time_is_up(start, budget):
+            if time_up:
                 logging.info("max_train_seconds=%g reached at step %d", budget, step)
                 break
         if step > first_step and sampled_at != step:

@@ -109,6 +109,18 @@ def test_resume_continues_from_saved_step(trained):
     assert json.loads(it.get_state())["state"]["next_index"] == 6
 
 
+def test_a_run_stopped_by_its_time_budget_logs_its_last_step(trained, tmp_path):
+    """bench/vq.py reads the last logged metrics: a budget stop between log steps left them empty."""
+    _, config = trained
+    config = config.copy_and_resolve_references()
+    config.update(total_steps=12, log_every_steps=10, checkpoint_every_steps=100, max_train_seconds=1e-6,
+                  num_sample_images=0)
+    last = train_vq.train(config, str(tmp_path))
+    assert last["final_step"] == 1 and not last["preempted"] and np.isfinite(last["psnr"])
+    assert [r["step"] for r in _records(tmp_path) if "loss" in r] == [1]
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
 def test_a_diverging_tokenizer_run_skips_its_nan_updates_then_stops_clearly(trained, tmp_path):
     _, config = trained
     config = config.copy_and_resolve_references()
