@@ -38,6 +38,9 @@ def get_config(init_from: str = ""):
         pretrained = trainer.pretrained_config(init_from)
         config.model = config_defaults.base_config().model   # defaults for fields the pretrained run predates
         config.model.update(pretrained["model"])
+        # the architecture only: a LoRA run's adapter settings would turn this full fine-tuning into
+        # LoRA (its weights come merged); sft_lora_tiny sets its own
+        config.model.update({k: config_defaults.base_config().model[k] for k in trainer._ADAPTER_MODEL_FIELDS})
         seq_len = int(pretrained.get("data", {}).get("seq_len") or config.data.seq_len)
         config.data.seq_len = min(seq_len, int(config.model.max_length))
     return config

@@ -454,3 +454,15 @@ def test_generate_cli_edits_with_three_stream_guidance(sft_run, tmp_path):
     assert record["settings"]["cfg_scale"] == 7.5 and record["settings"]["image_cfg_scale"] == 1.5
     grid = np.asarray(Image.open(tmp_path / "edit.png"))
     assert grid.shape == (IMAGE_SIZE + 4, 3 * (IMAGE_SIZE + 2) + 2, 3)  # the input, then 2 edits
+
+
+def test_sft_config_from_a_lora_run_takes_its_architecture_not_its_adapters(tmp_path):
+    """sft_tiny.py:LORA_RUN is full fine-tuning of the LoRA run's merged weights; it used to copy the
+    run's lora_rank (and lora_base_int8) with the model section and silently train adapters instead."""
+    from experiments import sft_lora_tiny, sft_tiny
+    model = dict(sft_lora_tiny.get_config().model.to_dict(), lora_rank=8, lora_base_int8=True)
+    (tmp_path / "config.json").write_text(json.dumps({"model": model, "data": {"seq_len": 256}}))
+    full = sft_tiny.get_config(str(tmp_path))
+    assert full.model.lora_rank == 0 and not full.model.lora_base_int8 and full.init_from == str(tmp_path)
+    adapters = sft_lora_tiny.get_config(str(tmp_path))
+    assert adapters.model.lora_rank == 16 and not adapters.model.lora_base_int8
