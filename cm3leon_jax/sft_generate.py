@@ -133,6 +133,23 @@ def cli_example(task: str, images: Sequence[np.ndarray], prompt: str | None, con
     return example
 
 
+def _check_inputs(task: str, f) -> None:
+    """Refuses CLI inputs the task would drop without a word (a second --prompt, a --prompt or
+    --question the template has no slot for, --control_type beside another task, --cd_fraction)."""
+    tmpl = sft_tasks.template(task)
+    takes_text = any(fld != "control_type" for s in tmpl.prompt if s.kind == "text" for fld in s.fields)
+    unused = [name for name, given in (
+        ("--prompt", f.prompt and (not takes_text or (task == "vqa" and f.question))),
+        ("--question", f.question and task != "vqa"),
+        ("--control_type", f.control_type and task != "control"),
+        ("--cd_fraction", f["cd_fraction"].present)) if given]
+    if len(f.prompt) > 1:
+        raise ValueError(f"--task {task} prompts one example: give one --prompt, not {len(f.prompt)}")
+    if unused:
+        raise ValueError(f"--task {task} does not use {', '.join(unused)} (its template: "
+                         f"{' | '.join(s.spec for s in tmpl.prompt)}): drop it")
+
+
 def run_cli(gen, f) -> None:
     """`generate --task ...`: one example, `--num_samples` outputs, written under `--out`."""
     from absl import logging
@@ -150,6 +167,7 @@ def run_cli(gen, f) -> None:
     if guidance and not tmpl.generates_image:   # text outputs are drawn from the full prompt alone
         raise ValueError(f"--task {task} writes text, which is drawn without guidance streams: drop "
                          f"{', '.join('--' + k for k in guidance)}")
+    _check_inputs(task, f)
     config = dataclasses.replace(config, **overrides)
     out_dir = f.out or os.path.join(f.workdir, "generate")
     os.makedirs(out_dir, exist_ok=True)

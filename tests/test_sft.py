@@ -466,3 +466,29 @@ def test_sft_config_from_a_lora_run_takes_its_architecture_not_its_adapters(tmp_
     assert full.model.lora_rank == 0 and not full.model.lora_base_int8 and full.init_from == str(tmp_path)
     adapters = sft_lora_tiny.get_config(str(tmp_path))
     assert adapters.model.lora_rank == 16 and not adapters.model.lora_base_int8
+
+
+def test_generate_task_refuses_inputs_its_template_would_drop(tmp_path):
+    """`generate --task caption --prompt ...` captioned without the prompt, a second --prompt and a
+    --prompt beside vqa's --question were dropped, --control_type and --cd_fraction were ignored."""
+    import types
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "x.png")
+    given = set()
+
+    class Flags(types.SimpleNamespace):
+        def __getitem__(self, name):
+            return types.SimpleNamespace(present=name in given)
+
+    base = dict(task="caption", image=[str(tmp_path / "x.png")], prompt=[], question=None, control_type=None,
+                out=str(tmp_path), workdir=str(tmp_path), num_samples=1, seed=0, max_text_tokens=4)
+    cases = [(dict(prompt=["a red circle"]), "does not use --prompt"),
+             (dict(task="vqa", question="what?", prompt=["what color?"]), "does not use --prompt"),
+             (dict(task="edit", prompt=["make it blue", "make it red"]), "give one --prompt, not 2"),
+             (dict(task="edit", prompt=["make it blue"], question="what?"), "does not use --question"),
+             (dict(task="edit", prompt=["make it blue"], control_type="edge"), "does not use --control_type")]
+    for fields, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sft_generate.run_cli(None, Flags(**dict(base, **fields)))
+    given.add("cd_fraction")
+    with pytest.raises(ValueError, match="does not use --cd_fraction"):
+        sft_generate.run_cli(None, Flags(**dict(base, task="edit", prompt=["make it blue"])))
