@@ -492,3 +492,21 @@ def test_generate_task_refuses_inputs_its_template_would_drop(tmp_path):
     given.add("cd_fraction")
     with pytest.raises(ValueError, match="does not use --cd_fraction"):
         sft_generate.run_cli(None, Flags(**dict(base, task="edit", prompt=["make it blue"])))
+
+
+def test_generate_task_refuses_an_image_cfg_scale_it_would_not_read(tmp_path):
+    """One kind of condition (segment: an image; text_to_image: a caption) is two-stream CFG by
+    --cfg_scale: `--task segment --image_cfg_scale 3` drew unguided, recording the scale as applied."""
+    import types
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "x.png")
+
+    class Flags(types.SimpleNamespace):
+        def __getitem__(self, name):
+            return types.SimpleNamespace(present=name == "image_cfg_scale")
+
+    base = dict(image=[str(tmp_path / "x.png")], prompt=[], question=None, control_type=None, image_cfg_scale=3.0,
+                out=str(tmp_path), workdir=str(tmp_path), num_samples=1, seed=0, max_text_tokens=4)
+    for fields in (dict(task="segment"), dict(task="text_to_image", image=[], prompt=["a red circle"])):
+        with pytest.raises(ValueError, match="does not use --image_cfg_scale"):
+            sft_generate.run_cli(None, Flags(**dict(base, **fields)))
+    sft_generate._check_inputs("edit", Flags(**dict(base, task="edit", prompt=["make it blue"])))   # three streams
