@@ -72,6 +72,10 @@ def task_mixture(data_config, data_dir: str, split: str = "train"):
         logging.warning("data.sft_task_weights=%r names no weight for %s: those tasks' documents are left out of "
                         "training (weight 0); name them too (e.g. %s=1) to keep them", data_config.sft_task_weights,
                         ", ".join(unnamed), unnamed[0])
+    absent = [t for t in weights if weights[t] > 0 and not sizes[t]]
+    if absent:   # else "segment=3" would be dropped without a word (the data holds no segment document)
+        logging.warning("data.sft_task_weights=%r weighs %s, but %s holds no %s documents: %s not trained on",
+                        data_config.sft_task_weights, ", ".join(absent), data_dir, split, ", ".join(absent))
     counts = sft_tasks.mixing_counts(sizes, weights, max_upsample=float(data_config.sft_max_upsample),
                                      min_downsample=float(data_config.sft_min_downsample))
     source = sft_prepare.load_sft_documents(data_dir, split)

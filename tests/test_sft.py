@@ -510,3 +510,20 @@ def test_generate_task_refuses_an_image_cfg_scale_it_would_not_read(tmp_path):
         with pytest.raises(ValueError, match="does not use --image_cfg_scale"):
             sft_generate.run_cli(None, Flags(**dict(base, **fields)))
     sft_generate._check_inputs("edit", Flags(**dict(base, task="edit", prompt=["make it blue"])))   # three streams
+
+
+def test_task_weights_for_tasks_the_data_lacks_say_so(monkeypatch):
+    """"caption=1,segment=3" on data without segment documents trained on captions alone, silently."""
+    from unittest import mock
+    report = {"splits": {"train": {"tasks": {"caption": [0, 4], "vqa": [4, 6]}}}}
+    monkeypatch.setattr(sft_prepare, "load_report", lambda data_dir: report)
+    monkeypatch.setattr(sft_prepare, "load_sft_documents", lambda data_dir, split: list(range(6)))
+    data_config = ml_collections.ConfigDict(dict(sft_task_weights="caption=1,vqa=1", sft_max_upsample=3.0,
+                                                 sft_min_downsample=0.3))
+    with mock.patch.object(sft_pipeline.logging, "warning") as warning:
+        sft_pipeline.task_mixture(data_config, "D")
+        assert not warning.called
+        data_config.sft_task_weights = "caption=1,vqa=1,segment=3"
+        _, counts = sft_pipeline.task_mixture(data_config, "D")
+        assert counts["segment"] == 0 and warning.call_count == 1
+        assert "holds no" in warning.call_args[0][0] and warning.call_args[0][2] == "segment"
