@@ -171,6 +171,11 @@ def evaluate(workdir: str, baseline: str | None = None, *, num_examples: int = 3
     from cm3leon_jax import generate
     for task in tasks:
         sft_tasks.template(task)
+    # refused before loading anything: no task or a task twice (its rows twice in the table), an unknown split
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"--tasks={','.join(tasks)}: name each task to evaluate once, from {sft_tasks.TASKS}")
+    if split not in sw.SPLITS:
+        raise ValueError(f"--split={split!r}: the shapes world's splits are {tuple(sw.SPLITS)}")
     if int(num_examples) < 1:   # refused before loading anything: no example has no metric (nor a bootstrap)
         raise ValueError(f"--num_examples={num_examples}: evaluate at least 1 held-out example per task")
     gen = generate.Generator(workdir)

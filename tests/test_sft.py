@@ -527,3 +527,13 @@ def test_task_weights_for_tasks_the_data_lacks_say_so(monkeypatch):
         _, counts = sft_pipeline.task_mixture(data_config, "D")
         assert counts["segment"] == 0 and warning.call_count == 1
         assert "holds no" in warning.call_args[0][0] and warning.call_args[0][2] == "segment"
+
+
+def test_sft_eval_refuses_bad_tasks_and_split_up_front(tmp_path):
+    """A task named twice printed its rows twice, no task wrote an empty report, and an unknown split
+    failed only after the model was loaded."""
+    for kwargs, message in ((dict(tasks=("vqa", "vqa")), "name each task to evaluate once"),
+                            (dict(tasks=()), "name each task to evaluate once"),
+                            (dict(split="valid"), "--split='valid'")):
+        with pytest.raises(ValueError, match=message):
+            sft_eval.evaluate(str(tmp_path / "no_such_workdir"), **kwargs)
