@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cm3leon_jax import image_grid, sampling
+from cm3leon_jax import vocab as vocab_lib
 from data_pipeline import sft_tasks
 
 EDIT_SAMPLING = sampling.SamplingConfig(top_p=0.9, cfg_scale=7.5, image_cfg_scale=1.5)
@@ -57,7 +58,8 @@ class TaskGenerator:
         """Examples with uint8 images -> fields with VQ code grids (all images in one batch)."""
         tmpl = sft_tasks.template(task)
         image_fields = [s.spec for s in tmpl.prompt if s.kind == "image"]
-        out = [{f: ex[f] for s in tmpl.prompt if s.kind == "text" for f in s.fields} for ex in examples]
+        out = [{f: _text_as_trained(task, f, ex[f]) for s in tmpl.prompt if s.kind == "text" for f in s.fields}
+               for ex in examples]
         if image_fields:
             size = self.gen.vq.image_size
             images = np.stack([_resize(ex[f], size) for ex in examples for f in image_fields])
@@ -98,6 +100,19 @@ class TaskGenerator:
         allowed = ((v.eos_id, v.eos_id + 1), *v.emittable_text_ranges())
         outputs = self.gen._decode_until(list(prompts), (v.eos_id,), max_tokens, config, allowed, seed)
         return [v.decode_text(np.asarray([t for t in ids if t != v.eos_id], np.int32)).strip() for ids in outputs]
+
+
+def _text_as_trained(task: str, field: str, text) -> str:
+    """A text field as ingestion stored it (`prepare.decode_caption`): whitespace runs as one space,
+    so the prompt's tokens are the ones training saw; a special string (`<eos>`, `<mask:0>`) is
+    refused, since it would enter the prompt as that control token."""
+    text = " ".join(str(text).replace("\ufeff", "").split())
+    if not text:
+        raise ValueError(f"--task {task}: its {field} is empty")
+    if vocab_lib.SPECIAL_PATTERN.search(text):
+        raise ValueError(f"--task {task}: its {field} {text!r} spells a special token, which training data never "
+                         "holds in text")
+    return text
 
 
 def _resize(image, size: int) -> np.ndarray:

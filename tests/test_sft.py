@@ -537,3 +537,14 @@ def test_sft_eval_refuses_bad_tasks_and_split_up_front(tmp_path):
                             (dict(split="valid"), "--split='valid'")):
         with pytest.raises(ValueError, match=message):
             sft_eval.evaluate(str(tmp_path / "no_such_workdir"), **kwargs)
+
+
+def test_task_prompts_take_text_as_ingestion_stored_it():
+    """Ingestion collapses whitespace and refuses special strings; a `--prompt " a red\\n circle"` was
+    tokenized as given (tokens training never saw) and `<eos>` in it became a control token."""
+    import types
+    tasks = sft_generate.TaskGenerator(types.SimpleNamespace(vocab=None))
+    assert tasks.encode_fields("text_to_image", [{"caption": " a red\n circle  \ufeff"}]) == [{"caption": "a red circle"}]
+    for text, message in (("a <eos> circle", "spells a special token"), (" \n", "is empty")):
+        with pytest.raises(ValueError, match=message):
+            tasks.encode_fields("text_to_image", [{"caption": text}])
