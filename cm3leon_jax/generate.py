@@ -409,8 +409,12 @@ def read_prompts_file(path: str) -> tuple[list[tuple[int, str]], dict[str, int]]
     or malformed line is skipped and counted, never silently; its index is not reused, so output
     i always belongs to line i. A file that is not UTF-8, or holds no caption, is refused."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="utf-8") as f:   # universal newlines: \r\n and \r read as \n
+            # lines end at \n only: splitlines() also breaks at \x0c, \x85, U+2028 ... inside a caption (or a
+            # JSON string), which shifted every later caption's index off its line
+            lines = f.read().split("\n")
+        if lines[-1] == "":
+            lines.pop()
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompts_file {path} is not UTF-8 text ({e})") from None
     jsonl = path.endswith(".jsonl")

@@ -81,6 +81,17 @@ def test_prompts_file_lines_are_read_or_skipped_and_counted(tmp_path):
         generate.read_prompts_file(str(empty))
 
 
+def test_prompts_file_lines_end_at_newlines_only(tmp_path):
+    # a form feed or U+2028 inside a caption is no line break: index i stays line i
+    txt = tmp_path / "captions.txt"
+    txt.write_bytes("a red\x0ccircle\r\na blue square\n".encode("utf-8"))
+    assert generate.read_prompts_file(str(txt)) == ([(0, "a red\x0ccircle"), (1, "a blue square")], {})
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text(json.dumps({"caption": "a red\u2028circle"}, ensure_ascii=False) + "\n"
+                     + json.dumps({"caption": "a star"}) + "\n", encoding="utf-8")
+    assert generate.read_prompts_file(str(jsonl)) == ([(0, "a red\u2028circle"), (1, "a star")], {})
+
+
 def _written(out):
     return {p.name: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
 
