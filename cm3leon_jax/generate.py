@@ -472,6 +472,13 @@ def generate_many(gen: Generator, prompts: Sequence[tuple[int, str]], out_dir: s
                     if all(os.path.exists(os.path.join(out_dir, p)) for p in row["files"]):
                         done.add(row["index"])
     todo = [(i, c) for i, c in prompts if i % num_shards == shard_index and i not in done]
+    if gen.model_config.positions == "learned":   # else one such caption failed its whole call, and every rerun
+        room = gen.model_config.max_length - gen.vocab.image_tokens_per_image
+        too_long = [i for i, c in todo if len(gen.image_prompt(c)) > room]
+        if too_long:
+            raise ValueError(f"{len(too_long)} captions (line indices {too_long[:10]}) take more than the {room} "
+                             f"prompt tokens the model's max_length={gen.model_config.max_length} leaves beside "
+                             f"an image's {gen.vocab.image_tokens_per_image}: shorten or remove them")
     manifest = os.path.join(out_dir, "manifest.jsonl" if num_shards == 1 else
                             f"manifest.{shard_index}-of-{num_shards}.jsonl")
     settings_path = os.path.join(out_dir, "settings.json")

@@ -128,6 +128,15 @@ def test_generate_many_writes_every_sample_resumes_and_shards(generator, tmp_pat
         generate.generate_many(generator, prompts, str(sharded), {}, num_shards=2, shard_index=2, **kwargs)
 
 
+def test_generate_many_refuses_captions_too_long_for_the_model_before_drawing(generator, tmp_path):
+    # one such caption failed its whole call mid-run, and every rerun at the same place
+    prompts = [(0, "a red circle"), (1, "a blue square " * 200), (2, "a star")]
+    with pytest.raises(ValueError, match=r"1 captions \(line indices \[1\]\)"):
+        generate.generate_many(generator, prompts, str(tmp_path / "many"), {}, batch_size=1, num_samples=1,
+                               rerank=False)
+    assert not list((tmp_path / "many" / "images").glob("*.png"))
+
+
 def test_retrieval_augmented_prompt_prepends_bank_documents(generator):
     neighbours = generator.retrieve("a small red circle at the top left", 2)
     assert 1 <= len(neighbours) <= 2
