@@ -463,14 +463,19 @@ def generate_many(gen: Generator, prompts: Sequence[tuple[int, str]], out_dir: s
     num_samples = kwargs.get("num_samples", 8)
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
-    done = set()
+    done = {}   # index -> the caption its samples were drawn for
     for name in sorted(os.listdir(out_dir)):
         if name.startswith("manifest") and name.endswith(".jsonl"):
             with open(os.path.join(out_dir, name), encoding="utf-8") as f:
                 for line in f:
                     row = json.loads(line)
                     if all(os.path.exists(os.path.join(out_dir, p)) for p in row["files"]):
-                        done.add(row["index"])
+                        done[row["index"]] = row["caption"]
+    # an edited prompts file: line i's samples there show another caption, and were silently kept as done
+    edited = [i for i, c in prompts if i in done and done[i] != c]
+    if edited:
+        raise ValueError(f"{out_dir} holds samples of other captions for {len(edited)} lines (line indices "
+                         f"{edited[:10]}, e.g. {done[edited[0]]!r}): the prompts file changed; use a new --out")
     todo = [(i, c) for i, c in prompts if i % num_shards == shard_index and i not in done]
     if gen.model_config.positions == "learned":   # else one such caption failed its whole call, and every rerun
         room = gen.model_config.max_length - gen.vocab.image_tokens_per_image

@@ -128,6 +128,16 @@ def test_generate_many_writes_every_sample_resumes_and_shards(generator, tmp_pat
         generate.generate_many(generator, prompts, str(sharded), {}, num_shards=2, shard_index=2, **kwargs)
 
 
+def test_generate_many_refuses_to_resume_over_an_edited_prompts_file(generator, tmp_path):
+    out = str(tmp_path / "many")
+    kwargs = dict(batch_size=2, num_samples=1, rerank=False)
+    generate.generate_many(generator, [(0, "a red circle"), (1, "a star")], out, {}, **kwargs)
+    # line 1 edited: its samples there show "a star", and were kept as done
+    with pytest.raises(ValueError, match=r"other captions for 1 lines \(line indices \[1\], e.g. 'a star'\)"):
+        generate.generate_many(generator, [(0, "a red circle"), (1, "a blue square")], out, {}, **kwargs)
+    assert generate.generate_many(generator, [(0, "a red circle"), (1, "a star")], out, {}, **kwargs)["captions"] == 0
+
+
 def test_generate_many_refuses_captions_too_long_for_the_model_before_drawing(generator, tmp_path):
     # one such caption failed its whole call mid-run, and every rerun at the same place
     prompts = [(0, "a red circle"), (1, "a blue square " * 200), (2, "a star")]
