@@ -29,6 +29,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from absl import logging
 
 from cm3leon_jax.retriever import l2_normalize
 
@@ -121,7 +122,11 @@ def read_manifests(samples_dir: str) -> list[dict]:
     for name in names:
         with open(os.path.join(samples_dir, name), encoding="utf-8") as f:
             for line in f:
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:   # cut by a kill mid-write (generate draws that caption again)
+                    logging.warning("%s: skipped a line that is not complete JSON: %.80r", name, line)
+                    continue
                 rows[int(row["index"])] = row
     return [rows[i] for i in sorted(rows)]
 

@@ -468,7 +468,10 @@ def generate_many(gen: Generator, prompts: Sequence[tuple[int, str]], out_dir: s
         if name.startswith("manifest") and name.endswith(".jsonl"):
             with open(os.path.join(out_dir, name), encoding="utf-8") as f:
                 for line in f:
-                    row = json.loads(line)
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:   # cut by a kill mid-write: that caption is drawn again
+                        continue
                     if all(os.path.exists(os.path.join(out_dir, p)) for p in row["files"]):
                         done[row["index"]] = row["caption"]
     # an edited prompts file: line i's samples there show another caption, and were silently kept as done
@@ -498,6 +501,13 @@ def generate_many(gen: Generator, prompts: Sequence[tuple[int, str]], out_dir: s
                              "resuming would mix them; use a new --out, or the same settings to resume")
     with open(settings_path, "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=2)
+    if os.path.exists(manifest) and os.path.getsize(manifest):   # a line cut by a kill: ours start on a new line
+        with open(manifest, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        if cut:
+            with open(manifest, "a", encoding="utf-8") as f:
+                f.write("\n")
     per_call = max(1, batch_size // max(1, num_samples))   # captions per text_to_image call
     start, written = time.perf_counter(), 0
     logging.info("%d captions to draw (%d already done, shard %d of %d)", len(todo),

@@ -138,6 +138,19 @@ def test_generate_many_refuses_to_resume_over_an_edited_prompts_file(generator, 
     assert generate.generate_many(generator, [(0, "a red circle"), (1, "a star")], out, {}, **kwargs)["captions"] == 0
 
 
+def test_generate_many_resumes_after_a_manifest_line_cut_by_a_kill(generator, tmp_path):
+    from cm3leon_jax import clip_metrics
+    out = tmp_path / "many"
+    kwargs = dict(batch_size=2, num_samples=1, rerank=False)
+    prompts = [(0, "a red circle"), (1, "a star")]
+    generate.generate_many(generator, prompts, str(out), {}, **kwargs)
+    manifest = out / "manifest.jsonl"
+    manifest.write_text(manifest.read_text()[:-20])   # killed while writing the second line
+    again = generate.generate_many(generator, prompts, str(out), {}, **kwargs)   # was a JSONDecodeError
+    assert again["captions"] == 1 and again["skipped_as_done"] == 1
+    assert [(r["index"], r["caption"]) for r in clip_metrics.read_manifests(str(out))] == prompts
+
+
 def test_generate_many_refuses_captions_too_long_for_the_model_before_drawing(generator, tmp_path):
     # one such caption failed its whole call mid-run, and every rerun at the same place
     prompts = [(0, "a red circle"), (1, "a blue square " * 200), (2, "a star")]
