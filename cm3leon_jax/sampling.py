@@ -8,6 +8,7 @@ that may be drawn.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +29,13 @@ class SamplingConfig:
 
     def __post_init__(self):
         """Refuses settings the math silently misreads: a negative temperature would sample at 1
-        (never dividing), a cd_alpha above 1 (with k = 1) or at 0 leaves no or every token plausible."""
+        (never dividing), a cd_alpha above 1 (with k = 1) or at 0 leaves no or every token plausible; a
+        NaN or infinite temperature or guidance scale turns every logit NaN, and the draw is id 0, outside
+        any allowed range."""
         problems = [f"{name}={value!r} ({why})" for name, value, bad, why in (
-            ("temperature", self.temperature, self.temperature < 0, "0 is greedy; >0 samples"),
+            ("temperature", self.temperature, not 0 <= self.temperature < math.inf, "0 is greedy; >0 samples"),
+            ("cfg_scale", self.cfg_scale, not math.isfinite(self.cfg_scale), "finite; 1 is off"),
+            ("image_cfg_scale", self.image_cfg_scale, not math.isfinite(self.image_cfg_scale), "finite; 1 is off"),
             ("top_k", self.top_k, self.top_k < 0, "0 is off"),
             ("top_p", self.top_p, not 0 <= self.top_p <= 1, "in [0, 1]; 1 is off"),
             ("cd_k", self.cd_k, self.cd_k < 0, "0 is off"),

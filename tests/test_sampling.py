@@ -100,3 +100,12 @@ def test_top_p_keeps_the_top_token_at_any_p_and_bad_settings_are_refused():
                 dict(cd_alpha=0.0), dict(cd_alpha=1.5)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
             sampling.SamplingConfig(**bad)
+
+
+def test_non_finite_temperature_or_guidance_scale_is_refused():
+    # every logit turned NaN and the draw was id 0, outside the allowed range
+    for bad in (dict(temperature=float("nan")), dict(temperature=float("inf")), dict(cfg_scale=float("nan")),
+                dict(cfg_scale=float("inf")), dict(image_cfg_scale=float("-inf"))):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
+            sampling.SamplingConfig(**bad)
+    sampling.SamplingConfig(temperature=0.0, cfg_scale=-2.0, image_cfg_scale=0.0)
