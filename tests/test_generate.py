@@ -222,6 +222,15 @@ def test_cli_image_to_text_retrieves_the_neighbours_asked_for(generator, tmp_pat
                                                           "prompt": ["a red circle", "a <mask:0> square"]}))
 
 
+def test_cli_refuses_a_question_without_an_image():
+    # `--prompt "a red circle" --question "what colour?"` drew images for the prompt, the question unread
+    import types
+    flags = types.SimpleNamespace(question="what colour is it?", image=[], prompt=["a red circle"], prompts_file=None,
+                                  task=None, interleaved=False)
+    with pytest.raises(ValueError, match="--question asks about --image"):
+        generate._run(None, flags)
+
+
 def test_sft_cli_takes_cd_k_for_image_tasks_and_refuses_guidance_for_text_tasks(generator, tmp_path, monkeypatch):
     # `generate --task edit --cd_k 1` drew without CD-K (the flag was never read); `--task vqa --cfg_scale 3`
     # recorded a guidance scale that one-stream text decoding never applies
