@@ -93,6 +93,7 @@ class Generator:
             self.params = quantization.quantize_params(self.params)
         self.vocab = vocab_lib.Vocabulary.load(workdir_io.join(workdir, "vocab"))
         self.vq, vq_workdir = export.load_vq_tokenizer(workdir, vq_workdir, self.data_dir)
+        self.vq_workdir, self.int8 = vq_workdir, bool(int8)
         export.check_vq_fits_vocab(self.vq, self.vocab, vq_workdir)
         self._retriever = None
         self._retrieval = None
@@ -574,7 +575,10 @@ def _run(gen, f):
     settings = {k: getattr(f, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cd_k", "cd_alpha",
                                            "cd_fraction", "num_samples", "neighbours", "seed")}
     settings["cd_k"] = cd_config.cd_k if f.cd_fraction else f.cd_k  # the k that drew the CD-K samples
-    settings.update(workdir=workdir_io.resolve(f.workdir), step=gen.step,
+    # what else changes the images: a resumed --prompts_file run must not mix two of them in one directory
+    settings.update(workdir=workdir_io.resolve(f.workdir), step=gen.step, int8=gen.int8,
+                    compute_dtype=gen.model_config.dtype, vq_workdir=workdir_io.resolve(gen.vq_workdir),
+                    data_dir=workdir_io.resolve(gen.data_dir) if gen.data_dir else "",
                     reranker=(gen.clip_scorer.model_dir if gen.clip_scorer is not None
                               else "retriever" if gen.retriever is not None else None) if f.rerank else None)
     out_dir = f.out or os.path.join(f.workdir, "generate")

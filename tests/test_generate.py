@@ -222,6 +222,24 @@ def test_cli_image_to_text_retrieves_the_neighbours_asked_for(generator, tmp_pat
                                                           "prompt": ["a red circle", "a <mask:0> square"]}))
 
 
+def test_cli_records_every_setting_that_changes_the_images(generator, tmp_path, monkeypatch):
+    # a --prompts_file run resumed with --int8, another --compute_dtype or --vq_workdir mixed two draws in one
+    # directory: none of them was in the settings a resume compares
+    import types
+    (tmp_path / "captions.txt").write_text("a red circle\n", encoding="utf-8")
+    seen = []
+    monkeypatch.setattr(generate, "generate_many", lambda gen, prompts, out, settings, **kw: seen.append(settings) or {})
+    flags = types.SimpleNamespace(
+        temperature=1.0, top_k=0, top_p=0.9, cfg_scale=3.0, cd_k=0, cd_alpha=0.1, cd_fraction=0.0, num_samples=1,
+        neighbours=0, seed=0, workdir=str(tmp_path), rerank=False, out=str(tmp_path / "out"),
+        prompts_file=str(tmp_path / "captions.txt"), prompt=[], image=[], task=None, interleaved=False, question=None,
+        batch_size=4, num_shards=1, shard_index=0)
+    generate._run(generator, flags)
+    assert {k: seen[0][k] for k in ("int8", "compute_dtype", "vq_workdir")} == {
+        "int8": False, "compute_dtype": generator.model_config.dtype, "vq_workdir": os.path.abspath(generator.vq_workdir)}
+    assert seen[0]["data_dir"] == os.path.abspath(generator.data_dir)
+
+
 def test_cli_refuses_a_question_without_an_image():
     # `--prompt "a red circle" --question "what colour?"` drew images for the prompt, the question unread
     import types
