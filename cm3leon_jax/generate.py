@@ -582,6 +582,9 @@ def _run(gen, f):
                     reranker=(gen.clip_scorer.model_dir if gen.clip_scorer is not None
                               else "retriever" if gen.retriever is not None else None) if f.rerank else None)
     out_dir = f.out or os.path.join(f.workdir, "generate")
+    # text -> image by CD-K alone (`--cd_k` without --cd_fraction) draws as the CD-K share does: its
+    # plausible set replaces TopP/TopK (it applied --top_p/--top_k to the CD-K scores, the share did not)
+    t2i_config = cd_config if f.cd_k and not f.cd_fraction else config
     if f.prompts_file:  # many captions -> one PNG per sample, resumable
         if f.prompt or f.image or f.task or f.interleaved:
             raise ValueError("--prompts_file draws text -> image alone: drop --prompt/--image/--task/--interleaved")
@@ -590,7 +593,7 @@ def _run(gen, f):
             logging.warning("--prompts_file: skipped %s", skipped)
         settings.update(prompts_file=os.path.abspath(f.prompts_file), skipped_lines=skipped, batch_size=f.batch_size)
         summary = generate_many(gen, prompts, out_dir, settings, batch_size=f.batch_size, num_shards=f.num_shards,
-                                shard_index=f.shard_index, num_samples=f.num_samples, config=config,
+                                shard_index=f.shard_index, num_samples=f.num_samples, config=t2i_config,
                                 cd_fraction=f.cd_fraction, cd_config=cd_config, num_neighbours=f.neighbours,
                                 rerank=f.rerank, seed=f.seed)
         print(json.dumps(summary))
@@ -630,7 +633,7 @@ def _run(gen, f):
         for p in f.prompt:
             print(f"{p} -> {gen.infill_text(p, max_tokens=f.max_text_tokens, config=config, seed=f.seed)}")
         return
-    samples = gen.text_to_image(f.prompt, num_samples=f.num_samples, config=config, cd_fraction=f.cd_fraction,
+    samples = gen.text_to_image(f.prompt, num_samples=f.num_samples, config=t2i_config, cd_fraction=f.cd_fraction,
                                 cd_config=cd_config, num_neighbours=f.neighbours, rerank=f.rerank, seed=f.seed,
                                 batch_size=f.batch_size)
     png, path = write_image_samples(samples, out_dir, settings)

@@ -240,6 +240,24 @@ def test_cli_records_every_setting_that_changes_the_images(generator, tmp_path, 
     assert seen[0]["data_dir"] == os.path.abspath(generator.data_dir)
 
 
+def test_cli_cd_k_alone_draws_as_the_cd_k_share_does(generator, tmp_path, monkeypatch):
+    # `--cd_k 2` alone applied --top_p/--top_k to the CD-K scores; `--cd_k 2 --cd_fraction 1` (and evaluate's
+    # cdk row) did not: the same flag drew two ways
+    import types
+    (tmp_path / "captions.txt").write_text("a red circle\n", encoding="utf-8")
+    seen = []
+    monkeypatch.setattr(generate, "generate_many", lambda gen, prompts, out, settings, **kw: seen.append(kw) or {})
+    flags = types.SimpleNamespace(
+        temperature=1.0, top_k=5, top_p=0.9, cfg_scale=3.0, cd_k=2, cd_alpha=0.2, cd_fraction=0.0, num_samples=2,
+        neighbours=0, seed=0, workdir=str(tmp_path), rerank=False, out=str(tmp_path / "out"),
+        prompts_file=str(tmp_path / "captions.txt"), prompt=[], image=[], task=None, interleaved=False, question=None,
+        batch_size=4, num_shards=1, shard_index=0)
+    generate._run(generator, flags)
+    generate._run(generator, types.SimpleNamespace(**{**vars(flags), "cd_fraction": 1.0}))
+    cd_k = sampling.SamplingConfig(temperature=1.0, cd_k=2, cd_alpha=0.2)
+    assert seen[0]["config"] == cd_k and seen[1]["cd_config"] == cd_k and seen[1]["cd_fraction"] == 1.0
+
+
 def test_cli_refuses_a_question_without_an_image():
     # `--prompt "a red circle" --question "what colour?"` drew images for the prompt, the question unread
     import types
