@@ -658,21 +658,21 @@ def _define_flags():
     flags.DEFINE_multi_string("prompt", [], "caption(s) for text -> image, or text with <mask:0> to infill")
     flags.DEFINE_multi_string("image", [], "image path(s) for image -> text")
     flags.DEFINE_string("question", None, "a question about the image (image -> text)")
-    flags.DEFINE_integer("num_samples", 8, "images per prompt (--interleaved: documents per prompt)")
+    flags.DEFINE_integer("num_samples", 8, "images per prompt (--interleaved: documents per prompt)", lower_bound=1)
     flags.DEFINE_float("cfg_scale", 3.0, "classifier-free guidance scale (1 = off); text outputs (--image, "
                       "infilling) decode one stream, without guidance")
     flags.DEFINE_float("temperature", 1.0, "0 = greedy")
-    flags.DEFINE_integer("top_k", 0, "0 = off")
+    flags.DEFINE_integer("top_k", 0, "0 = off", lower_bound=0)
     flags.DEFINE_float("top_p", 0.9, "1 = off")
     flags.DEFINE_integer("cd_k", 0, "contrastive decoding TopK: k for all samples, or with --cd_fraction for that "
-                         f"share (0: off, or k={sampling.DEFAULT_CD_K} with --cd_fraction)")
+                         f"share (0: off, or k={sampling.DEFAULT_CD_K} with --cd_fraction)", lower_bound=0)
     flags.DEFINE_float("cd_alpha", 0.1, "CD-K plausibility threshold")
     flags.DEFINE_float("cd_fraction", 0.0, "share of samples drawn by CD-K (the paper mixes half and half)")
-    flags.DEFINE_integer("neighbours", 0, "retrieved documents prepended to the prompt (0, 1 or 2)")
+    flags.DEFINE_integer("neighbours", 0, "retrieved documents prepended to the prompt (0, 1 or 2)", lower_bound=0)
     flags.DEFINE_bool("rerank", True, "sort samples by similarity to the prompt (--clip_model's, else the retriever's)")
     flags.DEFINE_string("clip_model", None, "local Hugging Face CLIP checkpoint dir (safetensors) to rerank with, as "
                         "the paper does (needs the interop extra); default: the data's retriever")
-    flags.DEFINE_integer("max_text_tokens", 48, "limit for generated text")
+    flags.DEFINE_integer("max_text_tokens", 48, "limit for generated text", lower_bound=1)
     flags.DEFINE_bool("interleaved", False, "mixed-modal continuation of --prompt: text and images in turn "
                       "(Generator.interleaved; images by --top_p/--top_k/--temperature, text greedy)")
     flags.DEFINE_integer("max_images", 2, "--interleaved: images at most")
@@ -680,8 +680,9 @@ def _define_flags():
                         "every sample written as OUT/images/INDEX_K.png with a manifest.jsonl; rerun to resume")
     flags.DEFINE_integer("batch_size", 16, "images decoded together per call, with their guidance streams (16 suits a CPU; "
                          "raise it on a GPU or TPU: bench/text_to_image.py)")
-    flags.DEFINE_integer("num_shards", 1, "--prompts_file: split the captions over this many processes")
-    flags.DEFINE_integer("shard_index", 0, "--prompts_file: this process's shard (captions with index % num_shards)")
+    flags.DEFINE_integer("num_shards", 1, "--prompts_file: split the captions over this many processes", lower_bound=1)
+    flags.DEFINE_integer("shard_index", 0, "--prompts_file: this process's shard (captions with index % num_shards)",
+                         lower_bound=0)
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_bool("int8", False, "int8 weight-only kernels (a quarter of the weight memory; quantization.py)")
     flags.DEFINE_enum("compute_dtype", None, list(COMPUTE_DTYPES), "activations and KV cache dtype for decoding "
