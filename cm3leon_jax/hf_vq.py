@@ -121,6 +121,8 @@ def hf_config(cfg: vqgan.VQGANConfig) -> dict:
         problems.append(f"patch_size={cfg.patch_size} (Chameleon's encoder convolves full-resolution pixels)")
     if levels and not cfg.has_mid_attention:
         problems.append("level attention without mid attention (Chameleon ties both to attn_type)")
+    if cfg.local_encoder:   # written anyway, transformers encoded the whole image: other codes
+        problems.append("local_encoder=True (Chameleon's encoder sees the whole image, ours each token's own patch)")
     if problems:
         raise ValueError("this VQ tokenizer cannot be written as Chameleon's ChameleonVQVAE: " + "; ".join(problems))
     return dict(model_type="chameleon_vqgan", embed_dim=cfg.code_dim, num_embeddings=cfg.codebook_size,

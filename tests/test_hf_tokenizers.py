@@ -285,3 +285,12 @@ def test_hf_chameleon_export_writes_our_vq_encoder(tmp_path):
     with pytest.raises(ValueError, match="cannot be written as Chameleon's ChameleonVQVAE: GroupNorm groups"):
         export.export(str(tmp_path / "wd"), str(tmp_path / "hf2"), "hf-chameleon", vq_workdir=narrow)
     assert not os.path.exists(tmp_path / "hf2")
+
+
+def test_a_local_encoder_vq_is_not_written_as_chameleons():
+    """Chameleon's encoder convolves the whole image; a local_encoder VQ encodes each token's patch
+    alone, so transformers would compute other codes from the same weights (13% equal, measured)."""
+    cfg = vqgan.VQGANConfig(image_size=16, channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
+                            codebook_size=16, code_dim=4, embed_dim=8, local_encoder=True)
+    with pytest.raises(ValueError, match="local_encoder=True"):
+        hf_vq.hf_config(cfg)
