@@ -365,12 +365,17 @@ def peft_config(cfg: model_lib.TransformerConfig, fmt: str, rank: int, alpha: fl
 # each with the value that means "not used". The LoRA variants that change the forward pass are among
 # them: aLoRA (adapters active only after invocation tokens), block-diagonal BD-LoRA, Arrow routing,
 # MonteCLoRA sampling, KaSA (which truncates the base weights' SVD) and QALoRA's pooled inputs.
-# Initialisation-only or backward-only settings (LoftQ, EVA, CorDA, LoRA-GA, VeLoRA) do not matter.
+# Initialisation-only or backward-only settings (EVA, VeLoRA, orthogonal, MiCA) do not matter; the
+# initialisations that subtract their first adapter from the base weights (_PEFT_BASE_CHANGING) do:
+# saved unconverted, such an adapter applies to that changed base (PEFT redoes the change on load).
 _PEFT_UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None,
                      "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False, "layer_replication": None,
                      "lora_bias": False, "trainable_token_indices": None, "target_parameters": None,
                      "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
                      "monteclora_config": None, "kasa_config": None, "use_qalora": False}
+
+
+_PEFT_BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def adapter_fields_from_peft(peft: dict) -> tuple[int, float]:
@@ -383,6 +388,10 @@ def adapter_fields_from_peft(peft: dict) -> tuple[int, float]:
         value = peft.get(key, unused)
         if value != unused and not (unused in ({}, None) and not value):
             problems.append(f"{key}={value!r}")
+    init = peft.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_PEFT_BASE_CHANGING):
+        problems.append(f"init_lora_weights={init!r} (the adapter applies to base weights PEFT changed at "
+                        "initialisation; save it with path_initial_model_for_weight_conversion for a plain LoRA adapter)")
     if problems:
         raise ValueError("this PEFT adapter cannot be imported exactly: " + "; ".join(problems))
     rank, alpha = int(peft["r"]), float(peft["lora_alpha"])
