@@ -186,8 +186,12 @@ def _read_only_manager(workdir: str):
                                                                       save_interval_steps=0)), directory
 
 
+def _named_leaves(tree) -> dict:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _param_names(tree) -> set[str]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+    return set(_named_leaves(tree))
 
 
 def _check_saved_params(manager, step: int, directory: str, abstract_params) -> None:
@@ -207,6 +211,14 @@ def _check_saved_params(manager, step: int, directory: str, abstract_params) -> 
             + "; ".join(f"{what} {names[:6]}" + (f" and {len(names) - 6} more" if len(names) > 6 else "")
                         for what, names in (("missing", missing), ("not in the model", extra)) if names)
             + ". The model's config (config.json, or a default of this version) differs from the one that saved it")
+    shapes = {name: tuple(x.shape) for name, x in _named_leaves(saved).items() if getattr(x, "shape", None) is not None}
+    wrong = [f"{name} {shapes[name]} (the model: {tuple(x.shape)})" for name, x in sorted(_named_leaves(abstract_params).items())
+             if name in shapes and tuple(x.shape) != shapes[name]]
+    if wrong:   # orbax's own error named no parameter and advised padding/truncating it (strict=False)
+        raise ValueError(f"the checkpoint of step {step} in {directory} holds parameters of other shapes than the model "
+                         f"asked for: {'; '.join(wrong[:6])}" + (f" and {len(wrong) - 6} more" if len(wrong) > 6 else "")
+                         + ". The model's config (config.json, or a default of this version) differs from the one "
+                         "that saved it")
 
 
 def check_step_holds_state(manager, step: int) -> None:

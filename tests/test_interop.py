@@ -196,6 +196,17 @@ def test_restore_params_refuses_a_checkpoint_of_other_parameters(tmp_path):
             checkpointing.restore_params(str(tmp_path / "wd"), abstract)
 
 
+def test_restore_params_names_parameters_of_other_shapes(tmp_path):
+    """Same names, other shapes (another vocab_size or d_ff): orbax raised a ValueError that named no
+    parameter and advised padding/truncating it."""
+    _workdir(tmp_path / "wd")
+    for overrides, match in [({"model.vocab_size": 80}, r"other shapes .* token_embedding \(64, 32\) \(the model: \(80, 32\)\)"),
+                             ({"model.d_ff": 96}, r"layers/layer/mlp/up/kernel \(2, 32, 64\) \(the model: \(2, 32, 96\)\)")]:
+        _, abstract = export.abstract_params(tiny_config(**overrides))
+        with pytest.raises(ValueError, match=match):
+            checkpointing.restore_params(str(tmp_path / "wd"), abstract)
+
+
 def test_float16_export_refuses_values_beyond_its_range(tmp_path):
     """numpy casts 1e5 to float16 inf with a warning only: the exported model would carry it."""
     _, _, params = _workdir(tmp_path / "src")
