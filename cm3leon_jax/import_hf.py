@@ -471,6 +471,11 @@ def main(argv):
         if is_peft_adapter(FLAGS.hf_dir):
             if not FLAGS.base:
                 raise ValueError(f"{FLAGS.hf_dir} is a PEFT adapter: name the workdir of the model it adapts (--base)")
+            ignored = [f"--{name}" for name in ("vocab", "remap_vocab", "num_sentinels", "seq_len")
+                       if FLAGS[name].present]   # the adapter takes them all from --base
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)} apply to a checkpoint import; a PEFT adapter takes its vocabulary "
+                                 "and config from --base")
             summary = import_peft_adapter(FLAGS.hf_dir, FLAGS.base, FLAGS.workdir, base_step=FLAGS.base_step,
                                           mesh_config=mesh)
         elif FLAGS.base or FLAGS.base_step is not None:

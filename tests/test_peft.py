@@ -127,6 +127,20 @@ def test_an_adapter_made_by_peft_imports_with_peft_logits(tmp_path, hf_base, lor
     assert np.abs(theirs - _peft_logits(hf_dir, None)).max() > 100 * ATOL
 
 
+def test_checkpoint_import_flags_with_a_peft_adapter_are_refused(tmp_path, hf_base):
+    """--seq_len and --remap_vocab were dropped silently: the adapter's run takes base's config."""
+    import subprocess
+    import sys
+    from tests.helpers import REPO, cli_env
+    hf_dir, base = hf_base
+    adapter = _peft_adapter(hf_dir, str(tmp_path / "adapter"), r=4, target_modules=["q_proj"])
+    proc = subprocess.run([sys.executable, "-m", "cm3leon_jax.import_hf", "--hf_dir", adapter, "--base", base,
+                           "--workdir", str(tmp_path / "ours"), "--seq_len", "8", "--remap_vocab"],
+                          cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "--remap_vocab, --seq_len apply to a checkpoint import" in proc.stderr
+    assert not os.path.exists(tmp_path / "ours")
+
+
 @pytest.mark.parametrize("lora_config,match", [
     (dict(r=4, target_modules=["q_proj"], use_dora=True), r"use_dora=True"),
     (dict(r=4, target_modules=["q_proj"], bias="lora_only"), r"bias='lora_only'"),
