@@ -318,12 +318,21 @@ def _read_tensors(path: str, expected: dict, listed: dict, against: str, abstrac
                 problems.append(f"tensor {name} has dtype {st.dtype(name)}, the config's model needs {dtype}")
             elif listed.get(name, {}).get("shape") != list(shape):
                 problems.append(f"tensor {name}: shape differs from {BUNDLE_JSON}")
+    flat_abstract = traverse_util.flatten_dict(abstract, sep="/") if abstract is not None else {}
+    for name in sorted(set(flat_abstract) | (set(expected) if abstract is not None else set())):
+        # a caller's abstract of another model: shards were sliced from the file, truncating it silently
+        if name not in flat_abstract:
+            problems.append(f"tensor {name} is not among the parameters asked for")
+        elif name not in st:
+            problems.append(f"parameter {name} asked for is not in the file")
+        elif tuple(flat_abstract[name].shape) != st.shape(name):
+            problems.append(f"tensor {name} has shape {st.shape(name)}, the parameters asked for need "
+                            f"{tuple(flat_abstract[name].shape)}")
     if problems:
         raise ValueError(f"{st.path} does not match {against}: " + "; ".join(problems))
     if abstract is None:
         flat = {name: np.array(st.get(name)) for name in expected}
     else:
-        flat_abstract = traverse_util.flatten_dict(abstract, sep="/")
         flat = {name: make_sharded(a, lambda idx, name=name: st.get(name)[idx]) for name, a in flat_abstract.items()}
     return traverse_util.unflatten_dict(flat, sep="/")
 

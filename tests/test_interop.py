@@ -183,6 +183,22 @@ def test_bundle_corruption_and_mismatch_are_clear(tmp_path):
         export.load_bundle(str(out))
 
 
+def test_a_bundle_read_into_parameters_of_other_shapes_names_them(tmp_path):
+    """Shards were sliced from the file by the abstract's index: a vocab_size 48 model sharded over
+    the vocab axis got the bundle's first 48 rows of 64, silently."""
+    import ml_collections
+    from cm3leon_jax import sharding
+    _workdir(tmp_path / "wd")
+    export.export(str(tmp_path / "wd"), str(tmp_path / "bundle"), "params")
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=2, tensor=4)))
+    _, abstract = export.abstract_params(tiny_config(**{"model.vocab_size": 48}), mesh)
+    assert "tensor" in abstract["token_embedding"].sharding.spec   # the vocab axis is split
+    with pytest.raises(ValueError, match=r"tensor token_embedding has shape \(64, 32\), the parameters asked for need \(48, 32\)"):
+        export.load_bundle(str(tmp_path / "bundle"), abstract=abstract)
+    with pytest.raises(ValueError, match=r"output_head/kernel has shape \(32, 64\)"):
+        export.restore_params(str(tmp_path / "bundle"), abstract)
+
+
 def test_restore_params_refuses_a_checkpoint_of_other_parameters(tmp_path):
     """orbax's partial restore handed back the requested ShapeDtypeStructs for parameters the
     checkpoint lacks, and dropped the ones it has beyond the model (a tied head restored from an
