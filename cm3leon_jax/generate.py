@@ -211,6 +211,7 @@ class Generator:
         self.vq.require_decoder()  # before any sampling: an encoder-only (imported) VQ cannot show images
         if isinstance(captions, str):   # else each character would be drawn as a caption
             raise TypeError("text_to_image takes a list of captions")
+        captions = [vocab_lib.prompt_text(c, f"caption {i}") for i, c in enumerate(captions)]
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         indices = list(range(len(captions))) if indices is None else [int(i) for i in indices]
@@ -301,8 +302,9 @@ class Generator:
         self.vq.require_decoder()
         if isinstance(prompts, str):
             raise TypeError("interleaved takes a list of prompts")
-        if not prompts or any(not p.strip() for p in prompts):
-            raise ValueError("interleaved generation needs non-empty text prompts")
+        if not prompts:
+            raise ValueError("interleaved generation needs text prompts")
+        prompts = [vocab_lib.prompt_text(p, f"prompt {i}") for i, p in enumerate(prompts)]
         if num_samples < 1 or max_images < 0 or max_text_tokens < 1:
             raise ValueError(f"need num_samples >= 1, max_images >= 0, max_text_tokens >= 1; got {num_samples}, "
                              f"{max_images}, {max_text_tokens}")
@@ -336,6 +338,7 @@ class Generator:
         """`<eos> neighbours [Question: q Answer:] <mask:0> <break> image <break>`: the model writes
         the masked text after `<eos> <mask:0>`."""
         body = [int(t) for doc in neighbour_docs for t in doc]
+        question = vocab_lib.prompt_text(question, "the question") if question else None
         prefix = self.vocab.encode_text(f"Question: {question} Answer: ").tolist() if question else []
         return [self.vocab.eos_id, *body, *prefix, self.vocab.sentinel(0), self.vocab.break_id,
                 *self.vocab.image_codes_to_ids(np.asarray(codes).reshape(-1)).tolist(), self.vocab.break_id]
@@ -432,10 +435,12 @@ def read_prompts_file(path: str) -> tuple[list[tuple[int, str]], dict[str, int]]
                 caption, reason = None, "caption_not_a_string"
             elif caption is None and reason is None:
                 reason = "malformed_json"
-        if reason is None and not caption.strip():
-            reason = "empty_caption"
+        if reason is None:   # as ingestion stores captions, and refused as it refuses them
+            caption = vocab_lib.as_stored_text(caption)
+            reason = ("empty_caption" if not caption else
+                      "caption_has_special_tokens" if vocab_lib.SPECIAL_PATTERN.search(caption) else None)
         if reason is None:
-            prompts.append((index, caption.strip()))
+            prompts.append((index, caption))
         else:
             skipped[reason] = skipped.get(reason, 0) + 1
     if not prompts:

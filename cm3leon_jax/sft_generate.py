@@ -103,16 +103,8 @@ class TaskGenerator:
 
 
 def _text_as_trained(task: str, field: str, text) -> str:
-    """A text field as ingestion stored it (`prepare.decode_caption`): whitespace runs as one space,
-    so the prompt's tokens are the ones training saw; a special string (`<eos>`, `<mask:0>`) is
-    refused, since it would enter the prompt as that control token."""
-    text = " ".join(str(text).replace("\ufeff", "").split())
-    if not text:
-        raise ValueError(f"--task {task}: its {field} is empty")
-    if vocab_lib.SPECIAL_PATTERN.search(text):
-        raise ValueError(f"--task {task}: its {field} {text!r} spells a special token, which training data never "
-                         "holds in text")
-    return text
+    """A text field as ingestion stored it, so the prompt's tokens are the ones training saw."""
+    return vocab_lib.prompt_text(text, f"--task {task}: its {field}")
 
 
 def _resize(image, size: int) -> np.ndarray:

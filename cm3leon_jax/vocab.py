@@ -62,6 +62,24 @@ def sentinel_token(i: int) -> str:
     return f"<mask:{i}>"
 
 
+def as_stored_text(text: str) -> str:
+    """Text as ingestion stores a caption: byte-order marks dropped, every whitespace run one space.
+    Prompts go through it too, so they encode to pieces training saw (a newline or a double space
+    encodes to others)."""
+    return " ".join(text.replace("\ufeff", "").split())
+
+
+def prompt_text(text, what: str) -> str:
+    """A prompt's text as stored (`as_stored_text`), refused when empty or when it spells a special
+    token: training text never holds one, and `encode_text` would make it that control token."""
+    text = as_stored_text(str(text))
+    if not text:
+        raise ValueError(f"{what} is empty")
+    if SPECIAL_PATTERN.search(text):
+        raise ValueError(f"{what} {text[:80]!r} spells a special token, which training text never holds")
+    return text
+
+
 class Vocabulary:
     """The id layout and document codec; immutable after construction."""
 

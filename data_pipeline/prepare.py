@@ -232,10 +232,9 @@ def decode_caption(raw: Any) -> str:
         raw.encode("utf-8")
     except UnicodeEncodeError:
         raise SkipRecord("caption_not_utf8", "lone surrogate") from None
-    raw = raw.replace("\ufeff", "")   # a byte-order mark (Windows editors) is not whitespace to split()
-    if not raw.strip():
+    caption = vocab_lib.as_stored_text(raw)
+    if not caption:
         raise SkipRecord("empty_caption")
-    caption = " ".join(raw.split())
     if vocab_lib.SPECIAL_PATTERN.search(caption):
         # text spelling <break>/<mask:i>/<eoss> would become control tokens and corrupt CM3 masking
         raise SkipRecord("caption_has_special_tokens", caption[:80])

@@ -82,14 +82,15 @@ def test_prompts_file_lines_are_read_or_skipped_and_counted(tmp_path):
 
 
 def test_prompts_file_lines_end_at_newlines_only(tmp_path):
-    # a form feed or U+2028 inside a caption is no line break: index i stays line i
+    # a form feed or U+2028 inside a caption is no line break: index i stays line i (and the caption
+    # reads as ingestion stores it, that whitespace one space)
     txt = tmp_path / "captions.txt"
     txt.write_bytes("a red\x0ccircle\r\na blue square\n".encode("utf-8"))
-    assert generate.read_prompts_file(str(txt)) == ([(0, "a red\x0ccircle"), (1, "a blue square")], {})
+    assert generate.read_prompts_file(str(txt)) == ([(0, "a red circle"), (1, "a blue square")], {})
     jsonl = tmp_path / "captions.jsonl"
     jsonl.write_text(json.dumps({"caption": "a red\u2028circle"}, ensure_ascii=False) + "\n"
                      + json.dumps({"caption": "a star"}) + "\n", encoding="utf-8")
-    assert generate.read_prompts_file(str(jsonl)) == ([(0, "a red\u2028circle"), (1, "a star")], {})
+    assert generate.read_prompts_file(str(jsonl)) == ([(0, "a red circle"), (1, "a star")], {})
 
 
 def _written(out):
@@ -258,6 +259,25 @@ def test_cli_cd_k_alone_draws_as_the_cd_k_share_does(generator, tmp_path, monkey
     assert seen[0]["config"] == cd_k and seen[1]["cd_config"] == cd_k and seen[1]["cd_fraction"] == 1.0
 
 
+def test_prompts_take_text_as_ingestion_stored_it(generator, tmp_path, monkeypatch):
+    # captions were tokenized as typed: " a  red\ncircle" gave pieces training never saw (ingestion stores
+    # whitespace runs as one space), and "<break>" in one became the control token
+    class Stop(Exception):
+        pass
+
+    seen = []
+    monkeypatch.setattr(generator, "image_prompt", lambda caption, docs=(): seen.append(caption) or (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        generator.text_to_image([" a  red\ncircle\ufeff"], num_samples=1, rerank=False)
+    assert seen == ["a red circle"]
+    with pytest.raises(ValueError, match="caption 1 'a <break> circle' spells a special token"):
+        generator.text_to_image(["a circle", "a <break> circle"], num_samples=1, rerank=False)
+    path = tmp_path / "captions.txt"
+    path.write_text("a  red\tcircle\nthe <eos> end\n \ufeff\n", encoding="utf-8")
+    assert generate.read_prompts_file(str(path)) == ([(0, "a red circle")],
+                                                     {"caption_has_special_tokens": 1, "empty_caption": 1})
+
+
 def test_cli_refuses_a_question_without_an_image():
     # `--prompt "a red circle" --question "what colour?"` drew images for the prompt, the question unread
     import types
@@ -345,7 +365,7 @@ def test_interleaved_generation_writes_text_and_images_in_the_training_layout(ge
     assert len({tuple(d["tokens"]) for d in documents}) > 2   # samples differ
     again = generator.interleaved(prompts, **kwargs)
     assert [d["tokens"] for d in again] == [d["tokens"] for d in documents]
-    with pytest.raises(ValueError, match="non-empty text prompts"):
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
         generator.interleaved(["  "])
     with pytest.raises(TypeError, match="list of prompts"):
         generator.interleaved("a circle")
