@@ -292,9 +292,8 @@ def import_peft_adapter(adapter_dir: str, base: str, workdir: str, *, base_step:
         with open(os.path.join(workdir, trainer_lib.INIT_FROM_FILE), "w", encoding="utf-8") as f:
             json.dump({"workdir": base, "step": int(base_step)}, f, indent=2)
         shutil.copyfile(os.path.join(adapter_dir, hf_interop.PEFT_CONFIG), os.path.join(workdir, hf_interop.PEFT_CONFIG))
-        for name in (VOCAB_DIR, VQ_DIR):   # what Generator reads beside the params
-            if os.path.isdir(os.path.join(base, name)):
-                shutil.copytree(os.path.join(base, name), os.path.join(workdir, name))
+        for name in (VOCAB_DIR, VQ_DIR):   # what Generator reads beside the params (base may be a bucket)
+            workdir_io.copy_tree(workdir_io.join(base, name), os.path.join(workdir, name))
     return {"format": formats[0], "workdir": workdir, "adapter": adapter_dir, "base": base, "base_step": int(base_step),
             "lora_rank": rank, "lora_alpha": alpha, "lora_targets": targets,
             "num_adapter_params": int(sum(x.size for x in flat.values()))}

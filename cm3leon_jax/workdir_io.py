@@ -133,6 +133,20 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def copy_tree(source: str | os.PathLike, target: str | os.PathLike) -> bool:
+    """Copies the directory `source` (local or in a bucket) file by file to `target`; False when
+    `source` is no directory (`os.path.isdir` of a URL is always False, so a bucket's was skipped)."""
+    root = epath.Path(source)
+    if not root.is_dir():
+        return False
+    for path in root.iterdir():   # (epath refuses a recursive glob in a bucket)
+        if path.is_dir():
+            copy_tree(path, join(target, path.name))
+        else:
+            write_bytes(join(target, path.name), path.read_bytes())
+    return True
+
+
 def write_npy_rows(path: str | os.PathLike, rows, dtype, *, chunk: int = 65536) -> None:
     """Writes an [N, ...] array-like (anything with .shape and row slicing: an array, a memory map,
     parts read as one) to a local .npy, `chunk` rows at a time, so a bank larger than memory can

@@ -212,6 +212,19 @@ def test_stages_that_read_local_files_refuse_a_bucket_up_front():
     assert workdir_io.require_local("rel", "--out") == os.path.abspath("rel")
 
 
+def test_a_directory_in_a_bucket_copies_to_a_local_one(bucket, tmp_path):
+    # import_hf's PEFT import copied --base's vocab/ and vq/ only when os.path.isdir, never true of a URL:
+    # a bucket base gave a run Generator could not load, without a word
+    files = {"vocab/vocab.json": b"{}", "vocab/spm.model": b"\x00\x01", "vocab/deep/more.txt": b"x"}
+    for name, data in files.items():
+        workdir_io.write_bytes(f"gs://b/base/{name}", data)
+    assert workdir_io.copy_tree("gs://b/base/vocab", str(tmp_path / "vocab"))
+    copied = {os.path.relpath(os.path.join(d, f), tmp_path): open(os.path.join(d, f), "rb").read()
+              for d, _, names in os.walk(tmp_path) for f in names}
+    assert copied == {name.replace("/", os.sep): data for name, data in files.items()}
+    assert not workdir_io.copy_tree("gs://b/base/vq", str(tmp_path / "vq")) and not os.path.exists(tmp_path / "vq")
+
+
 def test_a_generator_reads_its_model_from_a_bucket(bucket, tiny_pipeline, monkeypatch):
     from cm3leon_jax import generate, sampling
     local = tiny_pipeline["lm"]
