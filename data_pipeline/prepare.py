@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import threading
 import time
 import zlib
@@ -523,6 +524,11 @@ def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Calla
         return ingest_parts.write_part(cfg, out_dir, vocab, encode_images, shard, ingest_cls=ingest_cls,
                                        builder_cls=builder_cls)
     os.makedirs(out_dir, exist_ok=True)
+    # a rebuild (--overwrite) starts from nothing: TFDS reuses a dataset already in the directory
+    # ("Reusing dataset"), which kept the old documents under this run's vocabulary and report
+    if os.path.exists(os.path.join(out_dir, REPORT_FILE)):
+        os.remove(os.path.join(out_dir, REPORT_FILE))   # first: an interrupted rebuild is unfinished
+    shutil.rmtree(os.path.join(out_dir, builder_cls.name), ignore_errors=True)
     ingests = {split: ingest_cls(cfg, vocab, encode_images, split) for split in splits_of(cfg)}
     builder = builder_cls(split_examples={s: i.examples for s, i in ingests.items()}, data_dir=out_dir,
                           file_format="array_record")

@@ -225,6 +225,31 @@ def test_a_source_with_nothing_usable_fails_clearly(tiny_pipeline, tiny_spm_mode
         prepare.prepare(cfg, str(tmp_path / "out"), vocab, encode)
 
 
+def _stand_in_vq(spm_model):
+    """A vocabulary on `spm_model` and a stand-in VQ encoder (a 4x4 grid of pixels as 16 codes):
+    ingestion without training a tokenizer."""
+    from cm3leon_jax.text_tokenizer import TextTokenizer
+    vocab = vocab_lib.Vocabulary(TextTokenizer(spm_model), 16, 16, num_sentinels=4, image_grid=(4, 4))
+    return vocab, lambda images: (np.asarray(images)[:, ::4, ::4, 0] % 16).astype(np.int32)
+
+
+def test_overwriting_a_prepared_dataset_rebuilds_its_documents(tiny_spm_model, tmp_path):
+    """TFDS reuses a dataset already in the directory: a rebuild kept the old documents under the
+    new run's vocabulary and a report counting none kept."""
+    from data_pipeline import shapes_world
+    cfg = pipeline_fixture.data_config(tiny_spm_model, "", decode_threads=1)
+    cfg.num_documents = {"train": 6, "validation": 0}
+    vocab, encode = _stand_in_vq(tiny_spm_model)
+    out = str(tmp_path / "out")
+    prepare.prepare(cfg, out, vocab, encode)
+    cfg.seed, cfg.num_documents = 1, {"train": 4, "validation": 0}   # another world, fewer documents
+    report = prepare.prepare(cfg, out, vocab, encode)
+    docs = prepare.load_documents(out, "train")
+    assert report["splits"]["train"]["kept"] == len(docs) == 4
+    world = shapes_world.ShapesWorld(shapes_world.ShapesWorldConfig(image_size=16, seed=1), "train")
+    assert docs[0]["caption"].decode() == prepare.decode_caption(world[0]["caption"])
+
+
 def test_a_manifest_row_keeps_its_split_whatever_its_line_or_the_manifests_spelling(tmp_path, monkeypatch):
     import ml_collections
     rows = [json.dumps({"image": f"im{i}.png", "text": f"caption {i}"}) for i in range(200)]
