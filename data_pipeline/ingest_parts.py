@@ -249,6 +249,7 @@ def merge_parts(out_dir: str, builder_cls=prepare.Cm3Documents, *, remove_parts:
                      len(lengths))
     builder.info.set_splits(tfds.core.SplitDict(split_infos))
     builder.info.write_to_directory(staging)
+    prepare.remove_retrieval_outputs(out_dir)
     shutil.rmtree(docs_dir, ignore_errors=True)
     os.replace(staging, docs_dir)
     shutil.rmtree(os.path.join(out_dir, prepare.VOCAB_DIR), ignore_errors=True)

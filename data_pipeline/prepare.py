@@ -529,6 +529,7 @@ def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Calla
     if os.path.exists(os.path.join(out_dir, REPORT_FILE)):
         os.remove(os.path.join(out_dir, REPORT_FILE))   # first: an interrupted rebuild is unfinished
     shutil.rmtree(os.path.join(out_dir, builder_cls.name), ignore_errors=True)
+    remove_retrieval_outputs(out_dir)
     ingests = {split: ingest_cls(cfg, vocab, encode_images, split) for split in splits_of(cfg)}
     builder = builder_cls(split_examples={s: i.examples for s, i in ingests.items()}, data_dir=out_dir,
                           file_format="array_record")
@@ -538,6 +539,17 @@ def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Calla
               "splits": {s: i.report() for s, i in ingests.items()}}
     write_report(out_dir, report)
     return report
+
+
+def remove_retrieval_outputs(out_dir: str) -> None:
+    """Removes the neighbour sidecar and the multi-host index parts, both made from the documents:
+    with them left beside rebuilt documents, `index` skipped the directory (it has neighbours.json)
+    or a finished embed part, and training joined the old documents' neighbours by id."""
+    from data_pipeline import index_parts, neighbours
+    for name in (neighbours.NEIGHBOURS_JSON, neighbours.NEIGHBOURS_IDS, neighbours.NEIGHBOURS_SCORES):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    shutil.rmtree(os.path.join(out_dir, index_parts.WORK_DIR), ignore_errors=True)
 
 
 def write_report(out_dir: str, report: dict, name: str = REPORT_FILE) -> None:

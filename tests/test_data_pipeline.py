@@ -250,6 +250,28 @@ def test_overwriting_a_prepared_dataset_rebuilds_its_documents(tiny_spm_model, t
     assert docs[0]["caption"].decode() == prepare.decode_caption(world[0]["caption"])
 
 
+def test_reingesting_a_dataset_removes_the_neighbours_made_from_its_old_documents(tiny_spm_model, tmp_path):
+    """The sidecar and the multi-host index parts are made from the documents: after a rebuild,
+    `index` skipped the directory (it had neighbours.json) and a finished embed part, and training
+    joined the old documents' neighbours by id."""
+    from data_pipeline import index, index_parts
+    cfg = pipeline_fixture.data_config(tiny_spm_model, "", decode_threads=1)
+    cfg.num_documents = {"train": 6, "validation": 0}
+    vocab, encode = _stand_in_vq(tiny_spm_model)
+    out = str(tmp_path / "out")
+    prepare.prepare(cfg, out, vocab, encode)
+    embeddings = str(tmp_path / "e.npy")
+    np.save(embeddings, np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32))
+    index.build(out, embeddings_path=embeddings)
+    index_parts.embed_part(out, 2, 0, embeddings_path=embeddings)
+    assert neighbours.load_neighbours(out, 6)[0].shape == (6, 4)
+    cfg.seed = 1   # other documents, as many
+    prepare.prepare(cfg, out, vocab, encode)
+    with pytest.raises(FileNotFoundError, match="neighbour sidecar"):
+        neighbours.load_neighbours(out, 6)
+    assert not os.path.exists(os.path.join(out, index_parts.WORK_DIR))
+
+
 def test_a_manifest_row_keeps_its_split_whatever_its_line_or_the_manifests_spelling(tmp_path, monkeypatch):
     import ml_collections
     rows = [json.dumps({"image": f"im{i}.png", "text": f"caption {i}"}) for i in range(200)]
