@@ -115,12 +115,26 @@ def load_image(path: str, size: int) -> np.ndarray:
         return center_crop_resize(image, size)
 
 
+def walk(directory: str):
+    """os.walk in sorted order, into symlinked subfolders too (os.walk skips them by default: a
+    dataset linked into the folder was left out without a count), each real directory once (a
+    link back up the tree cannot loop)."""
+    seen = set()
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        yield root, dirs, files
+
+
 def list_image_files(directory: str) -> list[str]:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"image directory {directory!r} does not exist")
     paths = []
-    for root, dirs, files in os.walk(directory):
-        dirs.sort()
+    for root, dirs, files in walk(directory):
         paths.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS))
     return paths
 

@@ -107,8 +107,7 @@ def folder_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
     root = cfg.folder
     if not os.path.isdir(root):
         raise FileNotFoundError(f"folder source {root!r} is not a directory")
-    for directory, subdirs, names in os.walk(root):
-        subdirs.sort()
+    for directory, _, names in image_io.walk(root):
         stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(image_io.IMAGE_EXTENSIONS)}
         for name in sorted(names):
             path = os.path.join(directory, name)

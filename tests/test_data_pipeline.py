@@ -272,6 +272,27 @@ def test_reingesting_a_dataset_removes_the_neighbours_made_from_its_old_document
     assert not os.path.exists(os.path.join(out, index_parts.WORK_DIR))
 
 
+def test_a_folder_source_walks_into_symlinked_subfolders_once(tmp_path):
+    """os.walk skips symlinked directories by default: a dataset linked into the folder was left
+    out of the ingestion (and of VQ training's image list) without a count."""
+    import ml_collections
+    from data_pipeline import images
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    src.mkdir()
+    elsewhere.mkdir()
+    _write_png(src / "a.png")
+    (src / "a.txt").write_text("a caption")
+    _write_png(elsewhere / "b.png")
+    (elsewhere / "b.txt").write_text("b caption")
+    os.symlink(elsewhere, src / "linked")
+    os.symlink(src, src / "linked" / "back_up")   # a loop: each real directory is read once
+    cfg = ml_collections.ConfigDict(dict(folder=str(src), validation_fraction=0.0))
+    records = [(os.path.relpath(r.key, src), r.caption) for r in prepare.folder_records(cfg, "train", prepare.Shard())]
+    assert records == [("a.png", b"a caption"), (os.path.join("linked", "b.png"), b"b caption")]
+    assert [os.path.relpath(p, src) for p in images.list_image_files(str(src))] == ["a.png",
+                                                                                    os.path.join("linked", "b.png")]
+
+
 def test_a_manifest_row_keeps_its_split_whatever_its_line_or_the_manifests_spelling(tmp_path, monkeypatch):
     import ml_collections
     rows = [json.dumps({"image": f"im{i}.png", "text": f"caption {i}"}) for i in range(200)]
