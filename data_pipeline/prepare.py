@@ -109,10 +109,14 @@ def folder_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
         raise FileNotFoundError(f"folder source {root!r} is not a directory")
     for directory, _, names in image_io.walk(root):
         stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(image_io.IMAGE_EXTENSIONS)}
+        sidecars: dict[str, str] = {}   # each stem's caption file as spelled (`a.TXT` too; `a.txt` first)
+        for n in sorted(names, key=lambda n: (not n.endswith(".txt"), n)):
+            if os.path.splitext(n)[1].lower() == ".txt":
+                sidecars.setdefault(os.path.splitext(n)[0], n)
         for name in sorted(names):
             path = os.path.join(directory, name)
             stem, ext = os.path.splitext(name)
-            if ext.lower() == ".txt" and stem in stems:
+            if stem in stems and sidecars.get(stem) == name:
                 continue   # a sidecar: read with its image
             if _split_of(os.path.relpath(path, root), cfg.validation_fraction) != split or not shard.owns():
                 continue
@@ -123,7 +127,7 @@ def folder_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
                 yield RawRecord(path, None, None, {"error": f"not an image ({', '.join(image_io.IMAGE_EXTENSIONS)})",
                                                    "reason": "unsupported_file"})
             else:
-                sidecar = os.path.join(directory, stem + ".txt")
+                sidecar = os.path.join(directory, sidecars.get(stem, stem + ".txt"))
                 caption = None   # no sidecar: counted as missing_caption
                 if os.path.exists(sidecar):
                     with open(sidecar, "rb") as f:

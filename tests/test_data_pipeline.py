@@ -293,6 +293,21 @@ def test_a_folder_source_walks_into_symlinked_subfolders_once(tmp_path):
                                                                                     os.path.join("linked", "b.png")]
 
 
+def test_a_folder_images_caption_file_may_be_spelled_in_capitals(tmp_path):
+    """`B.PNG` + `B.TXT` (cameras, Windows tools): the caption file was taken for a sidecar and
+    skipped, while the image looked only for `B.txt` and was counted as missing its caption."""
+    import ml_collections
+    _write_png(tmp_path / "B.PNG")
+    (tmp_path / "B.TXT").write_text("a capital caption")
+    _write_png(tmp_path / "c.png")
+    (tmp_path / "c.txt").write_text("the lower-case one")
+    (tmp_path / "c.TXT").write_text("a second caption file: counted, not read")
+    cfg = ml_collections.ConfigDict(dict(folder=str(tmp_path), validation_fraction=0.0))
+    records = {os.path.basename(r.key): r.caption or (r.meta or {}).get("reason")
+               for r in prepare.folder_records(cfg, "train", prepare.Shard())}
+    assert records == {"B.PNG": b"a capital caption", "c.png": b"the lower-case one", "c.TXT": "caption_without_image"}
+
+
 def test_a_manifest_row_keeps_its_split_whatever_its_line_or_the_manifests_spelling(tmp_path, monkeypatch):
     import ml_collections
     rows = [json.dumps({"image": f"im{i}.png", "text": f"caption {i}"}) for i in range(200)]
