@@ -236,6 +236,8 @@ def decode_caption(raw: Any) -> str:
         raw.encode("utf-8")
     except UnicodeEncodeError:
         raise SkipRecord("caption_not_utf8", "lone surrogate") from None
+    if "\x00" in raw:   # never text: a zero-filled file (an interrupted copy) or UTF-16 without a byte-order mark
+        raise SkipRecord("caption_has_nul", repr(raw[:40]))
     caption = vocab_lib.as_stored_text(raw)
     if not caption:
         raise SkipRecord("empty_caption")

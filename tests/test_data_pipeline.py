@@ -308,6 +308,16 @@ def test_a_folder_images_caption_file_may_be_spelled_in_capitals(tmp_path):
     assert records == {"B.PNG": b"a capital caption", "c.png": b"the lower-case one", "c.TXT": "caption_without_image"}
 
 
+def test_a_caption_with_nul_bytes_is_skipped_and_counted():
+    """A zero-filled caption file (an interrupted copy) or UTF-16 text without a byte-order mark
+    decodes as valid UTF-8 full of NULs, which no whitespace rule removes: it was kept as a caption."""
+    for raw in (b"\x00" * 64, "a red circle".encode("utf-16-le"), "a red\u0000 circle"):
+        with pytest.raises(prepare.SkipRecord) as skip:
+            prepare.decode_caption(raw)
+        assert skip.value.reason == "caption_has_nul", raw
+    assert prepare.decode_caption("a red\tcircle\r") == "a red circle"
+
+
 def test_a_manifest_row_keeps_its_split_whatever_its_line_or_the_manifests_spelling(tmp_path, monkeypatch):
     import ml_collections
     rows = [json.dumps({"image": f"im{i}.png", "text": f"caption {i}"}) for i in range(200)]
