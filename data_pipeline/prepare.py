@@ -292,9 +292,13 @@ class _Ingest:
 
     def _skip(self, record: RawRecord, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
-        if len(self.skipped_examples) < MAX_SKIPPED_EXAMPLES:
-            self.skipped_examples.append((record.key, reason, detail))
-            self.skipped_positions.append(record.position)
+        # the first MAX_SKIPPED_EXAMPLES in source order, as a merge of parts recomputes them: a document
+        # too long is skipped when its encode batch is encoded, after later records' skips
+        k = bisect.bisect_right(self.skipped_positions, record.position)
+        if k < MAX_SKIPPED_EXAMPLES:
+            self.skipped_examples.insert(k, (record.key, reason, detail))
+            self.skipped_positions.insert(k, record.position)
+            del self.skipped_examples[MAX_SKIPPED_EXAMPLES:], self.skipped_positions[MAX_SKIPPED_EXAMPLES:]
 
     def _keep(self, record: RawRecord) -> int:
         """The next document id, for `record`."""

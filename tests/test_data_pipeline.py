@@ -408,6 +408,27 @@ def test_ingestion_in_parts_merges_into_the_dataset_a_single_run_makes(tiny_pipe
     assert vocab_lib.Vocabulary.load(os.path.join(out, prepare.VOCAB_DIR)).size == vocab.size
 
 
+def test_the_first_skipped_records_are_in_source_order_in_a_single_run_and_a_merge(tiny_spm_model, tmp_path,
+                                                                                     monkeypatch):
+    """A document too long is skipped when its encode batch is encoded, after the later records'
+    skips: the single run listed it after them, the merge of parts (ordered by position) before."""
+    from data_pipeline import ingest_parts
+    _write_png(tmp_path / "a.png")
+    rows = [{"image": "a.png", "text": "a red square"}, {"image": "a.png", "text": " ".join(["far too long"] * 40)},
+            {"image": "a.png", "text": "  "}, {"image": "gone.png", "text": "x"}, {"image": "gone.png", "text": "y"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = pipeline_fixture.data_config(tiny_spm_model, "", source="jsonl", jsonl=str(tmp_path / "m.jsonl"),
+                                       validation_fraction=0.0, max_document_length=60, decode_threads=1)
+    vocab, encode = _stand_in_vq(tiny_spm_model)
+    monkeypatch.setattr(prepare, "MAX_SKIPPED_EXAMPLES", 2)
+    single = prepare.prepare(cfg, str(tmp_path / "single"), vocab, encode)["splits"]["train"]
+    assert [reason for _, reason, _ in single["skipped_examples"]] == ["document_too_long", "empty_caption"]
+    for i in range(2):
+        prepare.prepare(cfg, str(tmp_path / "multi"), vocab, encode, shard_index=i, num_shards=2)
+    merged = ingest_parts.merge_parts(str(tmp_path / "multi"))["splits"]["train"]
+    assert merged == json.loads(json.dumps(single))
+
+
 def test_merge_refuses_unfinished_mixed_or_mismatched_parts(tiny_pipeline, tiny_spm_model, tmp_path):
     from data_pipeline import ingest_parts
     with pytest.raises(ValueError, match="0 <= shard_index < num_shards"):
