@@ -190,6 +190,13 @@ def main(argv):
     if stage in ("train", "search", "select", "finish") and (f.embeddings or f.clip_model):
         raise app.UsageError(f"--embeddings and --clip_model go with --stage all or embed, not {stage}"
                              + (" (they replace training the retriever)" if stage == "train" else ""))
+    # a flag the chosen stage does not read was ignored without a word
+    for name, stages in (("steps", ("all", "train")), ("num_shards", ("all", "search")), ("candidates", ("search",)),
+                         ("remove_parts", ("finish",))):
+        if f[name].present and stage not in stages:
+            raise app.UsageError(f"--{name} goes with --stage {' or '.join(stages)}, not {stage}")
+    if f.steps and (f.embeddings or f.clip_model):
+        raise app.UsageError("--steps trains our retriever: not with --embeddings or --clip_model (they replace it)")
     if f.num_shards is not None and f.num_shards < 1:
         raise app.UsageError(f"--num_shards must be >= 1, got {f.num_shards}")
     if os.path.exists(os.path.join(data, neighbours.NEIGHBOURS_JSON)) and not f.overwrite:

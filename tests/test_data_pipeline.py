@@ -823,6 +823,19 @@ def test_index_flags_and_inputs_are_checked_before_any_work(tiny_pipeline, tmp_p
     with pytest.raises(FileNotFoundError, match="is not a dataset made by `python -m data_pipeline.prepare`"):
         index.build(str(tmp_path))
 
+def test_index_flags_a_stage_does_not_read_are_refused(tmp_path):
+    """--steps with user embeddings, --candidates or --num_shards outside the stages that read them,
+    --remove_parts before finish: each was ignored without a word."""
+    from tests.helpers import cli_env
+    for args, message in ((["--embeddings", str(tmp_path / "x.npy"), "--steps", "5"], "--steps trains our retriever"),
+                          (["--candidates", "64"], "--candidates goes with --stage search, not all"),
+                          (["--stage", "select", "--num_hosts", "2", "--host_index", "0", "--num_shards", "4"],
+                           "--num_shards goes with --stage all or search, not select")):
+        run = subprocess.run([sys.executable, "-m", "data_pipeline.index", "--data", str(tmp_path), *args],
+                             capture_output=True, text=True, env=cli_env(1), timeout=300)
+        assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+
+
 def test_slurm_index_chain_of_stage_scripts_builds_the_one_host_sidecar_from_user_embeddings(tiny_pipeline, tmp_path):
     """launch/slurm_index.sh for real, without Slurm (a fake sbatch; test_slurm_launch.py has its
     dry run), through the `python -m data_pipeline.index --stage` CLI, on embeddings of the user's."""
