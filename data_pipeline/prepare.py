@@ -626,6 +626,11 @@ def run_cli(prepare_fn, load_fn=None, builder_cls=Cm3Documents) -> None:
     if F.out is None:
         raise app.UsageError("--out is required")
     out = workdir_io.require_local(F.out, "--out")
+    # a flag the chosen mode does not read was ignored without a word
+    for name in (("num_shards", "shard_index", "config") if F.merge else ("remove_parts", "merge_workers")):
+        if F[name].present:
+            raise app.UsageError(f"--{name} does not go with --merge (the parts' own settings are merged)" if F.merge
+                                 else f"--{name} goes with --merge only")
     if os.path.exists(os.path.join(out, REPORT_FILE)) and not F.overwrite:
         logging.info("%s already holds prepared documents; pass --overwrite to rebuild", out)
         return

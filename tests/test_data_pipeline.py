@@ -453,6 +453,18 @@ def test_merge_refuses_unfinished_mixed_or_mismatched_parts(tiny_pipeline, tiny_
     assert not os.path.exists(os.path.join(out, prepare.REPORT_FILE))
 
 
+def test_prepare_flags_its_mode_does_not_read_are_refused(tmp_path):
+    """--remove_parts / --merge_workers without --merge, and a part's --num_shards or --config with
+    --merge, were ignored without a word."""
+    from tests.helpers import REPO, cli_env
+    config = os.path.join(REPO, "experiments", "data_shapes.py")
+    for args, message in ((["--config", config, "--remove_parts"], "--remove_parts goes with --merge"),
+                          (["--merge", "--num_shards", "4"], "--num_shards does not go with --merge")):
+        run = subprocess.run([sys.executable, "-m", "data_pipeline.prepare", "--out", str(tmp_path), *args],
+                             capture_output=True, text=True, env=cli_env(1), timeout=300)
+        assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+
+
 def test_slurm_ingest_submits_parts_then_a_dependent_merge_whose_scripts_build_the_dataset(
         tiny_pipeline, tiny_spm_model, tmp_path):
     """launch/slurm_ingest.sh for real, without Slurm (a fake sbatch; test_slurm_launch.py has its
