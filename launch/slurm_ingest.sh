@@ -49,8 +49,8 @@ Options:
   --dry_run                print the sbatch scripts and commands instead of submitting
   --help                   show this help
 
-Everything after a literal `--` is appended to each part's command (config overrides),
-e.g.  -- --config.source=jsonl --config.jsonl=/shared/manifest.jsonl
+Everything after a literal `--` is appended to each part's command (config overrides; an --overwrite
+there is passed to the merge too), e.g.  -- --config.source=jsonl --config.jsonl=/shared/manifest.jsonl
 Flags accept both `--flag=value` and `--flag value`.
 EOF
 }
@@ -129,6 +129,10 @@ PART_CMD="$REPLY --shard_index \"\$SLURM_ARRAY_TASK_ID\""
 MERGE_ARGS=(--out "$OUT" --merge)
 [[ $REMOVE_PARTS -eq 1 ]] && MERGE_ARGS+=(--remove_parts)
 [[ -n $MERGE_WORKERS ]] && MERGE_ARGS+=(--merge_workers "$MERGE_WORKERS")
+# a rebuild's --overwrite must reach the merge too: without it the merge finds the old dataset and exits
+for arg in ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; do
+  [[ $arg == --overwrite || $arg == --overwrite=* ]] && MERGE_ARGS+=("$arg")
+done
 quote_cmd "$PYTHON" -m "$MODULE" "${MERGE_ARGS[@]}"
 MERGE_CMD=$REPLY
 shell_quote "$REPO_DIR"; REPO_Q=$REPLY

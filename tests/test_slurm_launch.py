@@ -169,6 +169,17 @@ def test_ingest_dry_run_prints_the_array_and_merge_scripts(tmp_path):
 INDEX = Path(REPO) / "launch" / "slurm_index.sh"
 
 
+def test_ingest_passes_an_overwrite_after_the_separator_to_the_merge_too(tmp_path):
+    """`-- --overwrite` redid the parts, but the merge job ran without it, found the old dataset,
+    logged that it already holds documents and exited 0: the rebuild was never merged."""
+    env = cli_env(1)
+    env["PATH"] = f"{_fake_sbatch_bin(tmp_path)}{os.pathsep}{env['PATH']}"
+    res = _ingest(["--parts", "2", "--out", "/shared/data", "--config", "experiments/data_shapes.py", "--dry_run", "--",
+                   "--overwrite"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "python -m data_pipeline.prepare --out /shared/data --merge --overwrite" in res.stdout.splitlines()
+
+
 def _index(args, env, cwd):
     return _run_launcher(INDEX, args, env, cwd)
 
