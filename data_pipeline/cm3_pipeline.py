@@ -104,6 +104,9 @@ def _train_part(data, data_dir: str, settings: cm3.CM3Config):
     ids = None
     if int(data.num_neighbours) > 0:
         ids, _, _ = neighbours.load_neighbours(data_dir, len(source))
+        if int(data.num_neighbours) > ids.shape[1]:   # sample_neighbours would return fewer, without a word
+            raise ValueError(f"data.num_neighbours={data.num_neighbours} but the neighbour sidecar of {data_dir} stores "
+                             f"{ids.shape[1]} per document: at most {ids.shape[1]} can be joined")
     return source, RetrievalAugmentedTransform(source, ids, settings)
 
 

@@ -318,6 +318,24 @@ def test_a_caption_with_nul_bytes_is_skipped_and_counted():
     assert prepare.decode_caption("a red\tcircle\r") == "a red circle"
 
 
+def test_more_neighbours_than_the_sidecar_stores_are_refused(tiny_spm_model, tmp_path):
+    """data.num_neighbours above the sidecar's K joined at most K neighbours without a word."""
+    from data_pipeline import index
+    cfg = pipeline_fixture.data_config(tiny_spm_model, "", decode_threads=1)
+    cfg.num_documents = {"train": 6, "validation": 0}
+    vocab, encode = _stand_in_vq(tiny_spm_model)
+    out = str(tmp_path / "out")
+    prepare.prepare(cfg, out, vocab, encode)
+    np.save(tmp_path / "e.npy", np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32))
+    index.build(out, embeddings_path=str(tmp_path / "e.npy"))
+    config = pipeline_fixture.lm_config(out, vocab.padded_size())
+    config.data.num_neighbours = 4   # the sidecar's k: fine
+    cm3_pipeline.training_source(config)
+    config.data.num_neighbours = 5
+    with pytest.raises(ValueError, match="data.num_neighbours=5 but the neighbour sidecar of .* stores 4 per document"):
+        cm3_pipeline.training_source(config)
+
+
 def test_a_manifest_row_keeps_its_split_whatever_its_line_or_the_manifests_spelling(tmp_path, monkeypatch):
     import ml_collections
     rows = [json.dumps({"image": f"im{i}.png", "text": f"caption {i}"}) for i in range(200)]
