@@ -437,7 +437,7 @@ def read_prompts_file(path: str) -> tuple[list[tuple[int, str]], dict[str, int]]
                 reason = "malformed_json"
         if reason is None:   # as ingestion stores captions, and refused as it refuses them
             caption = vocab_lib.as_stored_text(caption)
-            reason = ("empty_caption" if not caption else
+            reason = ("empty_caption" if not caption else "caption_has_nul" if "\x00" in caption else
                       "caption_has_special_tokens" if vocab_lib.SPECIAL_PATTERN.search(caption) else None)
         if reason is None:
             prompts.append((index, caption))

@@ -75,6 +75,8 @@ def prompt_text(text, what: str) -> str:
     text = as_stored_text(str(text))
     if not text:
         raise ValueError(f"{what} is empty")
+    if "\x00" in text:   # ingestion skips such captions (caption_has_nul)
+        raise ValueError(f"{what} {text[:80]!r} holds a NUL byte")
     if SPECIAL_PATTERN.search(text):
         raise ValueError(f"{what} {text[:80]!r} spells a special token, which training text never holds")
     return text

@@ -272,10 +272,12 @@ def test_prompts_take_text_as_ingestion_stored_it(generator, tmp_path, monkeypat
     assert seen == ["a red circle"]
     with pytest.raises(ValueError, match="caption 1 'a <break> circle' spells a special token"):
         generator.text_to_image(["a circle", "a <break> circle"], num_samples=1, rerank=False)
+    with pytest.raises(ValueError, match="caption 0 'a\\\\x00b' holds a NUL byte"):
+        generator.text_to_image(["a\x00b"], num_samples=1, rerank=False)
     path = tmp_path / "captions.txt"
-    path.write_text("a  red\tcircle\nthe <eos> end\n \ufeff\n", encoding="utf-8")
-    assert generate.read_prompts_file(str(path)) == ([(0, "a red circle")],
-                                                     {"caption_has_special_tokens": 1, "empty_caption": 1})
+    path.write_text("a  red\tcircle\nthe <eos> end\n \ufeff\na\x00b\n", encoding="utf-8")
+    assert generate.read_prompts_file(str(path)) == ([(0, "a red circle")], {
+        "caption_has_special_tokens": 1, "empty_caption": 1, "caption_has_nul": 1})
 
 
 def test_cli_refuses_a_question_without_an_image():
