@@ -156,6 +156,8 @@ def jsonl_records(cfg, split: str, shard: Shard) -> Iterator[RawRecord]:
                 image, caption = row.get("image"), row["text"]
                 if image is not None and not isinstance(image, str):
                     raise TypeError(f"image must be a path, got {type(image).__name__}")
+                if image == "":   # else it resolved to the manifest's folder, read as an unreadable image
+                    raise ValueError("image is an empty path (leave it out for a text-only row)")
                 if caption is not None and not isinstance(caption, str):
                     raise TypeError(f"text must be a string, got {type(caption).__name__}")
             except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -175,6 +177,8 @@ def _manifest_segments(segments) -> list[tuple[str, Any]]:
         kind, value = next(iter(seg.items()))
         if kind == "image" and not isinstance(value, str):
             raise TypeError(f"segment {k}: image must be a path, got {type(value).__name__}")
+        if kind == "image" and not value:
+            raise ValueError(f"segment {k}: image is an empty path")
         out.append((kind, value if isinstance(value, str) else b""))
     return out
 

@@ -124,16 +124,18 @@ def test_text_only_documents_are_kept_on_request_and_index_and_train_beside_imag
     texts = ["the sky is blue today", "a long story about circles and squares", "no picture here at all"]
     rows += [{"text": t} for t in texts[:2]] + [{"image": None, "text": texts[2]}]
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n" + json.dumps({"image": 3, "text": "x"}) + "\n")
+    # bad lines: an image that is no path; an empty path (it read the manifest's folder as an unreadable image)
+    bad = [{"image": 3, "text": "x"}, {"image": "", "text": "an empty path"}]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows + bad) + "\n")
     cfg = pipeline_fixture.data_config(tiny_spm_model, tiny_pipeline["vq"], source="jsonl", jsonl=str(manifest),
                                        validation_fraction=0.0)
     vocab, encode = prepare.load_vocab_and_encoder(cfg)
     # off (the default): text-only rows are skipped and counted, never silently turned into documents
     report = prepare.prepare(cfg, str(tmp_path / "images_only"), vocab, encode)["splits"]["train"]
-    assert (report["kept"], report["text_only"], report["skipped"]) == (6, 0, {"no_image": 3, "bad_manifest_line": 1})
+    assert (report["kept"], report["text_only"], report["skipped"]) == (6, 0, {"no_image": 3, "bad_manifest_line": 2})
     cfg.text_only = True
     report = prepare.prepare(cfg, str(tmp_path / "out"), vocab, encode)["splits"]["train"]
-    assert (report["kept"], report["text_only"], report["skipped"]) == (9, 3, {"bad_manifest_line": 1})
+    assert (report["kept"], report["text_only"], report["skipped"]) == (9, 3, {"bad_manifest_line": 2})
     docs = prepare.load_documents(str(tmp_path / "out"), "train")
     text_docs = [docs[i] for i in range(len(docs)) if len(docs[i]["image_codes"]) == 0]
     assert sorted(d["caption"].decode() for d in text_docs) == sorted(texts)
