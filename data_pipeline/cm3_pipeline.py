@@ -52,6 +52,8 @@ class RetrievalAugmentedTransform:
 
 
 def cm3_config(data_config, vocab: vocab_lib.Vocabulary) -> cm3.CM3Config:
+    if int(data_config.num_neighbours) < 0:   # would silently train without retrieval, as 0 does on purpose
+        raise ValueError(f"data.num_neighbours={data_config.num_neighbours} must be >= 0 (0: no retrieval)")
     return cm3.CM3Config.from_vocab(
         vocab, retrieval=int(data_config.num_neighbours) > 0, num_neighbours=max(int(data_config.num_neighbours), 1),
         condition_dropout_rate=float(data_config.condition_dropout_rate), cm3=bool(data_config.cm3_masking),

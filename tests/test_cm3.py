@@ -426,3 +426,17 @@ def test_with_the_real_vocabulary(tiny_spm_model):
     data.update(caption_span_rate=0.25, num_neighbours=2)
     built = cm3_pipeline.cm3_config(data, vocab)
     assert built.caption_span_rate == 0.25 and built.num_neighbours == 2 and built.image_offset == vocab.image_offset
+
+
+def test_a_negative_neighbour_count_is_refused_not_read_as_no_retrieval():
+    from types import SimpleNamespace
+    from cm3leon_jax.config_defaults import base_config
+    from data_pipeline import cm3_pipeline
+    vocab = SimpleNamespace(num_sentinels=NSENT, image_offset=IMG0, eos_id=EOS, break_id=BREAK, eoss_id=EOSS,
+                            mask_id=MASK)
+    data = base_config().data
+    data.num_neighbours = 0
+    assert not cm3_pipeline.cm3_config(data, vocab).retrieval   # 0: no retrieval, on purpose
+    data.num_neighbours = -2
+    with pytest.raises(ValueError, match="data.num_neighbours=-2 must be >= 0"):
+        cm3_pipeline.cm3_config(data, vocab)
