@@ -45,6 +45,10 @@ SPEED_ONLY_DATA_FIELDS = ("decode_threads",)   # ingestion settings that never c
 # stages whose trainer resumes from the checkpoints an interrupted run left in the stage's directory
 # (the others start again from nothing: the data stage deletes its directory first)
 RESUMING_STAGES = ("vq", "lm")
+# the `evaluate` section's fields the evaluate stage passes on (with evaluate.SAMPLING_KNOBS); any other
+# (say `int8`, a keyword of evaluate.evaluate) would be ignored without a word, so it is refused
+EVALUATE_FIELDS = ("strategies", "num_prompts", "num_samples", "num_captions", "num_val_documents", "neighbour_counts",
+                   "num_vq_images", "classifier_steps", "image_neighbours", "caption_neighbours")
 
 
 def _plain(value: Any) -> Any:
@@ -74,6 +78,15 @@ def lm_config_for(lm, data_dir: str) -> ml_collections.ConfigDict:
     return config
 
 
+def _check_evaluate_fields(section) -> None:
+    from cm3leon_jax import evaluate
+    unknown = sorted(set(_plain(section)) - set(EVALUATE_FIELDS) - set(evaluate.SAMPLING_KNOBS))
+    if unknown:
+        raise ValueError(f"evaluate.{unknown[0]}: the e2e evaluate stage does not read {unknown}; it reads "
+                         f"{', '.join(EVALUATE_FIELDS + tuple(evaluate.SAMPLING_KNOBS))} (for other settings run "
+                         "`python -m cm3leon_jax.evaluate` on the LM stage's directory)")
+
+
 class Pipeline:
     """The stages of one run, their directories and their cache markers."""
 
@@ -85,6 +98,7 @@ class Pipeline:
         self.dirs: dict[str, str] = {}
         self.timings: dict[str, dict[str, Any]] = {}
         self.stopped: str | None = None  # the stage a preemption stopped, if any
+        _check_evaluate_fields(config.evaluate)
         upstream = ""
         for name in STAGES:
             upstream = fingerprint(self.stage_settings(name), upstream)

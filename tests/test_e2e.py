@@ -345,6 +345,15 @@ def test_evaluation_settings_are_checked_up_front():
         evaluate.evaluate("/nonexistent", strategies=["topp", "topp_cfg"], baseline_strategy="greedy")
 
 
+def test_an_evaluate_field_the_stage_does_not_read_is_refused(tmp_path):
+    from experiments import e2e_tiny
+    e2e.Pipeline(pipeline_fixture.e2e_config(), str(tmp_path / "fixture"))   # every field read
+    config = e2e_tiny.get_config()
+    config.evaluate.int8 = True   # a keyword of evaluate.evaluate that the stage never passed on
+    with pytest.raises(ValueError, match=r"evaluate.int8: the e2e evaluate stage does not read \['int8'\]"):
+        e2e.Pipeline(config, str(tmp_path / "w"))
+
+
 def test_the_gpu_config_is_e2e_tiny_with_bigger_budgets():
     """README's GPU results speak for e2e_tiny's recipe only while nothing but the budgets differ."""
     from flax import traverse_util
