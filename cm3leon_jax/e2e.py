@@ -18,7 +18,8 @@ with: `stages/NAME.partial.json`). Changing a stage's settings in the same workd
 (the outputs on disk would no longer match the config): use a new workdir, or `cache_dir`.
 With `cache_dir` set (the ablation runner does), every stage's output lives in
 `cache_dir/NAME-FINGERPRINT/`, so runs that share settings share stages (e.g. every ablation
-reuses one tokenizer, VQ and dataset; the decoding-strategy table reuses the base LM).
+reuses one tokenizer, VQ and dataset; the decoding-strategy table reuses the base LM). The data
+directory, into which the retrieval stage writes, is one per retrieval setting.
 """
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ class Pipeline:
         for name in STAGES:
             upstream = fingerprint(self.stage_settings(name), upstream)
             self.fingerprints[name] = upstream
+        for name in STAGES:
             self.dirs[name] = self._stage_dir(name)
 
     def stage_settings(self, name: str) -> Any:
@@ -122,12 +124,19 @@ class Pipeline:
         if name in ("evaluate", "report"):  # per run, never shared
             return os.path.join(self.workdir, "eval" if name == "evaluate" else "")
         if self.cache_dir:
-            return os.path.join(self.cache_dir, f"{name}-{self.fingerprints[name]}")
+            return os.path.join(self.cache_dir, f"{name}-{self._cache_key(name)}")
         return os.path.join(self.workdir, name)
+
+    def _cache_key(self, name: str) -> str:
+        """A cached stage's directory and marker name. The data directory also receives the retrieval
+        stage's index and neighbours, so it is one per retrieval setting: shared by runs whose data
+        settings alone agree, a later run's retrieval overwrote the neighbours that an earlier run's
+        cached retrieval marker still vouched for (its next LM trained on the other retriever's)."""
+        return self.fingerprints["retrieval" if name == "data" else name]
 
     def _marker_path(self, name: str) -> str:
         if self.cache_dir and name not in ("evaluate", "report"):
-            return os.path.join(self.cache_dir, "stages", f"{name}-{self.fingerprints[name]}.json")
+            return os.path.join(self.cache_dir, "stages", f"{name}-{self._cache_key(name)}.json")
         return os.path.join(self.marker_dir, f"{name}.json")
 
     def _marker(self, name: str) -> dict | None:

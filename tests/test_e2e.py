@@ -214,6 +214,34 @@ def test_ablation_files_load_share_upstream_stages_and_tabulate(finished, tmp_pa
     assert f"{100 * row['text_to_image_requested']['greedy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" in table
 
 
+def test_cached_runs_with_other_retrieval_settings_never_share_a_neighbour_sidecar(tmp_path):
+    seen = {}
+
+    class Stub(e2e.Pipeline):
+        def data(self):
+            os.makedirs(self.dirs["data"], exist_ok=True)
+            return {}
+
+        def retrieval(self):   # index.build writes the sidecar into the data directory
+            with open(os.path.join(self.dirs["retrieval"], "neighbours.txt"), "w") as f:
+                f.write(str(self.config.retrieval.steps))
+            return {}
+
+        def lm(self):   # lm_config() hands the LM the data directory
+            with open(os.path.join(self.dirs["data"], "neighbours.txt")) as f:
+                seen[self.config.lm.total_steps] = f.read()
+            return {}
+
+    for stage in ("text_tokenizer", "vq"):
+        setattr(Stub, stage, lambda self: {})
+    for retriever_steps, lm_steps in ((10, 4), (20, 5), (10, 6)):   # the third: the first's retrieval, cached
+        config = pipeline_fixture.e2e_config()
+        config.cache_dir = str(tmp_path / "cache")
+        config.retrieval.steps, config.lm.total_steps = retriever_steps, lm_steps
+        Stub(config, str(tmp_path / f"run{lm_steps}")).run(until="lm")
+    assert seen == {4: "10", 5: "20", 6: "10"}   # the third used to train on the second run's neighbours
+
+
 def test_ablation_configs_are_all_checked_before_the_first_run(tmp_path, monkeypatch):
     from cm3leon_jax import ablate
 
