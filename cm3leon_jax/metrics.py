@@ -145,6 +145,8 @@ class MetricsLogger:
             parts.append(f"skipped {int(metrics['skipped_steps'])}")
         if metrics.get("packer_skipped", 0) > 0:   # documents that fit no row: data loss, shown once there is any
             parts.append(f"docs skipped {int(metrics['packer_skipped'])}")
+        if metrics.get("neighbours_cut", 0) > 0:   # retrieval lost to data.seq_len: shown once there is any
+            parts.append(f"neighbours cut {int(metrics['neighbours_cut'])}")
         if "eta_seconds" in metrics:
             parts.append(f"ETA {_format_duration(metrics['eta_seconds'])}")
         logging.info(" | ".join(parts))

@@ -21,6 +21,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipeline
+from data_pipeline import cm3
 from cm3leon_jax import attention as attn_lib
 from cm3leon_jax import (checkpointing, config_defaults, flops, lora, losses, metrics, model as model_lib, optimizer,
                          quantization, sharding, workdir_io)
@@ -560,7 +561,10 @@ def train(config, workdir: str) -> dict[str, float]:
                                            {"tokens_per_second": trainer.tokens_per_step, "mfu": trainer.flops_per_step / peak})
                 last["tokens_seen"] = float(step * trainer.tokens_per_step)   # the x-axis to compare runs of other batch sizes
                 # documents that fit no row so far (this process's streams; batches prefetched count too)
-                last["packer_skipped"] = float(sum(data_iter.skipped.values()))
+                last["packer_skipped"] = float(sum(n for reason, n in data_iter.skipped.items()
+                                                   if reason != cm3.NEIGHBOURS_CUT))
+                # sampled neighbours dropped so that examples fit data.seq_len: retrieval lost, not documents
+                last["neighbours_cut"] = float(data_iter.skipped.get(cm3.NEIGHBOURS_CUT, 0))
                 if evaluating:   # after the step's timing, and the timer restarts after it: not counted as training
                     for suffix, batches in eval_sets.items():
                         last.update({k + suffix: v for k, v in trainer.evaluate(state.params, batches).items()})
@@ -580,5 +584,6 @@ def train(config, workdir: str) -> dict[str, float]:
         data_iter.close()
         preemption.close()   # SIGTERM goes back to its previous handler
     if data_iter.skipped:
-        logging.warning("documents skipped by the packer: %s", dict(data_iter.skipped))
+        logging.warning("documents skipped by the packer, and neighbours cut to fit data.seq_len: %s",
+                        dict(data_iter.skipped))
     return dict(last, final_step=int(step), preempted=preempted)  # callers (e2e) must not take a stop for an end

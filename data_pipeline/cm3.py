@@ -35,6 +35,7 @@ import numpy as np
 from cm3leon_jax.vocab import BREAK_ID, EOS_ID, EOSS_ID, MASK_ID, PAD_ID, SENTINEL_OFFSET
 
 DEFAULT_PROTECT = (PAD_ID, EOS_ID, BREAK_ID, EOSS_ID, MASK_ID)
+NEIGHBOURS_CUT = "neighbours_cut"   # an example's key: sampled neighbours dropped to fit max_length
 EOS_SEGMENT = -1  # segment id of the framing <eos> tokens in a retrieval layout
 
 
@@ -425,23 +426,26 @@ def example_for_training(query_tokens, neighbour_token_lists: Sequence, rng: np.
     if cfg.caption_span_rate > 0 and rng.random() < cfg.caption_span_rate and not dropped:
         caption_len = caption_end(query, image_offset=cfg.image_offset, break_id=cfg.break_id)
         n = max(n, 1) if caption_len else n
+    sampled = len(neighbours)
     if cfg.max_length is not None:
         extra = 3 * n  # each span adds one in-place sentinel, an opening sentinel and <eoss>
         while neighbours and 2 + len(query) + sum(len(x) for x in neighbours) + extra > cfg.max_length:
             neighbours = neighbours[:-1]
+    # counted by the packer (`neighbours_cut`): a seq_len too short for the documents turns retrieval off
+    cut = np.int32(sampled - len(neighbours))
     layout = retrieval_augmented_sequence(query, neighbours, cfg.eos_id)
     if not cfg.cm3:
-        return {"tokens": layout.tokens, "weights": np.ones(len(layout.tokens), np.float32)}
+        return {"tokens": layout.tokens, "weights": np.ones(len(layout.tokens), np.float32), NEIGHBOURS_CUT: cut}
     start = layout.query_span[0]
     tokens, weights = cm3_mask(layout.tokens, rng, sentinels=cfg.sentinels, break_id=cfg.break_id,
                                eoss_id=cfg.eoss_id, max_spans=cfg.max_spans, protect=cfg.protect,
                                segment_ids=layout.segments, num_spans=n,
                                whole_run=(start, start + caption_len) if caption_len else None)
-    return {"tokens": tokens, "weights": weights}
+    return {"tokens": tokens, "weights": weights, NEIGHBOURS_CUT: cut}
 
 
 __all__ = [
-    "CM3Config", "DEFAULT_PROTECT", "EOS_SEGMENT", "RetrievalLayout", "apply_spans", "caption_end", "cm3_mask",
+    "CM3Config", "DEFAULT_PROTECT", "EOS_SEGMENT", "NEIGHBOURS_CUT", "RetrievalLayout", "apply_spans", "caption_end", "cm3_mask",
     "cm3_split", "cm3_unmask", "condition_dropout", "draw_num_spans", "example_for_training", "maskable_runs",
     "retrieval_augmented_sequence", "sample_neighbours", "sample_spans",
 ]

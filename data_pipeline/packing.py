@@ -17,6 +17,8 @@ import numpy as np
 from absl import flags
 from grain import experimental as grain_exp
 
+from data_pipeline.cm3 import NEIGHBOURS_CUT
+
 # One packed row: the model reads inputs/positions/segment_ids, the loss targets/weights.
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 # Documents in a row that fit no row before a stream is an error (see FirstFitPackDataset).
@@ -120,6 +122,7 @@ class _FirstFitPackIterator(grain.DatasetIterator):
             w = doc.get("weights")
             weights[row, a:b] = 1.0 if w is None else np.asarray(w, np.float32)[1:]
             count[row] += 1
+            self._skips.count_cut_neighbours(doc.get(NEIGHBOURS_CUT, 0))
             segment_ids[row, a:b] = count[row]
             positions[row, a:b] = self._positions[:n]
             used[row] = b
@@ -299,9 +302,11 @@ def _join_zip_states(rest: dict, per_worker: list[list], worker_count: int) -> d
 
 
 class _Skips:
-    """Counts the documents the packer skips; it runs wherever the pipeline runs (a Grain worker
-    too), so the counts since the previous batch travel inside the batch."""
-    REASONS = ("document_longer_than_seq_len", "empty_document")
+    """Counts the documents the packer skips, and the neighbours its examples lost to the length
+    budget (`cm3.NEIGHBOURS_CUT`); it runs wherever the pipeline runs (a Grain worker too), so the
+    counts since the previous batch travel inside the batch."""
+    REASONS = ("document_longer_than_seq_len", "empty_document", NEIGHBOURS_CUT)
+    DOCUMENT_REASONS = REASONS[:2]
     KEY = "_skipped"
 
     def __init__(self, seq_len: int):
@@ -311,6 +316,9 @@ class _Skips:
 
     def count(self, length: int) -> None:
         self.counts[0 if length > self.seq_len else 1] += 1
+
+    def count_cut_neighbours(self, n) -> None:
+        self.counts[2] += int(n)
 
     def assemble(self, rows) -> dict[str, np.ndarray]:
         """The streams' rows -> one batch (+ the skip counts since the last batch)."""

@@ -1,4 +1,6 @@
-"""Tiny CM3Leon that trains in a few minutes on a laptop CPU: the README's main command."""
+"""Tiny CM3Leon that trains in a few minutes on a laptop CPU (the README's synthetic-data training
+command; on the shapes data raise data.seq_len and model.max_length to
+512 to leave its 3 neighbours room)."""
 from cm3leon_jax.config_defaults import base_config
 
 

@@ -303,7 +303,7 @@ def test_example_for_training_composes_all_steps():
     n_dropped, chosen_counts = 0, np.zeros(4)
     for seed in range(400):
         ex = cm3.example_for_training(query, cands_padded, rng(seed), CFG)
-        assert set(ex) == {"tokens", "weights"}
+        assert set(ex) == {"tokens", "weights", cm3.NEIGHBOURS_CUT} and ex[cm3.NEIGHBOURS_CUT] == 0   # no budget
         check_masked(cm3.cm3_unmask(ex["tokens"], sentinels=SENTINELS), ex["tokens"], ex["weights"])
         hits = _which_neighbours(cm3.cm3_unmask(ex["tokens"], sentinels=SENTINELS), [query, dropped_query], cands)
         assert len(hits) == 1
@@ -399,6 +399,7 @@ def test_example_for_training_switches_and_length_budget():
         assert len(ex["tokens"]) <= budget.max_length
         unmasked = cm3.cm3_unmask(ex["tokens"], sentinels=SENTINELS)
         assert len(unmasked) == 2 + 2 * doc_len  # exactly one neighbour kept
+        assert ex[cm3.NEIGHBOURS_CUT] == budget.num_neighbours - 1   # and the others counted as cut
     with pytest.raises(ValueError):
         cm3.CM3Config(condition_dropout_rate=0.1)  # needs image_offset
     with pytest.raises(ValueError):

@@ -724,6 +724,22 @@ def test_cm3_batches_are_deterministic_and_split_between_processes(tiny_pipeline
         assert np.all(x["weights"][sentinel] == 0)
 
 
+def test_neighbours_cut_to_fit_seq_len_are_counted(tiny_pipeline):
+    """A seq_len too short for a document and its neighbours dropped them without a word (the README's
+    tiny_cpu command on the shapes data trained with none of its 3)."""
+    from data_pipeline import cm3
+    cut = {}
+    for seq_len in (64, 512):
+        config = pipeline_fixture.lm_config(tiny_pipeline["data"], tiny_pipeline["vocab_size"])
+        config.data.seq_len = seq_len
+        it = data_pipeline.make_train_iterator(config, 0, 1)
+        for _ in range(2):
+            next(it)
+        cut[seq_len] = it.skipped[cm3.NEIGHBOURS_CUT]
+    assert cut[64] > 0 and cut[512] == 0
+    assert json.loads(it.get_state())["skipped"] == {}   # 512: nothing cut, no document skipped
+
+
 def test_cm3_batches_from_a_worker_process_match_in_process_ones(tiny_pipeline):
     """One Grain worker runs the same pipeline unsliced: the document reader and the memory-mapped
     neighbour sidecar survive the trip into the worker and give identical batches."""
