@@ -576,9 +576,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, float(config.learning_rate), max(int(config.warmup_steps), 1),
         max(int(config.steps), int(config.warmup_steps) + 1), end_value=0.1 * float(config.learning_rate))
-    return optax.chain(optax.clip_by_global_norm(float(config.grad_clip)),
-                       optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6,
-                                   weight_decay=float(config.weight_decay), mask=_decay_mask))
+    # grad_clip <= 0: no clipping, as in the LM and VQ trainers (clip_by_global_norm(0) zeroes every gradient)
+    clip = [optax.clip_by_global_norm(float(config.grad_clip))] if float(config.grad_clip) > 0 else []
+    return optax.chain(*clip, optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6,
+                                          weight_decay=float(config.weight_decay), mask=_decay_mask))
 
 
 def make_train_step(config):

@@ -90,6 +90,25 @@ def test_temperature_is_clamped_at_its_cap_and_still_learns():
     assert float(state[0]["logit_scale"]) < cap - 1e-3   # moved off the cap
 
 
+def test_grad_clip_zero_means_no_clipping():
+    """grad_clip=0 turns clipping off (as in the LM and VQ trainers); clip_by_global_norm(0) zeroed
+    every gradient, so nothing trained."""
+    import jax
+    config = _tiny_config(grad_clip=0.0, weight_decay=0.0)
+    texts, images, _ = _paired_corpus()
+    text_ids, text_mask = R.pad_text(texts[:32], config)
+    codes, _ = R.stack_images(images[:32], config)
+    batch = R._batch_from_rows(text_ids, text_mask, codes, np.arange(32))
+    tx, train_step, _ = R.make_train_step(config)
+    params = R.init_params(config, 0)
+    before = [np.asarray(x) for x in jax.tree_util.tree_leaves(params)]
+    state = (params, tx.init(params))
+    for _ in range(2):
+        state, _ = train_step(state, batch)
+    change = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree_util.tree_leaves(state[0]), before))
+    assert change > 1e-4
+
+
 def test_query_dropout_deterministic_and_twenty_percent():
     tokens = np.arange(100, 200)
     a = R.query_token_dropout(tokens, 0.2, seed=3, doc_id=7)
