@@ -180,8 +180,11 @@ class VQTrainer:
         corrected = usage / (1.0 - float(ccfg.usage_decay) ** (step + 1).astype(jnp.float32))
         params, dead = vqgan.reseed_params(params, corrected, flat[picked], rng, threshold=threshold,
                                            noise_std=float(ccfg.reseed_noise))
-        # A re-seeded code gets one re-seed interval to be picked before it counts as dead again.
-        grace = threshold / float(ccfg.usage_decay) ** int(ccfg.reseed_every_steps) * 1.01
+        # A re-seeded code gets one re-seed interval to be picked before it counts as dead again. At
+        # most a whole share (1): a short EMA over a long interval made it inf in float32 (never dead
+        # again, perplexity_window NaN), and usage_decay=0 divided by zero.
+        kept = float(ccfg.usage_decay) ** int(ccfg.reseed_every_steps)
+        grace = min(threshold * 1.01 / kept, 1.0) if kept > 0 else 1.0
         usage = jnp.where(dead, grace, usage)
         return params, _reset_code_rows(opt_state, dead), usage, jnp.sum(dead).astype(jnp.int32)
 

@@ -346,3 +346,25 @@ def test_image_iterator_state_and_process_slices():
     np.testing.assert_array_equal(np.concatenate([next(r)["image"] for r in resumed]), expected[1])
     with pytest.raises(ValueError, match="different positions"):
         resumed[0].set_state_from_processes([state, resumed[1].get_state()])
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.0])
+def test_reseed_grace_stays_finite_for_a_short_usage_ema(decay):
+    """A re-seeded code's grace usage was threshold / decay ** reseed_every_steps: inf in float32 for
+    decay 0.9 over 1,000 steps (never dead again, perplexity_window NaN), a ZeroDivisionError for 0."""
+    import jax.numpy as jnp
+    from cm3leon_jax import sharding, vqgan
+    config = vq_tiny.get_config()
+    config.codebook.update(usage_decay=decay, reseed_every_steps=1000)
+    config.vq.update(image_size=16, channels=8, codebook_size=64, embed_dim=8, patch_size=1, channel_multipliers=(1, 2))
+    mesh = sharding.make_mesh(config.mesh)
+    train_vq.validate_config(config, mesh, 1)
+    trainer = train_vq.VQTrainer(config, mesh)
+    params = {"quantizer": {"codebook": vqgan.l2_normalize(jax.random.normal(jax.random.key(0), (64, 8)))}}
+    usage = jnp.zeros((64,)).at[0].set(1.0)   # only code 0 in use: the other 63 are dead
+    encodings = jax.random.normal(jax.random.key(1), (4, 4, 8))
+    _, _, usage, reseeded = jax.jit(lambda p, u, e: trainer._reseed(p, {}, u, e, jnp.asarray(999)))(params, usage, encodings)
+    assert int(reseeded) == 63
+    assert np.isfinite(np.asarray(usage)).all() and float(usage[1]) > 0
+    assert np.isfinite(float(vqgan.perplexity_from_counts(usage)))
+    assert float(usage[1] * decay ** 10_000) < float(config.codebook.dead_threshold) / 64   # dead again once unused
