@@ -15,6 +15,7 @@ The public API for later stages: `load_tokenizer(workdir) -> (params, VQGANConfi
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -287,6 +288,29 @@ def write_sample_grid(workdir: str, step: int, originals: np.ndarray, reconstruc
 # ---------------------------------------------------------------------- the loop
 
 
+def _held_out(config) -> int:
+    """Files a folder holds out of training for the sample grid (`images.make_train_source`)."""
+    if not config.get("data", {}).get("image_dir") or config["data"].get("val_image_dir"):
+        return 0
+    return max(int(config.get("num_sample_images", 0)), 0)
+
+
+def check_resume_keeps_held_out(workdir: str, config) -> None:
+    """A folder's last num_sample_images files are held out of training: resumed with another count
+    (or val_image_dir), the training set and so its shuffled order change under the saved data
+    position, which `trainer.check_resume_keeps_data_order` (data.* and seed) does not see."""
+    path = workdir_io.join(workdir, "config.json")
+    if config.get("allow_data_change_on_resume", False) or not workdir_io.exists(path):
+        return
+    saved = json.loads(workdir_io.read_text(path))
+    if "num_sample_images" in saved and _held_out(saved) != _held_out(config.to_dict()):
+        raise ValueError(f"{workdir} holds a checkpoint whose data position belongs to a training set without its last "
+                         f"{_held_out(saved)} images (num_sample_images={saved['num_sample_images']}, val_image_dir="
+                         f"{saved['data'].get('val_image_dir')!r}); this run holds out {_held_out(config.to_dict())} "
+                         "(num_sample_images, data.val_image_dir), which reorders the data: resume with the saved "
+                         "values (config.json) or set config.allow_data_change_on_resume=True")
+
+
 def _time_is_up(start: float, budget_seconds: float) -> bool:
     if budget_seconds <= 0:
         return False
@@ -311,6 +335,8 @@ def train(config, workdir: str) -> dict[str, float]:
     data_iter = image_data.make_train_iterator(config, jax.process_index(), jax.process_count())
     ckpt = checkpointing.CheckpointManager(workdir, save_every_steps=int(config.checkpoint_every_steps),
                                            keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
+    if ckpt.latest_step() is not None:
+        check_resume_keeps_held_out(workdir, config)
     state = lm_trainer.restore_or_init(ckpt, t, data_iter, config, workdir)
     if jax.process_index() == 0:
         save_vq_config(workdir, t.vq_config)

@@ -368,3 +368,23 @@ def test_reseed_grace_stays_finite_for_a_short_usage_ema(decay):
     assert np.isfinite(np.asarray(usage)).all() and float(usage[1]) > 0
     assert np.isfinite(float(vqgan.perplexity_from_counts(usage)))
     assert float(usage[1] * decay ** 10_000) < float(config.codebook.dead_threshold) / 64   # dead again once unused
+
+
+def test_resume_refuses_another_held_out_count_of_a_folder(tmp_path):
+    """A folder's last num_sample_images files are held out of training: resuming with another count
+    reordered the data under the saved position, and check_resume_keeps_data_order (data.*, seed)
+    let it through."""
+    config = vq_tiny.get_config()
+    config.data.image_dir, config.num_sample_images = str(tmp_path / "images"), 8
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    train_vq.check_resume_keeps_held_out(str(tmp_path), config)   # unchanged: fine
+    changed = config.copy_and_resolve_references()
+    changed.num_sample_images = 0
+    with pytest.raises(ValueError, match="num_sample_images=8.*holds out 0"):
+        train_vq.check_resume_keeps_held_out(str(tmp_path), changed)
+    changed.allow_data_change_on_resume = True
+    train_vq.check_resume_keeps_held_out(str(tmp_path), changed)
+    shapes = vq_tiny.get_config()   # the shapes world holds nothing out: the sample count is free
+    (tmp_path / "config.json").write_text(shapes.to_json_best_effort())
+    shapes.num_sample_images = 0
+    train_vq.check_resume_keeps_held_out(str(tmp_path), shapes)
