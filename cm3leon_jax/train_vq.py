@@ -15,6 +15,7 @@ The public API for later stages: `load_tokenizer(workdir) -> (params, VQGANConfi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -311,6 +312,25 @@ def check_resume_keeps_held_out(workdir: str, config) -> None:
                          "values (config.json) or set config.allow_data_change_on_resume=True")
 
 
+_VQ_FIELDS_FREE_ON_RESUME = ("image_size", "dtype", "commitment_beta")   # the weights mean the same under them
+
+
+def check_resume_keeps_vq_config(workdir: str, vq_config: vqgan.VQGANConfig) -> None:
+    """The saved weights belong to the workdir's vq_config.json: norm, l2_normalize_codes or
+    local_encoder leave the parameter shapes alone, so a resume that changed them restored the
+    weights into a model computing something else and rewrote vq_config.json (a shape change failed
+    inside orbax instead)."""
+    if not workdir_io.exists(workdir_io.join(workdir, VQ_CONFIG_FILE)):
+        return
+    saved = load_vq_config(workdir)
+    changed = [f"vq.{f.name}: {getattr(saved, f.name)!r} -> {getattr(vq_config, f.name)!r}"
+               for f in dataclasses.fields(saved)
+               if f.name not in _VQ_FIELDS_FREE_ON_RESUME and getattr(saved, f.name) != getattr(vq_config, f.name)]
+    if changed:
+        raise ValueError(f"{workdir} holds a tokenizer trained with other settings ({'; '.join(changed)}): resume "
+                         f"with the saved values ({VQ_CONFIG_FILE}) or train in a new workdir")
+
+
 def _time_is_up(start: float, budget_seconds: float) -> bool:
     if budget_seconds <= 0:
         return False
@@ -337,6 +357,7 @@ def train(config, workdir: str) -> dict[str, float]:
                                            keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
     if ckpt.latest_step() is not None:
         check_resume_keeps_held_out(workdir, config)
+        check_resume_keeps_vq_config(workdir, t.vq_config)
     state = lm_trainer.restore_or_init(ckpt, t, data_iter, config, workdir)
     if jax.process_index() == 0:
         save_vq_config(workdir, t.vq_config)

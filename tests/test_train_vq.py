@@ -388,3 +388,18 @@ def test_resume_refuses_another_held_out_count_of_a_folder(tmp_path):
     (tmp_path / "config.json").write_text(shapes.to_json_best_effort())
     shapes.num_sample_images = 0
     train_vq.check_resume_keeps_held_out(str(tmp_path), shapes)
+
+
+def test_resume_refuses_a_vq_config_that_reinterprets_the_weights(tmp_path):
+    """norm, l2_normalize_codes and local_encoder leave the parameter shapes alone: a resume that
+    changed one restored the weights into another model and rewrote vq_config.json."""
+    import dataclasses
+    from cm3leon_jax import vqgan
+    saved = vqgan.VQGANConfig.from_config(vq_tiny.get_config().vq)
+    train_vq.save_vq_config(str(tmp_path), saved)
+    train_vq.check_resume_keeps_vq_config(str(tmp_path), saved)
+    train_vq.check_resume_keeps_vq_config(str(tmp_path), dataclasses.replace(saved, dtype="bfloat16"))   # free
+    for change in (dict(norm="layer"), dict(local_encoder=True), dict(l2_normalize_codes=True)):
+        with pytest.raises(ValueError, match=f"vq.{next(iter(change))}"):
+            train_vq.check_resume_keeps_vq_config(str(tmp_path), dataclasses.replace(saved, **change))
+    train_vq.check_resume_keeps_vq_config(str(tmp_path / "fresh"), dataclasses.replace(saved, norm="layer"))
