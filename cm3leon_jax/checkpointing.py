@@ -40,6 +40,7 @@ class CheckpointManager:
             raise ValueError(f"checkpoint_every_steps={save_every_steps} must be >= 1 (a run also saves at its last "
                              "step and when preempted)")
         self.directory = workdir_io.join(workdir_io.resolve(workdir), "checkpoints")
+        self._save_every = int(save_every_steps)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=int(save_every_steps), max_to_keep=int(keep),
             enable_async_checkpointing=async_save, create=True)
@@ -54,7 +55,9 @@ class CheckpointManager:
         Saving a step twice (an interval save, then the final or preemption save) is a no-op."""
         if step == self._last_saved_step:
             return False
-        if not (force or self._manager.should_save(step)):
+        # the interval decided here: orbax's should_save also says yes at every step of a workdir that has
+        # no checkpoint yet (its initial-save policy), which wrote an unasked checkpoint at step 1
+        if not (force or step % self._save_every == 0):
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(_StateSnapshot(data_iterator.get_state())))

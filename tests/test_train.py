@@ -277,6 +277,23 @@ def test_counts_that_must_be_positive_are_refused_up_front(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_checkpoints_are_saved_at_the_interval_only_not_also_at_step_1(tmp_path):
+    """orbax's should_save says yes at every step while a workdir has no checkpoint (its initial-save
+    policy): every run wrote an unasked full checkpoint at step 1, which also took a keep slot."""
+    from cm3leon_jax import checkpointing
+
+    class Position:
+        def get_state(self):
+            return b'{"position": 0}'
+
+    ckpt = checkpointing.CheckpointManager(str(tmp_path), save_every_steps=4, keep=5, async_save=False)
+    for step in range(1, 7):
+        ckpt.save(step, {"w": np.zeros(2)}, Position())
+    ckpt.save(6, {"w": np.zeros(2)}, Position(), force=True)   # the last step's
+    ckpt.close()
+    assert checkpointing.saved_steps(str(tmp_path)) == [4, 6]
+
+
 def test_grad_clip_0_means_no_clipping_not_a_zero_gradient():
     """optax clips to a norm of 0 as asked: every update was weight decay alone, nothing learned."""
     import jax.numpy as jnp
