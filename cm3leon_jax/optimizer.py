@@ -2,6 +2,8 @@
 guard that skips an update whose gradients hold a NaN or an inf."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -67,6 +69,21 @@ def decay_mask(params):
         last = path[-1]
         return getattr(last, "key", getattr(last, "name", None)) not in NO_DECAY_NAMES
     return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def check_adamw_fields(opt_config) -> None:
+    """AdamW's numbers, each a ValueError naming it: eps=0 divides 0 by 0 for every parameter whose
+    gradient is 0 (an unused embedding row) and b1 or b2 = 1 zeroes the bias correction, so the first
+    update made the parameters NaN (the guard checks gradients only, and blamed the learning rate);
+    a negative learning rate, ratio or decay trains silently the wrong way."""
+    for name in ("b1", "b2"):
+        if not 0.0 <= float(opt_config[name]) < 1.0:
+            raise ValueError(f"optimizer.{name}={opt_config[name]} must be in [0, 1)")
+    if not 0.0 < float(opt_config.eps) < math.inf:
+        raise ValueError(f"optimizer.eps={opt_config.eps} must be > 0 and finite")
+    for name in ("peak_lr", "lr", "disc_lr", "end_lr_ratio", "weight_decay", "disc_weight_decay"):
+        if name in opt_config and not 0.0 <= float(opt_config[name]) < math.inf:
+            raise ValueError(f"optimizer.{name}={opt_config[name]} must be >= 0 and finite")
 
 
 def grad_clip_norm(opt_config) -> float:

@@ -85,6 +85,7 @@ def validate_config(config, mesh, process_count: int) -> None:
                          f"eval_batches={eval_batches} >= 1 when it is on")
     optimizer.skip_nonfinite_limit(config.optimizer)
     optimizer.grad_clip_norm(config.optimizer)
+    optimizer.check_adamw_fields(config.optimizer)
     optimizer.learning_rate_schedule(config.optimizer, int(config.total_steps))   # checks the schedule's fields
     optimizer.warn_if_warmup_outlasts_training(config.optimizer, int(config.total_steps))
 

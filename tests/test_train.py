@@ -277,6 +277,18 @@ def test_counts_that_must_be_positive_are_refused_up_front(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_adamw_numbers_that_break_training_are_refused_up_front():
+    """eps=0 or b1/b2=1 made the parameters NaN at the first update (the guard checks gradients
+    only, and its error then blamed the learning rate); a negative learning rate trained uphill."""
+    mesh = sharding.make_mesh(tiny_config().mesh)
+    for field, value in (("optimizer.eps", 0.0), ("optimizer.b1", 1.0), ("optimizer.b2", 1.0),
+                         ("optimizer.peak_lr", -3e-4), ("optimizer.weight_decay", -0.1),
+                         ("optimizer.end_lr_ratio", -1.0)):
+        with pytest.raises(ValueError, match=f"{field}={value} must be"):
+            trainer.validate_config(tiny_config(**{field: value}), mesh, 1)
+    trainer.validate_config(tiny_config(**{"optimizer.b1": 0.0, "optimizer.weight_decay": 0.0}), mesh, 1)
+
+
 def test_checkpoints_are_saved_at_the_interval_only_not_also_at_step_1(tmp_path):
     """orbax's should_save says yes at every step while a workdir has no checkpoint (its initial-save
     policy): every run wrote an unasked full checkpoint at step 1, which also took a keep slot."""
