@@ -579,11 +579,13 @@ def train(config, workdir: str) -> dict[str, float]:
                 break
         ckpt.save(step, trainer.saved_state(state), data_iter, force=True)
     finally:   # also on an error: pending checkpoint writes finish, records and the trace reach the workdir
-        trace.close()
-        ckpt.close()
-        logger.close()
-        data_iter.close()
-        preemption.close()   # SIGTERM goes back to its previous handler
+        try:   # a failed async save raises here: the rest is closed all the same
+            trace.close()
+            ckpt.close()
+        finally:
+            logger.close()
+            data_iter.close()
+            preemption.close()   # SIGTERM goes back to its previous handler
     if data_iter.skipped:
         logging.warning("documents skipped by the packer, and neighbours cut to fit data.seq_len: %s",
                         dict(data_iter.skipped))

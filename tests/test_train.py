@@ -483,6 +483,30 @@ def test_sigterm_goes_back_to_its_previous_handler_after_training(tmp_path):
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_failed_last_checkpoint_write_still_closes_the_logger_and_gives_sigterm_back(tmp_path, monkeypatch):
+    """A failed async save raises from CheckpointManager.close in train's `finally`: the logger,
+    the data iterator and the SIGTERM handler after it were left open (an object-store workdir's
+    last records never uploaded; a later e2e stage not stopped by SIGTERM)."""
+    from cm3leon_jax import checkpointing
+    closed = []
+
+    def failing_close(self):
+        self._manager.wait_until_finished()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing.CheckpointManager, "close", failing_close)
+    close_logger = metrics.MetricsLogger.close
+    monkeypatch.setattr(metrics.MetricsLogger, "close", lambda self: (closed.append("logger"), close_logger(self)))
+    mine = lambda signum, frame: None   # noqa: E731
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            trainer.train(tiny_config(total_steps=2), str(tmp_path))
+        assert signal.getsignal(signal.SIGTERM) is mine and closed == ["logger"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_two_processes_match_one_process_and_resume_on_one(tmp_path):
     steps = ["--config.total_steps=8", "--config.checkpoint_every_steps=5", "--config.mesh.data=2",
              "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
