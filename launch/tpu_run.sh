@@ -34,7 +34,7 @@ Options:
   --accelerator_type TYPE  default: v5litepod-8
   --runtime_version VER    default: v2-alpha-tpuv5-lite
   --spot                   create a spot (preemptible) slice
-  --config PATH            config file, relative to the repo (default: experiments/tiny_cpu.py)
+  --config PATH            config file, relative to the repo (checked here; default: experiments/tiny_cpu.py)
   --repo_dir DIR           code location on the workers (default: ~/cm3leon_jax;
                            quote a ~ so your local shell does not expand it)
   --dry_run                print every command instead of running it
@@ -148,6 +148,8 @@ ssh_all() {  # ssh_all REMOTE_COMMAND
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+# the config ships with this repo's code: a mistyped path is said now, not after the TPU is up
+[[ -f $REPO_ROOT/${CONFIG%%:*} ]] || usage_error "--config ${CONFIG%%:*}: no such file in $REPO_ROOT"
 TIMESTAMP=$(date +%Y%m%d_%H%M%S)
 LOG_FILE="tpu_run_${TPU_NAME}_${TIMESTAMP}.log"
 TARBALL_DIR=""

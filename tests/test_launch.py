@@ -110,7 +110,7 @@ def test_dry_run_custom_flags_both_syntaxes(tmp_path):
             "v5litepod-16",
             "--runtime_version=v2-alpha-tpuv5",
             "--config",
-            "experiments/other.py",
+            "experiments/cm3leon_350m.py",
             "--repo_dir=/opt/code",
             "--spot",
         ],
@@ -127,7 +127,7 @@ def test_dry_run_custom_flags_both_syntaxes(tmp_path):
     assert all("--project my-proj" in l for l in lines if l.startswith("+ gcloud"))
     train = [l for l in lines if "cm3leon_jax.train" in l][0]
     assert "cd /opt/code &&" in train
-    assert "--config experiments/other.py" in train
+    assert "--config experiments/cm3leon_350m.py" in train
 
 
 def test_a_mounted_workdir_installs_no_gcs_backend(tmp_path):
@@ -189,6 +189,16 @@ def test_missing_required_flag(tmp_path, missing):
     assert res.stdout == ""
 
 
+def test_a_mistyped_config_is_refused_before_any_gcloud_command(tmp_path):
+    """It was found only on the workers, after the TPU was created and the code installed."""
+    res = run_script(["--dry_run", *REQUIRED, "--config", "experiments/typo.py"], env=poisoned_env(tmp_path),
+                     cwd=tmp_path)
+    assert res.returncode == 2 and "--config experiments/typo.py: no such file" in res.stderr
+    assert "gcloud" not in res.stdout
+    assert "--config experiments/sft_tiny.py:gs://b/lm " in dry([*REQUIRED, "--config", "experiments/sft_tiny.py:gs://b/lm"],
+                                                               tmp_path)
+
+
 def test_unknown_flag(tmp_path):
     res = run_script(["--dry_run", *REQUIRED, "--bogus_flag=1"], env=poisoned_env(tmp_path), cwd=tmp_path)
     assert res.returncode == 2
@@ -234,6 +244,8 @@ def fake_env(tmp_path):
     (repo / "launch").mkdir(parents=True)
     (repo / "cm3leon_jax").mkdir()
     (repo / "cm3leon_jax" / "__init__.py").write_text("")
+    (repo / "experiments").mkdir()
+    (repo / "experiments" / "tiny_cpu.py").write_text("")   # the default --config, checked up front
     shutil.copy(SCRIPT, repo / "launch" / "tpu_run.sh")
     shutil.copy(SCRIPT.parent / "common.sh", repo / "launch" / "common.sh")
     fake_bin = tmp_path / "bin"
