@@ -545,6 +545,9 @@ def train(config, workdir: str) -> dict[str, float]:
     logger = metrics.MetricsLogger(workdir, resumed_step=step)
     peak, peak_source = flops.peak_flops()
     logging.info("MFU peak: %.3g FLOP/s (%s)", peak, peak_source)
+    per_step = {"tokens_per_second": trainer.tokens_per_step}
+    if math.isfinite(peak):   # an unknown device's MFU is left out: a NaN in every record is no valid JSON
+        per_step["mfu"] = trainer.flops_per_step / peak
     preemption = checkpointing.PreemptionWatcher()
     preempted = False
     total_steps, log_every = int(config.total_steps), int(config.log_every_steps)
@@ -558,8 +561,7 @@ def train(config, workdir: str) -> dict[str, float]:
             step += 1
             evaluating = bool(eval_every) and (step % eval_every == 0 or step == total_steps)
             if step % log_every == 0 or step == total_steps or evaluating:
-                last = metrics.step_record(step_metrics, timer, step, total_steps,
-                                           {"tokens_per_second": trainer.tokens_per_step, "mfu": trainer.flops_per_step / peak})
+                last = metrics.step_record(step_metrics, timer, step, total_steps, per_step)
                 last["tokens_seen"] = float(step * trainer.tokens_per_step)   # the x-axis to compare runs of other batch sizes
                 # documents that fit no row so far (this process's streams; batches prefetched count too)
                 last["packer_skipped"] = float(sum(n for reason, n in data_iter.skipped.items()

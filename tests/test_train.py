@@ -435,6 +435,20 @@ def test_mfu_peak_of_each_accelerator_by_its_device_kind():
         assert flops.peak_flops(devices)[0] == pytest.approx(8 * per_device), kind
 
 
+def test_an_unknown_accelerator_leaves_mfu_out_of_the_records_not_nan(tmp_path, monkeypatch):
+    """Every record held `"mfu": NaN`, which no strict JSON reader (jq, JavaScript) parses."""
+    from cm3leon_jax import flops
+    monkeypatch.setattr(flops, "peak_flops", lambda devices=None: (float("nan"), "unknown device kind 'X'"))
+    trainer.train(tiny_config(total_steps=4), str(tmp_path))
+
+    def no_constants(name):
+        raise ValueError(f"{name} in metrics.jsonl")
+    records = [json.loads(line, parse_constant=no_constants)
+               for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4] and "tokens_per_second" in records[-1]
+    assert not any("mfu" in r for r in records)
+
+
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     steps = "--config.total_steps=120"
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
