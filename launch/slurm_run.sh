@@ -45,7 +45,7 @@ Options:
   --repo_dir DIR           the repo as the nodes see it (default: this repo's absolute path)
   --setup CMD              shell command run on the nodes before training (e.g. "source VENV/bin/activate")
   --python PY              python executable on the nodes (default: python)
-  --signal_seconds S       checkpoint and requeue S seconds before the time limit (default: 300)
+  --signal_seconds S       checkpoint and requeue S seconds before the time limit (below --time; default: 300)
   --no_requeue             neither requeue at the time limit nor after a Slurm preemption
   --dry_run                print the sbatch script and the sbatch command instead of submitting
   --help                   show this help
@@ -109,6 +109,26 @@ for pair in "nodes:$NODES" "gpus_per_node:$GPUS_PER_NODE" "cpus_per_task:$CPUS_P
   [[ ${pair#*:} =~ ^[0-9]+$ && ${pair#*:} -ge 1 ]] || usage_error "--${pair%%:*} must be a positive integer, got '${pair#*:}'"
 done
 [[ $JOB_NAME =~ ^[A-Za-z0-9._-]+$ ]] || usage_error "--job_name may hold letters, digits, '.', '_' and '-' only"
+
+# Seconds in a Slurm time limit (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S); empty for any other (UNLIMITED).
+slurm_seconds() {
+  local d=0 h=0 m=0 s=0
+  if [[ $1 =~ ^([0-9]+)-([0-9]+)(:([0-9]+)(:([0-9]+))?)?$ ]]; then
+    d=${BASH_REMATCH[1]} h=${BASH_REMATCH[2]} m=${BASH_REMATCH[4]:-0} s=${BASH_REMATCH[6]:-0}
+  elif [[ $1 =~ ^([0-9]+)$ ]]; then m=${BASH_REMATCH[1]}
+  elif [[ $1 =~ ^([0-9]+):([0-9]+)$ ]]; then m=${BASH_REMATCH[1]} s=${BASH_REMATCH[2]}
+  elif [[ $1 =~ ^([0-9]+):([0-9]+):([0-9]+)$ ]]; then h=${BASH_REMATCH[1]} m=${BASH_REMATCH[2]} s=${BASH_REMATCH[3]}
+  else REPLY=""; return 0; fi
+  REPLY=$(( ((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s ))
+}
+# a signal due before the job starts comes at once: every requeued job would checkpoint and requeue again
+if [[ $REQUEUE -eq 1 && -n $TIME_LIMIT ]]; then
+  slurm_seconds "$TIME_LIMIT"
+  if [[ -n $REPLY && $SIGNAL_SECONDS -ge $REPLY ]]; then
+    usage_error "--signal_seconds=$SIGNAL_SECONDS is not below --time $TIME_LIMIT ($REPLY s): the job would be" \
+                "signalled, checkpointed and requeued as soon as it starts, again and again; lower --signal_seconds"
+  fi
+fi
 check_config_file "${CONFIG%%:*}"   # (a config may take an argument: file.py:ARG)
 if [[ $WORKDIR != /* && $WORKDIR != *://* ]]; then
   usage_error "--workdir '$WORKDIR' must be absolute (a shared path every node sees) or a gs:// URL"

@@ -78,10 +78,16 @@ def test_bad_flags_are_refused_before_anything_is_written(tmp_path):
                           (["--workdir", "/r", "--gpus_per_node", "0"], "--gpus_per_node must be a positive integer"),
                           (["--workdir", "/r", "--bogus", "1"], "unknown flag: --bogus"),
                           (["--workdir", "/r", "--config", "experiments/nope.py"], "no such file"),
-                          (["--workdir", "/r", "--job_name", "a b"], "--job_name may hold")]:
+                          (["--workdir", "/r", "--job_name", "a b"], "--job_name may hold"),
+                          # a time-limit signal due before the job starts came at once: checkpoint and requeue
+                          # again and again (Slurm's "5" is minutes)
+                          (["--workdir", "/r", "--time", "5"], "--signal_seconds=300 is not below --time 5 (300 s)"),
+                          (["--workdir", "/r", "--time", "0-0:10", "--signal_seconds", "900"], "(600 s)")]:
         res = _launch(args, env, tmp_path)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
     assert not (tmp_path / "calls.log").exists() and not list(tmp_path.glob("*.sbatch"))
+    for args in (["--time", "6"], ["--time", "1-0"], ["--time", "UNLIMITED"], ["--time", "5", "--no_requeue"]):
+        assert _launch(["--workdir", "/r", "--dry_run", *args], env, tmp_path).returncode == 0, args
 
 
 def _metrics_steps(workdir: Path) -> list[int]:
