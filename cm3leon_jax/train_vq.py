@@ -74,6 +74,7 @@ def validate_config(config, mesh, process_count: int) -> None:
     if config.optimizer.schedule not in ("constant", "cosine"):
         raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
     optimizer.skip_nonfinite_limit(config.optimizer)
+    optimizer.check_adamw_fields(config.optimizer)
     if not 0.0 <= float(config.codebook.usage_decay) < 1.0:  # 1 leaves the EMA at 0 and its bias correction 0/0
         raise ValueError(f"codebook.usage_decay must be in [0, 1), got {config.codebook.usage_decay}")
     vqgan.VQGANConfig.from_config(config.vq)  # unknown keys, image size vs downsampling
@@ -410,11 +411,8 @@ def train(config, workdir: str) -> dict[str, float]:
         if step > first_step and sampled_at != step:
             write_samples(step)
         ckpt.save(step, state, data_iter, force=True)
-    finally:   # also on an error: pending checkpoint writes finish, records and the trace reach the workdir
-        trace.close()
-        ckpt.close()
-        logger.close()
-        preemption.close()   # SIGTERM goes back to its previous handler
+    finally:
+        lm_trainer.close_run(trace, ckpt, logger, preemption)
     if data_iter.skipped:
         logging.warning("images skipped: %s", dict(data_iter.skipped))
     return dict(last, final_step=int(step), preempted=preempted)  # callers (e2e) must not take a stop for an end

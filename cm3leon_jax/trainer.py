@@ -520,6 +520,18 @@ def check_nonfinite(record: dict, step: int, limit: int, skipped_before: float, 
     return skipped
 
 
+def close_run(trace, ckpt, *others) -> None:
+    """Ends a run of either trainer, also on an error: pending checkpoint writes finish, the trace and
+    records reach the workdir. A failed async save raises from `ckpt.close()`; `others` (the logger's
+    last records, data workers, the preemption watcher giving SIGTERM back) are closed all the same."""
+    try:
+        trace.close()
+        ckpt.close()
+    finally:
+        for thing in others:
+            thing.close()
+
+
 def train(config, workdir: str) -> dict[str, float]:
     """Trains (or resumes) to config.total_steps; returns the last logged metrics."""
     mesh = sharding.make_mesh(config.mesh)
@@ -580,14 +592,8 @@ def train(config, workdir: str) -> dict[str, float]:
                 preempted = True
                 break
         ckpt.save(step, trainer.saved_state(state), data_iter, force=True)
-    finally:   # also on an error: pending checkpoint writes finish, records and the trace reach the workdir
-        try:   # a failed async save raises here: the rest is closed all the same
-            trace.close()
-            ckpt.close()
-        finally:
-            logger.close()
-            data_iter.close()
-            preemption.close()   # SIGTERM goes back to its previous handler
+    finally:
+        close_run(trace, ckpt, logger, data_iter, preemption)
     if data_iter.skipped:
         logging.warning("documents skipped by the packer, and neighbours cut to fit data.seq_len: %s",
                         dict(data_iter.skipped))

@@ -160,6 +160,12 @@ def test_config_errors_are_caught_before_any_compilation():
     config.data.shapes_seed, config.vq.codebook_size = 0, 0  # an empty codebook failed inside Flax
     with pytest.raises(ValueError, match="codebook_size=0"):
         train_vq.validate_config(config, mesh, 1)
+    config.vq.codebook_size, config.optimizer.eps = 128, 0.0   # NaN parameters after the first update
+    with pytest.raises(ValueError, match="optimizer.eps=0.0 must be > 0"):
+        train_vq.validate_config(config, mesh, 1)
+    config.optimizer.eps, config.optimizer.disc_lr = 1e-8, -1e-4   # the discriminator trained the wrong way
+    with pytest.raises(ValueError, match="optimizer.disc_lr=-0.0001 must be >= 0"):
+        train_vq.validate_config(config, mesh, 1)
 
 
 def test_tokenizer_loads_from_workdir(trained):
