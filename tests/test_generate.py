@@ -223,40 +223,40 @@ def test_cli_image_to_text_retrieves_the_neighbours_asked_for(generator, tmp_pat
                                                           "prompt": ["a red circle", "a <mask:0> square"]}))
 
 
-def test_cli_records_every_setting_that_changes_the_images(generator, tmp_path, monkeypatch):
-    # a --prompts_file run resumed with --int8, another --compute_dtype or --vq_workdir mixed two draws in one
-    # directory: none of them was in the settings a resume compares
+def _prompts_file_runs(generator, tmp_path, monkeypatch, *flag_sets):
+    """`generate --prompts_file` CLI runs (generate._run), one per dict of flags over defaults; returns
+    each run's (settings, keyword arguments) as handed to generate_many, which draws nothing here."""
     import types
     (tmp_path / "captions.txt").write_text("a red circle\n", encoding="utf-8")
     seen = []
-    monkeypatch.setattr(generate, "generate_many", lambda gen, prompts, out, settings, **kw: seen.append(settings) or {})
-    flags = types.SimpleNamespace(
+    monkeypatch.setattr(generate, "generate_many", lambda gen, prompts, out, settings, **kw: seen.append((settings, kw)))
+    defaults = dict(
         temperature=1.0, top_k=0, top_p=0.9, cfg_scale=3.0, cd_k=0, cd_alpha=0.1, cd_fraction=0.0, num_samples=1,
         neighbours=0, seed=0, workdir=str(tmp_path), rerank=False, out=str(tmp_path / "out"),
         prompts_file=str(tmp_path / "captions.txt"), prompt=[], image=[], task=None, interleaved=False, question=None,
         batch_size=4, num_shards=1, shard_index=0)
-    generate._run(generator, flags)
-    assert {k: seen[0][k] for k in ("int8", "compute_dtype", "vq_workdir")} == {
+    for flags in flag_sets:
+        generate._run(generator, types.SimpleNamespace(**{**defaults, **flags}))
+    return seen
+
+
+def test_cli_records_every_setting_that_changes_the_images(generator, tmp_path, monkeypatch):
+    # a --prompts_file run resumed with --int8, another --compute_dtype or --vq_workdir mixed two draws in one
+    # directory: none of them was in the settings a resume compares
+    (settings, _), = _prompts_file_runs(generator, tmp_path, monkeypatch, {})
+    assert {k: settings[k] for k in ("int8", "compute_dtype", "vq_workdir")} == {
         "int8": False, "compute_dtype": generator.model_config.dtype, "vq_workdir": os.path.abspath(generator.vq_workdir)}
-    assert seen[0]["data_dir"] == os.path.abspath(generator.data_dir)
+    assert settings["data_dir"] == os.path.abspath(generator.data_dir)
 
 
 def test_cli_cd_k_alone_draws_as_the_cd_k_share_does(generator, tmp_path, monkeypatch):
     # `--cd_k 2` alone applied --top_p/--top_k to the CD-K scores; `--cd_k 2 --cd_fraction 1` (and evaluate's
     # cdk row) did not: the same flag drew two ways
-    import types
-    (tmp_path / "captions.txt").write_text("a red circle\n", encoding="utf-8")
-    seen = []
-    monkeypatch.setattr(generate, "generate_many", lambda gen, prompts, out, settings, **kw: seen.append(kw) or {})
-    flags = types.SimpleNamespace(
-        temperature=1.0, top_k=5, top_p=0.9, cfg_scale=3.0, cd_k=2, cd_alpha=0.2, cd_fraction=0.0, num_samples=2,
-        neighbours=0, seed=0, workdir=str(tmp_path), rerank=False, out=str(tmp_path / "out"),
-        prompts_file=str(tmp_path / "captions.txt"), prompt=[], image=[], task=None, interleaved=False, question=None,
-        batch_size=4, num_shards=1, shard_index=0)
-    generate._run(generator, flags)
-    generate._run(generator, types.SimpleNamespace(**{**vars(flags), "cd_fraction": 1.0}))
+    cd_k_flags = dict(top_k=5, cd_k=2, cd_alpha=0.2, num_samples=2)
+    (_, alone), (_, share) = _prompts_file_runs(generator, tmp_path, monkeypatch, cd_k_flags,
+                                                dict(cd_k_flags, cd_fraction=1.0))
     cd_k = sampling.SamplingConfig(temperature=1.0, cd_k=2, cd_alpha=0.2)
-    assert seen[0]["config"] == cd_k and seen[1]["cd_config"] == cd_k and seen[1]["cd_fraction"] == 1.0
+    assert alone["config"] == cd_k and share["cd_config"] == cd_k and share["cd_fraction"] == 1.0
 
 
 def test_prompts_take_text_as_ingestion_stored_it(generator, tmp_path, monkeypatch):
