@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import ml_collections
 from absl import logging
@@ -79,13 +79,21 @@ def lm_config_for(lm, data_dir: str) -> ml_collections.ConfigDict:
     return config
 
 
-def _check_evaluate_fields(section) -> None:
-    from cm3leon_jax import evaluate
-    unknown = sorted(set(_plain(section)) - set(EVALUATE_FIELDS) - set(evaluate.SAMPLING_KNOBS))
+TEXT_TOKENIZER_FIELDS = ("num_captions", "seed", "vocab_size")   # the text_tokenizer stage's, likewise
+
+
+def _check_section_fields(name: str, section, fields: Sequence[str], hint: str = "") -> None:
+    unknown = sorted(set(_plain(section)) - set(fields))
     if unknown:
-        raise ValueError(f"evaluate.{unknown[0]}: the e2e evaluate stage does not read {unknown}; it reads "
-                         f"{', '.join(EVALUATE_FIELDS + tuple(evaluate.SAMPLING_KNOBS))} (for other settings run "
-                         "`python -m cm3leon_jax.evaluate` on the LM stage's directory)")
+        raise ValueError(f"{name}.{unknown[0]}: the e2e {name} stage does not read {unknown}; it reads "
+                         f"{', '.join(fields)}{hint}")
+
+
+def _check_stage_fields(config) -> None:
+    from cm3leon_jax import evaluate
+    _check_section_fields("evaluate", config.evaluate, EVALUATE_FIELDS + tuple(evaluate.SAMPLING_KNOBS),
+                          " (for other settings run `python -m cm3leon_jax.evaluate` on the LM stage's directory)")
+    _check_section_fields("text_tokenizer", config.text_tokenizer, TEXT_TOKENIZER_FIELDS)
 
 
 class Pipeline:
@@ -99,7 +107,7 @@ class Pipeline:
         self.dirs: dict[str, str] = {}
         self.timings: dict[str, dict[str, Any]] = {}
         self.stopped: str | None = None  # the stage a preemption stopped, if any
-        _check_evaluate_fields(config.evaluate)
+        _check_stage_fields(config)
         upstream = ""
         for name in STAGES:
             upstream = fingerprint(self.stage_settings(name), upstream)

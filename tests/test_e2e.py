@@ -380,6 +380,10 @@ def test_an_evaluate_field_the_stage_does_not_read_is_refused(tmp_path):
     config.evaluate.int8 = True   # a keyword of evaluate.evaluate that the stage never passed on
     with pytest.raises(ValueError, match=r"evaluate.int8: the e2e evaluate stage does not read \['int8'\]"):
         e2e.Pipeline(config, str(tmp_path / "w"))
+    config = e2e_tiny.get_config()
+    config.text_tokenizer.character_coverage = 0.99   # a sentencepiece option the stage never passes on
+    with pytest.raises(ValueError, match=r"text_tokenizer.character_coverage: the e2e text_tokenizer stage does not"):
+        e2e.Pipeline(config, str(tmp_path / "w"))
 
 
 def test_the_gpu_config_is_e2e_tiny_with_bigger_budgets():
