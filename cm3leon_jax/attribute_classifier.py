@@ -327,8 +327,9 @@ def train_classifier(workdir: str | None, image_size: int = 64, steps: int = DEF
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     start = time.time()
     params = init_params(seed)
+    # warmup < steps: optax needs decay steps after it (steps=1 failed inside optax)
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, min(100, max(1, steps // 10)), steps, end_value=learning_rate * 0.02)
+        0.0, learning_rate, min(100, max(1, steps // 10), steps - 1), steps, end_value=learning_rate * 0.02)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
     opt_state = optimizer.init(params)
     train_step = _make_train_step(optimizer)

@@ -55,6 +55,13 @@ def test_cached_classifier_is_loaded_not_retrained(trained):
     assert ac.load_classifier(os.path.join(workdir, ac.CLASSIFIER_SUBDIR)).keys() == params.keys()
 
 
+def test_a_one_step_classifier_trains():
+    """steps=1 passes the steps >= 1 check; its warmup used to leave optax no decay steps (a ValueError
+    from inside optax's schedule)."""
+    params = ac.train_classifier(None, steps=1, batch_size=2, eval_images=0)
+    assert params.keys() == ac.init_params(0).keys()
+
+
 def test_training_data_is_deterministic_and_labelled():
     a_images, a_index, a_labels = ac.training_batch(3, 7, 8)
     b_images, b_index, b_labels = ac.training_batch(3, 7, 8)
