@@ -307,19 +307,20 @@ def train_classifier(workdir: str | None, image_size: int = 64, steps: int = DEF
                      eval_images: int = 200, log_every: int = 250):
     """Trains (or loads the cached) attribute classifier; returns its params.
 
-    If `workdir/attribute_classifier` holds trained params they are loaded and nothing is trained
-    (whatever `steps` says; delete the folder to retrain). `workdir=None` trains without saving.
+    If `workdir/attribute_classifier` (or `workdir` itself) holds trained params they are loaded and
+    nothing is trained (whatever `steps` says; delete the folder to retrain). `workdir=None` trains without saving.
     After training, the accuracy on `eval_images` held-out validation renders is measured and
     stored in `classifier.json` beside the params.
     """
-    if workdir is not None and os.path.exists(os.path.join(classifier_dir(workdir), CONFIG_JSON)):
-        logging.info("attribute classifier: loading cached params from %s", classifier_dir(workdir))
+    # the workdir or its attribute_classifier folder (as load_classifier takes; the folder used to be retrained)
+    if workdir is not None and os.path.exists(os.path.join(_resolve_dir(workdir), CONFIG_JSON)):
+        logging.info("attribute classifier: loading cached params from %s", _resolve_dir(workdir))
         cached = classifier_info(workdir)
         asked = {"steps": int(steps), "batch_size": int(batch_size), "seed": int(seed), "image_size": int(image_size)}
         differ = {k: (cached.get(k), v) for k, v in asked.items() if cached.get(k) != v}
         if differ:   # scores stay comparable with earlier evaluations; retraining is the user's call
             logging.warning("attribute classifier: the cached one in %s was trained with other settings (%s); "
-                            "delete that folder to retrain", classifier_dir(workdir),
+                            "delete that folder to retrain", _resolve_dir(workdir),
                             ", ".join(f"{k} {a} -> asked {b}" for k, (a, b) in differ.items()))
         return load_classifier(workdir)
     steps, batch_size = int(steps), int(batch_size)

@@ -422,8 +422,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
                                                        steps=classifier_steps, seed=seed)
     report: dict[str, Any] = {"workdir": workdir_io.resolve(workdir), "step": int(gen.step), "notes": [],
                               "int8": bool(int8), "compute_dtype": gen.model_config.dtype,
-                              "classifier": attribute_classifier.classifier_info(
-                                  attribute_classifier.classifier_dir(classifier_dir or workdir))}
+                              "classifier": attribute_classifier.classifier_info(classifier_dir or workdir)}
 
     num_heldout = max(int(num_prompts), int(num_captions))
     prompts = heldout_prompts(num_heldout, size, split=split) if num_heldout else None

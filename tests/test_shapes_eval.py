@@ -395,6 +395,20 @@ def test_frechet_distance_compares_with_the_prompts_own_images_whatever_num_capt
         assert report["text_to_image"]["topp"]["frechet_distance_classifier_features"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_classifier_dir_may_name_the_classifier_folder_itself(tmp_path, monkeypatch):
+    """`--classifier_dir W/attribute_classifier` (the folder load_classifier also takes) used to train a
+    new classifier into W/attribute_classifier/attribute_classifier and score with that one."""
+    from cm3leon_jax import evaluate, generate
+    monkeypatch.setattr(generate, "Generator", _PerfectGenerator)
+    ac.save_classifier(str(tmp_path), ac.init_params(0), {"format": ac.FORMAT, "note": "cached"})
+    folder = str(tmp_path / ac.CLASSIFIER_SUBDIR)
+    report = evaluate.evaluate(str(tmp_path), out_dir=str(tmp_path / "out"), strategies=["topp"], num_prompts=2,
+                               num_samples=1, num_captions=0, num_val_documents=0, num_vq_images=0,
+                               classifier_dir=folder, classifier_steps=1)
+    assert report["classifier"].get("note") == "cached"
+    assert not os.path.exists(os.path.join(folder, ac.CLASSIFIER_SUBDIR))
+
+
 class _RerankingGenerator(_PerfectGenerator):
     """Reranks: each prompt's first (best) sample is its own render, the others noise."""
 
