@@ -195,7 +195,8 @@ def caption_accuracy(true_scenes: Sequence[Mapping[str, Any]], captions: Sequenc
     Each caption is parsed with `shapes_world.parse_caption` (objects) and `parse_background`;
     a caption that does not parse scores 0 for every attribute of its scene (object attributes,
     count and background) and is counted in `unparseable` (a share of captions). Otherwise the
-    same position-anchored matching as `text_to_image_faithfulness` applies.
+    same position-anchored matching as `text_to_image_faithfulness` applies, and a number of objects
+    the caption states ("two shapes") must be the true one for its count to score.
     """
     out = summarise_hits(caption_hits(true_scenes, captions))
     bad = sum(_read_caption(caption)[0] is None for caption in captions)
@@ -213,9 +214,18 @@ def _read_caption(caption: str) -> tuple[list | None, str | None]:
 
 
 def caption_hits(true_scenes: Sequence[Mapping[str, Any]], captions: Sequence[str]) -> list[dict[str, list[float]]]:
-    """`scene_hits` of each caption (parsed) against its image's true scene."""
+    """`scene_hits` of each caption (parsed) against its image's true scene. A caption that states a
+    number of objects (`shapes_world.parse_count`) other than the true one gets count 0, whatever it
+    lists ("three shapes: <two objects>" used to score its count right)."""
     _check_lengths(true_scenes, captions, "true_scenes and captions")
-    return [scene_hits(scene, *_read_caption(caption)) for scene, caption in zip(true_scenes, captions)]
+    out = []
+    for scene, caption in zip(true_scenes, captions):
+        hits = scene_hits(scene, *_read_caption(caption))
+        stated = sw.parse_count(caption) if isinstance(caption, str) else None
+        if stated is not None and stated != len(scene["objects"]):
+            hits["count"] = [0.0]
+        out.append(hits)
+    return out
 
 
 # --------------------------------------------------------------------------- instruction-tuned tasks

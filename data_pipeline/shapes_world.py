@@ -373,6 +373,15 @@ def parse_caption(caption: str) -> list[dict]:
     return objects
 
 
+_COUNT_RE = re.compile(r"\b(" + _alternation(_COUNT_WORDS) + r") (?:shape|object)s?\b")
+
+
+def parse_count(caption: str) -> int | None:
+    """The number of objects a caption states ("two shapes", "three objects"), or None if it states none."""
+    m = _COUNT_RE.search(caption.lower())
+    return _COUNT_WORDS.index(m.group(1)) if m else None
+
+
 def parse_background(caption: str) -> str | None:
     """The background named in a caption, or None if it names none."""
     m = _BACKGROUND_RE.search(caption.lower())

@@ -257,6 +257,17 @@ def test_caption_accuracy_true_other_and_unparseable():
     assert got["background"] == 0.5 and got["count"] == 0.5
 
 
+def test_caption_count_follows_the_number_the_caption_states():
+    """A caption stating "three shapes" but listing the two true objects used to score its count right."""
+    scene = {"objects": [{"shape": "circle", "color": "red", "size": "small", "position": "top"},
+                         {"shape": "square", "color": "blue", "size": "large", "position": "bottom left"}],
+             "background": "black"}
+    listed = "; ".join(f"a {o['size']} {o['color']} {o['shape']} at the {o['position']}" for o in scene["objects"])
+    for stated, count in (("three shapes", 0.0), ("two shapes", 1.0), ("There are three objects.", 0.0), ("", 1.0)):
+        got = sm.caption_accuracy([scene], [f"{stated} on {scene['background']}: {listed}"])
+        assert got["count"] == count and got["shape"] == 1.0 and got["all_correct"] == count, (stated, got)
+
+
 def test_frechet_distance_properties():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6))
