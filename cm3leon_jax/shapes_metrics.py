@@ -147,6 +147,8 @@ def bootstrap_comparison(totals: Mapping[str, np.ndarray], baseline: str | None 
     if not totals:
         return {"level": level, "num_resamples": int(num_resamples), "shares": {}, "differences": {}}
     num_groups = next(iter(shapes.values()))[0]
+    if num_groups < 1:   # resampling nothing divided by zero (a ZeroDivisionError from the weights)
+        raise ValueError("bootstrap_comparison needs at least one prompt (or image, document) per strategy, got 0")
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(num_groups, np.full(num_groups, 1.0 / num_groups), size=int(num_resamples))
     tails = (100 * (1 - level) / 2, 100 * (1 + level) / 2)

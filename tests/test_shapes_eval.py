@@ -234,6 +234,8 @@ def test_bootstrap_separates_a_better_strategy_and_not_an_equal_one():
         sm.bootstrap_comparison({"a": totals["base"], "b": totals["base"][:10]}, "a")
     with pytest.raises(ValueError, match="level"):
         sm.bootstrap_comparison(totals, "base", level=1.0)
+    with pytest.raises(ValueError, match="at least one prompt"):   # was a ZeroDivisionError
+        sm.bootstrap_comparison({"a": totals["base"][:0], "b": totals["base"][:0]}, "a")
 
 
 def test_caption_accuracy_true_other_and_unparseable():
