@@ -73,6 +73,8 @@ def plan(config) -> dict[str, float]:
 def main(argv):
     del argv
     import jax
+    if flags.FLAGS.config is None:   # else an AttributeError on None deep inside plan()
+        raise app.UsageError("--config is required")
     # 0 or below were ignored (a plan for this host's devices) or silently planned one device
     if flags.FLAGS.num_devices is not None and flags.FLAGS.num_devices < 1:
         raise app.UsageError(f"--num_devices={flags.FLAGS.num_devices} must be >= 1")

@@ -87,13 +87,15 @@ def test_an_int8_base_plan_holds_a_byte_per_frozen_kernel_weight_plus_its_scales
 
 
 def test_cli_refuses_a_device_count_or_memory_of_zero_or_below():
-    """--num_devices 0 planned this host's devices and -2 one device; --device_memory_gib 0 printed no verdict."""
+    """--num_devices 0 planned this host's devices and -2 one device; --device_memory_gib 0 printed no verdict;
+    no --config was an AttributeError."""
     import subprocess
     import sys
     from tests.helpers import REPO, cli_env
-    for flag, value, message in (("--num_devices", "0", "--num_devices=0 must be >= 1"),
+    for flag, value, message in (("--device_memory_gib", "1", "--config is required"),
+                                 ("--num_devices", "0", "--num_devices=0 must be >= 1"),
                                  ("--num_devices", "-2", "--num_devices=-2 must be >= 1"),
                                  ("--device_memory_gib", "0", "--device_memory_gib=0.0 must be > 0")):
-        proc = subprocess.run([sys.executable, "-m", "cm3leon_jax.memory_plan", "--config", "experiments/tiny_cpu.py",
-                               flag, value], cwd=REPO, capture_output=True, text=True, env=cli_env(None), timeout=300)
+        config = [] if message == "--config is required" else ["--config", "experiments/tiny_cpu.py"]
+        proc = subprocess.run([sys.executable, "-m", "cm3leon_jax.memory_plan", *config, flag, value], cwd=REPO, capture_output=True, text=True, env=cli_env(None), timeout=300)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
