@@ -188,8 +188,10 @@ class Trainer:
             return self._store_frozen(frozen)
 
     def float_frozen(self, frozen):
-        """The frozen weights as float arrays (int8 kernels dequantized: what the adapters trained on)."""
-        return quantization.dequantize_params(frozen, self.frozen_dtype or jnp.dtype(self.model_config.param_dtype))
+        """The frozen weights as float arrays (int8 kernels dequantized: what the adapters trained on).
+        Dequantized in the compute dtype, as `Projection` does: in the frozen float dtype instead
+        (param_dtype bfloat16 under float32 or float16 compute) the scale was rounded otherwise."""
+        return quantization.dequantize_params(frozen, self.model_config.compute_dtype)
 
     def trainable(self, tree) -> tuple[Any, Any]:
         """(what is trained, what is frozen) of params or a tree shaped like them: the adapters and

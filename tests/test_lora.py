@@ -271,6 +271,20 @@ def test_an_int8_base_is_a_quarter_of_the_memory_and_computes_what_its_dequantiz
     assert 0 < float(jnp.max(jnp.abs(held.astype(jnp.float32) - unquantized.astype(jnp.float32))))
 
 
+@pytest.mark.parametrize("dtype,param_dtype", [("float32", "bfloat16"), ("float16", "bfloat16")])
+def test_an_int8_base_is_dequantized_as_the_model_does_when_param_and_compute_dtypes_differ(dtype, param_dtype):
+    """float_frozen dequantized in the frozen float dtype (bfloat16 here), the model in the compute
+    dtype: the weights generation/export merge into were not the ones the adapters trained on."""
+    config = tiny_config(**{"model.lora_rank": 2, "model.lora_base_int8": True, "model.dtype": dtype,
+                            "model.param_dtype": param_dtype, "model.init_std": 0.2})
+    t = trainer.Trainer(config, sharding.make_mesh(config.mesh))
+    params = t.init_state(0).params
+    adapters, frozen = lora.split(params)
+    held = t.model.apply({"params": params}, _tokens())
+    dequantized = t.model.apply({"params": lora.join(adapters, t.float_frozen(frozen))}, _tokens())
+    np.testing.assert_array_equal(np.asarray(held), np.asarray(dequantized))
+
+
 def test_init_from_a_run_whose_config_predates_a_model_field_reads_it_as_its_default(tmp_path):
     """A pretrained config.json without a later field (here qk_norm_params) is restored with that
     field's default; init_from used to refuse it ("model.qk_norm_params=False vs None"), even through
