@@ -478,6 +478,23 @@ def check_resume_keeps_data_order(workdir: str, config) -> None:
                          "this one's weights with config.init_from), or set config.allow_data_change_on_resume=True")
 
 
+def check_resume_keeps_adapters(workdir: str, config) -> None:
+    """A LoRA run's checkpoint holds adapters trained at its saved lora_alpha (their scale) on its
+    saved frozen base (lora_base_int8): resumed under other values, the same adapters would silently
+    compute another model (rank and targets change the adapters' shapes: orbax refuses those)."""
+    path = workdir_io.join(workdir, "config.json")
+    if not workdir_io.exists(path):
+        return
+    saved = _model_as_read(json.loads(workdir_io.read_text(path)).get("model") or {})
+    current = _model_as_read(config.model.to_dict())
+    changed = [f"model.{k}: {saved[k]!r} -> {current[k]!r}" for k, kind in (("lora_alpha", float), ("lora_base_int8", bool))
+               if kind(saved[k]) != kind(current[k])]
+    if changed:
+        raise ValueError(f"{workdir} holds LoRA adapters trained with its saved settings, and this run changes them "
+                         f"({'; '.join(changed)}): resumed, the adapters would compute another model. Resume with the "
+                         "saved values (config.json), or start a new workdir with config.init_from set to this one")
+
+
 def restore_or_init(ckpt, trainer, data_iter, config, workdir: str):
     """The workdir's latest checkpoint (model and data position) if any, else fresh sharded state;
     config.json is (re)written either way. Shared by the LM and VQ trainers."""
@@ -487,6 +504,7 @@ def restore_or_init(ckpt, trainer, data_iter, config, workdir: str):
         check_resume_keeps_data_order(workdir, config)
         logging.info("resuming from step %d in %s", latest, ckpt.directory)
         if adapters_only:   # the checkpoint holds the adapters and their optimizer; the frozen weights are re-read
+            check_resume_keeps_adapters(workdir, config)
             state = ckpt.restore(latest, trainer.saved_state(trainer.abstract_state), data_iter)
             state = state.replace(params=lora.join(state.params, frozen_weights(config, trainer, workdir)))
         else:

@@ -245,6 +245,14 @@ def test_resuming_with_another_adapter_rank_names_the_setting(tmp_path):
         trainer.train(tiny_config(**{"total_steps": 4, "model.lora_rank": 4}), str(tmp_path))
 
 
+@pytest.mark.parametrize("field,value", [("model.lora_alpha", 64.0), ("model.lora_base_int8", True)])
+def test_resuming_with_another_adapter_scale_or_base_names_the_setting(tmp_path, field, value):
+    """Same adapter shapes, so orbax restored them: resumed, they silently computed another model."""
+    trainer.train(tiny_config(**{"total_steps": 2, "model.lora_rank": 2}), str(tmp_path))
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        trainer.train(tiny_config(**{"total_steps": 4, "model.lora_rank": 2, field: value}), str(tmp_path))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_an_int8_base_is_a_quarter_of_the_memory_and_computes_what_its_dequantized_weights_do(dtype):
     config = tiny_config(**{"model.lora_rank": 2, "model.lora_base_int8": True, "model.dtype": dtype,
