@@ -31,8 +31,9 @@ _RANK = "r"   # the einsum letter of the adapter's rank axis (checked unused by 
 
 
 def parse_targets(spec: str) -> tuple[str, ...]:
-    """"query,value" -> ("query", "value"); an unknown name is a ValueError listing the known ones."""
-    names = tuple(s.strip() for s in str(spec).split(",") if s.strip())
+    """"query,value" -> ("query", "value"); an unknown name is a ValueError listing the known ones. A
+    repeated name counts once (it adapts its projection once; flops.py counted it twice)."""
+    names = tuple(dict.fromkeys(s.strip() for s in str(spec).split(",") if s.strip()))
     unknown = sorted(set(names) - set(TARGETS))
     if unknown:
         raise ValueError(f"model.lora_targets names {unknown}: not projections; known: {', '.join(TARGETS)}")

@@ -101,6 +101,14 @@ def test_model_flops_count_no_weight_gradients_for_frozen_matmuls():
     assert flops.flops_per_token(adapted, t) == 4 * matmuls + 6 * adapter + attention
 
 
+def test_a_repeated_target_adapts_and_counts_its_projection_once():
+    assert lora.parse_targets(" query,value,query ,") == ("query", "value")
+    c = dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_length=32, lora_rank=4)
+    once = model_lib.TransformerConfig(**c, lora_targets="query,value")
+    twice = model_lib.TransformerConfig(**c, lora_targets="query,value,query")
+    assert flops.flops_per_token(twice, 32) == flops.flops_per_token(once, 32)
+
+
 @pytest.mark.parametrize("int8_base", [False, True])
 def test_lora_training_on_a_mesh_updates_the_adapters_only(int8_base):
     # init_std 0.2: with the default 0.006 a frozen random output head gives logits too small for
