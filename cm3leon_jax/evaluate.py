@@ -74,6 +74,9 @@ def parse_strategies(names: str | Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown or not names:
         raise ValueError(f"unknown decoding strategies {unknown or names}; known: {sorted(STRATEGIES)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:   # each would be drawn and scored again, its report row written twice
+        raise ValueError(f"decoding strategies named more than once: {repeated}")
     return names
 
 

@@ -352,6 +352,8 @@ def test_evaluation_settings_are_checked_up_front():
         evaluate.evaluate("/nonexistent", image_neighbours=-1)
     with pytest.raises(ValueError, match="unknown decoding strategies"):
         evaluate.evaluate("/nonexistent", strategies=["beam"])
+    with pytest.raises(ValueError, match=r"named more than once: \['topp'\]"):   # drawn and scored twice
+        evaluate.evaluate("/nonexistent", strategies="topp,greedy,topp")
     with pytest.raises(ValueError, match="num_prompts must be >= 0"):
         evaluate.evaluate("/nonexistent", num_prompts=-1)
     with pytest.raises(ValueError, match="caption_neighbours must be >= 0"):
