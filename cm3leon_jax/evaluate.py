@@ -340,9 +340,11 @@ def _markdown(report: dict) -> str:
     val = report.get("validation_loss")
     if val:
         boot = report.get("validation_loss_bootstrap") or {"differences": {}, "baseline": None}
+        # (one k alone, e.g. no retriever to compare with: nothing to subtract)
+        minus = (f"minus k={boot['baseline']} [95% bootstrap interval, paired by document]"
+                 if boot["baseline"] is not None else "difference (one k alone: none)")
         lines += ["## Validation loss of the query document with k retrieved neighbours", "",
-                  f"| k | loss | minus k={boot['baseline']} [95% bootstrap interval, paired by document] | "
-                  "neighbours found per document | query tokens |", "|---|---|---|---|---|"]
+                  f"| k | loss | {minus} | neighbours found per document | query tokens |", "|---|---|---|---|---|"]
         for k, v in val.items():
             d = boot["differences"].get(k)
             diff = f"{d['difference']:+.4f} [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]" if d else ""

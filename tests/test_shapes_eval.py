@@ -459,3 +459,7 @@ def test_the_user_network_frechet_distance_is_in_the_markdown_report():
     markdown = evaluate._markdown(report)   # computed with --feature_network, it used to reach report.json only
     assert "| topp | 12.345 |" in markdown and "| greedy | 12" not in markdown
     assert "user network" not in evaluate._markdown({**report, "text_to_image": {"greedy": row}})
+    # validation loss at one k (no retriever to compare with): the heading read "minus k=None"
+    one_k = {"workdir": "w", "step": 1, "validation_loss": {"0": {"loss": 0.65, "query_tokens": 100}},
+             "validation_loss_bootstrap": None}
+    assert "k=None" not in evaluate._markdown(one_k) and "| 0 | 0.6500 |  |" in evaluate._markdown(one_k)
