@@ -143,6 +143,7 @@ def cli_example(task: str, images: Sequence[np.ndarray], prompt: str | None, con
 def _check_inputs(task: str, f) -> None:
     """Refuses CLI inputs the task would drop without a word (a second --prompt, a --prompt or
     --question the template has no slot for, --control_type beside another task, --cd_fraction,
+    --num_samples for a task that writes one text,
     --image_cfg_scale for a task with no text and image conditions to weigh against each other)."""
     tmpl = sft_tasks.template(task)
     takes_text = any(fld != "control_type" for s in tmpl.prompt if s.kind == "text" for fld in s.fields)
@@ -151,6 +152,7 @@ def _check_inputs(task: str, f) -> None:
         ("--question", f.question and task != "vqa"),
         ("--control_type", f.control_type and task != "control"),
         ("--cd_fraction", f["cd_fraction"].present),
+        ("--num_samples", f["num_samples"].present and not tmpl.generates_image),   # one text is written
         # one kind of condition: two-stream CFG by --cfg_scale (`guidance_drops`), the image scale unread
         ("--image_cfg_scale", f["image_cfg_scale"].present and tmpl.generates_image
          and not (tmpl.condition_slots("text") and tmpl.condition_slots("image")))) if given]

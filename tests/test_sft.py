@@ -492,6 +492,10 @@ def test_generate_task_refuses_inputs_its_template_would_drop(tmp_path):
     given.add("cd_fraction")
     with pytest.raises(ValueError, match="does not use --cd_fraction"):
         sft_generate.run_cli(None, Flags(**dict(base, task="edit", prompt=["make it blue"])))
+    given.discard("cd_fraction")
+    given.add("num_samples")   # a text task wrote one caption whatever --num_samples said
+    with pytest.raises(ValueError, match="does not use --num_samples"):
+        sft_generate.run_cli(None, Flags(**dict(base, num_samples=4)))
 
 
 def test_generate_task_refuses_an_image_cfg_scale_it_would_not_read(tmp_path):
