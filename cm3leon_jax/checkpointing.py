@@ -193,10 +193,6 @@ def _named_leaves(tree) -> dict:
     return {"/".join(str(getattr(k, "key", k)) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _param_names(tree) -> set[str]:
-    return set(_named_leaves(tree))
-
-
 def _check_saved_params(manager, step: int, directory: str, abstract_params) -> None:
     """A partial restore fills parameters the checkpoint lacks with the ShapeDtypeStructs asked for
     (a crash far away, at the first use) and drops those it has beyond them (a tied head restored
@@ -206,7 +202,8 @@ def _check_saved_params(manager, step: int, directory: str, abstract_params) -> 
         saved = getattr(saved, "tree", saved)["params"]
     except (KeyError, TypeError, ValueError, FileNotFoundError):   # no metadata to compare with: orbax decides
         return
-    theirs, ours = _param_names(saved), _param_names(abstract_params)
+    saved_leaves, our_leaves = _named_leaves(saved), _named_leaves(abstract_params)
+    theirs, ours = set(saved_leaves), set(our_leaves)
     if theirs != ours:
         missing, extra = sorted(ours - theirs), sorted(theirs - ours)
         raise ValueError(
@@ -214,8 +211,8 @@ def _check_saved_params(manager, step: int, directory: str, abstract_params) -> 
             + "; ".join(f"{what} {names[:6]}" + (f" and {len(names) - 6} more" if len(names) > 6 else "")
                         for what, names in (("missing", missing), ("not in the model", extra)) if names)
             + ". The model's config (config.json, or a default of this version) differs from the one that saved it")
-    shapes = {name: tuple(x.shape) for name, x in _named_leaves(saved).items() if getattr(x, "shape", None) is not None}
-    wrong = [f"{name} {shapes[name]} (the model: {tuple(x.shape)})" for name, x in sorted(_named_leaves(abstract_params).items())
+    shapes = {name: tuple(x.shape) for name, x in saved_leaves.items() if getattr(x, "shape", None) is not None}
+    wrong = [f"{name} {shapes[name]} (the model: {tuple(x.shape)})" for name, x in sorted(our_leaves.items())
              if name in shapes and tuple(x.shape) != shapes[name]]
     if wrong:   # orbax's own error named no parameter and advised padding/truncating it (strict=False)
         raise ValueError(f"the checkpoint of step {step} in {directory} holds parameters of other shapes than the model "

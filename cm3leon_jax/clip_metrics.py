@@ -112,12 +112,13 @@ class ClipScorer:
         return clip_score_from_features(self.image_features(images), self.text_features(captions))
 
 
-def read_manifests(samples_dir: str) -> list[dict]:
+def read_manifests(samples_dir: str, required: bool = True) -> list[dict]:
     """`generate --prompts_file` rows of every manifest*.jsonl in the directory, one per caption
-    index (a caption drawn again appends a line: the last one is current), by index."""
+    index (a caption drawn again appends a line: the last one is current), by index. Also what a
+    resumed `generate_many` has drawn (`required=False`: none yet is no error)."""
     rows = {}
     names = sorted(n for n in os.listdir(samples_dir) if n.startswith("manifest") and n.endswith(".jsonl"))
-    if not names:
+    if not names and required:
         raise ValueError(f"{samples_dir!r} has no manifest*.jsonl: write samples with generate --prompts_file")
     for name in names:
         with open(os.path.join(samples_dir, name), encoding="utf-8") as f:

@@ -435,10 +435,8 @@ def read_prompts_file(path: str) -> tuple[list[tuple[int, str]], dict[str, int]]
                 caption, reason = None, "caption_not_a_string"
             elif caption is None and reason is None:
                 reason = "malformed_json"
-        if reason is None:   # as ingestion stores captions, and refused as it refuses them
-            caption = vocab_lib.as_stored_text(caption)
-            reason = ("empty_caption" if not caption else "caption_has_nul" if "\x00" in caption else
-                      "caption_has_special_tokens" if vocab_lib.SPECIAL_PATTERN.search(caption) else None)
+        if reason is None:   # as ingestion stores captions, and skipped as it skips them
+            caption, reason = vocab_lib.stored_text(caption)
         if reason is None:
             prompts.append((index, caption))
         else:
@@ -469,17 +467,10 @@ def generate_many(gen: Generator, prompts: Sequence[tuple[int, str]], out_dir: s
     num_samples = kwargs.get("num_samples", 8)
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
-    done = {}   # index -> the caption its samples were drawn for
-    for name in sorted(os.listdir(out_dir)):
-        if name.startswith("manifest") and name.endswith(".jsonl"):
-            with open(os.path.join(out_dir, name), encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:   # cut by a kill mid-write: that caption is drawn again
-                        continue
-                    if all(os.path.exists(os.path.join(out_dir, p)) for p in row["files"]):
-                        done[row["index"]] = row["caption"]
+    from cm3leon_jax import clip_metrics
+    # index -> the caption its samples were drawn for (a line cut by a kill is skipped: drawn again)
+    done = {row["index"]: row["caption"] for row in clip_metrics.read_manifests(out_dir, required=False)
+            if all(os.path.exists(os.path.join(out_dir, p)) for p in row["files"])}
     # an edited prompts file: line i's samples there show another caption, and were silently kept as done
     edited = [i for i, c in prompts if i in done and done[i] != c]
     if edited:

@@ -16,7 +16,6 @@ The public API for later stages: `load_tokenizer(workdir) -> (params, VQGANConfi
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Any
 
@@ -301,10 +300,9 @@ def check_resume_keeps_held_out(workdir: str, config) -> None:
     """A folder's last num_sample_images files are held out of training: resumed with another count
     (or val_image_dir), the training set and so its shuffled order change under the saved data
     position, which `trainer.check_resume_keeps_data_order` (data.* and seed) does not see."""
-    path = workdir_io.join(workdir, "config.json")
-    if config.get("allow_data_change_on_resume", False) or not workdir_io.exists(path):
+    saved = lm_trainer.saved_config(workdir)
+    if config.get("allow_data_change_on_resume", False) or saved is None:
         return
-    saved = json.loads(workdir_io.read_text(path))
     if "num_sample_images" in saved and _held_out(saved) != _held_out(config.to_dict()):
         raise ValueError(f"{workdir} holds a checkpoint whose data position belongs to a training set without its last "
                          f"{_held_out(saved)} images (num_sample_images={saved['num_sample_images']}, val_image_dir="

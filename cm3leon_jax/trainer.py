@@ -332,15 +332,20 @@ _RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_block_size", "atten
 _ADAPTER_MODEL_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_base_int8")
 
 
+def saved_config(workdir: str) -> dict | None:
+    """A workdir's config.json (the settings its run saved with) as a dict; None when it has none."""
+    path = workdir_io.join(workdir_io.resolve(workdir), "config.json")
+    return json.loads(workdir_io.read_text(path)) if workdir_io.exists(path) else None
+
+
 def pretrained_config(workdir: str) -> dict:
     """A training workdir's (or an `import_hf` workdir's) config.json as a dict, checked to have a
     model section: what a fine-tuning config takes its model from (experiments/sft_tiny.py:DIR)."""
-    path = workdir_io.join(workdir_io.resolve(workdir), "config.json")
-    if not workdir_io.exists(path):
+    config = saved_config(workdir)
+    if config is None:
         raise FileNotFoundError(f"{workdir!r} is not a training workdir (no config.json)")
-    config = json.loads(workdir_io.read_text(path))
     if not isinstance(config.get("model"), dict) or not config["model"]:
-        raise ValueError(f"{path} has no model section")
+        raise ValueError(f"{workdir_io.join(workdir_io.resolve(workdir), 'config.json')} has no model section")
     return config
 
 
@@ -462,10 +467,10 @@ def check_resume_keeps_data_order(workdir: str, config) -> None:
     another seed, batch size, sequence length or mixture, it points into a different order, and the
     run would silently repeat some documents and skip others. Such changes are refused (the
     saved config.json holds the run's settings), unless config.allow_data_change_on_resume."""
-    path = workdir_io.join(workdir, "config.json")
-    if config.get("allow_data_change_on_resume", False) or not workdir_io.exists(path):
+    saved = saved_config(workdir)
+    if config.get("allow_data_change_on_resume", False) or saved is None:
         return
-    saved, current = json.loads(workdir_io.read_text(path)), json.loads(config.to_json_best_effort())
+    current = json.loads(config.to_json_best_effort())
     pairs = [("seed", saved.get("seed"), current.get("seed"))]
     saved_data, current_data = saved.get("data") or {}, current.get("data") or {}
     pairs += [(f"data.{k}", saved_data[k], current_data.get(k)) for k in sorted(saved_data)
@@ -482,10 +487,10 @@ def check_resume_keeps_adapters(workdir: str, config) -> None:
     """A LoRA run's checkpoint holds adapters trained at its saved lora_alpha (their scale) on its
     saved frozen base (lora_base_int8): resumed under other values, the same adapters would silently
     compute another model (rank and targets change the adapters' shapes: orbax refuses those)."""
-    path = workdir_io.join(workdir, "config.json")
-    if not workdir_io.exists(path):
+    saved = saved_config(workdir)
+    if saved is None:
         return
-    saved = _model_as_read(json.loads(workdir_io.read_text(path)).get("model") or {})
+    saved = _model_as_read(saved.get("model") or {})
     current = _model_as_read(config.model.to_dict())
     changed = [f"model.{k}: {saved[k]!r} -> {current[k]!r}" for k, kind in (("lora_alpha", float), ("lora_base_int8", bool))
                if kind(saved[k]) != kind(current[k])]

@@ -62,23 +62,30 @@ def sentinel_token(i: int) -> str:
     return f"<mask:{i}>"
 
 
-def as_stored_text(text: str) -> str:
-    """Text as ingestion stores a caption: byte-order marks dropped, every whitespace run one space.
-    Prompts go through it too, so they encode to pieces training saw (a newline or a double space
-    encodes to others)."""
-    return " ".join(text.replace("\ufeff", "").split())
+def stored_text(text: str) -> tuple[str, str | None]:
+    """(text as ingestion stores a caption, None), or with the reason it skips such a caption (and a
+    prompt is refused). Stored: byte-order marks dropped, every whitespace run one space, so prompts
+    encode to pieces training saw (a newline or a double space encodes to others). Reasons:
+    empty_caption; caption_has_nul (a zero-filled file, UTF-16 read as UTF-8);
+    caption_has_special_tokens (training text never holds one, and `encode_text` would make it that
+    control token). One rule for ingestion, prompts files and prompts."""
+    text = " ".join(text.replace("\ufeff", "").split())
+    reason = ("empty_caption" if not text else "caption_has_nul" if "\x00" in text else
+              "caption_has_special_tokens" if SPECIAL_PATTERN.search(text) else None)
+    return text, reason
+
+
+_PROMPT_PROBLEMS = {"caption_has_nul": "holds a NUL byte",
+                    "caption_has_special_tokens": "spells a special token, which training text never holds"}
 
 
 def prompt_text(text, what: str) -> str:
-    """A prompt's text as stored (`as_stored_text`), refused when empty or when it spells a special
-    token: training text never holds one, and `encode_text` would make it that control token."""
-    text = as_stored_text(str(text))
-    if not text:
+    """A prompt's text as stored, or a ValueError for what `stored_text` would skip."""
+    text, reason = stored_text(str(text))
+    if reason == "empty_caption":
         raise ValueError(f"{what} is empty")
-    if "\x00" in text:   # ingestion skips such captions (caption_has_nul)
-        raise ValueError(f"{what} {text[:80]!r} holds a NUL byte")
-    if SPECIAL_PATTERN.search(text):
-        raise ValueError(f"{what} {text[:80]!r} spells a special token, which training text never holds")
+    if reason:
+        raise ValueError(f"{what} {text[:80]!r} {_PROMPT_PROBLEMS[reason]}")
     return text
 
 

@@ -306,7 +306,6 @@ class _Skips:
     budget (`cm3.NEIGHBOURS_CUT`); it runs wherever the pipeline runs (a Grain worker too), so the
     counts since the previous batch travel inside the batch."""
     REASONS = ("document_longer_than_seq_len", "empty_document", NEIGHBOURS_CUT)
-    DOCUMENT_REASONS = REASONS[:2]
     KEY = "_skipped"
 
     def __init__(self, seq_len: int):

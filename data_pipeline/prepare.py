@@ -240,14 +240,12 @@ def decode_caption(raw: Any) -> str:
         raw.encode("utf-8")
     except UnicodeEncodeError:
         raise SkipRecord("caption_not_utf8", "lone surrogate") from None
-    if "\x00" in raw:   # never text: a zero-filled file (an interrupted copy) or UTF-16 without a byte-order mark
-        raise SkipRecord("caption_has_nul", repr(raw[:40]))
-    caption = vocab_lib.as_stored_text(raw)
-    if not caption:
-        raise SkipRecord("empty_caption")
-    if vocab_lib.SPECIAL_PATTERN.search(caption):
-        # text spelling <break>/<mask:i>/<eoss> would become control tokens and corrupt CM3 masking
-        raise SkipRecord("caption_has_special_tokens", caption[:80])
+    # (text spelling <break>/<mask:i>/<eoss> would become control tokens and corrupt CM3 masking)
+    caption, reason = vocab_lib.stored_text(raw)
+    if reason == "empty_caption":
+        raise SkipRecord(reason)
+    if reason:
+        raise SkipRecord(reason, repr(caption[:40]) if reason == "caption_has_nul" else caption[:80])
     return caption
 
 
