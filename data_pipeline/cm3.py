@@ -352,7 +352,7 @@ class CM3Config:
     # Poisson spans with uniform boundaries almost never cover a whole caption, so without this
     # the model never learns to write one from an image (image -> text by infilling)
     caption_span_rate: float = 0.0
-    max_length: int | None = None            # drop lowest-ranked neighbours until the example fits
+    max_length: int | None = None            # drop lowest-ranked neighbours, then spans, until the example fits
     num_sentinels: int = 16
     sentinel_start: int = SENTINEL_OFFSET
     image_offset: int | None = None
@@ -431,6 +431,12 @@ def example_for_training(query_tokens, neighbour_token_lists: Sequence, rng: np.
         extra = 3 * n  # each span adds one in-place sentinel, an opening sentinel and <eoss>
         while neighbours and 2 + len(query) + sum(len(x) for x in neighbours) + extra > cfg.max_length:
             neighbours = neighbours[:-1]
+        # a query that fits only with fewer spans draws fewer (it was skipped whole by the packer);
+        # one too long even unmasked is left for the packer to skip and count
+        room = cfg.max_length - 2 - len(query) - sum(len(x) for x in neighbours)
+        if 0 <= room < extra:
+            n = room // 3
+            caption_len = caption_len if n else 0
     # counted by the packer (`neighbours_cut`): a seq_len too short for the documents turns retrieval off
     cut = np.int32(sampled - len(neighbours))
     layout = retrieval_augmented_sequence(query, neighbours, cfg.eos_id)

@@ -1,4 +1,5 @@
 """CM3Leon per-example transforms: retrieval layout, neighbour sampling, condition dropout, CM3 masking."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -400,6 +401,19 @@ def test_example_for_training_switches_and_length_budget():
         unmasked = cm3.cm3_unmask(ex["tokens"], sentinels=SENTINELS)
         assert len(unmasked) == 2 + 2 * doc_len  # exactly one neighbour kept
         assert ex[cm3.NEIGHBOURS_CUT] == budget.num_neighbours - 1   # and the others counted as cut
+    # A query that fits only with fewer spans draws fewer instead of being skipped by the packer;
+    # one too long even unmasked is left whole (the packer skips and counts it).
+    for spare_spans in (0, 1, 2):
+        tight = dataclasses.replace(budget, max_length=2 + doc_len + 3 * spare_spans + 2, caption_span_rate=1.0)
+        for seed in range(10):
+            ex = cm3.example_for_training(query, cands, rng(seed), tight)
+            assert len(ex["tokens"]) <= tight.max_length
+            spans = int(((ex["tokens"] >= SENTINELS[0]) & (ex["tokens"] < SENTINELS[0] + SENTINELS[1])).sum()) // 2
+            assert spans == spare_spans   # lambda 50 asks for 16; as many as fit are drawn
+            np.testing.assert_array_equal(cm3.cm3_unmask(ex["tokens"], sentinels=SENTINELS), np.r_[EOS, query, EOS])
+            assert ex[cm3.NEIGHBOURS_CUT] == budget.num_neighbours
+    too_long = dataclasses.replace(budget, max_length=doc_len + 1)
+    assert len(cm3.example_for_training(query, cands, rng(0), too_long)["tokens"]) > too_long.max_length
     with pytest.raises(ValueError):
         cm3.CM3Config(condition_dropout_rate=0.1)  # needs image_offset
     with pytest.raises(ValueError):
