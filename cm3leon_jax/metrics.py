@@ -139,6 +139,8 @@ class MetricsLogger:
         rate_key, rate_label = self._rate
         if rate_key in metrics:
             parts.append(f"{rate_label} {metrics[rate_key]:,.0f}")
+        if "packed_fraction" in metrics and rate_key in metrics:   # how much of that rate is padding
+            parts.append(f"packed {100 * metrics['packed_fraction']:.0f}%")
         if "mfu" in metrics and math.isfinite(metrics["mfu"]):
             parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
         if metrics.get("skipped_steps", 0) > 0:   # the NaN/inf guard's skips: shown once there are any

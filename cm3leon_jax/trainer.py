@@ -277,7 +277,9 @@ class Trainer:
         streak, skipped = optimizer.skipped_updates(opt_state)
         # the optimizer's schedule counts applied updates only
         aux = dict(aux, grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(state.step - skipped_before),
-                   nonfinite_streak=streak, skipped_steps=skipped)
+                   nonfinite_streak=streak, skipped_steps=skipped,
+                   # share of the step's positions holding a document (the rest is padding): tokens/s counts both
+                   packed_fraction=jnp.mean((batch["segment_ids"] > 0).astype(jnp.float32)))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), aux
 
     def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -600,6 +602,8 @@ def train(config, workdir: str) -> dict[str, float]:
             if step % log_every == 0 or step == total_steps or evaluating:
                 last = metrics.step_record(step_metrics, timer, step, total_steps, per_step)
                 last["tokens_seen"] = float(step * trainer.tokens_per_step)   # the x-axis to compare runs of other batch sizes
+                if "tokens_per_second" in last:   # document tokens only, at the logged step's packing
+                    last["document_tokens_per_second"] = last["tokens_per_second"] * last["packed_fraction"]
                 # documents that fit no row so far (this process's streams; batches prefetched count too)
                 last["packer_skipped"] = float(sum(n for reason, n in data_iter.skipped.items()
                                                    if reason != cm3.NEIGHBOURS_CUT))

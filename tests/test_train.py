@@ -50,6 +50,9 @@ def test_tiny_model_memorises_a_fixed_batch():
     for _ in range(100):
         state, m = t.train_step(state, batch)
         losses.append(float(m["loss"]))
+    # the share of positions holding a document (tokens/s counts padding too)
+    local = jax.device_get(batch["segment_ids"])
+    assert float(m["packed_fraction"]) == pytest.approx(float((local > 0).mean())) and 0 < (local > 0).mean() < 1
     assert losses[0] > 3.5  # ~log(64) at init
     assert losses[-1] < 0.25 * losses[0], losses[::10]
 
@@ -66,6 +69,7 @@ def test_train_writes_metrics_events_and_checkpoints(tmp_path):
     timed = records[4]   # rates are the step's amounts over its measured seconds; the ETA counts steps left
     assert timed["tokens_per_second"] == pytest.approx(8 * 32 / timed["step_time"])
     assert timed["eta_seconds"] == pytest.approx(2 * timed["step_time"]) and records[6]["eta_seconds"] == 0
+    assert timed["document_tokens_per_second"] == pytest.approx(timed["tokens_per_second"] * timed["packed_fraction"])
     assert [records[s]["tokens_seen"] for s in (2, 4, 6)] == [2 * 8 * 32, 4 * 8 * 32, 6 * 8 * 32]
     assert last["loss"] == records[6]["loss"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
