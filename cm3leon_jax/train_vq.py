@@ -253,7 +253,7 @@ class VQTrainer:
     def _reconstruct_fn(self, params, images):
         recon, q = vqgan.VQGAN(self.vq_config).apply({"params": params}, images)
         recon = jnp.clip(recon, -1.0, 1.0)
-        return vqgan.to_uint8(recon), vq_losses.psnr(recon, vqgan.normalize_images(images, self.vq_config.pixel_scale))
+        return vqgan.to_uint8(recon, self.vq_config.pixel_scale), vq_losses.psnr(recon, vqgan.normalize_images(images, self.vq_config.pixel_scale))
 
     def reconstruct(self, params, images_uint8: np.ndarray) -> tuple[np.ndarray, float]:
         """uint8 images (the same on every process) -> (uint8 reconstructions, mean PSNR)."""

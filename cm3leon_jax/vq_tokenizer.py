@@ -131,7 +131,7 @@ class VQTokenizer:
             s = self.image_size
             return np.zeros((0, s, s, self.config.in_channels), np.uint8)
         images = self._chunks(codes.astype(np.int32),
-                              lambda x: vqgan.to_uint8(vqgan.decode(self.params, x, self.config)))
+                              lambda x: vqgan.to_uint8(vqgan.decode(self.params, x, self.config), self.config.pixel_scale))
         return images[0] if single else images
 
 

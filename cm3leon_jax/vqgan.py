@@ -201,10 +201,12 @@ def normalize_images(images: Array, pixel_scale: float = PIXEL_SCALE) -> Array:
     return images.astype(jnp.float32)
 
 
-def to_uint8(images: Array) -> Array:
-    """float [-1,1] -> uint8 [0,255] (clipped, rounded), for PNG grids and evaluation."""
-    x = (jnp.clip(jnp.asarray(images, jnp.float32), -1.0, 1.0) + 1.0) * 127.5
-    return jnp.round(x).astype(jnp.uint8)
+def to_uint8(images: Array, pixel_scale: float = PIXEL_SCALE) -> Array:
+    """float -> uint8 [0,255] (clipped, rounded), for PNG grids and evaluation: the inverse of
+    `normalize_images` at the config's `pixel_scale` ([-1, 1] for ours)."""
+    x = jnp.asarray(images, jnp.float32)
+    x = (jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5 if pixel_scale == PIXEL_SCALE else (x + 1.0) / float(pixel_scale)
+    return jnp.round(jnp.clip(x, 0.0, 255.0)).astype(jnp.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -698,4 +700,4 @@ def decode(params: PyTree, codes: Any, config: Any) -> Array:
 
 def decode_to_uint8(params: PyTree, codes: Any, config: Any) -> np.ndarray:
     """``decode`` followed by ``to_uint8``, as a host numpy array ready for PIL."""
-    return np.asarray(to_uint8(decode(params, codes, config)))
+    return np.asarray(to_uint8(decode(params, codes, config), VQGANConfig.from_config(config).pixel_scale))

@@ -264,6 +264,10 @@ def test_normalize_images_pixel_scale():
     np.testing.assert_array_equal(cham, (np.arange(256) * 0.0078).astype(np.float32) - np.float32(1))
     f = jnp.linspace(-1, 1, 5)
     np.testing.assert_array_equal(np.asarray(vqgan.normalize_images(f, 0.0078)), np.asarray(f))
+    # to_uint8 inverts it at the same scale (Chameleon's 0.0078 maps 255 to 0.989, not 1)
+    for scale, normalised in ((vqgan.PIXEL_SCALE, today), (vqgan.CHAMELEON_PIXEL_SCALE, cham)):
+        np.testing.assert_array_equal(np.asarray(vqgan.to_uint8(normalised, scale)), np.arange(256))
+    np.testing.assert_array_equal(np.asarray(vqgan.to_uint8(jnp.asarray([-3.0, 3.0]), 0.0078)), [0, 255])
     for dtype in (np.int32, np.uint16, np.bool_):  # other pixels would pass for normalised floats
         with pytest.raises(TypeError, match=r"uint8 \[0, 255\] or float"):
             vqgan.normalize_images(np.zeros((1, 2, 2, 3), dtype))
