@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Sequence
 
@@ -43,6 +44,12 @@ class ImageSamples:
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cd_sample_count(cd_fraction: float, num_samples: int) -> int:
+    """How many of `num_samples` the CD-K share draws: rounded half up, so 0.5 of 1, 3 or 5 samples
+    gives CD-K 1, 2 or 3 (Python's round gave 0, 2, 2: a half went to either side by parity)."""
+    return int(math.floor(cd_fraction * num_samples + 0.5))
 
 
 class Generator:
@@ -219,7 +226,7 @@ class Generator:
             raise ValueError(f"{len(indices)} indices for {len(captions)} captions")
         if num_samples < 1 or not 0.0 <= cd_fraction <= 1.0:
             raise ValueError(f"need num_samples >= 1 and cd_fraction in [0, 1]; got {num_samples}, {cd_fraction}")
-        n_cd = int(round(cd_fraction * num_samples))
+        n_cd = cd_sample_count(cd_fraction, num_samples)
         # a `config` with cd_k > 0 draws by CD-K too (`--cd_k` without --cd_fraction): label it so
         plans = [("cdk" if config.cd_k > 0 else "topp", num_samples - n_cd, config)]
         if n_cd:

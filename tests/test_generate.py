@@ -51,6 +51,11 @@ def test_text_to_image_samples_depend_on_their_caption_index_not_the_batch(gener
 
 
 
+def test_cd_share_rounds_half_up():
+    assert [generate.cd_sample_count(0.5, n) for n in (1, 2, 3, 4, 5)] == [1, 1, 2, 2, 3]
+    assert [generate.cd_sample_count(f, 3) for f in (0.0, 1 / 3, 2 / 3, 1.0)] == [0, 1, 2, 3]
+
+
 def test_text_to_image_refuses_bad_sample_counts_and_labels_a_cd_k_config(generator):
     # cd_fraction 1.5 of 2 samples used to draw 3 (all "cdk"), -0.5 drew 3 "topp"; 0 samples failed in np.stack
     for kwargs in (dict(cd_fraction=1.5), dict(cd_fraction=-0.5), dict(num_samples=0)):
