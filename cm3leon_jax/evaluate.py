@@ -367,7 +367,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
              neighbour_counts: Sequence[int] = (0, 1, 2), num_vq_images: int = 256,
              classifier_dir: str | None = None, classifier_steps: int = attribute_classifier.DEFAULT_STEPS,
              feature_network: str | None = None, clip_model: str | None = None, step: int | None = None,
-             seed: int = 0,
+             seed: int = 0, classifier_seed: int = 0,
              image_neighbours: int = 0, cfg_scale: float | None = None, top_p: float | None = None,
              top_k: int | None = None, temperature: float | None = None, cd_k: int | None = None,
              cd_alpha: float | None = None, split: str = "test", caption_neighbours: int = 0,
@@ -379,7 +379,8 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
     with int8 weight-only kernels (`quantization.py`), to see what quantization costs;
     `compute_dtype` ("bfloat16") decodes in that precision, to see what it costs.
     `baseline_strategy`: what the paired bootstrap compares every strategy with (default TopP when
-    scored, else the first)."""
+    scored, else the first). `seed` draws the samples; the attribute classifier, the judge, has its
+    own `classifier_seed`, so evaluations under several sampling seeds are scored by one classifier."""
     from cm3leon_jax.generate import Generator
     from data_pipeline import prepare
     start = time.time()
@@ -424,7 +425,7 @@ def evaluate(workdir: str, *, out_dir: str | None = None, strategies: Sequence[s
                              f"{workdir} has none (a params bundle carries none)")
     size = gen.vq.image_size
     classifier = attribute_classifier.train_classifier(classifier_dir or workdir, image_size=size,
-                                                       steps=classifier_steps, seed=seed)
+                                                       steps=classifier_steps, seed=classifier_seed)
     report: dict[str, Any] = {"workdir": workdir_io.resolve(workdir), "step": int(gen.step), "notes": [],
                               "int8": bool(int8), "compute_dtype": gen.model_config.dtype,
                               "classifier": attribute_classifier.classifier_info(classifier_dir or workdir)}
@@ -531,6 +532,7 @@ def main(argv):
                       neighbour_counts=[int(k) for k in f.neighbour_counts], num_vq_images=f.num_vq_images,
                       classifier_dir=f.classifier_dir, classifier_steps=f.classifier_steps,
                       feature_network=f.feature_network, clip_model=f.clip_model, step=f.step, seed=f.seed,
+                      classifier_seed=f.classifier_seed,
                       image_neighbours=f.image_neighbours, cfg_scale=f.cfg_scale, top_p=f.top_p, top_k=f.top_k,
                       temperature=f.temperature, cd_k=f.cd_k, cd_alpha=f.cd_alpha, split=f.split,
                       caption_neighbours=f.caption_neighbours, int8=f.int8, compute_dtype=f.compute_dtype,
@@ -572,6 +574,8 @@ def _define_flags():
     flags.DEFINE_string("clip_model", None, "optional local Hugging Face CLIP checkpoint dir (safetensors): adds "
                         "the CLIP score and a Frechet distance in CLIP image features (needs the interop extra)")
     flags.DEFINE_integer("seed", 0, "sampling seed")
+    flags.DEFINE_integer("classifier_seed", 0, "the attribute classifier's training seed (apart from --seed, so "
+                         "every sampling seed is scored by the same classifier)")
     flags.DEFINE_bool("int8", False, "decode and score with int8 weight-only kernels (quantization.py)")
     flags.DEFINE_string("baseline_strategy", None, "the strategy the paired bootstrap compares the others with "
                         f"(default {BASELINE_STRATEGY} when scored, else the first)")

@@ -422,6 +422,19 @@ def test_classifier_dir_may_name_the_classifier_folder_itself(tmp_path, monkeypa
     assert not os.path.exists(os.path.join(folder, ac.CLASSIFIER_SUBDIR))
 
 
+def test_the_sampling_seed_does_not_change_the_classifier(tmp_path, monkeypatch):
+    """`--seed` used to train the judge too: each sampling seed got another classifier (or a cached one
+    with a warning that its seed differed). It has its own `classifier_seed` (default 0)."""
+    from cm3leon_jax import evaluate, generate
+    monkeypatch.setattr(generate, "Generator", _PerfectGenerator)
+    kwargs = dict(strategies=["topp"], num_prompts=2, num_samples=1, num_captions=0, num_val_documents=0,
+                  num_vq_images=0, classifier_steps=1)
+    for seed, classifier_seed, where in ((3, 0, "a"), (0, 5, "b")):
+        report = evaluate.evaluate(str(tmp_path), out_dir=str(tmp_path / where), classifier_dir=str(tmp_path / where),
+                                   seed=seed, classifier_seed=classifier_seed, **kwargs)
+        assert report["classifier"]["seed"] == classifier_seed
+
+
 class _RerankingGenerator(_PerfectGenerator):
     """Reranks: each prompt's first (best) sample is its own render, the others noise."""
 
