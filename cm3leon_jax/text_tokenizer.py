@@ -163,12 +163,21 @@ class TextTokenizer:
 
     def __init__(self, model: str | os.PathLike | bytes):
         if isinstance(model, (bytes, bytearray)):
-            data = bytes(model)
+            data, where = bytes(model), "model bytes"
         else:
+            where = os.fspath(model)
             with open(model, "rb") as f:
                 data = f.read()
         self._bytes = data
-        self._sp = spm.SentencePieceProcessor(model_proto=data)
+        # an empty or truncated file (or spm.vocab) was SentencePiece's RuntimeError or, empty, an
+        # IndexError at the first lookup
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=data) if data else None
+        except RuntimeError:
+            self._sp = None
+        if self._sp is None:
+            raise ValueError(f"{where} is not a SentencePiece model ({len(data)} bytes, empty or corrupted); "
+                             "train one with python -m cm3leon_jax.text_tokenizer")
         self._exact = _keeps_text_as_is(data)
         self._meta_bytes = None
         pieces = [f"<0x{b:02X}>" for b in _META.encode("utf-8")]

@@ -465,7 +465,11 @@ class Vocabulary:
             tok, key = hf_text_tokenizer.HFTextTokenizer.load(directory), "hf_tokenizer_sha256"
             what = workdir_io.join(directory, hf_text_tokenizer.TOKENIZER_JSON)
         else:
-            tok, key, what = TextTokenizer(workdir_io.read_bytes(spm_path)), "spm_sha256", spm_path
+            key, what = "spm_sha256", spm_path
+            try:
+                tok = TextTokenizer(workdir_io.read_bytes(spm_path))
+            except ValueError as e:   # a truncated copy: name the file and the vocab.json it fails
+                raise ValueError(f"{spm_path} does not match {json_path}: {e}") from None
         if tok.sha256 != meta[key]:
             raise ValueError(f"{what} does not match {json_path}: sha256 {tok.sha256} != "
                              f"{meta[key]} (the text tokenizer was replaced)")

@@ -155,3 +155,15 @@ def test_a_model_that_normalises_text_refuses_what_it_would_change():
     for text in ("a  red   circle", "tab\there", "\uff46ull width", " lead"):
         with pytest.raises(ValueError, match="does not reproduce"):
             tok.encode(text)
+
+
+def test_an_empty_or_corrupted_model_file_is_a_clear_error(tmp_path, tiny_spm_model):
+    """A truncated spm.model (or spm.vocab given as the model) was SentencePiece's RuntimeError, an
+    empty one an IndexError at the first lookup."""
+    data = open(tiny_spm_model, "rb").read()
+    vocab_file = tiny_spm_model[:-len(".model")] + ".vocab"
+    for bad in (b"", data[:len(data) // 2]):
+        with pytest.raises(ValueError, match="is not a SentencePiece model"):
+            tt.TextTokenizer(bad)
+    with pytest.raises(ValueError, match=r"spm\.vocab is not a SentencePiece model"):
+        tt.TextTokenizer(vocab_file)

@@ -177,6 +177,9 @@ def test_mismatches_are_clear_errors(vocab, tok, tmp_path):
     (tmp_path / "v" / vb.SPM_MODEL).write_bytes(open(other_spm, "rb").read())
     with pytest.raises(ValueError, match="sha256"):
         vb.Vocabulary.load(tmp_path / "v")
+    (tmp_path / "v" / vb.SPM_MODEL).write_bytes(b"")   # a truncated copy
+    with pytest.raises(ValueError, match=r"spm\.model does not match .*vocab\.json.*not a SentencePiece model"):
+        vb.Vocabulary.load(tmp_path / "v")
     # A hand-edited layout no longer matches its fingerprint.
     vocab.save(tmp_path / "w")
     meta = json.loads((tmp_path / "w" / vb.VOCAB_JSON).read_text())
