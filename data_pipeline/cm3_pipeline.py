@@ -8,6 +8,7 @@ random access (tokens only: `prepare.TokenDocuments`), condition dropout, `<eos>
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import grain
@@ -97,7 +98,10 @@ def mixture_parts(data) -> list[tuple[str, float]]:
             raise ValueError(f"data.mix_with names data.data_dir ({d}); its weight is data.data_dir_weight")
         if names.count(name) > 1:
             raise ValueError(f"data.mix_with names the directory {name} more than once; give it one weight")
-    return [(str(data.data_dir), float(data.get("data_dir_weight", 1.0)))] + extra
+    weight = float(data.get("data_dir_weight", 1.0))
+    if not (math.isfinite(weight) and weight >= 0):   # named here: the mixture's error lists weights, not fields
+        raise ValueError(f"data.data_dir_weight={weight} must be a finite number >= 0")
+    return [(str(data.data_dir), weight)] + extra
 
 
 def _train_part(data, data_dir: str, settings: cm3.CM3Config):

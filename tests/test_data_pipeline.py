@@ -684,6 +684,11 @@ def test_a_dataset_given_two_mixture_weights_is_refused():
         data.mix_with = mix_with
         with pytest.raises(ValueError, match=match):
             cm3_pipeline.mixture_parts(data)
+    data.mix_with = "w/b=1"   # a bad data_dir_weight is named (the mixture's error listed {'0': -1.0, ...})
+    for weight in (-1.0, float("nan"), float("inf")):
+        data.data_dir_weight = weight
+        with pytest.raises(ValueError, match=r"data.data_dir_weight=.* must be a finite number >= 0"):
+            cm3_pipeline.mixture_parts(data)
 
 
 def test_a_mixture_logs_each_datasets_held_out_loss(tiny_pipeline, tmp_path):
