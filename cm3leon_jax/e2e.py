@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 from absl import logging
 
-from cm3leon_jax import metrics, workdir_io
+from cm3leon_jax import config_defaults, metrics, workdir_io
 
 STAGES = ("text_tokenizer", "vq", "data", "retrieval", "lm", "evaluate", "report")
 # What the report takes from each training stage's metrics.jsonl: eval_loss is the LM's held-out loss
@@ -89,8 +89,24 @@ def _check_section_fields(name: str, section, fields: Sequence[str], hint: str =
                          f"{', '.join(fields)}{hint}")
 
 
+# fields the pipeline fills in from its own stages (`Pipeline.data`, `lm_config_for`): a value given
+# for one was replaced without a word (a user's SentencePiece model, a larger vocab_size), so only
+# the defaults an experiment file inherits pass
+STAGE_SET_FIELDS = {"data.spm_model": ("",), "data.vq_workdir": ("",), "lm.data.data_dir": ("",),
+                    "lm.data.source": ("synthetic", "cm3"),
+                    "lm.model.vocab_size": (config_defaults.base_config().model.vocab_size,)}
+
+
 def _check_stage_fields(config) -> None:
     from cm3leon_jax import evaluate
+    for name, accepted in STAGE_SET_FIELDS.items():
+        try:
+            value = config_defaults.get_field(config, name)
+        except KeyError:   # a config without the field: nothing to ignore
+            continue
+        if value not in accepted:
+            raise ValueError(f"{name}={value!r}: the e2e pipeline sets {name} from its own stages (the text "
+                             "tokenizer, VQ and data it builds) and would ignore this value; leave it unset")
     _check_section_fields("evaluate", config.evaluate, EVALUATE_FIELDS + tuple(evaluate.SAMPLING_KNOBS),
                           " (for other settings run `python -m cm3leon_jax.evaluate` on the LM stage's directory)")
     _check_section_fields("text_tokenizer", config.text_tokenizer, TEXT_TOKENIZER_FIELDS)

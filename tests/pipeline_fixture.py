@@ -4,7 +4,7 @@ LM: text tokenizer -> VQ tokenizer (16x16 -> 4x4 codes) -> ingestion -> retrieve
 neighbours -> a few LM steps. test_e2e.py runs the remaining stages on the same workdir."""
 import ml_collections
 
-from cm3leon_jax import e2e
+from cm3leon_jax import config_defaults, e2e
 from experiments import data_shapes, e2e_tiny, vq_tiny
 from tests.helpers import tiny_config
 
@@ -50,6 +50,7 @@ def e2e_config():
     c.retrieval.update(steps=10, batch_size=16, width=32, embed_dim=32, text_layers=1, image_layers=1, num_heads=2,
                        log_every=5)
     c.lm = lm_config("", 0, total_steps=LM_STEPS)
+    c.lm.model.vocab_size = config_defaults.base_config().model.vocab_size   # the runner refuses any other
     c.evaluate.update(strategies=("topp_topk_cfg", "greedy"), num_prompts=2, num_samples=2, num_captions=2,
                       num_val_documents=4, neighbour_counts=(0, 1), num_vq_images=8, classifier_steps=3,
                       image_neighbours=1, cfg_scale=2.5, top_p=0.8)

@@ -388,6 +388,17 @@ def test_an_evaluate_field_the_stage_does_not_read_is_refused(tmp_path):
         e2e.Pipeline(config, str(tmp_path / "w"))
 
 
+def test_a_field_the_pipeline_sets_itself_is_refused(tmp_path):
+    from experiments import e2e_tiny
+    e2e.Pipeline(e2e_tiny.get_config(), str(tmp_path / "defaults"))   # the inherited defaults pass
+    for name, value in (("data.spm_model", "/my/spm.model"), ("data.vq_workdir", "/my/vq"),
+                        ("lm.data.data_dir", "/my/data"), ("lm.data.source", "sft"), ("lm.model.vocab_size", 4096)):
+        config = e2e_tiny.get_config()
+        e2e.config_defaults.set_field(config, name, value)   # used to be replaced by the stages' own, silently
+        with pytest.raises(ValueError, match=rf"{name}=.*sets {name} from its own stages"):
+            e2e.Pipeline(config, str(tmp_path / "w"))
+
+
 def test_the_gpu_config_is_e2e_tiny_with_bigger_budgets():
     """README's GPU results speak for e2e_tiny's recipe only while nothing but the budgets differ."""
     from flax import traverse_util
