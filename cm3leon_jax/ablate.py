@@ -105,11 +105,13 @@ def run(workdir: str, paths: Sequence[str]) -> list[dict]:
     if repeated:
         raise ValueError(f"two configs share the file name {repeated}: each run lives in WORKDIR/NAME, rename one")
     configs = [load_config(path) for path in paths]
-    rows = []
-    for path, name, config in zip(paths, names, configs):
+    for config in configs:
         config.cache_dir = os.path.join(workdir, "cache")
+    # ... and checked (the pipeline's up-front checks of its fields), not only when its turn comes
+    pipelines = [e2e.Pipeline(config, os.path.join(workdir, name)) for name, config in zip(names, configs)]
+    rows = []
+    for path, name, config, pipeline in zip(paths, names, configs, pipelines):
         logging.info("=== %s (%s)", name, path)
-        pipeline = e2e.Pipeline(config, os.path.join(workdir, name))
         pipeline.run()
         if pipeline.stopped:   # preempted (SIGTERM): its report.json is missing or an older run's; stop here
             logging.warning("%s stopped in stage %s (preempted): rerun the command to resume; the table holds "

@@ -259,6 +259,11 @@ def test_ablation_configs_are_all_checked_before_the_first_run(tmp_path, monkeyp
         ablate.run(str(tmp_path), [good, str(copy)])
     with pytest.raises(ValueError, match=r"must be \.py files"):
         ablate.run(str(tmp_path), [good, good[:-3]])
+    unread = tmp_path / "unread_field.py"   # loads, but the pipeline refuses a field it does not read
+    unread.write_text("from experiments import e2e_tiny\n\n\ndef get_config():\n    c = e2e_tiny.get_config()\n"
+                      "    c.evaluate.int8 = True\n    return c\n")
+    with pytest.raises(ValueError, match="evaluate.int8"):   # used to be refused only after the first run
+        ablate.run(str(tmp_path), [good, str(unread)])
 
 
 def test_a_preempted_ablation_run_stops_the_runner_and_is_not_tabulated(tmp_path, monkeypatch):
