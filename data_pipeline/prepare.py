@@ -520,6 +520,18 @@ def load_tokens(data_dir: str, split: str) -> TokenDocuments:
     return TokenDocuments(data_dir, split)
 
 
+SOURCE_INPUTS = {"folder": "folder", "jsonl": "jsonl", "tfds_name": "tfds"}   # each source's input field
+
+
+def check_source_inputs(cfg) -> None:
+    """Another source's input is refused: `--config.folder=DIR` without `--config.source=folder`
+    used to ingest the default source (the shapes world) and never look at DIR."""
+    for field, source in SOURCE_INPUTS.items():
+        if cfg.get(field) and cfg.source != source:
+            raise ValueError(f"config.{field}={cfg.get(field)!r} is read by source={source!r} only, but "
+                             f"source={cfg.source!r}: set --config.source={source} (or leave {field} empty)")
+
+
 def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Callable[[np.ndarray], np.ndarray], *,
             ingest_cls=_Ingest, builder_cls=Cm3Documents, sources=SOURCES, shard_index: int = 0,
             num_shards: int = 1) -> dict:
@@ -529,6 +541,7 @@ def prepare(cfg, out_dir: str, vocab: vocab_lib.Vocabulary, encode_images: Calla
     `out_dir/parts/` (`ingest_parts`); `ingest_parts.merge_parts` then writes the dataset."""
     if cfg.source not in sources:
         raise ValueError(f"unknown source {cfg.source!r}; choose one of {sorted(sources)}")
+    check_source_inputs(cfg)
     shard = Shard(shard_index, num_shards)   # checked before any work
     if shard.is_part:
         from data_pipeline import ingest_parts

@@ -235,6 +235,17 @@ def _stand_in_vq(spm_model):
     return vocab, lambda images: (np.asarray(images)[:, ::4, ::4, 0] % 16).astype(np.int32)
 
 
+def test_another_sources_input_is_refused_before_any_work(tmp_path):
+    """`--config.folder=DIR` without `--config.source=folder` ingested the shapes world, DIR unread."""
+    for field, value, source in (("folder", str(tmp_path), "folder"), ("jsonl", "m.jsonl", "jsonl"),
+                                 ("tfds_name", "coco_captions", "tfds")):
+        cfg = pipeline_fixture.data_config("", "")
+        cfg[field] = value
+        with pytest.raises(ValueError, match=rf"config.{field}=.*set --config.source={source}"):
+            prepare.prepare(cfg, str(tmp_path / "out"), None, None)
+        assert not (tmp_path / "out").exists()
+
+
 def test_overwriting_a_prepared_dataset_rebuilds_its_documents(tiny_spm_model, tmp_path):
     """TFDS reuses a dataset already in the directory: a rebuild kept the old documents under the
     new run's vocabulary and a report counting none kept."""
