@@ -64,6 +64,9 @@ def validate_config(config, mesh, process_count: int) -> None:
         raise ValueError(f"gradient_accumulation_steps={accumulation} must be >= 1 and split "
                          f"data.global_batch_size={batch} into microbatches whose rows divide over the "
                          f"data-parallel size mesh.data*mesh.fsdp={dp}")
+    if d.get("data_dir") and d.source == "synthetic":   # it never reads one: the run trained on Markov walks
+        raise ValueError(f"data.data_dir={d.data_dir!r} is read by data.source='cm3' (data_pipeline.prepare) or "
+                         "'sft' (sft_prepare); data.source='synthetic' reads none: set --config.data.source=cm3")
     if d.get("mix_with") and d.source != "cm3":
         raise ValueError(f"data.mix_with mixes prepared cm3 datasets; data.source={d.source!r} has none "
                          "(SFT data is mixed by task: data.sft_task_weights)")

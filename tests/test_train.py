@@ -166,6 +166,13 @@ def test_invalid_held_out_settings_are_refused_up_front():
             trainer.validate_config(tiny_config(**overrides), mesh, 1)
 
 
+def test_a_data_dir_for_the_synthetic_source_is_refused():
+    """--config.data.data_dir=W/data without --config.data.source=cm3 trained on Markov walks, the data unread."""
+    mesh = sharding.make_mesh(tiny_config().mesh)
+    with pytest.raises(ValueError, match=r"data.data_dir='/prepared'.*set --config.data.source=cm3"):
+        trainer.validate_config(tiny_config(**{"data.data_dir": "/prepared"}), mesh, 1)
+
+
 def _poisoned(batch):
     """The batch with one NaN loss weight: its loss and every gradient become NaN."""
     weights = np.array(jax.device_get(batch["weights"]))
