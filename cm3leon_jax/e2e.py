@@ -99,6 +99,10 @@ STAGE_SET_FIELDS = {"data.spm_model": ("",), "data.vq_workdir": ("",), "lm.data.
 
 def _check_stage_fields(config) -> None:
     from cm3leon_jax import evaluate
+    missing = [name for name in STAGES[:-1] if name not in config]   # a trainer's config: AttributeError "'evaluate'"
+    if missing:
+        raise ValueError(f"the config has no {', '.join(missing)} section: an e2e run takes an e2e config "
+                         "(experiments/e2e_*.py, experiments/ablation_*.py) with one section per stage")
     for name, accepted in STAGE_SET_FIELDS.items():
         try:
             value = config_defaults.get_field(config, name)

@@ -404,6 +404,12 @@ def test_a_field_the_pipeline_sets_itself_is_refused(tmp_path):
             e2e.Pipeline(config, str(tmp_path / "w"))
 
 
+def test_a_trainers_config_is_refused_as_no_e2e_config(tmp_path):
+    from experiments import tiny_cpu
+    with pytest.raises(ValueError, match="no text_tokenizer, vq, retrieval, lm, evaluate section"):   # was AttributeError
+        e2e.Pipeline(tiny_cpu.get_config(), str(tmp_path))
+
+
 def test_the_gpu_config_is_e2e_tiny_with_bigger_budgets():
     """README's GPU results speak for e2e_tiny's recipe only while nothing but the budgets differ."""
     from flax import traverse_util
