@@ -140,8 +140,8 @@ class Pipeline:
         speed are left out, so adding or retuning one reuses finished stages."""
         c = self.config
         data = {k: v for k, v in _plain(c.data).items() if k not in SPEED_ONLY_DATA_FIELDS}
-        # the top-level seed draws the evaluation's samples (and its classifier): a changed seed
-        # must redo the evaluation, not serve the old seed's scores
+        # the top-level seed draws the evaluation's samples (the classifier has its own seed, 0): a
+        # changed seed must redo the evaluation, not serve the old seed's scores
         evaluation = {"evaluate": c.evaluate, "seed": c.get("seed", 0)}
         return {"text_tokenizer": c.text_tokenizer, "vq": c.vq, "data": data, "retrieval": c.retrieval,
                 "lm": c.lm, "evaluate": evaluation, "report": {}}[name]
