@@ -431,6 +431,10 @@ class Transformer(nn.Module):
         tokens are written at `cache.index` and the call returns (logits, updated cache)."""
         cfg = self.config
         if positions is None:
+            # the default positions run to the row's length: past the learned table, every logit was NaN
+            if cfg.positions == "learned" and tokens.shape[1] > cfg.max_length:
+                raise ValueError(f"rows of {tokens.shape[1]} tokens exceed model.max_length={cfg.max_length} "
+                                 "(learned positions); pass positions that restart per document, or shorter rows")
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)

@@ -172,3 +172,17 @@ def test_invalid_model_config_is_rejected():
     for base in (1.0, 0.0, -10.0):   # 1: every rotation angle 0; below: NaN positions
         with pytest.raises(ValueError, match=f"model.rotary_base={base} must be > 1"):
             TransformerConfig(**dict(BASE, rotary_base=base))
+
+
+def test_rows_longer_than_the_learned_position_table_are_refused():
+    """Default positions past max_length looked up outside the table: all-NaN logits, no error."""
+    cfg = TransformerConfig(**dict(BASE, max_length=8))
+    model, params = _init(cfg, jnp.zeros((1, 8), jnp.int32))
+    with pytest.raises(ValueError, match="rows of 12 tokens exceed model.max_length=8"):
+        model.apply({"params": params}, jnp.zeros((1, 12), jnp.int32))
+    # explicit positions that restart per document stay within the table: allowed
+    positions = jnp.asarray([list(range(6)) * 2])
+    assert np.isfinite(model.apply({"params": params}, jnp.zeros((1, 12), jnp.int32), positions)).all()
+    rotary = TransformerConfig(**dict(BASE, max_length=8, positions="rotary"))
+    model, params = _init(rotary, jnp.zeros((1, 8), jnp.int32))
+    assert np.isfinite(model.apply({"params": params}, jnp.zeros((1, 12), jnp.int32))).all()
