@@ -20,14 +20,14 @@ from cm3leon_jax import lora
 
 # Dense bf16 peak FLOP/s per JAX device (vendor figures per chip; a TPU v3 chip is two devices, one per
 # TensorCore). Matched in order as substrings of `device.device_kind`, so the longer names come first:
-# a v5p reports itself as "TPU v5", a v5e as "TPU v5 lite"; an "NVIDIA L40S" contains "L4".
+# a v5p reports itself as "TPU v5", a v5e as "TPU v5 lite"; an "NVIDIA L40S" contains "L4", an "H100 NVL" "H100".
 PEAK_FLOPS_BY_DEVICE_KIND = {
     "TPU v6 lite": 918e12, "TPU v6e": 918e12,
     "TPU v5 lite": 197e12, "TPU v5e": 197e12,
     "TPU v5p": 459e12, "TPU v5": 459e12,
     "TPU v4": 275e12,
     "TPU v3": 123e12 / 2,
-    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12,
+    "H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
     "A100": 312e12,
     "L40S": 362e12, "L40": 181e12, "L4": 121e12,
 }
