@@ -37,6 +37,11 @@ Formats:
                 (adapter_config.json + adapter_model.safetensors) for the hf-* export of the
                 checkpoint the run fine-tuned (its init_from.json; cm3leon_export.json gives the
                 command that exports that base): `PeftModel.from_pretrained(base, OUT)`.
+Token ids in the hf-* config.json: our layout's (<pad> 0, bos = eos = <eos> 1; hf-chameleon's
+vocabulary_map from the workdir's vocab/), except for a checkpoint imported without --remap_vocab,
+whose weights keep its HF ids, and runs fine-tuned from it: there the ids and vocabulary_map its
+import recorded (import_hf's hf_ids.json, found through init_from.json records: `hf_ids_record`).
+cm3leon_export.json's `token_ids` says which, and from where.
 See hf_interop.py for what each HF format can hold; a config it cannot hold exactly is refused
 before anything is read. Parameters move one tensor (one layer) at a time. Run it as one process.
 
@@ -63,6 +68,9 @@ SAFETENSORS = "model.safetensors"
 VOCAB_DIR = "vocab"
 VQ_DIR = "vq"
 INGEST_REPORT = "ingest_report.json"  # data_pipeline.prepare.REPORT_FILE
+HF_IDS_JSON = "hf_ids.json"   # import_hf without --remap_vocab: the source config's token ids (hf_ids_record)
+HF_IDS_FORMAT = "cm3leon_jax.hf_ids/1"
+HF_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "image_token_id", "vocabulary_map")
 FORMATS = ("params",) + hf_interop.FORMATS
 
 
@@ -435,6 +443,36 @@ def _chameleon_vq(workdir: str, config, vq_workdir: str | None):
     return vq, {"written": True, "source": os.path.abspath(source), "what": note}
 
 
+def hf_ids_record(workdir: str) -> tuple[dict | None, list[str]]:
+    """(the HF_IDS_JSON record, the workdirs read to find it). A checkpoint imported without
+    --remap_vocab keeps its HF token ids in the embedding and head rows, and so does every run
+    fine-tuned from it: init_from.json records are followed back (any depth) to a workdir holding
+    the record. None: the chain ends at a workdir in our id layout (trained from scratch, imported
+    with --remap_vocab). A workdir of the chain that is gone is an error: which ids its weights
+    use cannot be told, and our ids in config.json would make transformers stop on the wrong token."""
+    from cm3leon_jax import trainer as trainer_lib
+    chain = [workdir_io.resolve(workdir)]
+    while True:
+        path = workdir_io.join(chain[-1], HF_IDS_JSON)
+        if workdir_io.exists(path):
+            return workdir_io.read_format_json(path, HF_IDS_FORMAT, what="record of Hugging Face token ids"), chain
+        record = trainer_lib.init_from_record(chain[-1])
+        if record is None:
+            return None, chain
+        source = workdir_io.resolve(record["workdir"])
+        if source in chain:
+            raise ValueError(f"{workdir_io.join(chain[-1], trainer_lib.INIT_FROM_FILE)} leads back to {source}: "
+                             f"the init_from chain {chain} loops")
+        if not workdir_io.exists(workdir_io.join(source, "config.json")):
+            raise FileNotFoundError(
+                f"{workdir_io.join(chain[-1], trainer_lib.INIT_FROM_FILE)} says {chain[-1]} started from {source}, "
+                f"which is gone (no config.json; chain {chain}): whether the weights hold a Hugging Face checkpoint's "
+                f"token ids (imported without --remap_vocab: {HF_IDS_JSON} there) or ours cannot be told, so "
+                f"config.json's pad/bos/eos ids cannot be written. Restore {source} (or point the record at a copy), "
+                f"or copy the import's {HF_IDS_JSON} into {chain[0]}")
+        chain.append(source)
+
+
 def _check_hf_dtype(dtype: str) -> None:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype!r}: one of float32, bfloat16, float16")
@@ -443,19 +481,29 @@ def _check_hf_dtype(dtype: str) -> None:
 def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32",
               vq_workdir: str | None = None) -> dict:
     """Writes OUT/config.json + OUT/model.safetensors for transformers; returns the HF config.
-    hf-chameleon also writes our VQ encoder as `model.vqmodel` when there is one it can hold."""
+    hf-chameleon also writes our VQ encoder as `model.vqmodel` when there is one it can hold. Token
+    ids are the imported checkpoint's where the weights keep them (`hf_ids_record`), else ours."""
     config = read_config(workdir)
     model_cfg = model_lib.TransformerConfig.from_config(config.model)
     hf_interop.check_exportable(model_cfg, fmt)  # refuse before reading anything
     _check_hf_dtype(dtype)
     vq, vq_note = _chameleon_vq(workdir, config, vq_workdir) if fmt == hf_interop.CHAMELEON else (None, None)
+    ids_record, chain = hf_ids_record(workdir)
     _prepare_out(out)
     _, model_cfg, params, step = load_workdir_params(workdir, step)
     vocab = _workdir_vocab(workdir)
     vocabulary_map = None
-    if fmt == hf_interop.CHAMELEON and vocab is not None:
+    if fmt == hf_interop.CHAMELEON and vocab is not None and ids_record is None:
         vocabulary_map = hf_interop.our_vocabulary_map(vocab, model_cfg.vocab_size)
     hf_cfg = hf_interop.hf_config(model_cfg, fmt, vocabulary_map=vocabulary_map, dtype=dtype)
+    token_ids = {"layout": "ours", "chain": chain, **{k: hf_cfg[k] for k in HF_ID_FIELDS[:3]}}
+    if ids_record is not None:   # the weights keep the source checkpoint's ids: its config's, not ours
+        for key in HF_ID_FIELDS:   # one the source did not set takes transformers' default, as it did there
+            hf_cfg.pop(key, None)
+        hf_cfg.update(ids_record["ids"])
+        token_ids = {"layout": "hf", "chain": chain, "record": workdir_io.join(chain[-1], HF_IDS_JSON),
+                     "hf_config": ids_record["source"],
+                     **{k: v for k, v in ids_record["ids"].items() if k != "vocabulary_map"}}
     if vq is not None:
         hf_cfg["vq_config"] = hf_vq.hf_config(vq.config)
     entries = []
@@ -476,7 +524,7 @@ def export_hf(workdir: str, out: str, fmt: str, step: int | None = None, dtype: 
         f.write("\n")
     with open(os.path.join(out, "cm3leon_export.json"), "w", encoding="utf-8") as f:
         json.dump({"source_workdir": workdir_io.resolve(workdir), "step": step, "format": fmt, "dtype": dtype,
-                   "model.safetensors_sha256": sha, "vqmodel": vq_note,
+                   "model.safetensors_sha256": sha, "vqmodel": vq_note, "token_ids": token_ids,
                    "training_config": config.to_dict()}, f, indent=2, default=str)
         f.write("\n")
     if vq is not None:  # the image processor settings that feed transformers our pixels

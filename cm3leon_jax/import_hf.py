@@ -18,6 +18,11 @@ The format comes from DIR/config.json's model_type (opt | chameleon). Writes
                              sentinels, text, image codes (hf_interop.vocab_mapping); one found
                              beside the weights that cannot map (OPT's vocab.json has no <break>)
                              is left out, the reason in the summary's `not_carried`
+  OUT/hf_ids.json            (without --remap_vocab: the model keeps HF ids) the source config.json's
+                             pad/bos/eos_token_id, image_token_id and vocabulary_map, where set
+                             (format cm3leon_jax.hf_ids/1, `ids`, `source`): `export --format hf-*` of
+                             OUT, or of a run fine-tuned from it (init_from.json records followed back),
+                             writes these into config.json instead of our layout's <pad> 0, <eos> 1
   OUT/hf_tokenizer/          the HF tokenizer files, copied for reference
   OUT/vocab/, OUT/vq/        our vocabulary on the checkpoint's tokenizer.json and Chameleon's VQ
                              encoder (below), so generate / sft_prepare run on OUT
@@ -74,7 +79,7 @@ from cm3leon_jax import checkpointing, export as export_lib, hf_interop, hf_text
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "tokenizer.model", "generation_config.json", hf_vq.PREPROCESSOR_CONFIG)
 VOCAB_MAP_JSON = "hf_vocab_map.json"
-VOCAB_DIR, VQ_DIR = export_lib.VOCAB_DIR, export_lib.VQ_DIR
+VOCAB_DIR, VQ_DIR, HF_IDS_JSON = export_lib.VOCAB_DIR, export_lib.VQ_DIR, export_lib.HF_IDS_JSON
 
 
 def _detect_prefix(ckpt: hf_interop.HFCheckpoint, fmt: str) -> str:
@@ -193,6 +198,11 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
         if mapping is not None:
             with open(os.path.join(workdir, VOCAB_MAP_JSON), "w", encoding="utf-8") as f:
                 json.dump(dict(mapping, weights_remapped=bool(remap_vocab)), f)
+        if not remap_vocab:   # the export of OUT (or of a run fine-tuned from it) writes these back
+            with open(os.path.join(workdir, HF_IDS_JSON), "w", encoding="utf-8") as f:
+                json.dump({"format": export_lib.HF_IDS_FORMAT,
+                           "source": os.path.join(os.path.abspath(hf_dir), "config.json"),
+                           "ids": {k: hf_cfg[k] for k in export_lib.HF_ID_FIELDS if k in hf_cfg}}, f, indent=2)
         if vocab is not None:
             vocab.save(os.path.join(workdir, VOCAB_DIR))
         tok_dir = os.path.join(workdir, "hf_tokenizer")
@@ -208,7 +218,8 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
     return {"format": fmt, "workdir": workdir, "num_params": int(sum(x.size for x in flat.values())),
             "vocab_mapping": mapping["layout"] if mapping else None, "weights_remapped": bool(remap_vocab),
             "not_imported": len(unused), "vocab": VOCAB_DIR if vocab is not None else None,
-            "vq": VQ_DIR if vq_params is not None else None, "not_carried": not_carried}
+            "vq": VQ_DIR if vq_params is not None else None, "hf_ids": None if remap_vocab else HF_IDS_JSON,
+            "not_carried": not_carried}
 
 
 def is_peft_adapter(hf_dir: str) -> bool:

@@ -228,6 +228,58 @@ def test_imported_chameleon_workdir_has_a_vocab_and_vq_the_code_loads(tmp_path):
     assert summary["vq"] == "vq"
 
 
+HUB_IDS = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, image_token_id=9)  # Chameleon's, as the tokenizer's
+
+
+def _with_hub_ids(hf_dir):
+    """The checkpoint's config.json with the hub's token ids (not our layout's <pad> 0, <eos> 1)."""
+    cfg = dict(json.loads((hf_dir / "config.json").read_text()), **HUB_IDS)
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    return cfg
+
+
+def test_export_of_a_workdir_keeping_hf_ids_writes_the_checkpoints_ids(tmp_path):
+    """Imported without --remap_vocab, the weights keep HF ids: its hf-chameleon export, and that of
+    runs fine-tuned from it (init_from.json, two deep), gives transformers the source's ids and
+    vocabulary_map (ours were written: generate stopped on the wrong token); a broken chain is an error."""
+    import shutil
+    from cm3leon_jax import export, trainer
+    hf_dir = _chameleon_dir(tmp_path, helpers.chameleon_tokenizer_json())
+    source = _with_hub_ids(hf_dir)
+    keep = tmp_path / "keep"
+    assert import_hf.import_hf(str(hf_dir), str(keep))["hf_ids"] == "hf_ids.json"
+
+    def exported(workdir, name):
+        export.export(str(workdir), str(tmp_path / name), "hf-chameleon")
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        return cfg, json.loads((tmp_path / name / "cm3leon_export.json").read_text())["token_ids"]
+
+    cfg, note = exported(keep, "out")
+    assert {k: cfg[k] for k in HUB_IDS} == HUB_IDS and cfg["vocabulary_map"] == source["vocabulary_map"]
+    assert note["layout"] == "hf" and note["hf_config"] == str(hf_dir / "config.json") and note["eos_token_id"] == 2
+    assert hf_interop.load_hf_model(str(tmp_path / "out")).generation_config.eos_token_id == 2
+    # fine-tuned runs (what trainer.init_from_pretrained leaves: config, checkpoints, init_from.json)
+    previous = keep
+    for name in ("sft", "lora"):
+        shutil.copytree(keep, tmp_path / name, ignore=shutil.ignore_patterns("hf_ids.json"))
+        (tmp_path / name / trainer.INIT_FROM_FILE).write_text(json.dumps({"workdir": str(previous), "step": 0}))
+        previous = tmp_path / name
+    cfg, note = exported(tmp_path / "lora", "out_lora")
+    assert {k: cfg[k] for k in HUB_IDS} == HUB_IDS and cfg["vocabulary_map"] == source["vocabulary_map"]
+    assert note["chain"] == [str(tmp_path / n) for n in ("lora", "sft", "keep")]
+    shutil.rmtree(tmp_path / "sft")
+    with pytest.raises(FileNotFoundError, match=r"started from .*sft, which is gone.*hf_ids\.json"):
+        export.export(str(tmp_path / "lora"), str(tmp_path / "out_broken"), "hf-chameleon")
+    assert not os.path.exists(tmp_path / "out_broken")
+    # weights in our layout (--remap_vocab): our ids and vocab/'s map, as before
+    import_hf.import_hf(str(hf_dir), str(tmp_path / "remap"), remap_vocab=True)
+    assert not os.path.exists(tmp_path / "remap" / "hf_ids.json")
+    cfg, note = exported(tmp_path / "remap", "out_remap")
+    assert (cfg["pad_token_id"], cfg["bos_token_id"], cfg["eos_token_id"], note["layout"]) == (0, 1, 1, "ours")
+    assert "image_token_id" not in cfg and hf_interop.vocab_mapping(cfg["vocabulary_map"], 320)["ours_to_hf"] == \
+        list(range(320))   # our_vocabulary_map: our layout
+
+
 def test_import_refuses_a_tokenizer_that_is_not_the_checkpoints(tmp_path):
     hf_dir = _chameleon_dir(tmp_path, helpers.chameleon_tokenizer_json())
     # two pieces' ids swapped: not the ids the model was trained on

@@ -127,6 +127,26 @@ def test_an_adapter_made_by_peft_imports_with_peft_logits(tmp_path, hf_base, lor
     assert np.abs(theirs - _peft_logits(hf_dir, None)).max() > 100 * ATOL
 
 
+def test_merged_export_of_an_adapter_on_an_import_keeping_hf_ids_writes_its_ids(tmp_path):
+    """import_hf without --remap_vocab -> a PEFT adapter imported on it (a LoRA run, init_from.json)
+    -> its merged hf-chameleon export: config.json has the source checkpoint's token ids, found
+    through the run's init_from.json (ours were written: generate stopped on the wrong token)."""
+    cfg = model_lib.TransformerConfig.from_config(tiny_config(**CHAMELEON).model)
+    ids = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)   # the hub's Chameleon ids
+    hf_dir, base, run, out = (str(tmp_path / n) for n in ("hf", "base", "run", "out"))
+    hf_interop.random_hf_model(hf_interop.CHAMELEON, dict(hf_interop.hf_config(cfg, hf_interop.CHAMELEON), **ids), hf_dir)
+    import_hf.import_hf(hf_dir, base)
+    adapter = _peft_adapter(hf_dir, str(tmp_path / "adapter"), r=4, lora_alpha=8, target_modules=["q_proj"])
+    import_hf.import_peft_adapter(adapter, base, run)
+    export.export(run, out, hf_interop.CHAMELEON)
+    with open(os.path.join(out, "config.json")) as f:
+        exported = json.load(f)
+    assert {k: exported[k] for k in ids} == ids
+    with open(os.path.join(out, "cm3leon_export.json")) as f:
+        assert json.load(f)["token_ids"]["chain"] == [run, base]
+    np.testing.assert_allclose(_peft_logits(out, None), _peft_logits(hf_dir, adapter), atol=ATOL, rtol=0)
+
+
 def test_checkpoint_import_flags_with_a_peft_adapter_are_refused(tmp_path, hf_base):
     """--seq_len and --remap_vocab were dropped silently: the adapter's run takes base's config."""
     import subprocess
