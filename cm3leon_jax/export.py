@@ -447,15 +447,18 @@ def hf_ids_record(workdir: str) -> tuple[dict | None, list[str]]:
     """(the HF_IDS_JSON record, the workdirs read to find it). A checkpoint imported without
     --remap_vocab keeps its HF token ids in the embedding and head rows, and so does every run
     fine-tuned from it: init_from.json records are followed back (any depth) to a workdir holding
-    the record. None: the chain ends at a workdir in our id layout (trained from scratch, imported
-    with --remap_vocab). A workdir of the chain that is gone is an error: which ids its weights
-    use cannot be told, and our ids in config.json would make transformers stop on the wrong token."""
-    from cm3leon_jax import trainer as trainer_lib
+    the record. None: the chain reaches a workdir in our id layout: one holding our vocabulary
+    (vocab/: trained on our data, imported with --remap_vocab) or starting from nothing. A workdir
+    of the chain that is gone before that is an error: which ids its weights use cannot be told,
+    and our ids in config.json would make transformers stop on the wrong token."""
+    from cm3leon_jax import trainer as trainer_lib, vocab as vocab_lib
     chain = [workdir_io.resolve(workdir)]
     while True:
         path = workdir_io.join(chain[-1], HF_IDS_JSON)
         if workdir_io.exists(path):
             return workdir_io.read_format_json(path, HF_IDS_FORMAT, what="record of Hugging Face token ids"), chain
+        if vocab_lib.Vocabulary.saved_in(workdir_io.join(chain[-1], VOCAB_DIR)):   # its ids are our layout's
+            return None, chain
         record = trainer_lib.init_from_record(chain[-1])
         if record is None:
             return None, chain

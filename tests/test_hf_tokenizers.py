@@ -278,6 +278,11 @@ def test_export_of_a_workdir_keeping_hf_ids_writes_the_checkpoints_ids(tmp_path)
     assert (cfg["pad_token_id"], cfg["bos_token_id"], cfg["eos_token_id"], note["layout"]) == (0, 1, 1, "ours")
     assert "image_token_id" not in cfg and hf_interop.vocab_mapping(cfg["vocabulary_map"], 320)["ours_to_hf"] == \
         list(range(320))   # our_vocabulary_map: our layout
+    # a run in our layout (its own vocab/) whose base is gone still exports, with our ids
+    shutil.copytree(tmp_path / "remap", tmp_path / "tuned")
+    (tmp_path / "tuned" / trainer.INIT_FROM_FILE).write_text(json.dumps({"workdir": str(tmp_path / "gone"), "step": 0}))
+    cfg, note = exported(tmp_path / "tuned", "out_tuned")
+    assert (cfg["eos_token_id"], note["layout"], note["chain"]) == (1, "ours", [str(tmp_path / "tuned")])
 
 
 def test_import_refuses_a_tokenizer_that_is_not_the_checkpoints(tmp_path):
