@@ -112,7 +112,12 @@ def prompt_keys(seed: int, ids: Sequence[Sequence[int]], rows: int) -> jax.Array
     if len(ids) == 0 or len(ids) > rows:
         raise ValueError(f"{len(ids)} prompt ids for {rows} rows")
     ids = np.concatenate([ids, np.repeat(ids[-1:], rows - len(ids), axis=0)])
-    base = jax.random.key(seed)
+    seed = int(seed)
+    if not -2 ** 63 <= seed < 2 ** 64:
+        raise ValueError(f"seed={seed} must be a 64-bit integer")
+    # key(seed) keeps a seed's low 32 bits only (seed 2**32 drew seed 0's samples): fold in the high word
+    base = jax.random.key(seed) if 0 <= seed < 2 ** 32 else jax.random.fold_in(jax.random.key(seed % 2 ** 32),
+                                                                                 (seed % 2 ** 64) >> 32)
 
     def one(row_ids):
         key = base

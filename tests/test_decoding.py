@@ -264,3 +264,14 @@ def test_prompt_keys_make_a_prompts_samples_independent_of_its_batch():
     with pytest.raises(ValueError, match="2 keys for 4 prompt rows"):
         decoding.generate_fixed(params, tokens, mask, decoding.prompt_keys(7, [[1], [2]], rows=2), model_config=cfg,
                                 streams=1, num_tokens=8, config=sampled)
+
+
+def test_prompt_keys_use_every_bit_of_a_64_bit_seed():
+    # jax.random.key keeps a seed's low 32 bits: seeds 2**32 and -1 drew the samples of seeds 0 and 2**32 - 1
+    data = lambda seed: np.asarray(jax.random.key_data(decoding.prompt_keys(seed, [[3]], rows=1)))  # noqa: E731
+    seeds = [0, 1, 2 ** 32 - 1, 2 ** 32, 2 ** 33, 2 ** 64 - 2, -1, -2 ** 63]
+    assert len({data(s).tobytes() for s in seeds}) == len(seeds)
+    np.testing.assert_array_equal(data(5), np.asarray(jax.random.key_data(
+        jax.random.fold_in(jax.random.key(5), 3)))[None])   # seeds below 2**32 draw as before
+    with pytest.raises(ValueError, match="seed=18446744073709551616 must be a 64-bit integer"):
+        decoding.prompt_keys(2 ** 64, [[3]], rows=1)
