@@ -25,6 +25,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import queue as queue_lib
 import shutil
 import sys
 import time
@@ -137,7 +138,18 @@ def _run(processes: list[tuple]) -> tuple[float, list[float]]:
     start = time.perf_counter()
     for p in procs:
         p.start()
-    inside = dict(queue.get() for _ in procs)
+    inside = {}
+    while len(inside) < len(procs):   # a process that died puts nothing: waiting on it alone hung the bench
+        try:
+            shard, seconds = queue.get(timeout=1.0)
+            inside[shard] = seconds
+        except queue_lib.Empty:
+            failed = [p.exitcode for p in procs if p.exitcode]
+            if failed:
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()
+                raise RuntimeError(f"an ingestion process failed with exit code {failed[0]}")
     for p in procs:
         p.join()
         if p.exitcode:

@@ -133,3 +133,16 @@ def test_pipeline_data_rebuilt_with_other_settings_and_its_mixture_copy_follow(t
     """)
     lines = [line for line in out.splitlines() if line[:2] in ("2 ", "3 ")]
     assert lines == ["2 [4, 4] [4, 4]", "3 [9, 9] [9, 9]"], out
+
+
+def test_ingest_bench_stops_when_an_ingestion_process_fails():
+    """A part's process that dies (here: called with too few arguments) stops the bench with its
+    exit code; the bench waited forever on the figure it would have sent."""
+    out = _python("""
+        from bench import ingest
+        try:
+            ingest._run([("too", "few")])
+        except RuntimeError as e:
+            print("STOPPED", e)
+    """, timeout=120)
+    assert "STOPPED an ingestion process failed with exit code 1" in out, out
