@@ -66,9 +66,10 @@ def main(argv):
         images = f.captions * f.num_samples
         results[f"batch_{batch_size}"] = {"seconds": best, "images_per_second": images / best}
         print(f"batch_size {batch_size:4d}: {images / best:7.1f} images/s ({best:.2f} s for {images})", flush=True)
-    first = results[f"batch_{f.batch_sizes[0]}"]["seconds"]
-    for b in f.batch_sizes[1:]:
-        results[f"batch_{b}"][f"speedup_vs_batch_{f.batch_sizes[0]}"] = first / results[f"batch_{b}"]["seconds"]
+    sizes = [int(b) for b in f.batch_sizes]   # the keys' spelling ("08" is batch_8: a KeyError after the timings)
+    first = results[f"batch_{sizes[0]}"]["seconds"]
+    for b in sizes[1:]:
+        results[f"batch_{b}"][f"speedup_vs_batch_{sizes[0]}"] = first / results[f"batch_{b}"]["seconds"]
     print(json.dumps(results))
 
 

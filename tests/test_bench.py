@@ -1,5 +1,6 @@
 """The benches' own measuring code (bench/*.py): what each figure claims to include. Each check runs
 in its own process: the bench modules define absl flags at import, some under the same names."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -146,3 +147,27 @@ def test_ingest_bench_stops_when_an_ingestion_process_fails():
             print("STOPPED", e)
     """, timeout=120)
     assert "STOPPED an ingestion process failed with exit code 1" in out, out
+
+
+def test_text_to_image_bench_batch_sizes_spelled_with_leading_zeros(tmp_path):
+    """--batch_sizes=4,08 (accepted: integers) ends with its JSON line; the speedups looked the
+    sizes up by their spelling ("batch_08") and crashed after every timing."""
+    out = _python(f"""
+        import types
+        import numpy as np
+        from absl import flags
+        from bench import text_to_image
+
+        class Generator:
+            def __init__(self, workdir):
+                self.vq = types.SimpleNamespace(image_size=16)
+            def text_to_image(self, captions, num_samples, config, seed, batch_size):
+                return [types.SimpleNamespace(codes=np.zeros((2, 2), np.int32))] * (len(captions) * num_samples)
+
+        text_to_image.generate.Generator = Generator
+        flags.FLAGS(["bench", "--workdir", {str(tmp_path)!r}, "--captions=1", "--num_samples=1",
+                     "--batch_sizes=4,08", "--repeats=1"])
+        text_to_image.main([])
+    """)
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert "speedup_vs_batch_4" in figures["batch_8"], figures
