@@ -197,3 +197,22 @@ def test_ingest_bench_merge_timed_after_a_warm_up(tmp_path):
     """)
     figures = json.loads(out.strip().splitlines()[-1])
     assert all(r["merge_docs_per_s_1_worker"] > 4 for r in figures["rounds"]), figures["rounds"]
+
+
+def test_index_hosts_peak_memory_is_the_stage_process_own(tmp_path):
+    """A stage's peak resident memory is its process's own: the child's ru_maxrss, read before,
+    held this bench's own high-water mark (exec carries it over), 600 MiB here, for every stage."""
+    out = _python(f"""
+        import numpy as np
+        from absl import flags
+        from bench import index_hosts
+        flags.FLAGS(["bench", "--workdir", {str(tmp_path)!r}, "--num_documents=3", "--dim=4", "--clusters=2",
+                     "--num_shards=1", "--hosts=1"])
+        embeddings = index_hosts.documents({str(tmp_path)!r})
+        ballast = np.ones(600 * 2 ** 20 // 8)   # the bench's own peak
+        del ballast
+        single, _ = index_hosts.one_host({str(tmp_path / "documents")!r}, embeddings)
+        print("PEAK", single["peak_rss_mib"])
+    """)
+    peak = float(out.split("PEAK")[-1])
+    assert 0 < peak < 500, out[-2000:]
