@@ -49,7 +49,7 @@ def distortion(dim: int, points: int, iterations: int, rng: np.random.Generator)
 
 
 def main(argv):
-    del argv
+    flag_checks.no_arguments(argv)
     rng = np.random.default_rng(FLAGS.seed)
     out = {}
     for b in map(int, FLAGS.dims_per_block):

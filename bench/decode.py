@@ -78,7 +78,7 @@ def no_cache_decode(forward, params, tokens, mask, new_tokens, rng, length=None)
 
 
 def main(argv):
-    del argv
+    flag_checks.no_arguments(argv)
     f = flags.FLAGS
     config = small_config()
     config.mesh.update(data=-1, fsdp=1, tensor=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from absl import flags
+from absl import app, flags
 
 
 def _check(name: str, ok: Callable[[str], bool], what: str) -> None:
@@ -28,3 +28,11 @@ def float_list(name: str, low: float, high: float) -> None:
 def name_list(name: str, names: Iterable[str]) -> None:
     names = list(names)
     _check(name, lambda v: v in names, "names out of " + ", ".join(names))
+
+
+def no_arguments(argv: list[str]) -> None:
+    """absl hands a bench's main the words that are not flags (`--configs tiny small`: `small`),
+    which every main dropped: a list given with spaces ran on its first item alone."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}: a list flag takes commas, not "
+                             "spaces (--name=a,b)")

@@ -196,7 +196,7 @@ def split_over(hosts: int, source: str, embeddings: str, reference: str) -> dict
 
 
 def main(argv):
-    del argv
+    flag_checks.no_arguments(argv)
     embeddings = documents(FLAGS.workdir)
     source = os.path.join(FLAGS.workdir, "documents")
     print(f"one host, {FLAGS.num_shards} shards ...", flush=True)

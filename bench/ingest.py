@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from bench import flag_checks  # noqa: E402
+
 flags.DEFINE_string("workdir", "/tmp/cm3leon_bench_ingest", "where the manifest and outputs go (manifest reused)")
 flags.DEFINE_integer("num_documents", 4000, "manifest rows (images)", lower_bound=1)
 flags.DEFINE_integer("parts", 2, "parts ingested at once", lower_bound=2)
@@ -167,7 +169,7 @@ def _same_documents(a: str, b: str) -> bool:
 
 
 def main(argv):
-    del argv
+    flag_checks.no_arguments(argv)
     from data_pipeline import ingest_parts, prepare
     ingest_parts.FILE_BYTES = int(FLAGS.merge_file_mb * (1 << 20))
     root = FLAGS.workdir

@@ -36,6 +36,7 @@ flags.DEFINE_integer("repeats", 3, "warm repeats (median)", lower_bound=1)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import flag_checks  # noqa: E402
 from bench.train_step import small_config  # noqa: E402
 from cm3leon_jax import decoding, sampling, sharding, trainer, vocab  # noqa: E402
 
@@ -91,7 +92,7 @@ def _timed(fn, repeats):
 
 
 def main(argv):
-    del argv
+    flag_checks.no_arguments(argv)
     f = flags.FLAGS
     config = small_config()
     config.mesh.update(data=1, fsdp=1, tensor=1)

@@ -45,6 +45,7 @@ flags.register_validator("variants", _json_objects, "--variants: each must be a 
 
 import numpy as np  # noqa: E402
 
+from bench import flag_checks  # noqa: E402
 from cm3leon_jax import retriever, vocab as vocab_lib  # noqa: E402
 from data_pipeline import index as index_lib, neighbours, prepare, shapes_world  # noqa: E402
 
@@ -79,7 +80,7 @@ def score(ids: np.ndarray, doc_emb: np.ndarray, text_q: np.ndarray, queries: np.
 
 
 def main(argv):
-    del argv
+    flag_checks.no_arguments(argv)
     data = FLAGS.data
     documents = prepare.load_documents(data, "train")
     vocab = vocab_lib.Vocabulary.load(os.path.join(data, prepare.VOCAB_DIR))

@@ -50,6 +50,7 @@ FLAGS = flags.FLAGS
 
 import numpy as np  # noqa: E402
 
+from bench import flag_checks  # noqa: E402
 from cm3leon_jax import vocab as vocab_lib  # noqa: E402
 from data_pipeline import index as index_lib, neighbours, prepare, shapes_world as sw  # noqa: E402
 
@@ -164,7 +165,7 @@ def evaluate_with_oracle(oracle: Oracle, lm_workdir: str) -> dict:
 
 
 def main(argv):
-    del argv
+    flag_checks.no_arguments(argv)
     if bool(FLAGS.out) == bool(FLAGS.evaluate):
         raise app.UsageError("give exactly one of --out (oracle data) or --evaluate (an LM workdir)")
     oracle = Oracle(FLAGS.data)

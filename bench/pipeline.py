@@ -182,7 +182,7 @@ def time_mixture(shape: dict, rounds: int = 2) -> dict:
 
 
 def main(argv):
-    del argv
+    flag_checks.no_arguments(argv)
     os.makedirs(FLAGS.workdir, exist_ok=True)
     shape = build_data(FLAGS.workdir, FLAGS.num_documents, FLAGS.image_side, FLAGS.num_image_codes, FLAGS.seed)
     print(f"data: {shape}", flush=True)

@@ -195,7 +195,7 @@ def bench_size(n: int, rng: np.random.Generator) -> dict:
 
 
 def main(argv):
-    del argv
+    flag_checks.no_arguments(argv)
     rng = np.random.default_rng(FLAGS.seed)
     results = {}
     for size in (int(s) for s in FLAGS.sizes):

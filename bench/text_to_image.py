@@ -38,7 +38,7 @@ flag_checks.int_list("batch_sizes")
 
 
 def main(argv):
-    del argv
+    flag_checks.no_arguments(argv)
     f = flags.FLAGS
     if not os.path.isdir(f.workdir):
         raise SystemExit(f"no model at {f.workdir}: train one with `python -m cm3leon_jax.e2e --config "

@@ -100,7 +100,7 @@ def time_config(config, steps: int) -> dict[str, float]:
 
 
 def main(argv):
-    del argv
+    flag_checks.no_arguments(argv)
     peak, source = flops.peak_flops()
     results = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
                "peak_flops": peak, "peak_source": source}

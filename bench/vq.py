@@ -41,6 +41,7 @@ flags.register_validator("budget_minutes", lambda m: m > 0, "--budget_minutes mu
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import flag_checks  # noqa: E402
 from cm3leon_jax import attribute_classifier, evaluate, metrics, train_vq, vq_tokenizer  # noqa: E402
 from cm3leon_jax.config_defaults import get_field, set_field  # noqa: E402
 from data_pipeline import images as image_data  # noqa: E402
@@ -67,7 +68,7 @@ def photo_images(size: int) -> dict[str, np.ndarray]:
 
 
 def main(argv):
-    del argv
+    flag_checks.no_arguments(argv)
     metrics.quiet_library_logs()
     f = flags.FLAGS
     config = vq_tiny.get_config()
