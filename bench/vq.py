@@ -37,6 +37,8 @@ flags.DEFINE_string("classifier_dir", None, "workdir holding a cached attribute 
                     "workdir); default: train one into the bench workdir")
 flags.DEFINE_multi_string("override", [], "config override KEY=VALUE, repeatable (e.g. vq.channels=24), for tuning")
 flags.register_validator("budget_minutes", lambda m: m > 0, "--budget_minutes must be > 0")
+flags.register_validator("override", lambda items: all("=" in item for item in items),
+                         "--override must be KEY=VALUE (e.g. total_steps=2500)")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

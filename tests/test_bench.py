@@ -80,7 +80,8 @@ BAD_FLAGS = {
                     ("--num_documents=0", "--num_documents")]),
     "index_hosts": ([], [("--hosts=0", "--hosts"), ("--hosts=8", "--hosts"), ("--num_shards=0", "--num_shards"),
                          ("--candidates=0", "--candidates")]),
-    "vq": ([], [("--budget_minutes=0", "--budget_minutes"), ("--num_val_images=0", "--num_val_images")]),
+    "vq": ([], [("--budget_minutes=0", "--budget_minutes"), ("--num_val_images=0", "--num_val_images"),
+                ("--override=total_steps", "--override")]),
 }
 
 
