@@ -613,6 +613,7 @@ def _run(gen, f):
         if f.prompt or f.interleaved:   # else silently dropped: the images alone were captioned
             raise ValueError("--image captions images (image -> text; --question asks about them): drop --prompt/"
                              "--interleaved, or name a --task that takes both")
+        _refuse_unread_flags(f, "image -> text")
         from data_pipeline import images as image_data  # centre crop, alpha onto white: as ingestion
         images = np.stack([image_data.load_image(p, gen.vq.image_size) for p in f.image])
         texts = gen.image_to_text(images, question=f.question, max_tokens=f.max_text_tokens, config=config, seed=f.seed,
@@ -633,6 +634,7 @@ def _run(gen, f):
         # else the infilling prompts would be drawn as captions, their sentinel as caption text
         raise ValueError(f"--prompt: either every prompt infills (holds {MASK0}) or none does; run them separately")
     if all(MASK0 in p for p in f.prompt):
+        _refuse_unread_flags(f, "text infilling")
         for p in f.prompt:
             print(f"{p} -> {gen.infill_text(p, max_tokens=f.max_text_tokens, config=config, seed=f.seed)}")
         return
@@ -644,11 +646,24 @@ def _run(gen, f):
     print(png)
 
 
+# what a one-stream text decode (image -> text, infilling) does not read: guidance and CD-K need
+# several streams, sample counts and their share several samples
+ONE_STREAM_UNREAD = ("cfg_scale", "cd_k", "cd_alpha", "cd_fraction", "num_samples")
+
+
+def _refuse_unread_flags(f, what: str) -> None:
+    """Refuses flags given on the command line that `what` would ignore without a word (their
+    defaults, e.g. --cfg_scale 3 for text -> image, pass)."""
+    given = [f"--{k}" for k in ONE_STREAM_UNREAD if f[k].present]
+    if given:
+        raise ValueError(f"{what} decodes one text per prompt, with no guidance streams: {', '.join(given)} "
+                         "would be ignored; drop it")
+
+
 def _one_stream(settings: dict) -> dict:
     """The settings a one-stream text decode uses (image -> text): guidance, CD-K, sample counts and
     reranking need several streams or samples, so recording them would claim what was not applied."""
-    return {k: v for k, v in settings.items()
-            if k not in ("cfg_scale", "cd_k", "cd_alpha", "cd_fraction", "num_samples", "reranker")}
+    return {k: v for k, v in settings.items() if k not in ONE_STREAM_UNREAD + ("reranker",)}
 
 
 def _define_flags():

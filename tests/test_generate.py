@@ -2,6 +2,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import types
 
 import jax
 import numpy as np
@@ -201,13 +202,19 @@ def test_image_to_text_with_documents_retrieved_by_the_image(generator):
 
 
 
+class _CliFlags(types.SimpleNamespace):
+    """absl's FLAGS as `_run` reads them: attributes, and `flags[name].present` for those in `given`."""
+
+    def __getitem__(self, name):
+        return types.SimpleNamespace(present=name in getattr(self, "given", ()))
+
+
 def test_cli_image_to_text_retrieves_the_neighbours_asked_for(generator, tmp_path, monkeypatch):
     # `generate --image x.png --neighbours 2` recorded neighbours=2 but captioned without retrieval
-    import types
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "x.png")
     calls = []
     monkeypatch.setattr(generator, "image_to_text", lambda images, **kw: calls.append(kw) or ["a caption"])
-    flags = types.SimpleNamespace(
+    flags = _CliFlags(
         temperature=0.0, top_k=0, top_p=1.0, cfg_scale=1.0, cd_k=0, cd_alpha=0.1, cd_fraction=0.0, num_samples=1,
         neighbours=2, seed=0, workdir=str(tmp_path), rerank=False, out=str(tmp_path / "out"), prompts_file=None,
         prompt=[], image=[str(tmp_path / "x.png")], task=None, interleaved=False, question=None, max_text_tokens=4)
@@ -226,6 +233,12 @@ def test_cli_image_to_text_retrieves_the_neighbours_asked_for(generator, tmp_pat
     with pytest.raises(ValueError, match="either every prompt infills"):
         generate._run(generator, types.SimpleNamespace(**{**vars(flags), "image": [], "neighbours": 0,
                                                           "prompt": ["a red circle", "a <mask:0> square"]}))
+    # one-stream text decodes: guidance, CD-K and sample counts given on the command line were ignored
+    infill = dict(image=[], neighbours=0, prompt=["a <mask:0> circle"])
+    for path, what in ((dict(), "image -> text"), (infill, "text infilling")):
+        for given in (("cfg_scale",), ("cd_k", "num_samples"), ("cd_fraction",), ("cd_alpha",)):
+            with pytest.raises(ValueError, match=f"{what} decodes one text per prompt.*--{given[0]}"):
+                generate._run(generator, _CliFlags(**{**vars(flags), **path, "given": given}))
 
 
 def _prompts_file_runs(generator, tmp_path, monkeypatch, *flag_sets):
