@@ -83,6 +83,11 @@ class CheckpointManager:
 
     def _restore(self, step: int, abstract_state, data_iterator):
         check_step_holds_state(self._manager, step)
+        if not (self._manager.directory / str(step) / "data").exists():
+            # parameters only (export / import_hf, or a copy without data/): orbax's KeyError named no directory
+            raise ValueError(f"{self.directory}/{step} holds no data position (a parameters-only checkpoint: an "
+                             "exported or imported model, or a copy without its data/ folder), so training cannot "
+                             "resume from it: train in a new workdir with config.init_from set to this one")
         other_states = self.saved_data_states(step)
         if other_states is None:
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -100,8 +105,8 @@ class CheckpointManager:
         return restored["state"]
 
     def saved_data_states(self, step: int) -> list[bytes] | None:
-        """None when this process's own data file is there (or no data was saved: orbax then names
-        what is missing); otherwise every saving process's state, in process order."""
+        """None when this process's own data file is there (or no data was saved: `_restore` refuses
+        that first); otherwise every saving process's state, in process order."""
         directory = epath.Path(self.directory) / str(step) / "data"
         own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         names = [p.name for p in directory.glob("process_*-of-*.json")] if directory.exists() else []

@@ -317,6 +317,18 @@ def test_checkpoints_are_saved_at_the_interval_only_not_also_at_step_1(tmp_path)
     assert checkpointing.saved_steps(str(tmp_path)) == [4, 6]
 
 
+def test_resuming_a_parameters_only_checkpoint_names_the_directory(tmp_path):
+    """An imported or exported workdir (checkpoints/0 holds `state` only) given as a training workdir
+    ended in orbax's `KeyError: 'Item "data" was not found'`, naming no directory nor what to do."""
+    from cm3leon_jax import checkpointing, export
+    export.save_params_checkpoint(str(tmp_path), 0, {"w": np.zeros(2, np.float32)})
+    ckpt = checkpointing.CheckpointManager(str(tmp_path), save_every_steps=1, keep=1, async_save=False)
+    abstract = {"params": {"w": jax.ShapeDtypeStruct((2,), np.float32)}}
+    with pytest.raises(ValueError, match=r"checkpoints/0 holds no data position .*config.init_from"):
+        ckpt.restore(0, abstract, None)
+    ckpt.close()
+
+
 def test_grad_clip_0_means_no_clipping_not_a_zero_gradient():
     """optax clips to a norm of 0 as asked: every update was weight decay alone, nothing learned."""
     import jax.numpy as jnp
