@@ -31,6 +31,9 @@ def initialize_from_flags() -> None:
     if f.coordinator_address or f.num_processes is not None or f.process_id is not None:   # any one: all three
         if f.coordinator_address is None or f.num_processes is None or f.process_id is None:
             raise ValueError("--coordinator_address, --num_processes and --process_id must be given together")
+        host, _, port = f.coordinator_address.rpartition(":")
+        if not host or not port.isdigit():   # JAX took the port with rsplit(':')[1]: an IndexError without one
+            raise ValueError(f"--coordinator_address={f.coordinator_address!r} must be host:port (process 0's)")
         jax.distributed.initialize(coordinator_address=f.coordinator_address,
                                    num_processes=f.num_processes, process_id=f.process_id)
     elif cluster := _on_multihost_cluster():

@@ -647,6 +647,21 @@ def test_distributed_flags_given_in_part_are_refused(given, monkeypatch):
         flags.FLAGS.unparse_flags()
 
 
+@pytest.mark.parametrize("address", ["10.0.0.1", ":1234", "host:port"])
+def test_a_coordinator_address_without_a_port_is_refused(address, monkeypatch):
+    """`--coordinator_address=10.0.0.1` (no port) ended in an IndexError inside jax.distributed."""
+    from absl import flags
+    from cm3leon_jax import distributed
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: pytest.fail(f"initialize({kw})"))
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["train", f"--coordinator_address={address}", "--num_processes=2", "--process_id=0"])
+        with pytest.raises(ValueError, match=r"--coordinator_address=.* must be host:port"):
+            distributed.initialize_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
 def test_a_cluster_jax_cannot_read_says_how_to_start_the_processes(monkeypatch):
     """`salloc -n 2` then python directly (SLURM_NTASKS without srun's per-task variables), or Open
     MPI 5: JAX's auto-detection finds nothing and said only 'coordinator_address should be defined.'"""
