@@ -142,8 +142,7 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
     """Writes the workdir (module docstring); returns a summary dict. A local directory: copy it to
     a bucket afterwards (`gsutil -m cp -r`) to fine-tune from it on a pod."""
     workdir = workdir_io.require_local(workdir, "--workdir")   # (absolute, `~` expanded)
-    if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(os.path.join(workdir, "checkpoints")):
-        raise FileExistsError(f"{workdir} already holds a workdir (config.json or checkpoints/); import into a new directory")
+    _check_new_workdir(workdir)
     with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
         hf_cfg = json.load(f)
     config = hf_interop.training_config_from_hf(hf_cfg, seq_len)
@@ -193,8 +192,6 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
     params = traverse_util.unflatten_dict(flat)
     export_lib.save_params_checkpoint(workdir, 0, params)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
         if mapping is not None:
             with open(os.path.join(workdir, VOCAB_MAP_JSON), "w", encoding="utf-8") as f:
                 json.dump(dict(mapping, weights_remapped=bool(remap_vocab)), f)
@@ -215,11 +212,27 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
         export_lib.save_params_checkpoint(os.path.join(workdir, VQ_DIR), 0, vq_params)
         if jax.process_index() == 0:
             vq_tokenizer.save_vq_config(os.path.join(workdir, VQ_DIR), vq_config)
+    _write_config_last(workdir, config)
     return {"format": fmt, "workdir": workdir, "num_params": int(sum(x.size for x in flat.values())),
             "vocab_mapping": mapping["layout"] if mapping else None, "weights_remapped": bool(remap_vocab),
             "not_imported": len(unused), "vocab": VOCAB_DIR if vocab is not None else None,
             "vq": VQ_DIR if vq_params is not None else None, "hf_ids": None if remap_vocab else HF_IDS_JSON,
             "not_carried": not_carried}
+
+
+def _check_new_workdir(workdir: str) -> None:
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        raise FileExistsError(f"{workdir} already holds a workdir (config.json); import into a new directory")
+    if os.path.exists(os.path.join(workdir, "checkpoints")):   # config.json comes last: an import that was stopped
+        raise FileExistsError(f"{workdir} holds checkpoints/ but no config.json: an import stopped before it finished "
+                              "(or another kind of directory); delete it and import again, or import into a new directory")
+
+
+def _write_config_last(workdir: str, config) -> None:
+    """config.json, atomically, after every other file: a workdir with one is a finished import (one
+    killed midway, e.g. before vq/, used to look finished and run without its VQ)."""
+    if jax.process_index() == 0:
+        workdir_io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
 def is_peft_adapter(hf_dir: str) -> bool:
@@ -237,8 +250,7 @@ def import_peft_adapter(adapter_dir: str, base: str, workdir: str, *, base_step:
     adapters cannot (DoRA, aLoRA and other LoRA variants, biases, other modules, per-layer ranks, some layers only) is refused."""
     from cm3leon_jax import lora, trainer as trainer_lib
     workdir = workdir_io.require_local(workdir, "--workdir")   # (absolute, `~` expanded)
-    if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(os.path.join(workdir, "checkpoints")):
-        raise FileExistsError(f"{workdir} already holds a workdir (config.json or checkpoints/); import into a new directory")
+    _check_new_workdir(workdir)
     with open(os.path.join(adapter_dir, hf_interop.PEFT_CONFIG), encoding="utf-8") as f:
         peft_cfg = json.load(f)
     rank, alpha = hf_interop.adapter_fields_from_peft(peft_cfg)
@@ -298,13 +310,12 @@ def import_peft_adapter(adapter_dir: str, base: str, workdir: str, *, base_step:
     adapters = traverse_util.unflatten_dict(flat)
     export_lib.save_params_checkpoint(workdir, 0, adapters)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
         with open(os.path.join(workdir, trainer_lib.INIT_FROM_FILE), "w", encoding="utf-8") as f:
             json.dump({"workdir": base, "step": int(base_step)}, f, indent=2)
         shutil.copyfile(os.path.join(adapter_dir, hf_interop.PEFT_CONFIG), os.path.join(workdir, hf_interop.PEFT_CONFIG))
         for name in (VOCAB_DIR, VQ_DIR):   # what Generator reads beside the params (base may be a bucket)
             workdir_io.copy_tree(workdir_io.join(base, name), os.path.join(workdir, name))
+    _write_config_last(workdir, config)
     return {"format": formats[0], "workdir": workdir, "adapter": adapter_dir, "base": base, "base_step": int(base_step),
             "lora_rank": rank, "lora_alpha": alpha, "lora_targets": targets,
             "num_adapter_params": int(sum(x.size for x in flat.values()))}

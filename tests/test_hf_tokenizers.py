@@ -228,6 +228,28 @@ def test_imported_chameleon_workdir_has_a_vocab_and_vq_the_code_loads(tmp_path):
     assert summary["vq"] == "vq"
 
 
+def test_an_import_stopped_midway_is_not_taken_for_a_finished_one(tmp_path, monkeypatch):
+    """config.json was written before vocab/ and vq/: an import killed in between looked finished and
+    ran without its VQ. It comes last now, and a directory left without it is named as a stopped import."""
+    from cm3leon_jax import vq_tokenizer
+    hf_dir = _chameleon_dir(tmp_path, helpers.chameleon_tokenizer_json())
+    wd = tmp_path / "wd"
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vq_tokenizer, "save_vq_config", killed)   # the last step before config.json
+    with pytest.raises(KeyboardInterrupt):
+        import_hf.import_hf(str(hf_dir), str(wd), remap_vocab=True)
+    assert (wd / "checkpoints").exists() and not (wd / "config.json").exists()
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match="an import stopped before it finished"):
+        import_hf.import_hf(str(hf_dir), str(wd), remap_vocab=True)
+    import_hf.import_hf(str(hf_dir), str(tmp_path / "wd2"), remap_vocab=True)
+    with pytest.raises(FileExistsError, match=r"already holds a workdir \(config.json\)"):
+        import_hf.import_hf(str(hf_dir), str(tmp_path / "wd2"), remap_vocab=True)
+
+
 HUB_IDS = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, image_token_id=9)  # Chameleon's, as the tokenizer's
 
 
