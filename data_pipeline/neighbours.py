@@ -748,6 +748,10 @@ def save_neighbours(data_dir: str, ids: np.ndarray, scores: np.ndarray, stats: d
     ids, scores = _rows(ids), _rows(scores)
     if len(ids.shape) != 2 or tuple(ids.shape) != tuple(scores.shape):
         raise ValueError(f"ids {ids.shape} and scores {scores.shape} must be the same [N, K]")
+    # the old meta goes first and the new comes last: a write killed between the arrays left new ids
+    # beside the old scores, read as one sidecar when the shapes agreed
+    if os.path.exists(os.path.join(data_dir, NEIGHBOURS_JSON)):
+        os.remove(os.path.join(data_dir, NEIGHBOURS_JSON))
     for name, array, dtype in ((NEIGHBOURS_IDS, ids, np.int32), (NEIGHBOURS_SCORES, scores, np.float32)):
         workdir_io.write_npy_rows(os.path.join(data_dir, name), array, dtype)
     meta = {"format": NEIGHBOURS_FORMAT, "num_documents": int(ids.shape[0]), "k": int(ids.shape[1]),

@@ -1,6 +1,7 @@
 """Neighbour selection rules, the ScaNN index (recall, save/load, shards, merge) and the sidecar."""
 import os
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -317,6 +318,20 @@ def test_compute_neighbours_and_sidecar(tmp_path):
         NB.load_neighbours(str(tmp_path / "copy"), n)
     with pytest.raises(FileNotFoundError, match="no neighbour sidecar there .python -m data_pipeline.index"):
         NB.load_neighbours(str(tmp_path / "missing"), n)
+    # a rewrite killed between the arrays left new ids beside the old scores, read as one sidecar
+    NB.save_neighbours(str(tmp_path / "killed"), ids, scores, stats)
+    real_write, calls = NB.workdir_io.write_npy_rows, []
+
+    def killed_after_ids(path, array, dtype):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_write(path, array, dtype)
+
+    with mock.patch.object(NB.workdir_io, "write_npy_rows", killed_after_ids), pytest.raises(KeyboardInterrupt):
+        NB.save_neighbours(str(tmp_path / "killed"), np.roll(ids, 1, axis=0), scores[::-1], stats)
+    with pytest.raises(FileNotFoundError, match="no neighbour sidecar there"):
+        NB.load_neighbours(str(tmp_path / "killed"), n)
     # the sharded path gives the same neighbours (exact scorer on these small shards)
     NB.build_neighbours(str(tmp_path / "sharded"), doc, text_q, image_q, has_text, has_image,
                         num_candidates=16, num_shards=3)
