@@ -239,3 +239,10 @@ def test_an_absolute_config_path_is_taken_and_checked_where_it_is(tmp_path):
     for res in (_launch(["--workdir", "/r", "--config", tmp_path / "nope.py"], env, tmp_path),
                 _ingest(["--parts", "2", "--out", "/d", "--config", tmp_path / "nope.py"], env, tmp_path)):
         assert res.returncode == 2 and f"--config {tmp_path / 'nope.py'}: no such file" in res.stderr, res.stderr
+
+
+def test_every_launcher_the_readme_names_is_executable():
+    """The README runs them as `launch/X.sh ...`: a launcher without its executable bit fails with
+    "Permission denied" (slurm_ingest.sh was committed 0644; the tests run it through bash)."""
+    for name in ("slurm_run.sh", "slurm_ingest.sh", "slurm_index.sh", "tpu_run.sh"):
+        assert os.access(Path(REPO) / "launch" / name, os.X_OK), name
