@@ -52,6 +52,7 @@ Text tokenizer and VQ (what `generate`, `sft_prepare` and evaluation need beside
                  piece), image codes from the IMGIMG tokens, image_tokens_per_image from the VQ
                  config. The tokenizer must name exactly the ids of the vocabulary the mapping came
                  from, and its image tokens must match the VQ codebook (ValueError otherwise).
+                 Or, from an hf-* export of ours that kept our ids, its cm3leon_vocab/ as it is.
   OUT/vq/        Chameleon's `model.vqmodel.*` converted to our VQGAN (`hf_vq`), written as a
                  train_vq workdir (vq_config.json + checkpoints/0) that `VQTokenizer.from_workdir`,
                  `Generator` (an imported workdir's own vq/) and `sft_prepare --config.vq_workdir`
@@ -175,6 +176,8 @@ def import_hf(hf_dir: str, workdir: str, *, vocab_file: str | None = None, remap
         raise ValueError(f"--remap_vocab needs a vocabulary: pass --vocab, or put tokenizer.json/vocab.json in {hf_dir}")
     perm = np.asarray(mapping["ours_to_hf"]) if remap_vocab else None
     vocab = _vocabulary(hf_dir, vocab_file, hf_cfg, fmt, mapping, hf_vocab, remap_vocab, vq_config, not_carried)
+    if vocab is None:
+        vocab = _own_export_vocabulary(hf_dir, cfg.vocab_size, not_carried)
 
     if mesh_config is None:
         mesh = export_lib.default_mesh(config)
@@ -425,6 +428,27 @@ def _vocabulary(hf_dir, vocab_file, hf_cfg, fmt, mapping, hf_vocab, remap_vocab,
                          f"{vq_config.codebook_size} codes")
     vocab = vocab_lib.Vocabulary(tok, lay["num_image_codes"], vq_config.tokens_per_image, lay["num_sentinels"])
     assert (vocab.text_offset, vocab.image_offset, vocab.size) == (lay["text_offset"], lay["image_offset"], lay["size"])
+    return vocab
+
+
+def _own_export_vocabulary(hf_dir, vocab_size: int, not_carried: list):
+    """Our Vocabulary from an hf-* export of ours (DIR/cm3leon_vocab/) whose weights kept our id
+    layout (cm3leon_export.json's token_ids.layout "ours"): the model's ids are that vocabulary's,
+    so export -> import -> generate works without a tokenizer.json (else OUT had no vocab/ and
+    generate stopped at "no saved vocabulary"). None otherwise, `not_carried` as it was."""
+    from cm3leon_jax import vocab as vocab_lib
+    path = os.path.join(hf_dir, "cm3leon_vocab")
+    try:
+        with open(os.path.join(hf_dir, "cm3leon_export.json"), encoding="utf-8") as f:
+            layout = json.load(f).get("token_ids", {}).get("layout")
+    except (OSError, ValueError):
+        return None
+    if layout != "ours" or not vocab_lib.Vocabulary.saved_in(path):
+        return None
+    vocab = vocab_lib.Vocabulary.load(path)
+    if vocab.size > vocab_size:
+        raise ValueError(f"{path} holds {vocab.size} ids but the model's vocab_size is {vocab_size}")
+    not_carried[:] = [n for n in not_carried if not n.startswith(f"{VOCAB_DIR}/:")]
     return vocab
 
 

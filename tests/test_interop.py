@@ -334,6 +334,20 @@ def test_our_vocabulary_map_maps_back_to_our_layout(tiny_spm_model):
         dict(text_offset=vocab.text_offset, image_offset=vocab.image_offset, num_image_codes=16, num_sentinels=3)
 
 
+def test_import_of_our_export_carries_its_vocabulary(tmp_path, tiny_spm_model):
+    """hf-opt export -> import_hf -> generate: the export keeps our ids and writes cm3leon_vocab/;
+    the import used to drop it (no tokenizer.json), leaving OUT without vocab/."""
+    from cm3leon_jax import text_tokenizer, vocab as vocab_lib
+    vocab = vocab_lib.Vocabulary(text_tokenizer.TextTokenizer(tiny_spm_model), num_image_codes=16,
+                                 image_tokens_per_image=4, num_sentinels=3)
+    _workdir(tmp_path / "wd", **{"model.vocab_size": vocab.padded_size(64)})
+    vocab.save(str(tmp_path / "wd" / "vocab"))
+    export.export(str(tmp_path / "wd"), str(tmp_path / "hf"), "hf-opt")
+    summary = import_hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    assert summary["vocab"] == "vocab" and not any(n.startswith("vocab/") for n in summary["not_carried"])
+    assert vocab_lib.Vocabulary.load(str(tmp_path / "back" / "vocab")).fingerprint == vocab.fingerprint
+
+
 @needs_hf
 def test_import_chameleon_with_vocab_remap(tmp_path):
     cfg = model_lib.TransformerConfig(vocab_size=32, num_layers=1, d_model=32, num_heads=4, d_ff=64, max_length=32,
