@@ -484,6 +484,8 @@ def generate_many(gen: Generator, prompts: Sequence[tuple[int, str]], out_dir: s
         raise ValueError(f"{out_dir} holds samples of other captions for {len(edited)} lines (line indices "
                          f"{edited[:10]}, e.g. {done[edited[0]]!r}): the prompts file changed; use a new --out")
     todo = [(i, c) for i, c in prompts if i % num_shards == shard_index and i not in done]
+    # this shard's captions already drawn (`done` holds every shard's: shard 1 is not 'resuming' shard 0's)
+    skipped = sum(1 for i, _ in prompts if i % num_shards == shard_index and i in done)
     if gen.model_config.positions == "learned":   # else one such caption failed its whole call, and every rerun
         room = gen.model_config.max_length - gen.vocab.image_tokens_per_image
         too_long = [i for i, c in todo if len(gen.image_prompt(c)) > room]
@@ -515,7 +517,7 @@ def generate_many(gen: Generator, prompts: Sequence[tuple[int, str]], out_dir: s
     per_call = max(1, batch_size // max(1, num_samples))   # captions per text_to_image call
     start, written = time.perf_counter(), 0
     logging.info("%d captions to draw (%d already done, shard %d of %d)", len(todo),
-                 len(done), shard_index, num_shards)
+                 skipped, shard_index, num_shards)
     for a in range(0, len(todo), per_call):
         chunk = todo[a:a + per_call]
         samples = gen.text_to_image([c for _, c in chunk], batch_size=batch_size, indices=[i for i, _ in chunk],
@@ -534,7 +536,7 @@ def generate_many(gen: Generator, prompts: Sequence[tuple[int, str]], out_dir: s
         rate = written / elapsed
         logging.info("captions %d/%d, %.2f captions/s (%.1f images/s), ETA %.0f s", written, len(todo), rate,
                      rate * num_samples, (len(todo) - written) / rate)
-    return {"captions": len(todo), "skipped_as_done": len(done), "manifest": manifest}
+    return {"captions": len(todo), "skipped_as_done": skipped, "manifest": manifest}
 
 
 def write_image_samples(samples: Sequence[ImageSamples], out_dir: str, settings: dict) -> tuple[str, str]:

@@ -127,8 +127,9 @@ def test_generate_many_writes_every_sample_resumes_and_shards(generator, tmp_pat
     # two shards (two processes), one caption a call: the same images
     sharded = tmp_path / "sharded"
     for shard in (0, 1):
-        generate.generate_many(generator, prompts, str(sharded), {}, batch_size=1, num_shards=2, shard_index=shard,
-                               **kwargs)
+        summary = generate.generate_many(generator, prompts, str(sharded), {}, batch_size=1, num_shards=2,
+                                         shard_index=shard, **kwargs)
+        assert summary["skipped_as_done"] == 0   # shard 0's captions are not shard 1's (it said 2)
     assert _written(sharded) == first
     assert sorted(p.name for p in sharded.glob("manifest*")) == ["manifest.0-of-2.jsonl", "manifest.1-of-2.jsonl"]
     with pytest.raises(ValueError, match="shard_index 2"):
