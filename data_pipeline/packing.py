@@ -173,7 +173,11 @@ class PackedBatchIterator:
         if global_batch_size % num_streams:
             raise ValueError(f"global batch {global_batch_size} is not divisible by data.num_streams={num_streams}")
         if len(documents) < num_streams:
-            raise ValueError(f"{len(documents)} documents cannot feed {num_streams} streams")
+            # the user's way out: streams are data.num_streams (default one per row of the batch)
+            fits = max(d for d in range(1, len(documents) + 1) if global_batch_size % d == 0) if len(documents) else 0
+            raise ValueError(f"{len(documents)} documents cannot feed {num_streams} streams (data.num_streams, one "
+                             f"per row of global batch {global_batch_size} unless set): ingest more documents"
+                             + (f", or set --config.data.num_streams={fits}" if fits else ""))
         self.seq_len = seq_len
         self.num_streams = int(num_streams)
         self.rows_per_stream = global_batch_size // num_streams

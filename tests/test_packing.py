@@ -207,3 +207,13 @@ def test_skips_are_counted_inside_worker_processes():
         next(it)
     it.close()
     assert it.skipped["document_longer_than_seq_len"] >= 2 and it.skipped["empty_document"] >= 1
+
+
+def test_too_few_documents_for_the_streams_names_the_field_and_a_value_that_works():
+    """3 documents, 16 rows (one stream each by default): the error said only "3 documents cannot
+    feed 16 streams"; it now names data.num_streams and a divisor of the batch that fits."""
+    docs = grain.MapDataset.source([{"tokens": np.arange(5, dtype=np.int32) + 8} for _ in range(3)])
+    with pytest.raises(ValueError, match=r"data.num_streams.*--config.data.num_streams=2"):
+        PackedBatchIterator(docs, seq_len=16, global_batch_size=16, num_streams=0, seed=0)
+    it = PackedBatchIterator(docs, seq_len=16, global_batch_size=16, num_streams=2, seed=0)
+    assert next(it)["inputs"].shape == (16, 16)
