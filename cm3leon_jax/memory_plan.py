@@ -70,6 +70,27 @@ def plan(config) -> dict[str, float]:
             "activations_and_temporaries_gib": temp / GIB, "total_gib": (params + opt_state + temp) / GIB}
 
 
+def fit_hint(result: dict, device_memory_gib: float) -> str | None:
+    """What to change when the plan does not fit: the temporaries scale with the rows a device holds
+    at a time, so the smallest gradient_accumulation_steps whose microbatch would leave room for them
+    (assuming that scaling: re-plan with it); else what shrinks the parameters or temporaries."""
+    if result["total_gib"] <= device_memory_gib:
+        return None
+    fixed = result["params_gib"] + result["optimizer_state_gib"]
+    if fixed >= device_memory_gib:
+        return (f"parameters and optimizer state alone take {fixed:.1f} GiB per device: spread them over more "
+                "devices (mesh.fsdp), or train LoRA adapters (model.lora_rank, model.lora_base_int8)")
+    rows, steps = int(result["rows_per_device_per_microbatch"]), int(result["gradient_accumulation_steps"])
+    needed = result["activations_and_temporaries_gib"] / (device_memory_gib - fixed)
+    split = next((d for d in range(1, rows + 1) if rows % d == 0 and d >= needed), None)
+    if split is None:
+        return (f"even one row per device needs about {result['activations_and_temporaries_gib'] / rows:.1f} GiB of "
+                "temporaries: model.remat_policy (e.g. full), model.attention_impl=flash, or more mesh.tensor")
+    return (f"--config.gradient_accumulation_steps={steps * split} ({rows // split} rows per device at a time) "
+            f"leaves room for the temporaries if they shrink with the rows; re-plan with it (model.remat_policy "
+            "and model.attention_impl=flash shrink them too)")
+
+
 def main(argv):
     del argv
     import jax
@@ -94,6 +115,10 @@ def main(argv):
     if flags.FLAGS.device_memory_gib:
         result["fits"] = result["total_gib"] <= flags.FLAGS.device_memory_gib
         print(f"{'fits in':>34}: {flags.FLAGS.device_memory_gib} GiB -> {'yes' if result['fits'] else 'NO'}")
+        hint = fit_hint(result, flags.FLAGS.device_memory_gib)
+        if hint:
+            result["hint"] = hint
+            print(f"{'try':>34}: {hint}")
     print(json.dumps(result))
 
 

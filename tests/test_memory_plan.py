@@ -99,3 +99,16 @@ def test_cli_refuses_a_device_count_or_memory_of_zero_or_below():
         config = [] if message == "--config is required" else ["--config", "experiments/tiny_cpu.py"]
         proc = subprocess.run([sys.executable, "-m", "cm3leon_jax.memory_plan", *config, flag, value], cwd=REPO, capture_output=True, text=True, env=cli_env(None), timeout=300)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_plan_that_does_not_fit_says_what_to_change():
+    from cm3leon_jax.memory_plan import fit_hint
+    plan = dict(params_gib=10.0, optimizer_state_gib=20.0, activations_and_temporaries_gib=260.0, total_gib=290.0,
+                rows_per_device_per_microbatch=32, gradient_accumulation_steps=1)
+    assert fit_hint(plan, 300.0) is None
+    # 65 GiB left for 260 GiB of temporaries: at least a quarter of the rows at a time
+    assert fit_hint(plan, 95.0).startswith("--config.gradient_accumulation_steps=4 (8 rows per device at a time)")
+    assert "gradient_accumulation_steps=8 " in fit_hint(dict(plan, gradient_accumulation_steps=2), 95.0)
+    assert "gradient_accumulation_steps=5 (6 rows" in fit_hint(dict(plan, rows_per_device_per_microbatch=30), 95.0)  # a divisor
+    assert "even one row per device" in fit_hint(plan, 35.0)
+    assert "parameters and optimizer state alone" in fit_hint(plan, 25.0)
