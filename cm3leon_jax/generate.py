@@ -624,7 +624,8 @@ def _run(gen, f):
             print(f"{path}: {text}")
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "captions.json"), "w", encoding="utf-8") as fh:
-            json.dump({"settings": _one_stream(settings), "captions": dict(zip(f.image, texts))}, fh, indent=2)
+            json.dump({"settings": _one_stream(settings), "question": f.question, "captions": dict(zip(f.image, texts))},
+                      fh, indent=2)   # the question is what the texts answer
         return
     if not f.prompt:
         raise ValueError("give --prompt (text -> image or infilling) or --image (image -> text)")

@@ -223,6 +223,8 @@ def test_cli_image_to_text_retrieves_the_neighbours_asked_for(generator, tmp_pat
     assert calls[0]["num_neighbours"] == 2
     recorded = json.loads((tmp_path / "out" / "captions.json").read_text())["settings"]
     assert recorded["neighbours"] == 2 and "cfg_scale" not in recorded  # one stream: no guidance to record
+    generate._run(generator, _CliFlags(**{**vars(flags), "question": "what colour is it?"}))
+    assert json.loads((tmp_path / "out" / "captions.json").read_text())["question"] == "what colour is it?"
     # a --prompt beside --image was dropped without a word
     with pytest.raises(ValueError, match="--image captions images"):
         generate._run(generator, types.SimpleNamespace(**{**vars(flags), "prompt": ["a red circle"]}))
