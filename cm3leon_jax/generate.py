@@ -630,6 +630,12 @@ def _run(gen, f):
     if not f.prompt:
         raise ValueError("give --prompt (text -> image or infilling) or --image (image -> text)")
     if f.interleaved:
+        # no unconditional stream mid-document, no reranking: guidance and CD-K given were dropped without a
+        # word and recorded in interleaved.json as if applied
+        given = [f"--{k}" for k in INTERLEAVED_UNREAD if f[k].present]
+        if given:
+            raise ValueError(f"--interleaved draws without guidance or CD-K: {', '.join(given)} would be ignored; drop it")
+        settings = {k: v for k, v in settings.items() if k not in INTERLEAVED_UNREAD + ("reranker",)}
         write_interleaved(gen, f.prompt, out_dir, settings, num_samples=f.num_samples, max_images=f.max_images,
                           max_text_tokens=f.max_text_tokens, image_config=dataclasses.replace(config, cfg_scale=1.0, cd_k=0), seed=f.seed)
         return
@@ -649,6 +655,8 @@ def _run(gen, f):
     print(png)
 
 
+# what --interleaved does not read: one stream, no CD-K (`Generator.interleaved`)
+INTERLEAVED_UNREAD = ("cfg_scale", "cd_k", "cd_alpha", "cd_fraction")
 # what a one-stream text decode (image -> text, infilling) does not read: guidance and CD-K need
 # several streams, sample counts and their share several samples
 ONE_STREAM_UNREAD = ("cfg_scale", "cd_k", "cd_alpha", "cd_fraction", "num_samples")

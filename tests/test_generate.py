@@ -408,6 +408,22 @@ def test_interleaved_documents_drawn_together_equal_those_drawn_alone(generator)
             assert all(isinstance(d["parts"][0], str) for d in together)
 
 
+def test_cli_interleaved_refuses_guidance_flags_and_records_none(generator, tmp_path, monkeypatch):
+    # `--interleaved --cfg_scale 5 --cd_k 3` drew without guidance or CD-K (image_config reset them), and
+    # interleaved.json recorded cfg_scale 5, cd_k 3 and a reranker as the settings used
+    seen = []
+    monkeypatch.setattr(generate, "write_interleaved", lambda gen, prompts, out, settings, **kw: seen.append(settings))
+    flags = _CliFlags(
+        temperature=1.0, top_k=0, top_p=0.9, cfg_scale=3.0, cd_k=0, cd_alpha=0.1, cd_fraction=0.0, num_samples=2,
+        neighbours=0, seed=0, workdir=str(tmp_path), rerank=True, out=str(tmp_path / "out"), prompts_file=None,
+        prompt=["a red circle"], image=[], task=None, interleaved=True, question=None, max_text_tokens=4, max_images=1)
+    for given in (("cfg_scale",), ("cd_k",), ("cd_fraction",), ("cd_alpha",)):
+        with pytest.raises(ValueError, match=f"--interleaved draws without guidance or CD-K: --{given[0]}"):
+            generate._run(generator, _CliFlags(**{**vars(flags), "given": given}))
+    generate._run(generator, _CliFlags(**{**vars(flags), "given": ("num_samples",)}))
+    assert seen[0]["num_samples"] == 2 and not {"cfg_scale", "cd_k", "cd_alpha", "cd_fraction", "reranker"} & set(seen[0])
+
+
 def test_cli_writes_an_interleaved_document(tiny_pipeline, tmp_path):
     out = tmp_path / "gen"
     proc = run_cli("cm3leon_jax.generate", "--workdir", tiny_pipeline["lm"], "--prompt", "a small red circle",
