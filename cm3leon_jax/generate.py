@@ -315,6 +315,10 @@ class Generator:
         if num_samples < 1 or max_images < 0 or max_text_tokens < 1:
             raise ValueError(f"need num_samples >= 1, max_images >= 0, max_text_tokens >= 1; got {num_samples}, "
                              f"{max_images}, {max_text_tokens}")
+        for name, c in (("text_config", text_config), ("image_config", image_config)):
+            if c.cfg_scale != 1.0 or c.image_cfg_scale != 1.0 or c.cd_k > 0:   # one stream: they were dropped unread
+                raise ValueError(f"interleaved generation draws one stream, without guidance or CD-K: {name} has "
+                                 f"cfg_scale={c.cfg_scale}, image_cfg_scale={c.image_cfg_scale}, cd_k={c.cd_k}")
         in_image = image_first and max_images > 0
         rows = [[v.eos_id, *v.encode_text(p).tolist(), *([v.break_id] if in_image else [])]
                 for p in prompts for _ in range(num_samples)]

@@ -392,6 +392,12 @@ def test_interleaved_generation_writes_text_and_images_in_the_training_layout(ge
         generator.interleaved(["  "])
     with pytest.raises(TypeError, match="list of prompts"):
         generator.interleaved("a circle")
+    # guidance and CD-K need an unconditional stream that a mid-document image has not: they were dropped unread
+    for bad in (dict(image_config=sampling.SamplingConfig(cfg_scale=3.0)),
+                dict(image_config=sampling.SamplingConfig(cd_k=2)),
+                dict(text_config=sampling.SamplingConfig(temperature=0.0, cfg_scale=2.0))):
+        with pytest.raises(ValueError, match=f"without guidance or CD-K: {next(iter(bad))}"):
+            generator.interleaved(prompts, **bad)
 
 
 def test_interleaved_documents_drawn_together_equal_those_drawn_alone(generator):
