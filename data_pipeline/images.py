@@ -53,7 +53,10 @@ def to_rgb(image: Any) -> Image.Image:
             array = np.clip(np.round(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
         image = Image.fromarray(array)
     if image.mode in _SIXTEEN_BIT_MODES:
-        image = Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257.0), 0, 255).astype(np.uint8))
+        grey, key = np.asarray(image, np.float64), image.info.get("transparency")
+        image = Image.fromarray(np.clip(np.round(grey / 257.0), 0, 255).astype(np.uint8))
+        if isinstance(key, int):   # a 16-bit PNG's colour key (tRNS) is a 16-bit value: keep it as alpha
+            image.putalpha(Image.fromarray(np.where(grey == key, 0, 255).astype(np.uint8)))
     elif image.mode == "F":
         return to_rgb(np.asarray(image))
     if image.mode in _PREMULTIPLIED:   # PIL converts these to RGB only through their plain-alpha mode

@@ -313,6 +313,12 @@ def test_colour_keyed_transparency_is_white_too(tmp_path):
         rgb = np.asarray(image_data.to_rgb(Image.open(tmp_path / f"{mode}.png")))
         assert (rgb[1:, 1:] == 255).all()  # the keyed colour
         np.testing.assert_array_equal(rgb[0, 0], np.broadcast_to(mark, 3))  # the rest as it was
+    # a 16-bit grey PNG's key is a 16-bit value: it was lost with the scaling to 8 bits
+    deep = np.full((4, 4), 1000, np.uint16)
+    deep[0, 0] = 40_000
+    Image.fromarray(deep).save(tmp_path / "deep.png", transparency=1000)
+    rgb = np.asarray(image_data.to_rgb(Image.open(tmp_path / "deep.png")))
+    assert (rgb[1:, 1:] == 255).all() and (rgb[0, 0] == round(40_000 / 257)).all()
 
 
 def test_premultiplied_alpha_composites_like_plain_alpha():
