@@ -175,11 +175,12 @@ def _manifest_segments(segments) -> list[tuple[str, Any]]:
         if not isinstance(seg, dict) or len(seg) != 1 or next(iter(seg)) not in ("text", "image"):
             raise ValueError(f"segment {k} must be {{\"text\": ...}} or {{\"image\": path}}, got {seg!r}")
         kind, value = next(iter(seg.items()))
-        if kind == "image" and not isinstance(value, str):
-            raise TypeError(f"segment {k}: image must be a path, got {type(value).__name__}")
+        if not isinstance(value, str):   # a text of 5 or null was read as "" and counted as an empty caption
+            raise TypeError(f"segment {k}: {kind} must be a {'path' if kind == 'image' else 'string'}, "
+                            f"got {type(value).__name__}")
         if kind == "image" and not value:
             raise ValueError(f"segment {k}: image is an empty path")
-        out.append((kind, value if isinstance(value, str) else b""))
+        out.append((kind, value))
     return out
 
 

@@ -167,7 +167,8 @@ def test_interleaved_documents_keep_their_parts_in_order_and_index_and_train(tin
     rows = [{"segments": segs} for segs in interleaved] + [{"image": "im4.png", "text": "a plain pair"}]
     rows += [{"segments": [{"text": "has a hole"}, {"image": "im5.png"}, {"image": "broken.png"}]},   # skipped whole
              {"segments": [{"text": "  "}, {"image": "im5.png"}]},                                    # empty text part
-             {"segments": [{"text": "x", "image": "im5.png"}]}, {"segments": []}]                     # malformed
+             {"segments": [{"text": "x", "image": "im5.png"}]}, {"segments": []},                     # malformed
+             {"segments": [{"text": 5}, {"image": "im5.png"}]}]   # not a string (was counted as an empty caption)
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = pipeline_fixture.data_config(tiny_spm_model, tiny_pipeline["vq"], source="jsonl", jsonl=str(manifest),
@@ -175,7 +176,7 @@ def test_interleaved_documents_keep_their_parts_in_order_and_index_and_train(tin
     vocab, encode = prepare.load_vocab_and_encoder(cfg)
     report = prepare.prepare(cfg, str(tmp_path / "out"), vocab, encode)["splits"]["train"]
     assert (report["kept"], report["interleaved"], report["text_only"]) == (4, 2, 0)
-    assert report["skipped"] == {"unreadable_image": 1, "empty_caption": 1, "bad_manifest_line": 2}
+    assert report["skipped"] == {"unreadable_image": 1, "empty_caption": 1, "bad_manifest_line": 3}
     assert any(reason == "unreadable_image" and detail.startswith("segment 2:")
                for _, reason, detail in report["skipped_examples"])
     docs = prepare.load_documents(str(tmp_path / "out"), "train")
