@@ -401,6 +401,8 @@ def write_interleaved(gen: Generator, prompts: Sequence[str], out_dir: str, sett
     os.makedirs(out_dir, exist_ok=True)
     rows = [list(d["images"]) for d in documents]   # row i = document i (blank if it has no image)
     png = image_grid.save_png(os.path.join(out_dir, "interleaved.png"), image_grid.make_grid(rows)) if any(rows) else None
+    if png is None and os.path.exists(os.path.join(out_dir, "interleaved.png")):
+        os.remove(os.path.join(out_dir, "interleaved.png"))   # an earlier run's grid, beside documents it does not show
     record = {"settings": settings, "documents": []}
     for doc in documents:
         k, parts = 0, []

@@ -430,6 +430,17 @@ def test_cli_interleaved_refuses_guidance_flags_and_records_none(generator, tmp_
     assert seen[0]["num_samples"] == 2 and not {"cfg_scale", "cd_k", "cd_alpha", "cd_fraction", "reranker"} & set(seen[0])
 
 
+def test_write_interleaved_leaves_no_earlier_grid_beside_documents_without_images(tmp_path):
+    # a rerun into the same --out whose documents hold no image (--max_images 0) kept the earlier
+    # interleaved.png, showing images of documents no longer there
+    doc = lambda n: {"prompt": "p", "parts": ["p", *[np.zeros((2, 2), np.int32)] * n],  # noqa: E731
+                     "images": np.zeros((n, 8, 8, 3), np.uint8), "tokens": []}
+    for n, written in ((1, "interleaved.png"), (0, "interleaved.json")):
+        gen = types.SimpleNamespace(interleaved=lambda prompts, **kw: [doc(n)])
+        assert generate.write_interleaved(gen, ["p"], str(tmp_path), {}) == str(tmp_path / written)
+    assert sorted(os.listdir(tmp_path)) == ["interleaved.json"]
+
+
 def test_cli_writes_an_interleaved_document(tiny_pipeline, tmp_path):
     out = tmp_path / "gen"
     proc = run_cli("cm3leon_jax.generate", "--workdir", tiny_pipeline["lm"], "--prompt", "a small red circle",
