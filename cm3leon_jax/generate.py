@@ -578,6 +578,9 @@ def _run(gen, f):
     """main's body: a prompts file, SFT tasks, image -> text, text infilling or text -> image."""
     if f.question and not f.image:   # else text -> image, infilling or a prompts file ran without a word about it
         raise ValueError("--question asks about --image (image -> text, or --task vqa): give --image, or drop it")
+    if f.interleaved and f.task:   # else the task ran and --interleaved was dropped without a word
+        raise ValueError(f"--interleaved continues --prompt as mixed-modal documents; --task {f.task} is another "
+                         "command: drop one")
     # --cd_k draws every sample by CD-K, or with --cd_fraction only that share (the rest by TopP/TopK/CFG)
     config = sampling.SamplingConfig(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale,
                                      cd_k=0 if f.cd_fraction else f.cd_k, cd_alpha=f.cd_alpha)

@@ -308,6 +308,11 @@ def test_cli_refuses_a_question_without_an_image():
                                   task=None, interleaved=False)
     with pytest.raises(ValueError, match="--question asks about --image"):
         generate._run(None, flags)
+    # `--task edit --interleaved` ran the edit and dropped --interleaved without a word
+    flags = types.SimpleNamespace(question=None, image=["x.png"], prompt=["make it blue"], prompts_file=None,
+                                  task="edit", interleaved=True)
+    with pytest.raises(ValueError, match="--task edit is another command"):
+        generate._run(None, flags)
 
 
 def test_sft_cli_takes_cd_k_for_image_tasks_and_refuses_guidance_for_text_tasks(generator, tmp_path, monkeypatch):
