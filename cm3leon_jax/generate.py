@@ -624,7 +624,7 @@ def _run(gen, f):
         if f.prompt or f.interleaved:   # else silently dropped: the images alone were captioned
             raise ValueError("--image captions images (image -> text; --question asks about them): drop --prompt/"
                              "--interleaved, or name a --task that takes both")
-        _refuse_unread_flags(f, "image -> text")
+        _refuse_unread_flags(f, "image -> text decodes one text per prompt, with no guidance streams")
         from data_pipeline import images as image_data  # centre crop, alpha onto white: as ingestion
         images = np.stack([image_data.load_image(p, gen.vq.image_size) for p in f.image])
         texts = gen.image_to_text(images, question=f.question, max_tokens=f.max_text_tokens, config=config, seed=f.seed,
@@ -633,7 +633,7 @@ def _run(gen, f):
             print(f"{path}: {text}")
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "captions.json"), "w", encoding="utf-8") as fh:
-            json.dump({"settings": _one_stream(settings), "question": f.question, "captions": dict(zip(f.image, texts))},
+            json.dump({"settings": _settings_read(settings), "question": f.question, "captions": dict(zip(f.image, texts))},
                       fh, indent=2)   # the question is what the texts answer
         return
     if not f.prompt:
@@ -641,10 +641,8 @@ def _run(gen, f):
     if f.interleaved:
         # no unconditional stream mid-document, no reranking: guidance and CD-K given were dropped without a
         # word and recorded in interleaved.json as if applied
-        given = [f"--{k}" for k in INTERLEAVED_UNREAD if f[k].present]
-        if given:
-            raise ValueError(f"--interleaved draws without guidance or CD-K: {', '.join(given)} would be ignored; drop it")
-        settings = {k: v for k, v in settings.items() if k not in INTERLEAVED_UNREAD + ("reranker",)}
+        _refuse_unread_flags(f, "--interleaved draws without guidance or CD-K", INTERLEAVED_UNREAD)
+        settings = _settings_read(settings, INTERLEAVED_UNREAD)
         write_interleaved(gen, f.prompt, out_dir, settings, num_samples=f.num_samples, max_images=f.max_images,
                           max_text_tokens=f.max_text_tokens, image_config=dataclasses.replace(config, cfg_scale=1.0, cd_k=0), seed=f.seed)
         return
@@ -652,7 +650,7 @@ def _run(gen, f):
         # else the infilling prompts would be drawn as captions, their sentinel as caption text
         raise ValueError(f"--prompt: either every prompt infills (holds {MASK0}) or none does; run them separately")
     if all(MASK0 in p for p in f.prompt):
-        _refuse_unread_flags(f, "text infilling")
+        _refuse_unread_flags(f, "text infilling decodes one text per prompt, with no guidance streams")
         for p in f.prompt:
             print(f"{p} -> {gen.infill_text(p, max_tokens=f.max_text_tokens, config=config, seed=f.seed)}")
         return
@@ -671,19 +669,18 @@ INTERLEAVED_UNREAD = ("cfg_scale", "cd_k", "cd_alpha", "cd_fraction")
 ONE_STREAM_UNREAD = ("cfg_scale", "cd_k", "cd_alpha", "cd_fraction", "num_samples")
 
 
-def _refuse_unread_flags(f, what: str) -> None:
-    """Refuses flags given on the command line that `what` would ignore without a word (their
-    defaults, e.g. --cfg_scale 3 for text -> image, pass)."""
-    given = [f"--{k}" for k in ONE_STREAM_UNREAD if f[k].present]
+def _refuse_unread_flags(f, why: str, unread=ONE_STREAM_UNREAD) -> None:
+    """Refuses flags of `unread` given on the command line, which the path `why` describes would
+    ignore without a word (their defaults, e.g. --cfg_scale 3 for text -> image, pass)."""
+    given = [f"--{k}" for k in unread if f[k].present]
     if given:
-        raise ValueError(f"{what} decodes one text per prompt, with no guidance streams: {', '.join(given)} "
-                         "would be ignored; drop it")
+        raise ValueError(f"{why}: {', '.join(given)} would be ignored; drop it")
 
 
-def _one_stream(settings: dict) -> dict:
-    """The settings a one-stream text decode uses (image -> text): guidance, CD-K, sample counts and
-    reranking need several streams or samples, so recording them would claim what was not applied."""
-    return {k: v for k, v in settings.items() if k not in ONE_STREAM_UNREAD + ("reranker",)}
+def _settings_read(settings: dict, unread=ONE_STREAM_UNREAD) -> dict:
+    """The settings a path reads (default: a one-stream text decode, image -> text): recording
+    guidance, CD-K, sample counts or a reranker it never applies would claim what was not done."""
+    return {k: v for k, v in settings.items() if k not in unread + ("reranker",)}
 
 
 def _define_flags():
