@@ -299,9 +299,10 @@ class Generator:
         `num_samples` documents per prompt, all drawn together (`decoding.generate_interleaved`:
         one prefill, one compiled loop). The model writes text (text ids, `<break>` or `<eos>` only)
         until it opens an image with `<break>`; then exactly one image's codes are drawn from the
-        image ids and closed with `<break>`, and text resumes; a document ends at `<eos>`, at
-        `max_images` images, or when a text phase fills `max_text_tokens`. A `<break>` opens an
-        image only after text (the training layout never has two images in a row). `image_first`:
+        image ids and closed with `<break>`, and text resumes; a document ends at `<eos>`, at a
+        `<break>` once `max_images` images are drawn (text may run on until then), or when a text
+        phase fills `max_text_tokens`. A `<break>` opens an image only after text (a choice: the
+        shapes and caption data never hold two images in a row). `image_first`:
         the prompt is followed by `<break>` at once, as in text_to_image. No CFG: training defines no
         unconditional stream for a mid-document image. Returns, prompt-major, {"prompt", "parts": str
         or [h, w] codes in order, "images": uint8 [n, H, W, 3], "tokens": the whole document}."""
@@ -564,6 +565,8 @@ def main(argv):
     from cm3leon_jax import metrics
     f = flags.FLAGS
     metrics.quiet_library_logs()
+    if f["max_images"].present and not f.interleaved:   # read by --interleaved alone: else dropped without a word
+        raise ValueError("--max_images caps the images of an --interleaved document: add --interleaved, or drop it")
     if not f.out and workdir_io.is_remote(f.workdir):  # refused before the model loads
         raise ValueError(f"--workdir {f.workdir} is an object-store URL: name a local --out for the samples")
     gen = Generator(f.workdir, step=f.step, vq_workdir=f.vq_workdir, data_dir=f.data_dir, clip_model=f.clip_model,

@@ -603,3 +603,14 @@ def test_a_vq_tokenizer_with_another_codebook_is_refused(tiny_pipeline, monkeypa
     monkeypatch.setattr(export, "load_vq_tokenizer", bigger_codebook)
     with pytest.raises(ValueError, match=r"codes per image from \d+; the vocabulary expects \d+ from"):
         generate.Generator(tiny_pipeline["lm"])
+
+
+def test_cli_refuses_max_images_without_interleaved(tmp_path):
+    # `--max_images 2` without --interleaved was read by nothing: refused before the model loads
+    import subprocess
+    import sys
+    from tests.helpers import REPO, cli_env
+    proc = subprocess.run([sys.executable, "-m", "cm3leon_jax.generate", "--workdir", str(tmp_path / "none"),
+                           "--prompt", "a red circle", "--max_images", "2"], cwd=REPO, capture_output=True, text=True,
+                          env=cli_env(1), timeout=300)
+    assert proc.returncode != 0 and "--max_images caps the images of an --interleaved document" in proc.stderr
