@@ -657,6 +657,10 @@ def train_retriever(config, documents, workdir: str, *, mesh: Mesh | None = None
 
     out_dir = os.path.join(os.path.abspath(workdir), RETRIEVER_SUBDIR)
     os.makedirs(out_dir, exist_ok=True)
+    # training starts from scratch every time: the records of a run before it (killed, or one with
+    # other settings being replaced) go, so metrics.jsonl reads as this one run (TensorBoard hides them)
+    if jax.process_index() == 0 and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        os.remove(os.path.join(out_dir, "metrics.jsonl"))
     logger = MetricsLogger(out_dir)
     rng = np.random.default_rng(int(config.seed))
 

@@ -260,3 +260,24 @@ def test_saved_retriever_embeds_documents(trained):
     # dropout changes the queries but keeps them near the clean embedding
     cos = np.sum(text_q[:40] * text_emb[:40], axis=1)
     assert np.mean(cos) > 0.5 and not np.allclose(text_q[:40], text_emb[:40])
+
+
+def test_retraining_in_the_same_directory_starts_its_records_over(tmp_path):
+    """The retriever trains from scratch every time (a rerun of a killed `index --stage train`, or a
+    retrain with other settings): its metrics.jsonl kept the former run's records, so it read as two
+    runs (steps 1, 2, 2, 1, 2, 2); and the same seed gives the same records."""
+    import jax
+    from jax.sharding import Mesh
+    from cm3leon_jax import metrics
+    texts, images, _ = _paired_corpus(n=64)
+    mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1, 1), ("data", "fsdp", "tensor"),
+                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    config = _tiny_config(steps=2, log_every=1)
+    R.train_retriever(config, {"text_ids": texts, "image_codes": images}, str(tmp_path), mesh=mesh)
+    first = metrics.read_records(str(tmp_path / R.RETRIEVER_SUBDIR))
+    R.train_retriever(config, {"text_ids": texts, "image_codes": images}, str(tmp_path), mesh=mesh)
+    again = metrics.read_records(str(tmp_path / R.RETRIEVER_SUBDIR))
+    assert [r["step"] for r in again] == [1, 2, 2]
+    drop = ("steps_per_second",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in first]
