@@ -21,7 +21,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipeline
-from data_pipeline import cm3
+from data_pipeline import cm3, mixture
 from cm3leon_jax import attention as attn_lib
 from cm3leon_jax import (checkpointing, config_defaults, flops, lora, losses, metrics, model as model_lib, optimizer,
                          quantization, sharding, workdir_io)
@@ -467,6 +467,15 @@ def frozen_weights(config, trainer, workdir: str):
 _DATA_FIELDS_FREE_ON_RESUME = ("data_dir", "image_dir", "val_image_dir", "num_threads")
 
 
+def _mix_weights(spec):
+    """data.mix_with as its weights in order: its directories may move, as data_dir may; the weights
+    and their order fix the data order."""
+    try:
+        return [weight for _, weight in mixture.parse_weights(spec or "", what="DIR")]
+    except ValueError:   # malformed: compared as written (the data pipeline names the error)
+        return spec
+
+
 def check_resume_keeps_data_order(workdir: str, config) -> None:
     """A checkpoint's data position counts batches of the saved run's data order: resumed under
     another seed, batch size, sequence length or mixture, it points into a different order, and the
@@ -480,6 +489,8 @@ def check_resume_keeps_data_order(workdir: str, config) -> None:
     saved_data, current_data = saved.get("data") or {}, current.get("data") or {}
     pairs += [(f"data.{k}", saved_data[k], current_data.get(k)) for k in sorted(saved_data)
               if k not in _DATA_FIELDS_FREE_ON_RESUME]   # (a field the saved run did not know yet is not compared)
+    pairs = [(name, _mix_weights(old), _mix_weights(new)) if name == "data.mix_with" and old is not None
+             else (name, old, new) for name, old, new in pairs]
     changed = [f"{name}: {old!r} -> {new!r}" for name, old, new in pairs if old is not None and old != new]
     if changed:
         raise ValueError(f"{workdir} holds a checkpoint whose data position belongs to its saved settings, and this "

@@ -606,6 +606,18 @@ def test_a_preempted_run_says_so(tmp_path, monkeypatch):
     assert starts == [3]
 
 
+def test_a_resume_may_move_the_mixed_datasets_but_not_change_their_weights(tmp_path):
+    """The data's location may change on resume (data_dir does), but data.mix_with was compared as
+    written: a resume after moving the mixed datasets to another disk was refused."""
+    mixed = {"data.data_dir": "/old/a", "data.mix_with": "/old/b=2,/old/c=1"}
+    (tmp_path / "config.json").write_text(tiny_config(**mixed).to_json_best_effort())
+    trainer.check_resume_keeps_data_order(str(tmp_path), tiny_config(
+        **{"data.data_dir": "/new/a", "data.mix_with": "/new/b=2, /new/c=1.0"}))
+    for changed in ("/old/b=3,/old/c=1", "/old/c=1,/old/b=2", "/old/b=2"):
+        with pytest.raises(ValueError, match="changes them \\(data.mix_with"):
+            trainer.check_resume_keeps_data_order(str(tmp_path), tiny_config(**dict(mixed, **{"data.mix_with": changed})))
+
+
 def test_a_mistyped_config_override_is_named_with_the_nearest_fields(capsys, monkeypatch):
     """ml_collections raised a bare `AttributeError: "'num_layer'"` from inside its flag parser (it
     reads the overrides from sys.argv, so a CLI's argv is set here)."""
