@@ -60,7 +60,7 @@ def stream_rows(streams: Sequence[Sequence[Sequence[int]]], multiple: int = 1) -
 
 
 def check_fits(model_config: TransformerConfig, prompt_length: int, new_tokens: int) -> None:
-    """Learned positions end at max_length: say so before XLA silently clamps the lookups.
+    """Learned positions end at max_length: say so before the lookups run past the table (NaN logits).
     `prompt_length` is the longest real prompt (positions count real tokens, not padding)."""
     total = prompt_length + new_tokens
     if model_config.positions == "learned" and total > model_config.max_length:

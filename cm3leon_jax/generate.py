@@ -294,10 +294,11 @@ class Generator:
                     max_text_tokens: int = 48,
                     text_config: sampling.SamplingConfig = sampling.SamplingConfig(temperature=0.0),
                     image_config: sampling.SamplingConfig = sampling.SamplingConfig(top_p=0.9),
-                    image_first: bool = True, seed: int = 0) -> list[dict]:
+                    image_first: bool = True, seed: int = 0, batch_size: int | None = None) -> list[dict]:
         """Mixed-modal continuations (Chameleon's interleaved generation) of `<eos> prompt`,
-        `num_samples` documents per prompt, all drawn together (`decoding.generate_interleaved`:
-        one prefill, one compiled loop). The model writes text (text ids, `<break>` or `<eos>` only)
+        `num_samples` documents per prompt, `batch_size` documents drawn together (default all:
+        `decoding.generate_interleaved`, one prefill, one compiled loop per batch; document j of
+        prompt i is drawn with its own key, (seed, i, j), so batching changes nothing). The model writes text (text ids, `<break>` or `<eos>` only)
         until it opens an image with `<break>`; then exactly one image's codes are drawn from the
         image ids and closed with `<break>`, and text resumes; a document ends at `<eos>`, at a
         `<break>` once `max_images` images are drawn (text may run on until then), or when a text
@@ -313,9 +314,9 @@ class Generator:
         if not prompts:
             raise ValueError("interleaved generation needs text prompts")
         prompts = [vocab_lib.prompt_text(p, f"prompt {i}") for i, p in enumerate(prompts)]
-        if num_samples < 1 or max_images < 0 or max_text_tokens < 1:
-            raise ValueError(f"need num_samples >= 1, max_images >= 0, max_text_tokens >= 1; got {num_samples}, "
-                             f"{max_images}, {max_text_tokens}")
+        if num_samples < 1 or max_images < 0 or max_text_tokens < 1 or (batch_size is not None and batch_size < 1):
+            raise ValueError(f"need num_samples >= 1, max_images >= 0, max_text_tokens >= 1, batch_size >= 1; got "
+                             f"{num_samples}, {max_images}, {max_text_tokens}, {batch_size}")
         for name, c in (("text_config", text_config), ("image_config", image_config)):
             if c.cfg_scale != 1.0 or c.image_cfg_scale != 1.0 or c.cd_k > 0:   # one stream: they were dropped unread
                 raise ValueError(f"interleaved generation draws one stream, without guidance or CD-K: {name} has "
@@ -325,18 +326,23 @@ class Generator:
                 for p in prompts for _ in range(num_samples)]
         rules = decoding.InterleaveRules(break_id=v.break_id, eos_id=v.eos_id, image_tokens=v.image_tokens_per_image,
                                          max_images=max_images, max_text_tokens=max_text_tokens)
-        tokens, mask = decoding.stream_rows([rows], multiple=sharding.data_parallel_size(self.mesh))
-        decoding.check_fits(self.model_config, int(mask.sum(1).max()), rules.budget())
-        keys = decoding.prompt_keys(seed, [(i, j) for i in range(len(prompts)) for j in range(num_samples)],
-                                    tokens.shape[0])
-        with sharding.activate(self.mesh):
-            out, lengths = decoding.generate_interleaved(
-                self.params, tokens, mask, keys, model_config=self.model_config, rules=rules,
-                text_config=text_config, image_config=image_config,
-                text_allowed=(*v.emittable_text_ranges(), (v.break_id, v.break_id + 1), (v.eos_id, v.eos_id + 1)),
-                image_allowed=((v.image_offset, v.image_offset + v.num_image_codes),), in_image=in_image)
+        decoding.check_fits(self.model_config, max(len(r) for r in rows), rules.budget())   # before any is drawn
+        ids = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
+        step = batch_size or len(rows)
+        drawn = []
+        for start in range(0, len(rows), step):
+            tokens, mask = decoding.stream_rows([rows[start:start + step]], multiple=sharding.data_parallel_size(self.mesh))
+            keys = decoding.prompt_keys(seed, ids[start:start + step], tokens.shape[0])
+            with sharding.activate(self.mesh):
+                out, lengths = decoding.generate_interleaved(
+                    self.params, tokens, mask, keys, model_config=self.model_config, rules=rules,
+                    text_config=text_config, image_config=image_config,
+                    text_allowed=(*v.emittable_text_ranges(), (v.break_id, v.break_id + 1), (v.eos_id, v.eos_id + 1)),
+                    image_allowed=((v.image_offset, v.image_offset + v.num_image_codes),), in_image=in_image)
+            real = len(rows[start:start + step])   # the rest pad the call to the data-parallel size
+            drawn += list(zip(np.asarray(out)[:real], np.asarray(lengths)[:real]))
         documents = []
-        for i, (row, new, n) in enumerate(zip(rows, np.asarray(out), np.asarray(lengths))):
+        for i, (row, (new, n)) in enumerate(zip(rows, drawn)):
             doc = [*row, *new[:n].tolist()]
             parts = v.decode_document(np.asarray(doc[1:], np.int32))
             codes = [p for p in parts if not isinstance(p, str)]
@@ -647,7 +653,7 @@ def _run(gen, f):
         _refuse_unread_flags(f, "--interleaved draws without guidance or CD-K", INTERLEAVED_UNREAD)
         settings = _settings_read(settings, INTERLEAVED_UNREAD)
         write_interleaved(gen, f.prompt, out_dir, settings, num_samples=f.num_samples, max_images=f.max_images,
-                          max_text_tokens=f.max_text_tokens, image_config=dataclasses.replace(config, cfg_scale=1.0, cd_k=0), seed=f.seed)
+                          max_text_tokens=f.max_text_tokens, batch_size=f.batch_size, image_config=dataclasses.replace(config, cfg_scale=1.0, cd_k=0), seed=f.seed)
         return
     if any(MASK0 in p for p in f.prompt) and not all(MASK0 in p for p in f.prompt):
         # else the infilling prompts would be drawn as captions, their sentinel as caption text
@@ -716,8 +722,8 @@ def _define_flags():
     flags.DEFINE_integer("max_images", 2, "--interleaved: images at most")
     flags.DEFINE_string("prompts_file", None, "captions, one per line (.txt) or {\"caption\": ...} per line (.jsonl): "
                         "every sample written as OUT/images/INDEX_K.png with a manifest.jsonl; rerun to resume")
-    flags.DEFINE_integer("batch_size", 16, "images decoded together per call, with their guidance streams (16 suits a CPU; "
-                         "raise it on a GPU or TPU: bench/text_to_image.py)")
+    flags.DEFINE_integer("batch_size", 16, "images (--interleaved: documents) decoded together per call, with their "
+                         "guidance streams (16 suits a CPU; raise it on a GPU or TPU: bench/text_to_image.py)")
     flags.DEFINE_integer("num_shards", 1, "--prompts_file: split the captions over this many processes", lower_bound=1)
     flags.DEFINE_integer("shard_index", 0, "--prompts_file: this process's shard (captions with index % num_shards)",
                          lower_bound=0)

@@ -393,6 +393,11 @@ def test_interleaved_generation_writes_text_and_images_in_the_training_layout(ge
     assert len({tuple(d["tokens"]) for d in documents}) > 2   # samples differ
     again = generator.interleaved(prompts, **kwargs)
     assert [d["tokens"] for d in again] == [d["tokens"] for d in documents]
+    # drawn 4 documents a call (`generate --interleaved --batch_size`: all 6 at once before), the same documents
+    batched = generator.interleaved(prompts, batch_size=4, **kwargs)
+    assert [d["tokens"] for d in batched] == [d["tokens"] for d in documents]
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        generator.interleaved(prompts, batch_size=0)
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         generator.interleaved(["  "])
     with pytest.raises(TypeError, match="list of prompts"):
@@ -423,16 +428,19 @@ def test_cli_interleaved_refuses_guidance_flags_and_records_none(generator, tmp_
     # `--interleaved --cfg_scale 5 --cd_k 3` drew without guidance or CD-K (image_config reset them), and
     # interleaved.json recorded cfg_scale 5, cd_k 3 and a reranker as the settings used
     seen = []
-    monkeypatch.setattr(generate, "write_interleaved", lambda gen, prompts, out, settings, **kw: seen.append(settings))
+    monkeypatch.setattr(generate, "write_interleaved",
+                        lambda gen, prompts, out, settings, **kw: seen.append(settings) or seen.append(kw))
     flags = _CliFlags(
         temperature=1.0, top_k=0, top_p=0.9, cfg_scale=3.0, cd_k=0, cd_alpha=0.1, cd_fraction=0.0, num_samples=2,
         neighbours=0, seed=0, workdir=str(tmp_path), rerank=True, out=str(tmp_path / "out"), prompts_file=None,
-        prompt=["a red circle"], image=[], task=None, interleaved=True, question=None, max_text_tokens=4, max_images=1)
+        prompt=["a red circle"], image=[], task=None, interleaved=True, question=None, max_text_tokens=4, max_images=1,
+        batch_size=3)
     for given in (("cfg_scale",), ("cd_k",), ("cd_fraction",), ("cd_alpha",)):
         with pytest.raises(ValueError, match=f"--interleaved draws without guidance or CD-K: --{given[0]}"):
             generate._run(generator, _CliFlags(**{**vars(flags), "given": given}))
     generate._run(generator, _CliFlags(**{**vars(flags), "given": ("num_samples",)}))
     assert seen[0]["num_samples"] == 2 and not {"cfg_scale", "cd_k", "cd_alpha", "cd_fraction", "reranker"} & set(seen[0])
+    assert seen[1]["batch_size"] == 3   # --batch_size was not passed on: every document in one call
 
 
 def test_write_interleaved_leaves_no_earlier_grid_beside_documents_without_images(tmp_path):
