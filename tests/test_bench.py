@@ -8,8 +8,22 @@ import textwrap
 from tests.helpers import REPO, cli_env
 
 
+# defined in every script `_python` runs: benches imported one after another share flag names, so
+# each one's flags are removed before the next is imported
+_PREAMBLE = """
+def forget_bench_flags():
+    from absl import flags
+    for module_name, defined in list(flags.FLAGS.flags_by_module_dict().items()):
+        if module_name.startswith(("bench", "neighbour_quality")):
+            for flag in list(defined):
+                if flag.name in flags.FLAGS:
+                    delattr(flags.FLAGS, flag.name)
+"""
+
+
 def _python(code: str, timeout: float = 300) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
+    script = _PREAMBLE + textwrap.dedent(code)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                           env=cli_env(1), timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
@@ -105,11 +119,7 @@ def test_benches_refuse_bad_flags_at_parsing():
                     print("REFUSED" if flag + "=" in str(e) or flag + ":" in str(e) or flag + " " in str(e)
                           else "UNNAMED", name, arg, "|", str(e).replace(chr(10), " "))
                 FLAGS.unparse_flags()
-            for module_name, defined in list(FLAGS.flags_by_module_dict().items()):
-                if module_name.startswith(("bench", "neighbour_quality")):
-                    for flag in list(defined):
-                        if flag.name in FLAGS:
-                            delattr(FLAGS, flag.name)
+            forget_bench_flags()
     """)
     lines = [line for line in out.splitlines() if line.startswith(("ACCEPTED", "REFUSED", "UNNAMED"))]
     assert len(lines) == sum(len(cases) for _, cases in BAD_FLAGS.values()), out
@@ -233,11 +243,7 @@ def test_benches_refuse_words_that_are_not_flags():
                 print("RAN", name)
             except app.UsageError as e:
                 print("REFUSED" if "unexpected arguments 4" in str(e) else "UNNAMED", name)
-            for module_name, defined in list(FLAGS.flags_by_module_dict().items()):
-                if module_name.startswith(("bench", "neighbour_quality")):
-                    for flag in list(defined):
-                        if flag.name in FLAGS:
-                            delattr(FLAGS, flag.name)
+            forget_bench_flags()
     """)
     lines = [line for line in out.splitlines() if line.startswith(("RAN", "REFUSED", "UNNAMED"))]
     assert len(lines) == len(BAD_FLAGS) and all(line.startswith("REFUSED") for line in lines), out[-3000:]
