@@ -62,7 +62,7 @@ def score(ids: np.ndarray, doc_emb: np.ndarray, text_q: np.ndarray, queries: np.
     for q in queries:
         wanted = scenes[q][0]
         chosen = [int(n) for n in ids[q] if n >= 0]
-        if not chosen:
+        if not chosen or not wanted:   # no neighbour, or a caption naming no object: no share to score
             continue
         found = set().union(*(scenes[n][0] for n in chosen))
         union.append(len(wanted & found) / len(wanted))
@@ -73,10 +73,10 @@ def score(ids: np.ndarray, doc_emb: np.ndarray, text_q: np.ndarray, queries: np.
     sims[np.arange(len(queries)), queries] = -np.inf
     top5 = np.argsort(-sims, axis=1)[:, :5]
     same_bg = [scenes[q][1] == scenes[int(c)][1] for q, row in zip(queries, top5) for c in row]
-    return {"union_object_share": float(np.mean(union)), "random_documents_object_share": float(np.mean(chance)),
-            "per_neighbour_object_share": float(np.mean(per_neighbour)),
-            "top5_same_background": float(np.mean(same_bg)),
-            "mean_neighbours": float(np.mean((ids[queries] >= 0).sum(1)))}
+    mean = lambda xs: float(np.mean(xs)) if len(xs) else None   # noqa: E731  (None, not a NaN: valid JSON)
+    return {"union_object_share": mean(union), "random_documents_object_share": mean(chance),
+            "per_neighbour_object_share": mean(per_neighbour), "queries_scored": len(union),
+            "top5_same_background": mean(same_bg), "mean_neighbours": float(np.mean((ids[queries] >= 0).sum(1)))}
 
 
 def main(argv):
@@ -116,11 +116,14 @@ def main(argv):
         row = {"retriever": name, "train_seconds": seconds,
                **score(ids, doc_emb, text_q, queries, scenes, np.random.default_rng(FLAGS.seed + 1))}
         rows.append(row)
-        print(f"{name}: neighbours hold {100 * row['union_object_share']:.1f}% of the query's objects "
-              f"(random documents {100 * row['random_documents_object_share']:.1f}%), "
-              f"{100 * row['per_neighbour_object_share']:.1f}% each; top 5 share the background "
-              f"{100 * row['top5_same_background']:.0f}%" + (f"; trained in {seconds} s" if seconds else ""),
-              flush=True)
+        if row["queries_scored"]:
+            print(f"{name}: neighbours hold {100 * row['union_object_share']:.1f}% of the query's objects "
+                  f"(random documents {100 * row['random_documents_object_share']:.1f}%), "
+                  f"{100 * row['per_neighbour_object_share']:.1f}% each; top 5 share the background "
+                  f"{100 * row['top5_same_background']:.0f}%" + (f"; trained in {seconds} s" if seconds else ""),
+                  flush=True)
+        else:
+            print(f"{name}: no query has both a neighbour and a caption naming objects: nothing to score", flush=True)
     scratch.cleanup()
     print(json.dumps({"data": os.path.abspath(data), "num_queries": int(len(queries)), "rows": rows}))
 

@@ -247,3 +247,17 @@ def test_benches_refuse_words_that_are_not_flags():
     """)
     lines = [line for line in out.splitlines() if line.startswith(("RAN", "REFUSED", "UNNAMED"))]
     assert len(lines) == len(BAD_FLAGS) and all(line.startswith("REFUSED") for line in lines), out[-3000:]
+
+
+def test_neighbour_quality_scores_only_queries_it_can_and_writes_no_nan():
+    """A caption naming no object divided by zero, and no query with neighbours gave bare NaN in the JSON."""
+    import json
+    import numpy as np
+    from bench import neighbour_quality
+    scenes = [({("circle", "red", "left")}, "black"), (set(), "white"), ({("circle", "red", "left")}, "black")]
+    emb = np.eye(3, dtype=np.float32)
+    ids = np.array([[2], [0], [-1]])
+    got = neighbour_quality.score(ids, emb, emb, np.arange(3), scenes, np.random.default_rng(0))
+    assert got["queries_scored"] == 1 and got["union_object_share"] == 1.0
+    none = neighbour_quality.score(np.full((3, 1), -1), emb, emb, np.arange(3), scenes, np.random.default_rng(0))
+    assert none["union_object_share"] is None and "NaN" not in json.dumps(none)
