@@ -622,3 +622,24 @@ def test_cli_refuses_max_images_without_interleaved(tmp_path):
                            "--prompt", "a red circle", "--max_images", "2"], cwd=REPO, capture_output=True, text=True,
                           env=cli_env(1), timeout=300)
     assert proc.returncode != 0 and "--max_images caps the images of an --interleaved document" in proc.stderr
+
+
+def test_reranking_embeds_every_captions_samples_in_one_padded_call(monkeypatch):
+    """Each retriever call pads its rows to embed_batch_size: per caption, 8 samples cost 256 rows."""
+    from cm3leon_jax import retriever
+    from cm3leon_jax.generate import Generator
+    rcfg = retriever.retriever_config(text_vocab_size=64, num_image_codes=16, image_grid=(4, 4), max_text_len=8,
+                                      width=32, embed_dim=16, num_heads=2, embed_batch_size=32)
+    gen = Generator.__new__(Generator)
+    gen.clip_scorer, gen._retriever = None, (retriever.init_params(rcfg), rcfg)
+    gen.vocab = type("Vocab", (), {"encode_text": staticmethod(lambda c: np.array([ord(x) % 64 for x in c], np.int32))})
+    rng = np.random.default_rng(0)
+    captions, codes = ["a red circle", "two blue squares"], [rng.integers(0, 16, (3, 4, 4)) for _ in range(2)]
+    alone = [gen.rerank_scores(c, g) for c, g in zip(captions, codes)]
+    calls = []
+    embed = retriever.embed_images
+    monkeypatch.setattr(retriever, "embed_images", lambda *a, **k: calls.append(1) or embed(*a, **k))
+    together = gen.rerank_scores_many(captions, codes, [None, None])
+    assert len(calls) == 1
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)   # the same numbers as caption by caption
