@@ -266,9 +266,11 @@ class Generator:
                     codes[i].append(c - self.vocab.image_offset)
                     logprobs[i].append(l.sum())
                     strategies[i].append(name)
-        results = [ImageSamples(caption, self.vq.decode(c), c, names, np.asarray(lp, np.float32))
-                   for caption, c, lp, names in zip(captions, (np.stack(c).reshape(-1, h, w).astype(np.int32)
-                                                               for c in codes), logprobs, strategies)]
+        grids = [np.stack(c).reshape(-1, h, w).astype(np.int32) for c in codes]
+        # one VQ call for every caption: each call pads to the tokenizer's batch_size (64 images)
+        images, ends = self.vq.decode(np.concatenate(grids)), np.cumsum([len(g) for g in grids])
+        results = [ImageSamples(caption, images[end - len(g):end], g, names, np.asarray(lp, np.float32))
+                   for caption, g, end, lp, names in zip(captions, grids, ends, logprobs, strategies)]
         if rerank and self.can_rerank:
             scores = self.rerank_scores_many([s.caption for s in results], [s.codes for s in results],
                                              [s.images for s in results])

@@ -643,3 +643,13 @@ def test_reranking_embeds_every_captions_samples_in_one_padded_call(monkeypatch)
     assert len(calls) == 1
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)   # the same numbers as caption by caption
+
+
+def test_text_to_image_decodes_every_captions_images_in_one_vq_call(generator, monkeypatch):
+    """Each VQ decode call pads to its batch_size (64 images): caption by caption, 8 samples cost 64."""
+    calls, decode = [], generator.vq.decode
+    monkeypatch.setattr(generator.vq, "decode", lambda codes: calls.append(len(codes)) or decode(codes))
+    samples = generator.text_to_image(["a red circle", "a blue square"], num_samples=2, rerank=False, seed=3)
+    assert calls == [4]
+    for s in samples:   # each caption's images are its own codes' (the same pixels as decoded alone)
+        np.testing.assert_array_equal(s.images, decode(s.codes))
