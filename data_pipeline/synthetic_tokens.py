@@ -60,6 +60,14 @@ class MarkovDocuments:
 def documents(data_config, vocab_size: int, heldout: bool = False) -> grain.MapDataset:
     """The training documents, or as many held-out ones: the walks just past the training range."""
     n = int(data_config.num_documents)
+    # checked here, naming the fields: a negative count or seed failed inside Grain or NumPy
+    for name, value, least in (("num_documents", n, 1), ("source_seed", int(data_config.source_seed), 0),
+                               ("min_doc_length", int(data_config.min_doc_length), 2)):
+        if value < least:
+            raise ValueError(f"data.{name}={value} must be >= {least}")
+    if int(data_config.max_doc_length) < int(data_config.min_doc_length):
+        raise ValueError(f"data.max_doc_length={data_config.max_doc_length} must be >= "
+                         f"data.min_doc_length={data_config.min_doc_length}")
     source = MarkovDocuments(vocab_size, n, int(data_config.min_doc_length), int(data_config.max_doc_length),
                              int(data_config.source_seed), first_index=n if heldout else 0)
     return grain.MapDataset.source(source)

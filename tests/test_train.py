@@ -173,6 +173,16 @@ def test_a_data_dir_for_the_synthetic_source_is_refused():
         trainer.validate_config(tiny_config(**{"data.data_dir": "/prepared"}), mesh, 1)
 
 
+@pytest.mark.parametrize("field, value", [("data.num_documents", -1), ("data.source_seed", -1),
+                                          ("data.min_doc_length", 1), ("data.max_doc_length", 3)])
+def test_invalid_fields_are_refused_up_front_naming_the_field(field, value):
+    """Each failed inside Grain, NumPy or the model's init, or trained on silently, without naming the field."""
+    config = tiny_config(**{field: value})
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        trainer.validate_config(config, sharding.make_mesh(config.mesh), 1)
+        data_pipeline.make_train_iterator(config, 0, 1).close()
+
+
 def _poisoned(batch):
     """The batch with one NaN loss weight: its loss and every gradient become NaN."""
     weights = np.array(jax.device_get(batch["weights"]))
