@@ -88,6 +88,9 @@ class TransformerConfig:
                                  "(float32, bfloat16, float16); int8 weights: quantization.py (--int8)")
         if not self.rotary_base > 1:   # 1 makes every rotation angle 0, below it NaN positions
             raise ValueError(f"model.rotary_base={self.rotary_base} must be > 1")
+        for name in ("init_std", "position_init_std"):   # NaN/inf initialised every weight NaN/inf, silently
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0 and finite")
         for name in ("head_dim", "attention_block_size"):   # 0 has a meaning: d_model // num_heads; no blocks
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0")
