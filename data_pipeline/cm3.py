@@ -372,8 +372,8 @@ class CM3Config:
         if self.cm3 and not 0 <= self.min_spans <= self.max_spans <= self.num_sentinels:
             raise ValueError(f"need 0 <= min_spans <= max_spans <= num_sentinels, got {self.min_spans}, "
                              f"{self.max_spans}, {self.num_sentinels}")
-        if self.cm3_lambda < 0:
-            raise ValueError(f"cm3_lambda must be >= 0, got {self.cm3_lambda}")
+        if not 0 <= self.cm3_lambda < math.inf:   # NaN/inf passed, then failed in NumPy's Poisson at the first batch
+            raise ValueError(f"cm3_lambda must be >= 0 and finite, got {self.cm3_lambda}")
         if not 0.0 <= self.caption_span_rate <= 1.0:
             raise ValueError(f"caption_span_rate must be in [0, 1], got {self.caption_span_rate}")
         if self.caption_span_rate > 0 and (not self.cm3 or self.image_offset is None):

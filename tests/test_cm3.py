@@ -378,6 +378,13 @@ def test_caption_span_rate_masks_the_whole_query_caption():
         cm3.CM3Config(image_offset=IMG0, num_sentinels=0, max_spans=0, caption_span_rate=0.5)
 
 
+@pytest.mark.parametrize("lam", [float("nan"), float("inf"), -1.0])
+def test_a_nan_or_infinite_cm3_lambda_is_refused_at_configuration(lam):
+    """NaN and inf were accepted, then failed in NumPy's Poisson ("lam value too large") at the first batch."""
+    with pytest.raises(ValueError, match="cm3_lambda must be >= 0 and finite"):
+        cm3.CM3Config(image_offset=IMG0, cm3_lambda=lam)
+
+
 def test_example_for_training_switches_and_length_budget():
     r = rng(8)
     query = encode([("text", text(r, 5, 5)), ("image", image(r))])
