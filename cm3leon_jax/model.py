@@ -86,8 +86,8 @@ class TransformerConfig:
             if not floating:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is not a floating dtype "
                                  "(float32, bfloat16, float16); int8 weights: quantization.py (--int8)")
-        if not self.rotary_base > 1:   # 1 makes every rotation angle 0, below it NaN positions
-            raise ValueError(f"model.rotary_base={self.rotary_base} must be > 1")
+        if not 1 < self.rotary_base < math.inf:   # 1 makes every rotation angle 0, below it NaN positions; inf all but the first pair's
+            raise ValueError(f"model.rotary_base={self.rotary_base} must be > 1 and finite")
         for name in ("init_std", "position_init_std"):   # NaN/inf initialised every weight NaN/inf, silently
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0 and finite")

@@ -175,7 +175,8 @@ def test_a_data_dir_for_the_synthetic_source_is_refused():
 
 @pytest.mark.parametrize("field, value", [("data.num_documents", -1), ("data.source_seed", -1),
                                           ("data.min_doc_length", 1), ("data.max_doc_length", 3),
-                                          ("model.init_std", float("nan")), ("model.position_init_std", float("inf"))])
+                                          ("model.init_std", float("nan")), ("model.position_init_std", float("inf")),
+                                          ("model.rotary_base", float("inf"))])
 def test_invalid_fields_are_refused_up_front_naming_the_field(field, value):
     """Each failed inside Grain, NumPy or the model's init, or trained on silently, without naming the field."""
     config = tiny_config(**{field: value})
