@@ -52,6 +52,12 @@ class VQTrainState:
 def validate_config(config, mesh, process_count: int) -> None:
     """Every check that would otherwise fail deep inside XLA, with the field to fix."""
     batch, dp = int(config.data.global_batch_size), sharding.data_parallel_size(mesh)
+    # as the LM's: 0 failed inside Grain (batch), as a modulo by zero after the first compiled step (log),
+    # or had orbax keep no checkpoint / save every step; negatives were taken too
+    for name in ("data.global_batch_size", "log_every_steps", "keep_checkpoints", "checkpoint_every_steps"):
+        value = int(config_defaults.get_field(config, name))
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
     if batch % dp:
         raise ValueError(f"data.global_batch_size={batch} is not divisible by the data-parallel size "
                          f"mesh.data*mesh.fsdp={dp}")

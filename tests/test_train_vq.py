@@ -168,6 +168,18 @@ def test_config_errors_are_caught_before_any_compilation():
         train_vq.validate_config(config, mesh, 1)
 
 
+@pytest.mark.parametrize("field", ["data.global_batch_size", "log_every_steps", "keep_checkpoints",
+                                   "checkpoint_every_steps"])
+def test_counts_below_one_are_refused_up_front(field):
+    """0 failed inside Grain or as a modulo by zero after the first compiled step, or kept/saved no checkpoint right."""
+    from cm3leon_jax import config_defaults, sharding
+    config = vq_tiny.get_config()
+    mesh = sharding.make_mesh(config.mesh)
+    config_defaults.set_field(config, field, 0)
+    with pytest.raises(ValueError, match=f"{field}=0 must be >= 1"):
+        train_vq.validate_config(config, mesh, 1)
+
+
 def test_tokenizer_loads_from_workdir(trained):
     workdir, _ = trained
     params, config = train_vq.load_tokenizer(str(workdir))
