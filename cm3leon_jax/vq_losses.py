@@ -71,6 +71,16 @@ class VQLossConfig:
     disc_layers: int = 3
     disc_norm: str = "group"  # "group" or "none"; never BatchNorm (batch-coupled under pmap/jit)
 
+    def __post_init__(self):
+        # a NaN/inf weight made every loss NaN (each step skipped, then a stop blaming the learning rate),
+        # a negative one trained that term the wrong way; 0 discriminator channels failed inside JAX's init
+        for name in ("l1_weight", "l2_weight", "edge_weight", "perceptual_weight", "codebook_weight", "disc_weight",
+                     "adaptive_weight_max"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"loss.{name}={getattr(self, name)} must be >= 0 and finite")
+        if self.disc_weight and self.disc_channels < 1:
+            raise ValueError(f"loss.disc_channels={self.disc_channels} must be >= 1 (or loss.disc_weight=0: no GAN)")
+
     @classmethod
     def from_config(cls, cfg: Any) -> "VQLossConfig":
         return _dataclass_from_config(cls, cfg)

@@ -180,6 +180,17 @@ def test_counts_below_one_are_refused_up_front(field):
         train_vq.validate_config(config, mesh, 1)
 
 
+@pytest.mark.parametrize("field, value", [("loss.l1_weight", float("nan")), ("loss.disc_weight", float("inf")),
+                                          ("loss.codebook_weight", -1.0), ("loss.disc_channels", 0)])
+def test_invalid_loss_fields_are_refused_up_front(field, value):
+    """NaN/inf weights made every loss NaN, a negative one trained backwards, 0 channels failed in JAX's init."""
+    from cm3leon_jax import config_defaults, sharding
+    config = vq_tiny.get_config()
+    config_defaults.set_field(config, field, value)
+    with pytest.raises(ValueError, match=f"{field}={value} must be >= "):
+        train_vq.validate_config(config, sharding.make_mesh(config.mesh), 1)
+
+
 def test_tokenizer_loads_from_workdir(trained):
     workdir, _ = trained
     params, config = train_vq.load_tokenizer(str(workdir))
