@@ -16,6 +16,7 @@ The public API for later stages: `load_tokenizer(workdir) -> (params, VQGANConfi
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -80,6 +81,13 @@ def validate_config(config, mesh, process_count: int) -> None:
         raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
     optimizer.skip_nonfinite_limit(config.optimizer)
     optimizer.check_adamw_fields(config.optimizer)
+    # 0 turns these off; a negative or NaN one was taken (a negative reseed threshold or noise, clip or budget)
+    for name in ("codebook.reseed_every_steps", "codebook.usage_window_steps", "codebook.dead_threshold",
+                 "codebook.reseed_noise", "optimizer.grad_clip", "max_train_seconds", "sample_every_steps",
+                 "loss.disc_start", "data.num_threads"):
+        value = float(config_defaults.get_field(config, name))
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name}={value} must be a finite number >= 0")
     if not 0.0 <= float(config.codebook.usage_decay) < 1.0:  # 1 leaves the EMA at 0 and its bias correction 0/0
         raise ValueError(f"codebook.usage_decay must be in [0, 1), got {config.codebook.usage_decay}")
     vqgan.VQGANConfig.from_config(config.vq)  # unknown keys, image size vs downsampling

@@ -191,6 +191,19 @@ def test_invalid_loss_fields_are_refused_up_front(field, value):
         train_vq.validate_config(config, sharding.make_mesh(config.mesh), 1)
 
 
+@pytest.mark.parametrize("field, value", [("codebook.dead_threshold", float("nan")), ("codebook.reseed_noise", -1e-3),
+                                          ("codebook.reseed_every_steps", -1), ("optimizer.grad_clip", -1.0),
+                                          ("max_train_seconds", float("nan")), ("sample_every_steps", -5),
+                                          ("loss.disc_start", -1), ("data.num_threads", -2)])
+def test_negative_or_nan_settings_are_refused_up_front(field, value):
+    """0 turns these off; a negative or NaN one was accepted without a word."""
+    from cm3leon_jax import config_defaults, sharding
+    config = vq_tiny.get_config()
+    config_defaults.set_field(config, field, value)
+    with pytest.raises(ValueError, match=f"{field}=.* must be a finite number >= 0"):
+        train_vq.validate_config(config, sharding.make_mesh(config.mesh), 1)
+
+
 def test_tokenizer_loads_from_workdir(trained):
     workdir, _ = trained
     params, config = train_vq.load_tokenizer(str(workdir))
