@@ -75,7 +75,8 @@ def check_adamw_fields(opt_config) -> None:
     """AdamW's numbers, each a ValueError naming it: eps=0 divides 0 by 0 for every parameter whose
     gradient is 0 (an unused embedding row) and b1 or b2 = 1 zeroes the bias correction, so the first
     update made the parameters NaN (the guard checks gradients only, and blamed the learning rate);
-    a negative learning rate, ratio or decay trains silently the wrong way."""
+    a negative learning rate, ratio or decay trains silently the wrong way, and an end ratio above 1
+    turns the decay into a rise."""
     for name in ("b1", "b2"):
         if not 0.0 <= float(opt_config[name]) < 1.0:
             raise ValueError(f"optimizer.{name}={opt_config[name]} must be in [0, 1)")
@@ -84,6 +85,9 @@ def check_adamw_fields(opt_config) -> None:
     for name in ("peak_lr", "lr", "disc_lr", "end_lr_ratio", "weight_decay", "disc_weight_decay"):
         if name in opt_config and not 0.0 <= float(opt_config[name]) < math.inf:
             raise ValueError(f"optimizer.{name}={opt_config[name]} must be >= 0 and finite")
+    if "end_lr_ratio" in opt_config and float(opt_config.end_lr_ratio) > 1.0:   # the "decay" raised the rate
+        raise ValueError(f"optimizer.end_lr_ratio={opt_config.end_lr_ratio} must be in [0, 1]: the schedule decays to "
+                         "end_lr_ratio x the peak (1: no decay)")
 
 
 def grad_clip_norm(opt_config) -> float:

@@ -306,7 +306,7 @@ def test_adamw_numbers_that_break_training_are_refused_up_front():
     mesh = sharding.make_mesh(tiny_config().mesh)
     for field, value in (("optimizer.eps", 0.0), ("optimizer.b1", 1.0), ("optimizer.b2", 1.0),
                          ("optimizer.peak_lr", -3e-4), ("optimizer.weight_decay", -0.1),
-                         ("optimizer.end_lr_ratio", -1.0)):
+                         ("optimizer.end_lr_ratio", -1.0), ("optimizer.end_lr_ratio", 2.0)):
         with pytest.raises(ValueError, match=f"{field}={value} must be"):
             trainer.validate_config(tiny_config(**{field: value}), mesh, 1)
     trainer.validate_config(tiny_config(**{"optimizer.b1": 0.0, "optimizer.weight_decay": 0.0}), mesh, 1)
