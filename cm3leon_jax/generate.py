@@ -170,22 +170,17 @@ class Generator:
     def rerank_scores(self, caption: str, codes: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
         """Cosine similarity of each image to the caption: under the user's CLIP when given (of the
         decoded `images`, decoded from `codes` if None), else under the retriever (our CLIP stand-in)."""
-        if self.clip_scorer is not None:
-            images = self.vq.decode(codes) if images is None else images
-            return self.clip_scorer.embed_images(images) @ self.clip_scorer.embed_text([caption])[0]
-        from cm3leon_jax import retriever
-        params, rcfg = self.retriever
-        text = retriever.embed_text(params, rcfg, [self.vocab.encode_text(caption)])
-        images = retriever.embed_images(params, rcfg, [c.reshape(-1) for c in codes])
-        return images @ text[0]
+        return self.rerank_scores_many([caption], [codes], [images])[0]
 
     def rerank_scores_many(self, captions: Sequence[str], codes: Sequence[np.ndarray],
-                           images: Sequence[np.ndarray]) -> list[np.ndarray]:
+                           images: Sequence[np.ndarray | None]) -> list[np.ndarray]:
         """`rerank_scores` of each caption's samples. Under the retriever, every caption's texts and
         images are embedded in one call each: a call pads its rows to retriever.embed_batch_size
         (256), so embedding 8 samples a caption cost as much as 256 (the same numbers either way)."""
         if self.clip_scorer is not None:
-            return [self.rerank_scores(*args) for args in zip(captions, codes, images)]
+            clip = self.clip_scorer
+            return [clip.embed_images(self.vq.decode(grids) if decoded is None else decoded)
+                    @ clip.embed_text([caption])[0] for caption, grids, decoded in zip(captions, codes, images)]
         from cm3leon_jax import retriever
         params, rcfg = self.retriever
         texts = retriever.embed_text(params, rcfg, [self.vocab.encode_text(caption) for caption in captions])
@@ -347,7 +342,8 @@ class Generator:
         step = batch_size or len(rows)
         drawn = []
         for start in range(0, len(rows), step):
-            tokens, mask = decoding.stream_rows([rows[start:start + step]], multiple=sharding.data_parallel_size(self.mesh))
+            chunk = rows[start:start + step]
+            tokens, mask = decoding.stream_rows([chunk], multiple=sharding.data_parallel_size(self.mesh))
             keys = decoding.prompt_keys(seed, ids[start:start + step], tokens.shape[0])
             with sharding.activate(self.mesh):
                 out, lengths = decoding.generate_interleaved(
@@ -355,8 +351,8 @@ class Generator:
                     text_config=text_config, image_config=image_config,
                     text_allowed=(*v.emittable_text_ranges(), (v.break_id, v.break_id + 1), (v.eos_id, v.eos_id + 1)),
                     image_allowed=((v.image_offset, v.image_offset + v.num_image_codes),), in_image=in_image)
-            real = len(rows[start:start + step])   # the rest pad the call to the data-parallel size
-            drawn += list(zip(np.asarray(out)[:real], np.asarray(lengths)[:real]))
+            # (rows past the chunk's pad the call to the data-parallel size)
+            drawn += list(zip(np.asarray(out)[:len(chunk)], np.asarray(lengths)[:len(chunk)]))
         documents = []
         for i, (row, (new, n)) in enumerate(zip(rows, drawn)):
             doc = [*row, *new[:n].tolist()]

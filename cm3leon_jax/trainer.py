@@ -476,6 +476,10 @@ def _mix_weights(spec):
         return spec
 
 
+# data fields compared by what fixes the order rather than as written
+_DATA_FIELDS_COMPARED_AS = {"mix_with": _mix_weights}
+
+
 def check_resume_keeps_data_order(workdir: str, config) -> None:
     """A checkpoint's data position counts batches of the saved run's data order: resumed under
     another seed, batch size, sequence length or mixture, it points into a different order, and the
@@ -487,10 +491,10 @@ def check_resume_keeps_data_order(workdir: str, config) -> None:
     current = json.loads(config.to_json_best_effort())
     pairs = [("seed", saved.get("seed"), current.get("seed"))]
     saved_data, current_data = saved.get("data") or {}, current.get("data") or {}
-    pairs += [(f"data.{k}", saved_data[k], current_data.get(k)) for k in sorted(saved_data)
-              if k not in _DATA_FIELDS_FREE_ON_RESUME]   # (a field the saved run did not know yet is not compared)
-    pairs = [(name, _mix_weights(old), _mix_weights(new)) if name == "data.mix_with" and old is not None
-             else (name, old, new) for name, old, new in pairs]
+    for k in sorted(saved_data):   # (a field the saved run did not know yet is not compared)
+        if k not in _DATA_FIELDS_FREE_ON_RESUME and saved_data[k] is not None:
+            as_compared = _DATA_FIELDS_COMPARED_AS.get(k, lambda value: value)
+            pairs.append((f"data.{k}", as_compared(saved_data[k]), as_compared(current_data.get(k))))
     changed = [f"{name}: {old!r} -> {new!r}" for name, old, new in pairs if old is not None and old != new]
     if changed:
         raise ValueError(f"{workdir} holds a checkpoint whose data position belongs to its saved settings, and this "
